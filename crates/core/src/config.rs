@@ -1,0 +1,308 @@
+//! Plugin configuration: the raw JSON users write ([`PluginConfig`]) and the
+//! validated, indexed [`Policy`] every request is decided against. All
+//! validation happens here, once, at load; errors name the offending field.
+
+use crate::credential::{check_name, check_tenant_limits, Credential, CredentialRecord};
+use crate::hash::Digest;
+use crate::rate_limit::RateLimit;
+use crate::scope::{RouteRuleConfig, Routes};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::rc::Rc;
+
+/// A configuration problem, with the path of the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { field: field.to_owned(), message: message.into() }
+    }
+
+    /// Prefixes the field path: `tenant` under `credentials[3]` → `credentials[3].tenant`.
+    pub fn under(mut self, parent: &str) -> ConfigError {
+        self.field = if self.field.is_empty() {
+            parent.to_owned()
+        } else if self.field.starts_with('[') {
+            format!("{parent}{}", self.field)
+        } else {
+            format!("{parent}.{}", self.field)
+        };
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Guards requests (the normal listener).
+    #[default]
+    Gate,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyFormat {
+    /// Any printable key.
+    #[default]
+    Any,
+    /// Keys must be 64 hex digits; anything else is refused before hashing.
+    Hex64,
+}
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderNames {
+    pub tenant: String,
+    pub environment: String,
+    pub key_id: String,
+    pub scopes: String,
+}
+
+impl Default for HeaderNames {
+    fn default() -> Self {
+        HeaderNames {
+            tenant: "x-keygate-tenant".into(),
+            environment: "x-keygate-environment".into(),
+            key_id: "x-keygate-key-id".into(),
+            scopes: "x-keygate-scopes".into(),
+        }
+    }
+}
+
+impl HeaderNames {
+    pub fn all(&self) -> [&str; 4] {
+        [&self.tenant, &self.environment, &self.key_id, &self.scopes]
+    }
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitHeaders {
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (epoch seconds).
+    pub x_ratelimit: bool,
+    /// IETF draft `RateLimit-Policy` and `RateLimit` structured fields.
+    pub ietf: bool,
+}
+
+impl Default for RateLimitHeaders {
+    fn default() -> Self {
+        RateLimitHeaders { x_ratelimit: true, ietf: true }
+    }
+}
+
+fn default_hierarchy() -> Vec<String> {
+    vec!["admin".into(), "write".into(), "read".into()]
+}
+
+/// The plugin configuration as written in Envoy's `configuration` field.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default)]
+    pub key_format: KeyFormat,
+    #[serde(default = "default_api_key_header")]
+    pub api_key_header: String,
+    #[serde(default)]
+    pub credentials: Vec<CredentialRecord>,
+    #[serde(default)]
+    pub routes: Vec<RouteRuleConfig>,
+    /// Scope required when no route matches; absent = authentication only.
+    #[serde(default)]
+    pub default_scope: Option<String>,
+    /// Strongest first; each scope implies those after it. Empty disables implication.
+    #[serde(default = "default_hierarchy")]
+    pub scope_hierarchy: Vec<String>,
+    #[serde(default)]
+    pub headers: HeaderNames,
+    /// Proxies in front of Envoy that append to X-Forwarded-For; 0 = use the peer address.
+    #[serde(default)]
+    pub trusted_xff_hops: u32,
+    /// Limit for keys that do not set their own; absent = no limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub rate_limit_headers: RateLimitHeaders,
+    /// Realm in `WWW-Authenticate`.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+}
+
+fn default_api_key_header() -> String {
+    "x-api-key".into()
+}
+
+fn default_realm() -> String {
+    "keygate".into()
+}
+
+/// The compiled configuration. Built once per VM in `on_configure`.
+#[derive(Debug)]
+pub struct Policy {
+    pub role: Role,
+    pub key_format: KeyFormat,
+    pub api_key_header: String,
+    /// Credentials from plugin configuration, by key hash. The sidecar's
+    /// credentials live in Envoy shared data, a second source the filter
+    /// consults when a hash is not here.
+    pub credentials: HashMap<Digest, Rc<Credential>>,
+    pub routes: Routes,
+    pub headers: HeaderNames,
+    pub trusted_xff_hops: u32,
+    pub rate_limit: Option<RateLimit>,
+    pub rate_limit_headers: RateLimitHeaders,
+    pub realm: String,
+}
+
+fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        return Err(ConfigError::new(field, "must be a lowercase header name (a-z, 0-9, '-')"));
+    }
+    if matches!(name, "authorization" | "host" | "content-length" | "transfer-encoding" | "cookie") {
+        return Err(ConfigError::new(field, format!("'{name}' cannot be used")));
+    }
+    Ok(())
+}
+
+const MAX_XFF_HOPS: u32 = 16;
+
+impl Policy {
+    /// Parses and validates plugin configuration JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
+        let raw: PluginConfig = serde_json::from_slice(bytes).map_err(|e| {
+            // serde names unknown or mistyped fields in its message.
+            ConfigError::new("", format!("invalid plugin configuration: {e}"))
+        })?;
+        Policy::try_from(raw)
+    }
+}
+
+impl TryFrom<PluginConfig> for Policy {
+    type Error = ConfigError;
+
+    fn try_from(raw: PluginConfig) -> Result<Policy, ConfigError> {
+        check_header_name("api_key_header", &raw.api_key_header)?;
+        let h = &raw.headers;
+        for (field, name) in [
+            ("headers.tenant", &h.tenant),
+            ("headers.environment", &h.environment),
+            ("headers.key_id", &h.key_id),
+            ("headers.scopes", &h.scopes),
+        ] {
+            check_header_name(field, name)?;
+            if *name == raw.api_key_header {
+                return Err(ConfigError::new(field, "must differ from api_key_header"));
+            }
+        }
+        for (i, s) in raw.scope_hierarchy.iter().enumerate() {
+            crate::scope::check_scope_name(s).map_err(|e| ConfigError::new(&format!("scope_hierarchy[{i}]"), e))?;
+        }
+        if raw.trusted_xff_hops > MAX_XFF_HOPS {
+            return Err(ConfigError::new("trusted_xff_hops", format!("must be 0 to {MAX_XFF_HOPS}")));
+        }
+        if let Some(rl) = &raw.rate_limit {
+            rl.validate().map_err(|e| e.under("rate_limit"))?;
+        }
+        check_name("realm", &raw.realm)?;
+        let routes = Routes::compile(&raw.routes, raw.default_scope.as_deref(), &raw.scope_hierarchy)?;
+        let mut credentials = HashMap::with_capacity(raw.credentials.len());
+        let mut ids = std::collections::HashSet::new();
+        for (i, r) in raw.credentials.iter().enumerate() {
+            let at = format!("credentials[{i}]");
+            let c = Credential::try_from(r).map_err(|e| e.under(&at))?;
+            if !ids.insert(c.key_id.clone()) {
+                return Err(ConfigError::new(&format!("{at}.key_id"), format!("'{}' is used twice", c.key_id)));
+            }
+            if credentials.insert(c.key_hash, Rc::new(c)).is_some() {
+                return Err(ConfigError::new(&format!("{at}.key_hash"), "the same key hash is used twice"));
+            }
+        }
+        check_tenant_limits(&raw.credentials).map_err(|e| ConfigError::new("credentials", e))?;
+        Ok(Policy {
+            role: raw.role,
+            key_format: raw.key_format,
+            api_key_header: raw.api_key_header,
+            credentials,
+            routes,
+            headers: raw.headers,
+            trusted_xff_hops: raw.trusted_xff_hops,
+            rate_limit: raw.rate_limit,
+            rate_limit_headers: raw.rate_limit_headers,
+            realm: raw.realm,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> ConfigError {
+        Policy::from_json(json.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn empty_object_is_a_valid_config_with_defaults() {
+        let p = Policy::from_json(b"{}").unwrap();
+        assert_eq!(p.role, Role::Gate);
+        assert_eq!(p.api_key_header, "x-api-key");
+        assert_eq!(p.headers.tenant, "x-keygate-tenant");
+        assert!(p.rate_limit.is_none());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_json_are_refused_with_the_field_named() {
+        assert!(err(r#"{"rate_limits": {}}"#).to_string().contains("unknown field `rate_limits`"));
+        assert!(err("not json").to_string().contains("invalid plugin configuration"));
+        assert!(err(r#"{"trusted_xff_hops": -1}"#).to_string().contains("invalid value"));
+    }
+
+    #[test]
+    fn nested_errors_carry_their_path() {
+        let e = err(r#"{"credentials":[{"key_id":"a","key_hash":"zz","tenant":"t"}]}"#);
+        assert_eq!(e.field, "credentials[0].key_hash");
+        let e = err(r#"{"rate_limit":{"requests":0,"window_secs":60}}"#);
+        assert_eq!(e.to_string(), "rate_limit.requests: must be at least 1");
+        let e = err(r#"{"headers":{"tenant":"X Tenant"}}"#);
+        assert_eq!(e.field, "headers.tenant");
+        let e = err(r#"{"trusted_xff_hops": 99}"#);
+        assert_eq!(e.field, "trusted_xff_hops");
+        let e = err(r#"{"api_key_header": "authorization"}"#);
+        assert_eq!(e.field, "api_key_header");
+    }
+
+    #[test]
+    fn duplicate_credentials_and_tenant_limits_are_refused() {
+        let h = "a".repeat(64);
+        let e = err(&format!(
+            r#"{{"credentials":[{{"key_id":"a","key_hash":"{h}","tenant":"t"}},{{"key_id":"b","key_hash":"{h}","tenant":"t"}}]}}"#
+        ));
+        assert_eq!(e.field, "credentials[1].key_hash");
+        let creds: Vec<String> = (0..2)
+            .map(|i| format!(r#"{{"key_id":"k{i}","key_hash":"{}","tenant":"t","kind":"default"}}"#, format!("{i}").repeat(64)))
+            .collect();
+        let e = err(&format!(r#"{{"credentials":[{}]}}"#, creds.join(",")));
+        assert_eq!(e.field, "credentials");
+    }
+}

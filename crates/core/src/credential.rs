@@ -1,0 +1,312 @@
+//! The credential model: the record as written in plugin config, the sync
+//! protocol and the sidecar store ([`CredentialRecord`]), and its validated,
+//! ready-to-use form ([`Credential`]).
+
+use crate::config::ConfigError;
+use crate::hash::{ct_eq, parse_hex_digest, Digest};
+use crate::ip_rules::parse_allowed;
+use crate::rate_limit::RateLimit;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Most scoped credentials one tenant may hold.
+pub const MAX_SCOPED_PER_TENANT: usize = 5;
+/// Most default (full-access) credentials one tenant may hold.
+pub const MAX_DEFAULT_PER_TENANT: usize = 1;
+const MAX_NAME_LEN: usize = 128;
+const MAX_SCOPES: usize = 32;
+const MAX_ALLOWED_IPS: usize = 256;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Full access: passes every scope rule. At most one per tenant.
+    Default,
+    /// Limited to its scopes. At most five per tenant.
+    #[default]
+    Scoped,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    #[default]
+    Active,
+    Inactive,
+}
+
+/// A credential as it travels: plugin config, sync pushes, the sidecar store.
+/// Only hashes; never a key or a secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRecord {
+    pub key_id: String,
+    /// Hex SHA-256 of the key as the client presents it.
+    pub key_hash: String,
+    /// Hex SHA-256 of the secret, for key:secret (Basic) credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hash: Option<String>,
+    /// A secret replaced by rotation, still accepted until `previous_secret_expires_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_expires_at: Option<u64>,
+    #[serde(default)]
+    pub kind: Kind,
+    pub tenant: String,
+    #[serde(default = "default_environment")]
+    pub environment: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// CIDRs or plain addresses, IPv4 or IPv6; empty means any address.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    /// Overrides the plugin's default rate limit for this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub status: Status,
+    /// Unix seconds after which the key is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+fn default_environment() -> String {
+    "live".to_owned()
+}
+
+/// A validated credential, as the decision uses it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Credential {
+    pub key_id: String,
+    pub key_hash: Digest,
+    pub secret_hash: Option<Digest>,
+    pub previous_secret: Option<(Digest, u64)>,
+    pub kind: Kind,
+    pub tenant: String,
+    pub environment: String,
+    pub scopes: Vec<String>,
+    /// `scopes` joined with spaces, as sent upstream.
+    pub scopes_header: String,
+    pub allowed_ips: Vec<IpNet>,
+    pub rate_limit: Option<RateLimit>,
+    pub active: bool,
+    pub expires_at: Option<u64>,
+}
+
+/// Names that go into headers, logs and shared-data keys: a safe alphabet.
+pub fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.len() > MAX_NAME_LEN {
+        return Err(ConfigError::new(field, format!("must be 1 to {MAX_NAME_LEN} characters")));
+    }
+    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) {
+        return Err(ConfigError::new(field, "may only contain letters, digits, '-', '_', '.', ':'"));
+    }
+    Ok(())
+}
+
+impl TryFrom<&CredentialRecord> for Credential {
+    type Error = ConfigError;
+
+    fn try_from(r: &CredentialRecord) -> Result<Self, ConfigError> {
+        check_name("key_id", &r.key_id)?;
+        check_name("tenant", &r.tenant)?;
+        check_name("environment", &r.environment)?;
+        let key_hash = parse_hex_digest(&r.key_hash).map_err(|e| ConfigError::new("key_hash", e))?;
+        let secret_hash = r
+            .secret_hash
+            .as_deref()
+            .map(parse_hex_digest)
+            .transpose()
+            .map_err(|e| ConfigError::new("secret_hash", e))?;
+        let previous_secret = match (&r.previous_secret_hash, r.previous_secret_expires_at) {
+            (None, None) => None,
+            (Some(h), Some(until)) => Some((
+                parse_hex_digest(h).map_err(|e| ConfigError::new("previous_secret_hash", e))?,
+                until,
+            )),
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "previous_secret_expires_at",
+                    "is required with previous_secret_hash",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "previous_secret_hash",
+                    "is required with previous_secret_expires_at",
+                ))
+            }
+        };
+        if previous_secret.is_some() && secret_hash.is_none() {
+            return Err(ConfigError::new("secret_hash", "is required with previous_secret_hash"));
+        }
+        if r.scopes.len() > MAX_SCOPES {
+            return Err(ConfigError::new("scopes", format!("at most {MAX_SCOPES} scopes")));
+        }
+        for (i, s) in r.scopes.iter().enumerate() {
+            crate::scope::check_scope_name(s).map_err(|e| ConfigError::new(&format!("scopes[{i}]"), e))?;
+        }
+        if r.allowed_ips.len() > MAX_ALLOWED_IPS {
+            return Err(ConfigError::new("allowed_ips", format!("at most {MAX_ALLOWED_IPS} entries")));
+        }
+        let allowed_ips = r
+            .allowed_ips
+            .iter()
+            .enumerate()
+            .map(|(i, s)| parse_allowed(s).map_err(|e| ConfigError::new(&format!("allowed_ips[{i}]"), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(rl) = &r.rate_limit {
+            rl.validate().map_err(|e| e.under("rate_limit"))?;
+        }
+        Ok(Credential {
+            key_id: r.key_id.clone(),
+            key_hash,
+            secret_hash,
+            previous_secret,
+            kind: r.kind,
+            tenant: r.tenant.clone(),
+            environment: r.environment.clone(),
+            scopes_header: r.scopes.join(" "),
+            scopes: r.scopes.clone(),
+            allowed_ips,
+            rate_limit: r.rate_limit,
+            active: r.status == Status::Active,
+            expires_at: r.expires_at,
+        })
+    }
+}
+
+impl Credential {
+    /// Parses and validates a JSON [`CredentialRecord`] (a shared-data entry).
+    pub fn from_json(bytes: &[u8]) -> Result<Credential, ConfigError> {
+        let record: CredentialRecord =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::new("", e.to_string()))?;
+        Credential::try_from(&record)
+    }
+
+    pub fn is_expired(&self, now_secs: u64) -> bool {
+        self.expires_at.is_some_and(|t| now_secs >= t)
+    }
+
+    /// Checks a presented secret against the current secret and, until its
+    /// grace deadline, the one it replaced. Constant time in the digests.
+    pub fn secret_matches(&self, presented: &Digest, now_secs: u64) -> bool {
+        let current = self.secret_hash.is_some_and(|h| ct_eq(&h, presented));
+        let previous = self
+            .previous_secret
+            .is_some_and(|(h, until)| now_secs < until && ct_eq(&h, presented));
+        current | previous
+    }
+}
+
+/// Enforces the per-tenant seed rules over a whole set of records.
+pub fn check_tenant_limits<'a>(records: impl IntoIterator<Item = &'a CredentialRecord>) -> Result<(), String> {
+    let mut counts: std::collections::HashMap<&str, (usize, usize)> = Default::default();
+    for r in records {
+        let c = counts.entry(r.tenant.as_str()).or_default();
+        match r.kind {
+            Kind::Default => c.0 += 1,
+            Kind::Scoped => c.1 += 1,
+        }
+        if c.0 > MAX_DEFAULT_PER_TENANT {
+            return Err(format!(
+                "tenant '{}' has more than {MAX_DEFAULT_PER_TENANT} default credential",
+                r.tenant
+            ));
+        }
+        if c.1 > MAX_SCOPED_PER_TENANT {
+            return Err(format!(
+                "tenant '{}' has more than {MAX_SCOPED_PER_TENANT} scoped credentials",
+                r.tenant
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::hash::{sha256, to_hex};
+
+    pub fn record(key: &str, tenant: &str) -> CredentialRecord {
+        CredentialRecord {
+            key_id: format!("id-{key}"),
+            key_hash: to_hex(&sha256(key.as_bytes())),
+            secret_hash: None,
+            previous_secret_hash: None,
+            previous_secret_expires_at: None,
+            kind: Kind::Scoped,
+            tenant: tenant.into(),
+            environment: "live".into(),
+            scopes: vec!["read".into()],
+            allowed_ips: vec![],
+            rate_limit: None,
+            status: Status::Active,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn record_json_defaults_to_scoped_active_live() {
+        let r: CredentialRecord =
+            serde_json::from_str(&format!(r#"{{"key_id":"k","key_hash":"{}","tenant":"t"}}"#, "a".repeat(64)))
+                .unwrap();
+        assert_eq!((r.kind, r.status, r.environment.as_str()), (Kind::Scoped, Status::Active, "live"));
+    }
+
+    #[test]
+    fn unknown_record_field_is_rejected() {
+        let err = serde_json::from_str::<CredentialRecord>(
+            r#"{"key_id":"k","key_hash":"00","tenant":"t","secret":"oops"}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `secret`"));
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let mut r = record("k", "t");
+        r.allowed_ips = vec!["10.0.0.0/8".into(), "10.0.0/8".into()];
+        assert_eq!(Credential::try_from(&r).unwrap_err().field, "allowed_ips[1]");
+        let mut r = record("k", "t");
+        r.key_hash = "xyz".into();
+        assert_eq!(Credential::try_from(&r).unwrap_err().field, "key_hash");
+        let mut r = record("k", "t");
+        r.tenant = "bad tenant".into();
+        assert_eq!(Credential::try_from(&r).unwrap_err().field, "tenant");
+        let mut r = record("k", "t");
+        r.previous_secret_hash = Some("a".repeat(64));
+        assert_eq!(Credential::try_from(&r).unwrap_err().field, "previous_secret_expires_at");
+    }
+
+    #[test]
+    fn previous_secret_works_only_until_its_deadline() {
+        let mut r = record("k", "t");
+        r.secret_hash = Some(to_hex(&sha256(b"new")));
+        r.previous_secret_hash = Some(to_hex(&sha256(b"old")));
+        r.previous_secret_expires_at = Some(100);
+        let c = Credential::try_from(&r).unwrap();
+        assert!(c.secret_matches(&sha256(b"new"), 500));
+        assert!(c.secret_matches(&sha256(b"old"), 99));
+        assert!(!c.secret_matches(&sha256(b"old"), 100));
+        assert!(!c.secret_matches(&sha256(b"other"), 0));
+    }
+
+    #[test]
+    fn tenant_limits_allow_one_default_and_five_scoped() {
+        let mut rs: Vec<_> = (0..5).map(|i| record(&i.to_string(), "t")).collect();
+        let mut d = record("d", "t");
+        d.kind = Kind::Default;
+        rs.push(d.clone());
+        assert!(check_tenant_limits(&rs).is_ok());
+        rs.push(record("6", "t"));
+        assert!(check_tenant_limits(&rs).unwrap_err().contains("5 scoped"));
+        rs.pop();
+        rs.push(d);
+        assert!(check_tenant_limits(&rs).unwrap_err().contains("1 default"));
+        // Another tenant has its own budget.
+        assert!(check_tenant_limits(&[record("x", "u"), record("y", "u")]).is_ok());
+    }
+}

@@ -1,0 +1,118 @@
+//! Path normalisation before route matching.
+//!
+//! Rules match the path an upstream would act on, so tricks such as
+//! `/read/../admin`, `//admin`, `/%61dmin` or `/admin?x` cannot dodge a rule:
+//! the query and fragment are dropped, percent-escapes decoded, repeated
+//! slashes merged and dot segments resolved. An encoded slash, backslash or
+//! control byte is ambiguous between servers and is refused instead.
+
+/// Why a path was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PathError {
+    NotAbsolute,
+    BadEscape,
+    AmbiguousByte,
+}
+
+const MAX_PATH: usize = 8192;
+
+pub fn normalize(raw: &[u8]) -> Result<String, PathError> {
+    let end = raw.iter().position(|&b| b == b'?' || b == b'#').unwrap_or(raw.len());
+    let raw = &raw[..end];
+    if raw.first() != Some(&b'/') || raw.len() > MAX_PATH {
+        return Err(PathError::NotAbsolute);
+    }
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        if b == b'%' {
+            let hex = raw.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
+            let v = std::str::from_utf8(hex)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or(PathError::BadEscape)?;
+            if matches!(v, b'/' | b'\\') || v < 0x20 || v == 0x7f {
+                return Err(PathError::AmbiguousByte);
+            }
+            decoded.push(v);
+            i += 3;
+        } else {
+            if b == b'\\' || b < 0x20 || b == 0x7f {
+                return Err(PathError::AmbiguousByte);
+            }
+            decoded.push(b);
+            i += 1;
+        }
+    }
+    let mut segments: Vec<&[u8]> = Vec::new();
+    for seg in decoded.split(|&b| b == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let trailing = decoded.ends_with(b"/") || decoded.ends_with(b"/.") || decoded.ends_with(b"/..");
+    let mut out = Vec::with_capacity(decoded.len());
+    for s in &segments {
+        out.push(b'/');
+        out.extend_from_slice(s);
+    }
+    if out.is_empty() || (trailing && !segments.is_empty()) {
+        out.push(b'/');
+    }
+    // Non-UTF-8 bytes are kept visible but harmless for matching.
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(p: &str) -> Result<String, PathError> {
+        normalize(p.as_bytes())
+    }
+
+    #[test]
+    fn plain_paths_are_unchanged() {
+        assert_eq!(n("/v1/items").unwrap(), "/v1/items");
+        assert_eq!(n("/v1/items/").unwrap(), "/v1/items/");
+        assert_eq!(n("/").unwrap(), "/");
+    }
+
+    #[test]
+    fn query_and_fragment_are_dropped() {
+        assert_eq!(n("/admin?x=/read").unwrap(), "/admin");
+        assert_eq!(n("/admin#frag").unwrap(), "/admin");
+    }
+
+    #[test]
+    fn dot_segments_and_double_slashes_resolve() {
+        assert_eq!(n("/read/../admin").unwrap(), "/admin");
+        assert_eq!(n("//admin").unwrap(), "/admin");
+        assert_eq!(n("/./admin/./x").unwrap(), "/admin/x");
+        assert_eq!(n("/../../admin").unwrap(), "/admin");
+        assert_eq!(n("/admin/..").unwrap(), "/");
+    }
+
+    #[test]
+    fn percent_escapes_decode_before_matching() {
+        assert_eq!(n("/%61dmin").unwrap(), "/admin");
+        assert_eq!(n("/read/%2e%2e/admin").unwrap(), "/admin");
+    }
+
+    #[test]
+    fn ambiguous_or_broken_escapes_are_refused() {
+        assert_eq!(n("/read%2fadmin"), Err(PathError::AmbiguousByte));
+        assert_eq!(n("/read%5Cadmin"), Err(PathError::AmbiguousByte));
+        assert_eq!(n("/a%00"), Err(PathError::AmbiguousByte));
+        assert_eq!(n("/a\\b"), Err(PathError::AmbiguousByte));
+        assert_eq!(n("/a%4"), Err(PathError::BadEscape));
+        assert_eq!(n("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(n("admin"), Err(PathError::NotAbsolute));
+        assert_eq!(n("*"), Err(PathError::NotAbsolute));
+    }
+}

@@ -1,0 +1,264 @@
+//! Route rules (method + path → required scope, or public) and scope
+//! implication (admin ⊇ write ⊇ read when configured).
+
+use crate::config::ConfigError;
+use crate::credential::{Credential, Kind};
+use serde::Deserialize;
+
+/// A route rule as written in plugin configuration.
+#[derive(Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRuleConfig {
+    /// HTTP methods the rule applies to; absent or empty means all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Exact path match.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Segment-aware prefix: `/admin` matches `/admin` and `/admin/x`, not `/administrator`.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Scope the credential must hold.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// No credential needed.
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// What a request needs, after route matching.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    Authenticated,
+    Scope(RequiredScope),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequiredScope {
+    pub name: String,
+    /// The scope itself and every scope that implies it.
+    pub satisfied_by: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+impl PathMatch {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) if p.ends_with('/') => path.starts_with(p.as_str()),
+            PathMatch::Prefix(p) => {
+                path.starts_with(p.as_str())
+                    && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct RouteRule {
+    methods: Vec<String>,
+    path: PathMatch,
+    access: Access,
+}
+
+/// Compiled route table: first matching rule wins, else `default`.
+#[derive(Clone, Debug)]
+pub struct Routes {
+    rules: Vec<RouteRule>,
+    default: Access,
+}
+
+pub fn check_scope_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err("a scope is 1 to 64 characters".into());
+    }
+    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.' | b':')) {
+        return Err(format!("scope '{s}' may only contain a-z, 0-9, '-', '_', '.', ':'"));
+    }
+    Ok(())
+}
+
+/// `hierarchy` lists scopes strongest first: each implies all after it.
+fn required(name: &str, hierarchy: &[String]) -> RequiredScope {
+    let satisfied_by = match hierarchy.iter().position(|s| s == name) {
+        Some(i) => hierarchy[..=i].to_vec(),
+        None => vec![name.to_owned()],
+    };
+    RequiredScope { name: name.to_owned(), satisfied_by }
+}
+
+fn check_path(field: &str, p: &str) -> Result<(), ConfigError> {
+    if !p.starts_with('/') {
+        return Err(ConfigError::new(field, "must start with '/'"));
+    }
+    if p.contains(['?', '#', '%', '\\']) || p.contains("//") || p.split('/').any(|s| s == "." || s == "..") {
+        return Err(ConfigError::new(
+            field,
+            "must be a normalised path (no query, escapes, '//' or dot segments)",
+        ));
+    }
+    Ok(())
+}
+
+impl Routes {
+    pub fn compile(
+        rules: &[RouteRuleConfig],
+        default_scope: Option<&str>,
+        hierarchy: &[String],
+    ) -> Result<Routes, ConfigError> {
+        let mut compiled = Vec::with_capacity(rules.len());
+        for (i, r) in rules.iter().enumerate() {
+            let at = |f: &str| format!("routes[{i}].{f}");
+            let path = match (&r.path, &r.path_prefix) {
+                (Some(p), None) => {
+                    check_path(&at("path"), p)?;
+                    PathMatch::Exact(p.clone())
+                }
+                (None, Some(p)) => {
+                    check_path(&at("path_prefix"), p)?;
+                    PathMatch::Prefix(p.clone())
+                }
+                _ => return Err(ConfigError::new(&format!("routes[{i}]"), "needs exactly one of path, path_prefix")),
+            };
+            let access = match (&r.scope, r.public) {
+                (Some(_), true) => {
+                    return Err(ConfigError::new(&at("public"), "a public route cannot also require a scope"))
+                }
+                (None, true) => Access::Public,
+                (Some(s), false) => {
+                    check_scope_name(s).map_err(|e| ConfigError::new(&at("scope"), e))?;
+                    Access::Scope(required(s, hierarchy))
+                }
+                (None, false) => Access::Authenticated,
+            };
+            let mut methods = Vec::with_capacity(r.methods.len());
+            for (j, m) in r.methods.iter().enumerate() {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return Err(ConfigError::new(&at(&format!("methods[{j}]")), "must be an HTTP method name"));
+                }
+                methods.push(m.to_ascii_uppercase());
+            }
+            compiled.push(RouteRule { methods, path, access });
+        }
+        let default = match default_scope {
+            None => Access::Authenticated,
+            Some(s) => {
+                check_scope_name(s).map_err(|e| ConfigError::new("default_scope", e))?;
+                Access::Scope(required(s, hierarchy))
+            }
+        };
+        Ok(Routes { rules: compiled, default })
+    }
+
+    /// `path` must already be normalised (see [`crate::path::normalize`]).
+    pub fn access(&self, method: &str, path: &str) -> &Access {
+        self.rules
+            .iter()
+            .find(|r| (r.methods.is_empty() || r.methods.iter().any(|m| m == method)) && r.path.matches(path))
+            .map_or(&self.default, |r| &r.access)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// True when some rule is public, so requests may legitimately carry no credential.
+    pub fn has_public(&self) -> bool {
+        self.rules.iter().any(|r| r.access == Access::Public)
+    }
+}
+
+/// Default credentials pass every scope rule; scoped ones need a satisfying scope.
+pub fn grants(cred: &Credential, need: &RequiredScope) -> bool {
+    cred.kind == Kind::Default || cred.scopes.iter().any(|s| need.satisfied_by.contains(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h() -> Vec<String> {
+        vec!["admin".into(), "write".into(), "read".into()]
+    }
+
+    fn rule(methods: &[&str], prefix: &str, scope: Option<&str>, public: bool) -> RouteRuleConfig {
+        RouteRuleConfig {
+            methods: methods.iter().map(|s| s.to_string()).collect(),
+            path_prefix: Some(prefix.into()),
+            scope: scope.map(Into::into),
+            public,
+            ..Default::default()
+        }
+    }
+
+    fn scope_of(a: &Access) -> Option<&str> {
+        match a {
+            Access::Scope(s) => Some(&s.name),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn first_matching_rule_wins_by_method_and_prefix() {
+        let routes = Routes::compile(
+            &[
+                rule(&[], "/health", None, true),
+                rule(&["get"], "/v1", Some("read"), false),
+                rule(&["POST", "DELETE"], "/v1", Some("write"), false),
+                rule(&[], "/admin", Some("admin"), false),
+            ],
+            None,
+            &h(),
+        )
+        .unwrap();
+        assert_eq!(routes.access("GET", "/health"), &Access::Public);
+        assert_eq!(scope_of(routes.access("GET", "/v1/items")), Some("read"));
+        assert_eq!(scope_of(routes.access("POST", "/v1/items")), Some("write"));
+        assert_eq!(scope_of(routes.access("GET", "/admin/users")), Some("admin"));
+        assert_eq!(routes.access("GET", "/administrator"), &Access::Authenticated);
+        assert_eq!(routes.access("PUT", "/v1/items"), &Access::Authenticated);
+    }
+
+    #[test]
+    fn exact_paths_match_only_themselves() {
+        let r = RouteRuleConfig { path: Some("/webhooks/stripe".into()), public: true, ..Default::default() };
+        let routes = Routes::compile(&[r], Some("read"), &h()).unwrap();
+        assert_eq!(routes.access("POST", "/webhooks/stripe"), &Access::Public);
+        assert_eq!(scope_of(routes.access("POST", "/webhooks/stripe/x")), Some("read"));
+    }
+
+    #[test]
+    fn hierarchy_lets_stronger_scopes_satisfy_weaker_ones() {
+        let need = required("read", &h());
+        assert_eq!(need.satisfied_by, vec!["admin", "write", "read"]);
+        assert_eq!(required("admin", &h()).satisfied_by, vec!["admin"]);
+        assert_eq!(required("billing", &h()).satisfied_by, vec!["billing"]);
+        assert_eq!(required("read", &[]).satisfied_by, vec!["read"]);
+    }
+
+    #[test]
+    fn bad_rules_name_their_field() {
+        let e = Routes::compile(&[rule(&[], "v1", None, false)], None, &h()).unwrap_err();
+        assert_eq!(e.field, "routes[0].path_prefix");
+        let e = Routes::compile(&[rule(&[], "/a/../b", None, false)], None, &h()).unwrap_err();
+        assert_eq!(e.field, "routes[0].path_prefix");
+        let e = Routes::compile(&[rule(&[], "/a", Some("w"), true)], None, &h()).unwrap_err();
+        assert_eq!(e.field, "routes[0].public");
+        let e = Routes::compile(&[rule(&["G T"], "/a", None, false)], None, &h()).unwrap_err();
+        assert_eq!(e.field, "routes[0].methods[0]");
+        let e = Routes::compile(&[RouteRuleConfig::default()], None, &h()).unwrap_err();
+        assert_eq!(e.field, "routes[0]");
+        let e = Routes::compile(&[], Some("Bad Scope"), &h()).unwrap_err();
+        assert_eq!(e.field, "default_scope");
+    }
+}

