@@ -5,6 +5,7 @@ keygate passed on and what it stripped."""
 
 import argparse
 import json
+import collections
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,6 +14,10 @@ class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def _echo(self):
+        hits = getattr(self.server, "hits", None)
+        if hits is not None:
+            with self.server.hits_lock:
+                hits[self.headers.get("x-keygate-key-id", "")] += 1
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
@@ -43,6 +48,9 @@ class EchoServer:
     def __init__(self, port=0):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), EchoHandler)
         self.httpd.daemon_threads = True
+        # Requests received per x-keygate-key-id, to prove what reached the upstream.
+        self.httpd.hits = self.hits = collections.Counter()
+        self.httpd.hits_lock = threading.Lock()
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

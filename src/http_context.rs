@@ -21,13 +21,22 @@ pub struct GateContext {
 
 impl GateContext {
     pub fn new(policy: Option<Rc<Policy>>, cache: Rc<RefCell<CredentialCache>>) -> GateContext {
-        GateContext { policy, cache, rate: None, now_ns: 0 }
+        GateContext {
+            policy,
+            cache,
+            rate: None,
+            now_ns: 0,
+        }
     }
 
     fn reply(&self, denial: &Denial, policy: &Policy) {
         let mut headers = denial.headers(&policy.realm);
         if let Some(rate) = &denial.rate {
-            headers.extend(rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns));
+            headers.extend(rate_limit_headers(
+                rate,
+                policy.rate_limit_headers,
+                self.now_ns,
+            ));
         }
         let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         self.send_http_response(u32::from(denial.status()), refs, Some(&denial.body()));
@@ -60,8 +69,15 @@ impl Context for GateContext {}
 impl HttpContext for GateContext {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
-            let denial = Denial::new(keygate_core::denial::Reason::Unavailable, "keygate is not configured");
-            self.send_http_response(u32::from(denial.status()), vec![("content-type", "application/json")], Some(&denial.body()));
+            let denial = Denial::new(
+                keygate_core::denial::Reason::Unavailable,
+                "keygate is not configured",
+            );
+            self.send_http_response(
+                u32::from(denial.status()),
+                vec![("content-type", "application/json")],
+                Some(&denial.body()),
+            );
             return Action::Pause;
         };
         self.now_ns = self
@@ -71,7 +87,10 @@ impl HttpContext for GateContext {
         // Raw bytes: the String variants of the SDK panic on non-UTF-8 values.
         let headers = self.get_http_request_headers_bytes();
         let decision = {
-            let mut host = EnvoyHost { ctx: self, counters: SharedCounters };
+            let mut host = EnvoyHost {
+                ctx: self,
+                counters: SharedCounters,
+            };
             decide(&policy, &headers, &mut host, self.now_ns)
         };
         let edits = decision.upstream_headers(&policy, &headers);

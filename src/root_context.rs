@@ -27,7 +27,11 @@ impl RootContext for KeygateRoot {
 
     fn on_configure(&mut self, _: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
-        let bytes = if bytes.is_empty() { b"{}".to_vec() } else { bytes };
+        let bytes = if bytes.is_empty() {
+            b"{}".to_vec()
+        } else {
+            bytes
+        };
         match Policy::from_json(&bytes) {
             Ok(policy) => {
                 for cred in policy.credentials.values() {
@@ -53,7 +57,10 @@ impl RootContext for KeygateRoot {
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None would panic inside the SDK; a gate without a policy
         // fails closed instead.
-        Some(Box::new(GateContext::new(self.policy.clone(), self.cache.clone())))
+        Some(Box::new(GateContext::new(
+            self.policy.clone(),
+            self.cache.clone(),
+        )))
     }
 
     fn get_type(&self) -> Option<ContextType> {

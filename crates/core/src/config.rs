@@ -20,7 +20,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(field: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError { field: field.to_owned(), message: message.into() }
+        ConfigError {
+            field: field.to_owned(),
+            message: message.into(),
+        }
     }
 
     /// Prefixes the field path: `tenant` under `credentials[3]` → `credentials[3].tenant`.
@@ -103,7 +106,10 @@ pub struct RateLimitHeaders {
 
 impl Default for RateLimitHeaders {
     fn default() -> Self {
-        RateLimitHeaders { x_ratelimit: true, ietf: true }
+        RateLimitHeaders {
+            x_ratelimit: true,
+            ietf: true,
+        }
     }
 }
 
@@ -133,7 +139,11 @@ pub struct PluginConfig {
     pub scope_hierarchy: Vec<String>,
     #[serde(default)]
     pub headers: HeaderNames,
-    /// Proxies in front of Envoy that append to X-Forwarded-For; 0 = use the peer address.
+    /// 0 (default): the client is the address Envoy computed (`source.address`,
+    /// which follows the HCM's `use_remote_address` / `xff_num_trusted_hops`).
+    /// N > 0: the Nth X-Forwarded-For entry from the right, as the header
+    /// reaches the filter (with `use_remote_address: true` Envoy has already
+    /// appended the peer, so count it).
     #[serde(default)]
     pub trusted_xff_hops: u32,
     /// Limit for keys that do not set their own; absent = no limit.
@@ -175,11 +185,19 @@ pub struct Policy {
 fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok {
-        return Err(ConfigError::new(field, "must be a lowercase header name (a-z, 0-9, '-')"));
+        return Err(ConfigError::new(
+            field,
+            "must be a lowercase header name (a-z, 0-9, '-')",
+        ));
     }
-    if matches!(name, "authorization" | "host" | "content-length" | "transfer-encoding" | "cookie") {
+    if matches!(
+        name,
+        "authorization" | "host" | "content-length" | "transfer-encoding" | "cookie"
+    ) {
         return Err(ConfigError::new(field, format!("'{name}' cannot be used")));
     }
     Ok(())
@@ -216,26 +234,40 @@ impl TryFrom<PluginConfig> for Policy {
             }
         }
         for (i, s) in raw.scope_hierarchy.iter().enumerate() {
-            crate::scope::check_scope_name(s).map_err(|e| ConfigError::new(&format!("scope_hierarchy[{i}]"), e))?;
+            crate::scope::check_scope_name(s)
+                .map_err(|e| ConfigError::new(&format!("scope_hierarchy[{i}]"), e))?;
         }
         if raw.trusted_xff_hops > MAX_XFF_HOPS {
-            return Err(ConfigError::new("trusted_xff_hops", format!("must be 0 to {MAX_XFF_HOPS}")));
+            return Err(ConfigError::new(
+                "trusted_xff_hops",
+                format!("must be 0 to {MAX_XFF_HOPS}"),
+            ));
         }
         if let Some(rl) = &raw.rate_limit {
             rl.validate().map_err(|e| e.under("rate_limit"))?;
         }
         check_name("realm", &raw.realm)?;
-        let routes = Routes::compile(&raw.routes, raw.default_scope.as_deref(), &raw.scope_hierarchy)?;
+        let routes = Routes::compile(
+            &raw.routes,
+            raw.default_scope.as_deref(),
+            &raw.scope_hierarchy,
+        )?;
         let mut credentials = HashMap::with_capacity(raw.credentials.len());
         let mut ids = std::collections::HashSet::new();
         for (i, r) in raw.credentials.iter().enumerate() {
             let at = format!("credentials[{i}]");
             let c = Credential::try_from(r).map_err(|e| e.under(&at))?;
             if !ids.insert(c.key_id.clone()) {
-                return Err(ConfigError::new(&format!("{at}.key_id"), format!("'{}' is used twice", c.key_id)));
+                return Err(ConfigError::new(
+                    &format!("{at}.key_id"),
+                    format!("'{}' is used twice", c.key_id),
+                ));
             }
             if credentials.insert(c.key_hash, Rc::new(c)).is_some() {
-                return Err(ConfigError::new(&format!("{at}.key_hash"), "the same key hash is used twice"));
+                return Err(ConfigError::new(
+                    &format!("{at}.key_hash"),
+                    "the same key hash is used twice",
+                ));
             }
         }
         check_tenant_limits(&raw.credentials).map_err(|e| ConfigError::new("credentials", e))?;
@@ -273,9 +305,15 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_json_are_refused_with_the_field_named() {
-        assert!(err(r#"{"rate_limits": {}}"#).to_string().contains("unknown field `rate_limits`"));
-        assert!(err("not json").to_string().contains("invalid plugin configuration"));
-        assert!(err(r#"{"trusted_xff_hops": -1}"#).to_string().contains("invalid value"));
+        assert!(err(r#"{"rate_limits": {}}"#)
+            .to_string()
+            .contains("unknown field `rate_limits`"));
+        assert!(err("not json")
+            .to_string()
+            .contains("invalid plugin configuration"));
+        assert!(err(r#"{"trusted_xff_hops": -1}"#)
+            .to_string()
+            .contains("invalid value"));
     }
 
     #[test]
@@ -300,7 +338,12 @@ mod tests {
         ));
         assert_eq!(e.field, "credentials[1].key_hash");
         let creds: Vec<String> = (0..2)
-            .map(|i| format!(r#"{{"key_id":"k{i}","key_hash":"{}","tenant":"t","kind":"default"}}"#, format!("{i}").repeat(64)))
+            .map(|i| {
+                format!(
+                    r#"{{"key_id":"k{i}","key_hash":"{}","tenant":"t","kind":"default"}}"#,
+                    format!("{i}").repeat(64)
+                )
+            })
             .collect();
         let e = err(&format!(r#"{{"credentials":[{}]}}"#, creds.join(",")));
         assert_eq!(e.field, "credentials");

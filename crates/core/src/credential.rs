@@ -97,10 +97,19 @@ pub struct Credential {
 /// Names that go into headers, logs and shared-data keys: a safe alphabet.
 pub fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
     if value.is_empty() || value.len() > MAX_NAME_LEN {
-        return Err(ConfigError::new(field, format!("must be 1 to {MAX_NAME_LEN} characters")));
+        return Err(ConfigError::new(
+            field,
+            format!("must be 1 to {MAX_NAME_LEN} characters"),
+        ));
     }
-    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) {
-        return Err(ConfigError::new(field, "may only contain letters, digits, '-', '_', '.', ':'"));
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(ConfigError::new(
+            field,
+            "may only contain letters, digits, '-', '_', '.', ':'",
+        ));
     }
     Ok(())
 }
@@ -112,7 +121,8 @@ impl TryFrom<&CredentialRecord> for Credential {
         check_name("key_id", &r.key_id)?;
         check_name("tenant", &r.tenant)?;
         check_name("environment", &r.environment)?;
-        let key_hash = parse_hex_digest(&r.key_hash).map_err(|e| ConfigError::new("key_hash", e))?;
+        let key_hash =
+            parse_hex_digest(&r.key_hash).map_err(|e| ConfigError::new("key_hash", e))?;
         let secret_hash = r
             .secret_hash
             .as_deref()
@@ -139,22 +149,34 @@ impl TryFrom<&CredentialRecord> for Credential {
             }
         };
         if previous_secret.is_some() && secret_hash.is_none() {
-            return Err(ConfigError::new("secret_hash", "is required with previous_secret_hash"));
+            return Err(ConfigError::new(
+                "secret_hash",
+                "is required with previous_secret_hash",
+            ));
         }
         if r.scopes.len() > MAX_SCOPES {
-            return Err(ConfigError::new("scopes", format!("at most {MAX_SCOPES} scopes")));
+            return Err(ConfigError::new(
+                "scopes",
+                format!("at most {MAX_SCOPES} scopes"),
+            ));
         }
         for (i, s) in r.scopes.iter().enumerate() {
-            crate::scope::check_scope_name(s).map_err(|e| ConfigError::new(&format!("scopes[{i}]"), e))?;
+            crate::scope::check_scope_name(s)
+                .map_err(|e| ConfigError::new(&format!("scopes[{i}]"), e))?;
         }
         if r.allowed_ips.len() > MAX_ALLOWED_IPS {
-            return Err(ConfigError::new("allowed_ips", format!("at most {MAX_ALLOWED_IPS} entries")));
+            return Err(ConfigError::new(
+                "allowed_ips",
+                format!("at most {MAX_ALLOWED_IPS} entries"),
+            ));
         }
         let allowed_ips = r
             .allowed_ips
             .iter()
             .enumerate()
-            .map(|(i, s)| parse_allowed(s).map_err(|e| ConfigError::new(&format!("allowed_ips[{i}]"), e)))
+            .map(|(i, s)| {
+                parse_allowed(s).map_err(|e| ConfigError::new(&format!("allowed_ips[{i}]"), e))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(rl) = &r.rate_limit {
             rl.validate().map_err(|e| e.under("rate_limit"))?;
@@ -201,7 +223,9 @@ impl Credential {
 }
 
 /// Enforces the per-tenant seed rules over a whole set of records.
-pub fn check_tenant_limits<'a>(records: impl IntoIterator<Item = &'a CredentialRecord>) -> Result<(), String> {
+pub fn check_tenant_limits<'a>(
+    records: impl IntoIterator<Item = &'a CredentialRecord>,
+) -> Result<(), String> {
     let mut counts: std::collections::HashMap<&str, (usize, usize)> = Default::default();
     for r in records {
         let c = counts.entry(r.tenant.as_str()).or_default();
@@ -250,10 +274,15 @@ pub(crate) mod tests {
 
     #[test]
     fn record_json_defaults_to_scoped_active_live() {
-        let r: CredentialRecord =
-            serde_json::from_str(&format!(r#"{{"key_id":"k","key_hash":"{}","tenant":"t"}}"#, "a".repeat(64)))
-                .unwrap();
-        assert_eq!((r.kind, r.status, r.environment.as_str()), (Kind::Scoped, Status::Active, "live"));
+        let r: CredentialRecord = serde_json::from_str(&format!(
+            r#"{{"key_id":"k","key_hash":"{}","tenant":"t"}}"#,
+            "a".repeat(64)
+        ))
+        .unwrap();
+        assert_eq!(
+            (r.kind, r.status, r.environment.as_str()),
+            (Kind::Scoped, Status::Active, "live")
+        );
     }
 
     #[test]
@@ -269,7 +298,10 @@ pub(crate) mod tests {
     fn validation_names_the_bad_field() {
         let mut r = record("k", "t");
         r.allowed_ips = vec!["10.0.0.0/8".into(), "10.0.0/8".into()];
-        assert_eq!(Credential::try_from(&r).unwrap_err().field, "allowed_ips[1]");
+        assert_eq!(
+            Credential::try_from(&r).unwrap_err().field,
+            "allowed_ips[1]"
+        );
         let mut r = record("k", "t");
         r.key_hash = "xyz".into();
         assert_eq!(Credential::try_from(&r).unwrap_err().field, "key_hash");
@@ -278,7 +310,10 @@ pub(crate) mod tests {
         assert_eq!(Credential::try_from(&r).unwrap_err().field, "tenant");
         let mut r = record("k", "t");
         r.previous_secret_hash = Some("a".repeat(64));
-        assert_eq!(Credential::try_from(&r).unwrap_err().field, "previous_secret_expires_at");
+        assert_eq!(
+            Credential::try_from(&r).unwrap_err().field,
+            "previous_secret_expires_at"
+        );
     }
 
     #[test]

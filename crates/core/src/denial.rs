@@ -96,7 +96,11 @@ struct Body<'a> {
 
 impl Denial {
     pub fn new(reason: Reason, message: impl Into<String>) -> Denial {
-        Denial { reason, message: message.into(), rate: None }
+        Denial {
+            reason,
+            message: message.into(),
+            rate: None,
+        }
     }
 
     pub fn status(&self) -> u16 {
@@ -104,7 +108,10 @@ impl Denial {
     }
 
     pub fn body(&self) -> Vec<u8> {
-        let body = Body { error: self.reason.error_code(), message: &self.message };
+        let body = Body {
+            error: self.reason.error_code(),
+            message: &self.message,
+        };
         // Serializing two strings cannot fail; an empty body is the safe fallback.
         serde_json::to_vec(&body).unwrap_or_default()
     }
@@ -113,7 +120,10 @@ impl Denial {
     pub fn headers(&self, realm: &str) -> Vec<(&'static str, String)> {
         let mut h = vec![("content-type", "application/json".to_owned())];
         if self.status() == 401 {
-            h.push(("www-authenticate", format!("Bearer realm=\"{realm}\", Basic realm=\"{realm}\"")));
+            h.push((
+                "www-authenticate",
+                format!("Bearer realm=\"{realm}\", Basic realm=\"{realm}\""),
+            ));
         }
         if let Some(rate) = self.rate.filter(|r| !r.allowed) {
             h.push(("retry-after", rate.retry_after_secs().to_string()));
@@ -146,7 +156,10 @@ mod tests {
 
     #[test]
     fn body_is_exact_json() {
-        let d = Denial::new(Reason::InsufficientScope, "This endpoint requires 'write' scope");
+        let d = Denial::new(
+            Reason::InsufficientScope,
+            "This endpoint requires 'write' scope",
+        );
         assert_eq!(
             String::from_utf8(d.body()).unwrap(),
             r#"{"error":"insufficient_scope","message":"This endpoint requires 'write' scope"}"#
@@ -163,9 +176,22 @@ mod tests {
     #[test]
     fn unauthenticated_gets_www_authenticate_and_429_gets_retry_after() {
         let d = Denial::new(Reason::UnknownKey, "Invalid API key");
-        assert!(d.headers("keygate").iter().any(|(n, _)| *n == "www-authenticate"));
-        let (rate, _) = check(RateLimit { requests: 1, window_secs: 60 }, Some(u64::MAX / 2), u64::MAX / 2 - 45_000_000_000);
-        let d = Denial { rate: Some(rate), ..Denial::new(Reason::RateLimited, "x") };
+        assert!(d
+            .headers("keygate")
+            .iter()
+            .any(|(n, _)| *n == "www-authenticate"));
+        let (rate, _) = check(
+            RateLimit {
+                requests: 1,
+                window_secs: 60,
+            },
+            Some(u64::MAX / 2),
+            u64::MAX / 2 - 45_000_000_000,
+        );
+        let d = Denial {
+            rate: Some(rate),
+            ..Denial::new(Reason::RateLimited, "x")
+        };
         let h = d.headers("keygate");
         assert!(h.contains(&("retry-after", "45".into())), "{h:?}");
         assert!(!h.iter().any(|(n, _)| *n == "www-authenticate"));

@@ -27,7 +27,9 @@ pub struct Presented {
 
 impl std::fmt::Debug for Presented {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Presented").field("scheme", &self.scheme).finish_non_exhaustive()
+        f.debug_struct("Presented")
+            .field("scheme", &self.scheme)
+            .finish_non_exhaustive()
     }
 }
 
@@ -77,16 +79,27 @@ fn parse_authorization(v: &[u8]) -> Result<Presented, ExtractError> {
     let sp = v.iter().position(|&b| b == b' ').unwrap_or(v.len());
     let (scheme, rest) = (&v[..sp], trim(&v[sp..]));
     if scheme.eq_ignore_ascii_case(b"bearer") {
-        return Ok(Presented { key: token(rest)?, secret: None, scheme: Scheme::Bearer });
+        return Ok(Presented {
+            key: token(rest)?,
+            secret: None,
+            scheme: Scheme::Bearer,
+        });
     }
     if scheme.eq_ignore_ascii_case(b"basic") {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(rest)
             .map_err(|_| ExtractError::Malformed)?;
-        let colon = decoded.iter().position(|&b| b == b':').ok_or(ExtractError::Malformed)?;
+        let colon = decoded
+            .iter()
+            .position(|&b| b == b':')
+            .ok_or(ExtractError::Malformed)?;
         let key = token(&decoded[..colon])?;
         let secret = token(&decoded[colon + 1..])?;
-        return Ok(Presented { key, secret: Some(secret), scheme: Scheme::Basic });
+        return Ok(Presented {
+            key,
+            secret: Some(secret),
+            scheme: Scheme::Basic,
+        });
     }
     Err(ExtractError::UnsupportedScheme)
 }
@@ -119,7 +132,13 @@ where
         }
     }
     let from_header = api_key
-        .map(|v| Ok(Presented { key: token(trim(v))?, secret: None, scheme: Scheme::ApiKeyHeader }))
+        .map(|v| {
+            Ok(Presented {
+                key: token(trim(v))?,
+                secret: None,
+                scheme: Scheme::ApiKeyHeader,
+            })
+        })
         .transpose()?;
     let from_auth = authorization.map(parse_authorization).transpose()?;
     match (from_header, from_auth) {
@@ -160,7 +179,10 @@ mod tests {
     #[test]
     fn basic_splits_key_and_secret_at_first_colon() {
         let p = ex(&[("authorization", &basic("key:se:cret"))]).unwrap();
-        assert_eq!((p.key.as_str(), p.secret.as_deref()), ("key", Some("se:cret")));
+        assert_eq!(
+            (p.key.as_str(), p.secret.as_deref()),
+            ("key", Some("se:cret"))
+        );
         let p = ex(&[("authorization", &basic("key:s").replace("Basic", "bAsIc"))]).unwrap();
         assert_eq!(p.scheme, Scheme::Basic);
     }
@@ -178,26 +200,51 @@ mod tests {
             format!("Basic {}", STANDARD.encode("k:sx").trim_end_matches('=')),
             "Basic a2V5OnNlY3JldA==x".to_string(),
         ] {
-            assert_eq!(ex(&[("authorization", &v)]).unwrap_err(), ExtractError::Malformed, "{v}");
+            assert_eq!(
+                ex(&[("authorization", &v)]).unwrap_err(),
+                ExtractError::Malformed,
+                "{v}"
+            );
         }
     }
 
     #[test]
     fn missing_unsupported_and_empty() {
         assert_eq!(ex(&[("other", "x")]).unwrap_err(), ExtractError::Missing);
-        assert_eq!(ex(&[("authorization", "Digest abc")]).unwrap_err(), ExtractError::UnsupportedScheme);
-        assert_eq!(ex(&[("authorization", "k1")]).unwrap_err(), ExtractError::UnsupportedScheme);
-        assert_eq!(ex(&[("authorization", "Bearer ")]).unwrap_err(), ExtractError::Malformed);
-        assert_eq!(ex(&[("x-api-key", "")]).unwrap_err(), ExtractError::Malformed);
-        assert_eq!(ex(&[("x-api-key", "a b")]).unwrap_err(), ExtractError::Malformed);
+        assert_eq!(
+            ex(&[("authorization", "Digest abc")]).unwrap_err(),
+            ExtractError::UnsupportedScheme
+        );
+        assert_eq!(
+            ex(&[("authorization", "k1")]).unwrap_err(),
+            ExtractError::UnsupportedScheme
+        );
+        assert_eq!(
+            ex(&[("authorization", "Bearer ")]).unwrap_err(),
+            ExtractError::Malformed
+        );
+        assert_eq!(
+            ex(&[("x-api-key", "")]).unwrap_err(),
+            ExtractError::Malformed
+        );
+        assert_eq!(
+            ex(&[("x-api-key", "a b")]).unwrap_err(),
+            ExtractError::Malformed
+        );
     }
 
     #[test]
     fn non_printable_bytes_are_refused() {
         let h: [(&str, &[u8]); 1] = [("x-api-key", b"k\xffk")];
-        assert_eq!(extract(h, "x-api-key").unwrap_err(), ExtractError::Malformed);
+        assert_eq!(
+            extract(h, "x-api-key").unwrap_err(),
+            ExtractError::Malformed
+        );
         let h: [(&str, &[u8]); 1] = [("x-api-key", b"k\x00k")];
-        assert_eq!(extract(h, "x-api-key").unwrap_err(), ExtractError::Malformed);
+        assert_eq!(
+            extract(h, "x-api-key").unwrap_err(),
+            ExtractError::Malformed
+        );
     }
 
     #[test]
@@ -220,14 +267,25 @@ mod tests {
         );
         // The same key twice is one credential.
         assert!(ex(&[("x-api-key", "a"), ("x-api-key", "a")]).is_ok());
-        assert_eq!(ex(&[("x-api-key", "a"), ("authorization", "Bearer a")]).unwrap().scheme, Scheme::Bearer);
+        assert_eq!(
+            ex(&[("x-api-key", "a"), ("authorization", "Bearer a")])
+                .unwrap()
+                .scheme,
+            Scheme::Bearer
+        );
     }
 
     #[test]
     fn oversized_values_are_refused_before_parsing() {
         let big = "a".repeat(MAX_CREDENTIAL_LEN + 1);
-        assert_eq!(ex(&[("x-api-key", &big)]).unwrap_err(), ExtractError::TooLong);
-        assert_eq!(ex(&[("authorization", &format!("Bearer {big}"))]).unwrap_err(), ExtractError::TooLong);
+        assert_eq!(
+            ex(&[("x-api-key", &big)]).unwrap_err(),
+            ExtractError::TooLong
+        );
+        assert_eq!(
+            ex(&[("authorization", &format!("Bearer {big}"))]).unwrap_err(),
+            ExtractError::TooLong
+        );
     }
 
     #[test]

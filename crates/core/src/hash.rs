@@ -13,7 +13,8 @@ pub fn sha256(bytes: &[u8]) -> Digest {
 /// Parses a 64-character hex digest (either case).
 pub fn parse_hex_digest(s: &str) -> Result<Digest, &'static str> {
     let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).map_err(|_| "must be 64 hex characters (a SHA-256 digest)")?;
+    hex::decode_to_slice(s, &mut out)
+        .map_err(|_| "must be 64 hex characters (a SHA-256 digest)")?;
     Ok(out)
 }
 
@@ -60,7 +61,7 @@ mod tests {
 
     #[test]
     fn is_hex64_checks_length_and_alphabet() {
-        assert!(is_hex64("0123456789abcdefABCDEF".repeat(3)[..64].as_bytes()));
+        assert!(is_hex64(&b"0123456789abcdefABCDEF".repeat(3)[..64]));
         assert!(!is_hex64(&[b'a'; 63]));
         assert!(!is_hex64(&[b'z'; 64]));
     }

@@ -9,7 +9,10 @@ pub fn parse_allowed(s: &str) -> Result<IpNet, String> {
     if let Ok(net) = s.parse::<IpNet>() {
         // `10.1.2.3/8` is almost always a typo for `10.0.0.0/8`; say so.
         if net.trunc() != net {
-            return Err(format!("'{s}' has host bits set; did you mean '{}'?", net.trunc()));
+            return Err(format!(
+                "'{s}' has host bits set; did you mean '{}'?",
+                net.trunc()
+            ));
         }
         return Ok(net);
     }
@@ -80,7 +83,9 @@ mod tests {
     #[test]
     fn parse_allowed_rejects_garbage_and_host_bits() {
         assert!(parse_allowed("10.0.0/8").is_err());
-        assert!(parse_allowed("10.1.2.3/8").unwrap_err().contains("10.0.0.0/8"));
+        assert!(parse_allowed("10.1.2.3/8")
+            .unwrap_err()
+            .contains("10.0.0.0/8"));
         assert!(parse_allowed("::1").is_ok());
     }
 
@@ -101,7 +106,10 @@ mod tests {
     #[test]
     fn trusted_hops_pick_from_the_right_of_xff() {
         let xff: &[u8] = b"6.6.6.6, 10.0.0.1, 172.16.0.1";
-        assert_eq!(client_ip(Some("127.0.0.1:1"), Some(xff), 1), "172.16.0.1".parse().ok());
+        assert_eq!(
+            client_ip(Some("127.0.0.1:1"), Some(xff), 1),
+            "172.16.0.1".parse().ok()
+        );
         assert_eq!(client_ip(None, Some(xff), 2), "10.0.0.1".parse().ok());
         assert_eq!(client_ip(None, Some(xff), 4), None);
         assert_eq!(client_ip(None, None, 1), None);

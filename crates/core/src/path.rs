@@ -17,7 +17,10 @@ pub enum PathError {
 const MAX_PATH: usize = 8192;
 
 pub fn normalize(raw: &[u8]) -> Result<String, PathError> {
-    let end = raw.iter().position(|&b| b == b'?' || b == b'#').unwrap_or(raw.len());
+    let end = raw
+        .iter()
+        .position(|&b| b == b'?' || b == b'#')
+        .unwrap_or(raw.len());
     let raw = &raw[..end];
     if raw.first() != Some(&b'/') || raw.len() > MAX_PATH {
         return Err(PathError::NotAbsolute);

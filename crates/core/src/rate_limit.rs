@@ -33,7 +33,10 @@ impl RateLimit {
             return Err(ConfigError::new("requests", "must be at least 1"));
         }
         if self.window_secs == 0 || self.window_secs > MAX_WINDOW_SECS {
-            return Err(ConfigError::new("window_secs", format!("must be 1 to {MAX_WINDOW_SECS}")));
+            return Err(ConfigError::new(
+                "window_secs",
+                format!("must be 1 to {MAX_WINDOW_SECS}"),
+            ));
         }
         Ok(())
     }
@@ -97,7 +100,13 @@ pub fn check(limit: RateLimit, stored_tat: Option<u64>, now_ns: u64) -> (RateSta
         return (status, None);
     }
     let remaining = ((window - used) / interval).min(u64::from(limit.requests)) as u32;
-    let status = RateStatus { allowed: true, limit, remaining, reset_at_ns: new_tat, retry_after_ns: 0 };
+    let status = RateStatus {
+        allowed: true,
+        limit,
+        remaining,
+        reset_at_ns: new_tat,
+        retry_after_ns: 0,
+    };
     (status, Some(new_tat))
 }
 
@@ -115,7 +124,9 @@ pub fn encode_tat(tat: u64) -> [u8; 8] {
 
 /// Absent, empty (a reset marker) or malformed state counts as a fresh key.
 pub fn decode_tat(bytes: Option<&[u8]>) -> Option<u64> {
-    bytes.and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes)
+    bytes
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
 }
 
 /// Takes one request from `key`'s budget across every worker: CAS retry until
@@ -139,7 +150,13 @@ pub fn acquire(cell: &mut dyn CounterCell, key: &str, limit: RateLimit, now_ns: 
         allowed: false,
         remaining: 0,
         retry_after_ns: interval,
-        ..last.unwrap_or(RateStatus { allowed: false, limit, remaining: 0, reset_at_ns: now_ns, retry_after_ns: 0 })
+        ..last.unwrap_or(RateStatus {
+            allowed: false,
+            limit,
+            remaining: 0,
+            reset_at_ns: now_ns,
+            retry_after_ns: 0,
+        })
     }
 }
 
@@ -152,7 +169,10 @@ mod tests {
     const T0: u64 = 1_700_000_000 * S;
 
     fn limit(requests: u32, window_secs: u32) -> RateLimit {
-        RateLimit { requests, window_secs }
+        RateLimit {
+            requests,
+            window_secs,
+        }
     }
 
     /// An in-memory shared-data map with Envoy's CAS semantics.
@@ -193,7 +213,10 @@ mod tests {
     fn burst_of_limit_is_admitted_then_refused() {
         let mut cell = Cell::default();
         let l = limit(5, 60);
-        let remaining: Vec<u32> = (0..5).map(|_| acquire(&mut cell, "k", l, T0)).map(|s| s.remaining).collect();
+        let remaining: Vec<u32> = (0..5)
+            .map(|_| acquire(&mut cell, "k", l, T0))
+            .map(|s| s.remaining)
+            .collect();
         assert_eq!(remaining, vec![4, 3, 2, 1, 0]);
         let refused = acquire(&mut cell, "k", l, T0);
         assert!(!refused.allowed);
@@ -250,7 +273,10 @@ mod tests {
 
     #[test]
     fn cas_conflict_retries_and_never_double_counts() {
-        let mut cell = Cell { interfere: 3, ..Default::default() };
+        let mut cell = Cell {
+            interfere: 3,
+            ..Default::default()
+        };
         let l = limit(2, 60);
         cell.store("k", &encode_tat(0), None);
         assert!(acquire(&mut cell, "k", l, T0).allowed);
@@ -260,7 +286,10 @@ mod tests {
 
     #[test]
     fn endless_contention_refuses_rather_than_over_admits() {
-        let mut cell = Cell { interfere: u32::MAX, ..Default::default() };
+        let mut cell = Cell {
+            interfere: u32::MAX,
+            ..Default::default()
+        };
         cell.store("k", &encode_tat(0), None);
         let s = acquire(&mut cell, "k", limit(10, 60), T0);
         assert!(!s.allowed);
@@ -278,7 +307,10 @@ mod tests {
     fn validation_rejects_zero_and_huge_windows() {
         assert_eq!(limit(0, 60).validate().unwrap_err().field, "requests");
         assert_eq!(limit(1, 0).validate().unwrap_err().field, "window_secs");
-        assert_eq!(limit(1, MAX_WINDOW_SECS + 1).validate().unwrap_err().field, "window_secs");
+        assert_eq!(
+            limit(1, MAX_WINDOW_SECS + 1).validate().unwrap_err().field,
+            "window_secs"
+        );
         assert!(limit(1, 1).validate().is_ok());
     }
 }

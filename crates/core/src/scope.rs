@@ -78,8 +78,12 @@ pub fn check_scope_name(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 64 {
         return Err("a scope is 1 to 64 characters".into());
     }
-    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.' | b':')) {
-        return Err(format!("scope '{s}' may only contain a-z, 0-9, '-', '_', '.', ':'"));
+    if !s.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.' | b':')
+    }) {
+        return Err(format!(
+            "scope '{s}' may only contain a-z, 0-9, '-', '_', '.', ':'"
+        ));
     }
     Ok(())
 }
@@ -90,14 +94,20 @@ fn required(name: &str, hierarchy: &[String]) -> RequiredScope {
         Some(i) => hierarchy[..=i].to_vec(),
         None => vec![name.to_owned()],
     };
-    RequiredScope { name: name.to_owned(), satisfied_by }
+    RequiredScope {
+        name: name.to_owned(),
+        satisfied_by,
+    }
 }
 
 fn check_path(field: &str, p: &str) -> Result<(), ConfigError> {
     if !p.starts_with('/') {
         return Err(ConfigError::new(field, "must start with '/'"));
     }
-    if p.contains(['?', '#', '%', '\\']) || p.contains("//") || p.split('/').any(|s| s == "." || s == "..") {
+    if p.contains(['?', '#', '%', '\\'])
+        || p.contains("//")
+        || p.split('/').any(|s| s == "." || s == "..")
+    {
         return Err(ConfigError::new(
             field,
             "must be a normalised path (no query, escapes, '//' or dot segments)",
@@ -124,11 +134,19 @@ impl Routes {
                     check_path(&at("path_prefix"), p)?;
                     PathMatch::Prefix(p.clone())
                 }
-                _ => return Err(ConfigError::new(&format!("routes[{i}]"), "needs exactly one of path, path_prefix")),
+                _ => {
+                    return Err(ConfigError::new(
+                        &format!("routes[{i}]"),
+                        "needs exactly one of path, path_prefix",
+                    ))
+                }
             };
             let access = match (&r.scope, r.public) {
                 (Some(_), true) => {
-                    return Err(ConfigError::new(&at("public"), "a public route cannot also require a scope"))
+                    return Err(ConfigError::new(
+                        &at("public"),
+                        "a public route cannot also require a scope",
+                    ))
                 }
                 (None, true) => Access::Public,
                 (Some(s), false) => {
@@ -140,11 +158,18 @@ impl Routes {
             let mut methods = Vec::with_capacity(r.methods.len());
             for (j, m) in r.methods.iter().enumerate() {
                 if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-                    return Err(ConfigError::new(&at(&format!("methods[{j}]")), "must be an HTTP method name"));
+                    return Err(ConfigError::new(
+                        &at(&format!("methods[{j}]")),
+                        "must be an HTTP method name",
+                    ));
                 }
                 methods.push(m.to_ascii_uppercase());
             }
-            compiled.push(RouteRule { methods, path, access });
+            compiled.push(RouteRule {
+                methods,
+                path,
+                access,
+            });
         }
         let default = match default_scope {
             None => Access::Authenticated,
@@ -153,14 +178,20 @@ impl Routes {
                 Access::Scope(required(s, hierarchy))
             }
         };
-        Ok(Routes { rules: compiled, default })
+        Ok(Routes {
+            rules: compiled,
+            default,
+        })
     }
 
     /// `path` must already be normalised (see [`crate::path::normalize`]).
     pub fn access(&self, method: &str, path: &str) -> &Access {
         self.rules
             .iter()
-            .find(|r| (r.methods.is_empty() || r.methods.iter().any(|m| m == method)) && r.path.matches(path))
+            .find(|r| {
+                (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+                    && r.path.matches(path)
+            })
             .map_or(&self.default, |r| &r.access)
     }
 
@@ -224,17 +255,30 @@ mod tests {
         assert_eq!(routes.access("GET", "/health"), &Access::Public);
         assert_eq!(scope_of(routes.access("GET", "/v1/items")), Some("read"));
         assert_eq!(scope_of(routes.access("POST", "/v1/items")), Some("write"));
-        assert_eq!(scope_of(routes.access("GET", "/admin/users")), Some("admin"));
-        assert_eq!(routes.access("GET", "/administrator"), &Access::Authenticated);
+        assert_eq!(
+            scope_of(routes.access("GET", "/admin/users")),
+            Some("admin")
+        );
+        assert_eq!(
+            routes.access("GET", "/administrator"),
+            &Access::Authenticated
+        );
         assert_eq!(routes.access("PUT", "/v1/items"), &Access::Authenticated);
     }
 
     #[test]
     fn exact_paths_match_only_themselves() {
-        let r = RouteRuleConfig { path: Some("/webhooks/stripe".into()), public: true, ..Default::default() };
+        let r = RouteRuleConfig {
+            path: Some("/webhooks/stripe".into()),
+            public: true,
+            ..Default::default()
+        };
         let routes = Routes::compile(&[r], Some("read"), &h()).unwrap();
         assert_eq!(routes.access("POST", "/webhooks/stripe"), &Access::Public);
-        assert_eq!(scope_of(routes.access("POST", "/webhooks/stripe/x")), Some("read"));
+        assert_eq!(
+            scope_of(routes.access("POST", "/webhooks/stripe/x")),
+            Some("read")
+        );
     }
 
     #[test]

@@ -27,8 +27,14 @@ pub trait Host {
 pub enum Outcome {
     /// A public route: no credential needed.
     Public,
-    Allowed { credential: Rc<Credential>, rate: Option<RateStatus> },
-    Denied { denial: Denial, credential: Option<Rc<Credential>> },
+    Allowed {
+        credential: Rc<Credential>,
+        rate: Option<RateStatus>,
+    },
+    Denied {
+        denial: Denial,
+        credential: Option<Rc<Credential>>,
+    },
 }
 
 #[derive(Debug)]
@@ -46,7 +52,10 @@ pub struct UpstreamHeaders<'a> {
 }
 
 fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
 }
 
 /// Shared-data key of a credential's rate-limit state.
@@ -54,19 +63,36 @@ pub fn counter_key(key_id: &str) -> String {
     format!("rl:{key_id}")
 }
 
-fn deny(reason: Reason, message: impl Into<String>, credential: Option<&Rc<Credential>>) -> Outcome {
-    Outcome::Denied { denial: Denial::new(reason, message), credential: credential.cloned() }
+fn deny(
+    reason: Reason,
+    message: impl Into<String>,
+    credential: Option<&Rc<Credential>>,
+) -> Outcome {
+    Outcome::Denied {
+        denial: Denial::new(reason, message),
+        credential: credential.cloned(),
+    }
 }
 
 /// Decides one request. `headers` are all request headers as Envoy holds them
 /// (lowercase names, raw values, pseudo-headers included); `now_ns` is Unix
 /// time in nanoseconds.
-pub fn decide(policy: &Policy, headers: &[(String, Vec<u8>)], host: &mut dyn Host, now_ns: u64) -> Decision {
-    let method = header(headers, ":method").and_then(|m| std::str::from_utf8(m).ok()).unwrap_or("");
+pub fn decide(
+    policy: &Policy,
+    headers: &[(String, Vec<u8>)],
+    host: &mut dyn Host,
+    now_ns: u64,
+) -> Decision {
+    let method = header(headers, ":method")
+        .and_then(|m| std::str::from_utf8(m).ok())
+        .unwrap_or("");
     let path = match normalize(header(headers, ":path").unwrap_or(b"")) {
         Ok(p) => p,
         Err(_) => {
-            return Decision { outcome: deny(Reason::BadPath, "Malformed request path", None), required_scope: None }
+            return Decision {
+                outcome: deny(Reason::BadPath, "Malformed request path", None),
+                required_scope: None,
+            }
         }
     };
     let access = policy.routes.access(method, &path);
@@ -78,22 +104,45 @@ pub fn decide(policy: &Policy, headers: &[(String, Vec<u8>)], host: &mut dyn Hos
         Access::Public => Outcome::Public,
         _ => authorize(policy, headers, access, host, now_ns),
     };
-    Decision { outcome, required_scope }
+    Decision {
+        outcome,
+        required_scope,
+    }
 }
 
-fn authorize(policy: &Policy, headers: &[(String, Vec<u8>)], access: &Access, host: &mut dyn Host, now_ns: u64) -> Outcome {
+fn authorize(
+    policy: &Policy,
+    headers: &[(String, Vec<u8>)],
+    access: &Access,
+    host: &mut dyn Host,
+    now_ns: u64,
+) -> Outcome {
     let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
     let presented = match extract(pairs, &policy.api_key_header) {
         Ok(p) => p,
-        Err(ExtractError::Missing) => return deny(Reason::MissingCredential, ExtractError::Missing.message(), None),
+        Err(ExtractError::Missing) => {
+            return deny(
+                Reason::MissingCredential,
+                ExtractError::Missing.message(),
+                None,
+            )
+        }
         Err(e) => return deny(Reason::MalformedCredential, e.message(), None),
     };
     let key_hash = match policy.key_format {
         KeyFormat::Any => sha256(presented.key.as_bytes()),
-        KeyFormat::Hex64 if is_hex64(presented.key.as_bytes()) => sha256(presented.key.to_ascii_lowercase().as_bytes()),
-        KeyFormat::Hex64 => return deny(Reason::MalformedCredential, "Invalid API key format", None),
+        KeyFormat::Hex64 if is_hex64(presented.key.as_bytes()) => {
+            sha256(presented.key.to_ascii_lowercase().as_bytes())
+        }
+        KeyFormat::Hex64 => {
+            return deny(Reason::MalformedCredential, "Invalid API key format", None)
+        }
     };
-    let found = policy.credentials.get(&key_hash).cloned().or_else(|| host.lookup(&key_hash));
+    let found = policy
+        .credentials
+        .get(&key_hash)
+        .cloned()
+        .or_else(|| host.lookup(&key_hash));
     let Some(cred) = found.filter(|c| ct_eq(&c.key_hash, &key_hash)) else {
         return deny(Reason::UnknownKey, "Invalid API key", None);
     };
@@ -101,8 +150,20 @@ fn authorize(policy: &Policy, headers: &[(String, Vec<u8>)], access: &Access, ho
     match (&cred.secret_hash, &presented.secret) {
         (None, None) => {}
         (Some(_), Some(secret)) if cred.secret_matches(&sha256(secret.as_bytes()), now_secs) => {}
-        (Some(_), None) => return deny(Reason::WrongSecret, "This API key requires its secret (Basic key:secret)", Some(&cred)),
-        _ => return deny(Reason::WrongSecret, "Invalid API key or secret", Some(&cred)),
+        (Some(_), None) => {
+            return deny(
+                Reason::WrongSecret,
+                "This API key requires its secret (Basic key:secret)",
+                Some(&cred),
+            )
+        }
+        _ => {
+            return deny(
+                Reason::WrongSecret,
+                "Invalid API key or secret",
+                Some(&cred),
+            )
+        }
     }
     if cred.is_expired(now_secs) {
         return deny(Reason::Expired, "API key has expired", Some(&cred));
@@ -112,14 +173,26 @@ fn authorize(policy: &Policy, headers: &[(String, Vec<u8>)], access: &Access, ho
     }
     if !cred.allowed_ips.is_empty() {
         let peer = host.peer_address();
-        let ip = client_ip(peer.as_deref(), header(headers, "x-forwarded-for"), policy.trusted_xff_hops);
+        let ip = client_ip(
+            peer.as_deref(),
+            header(headers, "x-forwarded-for"),
+            policy.trusted_xff_hops,
+        );
         if !is_allowed(&cred.allowed_ips, ip) {
-            return deny(Reason::IpNotAllowed, "Requests from this IP address are not allowed for this API key", Some(&cred));
+            return deny(
+                Reason::IpNotAllowed,
+                "Requests from this IP address are not allowed for this API key",
+                Some(&cred),
+            );
         }
     }
     if let Access::Scope(need) = access {
         if !grants(&cred, need) {
-            return deny(Reason::InsufficientScope, format!("This endpoint requires '{}' scope", need.name), Some(&cred));
+            return deny(
+                Reason::InsufficientScope,
+                format!("This endpoint requires '{}' scope", need.name),
+                Some(&cred),
+            );
         }
     }
     let rate = match cred.rate_limit.or(policy.rate_limit) {
@@ -127,25 +200,46 @@ fn authorize(policy: &Policy, headers: &[(String, Vec<u8>)], access: &Access, ho
         Some(limit) => {
             let status = acquire(host.counters(), &counter_key(&cred.key_id), limit, now_ns);
             if !status.allowed {
-                let message = format!("Rate limit exceeded. Try again in {} seconds.", status.retry_after_secs());
-                let denial = Denial { rate: Some(status), ..Denial::new(Reason::RateLimited, message) };
-                return Outcome::Denied { denial, credential: Some(cred) };
+                let message = format!(
+                    "Rate limit exceeded. Try again in {} seconds.",
+                    status.retry_after_secs()
+                );
+                let denial = Denial {
+                    rate: Some(status),
+                    ..Denial::new(Reason::RateLimited, message)
+                };
+                return Outcome::Denied {
+                    denial,
+                    credential: Some(cred),
+                };
             }
             Some(status)
         }
     };
-    Outcome::Allowed { credential: cred, rate }
+    Outcome::Allowed {
+        credential: cred,
+        rate,
+    }
 }
 
 impl Decision {
     /// Request header edits: identity headers a client sent are always
     /// dropped; on success the credential is stripped and the identity set.
-    pub fn upstream_headers<'a>(&'a self, policy: &'a Policy, headers: &[(String, Vec<u8>)]) -> UpstreamHeaders<'a> {
+    pub fn upstream_headers<'a>(
+        &'a self,
+        policy: &'a Policy,
+        headers: &[(String, Vec<u8>)],
+    ) -> UpstreamHeaders<'a> {
         let present = |name: &str| headers.iter().any(|(n, _)| n == name);
         let mut edits = UpstreamHeaders::default();
         match &self.outcome {
             Outcome::Public => {
-                edits.remove = policy.headers.all().into_iter().filter(|h| present(h)).collect();
+                edits.remove = policy
+                    .headers
+                    .all()
+                    .into_iter()
+                    .filter(|h| present(h))
+                    .collect();
             }
             Outcome::Allowed { credential: c, .. } => {
                 edits.remove = ["authorization", policy.api_key_header.as_str()]
@@ -176,7 +270,11 @@ impl Decision {
 }
 
 /// Rate-limit response headers, in the enabled styles.
-pub fn rate_limit_headers(status: &RateStatus, styles: RateLimitHeaders, now_ns: u64) -> Vec<(&'static str, String)> {
+pub fn rate_limit_headers(
+    status: &RateStatus,
+    styles: RateLimitHeaders,
+    now_ns: u64,
+) -> Vec<(&'static str, String)> {
     let mut h = Vec::with_capacity(5);
     if styles.x_ratelimit {
         h.push(("x-ratelimit-limit", status.limit.requests.to_string()));
@@ -184,8 +282,21 @@ pub fn rate_limit_headers(status: &RateStatus, styles: RateLimitHeaders, now_ns:
         h.push(("x-ratelimit-reset", status.reset_epoch_secs().to_string()));
     }
     if styles.ietf {
-        h.push(("ratelimit-policy", format!("\"default\";q={};w={}", status.limit.requests, status.limit.window_secs)));
-        h.push(("ratelimit", format!("\"default\";r={};t={}", status.remaining, status.reset_in_secs(now_ns))));
+        h.push((
+            "ratelimit-policy",
+            format!(
+                "\"default\";q={};w={}",
+                status.limit.requests, status.limit.window_secs
+            ),
+        ));
+        h.push((
+            "ratelimit",
+            format!(
+                "\"default\";r={};t={}",
+                status.remaining,
+                status.reset_in_secs(now_ns)
+            ),
+        ));
     }
     h
 }
@@ -261,8 +372,15 @@ mod tests {
     }
 
     fn req(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-        let mut h = vec![(":method".to_string(), method.as_bytes().to_vec()), (":path".into(), path.as_bytes().to_vec())];
-        h.extend(extra.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
+        let mut h = vec![
+            (":method".to_string(), method.as_bytes().to_vec()),
+            (":path".into(), path.as_bytes().to_vec()),
+        ];
+        h.extend(
+            extra
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
+        );
         h
     }
 
@@ -280,7 +398,11 @@ mod tests {
     #[test]
     fn valid_key_is_allowed_with_identity_headers() {
         let p = policy(vec![rec("k1", "key-one")], "");
-        let h = req("GET", "/v1/items", &[("x-api-key", "key-one"), ("x-keygate-tenant", "evil")]);
+        let h = req(
+            "GET",
+            "/v1/items",
+            &[("x-api-key", "key-one"), ("x-keygate-tenant", "evil")],
+        );
         let d = run(&p, &h, &mut FakeHost::default());
         assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{d:?}");
         let edits = d.upstream_headers(&p, &h);
@@ -302,8 +424,15 @@ mod tests {
     fn missing_and_unknown_keys_are_401() {
         let p = policy(vec![rec("k1", "key-one")], "");
         let d = run(&p, &req("GET", "/v1", &[]), &mut FakeHost::default());
-        assert_eq!(denied(&d), Some((Reason::MissingCredential, "Missing API key")));
-        let d = run(&p, &req("GET", "/v1", &[("x-api-key", "nope")]), &mut FakeHost::default());
+        assert_eq!(
+            denied(&d),
+            Some((Reason::MissingCredential, "Missing API key"))
+        );
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "nope")]),
+            &mut FakeHost::default(),
+        );
         assert_eq!(denied(&d), Some((Reason::UnknownKey, "Invalid API key")));
     }
 
@@ -313,7 +442,11 @@ mod tests {
         let mut host = FakeHost::default();
         let c = Credential::try_from(&rec("dyn", "dyn-key")).unwrap();
         host.dynamic.insert(c.key_hash, Rc::new(c));
-        let d = run(&p, &req("GET", "/v1", &[("authorization", "Bearer dyn-key")]), &mut host);
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("authorization", "Bearer dyn-key")]),
+            &mut host,
+        );
         assert!(matches!(d.outcome, Outcome::Allowed { .. }));
     }
 
@@ -324,13 +457,28 @@ mod tests {
         let p = policy(vec![r], "");
         let basic = |s: &str| {
             use base64::Engine;
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s))
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(s)
+            )
         };
-        let ok = run(&p, &req("GET", "/v1", &[("authorization", &basic("key-one:s3cret"))]), &mut FakeHost::default());
+        let ok = run(
+            &p,
+            &req("GET", "/v1", &[("authorization", &basic("key-one:s3cret"))]),
+            &mut FakeHost::default(),
+        );
         assert!(matches!(ok.outcome, Outcome::Allowed { .. }));
-        let bad = run(&p, &req("GET", "/v1", &[("authorization", &basic("key-one:wrong"))]), &mut FakeHost::default());
+        let bad = run(
+            &p,
+            &req("GET", "/v1", &[("authorization", &basic("key-one:wrong"))]),
+            &mut FakeHost::default(),
+        );
         assert_eq!(denied(&bad).map(|d| d.0), Some(Reason::WrongSecret));
-        let bare = run(&p, &req("GET", "/v1", &[("x-api-key", "key-one")]), &mut FakeHost::default());
+        let bare = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "key-one")]),
+            &mut FakeHost::default(),
+        );
         assert_eq!(denied(&bare).map(|d| d.0), Some(Reason::WrongSecret));
     }
 
@@ -338,8 +486,15 @@ mod tests {
     fn secret_on_a_secretless_key_is_refused() {
         let p = policy(vec![rec("k1", "key-one")], "");
         use base64::Engine;
-        let v = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("key-one:x"));
-        let d = run(&p, &req("GET", "/v1", &[("authorization", &v)]), &mut FakeHost::default());
+        let v = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("key-one:x")
+        );
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("authorization", &v)]),
+            &mut FakeHost::default(),
+        );
         assert_eq!(denied(&d).map(|d| d.0), Some(Reason::WrongSecret));
     }
 
@@ -350,9 +505,17 @@ mod tests {
         let mut b = rec("k2", "expired");
         b.expires_at = Some(NOW / 1_000_000_000);
         let p = policy(vec![a, b], "");
-        let d = run(&p, &req("GET", "/v1", &[("x-api-key", "inactive")]), &mut FakeHost::default());
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "inactive")]),
+            &mut FakeHost::default(),
+        );
         assert_eq!(denied(&d), Some((Reason::Inactive, "API key is inactive")));
-        let d = run(&p, &req("GET", "/v1", &[("x-api-key", "expired")]), &mut FakeHost::default());
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "expired")]),
+            &mut FakeHost::default(),
+        );
         assert_eq!(denied(&d).map(|d| d.0), Some(Reason::Expired));
     }
 
@@ -361,11 +524,29 @@ mod tests {
         let mut a = rec("k1", "restricted");
         a.allowed_ips = vec!["10.0.0.0/8".into()];
         let p = policy(vec![a, rec("k2", "open")], "");
-        let mut host = FakeHost { peer: Some("127.0.0.1:5555".into()), ..Default::default() };
-        let d = run(&p, &req("GET", "/v1", &[("x-api-key", "restricted")]), &mut host);
+        let mut host = FakeHost {
+            peer: Some("127.0.0.1:5555".into()),
+            ..Default::default()
+        };
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "restricted")]),
+            &mut host,
+        );
         assert_eq!(denied(&d).map(|d| d.0), Some(Reason::IpNotAllowed));
-        let mut host = FakeHost { peer: Some("10.1.1.1:5555".into()), ..Default::default() };
-        assert!(matches!(run(&p, &req("GET", "/v1", &[("x-api-key", "restricted")]), &mut host).outcome, Outcome::Allowed { .. }));
+        let mut host = FakeHost {
+            peer: Some("10.1.1.1:5555".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            run(
+                &p,
+                &req("GET", "/v1", &[("x-api-key", "restricted")]),
+                &mut host
+            )
+            .outcome,
+            Outcome::Allowed { .. }
+        ));
         let mut host = FakeHost::default();
         run(&p, &req("GET", "/v1", &[("x-api-key", "open")]), &mut host);
         assert!(!host.peer_asked);
@@ -376,11 +557,24 @@ mod tests {
         let mut a = rec("k1", "restricted");
         a.allowed_ips = vec!["10.0.0.0/8".into()];
         let p = policy(vec![a.clone()], "");
-        let h = req("GET", "/v1", &[("x-api-key", "restricted"), ("x-forwarded-for", "10.0.0.1")]);
-        let mut host = FakeHost { peer: Some("127.0.0.1:1".into()), ..Default::default() };
-        assert_eq!(denied(&run(&p, &h, &mut host)).map(|d| d.0), Some(Reason::IpNotAllowed));
+        let h = req(
+            "GET",
+            "/v1",
+            &[("x-api-key", "restricted"), ("x-forwarded-for", "10.0.0.1")],
+        );
+        let mut host = FakeHost {
+            peer: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            denied(&run(&p, &h, &mut host)).map(|d| d.0),
+            Some(Reason::IpNotAllowed)
+        );
         let p = policy(vec![a], r#","trusted_xff_hops":1"#);
-        assert!(matches!(run(&p, &h, &mut host).outcome, Outcome::Allowed { .. }));
+        assert!(matches!(
+            run(&p, &h, &mut host).outcome,
+            Outcome::Allowed { .. }
+        ));
     }
 
     #[test]
@@ -392,26 +586,62 @@ mod tests {
         w.scopes = vec!["write".into()];
         let p = policy(vec![rec("k1", "reader"), d, w], "");
         let mut host = FakeHost::default();
-        let d = run(&p, &req("POST", "/v1/items", &[("x-api-key", "reader")]), &mut host);
-        assert_eq!(denied(&d), Some((Reason::InsufficientScope, "This endpoint requires 'write' scope")));
+        let d = run(
+            &p,
+            &req("POST", "/v1/items", &[("x-api-key", "reader")]),
+            &mut host,
+        );
+        assert_eq!(
+            denied(&d),
+            Some((
+                Reason::InsufficientScope,
+                "This endpoint requires 'write' scope"
+            ))
+        );
         assert_eq!(d.required_scope.as_deref(), Some("write"));
         for path in ["/v1/x", "/admin/x"] {
-            let d = run(&p, &req("POST", path, &[("x-api-key", "default-key")]), &mut host);
+            let d = run(
+                &p,
+                &req("POST", path, &[("x-api-key", "default-key")]),
+                &mut host,
+            );
             assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{path}");
         }
         // write implies read through the default hierarchy.
-        let d = run(&p, &req("GET", "/v1/x", &[("x-api-key", "writer")]), &mut host);
+        let d = run(
+            &p,
+            &req("GET", "/v1/x", &[("x-api-key", "writer")]),
+            &mut host,
+        );
         assert!(matches!(d.outcome, Outcome::Allowed { .. }));
     }
 
     #[test]
     fn path_tricks_cannot_dodge_the_admin_rule() {
         let p = policy(vec![rec("k1", "reader")], "");
-        for path in ["/v1/../admin", "//admin", "/%61dmin", "/admin?x=1", "/./admin/"] {
-            let d = run(&p, &req("GET", path, &[("x-api-key", "reader")]), &mut FakeHost::default());
-            assert_eq!(denied(&d).map(|d| d.0), Some(Reason::InsufficientScope), "{path}");
+        for path in [
+            "/v1/../admin",
+            "//admin",
+            "/%61dmin",
+            "/admin?x=1",
+            "/./admin/",
+        ] {
+            let d = run(
+                &p,
+                &req("GET", path, &[("x-api-key", "reader")]),
+                &mut FakeHost::default(),
+            );
+            assert_eq!(
+                denied(&d).map(|d| d.0),
+                Some(Reason::InsufficientScope),
+                "{path}"
+            );
         }
-        let d = run(&p, &req("GET", "/v1%2f..%2fadmin", &[("x-api-key", "reader")]), &mut FakeHost::default());
+        let d = run(
+            &p,
+            &req("GET", "/v1%2f..%2fadmin", &[("x-api-key", "reader")]),
+            &mut FakeHost::default(),
+        );
         assert_eq!(denied(&d).map(|d| d.0), Some(Reason::BadPath));
     }
 
@@ -419,49 +649,106 @@ mod tests {
     fn hex64_format_is_checked_before_hashing() {
         let key = "ab".repeat(32);
         let p = policy(vec![rec("k1", &key)], r#","key_format":"hex64""#);
-        let d = run(&p, &req("GET", "/v1", &[("x-api-key", "short")]), &mut FakeHost::default());
-        assert_eq!(denied(&d), Some((Reason::MalformedCredential, "Invalid API key format")));
-        let d = run(&p, &req("GET", "/v1", &[("x-api-key", &key.to_uppercase())]), &mut FakeHost::default());
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "short")]),
+            &mut FakeHost::default(),
+        );
+        assert_eq!(
+            denied(&d),
+            Some((Reason::MalformedCredential, "Invalid API key format"))
+        );
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", &key.to_uppercase())]),
+            &mut FakeHost::default(),
+        );
         assert!(matches!(d.outcome, Outcome::Allowed { .. }));
     }
 
     #[test]
     fn rate_limit_admits_the_budget_then_429_with_message() {
         let mut r = rec("k1", "key-one");
-        r.rate_limit = Some(crate::rate_limit::RateLimit { requests: 2, window_secs: 60 });
-        let p = policy(vec![r, rec("k2", "key-two")], r#","rate_limit":{"requests":100,"window_secs":60}"#);
+        r.rate_limit = Some(crate::rate_limit::RateLimit {
+            requests: 2,
+            window_secs: 60,
+        });
+        let p = policy(
+            vec![r, rec("k2", "key-two")],
+            r#","rate_limit":{"requests":100,"window_secs":60}"#,
+        );
         let mut host = FakeHost::default();
         let h = req("GET", "/v1", &[("x-api-key", "key-one")]);
-        let remaining: Vec<_> = (0..2).map(|_| run(&p, &h, &mut host).rate().map(|r| r.remaining)).collect();
+        let remaining: Vec<_> = (0..2)
+            .map(|_| run(&p, &h, &mut host).rate().map(|r| r.remaining))
+            .collect();
         assert_eq!(remaining, vec![Some(1), Some(0)]);
         let d = run(&p, &h, &mut host);
-        assert_eq!(denied(&d), Some((Reason::RateLimited, "Rate limit exceeded. Try again in 30 seconds.")));
+        assert_eq!(
+            denied(&d),
+            Some((
+                Reason::RateLimited,
+                "Rate limit exceeded. Try again in 30 seconds."
+            ))
+        );
         // The other key uses the plugin default and its own budget.
-        let d = run(&p, &req("GET", "/v1", &[("x-api-key", "key-two")]), &mut host);
-        assert_eq!(d.rate().map(|r| (r.limit.requests, r.remaining)), Some((100, 99)));
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "key-two")]),
+            &mut host,
+        );
+        assert_eq!(
+            d.rate().map(|r| (r.limit.requests, r.remaining)),
+            Some((100, 99))
+        );
     }
 
     #[test]
     fn refused_scope_does_not_spend_rate_budget() {
         let mut r = rec("k1", "key-one");
-        r.rate_limit = Some(crate::rate_limit::RateLimit { requests: 1, window_secs: 60 });
+        r.rate_limit = Some(crate::rate_limit::RateLimit {
+            requests: 1,
+            window_secs: 60,
+        });
         let p = policy(vec![r], "");
         let mut host = FakeHost::default();
-        run(&p, &req("POST", "/v1", &[("x-api-key", "key-one")]), &mut host);
+        run(
+            &p,
+            &req("POST", "/v1", &[("x-api-key", "key-one")]),
+            &mut host,
+        );
         assert!(host.counters.is_empty());
     }
 
     #[test]
     fn rate_headers_report_both_styles_truthfully() {
-        let (s, _) = crate::rate_limit::check(crate::rate_limit::RateLimit { requests: 100, window_secs: 60 }, None, NOW);
+        let (s, _) = crate::rate_limit::check(
+            crate::rate_limit::RateLimit {
+                requests: 100,
+                window_secs: 60,
+            },
+            None,
+            NOW,
+        );
         let h = rate_limit_headers(&s, RateLimitHeaders::default(), NOW);
-        let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()).unwrap();
+        let get = |n: &str| {
+            h.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
         assert_eq!(get("x-ratelimit-limit"), "100");
         assert_eq!(get("x-ratelimit-remaining"), "99");
-        assert_eq!(get("x-ratelimit-reset"), (NOW / 1_000_000_000 + 1).to_string());
+        assert_eq!(
+            get("x-ratelimit-reset"),
+            (NOW / 1_000_000_000 + 1).to_string()
+        );
         assert_eq!(get("ratelimit-policy"), "\"default\";q=100;w=60");
         assert_eq!(get("ratelimit"), "\"default\";r=99;t=1");
-        let only_x = RateLimitHeaders { x_ratelimit: true, ietf: false };
+        let only_x = RateLimitHeaders {
+            x_ratelimit: true,
+            ietf: false,
+        };
         assert_eq!(rate_limit_headers(&s, only_x, NOW).len(), 3);
     }
 }

@@ -1,0 +1,263 @@
+"""End-to-end: the keygate filter in a real Envoy (foundation behaviour)."""
+
+import base64
+import json
+import time
+
+import pytest
+
+from conftest import ROUTES, cred
+from harness import DEMO_KEYS, demo_plugin_config, request
+
+HEX_KEY = "0123456789abcdef" * 4
+
+CONFIG = {
+    "routes": ROUTES,
+    "credentials": [
+        cred("t-default", "default-key", kind="default"),
+        cred("t-read", "read-key", scopes=["read"]),
+        cred("t-write", "write-key", scopes=["write"], environment="test"),
+        cred("t-basic", "basic-key", tenant="globex", secret="basic-secret", scopes=["read", "write"]),
+        cred("t-inactive", "inactive-key", tenant="initech", status="inactive", scopes=["read"]),
+        cred("t-ip-refused", "ip-refused-key", tenant="initech", scopes=["read"],
+             allowed_ips=["10.0.0.0/8", "2001:db8::/32"]),
+        cred("t-ip-allowed", "ip-allowed-key", tenant="initech", scopes=["read"], allowed_ips=["127.0.0.0/8"]),
+        cred("t-expired", "expired-key", tenant="initech", scopes=["read"], expires_at=int(time.time()) - 10),
+        cred("t-hex", HEX_KEY, tenant="hooli", scopes=["read"]),
+    ],
+}
+
+AUTH_FAILED = "authentication_failed"
+
+
+@pytest.fixture(scope="module")
+def gate(envoy_factory):
+    with envoy_factory(CONFIG) as envoy:
+        yield envoy
+
+
+def basic(key, secret):
+    return "Basic " + base64.b64encode(f"{key}:{secret}".encode()).decode()
+
+
+def get(gate, path="/v1/items", headers=(), method="GET"):
+    return request(gate.port, method, path, list(headers))
+
+
+def assert_denied(r, status, error, message=None):
+    assert r.status == status, r
+    assert r.header("content-type") == "application/json"
+    body = r.json()
+    assert body["error"] == error, body
+    assert set(body) == {"error", "message"}
+    if message is not None:
+        assert body["message"] == message
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("x-api-key", "read-key")],
+        [("authorization", "Bearer read-key")],
+        [("authorization", "bearer read-key")],
+        [("authorization", basic("basic-key", "basic-secret"))],
+    ],
+    ids=["x-api-key", "bearer", "bearer-lowercase", "basic"],
+)
+def test_each_credential_form_is_accepted(gate, headers):
+    r = get(gate, headers=headers)
+    assert r.status == 200, r
+    assert r.json()["path"] == "/v1/items"
+
+
+def test_missing_credential_gets_401_with_www_authenticate(gate):
+    r = get(gate)
+    assert_denied(r, 401, AUTH_FAILED, "Missing API key")
+    assert "Bearer" in r.header("www-authenticate")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("x-api-key", "no-such-key")],
+        [("authorization", "Bearer no-such-key")],
+        [("authorization", basic("no-such-key", "x"))],
+    ],
+)
+def test_unknown_key_gets_401(gate, headers):
+    assert_denied(get(gate, headers=headers), 401, AUTH_FAILED, "Invalid API key")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Basic !!!notbase64",
+        "Basic " + base64.b64encode(b"nocolon").decode(),
+        "Basic " + base64.b64encode(b":secret").decode(),
+        "Basic " + base64.b64encode(b"basic-key:").decode(),
+        "Basic " + base64.b64encode(b"basic-key\xff:x").decode(),
+        "Basic",
+        "Digest abc",
+    ],
+)
+def test_malformed_authorization_gets_401(gate, value):
+    assert_denied(get(gate, headers=[("authorization", value)]), 401, AUTH_FAILED)
+
+
+def test_wrong_secret_gets_401(gate):
+    r = get(gate, headers=[("authorization", basic("basic-key", "wrong-secret"))])
+    assert_denied(r, 401, AUTH_FAILED, "Invalid API key or secret")
+
+
+def test_secret_key_without_its_secret_gets_401(gate):
+    assert_denied(get(gate, headers=[("x-api-key", "basic-key")]), 401, AUTH_FAILED)
+
+
+def test_two_different_credentials_get_401(gate):
+    r = get(gate, headers=[("x-api-key", "read-key"), ("x-api-key", "write-key")])
+    assert_denied(r, 401, AUTH_FAILED, "Conflicting credentials in request")
+    r = get(gate, headers=[("x-api-key", "read-key"), ("authorization", "Bearer default-key")])
+    assert_denied(r, 401, AUTH_FAILED, "Conflicting credentials in request")
+
+
+def test_oversized_credential_gets_401(gate):
+    r = get(gate, headers=[("x-api-key", "k" * 5000)])
+    assert_denied(r, 401, AUTH_FAILED, "Credential too long")
+
+
+def test_non_utf8_key_gets_401_and_the_vm_keeps_serving(gate):
+    for _ in range(4):  # reach both workers
+        assert_denied(get(gate, headers=[("x-api-key", b"bad\xff\xfekey")]), 401, AUTH_FAILED)
+        assert_denied(get(gate, headers=[("authorization", b"Bearer \xc3\x28")]), 401, AUTH_FAILED)
+    assert get(gate, headers=[("x-api-key", "read-key")]).status == 200
+
+
+def test_expired_key_gets_401(gate):
+    assert_denied(get(gate, headers=[("x-api-key", "expired-key")]), 401, AUTH_FAILED, "API key has expired")
+
+
+def test_inactive_key_gets_403(gate):
+    assert_denied(get(gate, headers=[("x-api-key", "inactive-key")]), 403, "forbidden", "API key is inactive")
+
+
+def test_ip_allowlist_refusing_loopback_gets_403(gate):
+    r = get(gate, headers=[("x-api-key", "ip-refused-key")])
+    assert_denied(r, 403, "forbidden", "Requests from this IP address are not allowed for this API key")
+
+
+def test_ip_allowlist_containing_loopback_passes(gate):
+    assert get(gate, headers=[("x-api-key", "ip-allowed-key")]).status == 200
+
+
+def test_spoofed_x_forwarded_for_does_not_pass_the_allowlist(gate):
+    r = get(gate, headers=[("x-api-key", "ip-refused-key"), ("x-forwarded-for", "10.1.2.3")])
+    assert_denied(r, 403, "forbidden")
+
+
+def test_trusted_xff_hops_take_the_client_from_forwarded_for(envoy_factory):
+    """Behind one trusted proxy: Envoy appends the peer, the proxy's entry is next."""
+    config = {**CONFIG, "trusted_xff_hops": 2}
+    with envoy_factory(config) as envoy:
+        ok = request(envoy.port, "GET", "/v1/x", [("x-api-key", "ip-refused-key"), ("x-forwarded-for", "10.1.2.3")])
+        assert ok.status == 200
+        spoofed = [("x-api-key", "ip-refused-key"), ("x-forwarded-for", "10.9.9.9, 192.0.2.1")]
+        assert_denied(request(envoy.port, "GET", "/v1/x", spoofed), 403, "forbidden")
+
+
+def test_insufficient_scope_gets_403_with_exact_body(gate):
+    r = get(gate, method="POST", headers=[("x-api-key", "read-key")])
+    assert r.status == 403
+    assert r.body == b'{"error":"insufficient_scope","message":"This endpoint requires \'write\' scope"}'
+    r = get(gate, path="/admin/users", headers=[("x-api-key", "write-key")])
+    assert_denied(r, 403, "insufficient_scope", "This endpoint requires 'admin' scope")
+
+
+def test_scope_hierarchy_write_implies_read(gate):
+    assert get(gate, headers=[("x-api-key", "write-key")]).status == 200
+
+
+def test_default_credential_passes_every_scope_rule(gate):
+    for method, path in [("GET", "/v1/x"), ("POST", "/v1/x"), ("DELETE", "/admin/users/1")]:
+        assert get(gate, path=path, method=method, headers=[("x-api-key", "default-key")]).status == 200
+
+
+def test_path_tricks_do_not_dodge_scope_rules(gate):
+    for path in ["/v1/../admin/users", "//admin/users", "/%61dmin/users", "/admin/users?x=/v1"]:
+        r = get(gate, path=path, headers=[("x-api-key", "read-key")])
+        assert_denied(r, 403, "insufficient_scope")
+
+
+def test_public_paths_are_open_without_credentials(gate):
+    assert get(gate, path="/health").status == 200
+    assert get(gate, path="/webhooks/stripe", method="POST").status == 200
+    assert_denied(get(gate, path="/healthz"), 401, AUTH_FAILED)
+
+
+def test_credential_is_stripped_and_identity_injected_upstream(gate):
+    for headers in ([("x-api-key", "write-key")], [("authorization", "Bearer write-key")]):
+        r = get(gate, headers=headers)
+        up = dict(r.upstream_headers())
+        assert "x-api-key" not in up and "authorization" not in up
+        assert "write-key" not in r.body.decode()
+        assert up["x-keygate-tenant"] == "acme"
+        assert up["x-keygate-environment"] == "test"
+        assert up["x-keygate-key-id"] == "t-write"
+        assert up["x-keygate-scopes"] == "write"
+    r = get(gate, headers=[("authorization", basic("basic-key", "basic-secret"))])
+    up = dict(r.upstream_headers())
+    assert "authorization" not in up and "basic-secret" not in r.body.decode()
+    assert (up["x-keygate-tenant"], up["x-keygate-scopes"]) == ("globex", "read write")
+
+
+def test_client_sent_identity_headers_never_reach_upstream(gate):
+    spoof = [("x-keygate-tenant", "evil"), ("x-keygate-key-id", "root"), ("x-keygate-scopes", "admin"),
+             ("x-keygate-environment", "live")]
+    r = get(gate, headers=[("x-api-key", "read-key"), *spoof])
+    up = r.upstream_headers()
+    assert ("x-keygate-tenant", "acme") in up
+    assert ("x-keygate-scopes", "read") in up
+    assert not any(v in ("evil", "root", "admin") for _, v in up)
+    r = get(gate, path="/health", headers=spoof)
+    assert not any(name.startswith("x-keygate-") for name, _ in r.upstream_headers())
+
+
+def test_hex_key_is_accepted_and_hashed_as_presented(gate):
+    assert get(gate, headers=[("x-api-key", HEX_KEY)]).status == 200
+
+
+def test_refusals_never_reach_the_upstream(gate):
+    r = get(gate, method="POST", headers=[("x-api-key", "read-key")])
+    assert b'"headers"' not in r.body
+
+
+def test_documented_demo_keys_work_with_envoy_yaml(envoy_factory):
+    """The keys README and `make run` show must match the hashes in envoy/envoy.yaml."""
+    with envoy_factory(demo_plugin_config()) as envoy:
+        key = lambda name: DEMO_KEYS[name]["key"]  # noqa: E731
+        assert request(envoy.port, "GET", "/v1/items", [("x-api-key", key("acme-read"))]).status == 200
+        assert request(envoy.port, "POST", "/v1/items", [("x-api-key", key("acme-default"))]).status == 200
+        partner = DEMO_KEYS["acme-partner"]
+        r = request(envoy.port, "POST", "/v1/orders", [("authorization", basic(partner["key"], partner["secret"]))])
+        assert r.status == 200
+        assert request(envoy.port, "GET", "/v1/items", [("x-api-key", key("acme-suspended"))]).status == 403
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ("{not json", "invalid plugin configuration"),
+        (json.dumps({"routes": [{"path_prefix": "v1", "scope": "read"}]}), "routes[0].path_prefix"),
+        (json.dumps({"credentials": [{"key_id": "a", "key_hash": "xyz", "tenant": "t"}]}), "credentials[0].key_hash"),
+        (json.dumps({"credentials": [cred("a", "k", allowed_ips=["10.0.0/8"])]}), "credentials[0].allowed_ips[0]"),
+        (json.dumps({"rate_limit": {"requests": 0, "window_secs": 60}}), "rate_limit.requests"),
+        (json.dumps({"unknown_option": True}), "unknown field `unknown_option`"),
+    ],
+    ids=["bad-json", "route-path", "key-hash", "cidr", "rate-limit", "unknown-field"],
+)
+def test_invalid_plugin_config_is_refused_by_envoy_naming_the_field(envoy_factory, raw, field):
+    with envoy_factory(raw=raw, wait=False) as envoy:
+        code = envoy.wait_exit(60)
+        assert code is not None and code != 0, "Envoy accepted an invalid keygate configuration"
+        log = envoy.log()
+        assert "keygate: invalid plugin configuration" in log
+        assert field in log
