@@ -7,6 +7,7 @@
 mod http_context;
 mod root_context;
 mod shared_store;
+mod sync_context;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);

@@ -3,6 +3,8 @@
 
 use crate::http_context::GateContext;
 use crate::shared_store::{ensure_counter, CredentialCache};
+use crate::sync_context::SyncContext;
+use keygate_core::config::{Role, SyncSecret, SYNC_SECRET_ENV};
 use keygate_core::verdict::counter_key;
 use keygate_core::Policy;
 use log::{error, info};
@@ -14,6 +16,7 @@ use std::rc::Rc;
 #[derive(Default)]
 pub struct KeygateRoot {
     policy: Option<Rc<Policy>>,
+    sync_secret: Option<Rc<SyncSecret>>,
     cache: Rc<RefCell<CredentialCache>>,
 }
 
@@ -32,7 +35,9 @@ impl RootContext for KeygateRoot {
         } else {
             bytes
         };
-        match Policy::from_json(&bytes) {
+        // WASI environment, as passed by vm_config.environment_variables.
+        let env_secret = std::env::var(SYNC_SECRET_ENV).ok();
+        match Policy::from_json_with_env(&bytes, env_secret) {
             Ok(policy) => {
                 for cred in policy.credentials.values() {
                     ensure_counter(&counter_key(&cred.key_id));
@@ -44,6 +49,7 @@ impl RootContext for KeygateRoot {
                     policy.credentials.len(),
                     policy.routes.len()
                 );
+                self.sync_secret = policy.sync_secret.clone().map(Rc::new);
                 self.policy = Some(Rc::new(policy));
                 true
             }
@@ -57,10 +63,13 @@ impl RootContext for KeygateRoot {
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None would panic inside the SDK; a gate without a policy
         // fails closed instead.
-        Some(Box::new(GateContext::new(
-            self.policy.clone(),
-            self.cache.clone(),
-        )))
+        match (self.policy.as_ref().map(|p| p.role), &self.sync_secret) {
+            (Some(Role::Sync), Some(secret)) => Some(Box::new(SyncContext::new(secret.clone()))),
+            _ => Some(Box::new(GateContext::new(
+                self.policy.clone(),
+                self.cache.clone(),
+            ))),
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {

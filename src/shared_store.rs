@@ -1,18 +1,17 @@
 //! Envoy shared data as keygate's dynamic state: credentials pushed by the
-//! sidecar (one entry per key hash) and rate-limit counters. Shared data is
-//! process-wide for a `vm_id`, so every worker sees the same entries.
+//! sidecar (one entry per key hash, see `keygate_core::sync`) and rate-limit
+//! counters. Shared data is process-wide for a `vm_id`, so every worker and
+//! the sync listener see the same entries.
 
-use keygate_core::hash::{to_hex, Digest};
+use keygate_core::hash::Digest;
 use keygate_core::rate_limit::CounterCell;
+use keygate_core::sync::{
+    credential_key, decode_entry, decode_state, is_visible, SyncState, STATE_KEY,
+};
 use keygate_core::Credential;
 use proxy_wasm::hostcalls;
 use std::collections::HashMap;
 use std::rc::Rc;
-
-/// Shared-data key of the credential whose key hashes to `hash`.
-pub fn credential_key(hash: &Digest) -> String {
-    format!("c:{}", to_hex(hash))
-}
 
 /// Most parsed records a worker keeps; past it the cache starts over, which
 /// bounds worker memory however many credentials shared data holds.
@@ -20,30 +19,48 @@ const CACHE_CAPACITY: usize = 16_384;
 
 /// Per-worker cache of parsed credentials, keyed by hash and validated by the
 /// entry's CAS token: a changed entry has a new token and is parsed again, so
-/// a revocation takes effect on the very next request.
+/// a revocation takes effect on the very next request. The sync state is
+/// cached the same way.
 #[derive(Default)]
 pub struct CredentialCache {
-    entries: HashMap<Digest, (u32, Rc<Credential>)>,
+    entries: HashMap<Digest, (u32, u64, Rc<Credential>)>,
+    state: Option<(u32, SyncState)>,
 }
 
 impl CredentialCache {
+    fn sync_state(&mut self) -> SyncState {
+        let Ok((bytes, Some(cas))) = hostcalls::get_shared_data(STATE_KEY) else {
+            return SyncState::default();
+        };
+        match self.state {
+            Some((cached, state)) if cached == cas => state,
+            _ => {
+                let state = decode_state(bytes.as_deref());
+                self.state = Some((cas, state));
+                state
+            }
+        }
+    }
+
     pub fn lookup(&mut self, hash: &Digest) -> Option<Rc<Credential>> {
         let (bytes, cas) = hostcalls::get_shared_data(&credential_key(hash)).ok()?;
         let bytes = bytes.filter(|b| !b.is_empty())?;
         let cas = cas.unwrap_or(0);
-        if let Some((cached_cas, cred)) = self.entries.get(hash) {
+        let state = self.sync_state();
+        if let Some((cached_cas, generation, cred)) = self.entries.get(hash) {
             if *cached_cas == cas {
-                return Some(cred.clone());
+                return is_visible(*generation, &state).then(|| cred.clone());
             }
         }
-        // A record that fails to parse or validate is treated as absent: the
-        // sync role validates before writing, so this only guards corruption.
-        let cred = Rc::new(Credential::from_json(&bytes).ok()?);
+        // A corrupt entry is treated as absent: the sync role validates
+        // before writing, so this only guards against the unexpected.
+        let (generation, cred) = decode_entry(&bytes)?;
+        let cred = Rc::new(cred);
         if self.entries.len() >= CACHE_CAPACITY {
             self.entries.clear();
         }
-        self.entries.insert(*hash, (cas, cred.clone()));
-        Some(cred)
+        self.entries.insert(*hash, (cas, generation, cred.clone()));
+        is_visible(generation, &state).then_some(cred)
     }
 }
 

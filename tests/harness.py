@@ -76,15 +76,25 @@ def demo_plugin_config():
     return json.loads(wasm_filter(load_envoy_yaml())["configuration"]["value"])
 
 
-def render(plugin_config=None, *, gate_port, admin_port, upstream_port, wasm=WASM, raw_plugin_config=None):
+# Test sync secret; Envoy gets it through its environment (see envoy.yaml).
+SYNC_SECRET = "test-sync-secret-0123456789abcdef0123456789"
+
+
+def render(plugin_config=None, *, gate_port, admin_port, upstream_port, sync_port=None, wasm=WASM,
+           raw_plugin_config=None):
     """envoy/envoy.yaml with ports, the upstream address, the .wasm path and
     (optionally) the plugin configuration replaced."""
     config = load_envoy_yaml()
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
-    gate = config["static_resources"]["listeners"][0]
-    gate["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": gate_port}
+    listeners = {lst["name"]: lst for lst in config["static_resources"]["listeners"]}
+    listeners["gate"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": gate_port}
+    listeners["sync"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": sync_port or free_port()}
+    for name in listeners:
+        vm = wasm_filter(config, name)["vm_config"]
+        # YAML anchors make the two VM configs one object; copy before patching.
+        vm = wasm_filter(config, name)["vm_config"] = copy.deepcopy(vm)
+        vm["code"]["local"]["filename"] = str(wasm)
     wf = wasm_filter(config)
-    wf["vm_config"]["code"]["local"]["filename"] = str(wasm)
     if raw_plugin_config is not None:
         wf["configuration"]["value"] = raw_plugin_config
     elif plugin_config is not None:
@@ -100,8 +110,10 @@ def render(plugin_config=None, *, gate_port, admin_port, upstream_port, wasm=WAS
 class Envoy:
     """A real Envoy process. Always stopped on exit, even on failure."""
 
-    def __init__(self, config, *, concurrency=2, workdir=None, log_level="info", extra_args=()):
+    def __init__(self, config, *, concurrency=2, workdir=None, log_level="info", extra_args=(),
+                 sync_secret=SYNC_SECRET):
         self.config = config
+        self.sync_secret = sync_secret
         self.concurrency = concurrency
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="keygate-envoy-"))
         self.log_level = log_level
@@ -123,6 +135,10 @@ class Envoy:
     def port(self):
         return self.listener_port("gate")
 
+    @property
+    def sync_port(self):
+        return self.listener_port("sync")
+
     def start(self, wait=True, timeout=60):
         path = self.dir / "envoy.json"
         path.write_text(json.dumps(self.config, indent=1))
@@ -131,6 +147,7 @@ class Envoy:
             [envoy_binary(), "-c", str(path), "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "--log-level", self.log_level, *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "KEYGATE_SYNC_SECRET": self.sync_secret},
             start_new_session=True,
         )
         if wait:
@@ -231,6 +248,6 @@ def which(cmd):
 
 
 __all__ = [
-    "DEMO_KEYS", "Envoy", "EchoServer", "Response", "ROOT", "WASM", "copy", "demo_plugin_config",
+    "SYNC_SECRET", "DEMO_KEYS", "Envoy", "EchoServer", "Response", "ROOT", "WASM", "copy", "demo_plugin_config",
     "free_port", "load_envoy_yaml", "render", "request", "sha256_hex", "wasm_filter", "which",
 ]

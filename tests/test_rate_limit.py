@@ -34,8 +34,10 @@ def get(gate, key, method="GET"):
 
 
 def worker_connections(envoy):
-    stats = envoy.admin("/stats?filter=worker_.\\.downstream_cx_total")
-    return [int(v) for v in re.findall(r"worker_\d+\.downstream_cx_total: (\d+)", stats)]
+    """Connections each worker accepted on the gate listener."""
+    prefix = f"listener.127.0.0.1_{envoy.port}."
+    stats = envoy.admin(f"/stats?filter={prefix}worker_")
+    return [int(v) for v in re.findall(re.escape(prefix) + r"worker_\d+\.downstream_cx_total: (\d+)", stats)]
 
 
 def test_concurrent_clients_on_two_workers_get_exactly_the_limit(gate, echo):

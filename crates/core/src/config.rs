@@ -57,7 +57,24 @@ pub enum Role {
     /// Guards requests (the normal listener).
     #[default]
     Gate,
+    /// Accepts credential pushes from the sidecar (a loopback-only listener
+    /// with the same `vm_id` as the gate).
+    Sync,
 }
+
+/// The shared sync secret. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SyncSecret(pub Vec<u8>);
+
+impl fmt::Debug for SyncSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SyncSecret(..)")
+    }
+}
+
+/// Environment variable the sync role reads its secret from (pass it to the
+/// VM with `vm_config.environment_variables.host_env_keys`).
+pub const SYNC_SECRET_ENV: &str = "KEYGATE_SYNC_SECRET";
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -154,6 +171,11 @@ pub struct PluginConfig {
     /// Realm in `WWW-Authenticate`.
     #[serde(default = "default_realm")]
     pub realm: String,
+    /// Sync role: the shared secret pushes are signed with. Prefer the
+    /// KEYGATE_SYNC_SECRET environment variable: config is visible in Envoy's
+    /// config dump.
+    #[serde(default)]
+    pub sync_secret: Option<String>,
 }
 
 fn default_api_key_header() -> String {
@@ -180,6 +202,7 @@ pub struct Policy {
     pub rate_limit: Option<RateLimit>,
     pub rate_limit_headers: RateLimitHeaders,
     pub realm: String,
+    pub sync_secret: Option<SyncSecret>,
 }
 
 fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
@@ -208,10 +231,22 @@ const MAX_XFF_HOPS: u32 = 16;
 impl Policy {
     /// Parses and validates plugin configuration JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
-        let raw: PluginConfig = serde_json::from_slice(bytes).map_err(|e| {
+        Policy::from_json_with_env(bytes, None)
+    }
+
+    /// As [`Policy::from_json`]; `env_secret` (the value of
+    /// [`SYNC_SECRET_ENV`]) is used when the config sets no `sync_secret`.
+    pub fn from_json_with_env(
+        bytes: &[u8],
+        env_secret: Option<String>,
+    ) -> Result<Policy, ConfigError> {
+        let mut raw: PluginConfig = serde_json::from_slice(bytes).map_err(|e| {
             // serde names unknown or mistyped fields in its message.
             ConfigError::new("", format!("invalid plugin configuration: {e}"))
         })?;
+        if raw.sync_secret.is_none() {
+            raw.sync_secret = env_secret.filter(|s| !s.is_empty());
+        }
         Policy::try_from(raw)
     }
 }
@@ -247,6 +282,22 @@ impl TryFrom<PluginConfig> for Policy {
             rl.validate().map_err(|e| e.under("rate_limit"))?;
         }
         check_name("realm", &raw.realm)?;
+        let sync_secret = match (raw.role, raw.sync_secret) {
+            (Role::Sync, None) => {
+                return Err(ConfigError::new(
+                    "sync_secret",
+                    format!("the sync role needs a secret (sync_secret, or {SYNC_SECRET_ENV} in vm_config.environment_variables)"),
+                ))
+            }
+            (Role::Sync, Some(s)) if s.len() < crate::sync::MIN_SECRET_LEN => {
+                return Err(ConfigError::new(
+                    "sync_secret",
+                    format!("must be at least {} characters", crate::sync::MIN_SECRET_LEN),
+                ))
+            }
+            (Role::Sync, Some(s)) => Some(SyncSecret(s.into_bytes())),
+            (Role::Gate, _) => None,
+        };
         let routes = Routes::compile(
             &raw.routes,
             raw.default_scope.as_deref(),
@@ -282,6 +333,7 @@ impl TryFrom<PluginConfig> for Policy {
             rate_limit: raw.rate_limit,
             rate_limit_headers: raw.rate_limit_headers,
             realm: raw.realm,
+            sync_secret,
         })
     }
 }
@@ -328,6 +380,24 @@ mod tests {
         assert_eq!(e.field, "trusted_xff_hops");
         let e = err(r#"{"api_key_header": "authorization"}"#);
         assert_eq!(e.field, "api_key_header");
+    }
+
+    #[test]
+    fn sync_role_needs_a_long_enough_secret_from_config_or_env() {
+        assert_eq!(err(r#"{"role":"sync"}"#).field, "sync_secret");
+        assert_eq!(
+            err(r#"{"role":"sync","sync_secret":"short"}"#).field,
+            "sync_secret"
+        );
+        let long = "s".repeat(32);
+        let p = Policy::from_json_with_env(br#"{"role":"sync"}"#, Some(long.clone())).unwrap();
+        assert_eq!(p.sync_secret, Some(SyncSecret(long.into_bytes())));
+        assert!(!format!("{p:?}").contains("ssss"));
+        // The gate role ignores a secret.
+        assert!(Policy::from_json_with_env(b"{}", Some("x".into()))
+            .unwrap()
+            .sync_secret
+            .is_none());
     }
 
     #[test]

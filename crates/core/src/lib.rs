@@ -13,6 +13,7 @@ pub mod ip_rules;
 pub mod path;
 pub mod rate_limit;
 pub mod scope;
+pub mod sync;
 pub mod verdict;
 
 pub use config::{ConfigError, Policy};

@@ -1,0 +1,502 @@
+//! The sync protocol between the sidecar and Envoy: wire format, signature,
+//! and the pure planning step that validates a push against the state Envoy
+//! holds before anything is written.
+//!
+//! Envoy holds, in shared data:
+//! - `sync:state`: the [`SyncState`] (generation, version, pending full push);
+//! - `c:<key hash>`: one entry per credential, `<generation>\n<record JSON>`,
+//!   or empty once deleted.
+//!
+//! An incremental push applies on top of exactly the version Envoy holds
+//! (`base_version`), so a stale or replayed push is refused. A full push
+//! (after an Envoy restart, or whenever the sidecar cannot prove what Envoy
+//! holds) writes the whole set under a new, higher generation in batches; the
+//! last batch commits it. An entry is visible while its generation is not
+//! older than the committed one, so credentials keep working during a full
+//! push and those absent from the new set disappear at commit.
+
+use crate::config::ConfigError;
+use crate::credential::{Credential, CredentialRecord};
+use crate::hash::{parse_hex_digest, Digest};
+use hmac::{KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+pub const STATE_PATH: &str = "/keygate/sync/v1/state";
+pub const PUSH_PATH: &str = "/keygate/sync/v1/push";
+pub const SIGNATURE_HEADER: &str = "x-keygate-signature";
+pub const STATE_KEY: &str = "sync:state";
+/// Largest push body Envoy accepts; below Envoy's default 1 MiB buffer limit.
+pub const MAX_PUSH_BYTES: usize = 768 * 1024;
+/// Most records (upserts + deletes) in one push.
+pub const MAX_PUSH_ITEMS: usize = 2_000;
+pub const MIN_SECRET_LEN: usize = 32;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Pending {
+    pub generation: u64,
+    pub next_batch: u32,
+}
+
+/// What Envoy holds. All zero: nothing pushed since Envoy started.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SyncState {
+    pub generation: u64,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Incremental,
+    Full,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Push {
+    pub mode: Mode,
+    pub generation: u64,
+    /// Incremental: the version Envoy must hold. Full: ignored (0).
+    #[serde(default)]
+    pub base_version: u64,
+    /// The store version Envoy holds once this push (or, full, its last batch) applies.
+    pub version: u64,
+    /// Full: 0-based batch index.
+    #[serde(default)]
+    pub batch: u32,
+    /// Full: this batch commits the generation.
+    #[serde(default)]
+    pub last: bool,
+    #[serde(default)]
+    pub upserts: Vec<CredentialRecord>,
+    /// Key hashes (hex) to remove.
+    #[serde(default)]
+    pub deletes: Vec<String>,
+}
+
+/// Why a push was refused. Nothing was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncError {
+    /// Missing or wrong signature: 401.
+    BadSignature,
+    /// Unparseable or invalid content: 400, with the field at fault.
+    Invalid(String),
+    /// Does not apply on top of what Envoy holds (stale, replayed, out of order): 409.
+    Conflict(String),
+    /// Over [`MAX_PUSH_BYTES`] or [`MAX_PUSH_ITEMS`]: 413.
+    TooLarge,
+}
+
+impl SyncError {
+    pub fn status(&self) -> u16 {
+        match self {
+            SyncError::BadSignature => 401,
+            SyncError::Invalid(_) => 400,
+            SyncError::Conflict(_) => 409,
+            SyncError::TooLarge => 413,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            SyncError::BadSignature => "bad or missing signature".into(),
+            SyncError::Invalid(m) => format!("invalid push: {m}"),
+            SyncError::Conflict(m) => format!("conflict: {m}"),
+            SyncError::TooLarge => {
+                format!("push too large (max {MAX_PUSH_BYTES} bytes, {MAX_PUSH_ITEMS} items)")
+            }
+        }
+    }
+}
+
+/// The writes a valid push turns into, in the order to apply them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Rate-counter keys to create (if absent) before the credential appears.
+    pub counters: Vec<String>,
+    /// `c:<hash>` entries to write.
+    pub upserts: Vec<(Digest, Vec<u8>)>,
+    pub deletes: Vec<Digest>,
+    /// Written last: commits the push.
+    pub state: SyncState,
+}
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// `v1=<hex HMAC-SHA256(secret, body)>`: the signature header value.
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    // HMAC accepts keys of any length.
+    let mut mac = HmacSha256::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    mac.update(body);
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Constant-time check of a signature header value.
+pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> bool {
+    let Some(sig) = header.and_then(|h| h.strip_prefix(b"v1=")) else {
+        return false;
+    };
+    let mut tag = [0u8; 32];
+    if hex::decode_to_slice(sig, &mut tag).is_err() {
+        return false;
+    }
+    let Ok(mut mac) = HmacSha256::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&tag).is_ok()
+}
+
+pub fn credential_key(hash: &Digest) -> String {
+    format!("c:{}", hex::encode(hash))
+}
+
+pub fn encode_entry(generation: u64, record: &CredentialRecord) -> Vec<u8> {
+    let mut out = format!("{generation}\n").into_bytes();
+    // Serializing a plain struct of strings and numbers cannot fail.
+    out.extend(serde_json::to_vec(record).unwrap_or_default());
+    out
+}
+
+/// The generation and credential of an entry; None for a deleted or corrupt one.
+pub fn decode_entry(bytes: &[u8]) -> Option<(u64, Credential)> {
+    let nl = bytes.iter().position(|&b| b == b'\n')?;
+    let generation = std::str::from_utf8(&bytes[..nl]).ok()?.parse().ok()?;
+    let cred = Credential::from_json(&bytes[nl + 1..]).ok()?;
+    Some((generation, cred))
+}
+
+/// Entries older than the committed generation were left out of the last full set.
+pub fn is_visible(entry_generation: u64, state: &SyncState) -> bool {
+    entry_generation >= state.generation
+}
+
+pub fn decode_state(bytes: Option<&[u8]>) -> SyncState {
+    bytes
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default()
+}
+
+pub fn encode_state(state: &SyncState) -> Vec<u8> {
+    serde_json::to_vec(state).unwrap_or_default()
+}
+
+/// Parses, authenticates and validates a push against `state`; returns the
+/// writes to make. Pure: nothing is applied on any error.
+pub fn plan(
+    secret: &[u8],
+    body: &[u8],
+    signature: Option<&[u8]>,
+    state: &SyncState,
+) -> Result<Plan, SyncError> {
+    if body.len() > MAX_PUSH_BYTES {
+        return Err(SyncError::TooLarge);
+    }
+    if !verify(secret, body, signature) {
+        return Err(SyncError::BadSignature);
+    }
+    let push: Push = serde_json::from_slice(body).map_err(|e| SyncError::Invalid(e.to_string()))?;
+    if push.upserts.len() + push.deletes.len() > MAX_PUSH_ITEMS {
+        return Err(SyncError::TooLarge);
+    }
+    let next = check_sequence(&push, state)?;
+    let mut counters = Vec::with_capacity(push.upserts.len());
+    let mut upserts = Vec::with_capacity(push.upserts.len());
+    for (i, r) in push.upserts.iter().enumerate() {
+        let c = Credential::try_from(r)
+            .map_err(|e| SyncError::Invalid(e.under(&format!("upserts[{i}]")).to_string()))?;
+        counters.push(crate::verdict::counter_key(&c.key_id));
+        upserts.push((c.key_hash, encode_entry(push.generation, r)));
+    }
+    let deletes = push
+        .deletes
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            parse_hex_digest(h).map_err(|e| {
+                SyncError::Invalid(ConfigError::new(&format!("deletes[{i}]"), e).to_string())
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Plan {
+        counters,
+        upserts,
+        deletes,
+        state: next,
+    })
+}
+
+/// The state after `push`, if it applies on top of `state`.
+fn check_sequence(push: &Push, state: &SyncState) -> Result<SyncState, SyncError> {
+    match push.mode {
+        Mode::Incremental => {
+            if state.pending.is_some() {
+                return Err(SyncError::Conflict("a full push is in progress".into()));
+            }
+            if push.generation != state.generation || push.base_version != state.version {
+                return Err(SyncError::Conflict(format!(
+                    "push is for generation {} version {}, Envoy holds generation {} version {}",
+                    push.generation, push.base_version, state.generation, state.version
+                )));
+            }
+            if push.version <= state.version {
+                return Err(SyncError::Conflict(format!(
+                    "version {} is not newer than {}",
+                    push.version, state.version
+                )));
+            }
+            Ok(SyncState {
+                version: push.version,
+                ..*state
+            })
+        }
+        Mode::Full => {
+            let expected = match state.pending {
+                Some(p) if p.generation == push.generation => p.next_batch,
+                _ => 0,
+            };
+            if push.batch != expected {
+                return Err(SyncError::Conflict(format!(
+                    "expected batch {expected}, got {}",
+                    push.batch
+                )));
+            }
+            let floor = state
+                .pending
+                .map_or(state.generation, |p| p.generation.max(state.generation));
+            if push.batch == 0 && push.generation <= floor {
+                return Err(SyncError::Conflict(format!(
+                    "generation {} is not newer than {floor}",
+                    push.generation
+                )));
+            }
+            if push.last {
+                Ok(SyncState {
+                    generation: push.generation,
+                    version: push.version,
+                    pending: None,
+                })
+            } else {
+                let pending = Pending {
+                    generation: push.generation,
+                    next_batch: push.batch + 1,
+                };
+                Ok(SyncState {
+                    pending: Some(pending),
+                    ..*state
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::tests::record;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn push(mode: Mode, generation: u64, base: u64, version: u64) -> Push {
+        Push {
+            mode,
+            generation,
+            base_version: base,
+            version,
+            batch: 0,
+            last: true,
+            upserts: vec![record("k1", "t")],
+            deletes: vec![],
+        }
+    }
+
+    fn run(p: &Push, state: &SyncState) -> Result<Plan, SyncError> {
+        let body = serde_json::to_vec(p).unwrap();
+        plan(SECRET, &body, Some(sign(SECRET, &body).as_bytes()), state)
+    }
+
+    fn held(generation: u64, version: u64) -> SyncState {
+        SyncState {
+            generation,
+            version,
+            pending: None,
+        }
+    }
+
+    #[test]
+    fn signature_round_trips_and_rejects_forgeries() {
+        let sig = sign(SECRET, b"body");
+        assert!(verify(SECRET, b"body", Some(sig.as_bytes())));
+        assert!(!verify(SECRET, b"body2", Some(sig.as_bytes())));
+        assert!(!verify(
+            b"another secret of enough length!",
+            b"body",
+            Some(sig.as_bytes())
+        ));
+        assert!(!verify(SECRET, b"body", None));
+        assert!(!verify(SECRET, b"body", Some(b"v1=zz")));
+        assert!(!verify(SECRET, b"body", Some(&sig.as_bytes()[3..])));
+    }
+
+    #[test]
+    fn first_full_push_commits_generation_and_version() {
+        let plan = run(&push(Mode::Full, 1, 0, 7), &SyncState::default()).unwrap();
+        assert_eq!(plan.state, held(1, 7));
+        assert_eq!(plan.upserts.len(), 1);
+        assert_eq!(plan.counters, vec!["rl:id-k1"]);
+        let (generation, cred) = decode_entry(&plan.upserts[0].1).unwrap();
+        assert_eq!((generation, cred.key_id.as_str()), (1, "id-k1"));
+    }
+
+    #[test]
+    fn incremental_push_must_build_on_the_held_version() {
+        assert_eq!(
+            run(&push(Mode::Incremental, 1, 7, 8), &held(1, 7))
+                .unwrap()
+                .state,
+            held(1, 8)
+        );
+        // Replayed (already applied) and out-of-order pushes are refused.
+        assert!(matches!(
+            run(&push(Mode::Incremental, 1, 6, 7), &held(1, 7)),
+            Err(SyncError::Conflict(_))
+        ));
+        assert!(matches!(
+            run(&push(Mode::Incremental, 1, 7, 7), &held(1, 7)),
+            Err(SyncError::Conflict(_))
+        ));
+        assert!(matches!(
+            run(&push(Mode::Incremental, 2, 7, 8), &held(1, 7)),
+            Err(SyncError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn full_push_in_batches_commits_on_the_last() {
+        let mut p = push(Mode::Full, 2, 0, 9);
+        p.last = false;
+        let s1 = run(&p, &held(1, 7)).unwrap().state;
+        assert_eq!(
+            s1,
+            SyncState {
+                generation: 1,
+                version: 7,
+                pending: Some(Pending {
+                    generation: 2,
+                    next_batch: 1
+                })
+            }
+        );
+        // Out of order and incremental pushes wait for the full push.
+        p.batch = 2;
+        assert!(matches!(run(&p, &s1), Err(SyncError::Conflict(_))));
+        assert!(matches!(
+            run(&push(Mode::Incremental, 1, 7, 8), &s1),
+            Err(SyncError::Conflict(_))
+        ));
+        p.batch = 1;
+        p.last = true;
+        assert_eq!(run(&p, &s1).unwrap().state, held(2, 9));
+    }
+
+    #[test]
+    fn old_or_equal_generation_full_push_is_refused() {
+        assert!(matches!(
+            run(&push(Mode::Full, 1, 0, 9), &held(1, 7)),
+            Err(SyncError::Conflict(_))
+        ));
+        assert!(matches!(
+            run(&push(Mode::Full, 0, 0, 9), &held(1, 7)),
+            Err(SyncError::Conflict(_))
+        ));
+        // An abandoned full push is superseded by a newer one.
+        let s = SyncState {
+            generation: 1,
+            version: 7,
+            pending: Some(Pending {
+                generation: 3,
+                next_batch: 4,
+            }),
+        };
+        assert!(run(&push(Mode::Full, 4, 0, 9), &s).is_ok());
+        assert!(matches!(
+            run(&push(Mode::Full, 3, 0, 9), &s),
+            Err(SyncError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn one_bad_record_refuses_the_whole_push() {
+        let mut p = push(Mode::Full, 1, 0, 1);
+        let mut bad = record("k2", "t");
+        bad.allowed_ips = vec!["nonsense".into()];
+        p.upserts.push(bad);
+        match run(&p, &SyncState::default()) {
+            Err(SyncError::Invalid(m)) => {
+                assert!(m.starts_with("upserts[1].allowed_ips[0]"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut p = push(Mode::Full, 1, 0, 1);
+        p.deletes = vec!["xyz".into()];
+        assert!(
+            matches!(run(&p, &SyncState::default()), Err(SyncError::Invalid(m)) if m.starts_with("deletes[0]"))
+        );
+    }
+
+    #[test]
+    fn forged_malformed_and_oversized_pushes_are_refused() {
+        let body = serde_json::to_vec(&push(Mode::Full, 1, 0, 1)).unwrap();
+        let forged = sign(b"wrong secret wrong secret wrong!!", &body);
+        assert_eq!(
+            plan(
+                SECRET,
+                &body,
+                Some(forged.as_bytes()),
+                &SyncState::default()
+            ),
+            Err(SyncError::BadSignature)
+        );
+        let junk = b"{not json";
+        let sig = sign(SECRET, junk);
+        assert!(matches!(
+            plan(SECRET, junk, Some(sig.as_bytes()), &SyncState::default()),
+            Err(SyncError::Invalid(_))
+        ));
+        let big = vec![b' '; MAX_PUSH_BYTES + 1];
+        assert_eq!(
+            plan(SECRET, &big, None, &SyncState::default()),
+            Err(SyncError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn visibility_hides_entries_older_than_the_committed_generation() {
+        assert!(is_visible(2, &held(2, 0)));
+        assert!(is_visible(3, &held(2, 0)));
+        assert!(!is_visible(1, &held(2, 0)));
+    }
+
+    #[test]
+    fn state_and_entries_survive_corruption_as_empty() {
+        assert_eq!(decode_state(Some(b"garbage")), SyncState::default());
+        assert_eq!(decode_state(None), SyncState::default());
+        let s = SyncState {
+            generation: 3,
+            version: 9,
+            pending: Some(Pending {
+                generation: 4,
+                next_batch: 1,
+            }),
+        };
+        assert_eq!(decode_state(Some(&encode_state(&s))), s);
+        assert!(decode_entry(b"").is_none());
+        assert!(decode_entry(b"x\n{}").is_none());
+        assert!(decode_entry(b"1\n{}").is_none());
+    }
+}
