@@ -32,15 +32,18 @@ wasm:
 	$(CARGO) build --release --target $(WASM_TARGET) -p keygate-filter
 	@ls -l $(WASM) | awk '{print "wasm size: " $$5 " bytes"}'
 
-unit:
-	$(CARGO) test -p keygate-core
+sidecar:
+	$(CARGO) build --release -p keygate-sidecar
 
-e2e: wasm envoy
+unit:
+	$(CARGO) test -p keygate-core -p keygate-sidecar
+
+e2e: wasm sidecar envoy
 	$(VPY) -m pytest -q tests
 
 test: unit e2e
 
-run: wasm envoy
+run: wasm sidecar envoy
 	$(VPY) scripts/run_demo.py
 
 bench: wasm envoy
@@ -49,7 +52,7 @@ bench: wasm envoy
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy -p keygate-core --all-targets -- -D warnings
+	$(CARGO) clippy -p keygate-core -p keygate-sidecar --all-targets -- -D warnings
 	$(CARGO) clippy -p keygate-filter --target $(WASM_TARGET) -- -D warnings
 
 fmt:

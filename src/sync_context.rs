@@ -18,6 +18,9 @@ use std::rc::Rc;
 pub struct SyncContext {
     secret: Rc<SyncSecret>,
     receiving: bool,
+    /// Read while the headers are available: once they are continued, Envoy
+    /// refuses header reads and the SDK would panic.
+    signature: Option<Vec<u8>>,
 }
 
 impl SyncContext {
@@ -25,6 +28,7 @@ impl SyncContext {
         SyncContext {
             secret,
             receiving: false,
+            signature: None,
         }
     }
 
@@ -44,9 +48,8 @@ impl SyncContext {
     }
 
     fn apply(&self, body: &[u8]) -> Result<SyncState, SyncError> {
-        let signature = self.get_http_request_header_bytes(SIGNATURE_HEADER);
         let (state, cas) = Self::held_state();
-        let plan = plan(&self.secret.0, body, signature.as_deref(), &state)?;
+        let plan = plan(&self.secret.0, body, self.signature.as_deref(), &state)?;
         for key in &plan.counters {
             ensure_counter(key);
         }
@@ -117,7 +120,12 @@ impl HttpContext for SyncContext {
                 } else if end_of_stream {
                     self.reply(400, &Body::Error("push without a body".into()));
                 } else {
+                    // Pausing here would stop the body reaching this filter
+                    // too (StopAllIteration); the buffer filter after keygate
+                    // holds the request back from the router instead.
                     self.receiving = true;
+                    self.signature = self.get_http_request_header_bytes(SIGNATURE_HEADER);
+                    return Action::Continue;
                 }
             }
             _ => self.reply(404, &Body::Error("not found".into())),

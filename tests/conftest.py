@@ -64,10 +64,18 @@ def envoy_factory(echo, tmp_path_factory):
             yield envoy
         finally:
             envoy.stop()
+        assert_no_wasm_panic(envoy)
 
     yield start
     for envoy in started:
         envoy.stop()
+
+
+def assert_no_wasm_panic(envoy):
+    """A panic kills the worker's VM: every e2e test checks none happened."""
+    log = envoy.log()
+    for marker in ("panicked at", "Uncaught RuntimeError", "wasm VM failed"):
+        assert marker not in log, f"wasm failure in {envoy.log_path}: {marker}"
 
 
 def wait_until(predicate, timeout=10.0, interval=0.05):

@@ -248,6 +248,56 @@ def which(cmd):
 
 
 __all__ = [
-    "SYNC_SECRET", "DEMO_KEYS", "Envoy", "EchoServer", "Response", "ROOT", "WASM", "copy", "demo_plugin_config",
+    "KEYGATE", "Sidecar", "keygate", "SYNC_SECRET", "DEMO_KEYS", "Envoy", "EchoServer", "Response", "ROOT", "WASM", "copy", "demo_plugin_config",
     "free_port", "load_envoy_yaml", "render", "request", "sha256_hex", "wasm_filter", "which",
 ]
+
+
+# --- sidecar -----------------------------------------------------------------
+
+KEYGATE = Path(os.environ.get("KEYGATE_BIN", ROOT / "target/release/keygate"))
+
+
+def keygate(store, *args, check=True, json_out=True):
+    """Runs the `keygate` CLI against `store`; returns parsed JSON (or the process)."""
+    cmd = [str(KEYGATE), "--store", str(store), *(["--json"] if json_out else []), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
+    if not check or not json_out:
+        return proc
+    return json.loads(proc.stdout)
+
+
+class Sidecar:
+    """`keygate sync` pushing `store` into Envoy sync endpoints."""
+
+    def __init__(self, store, endpoints, *, workdir, secret=SYNC_SECRET, reconcile="200ms"):
+        self.args = [str(KEYGATE), "--store", str(store), "sync", "--reconcile", reconcile,
+                     *[a for e in endpoints for a in ("--endpoint", e)]]
+        self.secret = secret
+        self.log_path = Path(workdir) / "sidecar.log"
+        self.proc = None
+
+    def start(self):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env={**os.environ, "KEYGATE_SYNC_SECRET": self.secret},
+                                     start_new_session=True)
+        return self
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

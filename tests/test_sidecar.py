@@ -1,0 +1,187 @@
+"""End-to-end: the keygate CLI and sync daemon against a real Envoy. Every
+change made with the CLI reaches the running Envoy without a restart."""
+
+import base64
+import json
+import os
+import signal
+
+import pytest
+
+from conftest import ROUTES, wait_until
+from harness import SYNC_SECRET, Sidecar, keygate, request
+
+CONFIG = {"routes": ROUTES, "rate_limit": {"requests": 1000, "window_secs": 60}}
+
+
+@pytest.fixture
+def rig(envoy_factory, tmp_path):
+    """Envoy + `keygate sync` + an empty store."""
+    store = tmp_path / "store.json"
+    with envoy_factory(CONFIG) as envoy:
+        with Sidecar(store, [f"http://127.0.0.1:{envoy.sync_port}"], workdir=tmp_path) as sidecar:
+            yield envoy, store, sidecar
+            assert "secret" not in sidecar.log().lower().replace("sync secret", "")
+
+
+def status(envoy, headers, method="GET", path="/v1/items"):
+    return request(envoy.port, method, path, headers).status
+
+
+def key_header(key):
+    return [("x-api-key", key)]
+
+
+def basic(key, secret):
+    return [("authorization", "Basic " + base64.b64encode(f"{key}:{secret}".encode()).decode())]
+
+
+def becomes(envoy, headers, expected, method="GET", timeout=10):
+    got = wait_until(lambda: status(envoy, headers, method) == expected, timeout=timeout)
+    assert got, f"expected {expected}, still {status(envoy, headers, method)}"
+
+
+def create(store, *args):
+    return keygate(store, "key", "create", *args)
+
+
+def test_created_key_works_without_restarting_envoy(rig):
+    envoy, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read")
+    becomes(envoy, key_header(k["api_key"]), 200)
+    r = request(envoy.port, "GET", "/v1/items", key_header(k["api_key"]))
+    up = dict(r.upstream_headers())
+    assert (up["x-keygate-key-id"], up["x-keygate-tenant"]) == (k["key_id"], "acme")
+    assert status(envoy, key_header(k["api_key"]), method="POST") == 403
+
+
+def test_revoke_deactivate_activate_take_effect_live(rig):
+    envoy, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read")
+    h = key_header(k["api_key"])
+    becomes(envoy, h, 200)
+    keygate(store, "key", "deactivate", k["key_id"])
+    becomes(envoy, h, 403)
+    keygate(store, "key", "activate", k["key_id"])
+    becomes(envoy, h, 200)
+    keygate(store, "key", "revoke", k["key_id"])
+    becomes(envoy, h, 401)
+
+
+def test_rotate_secret_refuses_the_old_one_or_keeps_it_for_the_grace_period(rig):
+    envoy, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read", "--with-secret")
+    assert k["authorization_basic"] == basic(k["api_key"], k["secret"])[0][1]
+    becomes(envoy, basic(k["api_key"], k["secret"]), 200)
+    graced = keygate(store, "key", "rotate-secret", k["key_id"], "--grace", "10m")
+    becomes(envoy, basic(k["api_key"], graced["secret"]), 200)
+    assert status(envoy, basic(k["api_key"], k["secret"])) == 200  # old one still within grace
+    fresh = keygate(store, "key", "rotate-secret", k["key_id"])
+    becomes(envoy, basic(k["api_key"], fresh["secret"]), 200)
+    assert status(envoy, basic(k["api_key"], graced["secret"])) == 401
+    assert status(envoy, basic(k["api_key"], k["secret"])) == 401
+
+
+def test_allowlist_and_scope_changes_take_effect_live(rig):
+    envoy, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read")
+    h = key_header(k["api_key"])
+    becomes(envoy, h, 200)
+    keygate(store, "key", "allow-ip", "add", k["key_id"], "10.0.0.0/8")
+    becomes(envoy, h, 403)
+    keygate(store, "key", "allow-ip", "add", k["key_id"], "127.0.0.0/8")
+    becomes(envoy, h, 200)
+    assert status(envoy, h, method="POST") == 403
+    keygate(store, "key", "scope", "set", k["key_id"], "write")
+    becomes(envoy, h, 200, method="POST")
+
+
+def test_per_key_rate_limit_from_the_cli(rig):
+    envoy, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read", "--rate", "3/min")
+    h = key_header(k["api_key"])
+    becomes(envoy, h, 200)
+    assert [status(envoy, h) for _ in range(3)] == [200, 200, 429]
+
+
+def test_envoy_restart_is_resynced(rig, envoy_factory):
+    envoy, store, sidecar = rig
+    k = create(store, "--tenant", "acme", "--scope", "read")
+    h = key_header(k["api_key"])
+    becomes(envoy, h, 200)
+    envoy.stop()
+    envoy.start()  # same ports, empty shared data
+    becomes(envoy, h, 200)
+    assert "full push" in sidecar.log()
+
+
+def test_envoy_keeps_the_last_good_set_while_the_sidecar_is_down(rig):
+    envoy, store, sidecar = rig
+    k = create(store, "--tenant", "acme", "--scope", "read")
+    h = key_header(k["api_key"])
+    becomes(envoy, h, 200)
+    sidecar.stop()
+    keygate(store, "key", "revoke", k["key_id"])
+    assert all(status(envoy, h) == 200 for _ in range(5))  # nobody pushed the revoke
+    sidecar.start()
+    becomes(envoy, h, 401)  # the restarted sidecar reconciles
+
+
+def test_corrupt_store_is_refused_and_envoy_keeps_serving(rig):
+    envoy, store, sidecar = rig
+    k = create(store, "--tenant", "acme", "--scope", "read")
+    h = key_header(k["api_key"])
+    becomes(envoy, h, 200)
+    good = store.read_bytes()
+    store.write_bytes(good[: len(good) // 2])
+    proc = keygate(store, "key", "list", check=False)
+    assert proc.returncode != 0 and "corrupt" in proc.stderr
+    assert wait_until(lambda: "cannot use the store" in sidecar.log(), timeout=5)
+    assert all(status(envoy, h) == 200 for _ in range(5))
+    store.write_bytes(good)
+
+
+def test_tenant_limits_and_bad_arguments_change_nothing(rig):
+    _, store, _ = rig
+    create(store, "--tenant", "acme", "--kind", "default")
+    for _ in range(5):
+        create(store, "--tenant", "acme", "--scope", "read")
+    before = json.loads(store.read_text())
+    failures = [
+        keygate(store, "key", "create", "--tenant", "acme", "--kind", "default", check=False),
+        keygate(store, "key", "create", "--tenant", "acme", "--scope", "read", check=False),
+        keygate(store, "key", "create", "--tenant", "beta", "--scope", "read", "--allow-ip", "10.0.0/8", check=False),
+        keygate(store, "key", "create", "--tenant", "beta", "--scope", "read", "--rate", "often", check=False),
+        keygate(store, "key", "create", "--tenant", "beta", "--scope", "read", "--expires", "2001-01-01T00:00:00Z",
+                check=False),
+        keygate(store, "key", "revoke", "no-such-key", check=False),
+    ]
+    assert [p.returncode for p in failures] == [1, 1, 1, 2, 1, 1], [p.stderr for p in failures]
+    assert "at most 1 default" in failures[0].stderr or "more than 1 default" in failures[0].stderr
+    assert "5 scoped" in failures[1].stderr
+    assert json.loads(store.read_text()) == before
+
+
+def test_keys_and_secrets_are_shown_once_and_never_stored(rig, tmp_path):
+    _, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read", "--with-secret")
+    stored = store.read_text()
+    listed = keygate(store, "key", "list", json_out=False).stdout + json.dumps(keygate(store, "key", "list"))
+    shown = json.dumps(keygate(store, "key", "show", k["key_id"]))
+    for secret in (k["api_key"], k["secret"]):
+        assert secret not in stored and secret not in listed and secret not in shown
+    assert k["key_id"] in listed
+    human = keygate(store, "key", "create", "--tenant", "zeta", "--scope", "read", json_out=False).stdout
+    assert "API key:" in human and "cannot show it again" in human
+
+
+def test_sync_daemon_refuses_a_short_secret(tmp_path):
+    proc_env = {**os.environ, "KEYGATE_SYNC_SECRET": "short"}
+    import subprocess
+
+    from harness import KEYGATE
+
+    p = subprocess.run([str(KEYGATE), "--store", str(tmp_path / "s.json"), "sync", "--once", "--endpoint",
+                        "http://127.0.0.1:1"], env=proc_env, capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "at least 32" in p.stderr
+    assert SYNC_SECRET not in p.stderr

@@ -1,0 +1,130 @@
+"""End-to-end: the sync listener refuses anything it cannot trust, and a bad
+push leaves the credentials in force untouched. Pushes are built and signed
+here, as the sidecar would."""
+
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from conftest import ROUTES, cred
+from harness import SYNC_SECRET, request
+
+STATE = "/keygate/sync/v1/state"
+PUSH = "/keygate/sync/v1/push"
+
+
+def sign(body, secret=SYNC_SECRET):
+    return "v1=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def push(envoy, payload, *, secret=SYNC_SECRET, raw=None, signature=None):
+    body = raw if raw is not None else json.dumps(payload).encode()
+    headers = [("content-type", "application/json"), ("x-keygate-signature", signature or sign(body, secret))]
+    return request(envoy.sync_port, "POST", PUSH, headers, body)
+
+
+def state(envoy):
+    r = request(envoy.sync_port, "GET", STATE)
+    assert r.status == 200
+    return r.json()
+
+
+def full(generation, version, upserts, batch=0, last=True):
+    return {"mode": "full", "generation": generation, "version": version, "batch": batch, "last": last,
+            "upserts": upserts}
+
+
+def incr(generation, base, version, upserts=(), deletes=()):
+    return {"mode": "incremental", "generation": generation, "base_version": base, "version": version,
+            "upserts": list(upserts), "deletes": list(deletes)}
+
+
+def status_of(envoy, key):
+    return request(envoy.port, "GET", "/v1/items", [("x-api-key", key)]).status
+
+
+@pytest.fixture
+def envoy(envoy_factory):
+    with envoy_factory({"routes": ROUTES}) as e:
+        yield e
+
+
+def test_fresh_envoy_holds_nothing(envoy):
+    assert state(envoy) == {"generation": 0, "version": 0}
+    assert status_of(envoy, "k1") == 401
+
+
+def test_pushed_credential_is_enforced_by_every_worker(envoy):
+    r = push(envoy, full(1, 5, [cred("k1", "key-1", scopes=["read"])]))
+    assert r.status == 200, r
+    assert r.json() == {"generation": 1, "version": 5}
+    assert state(envoy) == {"generation": 1, "version": 5}
+    assert all(status_of(envoy, "key-1") == 200 for _ in range(8))
+
+
+def test_forged_malformed_replayed_and_oversized_pushes_are_refused(envoy):
+    assert push(envoy, full(1, 1, [cred("k1", "key-1", scopes=["read"])])).status == 200
+    update = incr(1, 1, 2, [cred("k1", "key-1", scopes=["read"], status="inactive")])
+    refused = {
+        "forged": push(envoy, update, secret="another-secret-that-is-long-enough-000"),
+        "unsigned": push(envoy, update, signature="v1=00"),
+        "malformed": push(envoy, None, raw=b'{"mode": "incremental", '),
+        "stale": push(envoy, incr(1, 0, 2, update["upserts"])),
+        "old-generation": push(envoy, full(1, 9, [])),
+        "bad-record": push(envoy, incr(1, 1, 2, [cred("k2", "key-2", scopes=["read"]),
+                                                 cred("k3", "key-3", allowed_ips=["not-an-ip"])])),
+        "oversized": push(envoy, None, raw=b" " * (800 * 1024)),
+    }
+    assert {k: r.status for k, r in refused.items()} == {
+        "forged": 401, "unsigned": 401, "malformed": 400, "stale": 409, "old-generation": 409,
+        "bad-record": 400, "oversized": 413,
+    }
+    assert "upserts[1].allowed_ips[0]" in refused["bad-record"].json()["error"]
+    assert state(envoy) == {"generation": 1, "version": 1}
+    assert status_of(envoy, "key-1") == 200  # still the last good set
+    assert status_of(envoy, "key-2") == 401  # nothing of the bad batch applied
+
+
+def test_replaying_an_applied_push_is_refused(envoy):
+    assert push(envoy, full(1, 1, [cred("k1", "key-1", scopes=["read"])])).status == 200
+    revoke = json.dumps(incr(1, 1, 2, deletes=[hashlib.sha256(b"key-1").hexdigest()])).encode()
+    assert push(envoy, None, raw=revoke).status == 200
+    assert status_of(envoy, "key-1") == 401
+    readd = json.dumps(incr(1, 2, 3, [cred("k1", "key-1", scopes=["read"])])).encode()
+    assert push(envoy, None, raw=readd).status == 200
+    assert push(envoy, None, raw=revoke).status == 409  # the old revoke cannot be replayed
+    assert status_of(envoy, "key-1") == 200
+
+
+def test_full_push_in_batches_keeps_old_keys_until_commit_then_drops_absent_ones(envoy):
+    assert push(envoy, full(1, 1, [cred("old", "old-key", scopes=["read"]),
+                                   cred("kept", "kept-key", scopes=["read"])])).status == 200
+    assert push(envoy, full(2, 2, [cred("kept", "kept-key", scopes=["read"])], batch=0, last=False)).status == 200
+    assert state(envoy)["pending"] == {"generation": 2, "next_batch": 1}
+    assert status_of(envoy, "old-key") == 200  # during the full push nothing disappears
+    assert push(envoy, full(2, 2, [cred("new", "new-key", scopes=["read"])], batch=2, last=True)).status == 409
+    assert push(envoy, full(2, 2, [cred("new", "new-key", scopes=["read"])], batch=1, last=True)).status == 200
+    assert state(envoy) == {"generation": 2, "version": 2}
+    assert [status_of(envoy, k) for k in ("old-key", "kept-key", "new-key")] == [401, 200, 200]
+
+
+def test_unknown_paths_and_methods_on_the_sync_listener_get_404(envoy):
+    assert request(envoy.sync_port, "GET", "/v1/items").status == 404
+    assert request(envoy.sync_port, "DELETE", STATE).status == 404
+
+
+def test_sync_listener_refuses_to_load_without_a_secret(envoy_factory):
+    from harness import Envoy
+
+    with envoy_factory({"routes": ROUTES}, wait=False) as e:
+        e.stop()
+    e2 = Envoy(e.config, workdir=e.dir / "nosecret", sync_secret="")
+    e2.dir.mkdir(exist_ok=True)
+    try:
+        e2.start(wait=False)
+        assert e2.wait_exit(60) not in (None, 0)
+        assert "sync_secret: the sync role needs a secret" in e2.log()
+    finally:
+        e2.stop()
