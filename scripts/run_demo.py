@@ -4,6 +4,7 @@ upstream, configured from envoy/envoy.yaml with the demo credentials.
 Ctrl-C stops everything."""
 
 import os
+import secrets
 import signal
 import sys
 import time
@@ -11,10 +12,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import DEMO_KEYS, EchoServer, Envoy, free_port, render  # noqa: E402
+from harness import DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, Sidecar, free_port, render  # noqa: E402
 
 GATE_PORT = int(os.environ.get("KEYGATE_PORT", "10000"))
 ADMIN_PORT = int(os.environ.get("KEYGATE_ADMIN_PORT", "9901"))
+SYNC_PORT = int(os.environ.get("KEYGATE_SYNC_PORT", "10001"))
+STORE = Path(os.environ.get("KEYGATE_STORE", ROOT / ".keygate" / "demo-store.json"))
 
 
 def banner(port, admin_port):
@@ -39,22 +42,37 @@ Try:
   curl -i {base}/v1/items -H 'X-API-Key: {DEMO_KEYS['acme-suspended']['key']}'
   for i in $(seq 7); do curl -s -o /dev/null -w '%{{http_code}} ' {base}/v1/items -H 'X-API-Key: {DEMO_KEYS['acme-read']['key']}'; done; echo
 
-Ctrl-C stops Envoy and the upstream.
+Manage keys live (the sidecar pushes every change into Envoy, no restart):
+  export KEYGATE_STORE={STORE}
+  {KEYGATE} key create --tenant globex --scope read --rate 10/min
+  {KEYGATE} key list
+  {KEYGATE} key deactivate <key-id>      # 403 from the next request
+  {KEYGATE} key revoke <key-id>          # 401 from the next request
+
+Ctrl-C stops Envoy, the sidecar and the upstream.
 """, flush=True)
 
 
 def main():
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    # A fresh sync secret per run, handed to Envoy and the sidecar only.
+    sync_secret = secrets.token_hex(32)
+    STORE.parent.mkdir(parents=True, exist_ok=True)
     with EchoServer(free_port()) as echo:
-        config = render(gate_port=GATE_PORT, admin_port=ADMIN_PORT, upstream_port=echo.port)
-        envoy = Envoy(config, concurrency=2)
+        config = render(gate_port=GATE_PORT, admin_port=ADMIN_PORT, upstream_port=echo.port, sync_port=SYNC_PORT)
+        envoy = Envoy(config, concurrency=2, sync_secret=sync_secret)
+        sidecar = Sidecar(STORE, [f"http://127.0.0.1:{SYNC_PORT}"], workdir=envoy.dir, secret=sync_secret)
         try:
             envoy.start()
+            sidecar.start()
             banner(GATE_PORT, ADMIN_PORT)
-            print(f"Envoy log: {envoy.log_path}", flush=True)
-            while not stop and envoy.proc.poll() is None:
+            print(f"Envoy log: {envoy.log_path}\nSidecar log: {sidecar.log_path}", flush=True)
+            while not stop and envoy.proc.poll() is None and sidecar.proc.poll() is None:
                 time.sleep(0.2)
+            if sidecar.proc.poll() is not None:
+                print(f"sidecar exited ({sidecar.proc.returncode}); log: {sidecar.log_path}", file=sys.stderr)
+                return 1
             if envoy.proc.poll() is not None:
                 print(f"Envoy exited ({envoy.proc.returncode}); log: {envoy.log_path}", file=sys.stderr)
                 return 1
@@ -64,6 +82,7 @@ def main():
             print(f"could not start Envoy: {e}", file=sys.stderr)
             return 1
         finally:
+            sidecar.stop()
             envoy.stop()
             print("\nstopped.")
     return 0
