@@ -61,7 +61,7 @@ def main():
     STORE.parent.mkdir(parents=True, exist_ok=True)
     with EchoServer(free_port()) as echo:
         config = render(gate_port=GATE_PORT, admin_port=ADMIN_PORT, upstream_port=echo.port, sync_port=SYNC_PORT)
-        envoy = Envoy(config, concurrency=2, sync_secret=sync_secret)
+        envoy = Envoy(config, concurrency=2, sync_secret=sync_secret, token_keys=f"demo:{secrets.token_hex(32)}")
         sidecar = Sidecar(STORE, [f"http://127.0.0.1:{SYNC_PORT}"], workdir=envoy.dir, secret=sync_secret)
         try:
             envoy.start()

@@ -3,7 +3,8 @@
 use crate::shared_store::{CredentialCache, SharedCounters};
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::{CounterCell, RateStatus};
-use keygate_core::verdict::{rate_limit_headers, Host, Outcome};
+use keygate_core::token::MAX_LOGIN_BODY;
+use keygate_core::verdict::{is_login, login, rate_limit_headers, Host, Login, Outcome};
 use keygate_core::{decide, Credential, Denial, Policy};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -17,6 +18,8 @@ pub struct GateContext {
     /// Rate status to report on the upstream's response.
     rate: Option<RateStatus>,
     now_ns: u64,
+    /// Request headers of a login, kept for when its body is complete.
+    login_headers: Option<Vec<(String, Vec<u8>)>>,
 }
 
 impl GateContext {
@@ -26,6 +29,7 @@ impl GateContext {
             cache,
             rate: None,
             now_ns: 0,
+            login_headers: None,
         }
     }
 
@@ -64,10 +68,40 @@ impl Host for EnvoyHost<'_> {
     }
 }
 
+impl GateContext {
+    fn answer_login(&mut self, policy: &Policy, headers: &[(String, Vec<u8>)], body: &[u8]) {
+        let outcome = {
+            let mut host = EnvoyHost {
+                ctx: self,
+                counters: SharedCounters,
+            };
+            login(policy, headers, body, &mut host, self.now_ns)
+        };
+        match outcome {
+            Login::Issued { body, rate, .. } => {
+                let mut h = vec![
+                    ("content-type", "application/json".to_owned()),
+                    ("cache-control", "no-store".to_owned()),
+                ];
+                if let Some(rate) = &rate {
+                    h.extend(rate_limit_headers(
+                        rate,
+                        policy.rate_limit_headers,
+                        self.now_ns,
+                    ));
+                }
+                let refs: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                self.send_http_response(200, refs, Some(&body));
+            }
+            Login::Denied { denial, .. } => self.reply(&denial, policy),
+        }
+    }
+}
+
 impl Context for GateContext {}
 
 impl HttpContext for GateContext {
-    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
             let denial = Denial::new(
                 keygate_core::denial::Reason::Unavailable,
@@ -86,6 +120,17 @@ impl HttpContext for GateContext {
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         // Raw bytes: the String variants of the SDK panic on non-UTF-8 values.
         let headers = self.get_http_request_headers_bytes();
+        if is_login(&policy, &headers) {
+            if end_of_stream {
+                self.answer_login(&policy, &headers, b"");
+                return Action::Pause;
+            }
+            // The body follows; Envoy's buffer filter (enabled on the login
+            // route) holds the request back from the router meanwhile.
+            // Pausing here would keep the body from this filter as well.
+            self.login_headers = Some(headers);
+            return Action::Continue;
+        }
         let decision = {
             let mut host = EnvoyHost {
                 ctx: self,
@@ -111,6 +156,27 @@ impl HttpContext for GateContext {
             }
             Outcome::Public => Action::Continue,
         }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let (Some(headers), Some(policy)) = (self.login_headers.take(), self.policy.clone()) else {
+            return Action::Continue;
+        };
+        if body_size > MAX_LOGIN_BODY {
+            let denial = Denial::new(
+                keygate_core::denial::Reason::BadRequest,
+                format!("Request body over {MAX_LOGIN_BODY} bytes"),
+            );
+            self.reply(&denial, &policy);
+            return Action::Pause;
+        }
+        if !end_of_stream {
+            self.login_headers = Some(headers);
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        self.answer_login(&policy, &headers, &body);
+        Action::Pause
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {

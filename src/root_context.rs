@@ -4,7 +4,7 @@
 use crate::http_context::GateContext;
 use crate::shared_store::{ensure_counter, CredentialCache};
 use crate::sync_context::SyncContext;
-use keygate_core::config::{Role, SyncSecret, SYNC_SECRET_ENV};
+use keygate_core::config::{Role, SyncSecret};
 use keygate_core::verdict::counter_key;
 use keygate_core::Policy;
 use log::{error, info};
@@ -36,8 +36,7 @@ impl RootContext for KeygateRoot {
             bytes
         };
         // WASI environment, as passed by vm_config.environment_variables.
-        let env_secret = std::env::var(SYNC_SECRET_ENV).ok();
-        match Policy::from_json_with_env(&bytes, env_secret) {
+        match Policy::from_json_with_env(&bytes, &|name| std::env::var(name).ok()) {
             Ok(policy) => {
                 for cred in policy.credentials.values() {
                     ensure_counter(&counter_key(&cred.key_id));

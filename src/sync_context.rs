@@ -5,10 +5,12 @@
 
 use crate::shared_store::ensure_counter;
 use keygate_core::config::SyncSecret;
+use keygate_core::rate_limit::MAX_CAS_ATTEMPTS;
 use keygate_core::sync::{
     credential_key, decode_state, encode_state, plan, SyncError, SyncState, MAX_PUSH_BYTES,
     PUSH_PATH, SIGNATURE_HEADER, STATE_KEY, STATE_PATH,
 };
+use keygate_core::token::{merge_revocations, revocations_key};
 use log::{info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -59,6 +61,7 @@ impl SyncContext {
         for hash in &plan.deletes {
             let _ = hostcalls::set_shared_data(&credential_key(hash), Some(&[]), None);
         }
+        apply_revocations(&plan.revoked_sessions);
         // The state is written last and only if nobody else moved it meanwhile.
         hostcalls::set_shared_data(STATE_KEY, Some(&encode_state(&plan.state)), cas).map_err(
             |_| SyncError::Conflict("another push changed the state concurrently".into()),
@@ -71,6 +74,28 @@ impl SyncContext {
             plan.state.version
         );
         Ok(plan.state)
+    }
+}
+
+/// Merges session revocations into each key's `rs:` entry, with CAS: gate
+/// workers read these entries on every token use.
+fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) {
+    let mut by_key: std::collections::BTreeMap<&str, Vec<(&str, u64)>> = Default::default();
+    for r in revoked {
+        by_key
+            .entry(&r.key_id)
+            .or_default()
+            .push((&r.session_id, r.revoked_at_ms));
+    }
+    for (key_id, sessions) in by_key {
+        let key = revocations_key(key_id);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (bytes, cas) = hostcalls::get_shared_data(&key).unwrap_or((None, None));
+            let merged = merge_revocations(bytes.as_deref(), &sessions);
+            if hostcalls::set_shared_data(&key, Some(&merged), cas).is_ok() {
+                break;
+            }
+        }
     }
 }
 

@@ -78,6 +78,8 @@ def demo_plugin_config():
 
 # Test sync secret; Envoy gets it through its environment (see envoy.yaml).
 SYNC_SECRET = "test-sync-secret-0123456789abcdef0123456789"
+# Token signing keys (id:secret), also through Envoy's environment.
+TOKEN_KEYS = "t1:test-token-signing-key-0123456789abcdef"
 
 
 def render(plugin_config=None, *, gate_port, admin_port, upstream_port, sync_port=None, wasm=WASM,
@@ -111,9 +113,10 @@ class Envoy:
     """A real Envoy process. Always stopped on exit, even on failure."""
 
     def __init__(self, config, *, concurrency=2, workdir=None, log_level="info", extra_args=(),
-                 sync_secret=SYNC_SECRET):
+                 sync_secret=SYNC_SECRET, token_keys=TOKEN_KEYS):
         self.config = config
         self.sync_secret = sync_secret
+        self.token_keys = token_keys
         self.concurrency = concurrency
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="keygate-envoy-"))
         self.log_level = log_level
@@ -147,7 +150,7 @@ class Envoy:
             [envoy_binary(), "-c", str(path), "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "--log-level", self.log_level, *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "KEYGATE_SYNC_SECRET": self.sync_secret},
+            env={**os.environ, "KEYGATE_SYNC_SECRET": self.sync_secret, "KEYGATE_TOKEN_KEYS": self.token_keys},
             start_new_session=True,
         )
         if wait:

@@ -176,6 +176,9 @@ pub struct PluginConfig {
     /// config dump.
     #[serde(default)]
     pub sync_secret: Option<String>,
+    /// Token exchange (`POST /auth/login` → short-lived bearer tokens); absent: off.
+    #[serde(default)]
+    pub tokens: Option<crate::token::TokenConfig>,
 }
 
 fn default_api_key_header() -> String {
@@ -203,6 +206,7 @@ pub struct Policy {
     pub rate_limit_headers: RateLimitHeaders,
     pub realm: String,
     pub sync_secret: Option<SyncSecret>,
+    pub tokens: Option<crate::token::Tokens>,
 }
 
 fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
@@ -231,23 +235,33 @@ const MAX_XFF_HOPS: u32 = 16;
 impl Policy {
     /// Parses and validates plugin configuration JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
-        Policy::from_json_with_env(bytes, None)
+        Policy::from_json_with_env(bytes, &|_| None)
     }
 
-    /// As [`Policy::from_json`]; `env_secret` (the value of
-    /// [`SYNC_SECRET_ENV`]) is used when the config sets no `sync_secret`.
+    /// As [`Policy::from_json`], with secrets the config leaves out read
+    /// through `env` ([`SYNC_SECRET_ENV`], [`crate::token::SIGNING_KEYS_ENV`]):
+    /// values in config are visible in Envoy's config dump.
     pub fn from_json_with_env(
         bytes: &[u8],
-        env_secret: Option<String>,
+        env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Policy, ConfigError> {
         let mut raw: PluginConfig = serde_json::from_slice(bytes).map_err(|e| {
             // serde names unknown or mistyped fields in its message.
             ConfigError::new("", format!("invalid plugin configuration: {e}"))
         })?;
         if raw.sync_secret.is_none() {
-            raw.sync_secret = env_secret.filter(|s| !s.is_empty());
+            raw.sync_secret = env(SYNC_SECRET_ENV).filter(|s| !s.is_empty());
         }
-        Policy::try_from(raw)
+        let tokens = match raw.tokens.take() {
+            Some(cfg) => Some(crate::token::Tokens::compile(
+                cfg,
+                env(crate::token::SIGNING_KEYS_ENV),
+            )?),
+            None => None,
+        };
+        let mut policy = Policy::try_from(raw)?;
+        policy.tokens = tokens;
+        Ok(policy)
     }
 }
 
@@ -334,6 +348,7 @@ impl TryFrom<PluginConfig> for Policy {
             rate_limit_headers: raw.rate_limit_headers,
             realm: raw.realm,
             sync_secret,
+            tokens: None,
         })
     }
 }
@@ -390,11 +405,12 @@ mod tests {
             "sync_secret"
         );
         let long = "s".repeat(32);
-        let p = Policy::from_json_with_env(br#"{"role":"sync"}"#, Some(long.clone())).unwrap();
+        let env = |v: &str| (v == SYNC_SECRET_ENV).then(|| "s".repeat(32));
+        let p = Policy::from_json_with_env(br#"{"role":"sync"}"#, &env).unwrap();
         assert_eq!(p.sync_secret, Some(SyncSecret(long.into_bytes())));
         assert!(!format!("{p:?}").contains("ssss"));
         // The gate role ignores a secret.
-        assert!(Policy::from_json_with_env(b"{}", Some("x".into()))
+        assert!(Policy::from_json_with_env(b"{}", &env)
             .unwrap()
             .sync_secret
             .is_none());

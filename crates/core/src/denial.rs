@@ -17,12 +17,16 @@ pub enum Reason {
     InsufficientScope,
     RateLimited,
     BadPath,
+    /// A body the filter itself consumes (login) is malformed.
+    BadRequest,
+    /// A token issued for a session that was revoked since.
+    RevokedToken,
     /// The filter has no usable configuration: fail closed.
     Unavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 13] = [
         Reason::MissingCredential,
         Reason::MalformedCredential,
         Reason::UnknownKey,
@@ -33,6 +37,8 @@ impl Reason {
         Reason::InsufficientScope,
         Reason::RateLimited,
         Reason::BadPath,
+        Reason::BadRequest,
+        Reason::RevokedToken,
         Reason::Unavailable,
     ];
 
@@ -48,6 +54,8 @@ impl Reason {
             Reason::InsufficientScope => "insufficient_scope",
             Reason::RateLimited => "rate_limited",
             Reason::BadPath => "bad_path",
+            Reason::BadRequest => "bad_request",
+            Reason::RevokedToken => "revoked_token",
             Reason::Unavailable => "unavailable",
         }
     }
@@ -58,10 +66,11 @@ impl Reason {
             | Reason::MalformedCredential
             | Reason::UnknownKey
             | Reason::WrongSecret
-            | Reason::Expired => 401,
+            | Reason::Expired
+            | Reason::RevokedToken => 401,
             Reason::Inactive | Reason::IpNotAllowed | Reason::InsufficientScope => 403,
             Reason::RateLimited => 429,
-            Reason::BadPath => 400,
+            Reason::BadPath | Reason::BadRequest => 400,
             Reason::Unavailable => 503,
         }
     }

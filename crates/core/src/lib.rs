@@ -14,6 +14,7 @@ pub mod path;
 pub mod rate_limit;
 pub mod scope;
 pub mod sync;
+pub mod token;
 pub mod verdict;
 
 pub use config::{ConfigError, Policy};

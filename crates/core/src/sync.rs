@@ -16,7 +16,7 @@
 //! push and those absent from the new set disappear at commit.
 
 use crate::config::ConfigError;
-use crate::credential::{Credential, CredentialRecord};
+use crate::credential::{check_name, Credential, CredentialRecord};
 use crate::hash::{parse_hex_digest, Digest};
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -77,6 +77,17 @@ pub struct Push {
     /// Key hashes (hex) to remove.
     #[serde(default)]
     pub deletes: Vec<String>,
+    /// Sessions whose tokens issued up to `revoked_at_ms` are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_sessions: Vec<RevokedSession>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedSession {
+    pub key_id: String,
+    pub session_id: String,
+    pub revoked_at_ms: u64,
 }
 
 /// Why a push was refused. Nothing was applied.
@@ -122,6 +133,7 @@ pub struct Plan {
     /// `c:<hash>` entries to write.
     pub upserts: Vec<(Digest, Vec<u8>)>,
     pub deletes: Vec<Digest>,
+    pub revoked_sessions: Vec<RevokedSession>,
     /// Written last: commits the push.
     pub state: SyncState,
 }
@@ -201,7 +213,7 @@ pub fn plan(
         return Err(SyncError::BadSignature);
     }
     let push: Push = serde_json::from_slice(body).map_err(|e| SyncError::Invalid(e.to_string()))?;
-    if push.upserts.len() + push.deletes.len() > MAX_PUSH_ITEMS {
+    if push.upserts.len() + push.deletes.len() + push.revoked_sessions.len() > MAX_PUSH_ITEMS {
         return Err(SyncError::TooLarge);
     }
     let next = check_sequence(&push, state)?;
@@ -223,10 +235,20 @@ pub fn plan(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    for (i, r) in push.revoked_sessions.iter().enumerate() {
+        let field = |f: &str| format!("revoked_sessions[{i}].{f}");
+        check_name(&field("key_id"), &r.key_id).map_err(|e| SyncError::Invalid(e.to_string()))?;
+        // A login without session_id uses the default session "".
+        if !r.session_id.is_empty() {
+            check_name(&field("session_id"), &r.session_id)
+                .map_err(|e| SyncError::Invalid(e.to_string()))?;
+        }
+    }
     Ok(Plan {
         counters,
         upserts,
         deletes,
+        revoked_sessions: push.revoked_sessions.clone(),
         state: next,
     })
 }
@@ -312,6 +334,7 @@ mod tests {
             last: true,
             upserts: vec![record("k1", "t")],
             deletes: vec![],
+            revoked_sessions: vec![],
         }
     }
 
@@ -472,6 +495,37 @@ mod tests {
         assert_eq!(
             plan(SECRET, &big, None, &SyncState::default()),
             Err(SyncError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn session_revocations_are_validated_and_planned() {
+        let mut p = push(Mode::Full, 1, 0, 1);
+        let r = RevokedSession {
+            key_id: "k".into(),
+            session_id: "s1".into(),
+            revoked_at_ms: 5,
+        };
+        p.revoked_sessions = vec![
+            r.clone(),
+            RevokedSession {
+                session_id: String::new(),
+                ..r.clone()
+            },
+        ];
+        assert_eq!(
+            run(&p, &SyncState::default())
+                .unwrap()
+                .revoked_sessions
+                .len(),
+            2
+        );
+        p.revoked_sessions = vec![RevokedSession {
+            session_id: "bad id".into(),
+            ..r
+        }];
+        assert!(
+            matches!(run(&p, &SyncState::default()), Err(SyncError::Invalid(m)) if m.starts_with("revoked_sessions[0].session_id"))
         );
     }
 

@@ -5,12 +5,14 @@
 use crate::config::{KeyFormat, Policy, RateLimitHeaders};
 use crate::credential::Credential;
 use crate::denial::{Denial, Reason};
-use crate::extract::{extract, ExtractError};
+use crate::extract::{extract, ExtractError, Presented, Scheme};
 use crate::hash::{ct_eq, is_hex64, sha256, Digest};
 use crate::ip_rules::{client_ip, is_allowed};
 use crate::path::normalize;
-use crate::rate_limit::{acquire, CounterCell, RateStatus};
+use crate::rate_limit::{acquire, CounterCell, RateStatus, MAX_CAS_ATTEMPTS};
 use crate::scope::{grants, Access};
+use crate::token::{self, Claims, IssuedToken, SessionTokens, TokenError, Tokens};
+use serde::Serialize;
 use std::rc::Rc;
 
 /// What the decision needs from its surroundings (Envoy, or a test double).
@@ -129,43 +131,119 @@ fn authorize(
         }
         Err(e) => return deny(Reason::MalformedCredential, e.message(), None),
     };
+    match authenticate(policy, &presented, host, now_ns, true) {
+        Ok(cred) => check_credential(policy, headers, access, cred, host, now_ns),
+        Err(outcome) => outcome,
+    }
+}
+
+/// Who is calling: the live credential behind an API key (and secret) or,
+/// when `allow_tokens`, behind an issued bearer token.
+fn authenticate(
+    policy: &Policy,
+    presented: &Presented,
+    host: &mut dyn Host,
+    now_ns: u64,
+    allow_tokens: bool,
+) -> Result<Rc<Credential>, Outcome> {
+    if let Some(tokens) = policy.tokens.as_ref().filter(|_| allow_tokens) {
+        if presented.scheme == Scheme::Bearer && presented.key.starts_with(token::PREFIX) {
+            return authenticate_token(policy, tokens, &presented.key, host, now_ns);
+        }
+    }
     let key_hash = match policy.key_format {
         KeyFormat::Any => sha256(presented.key.as_bytes()),
         KeyFormat::Hex64 if is_hex64(presented.key.as_bytes()) => {
             sha256(presented.key.to_ascii_lowercase().as_bytes())
         }
         KeyFormat::Hex64 => {
-            return deny(Reason::MalformedCredential, "Invalid API key format", None)
+            return Err(deny(
+                Reason::MalformedCredential,
+                "Invalid API key format",
+                None,
+            ))
         }
     };
-    let found = policy
-        .credentials
-        .get(&key_hash)
-        .cloned()
-        .or_else(|| host.lookup(&key_hash));
-    let Some(cred) = found.filter(|c| ct_eq(&c.key_hash, &key_hash)) else {
-        return deny(Reason::UnknownKey, "Invalid API key", None);
+    let Some(cred) = find(policy, host, &key_hash) else {
+        return Err(deny(Reason::UnknownKey, "Invalid API key", None));
     };
     let now_secs = now_ns / 1_000_000_000;
     match (&cred.secret_hash, &presented.secret) {
-        (None, None) => {}
-        (Some(_), Some(secret)) if cred.secret_matches(&sha256(secret.as_bytes()), now_secs) => {}
-        (Some(_), None) => {
-            return deny(
-                Reason::WrongSecret,
-                "This API key requires its secret (Basic key:secret)",
-                Some(&cred),
-            )
+        (None, None) => Ok(cred),
+        (Some(_), Some(secret)) if cred.secret_matches(&sha256(secret.as_bytes()), now_secs) => {
+            Ok(cred)
         }
-        _ => {
-            return deny(
-                Reason::WrongSecret,
-                "Invalid API key or secret",
-                Some(&cred),
-            )
-        }
+        (Some(_), None) => Err(deny(
+            Reason::WrongSecret,
+            "This API key requires its secret (Basic key:secret)",
+            Some(&cred),
+        )),
+        _ => Err(deny(
+            Reason::WrongSecret,
+            "Invalid API key or secret",
+            Some(&cred),
+        )),
     }
-    if cred.is_expired(now_secs) {
+}
+
+fn find(policy: &Policy, host: &mut dyn Host, key_hash: &Digest) -> Option<Rc<Credential>> {
+    let found = policy
+        .credentials
+        .get(key_hash)
+        .cloned()
+        .or_else(|| host.lookup(key_hash));
+    found.filter(|c| ct_eq(&c.key_hash, key_hash))
+}
+
+/// A token is only as good as the key behind it: the credential is looked up
+/// live, so revoking or deactivating the key stops its tokens at once.
+fn authenticate_token(
+    policy: &Policy,
+    tokens: &Tokens,
+    presented: &str,
+    host: &mut dyn Host,
+    now_ns: u64,
+) -> Result<Rc<Credential>, Outcome> {
+    let now_ms = now_ns / 1_000_000;
+    let claims = match tokens.verify(presented, now_ms) {
+        Ok(c) => c,
+        Err(TokenError::Expired) => return Err(deny(Reason::Expired, "Token has expired", None)),
+        Err(TokenError::Invalid) => return Err(deny(Reason::UnknownKey, "Invalid token", None)),
+    };
+    let cred = claims
+        .key_hash()
+        .and_then(|h| find(policy, host, &h))
+        .filter(|c| c.key_id == claims.kid)
+        .ok_or_else(|| deny(Reason::UnknownKey, "Invalid token", None))?;
+    let revocations = token::decode_revocations(
+        host.counters()
+            .load(&token::revocations_key(&cred.key_id))
+            .0
+            .as_deref(),
+    );
+    if revocations
+        .get(&claims.sid)
+        .is_some_and(|&at| claims.iat_ms <= at)
+    {
+        return Err(deny(
+            Reason::RevokedToken,
+            "Token has been revoked",
+            Some(&cred),
+        ));
+    }
+    Ok(cred)
+}
+
+/// What any credential must pass, however it was presented.
+fn check_credential(
+    policy: &Policy,
+    headers: &[(String, Vec<u8>)],
+    access: &Access,
+    cred: Rc<Credential>,
+    host: &mut dyn Host,
+    now_ns: u64,
+) -> Outcome {
+    if cred.is_expired(now_ns / 1_000_000_000) {
         return deny(Reason::Expired, "API key has expired", Some(&cred));
     }
     if !cred.active {
@@ -220,6 +298,146 @@ fn authorize(
         credential: cred,
         rate,
     }
+}
+
+/// True for `POST <login_path>` when token exchange is configured: the
+/// filter then reads the body and answers with [`login`].
+pub fn is_login(policy: &Policy, headers: &[(String, Vec<u8>)]) -> bool {
+    let Some(tokens) = &policy.tokens else {
+        return false;
+    };
+    header(headers, ":method") == Some(b"POST")
+        && normalize(header(headers, ":path").unwrap_or(b"")).is_ok_and(|p| p == tokens.login_path)
+}
+
+/// The reply to `POST <login_path>`.
+#[derive(Debug)]
+pub enum Login {
+    Issued {
+        credential: Rc<Credential>,
+        body: Vec<u8>,
+        rate: Option<RateStatus>,
+    },
+    Denied {
+        denial: Denial,
+        credential: Option<Rc<Credential>>,
+    },
+}
+
+#[derive(Serialize)]
+struct LoginBody<'a> {
+    access_token: &'a str,
+    expires_in: u64,
+    token_type: &'static str,
+}
+
+/// Exchanges an API key for a bearer token. The key passes every usual check
+/// (inactive 403, IP 403, rate limit 429, which a login spends like any
+/// request); a live token for the same key and session is returned again,
+/// from any worker, since issued tokens live in shared data.
+pub fn login(
+    policy: &Policy,
+    headers: &[(String, Vec<u8>)],
+    body: &[u8],
+    host: &mut dyn Host,
+    now_ns: u64,
+) -> Login {
+    let denied = |outcome: Outcome| match outcome {
+        Outcome::Denied { denial, credential } => Login::Denied { denial, credential },
+        _ => Login::Denied {
+            denial: Denial::new(Reason::Unavailable, "Login failed"),
+            credential: None,
+        },
+    };
+    let Some(tokens) = &policy.tokens else {
+        return denied(deny(
+            Reason::Unavailable,
+            "Token exchange is not configured",
+            None,
+        ));
+    };
+    let request = match token::parse_login(body) {
+        Ok(r) => r,
+        Err(message) => return denied(deny(Reason::BadRequest, message, None)),
+    };
+    let presented = Presented {
+        key: request.api_key,
+        secret: request.api_secret,
+        scheme: Scheme::ApiKeyHeader,
+    };
+    let cred = match authenticate(policy, &presented, host, now_ns, false) {
+        Ok(c) => c,
+        Err(outcome) => return denied(outcome),
+    };
+    let (cred, rate) =
+        match check_credential(policy, headers, &Access::Authenticated, cred, host, now_ns) {
+            Outcome::Allowed { credential, rate } => (credential, rate),
+            other => return denied(other),
+        };
+    let session = request.session_id.unwrap_or_default();
+    let Some(issued) = session_token(tokens, &cred, &session, host.counters(), now_ns / 1_000_000)
+    else {
+        return Login::Denied {
+            denial: Denial::new(Reason::Unavailable, "Could not issue a token"),
+            credential: Some(cred),
+        };
+    };
+    let body = LoginBody {
+        access_token: &issued.token,
+        expires_in: issued.exp_ms.saturating_sub(now_ns / 1_000_000) / 1000,
+        token_type: "Bearer",
+    };
+    Login::Issued {
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+        credential: cred,
+        rate,
+    }
+}
+
+/// The live token for (key, session), or a new one recorded with CAS so
+/// every worker hands out the same token.
+fn session_token(
+    tokens: &Tokens,
+    cred: &Credential,
+    session: &str,
+    cell: &mut dyn CounterCell,
+    now_ms: u64,
+) -> Option<IssuedToken> {
+    let key = token::sessions_key(&cred.key_id);
+    let revoked = token::decode_revocations(
+        cell.load(&token::revocations_key(&cred.key_id))
+            .0
+            .as_deref(),
+    )
+    .get(session)
+    .copied();
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (bytes, cas) = cell.load(&key);
+        let mut sessions = SessionTokens::decode(bytes.as_deref());
+        if let Some(live) = sessions.live(session, now_ms, revoked) {
+            return Some(live.clone());
+        }
+        let claims = Claims {
+            kid: cred.key_id.clone(),
+            kh: crate::hash::to_hex(&cred.key_hash),
+            tenant: cred.tenant.clone(),
+            env: cred.environment.clone(),
+            scopes: cred.scopes.clone(),
+            sid: session.to_owned(),
+            iat_ms: now_ms,
+            exp_ms: now_ms + tokens.lifetime_secs * 1000,
+        };
+        let issued = IssuedToken {
+            token: tokens.issue(&claims)?,
+            iat_ms: claims.iat_ms,
+            exp_ms: claims.exp_ms,
+        };
+        sessions.insert(session, issued.clone(), now_ms, tokens.max_sessions_per_key);
+        if cell.store(&key, &sessions.encode(), cas) {
+            return Some(issued);
+        }
+    }
+    None
 }
 
 impl Decision {
@@ -750,5 +968,207 @@ mod tests {
             ietf: false,
         };
         assert_eq!(rate_limit_headers(&s, only_x, NOW).len(), 3);
+    }
+
+    fn token_policy(creds: Vec<CredentialRecord>) -> Policy {
+        policy(
+            creds,
+            r#","tokens":{"lifetime_secs":60,"signing_keys":[{"id":"k1","secret":"0123456789abcdef0123456789abcdef"}]}"#,
+        )
+    }
+
+    fn issue(
+        p: &Policy,
+        host: &mut FakeHost,
+        body: &str,
+        now: u64,
+    ) -> Result<serde_json::Value, (Reason, String)> {
+        match login(
+            p,
+            &req("POST", "/auth/login", &[]),
+            body.as_bytes(),
+            host,
+            now,
+        ) {
+            Login::Issued { body, .. } => Ok(serde_json::from_slice(&body).unwrap()),
+            Login::Denied { denial, .. } => Err((denial.reason, denial.message)),
+        }
+    }
+
+    fn use_token(p: &Policy, host: &mut FakeHost, token: &str, method: &str, now: u64) -> Decision {
+        decide(
+            p,
+            &req(
+                method,
+                "/v1/items",
+                &[("authorization", &format!("Bearer {token}"))],
+            ),
+            host,
+            now,
+        )
+    }
+
+    #[test]
+    fn login_issues_a_token_that_works_with_the_keys_scopes() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = FakeHost::default();
+        let body = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap();
+        assert_eq!(
+            (body["token_type"].as_str(), body["expires_in"].as_u64()),
+            (Some("Bearer"), Some(60))
+        );
+        let token = body["access_token"].as_str().unwrap();
+        assert!(token.starts_with("kg1.") && !token.contains("key-one"));
+        assert!(matches!(
+            use_token(&p, &mut host, token, "GET", NOW).outcome,
+            Outcome::Allowed { .. }
+        ));
+        assert_eq!(
+            denied(&use_token(&p, &mut host, token, "POST", NOW)).map(|d| d.0),
+            Some(Reason::InsufficientScope)
+        );
+    }
+
+    #[test]
+    fn same_session_reuses_the_token_and_a_new_session_gets_a_new_one() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = FakeHost::default();
+        let a = issue(
+            &p,
+            &mut host,
+            r#"{"api_key":"key-one","session_id":"s1"}"#,
+            NOW,
+        )
+        .unwrap();
+        let later = NOW + 20_000_000_000;
+        let again = issue(
+            &p,
+            &mut host,
+            r#"{"api_key":"key-one","session_id":"s1"}"#,
+            later,
+        )
+        .unwrap();
+        assert_eq!(a["access_token"], again["access_token"]);
+        assert_eq!(again["expires_in"], 40);
+        let other = issue(
+            &p,
+            &mut host,
+            r#"{"api_key":"key-one","session_id":"s2"}"#,
+            later,
+        )
+        .unwrap();
+        assert_ne!(a["access_token"], other["access_token"]);
+    }
+
+    #[test]
+    fn expired_tampered_and_orphaned_tokens_get_401() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = FakeHost::default();
+        let token = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let expired = use_token(&p, &mut host, &token, "GET", NOW + 60_000_000_000);
+        assert_eq!(
+            denied(&expired),
+            Some((Reason::Expired, "Token has expired"))
+        );
+        let tampered = format!("{}A", &token[..token.len() - 1]);
+        assert_eq!(
+            denied(&use_token(&p, &mut host, &tampered, "GET", NOW)).map(|d| d.0),
+            Some(Reason::UnknownKey)
+        );
+        // Signed by the same keys, but its key is gone: refused at once.
+        let other = token_policy(vec![]);
+        assert_eq!(
+            denied(&use_token(&other, &mut host, &token, "GET", NOW)),
+            Some((Reason::UnknownKey, "Invalid token"))
+        );
+    }
+
+    #[test]
+    fn deactivating_the_key_stops_its_tokens() {
+        let mut host = FakeHost::default();
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let token = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut inactive = rec("k1", "key-one");
+        inactive.status = Status::Inactive;
+        let p2 = token_policy(vec![inactive]);
+        assert_eq!(
+            denied(&use_token(&p2, &mut host, &token, "GET", NOW)).map(|d| d.0),
+            Some(Reason::Inactive)
+        );
+    }
+
+    #[test]
+    fn revoked_session_refuses_old_tokens_and_login_issues_a_fresh_one() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = FakeHost::default();
+        let body = r#"{"api_key":"key-one","session_id":"s1"}"#;
+        let old = issue(&p, &mut host, body, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let revoked_at = NOW / 1_000_000 + 1;
+        host.counters.insert(
+            token::revocations_key("k1"),
+            format!(r#"{{"s1":{revoked_at}}}"#).into_bytes(),
+        );
+        let later = NOW + 5_000_000;
+        assert_eq!(
+            denied(&use_token(&p, &mut host, &old, "GET", later)).map(|d| d.0),
+            Some(Reason::RevokedToken)
+        );
+        let fresh = issue(&p, &mut host, body, later).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(fresh, old);
+        assert!(matches!(
+            use_token(&p, &mut host, &fresh, "GET", later).outcome,
+            Outcome::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn login_applies_the_usual_rules_and_validates_its_body() {
+        let mut inactive = rec("k2", "inactive-key");
+        inactive.status = Status::Inactive;
+        let p = token_policy(vec![rec("k1", "key-one"), inactive]);
+        let mut host = FakeHost::default();
+        assert_eq!(
+            issue(&p, &mut host, "{", NOW).unwrap_err().0,
+            Reason::BadRequest
+        );
+        assert_eq!(
+            issue(&p, &mut host, r#"{"session_id":"s"}"#, NOW).unwrap_err(),
+            (Reason::BadRequest, "Missing api_key".into())
+        );
+        assert_eq!(
+            issue(&p, &mut host, r#"{"api_key":"nope"}"#, NOW)
+                .unwrap_err()
+                .0,
+            Reason::UnknownKey
+        );
+        assert_eq!(
+            issue(&p, &mut host, r#"{"api_key":"inactive-key"}"#, NOW)
+                .unwrap_err()
+                .0,
+            Reason::Inactive
+        );
+        // A token cannot be exchanged for another token.
+        let t = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            issue(&p, &mut host, &format!(r#"{{"api_key":"{t}"}}"#), NOW)
+                .unwrap_err()
+                .0,
+            Reason::UnknownKey
+        );
     }
 }

@@ -11,11 +11,11 @@
 use crate::http;
 use crate::store::{Snapshot, Store};
 use keygate_core::sync::{
-    sign, Mode, Push, SyncState, MAX_PUSH_BYTES, MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER,
-    STATE_PATH,
+    sign, Mode, Push, RevokedSession, SyncState, MAX_PUSH_BYTES, MAX_PUSH_ITEMS, PUSH_PATH,
+    SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::CredentialRecord;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Target size of one batch body; well under the filter's limit.
@@ -36,6 +36,7 @@ struct Held {
     generation: u64,
     version: u64,
     set: BTreeMap<String, CredentialRecord>,
+    revoked: BTreeSet<RevokedSession>,
 }
 
 struct Endpoint {
@@ -56,6 +57,10 @@ fn as_set(snap: &Snapshot) -> BTreeMap<String, CredentialRecord> {
         .iter()
         .map(|k| (k.record.key_hash.clone(), k.record.clone()))
         .collect()
+}
+
+fn revocations(snap: &Snapshot) -> BTreeSet<RevokedSession> {
+    snap.revoked_sessions.iter().cloned().collect()
 }
 
 impl Endpoint {
@@ -120,6 +125,12 @@ impl Endpoint {
                 last: i + 1 == n,
                 upserts,
                 deletes: vec![],
+                // Revocations are few and bounded; they ride on the last batch.
+                revoked_sessions: if i + 1 == n {
+                    snap.revoked_sessions.clone()
+                } else {
+                    vec![]
+                },
             };
             self.send(&push, secret)
                 .map_err(|(status, m)| format!("full push batch {i} refused ({status}): {m}"))?;
@@ -135,6 +146,7 @@ impl Endpoint {
             generation,
             version: snap.version,
             set,
+            revoked: revocations(snap),
         });
         Ok(())
     }
@@ -158,7 +170,12 @@ impl Endpoint {
             .filter(|h| !set.contains_key(*h))
             .cloned()
             .collect();
-        if upserts.len() + deletes.len() > BATCH_ITEMS || snap.version <= held.version {
+        let revoked = revocations(snap);
+        let new_revocations: Vec<RevokedSession> =
+            revoked.difference(&held.revoked).cloned().collect();
+        if upserts.len() + deletes.len() + new_revocations.len() > BATCH_ITEMS
+            || snap.version <= held.version
+        {
             return Ok(false);
         }
         let push = Push {
@@ -170,14 +187,16 @@ impl Endpoint {
             last: true,
             upserts,
             deletes,
+            revoked_sessions: new_revocations,
         };
         match self.send(&push, secret) {
             Ok(_) => {
                 log(&format!(
-                    "{}: pushed {} upserts, {} deletes, version {} -> {} ({:.1} ms)",
+                    "{}: pushed {} upserts, {} deletes, {} session revocations, version {} -> {} ({:.1} ms)",
                     self.addr,
                     push.upserts.len(),
                     push.deletes.len(),
+                    push.revoked_sessions.len(),
                     push.base_version,
                     push.version,
                     started.elapsed().as_secs_f64() * 1e3
@@ -186,6 +205,7 @@ impl Endpoint {
                     generation: held.generation,
                     version: snap.version,
                     set,
+                    revoked,
                 });
                 Ok(true)
             }

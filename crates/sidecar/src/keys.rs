@@ -211,6 +211,32 @@ pub fn set_scopes(
     Ok(())
 }
 
+/// Refuses the session's tokens issued until now; older revocations than
+/// any token can live are dropped on the way.
+pub fn revoke_session(
+    snap: &mut Snapshot,
+    key_id: &str,
+    session_id: &str,
+    now_ms: u64,
+) -> Result<(), String> {
+    snap.find(key_id)
+        .ok_or_else(|| format!("no key with id '{key_id}'"))?;
+    if !session_id.is_empty() {
+        keygate_core::credential::check_name("session", session_id).map_err(|e| e.to_string())?;
+    }
+    let horizon = now_ms.saturating_sub(keygate_core::token::MAX_LIFETIME_SECS * 1000);
+    snap.revoked_sessions.retain(|r| {
+        r.revoked_at_ms >= horizon && !(r.key_id == key_id && r.session_id == session_id)
+    });
+    snap.revoked_sessions
+        .push(keygate_core::sync::RevokedSession {
+            key_id: key_id.to_owned(),
+            session_id: session_id.to_owned(),
+            revoked_at_ms: now_ms,
+        });
+    Ok(())
+}
+
 /// `100/60s`, `100/min`, `5000/1h`, `10/sec`.
 pub fn parse_rate(s: &str) -> Result<RateLimit, String> {
     let (n, per) = s
@@ -361,6 +387,22 @@ mod tests {
         assert_eq!(snap.keys[0].record.allowed_ips, vec!["10.0.0.0/8"]);
         assert!(allow_ip(&mut snap, &c.key_id, "10.1.0.0/16", false, 12).is_err());
         assert!(allow_ip(&mut snap, "nope", "10.0.0.0/8", true, 12).is_err());
+    }
+
+    #[test]
+    fn session_revocation_needs_a_known_key_and_replaces_older_entries() {
+        let mut snap = Snapshot::default();
+        let c = create(&mut snap, new_key("t", Kind::Scoped), 10).unwrap();
+        assert!(revoke_session(&mut snap, "nope", "s1", 5).is_err());
+        assert!(revoke_session(&mut snap, &c.key_id, "bad id", 5).is_err());
+        revoke_session(&mut snap, &c.key_id, "s1", 5).unwrap();
+        revoke_session(&mut snap, &c.key_id, "s1", 9).unwrap();
+        assert_eq!(snap.revoked_sessions.len(), 1);
+        assert_eq!(snap.revoked_sessions[0].revoked_at_ms, 9);
+        // Past the longest token lifetime an entry is useless and dropped.
+        let week_later = 9 + keygate_core::token::MAX_LIFETIME_SECS * 1000 + 1;
+        revoke_session(&mut snap, &c.key_id, "s2", week_later).unwrap();
+        assert_eq!(snap.revoked_sessions.len(), 1);
     }
 
     #[test]

@@ -42,6 +42,21 @@ enum Command {
     Key(KeyCommand),
     /// Push the store into Envoy sync endpoints and keep them in step.
     Sync(SyncArgs),
+    /// Token sessions (tokens issued by POST /auth/login).
+    #[command(subcommand)]
+    Session(SessionCommand),
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Refuse every token issued so far for this key and session (401).
+    Revoke {
+        #[arg(long = "key")]
+        key_id: String,
+        /// The session_id given at login; "" for logins without one.
+        #[arg(long)]
+        session: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -391,6 +406,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Key(cmd) => key_command(&store, cli.json, cmd),
         Command::Sync(args) => sync_command(&store, args),
+        Command::Session(SessionCommand::Revoke { key_id, session }) => {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            store.update(|s| keys::revoke_session(s, &key_id, &session, now_ms)).map(|_| {
+                let v = serde_json::json!({"key_id": key_id, "session_id": session, "revoked": true});
+                print_value(cli.json, &v, || println!("Revoked session '{session}' of {key_id}: its tokens are refused."));
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,9 @@ pub struct StoredKey {
 pub struct Snapshot {
     pub version: u64,
     pub keys: Vec<StoredKey>,
+    /// Token sessions revoked within the longest token lifetime.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_sessions: Vec<keygate_core::sync::RevokedSession>,
 }
 
 impl Snapshot {
