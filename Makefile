@@ -3,6 +3,7 @@
 #   make run     build, then Envoy on 127.0.0.1:10000 with demo keys (Ctrl-C stops)
 #   make test    unit tests + the .wasm + end-to-end tests through a real Envoy
 #   make bench   load benchmark against bare Envoy and Envoy's native filters
+#   make soak    5 minutes of load with key churn: no 5xx, no wrong verdict, flat RSS
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -14,7 +15,7 @@ WASM_TARGET := wasm32-wasip1
 WASM := target/$(WASM_TARGET)/release/keygate_filter.wasm
 SIDECAR := target/release/keygate
 
-.PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench clean
+.PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench soak clean
 
 all: wasm
 
@@ -49,6 +50,11 @@ run: wasm sidecar envoy
 bench: wasm envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(VPY) bench/bench.py
+
+# Minutes of mixed load with key churn (SOAK_SECONDS, default 300); not in make test.
+soak: wasm sidecar envoy
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(VPY) bench/soak.py
 
 lint:
 	$(CARGO) fmt --all -- --check
