@@ -1,11 +1,15 @@
 //! The per-request context of the gate role: gather facts, decide, apply.
 
+use crate::metrics::Metrics;
 use crate::shared_store::{CredentialCache, SharedCounters};
+use keygate_core::access_log::AccessRecord;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::{CounterCell, RateStatus};
 use keygate_core::token::MAX_LOGIN_BODY;
 use keygate_core::verdict::{is_login, login, rate_limit_headers, Host, Login, Outcome};
 use keygate_core::{decide, Credential, Denial, Policy};
+use log::info;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
@@ -20,16 +24,37 @@ pub struct GateContext {
     now_ns: u64,
     /// Request headers of a login, kept for when its body is complete.
     login_headers: Option<Vec<(String, Vec<u8>)>>,
+    metrics: Rc<Metrics>,
 }
 
 impl GateContext {
-    pub fn new(policy: Option<Rc<Policy>>, cache: Rc<RefCell<CredentialCache>>) -> GateContext {
+    pub fn new(
+        policy: Option<Rc<Policy>>,
+        cache: Rc<RefCell<CredentialCache>>,
+        metrics: Rc<Metrics>,
+    ) -> GateContext {
         GateContext {
             policy,
             cache,
             rate: None,
             now_ns: 0,
             login_headers: None,
+            metrics,
+        }
+    }
+
+    /// Filter state for Envoy's access log (`%FILTER_STATE(wasm.keygate_<field>:PLAIN)%`),
+    /// the decision counter and, if enabled, one JSON log line.
+    fn record(&self, record: &AccessRecord, policy: &Policy) {
+        for (field, value) in record.fields() {
+            let name = format!("keygate_{field}");
+            let _ = hostcalls::set_property(vec![&name], Some(value.as_bytes()));
+        }
+        self.metrics.count(&record.outcome());
+        if policy.log_decisions {
+            if let Ok(line) = serde_json::to_string(record) {
+                info!("keygate decision {line}");
+            }
         }
     }
 
@@ -77,6 +102,7 @@ impl GateContext {
             };
             login(policy, headers, body, &mut host, self.now_ns)
         };
+        self.record(&AccessRecord::of_login(&outcome), policy);
         match outcome {
             Login::Issued { body, rate, .. } => {
                 let mut h = vec![
@@ -138,6 +164,7 @@ impl HttpContext for GateContext {
             };
             decide(&policy, &headers, &mut host, self.now_ns)
         };
+        self.record(&AccessRecord::of_decision(&decision), &policy);
         let edits = decision.upstream_headers(&policy, &headers);
         for name in &edits.remove {
             self.set_http_request_header(name, None);

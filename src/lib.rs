@@ -5,6 +5,7 @@
 //! lives in `keygate-core`, unit-tested natively.
 
 mod http_context;
+mod metrics;
 mod root_context;
 mod shared_store;
 mod sync_context;

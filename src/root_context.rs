@@ -2,6 +2,7 @@
 //! it to every HTTP context.
 
 use crate::http_context::GateContext;
+use crate::metrics::Metrics;
 use crate::shared_store::{ensure_counter, CredentialCache};
 use crate::sync_context::SyncContext;
 use keygate_core::config::{Role, SyncSecret};
@@ -18,6 +19,7 @@ pub struct KeygateRoot {
     policy: Option<Rc<Policy>>,
     sync_secret: Option<Rc<SyncSecret>>,
     cache: Rc<RefCell<CredentialCache>>,
+    metrics: Rc<Metrics>,
 }
 
 impl Context for KeygateRoot {}
@@ -48,6 +50,15 @@ impl RootContext for KeygateRoot {
                     policy.credentials.len(),
                     policy.routes.len()
                 );
+                if policy.role == Role::Gate {
+                    match Metrics::define() {
+                        Ok(m) => self.metrics = Rc::new(m),
+                        Err(e) => {
+                            error!("keygate: cannot define metrics: {e}");
+                            return false;
+                        }
+                    }
+                }
                 self.sync_secret = policy.sync_secret.clone().map(Rc::new);
                 self.policy = Some(Rc::new(policy));
                 true
@@ -67,6 +78,7 @@ impl RootContext for KeygateRoot {
             _ => Some(Box::new(GateContext::new(
                 self.policy.clone(),
                 self.cache.clone(),
+                self.metrics.clone(),
             ))),
         }
     }

@@ -47,13 +47,14 @@ def envoy_factory(echo, tmp_path_factory):
     started = []
 
     @contextlib.contextmanager
-    def start(plugin_config=None, *, concurrency=2, raw=None, wait=True, mutate=None):
+    def start(plugin_config=None, *, concurrency=2, raw=None, wait=True, mutate=None, access_log=None):
         config = render(
             plugin_config,
             gate_port=free_port(),
             admin_port=free_port(),
             upstream_port=echo.port,
             raw_plugin_config=raw,
+            access_log=access_log,
         )
         if mutate:
             mutate(config)

@@ -83,13 +83,15 @@ TOKEN_KEYS = "t1:test-token-signing-key-0123456789abcdef"
 
 
 def render(plugin_config=None, *, gate_port, admin_port, upstream_port, sync_port=None, wasm=WASM,
-           raw_plugin_config=None):
+           raw_plugin_config=None, access_log=None):
     """envoy/envoy.yaml with ports, the upstream address, the .wasm path and
     (optionally) the plugin configuration replaced."""
     config = load_envoy_yaml()
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
     listeners = {lst["name"]: lst for lst in config["static_resources"]["listeners"]}
     listeners["gate"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": gate_port}
+    for log in _hcm(listeners["gate"]).get("access_log", []):
+        log["typed_config"]["path"] = str(access_log or os.devnull)
     listeners["sync"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": sync_port or free_port()}
     for name in listeners:
         vm = wasm_filter(config, name)["vm_config"]
@@ -148,7 +150,8 @@ class Envoy:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [envoy_binary(), "-c", str(path), "--concurrency", str(self.concurrency),
-             "--disable-hot-restart", "--log-level", self.log_level, *self.extra_args],
+             "--disable-hot-restart", "--log-level", self.log_level, "--file-flush-interval-msec", "100",
+             *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "KEYGATE_SYNC_SECRET": self.sync_secret, "KEYGATE_TOKEN_KEYS": self.token_keys},
             start_new_session=True,

@@ -179,6 +179,9 @@ pub struct PluginConfig {
     /// Token exchange (`POST /auth/login` → short-lived bearer tokens); absent: off.
     #[serde(default)]
     pub tokens: Option<crate::token::TokenConfig>,
+    /// Also log one JSON line per decision through Envoy's log (info level).
+    #[serde(default)]
+    pub log_decisions: bool,
 }
 
 fn default_api_key_header() -> String {
@@ -207,6 +210,7 @@ pub struct Policy {
     pub realm: String,
     pub sync_secret: Option<SyncSecret>,
     pub tokens: Option<crate::token::Tokens>,
+    pub log_decisions: bool,
 }
 
 fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
@@ -349,6 +353,7 @@ impl TryFrom<PluginConfig> for Policy {
             realm: raw.realm,
             sync_secret,
             tokens: None,
+            log_decisions: raw.log_decisions,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! [`verdict::Decision`] computed here; the sidecar shares the credential and
 //! sync wire formats. Every module is unit-tested natively.
 
+pub mod access_log;
 pub mod config;
 pub mod credential;
 pub mod denial;

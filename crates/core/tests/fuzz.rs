@@ -18,7 +18,10 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 fn iterations() -> usize {
-    std::env::var("KEYGATE_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000)
+    std::env::var("KEYGATE_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
 }
 
 /// xorshift64*: small, seeded, good enough to drive mutations.
@@ -108,11 +111,20 @@ fn credential_header_parsing_never_panics() {
 
 #[test]
 fn path_normalisation_never_panics_and_is_idempotent() {
-    let seeds: &[&[u8]] = &[b"/v1/items?x=1", b"/a/../b/./c//d", b"/%61dmin/%2e%2e/x", b"/", b"//a%2fb"];
+    let seeds: &[&[u8]] = &[
+        b"/v1/items?x=1",
+        b"/a/../b/./c//d",
+        b"/%61dmin/%2e%2e/x",
+        b"/",
+        b"//a%2fb",
+    ];
     corpus_run(seeds, 2, |v| {
         if let Ok(p) = normalize(v) {
             assert!(p.starts_with('/'));
-            assert!(!p.contains("//") && !p.split('/').any(|s| s == ".." || s == "."), "{p}");
+            assert!(
+                !p.contains("//") && !p.split('/').any(|s| s == ".." || s == "."),
+                "{p}"
+            );
             // Fixed point, unless decoding revealed a new escape or '?'.
             if !p.contains(['%', '?', '#']) {
                 assert_eq!(normalize(p.as_bytes()).as_deref(), Ok(p.as_str()));
@@ -128,9 +140,17 @@ const CONFIG: &str = r#"{"routes":[{"path":"/health","public":true},{"methods":[
 
 #[test]
 fn plugin_config_parsing_never_panics() {
-    corpus_run(&[CONFIG.as_bytes(), b"{}", br#"{"role":"sync","sync_secret":"x"}"#], 3, |v| {
-        let _ = Policy::from_json(v);
-    });
+    corpus_run(
+        &[
+            CONFIG.as_bytes(),
+            b"{}",
+            br#"{"role":"sync","sync_secret":"x"}"#,
+        ],
+        3,
+        |v| {
+            let _ = Policy::from_json(v);
+        },
+    );
 }
 
 #[test]
@@ -140,12 +160,18 @@ fn sync_push_parsing_never_panics_and_refusals_change_nothing() {
         r#"{{"key_id":"k","key_hash":"{}","tenant":"t","allowed_ips":["10.0.0.0/8"],"rate_limit":{{"requests":1,"window_secs":1}}}}"#,
         to_hex(&sha256(b"k"))
     );
-    let full = format!(r#"{{"mode":"full","generation":1,"version":1,"batch":0,"last":true,"upserts":[{record}]}}"#);
+    let full = format!(
+        r#"{{"mode":"full","generation":1,"version":1,"batch":0,"last":true,"upserts":[{record}]}}"#
+    );
     let incr = format!(
         r#"{{"mode":"incremental","generation":1,"base_version":1,"version":2,"upserts":[{record}],"deletes":["{}"],"revoked_sessions":[{{"key_id":"k","session_id":"s","revoked_at_ms":1}}]}}"#,
         to_hex(&sha256(b"x"))
     );
-    let held = SyncState { generation: 1, version: 1, pending: None };
+    let held = SyncState {
+        generation: 1,
+        version: 1,
+        pending: None,
+    };
     corpus_run(&[full.as_bytes(), incr.as_bytes()], 4, |v| {
         // Correctly signed, so the fuzzing reaches the parser and validation.
         let sig = sign(secret, v);
@@ -198,8 +224,14 @@ fn whole_decisions_and_logins_never_panic_and_refuse_with_4xx_json() {
     corpus_run(seeds, 5, |v| {
         let parts: Vec<&[u8]> = v.split(|&b| b == b'\n').collect();
         let mut headers = vec![
-            (":method".to_owned(), parts.first().copied().unwrap_or_default().to_vec()),
-            (":path".to_owned(), parts.get(1).copied().unwrap_or_default().to_vec()),
+            (
+                ":method".to_owned(),
+                parts.first().copied().unwrap_or_default().to_vec(),
+            ),
+            (
+                ":path".to_owned(),
+                parts.get(1).copied().unwrap_or_default().to_vec(),
+            ),
         ];
         for pair in parts[2.min(parts.len())..].chunks(2) {
             let name = String::from_utf8_lossy(pair[0]).to_ascii_lowercase();
@@ -233,7 +265,10 @@ fn token_verification_never_panics() {
     corpus_run(&[good.as_bytes(), b"kg1.a.e30.AAAA"], 6, |v| {
         if let Ok(s) = std::str::from_utf8(v) {
             if s != good {
-                assert!(tokens.verify(s, 0).is_err() || s.starts_with(&good[..good.rfind('.').unwrap_or(0)]));
+                assert!(
+                    tokens.verify(s, 0).is_err()
+                        || s.starts_with(&good[..good.rfind('.').unwrap_or(0)])
+                );
             }
         }
     });

@@ -4,6 +4,7 @@
 mod daemon;
 mod http;
 mod keys;
+mod logs;
 mod store;
 
 use clap::{Args, Parser, Subcommand};
@@ -42,6 +43,8 @@ enum Command {
     Key(KeyCommand),
     /// Push the store into Envoy sync endpoints and keep them in step.
     Sync(SyncArgs),
+    /// Requests made with credentials, from Envoy's JSON access log.
+    Logs(LogsArgs),
     /// Token sessions (tokens issued by POST /auth/login).
     #[command(subcommand)]
     Session(SessionCommand),
@@ -133,6 +136,23 @@ struct CreateArgs {
     /// Key id; default <tenant>-<random>.
     #[arg(long)]
     id: Option<String>,
+}
+
+#[derive(Args)]
+struct LogsArgs {
+    /// Envoy's JSON access log (also KEYGATE_ACCESS_LOG); - for stdin.
+    #[arg(long, env = "KEYGATE_ACCESS_LOG", default_value = "-")]
+    file: PathBuf,
+    #[arg(long = "key")]
+    key_id: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    /// e.g. 10m, 2h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// e.g. 4xx, 429.
+    #[arg(long, value_parser = logs::parse_status_filter)]
+    status: Option<String>,
 }
 
 #[derive(Args)]
@@ -400,12 +420,37 @@ fn sync_command(store: &FileStore, args: SyncArgs) -> Result<(), String> {
     daemon::run(store, opts)
 }
 
+fn logs_command(json: bool, a: LogsArgs) -> Result<(), String> {
+    let filter = logs::Filter {
+        key: a.key_id,
+        tenant: a.tenant,
+        since: a.since.map(logs::since),
+        status: a.status,
+    };
+    let records = if a.file.as_os_str() == "-" {
+        logs::read(std::io::stdin().lock(), &filter)
+    } else {
+        let f = std::fs::File::open(&a.file)
+            .map_err(|e| format!("cannot read {}: {e}", a.file.display()))?;
+        logs::read(std::io::BufReader::new(f), &filter)
+    };
+    if json {
+        for r in &records {
+            println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+        }
+    } else {
+        logs::print_table(&records);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let store = FileStore::new(&cli.store);
     let result = match cli.command {
         Command::Key(cmd) => key_command(&store, cli.json, cmd),
         Command::Sync(args) => sync_command(&store, args),
+        Command::Logs(a) => logs_command(cli.json, a),
         Command::Session(SessionCommand::Revoke { key_id, session }) => {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

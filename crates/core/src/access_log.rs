@@ -1,0 +1,193 @@
+//! The access-log record of a decision: what the filter exposes to Envoy's
+//! access log (as filter state `wasm.keygate_<field>`), to the optional
+//! decision log line, and to the metrics. Never a key, secret or token.
+
+use crate::credential::Credential;
+use crate::denial::{Denial, Reason};
+use crate::verdict::{Decision, Login, Outcome};
+use serde::Serialize;
+
+/// One record per decided request.
+#[derive(Serialize, Debug, Default, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// `allowed`, `denied` or `public`.
+    pub decision: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope_required: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_remaining: Option<u32>,
+}
+
+/// Every metric outcome, for defining the counters once at start.
+pub fn outcomes() -> impl Iterator<Item = String> {
+    [
+        "allowed".to_owned(),
+        "public".to_owned(),
+        "login".to_owned(),
+    ]
+    .into_iter()
+    .chain(Reason::ALL.iter().map(|r| format!("denied_{}", r.as_str())))
+}
+
+impl AccessRecord {
+    fn with_credential(mut self, c: Option<&Credential>) -> AccessRecord {
+        if let Some(c) = c {
+            self.key_id = Some(c.key_id.clone());
+            self.tenant = Some(c.tenant.clone());
+            self.environment = Some(c.environment.clone());
+        }
+        self
+    }
+
+    fn denied(denial: &Denial, c: Option<&Credential>) -> AccessRecord {
+        AccessRecord {
+            decision: "denied",
+            reason: Some(denial.reason.as_str()),
+            rate_remaining: denial.rate.map(|r| r.remaining),
+            ..AccessRecord::default()
+        }
+        .with_credential(c)
+    }
+
+    pub fn of_decision(d: &Decision) -> AccessRecord {
+        let record = match &d.outcome {
+            Outcome::Public => AccessRecord {
+                decision: "public",
+                ..AccessRecord::default()
+            },
+            Outcome::Allowed { credential, rate } => AccessRecord {
+                decision: "allowed",
+                rate_remaining: rate.map(|r| r.remaining),
+                ..AccessRecord::default()
+            }
+            .with_credential(Some(credential)),
+            Outcome::Denied { denial, credential } => {
+                AccessRecord::denied(denial, credential.as_deref())
+            }
+        };
+        AccessRecord {
+            scope_required: d.required_scope.clone(),
+            ..record
+        }
+    }
+
+    pub fn of_login(l: &Login) -> AccessRecord {
+        match l {
+            Login::Issued {
+                credential, rate, ..
+            } => AccessRecord {
+                decision: "allowed",
+                reason: Some("login"),
+                rate_remaining: rate.map(|r| r.remaining),
+                ..AccessRecord::default()
+            }
+            .with_credential(Some(credential)),
+            Login::Denied { denial, credential } => {
+                AccessRecord::denied(denial, credential.as_deref())
+            }
+        }
+    }
+
+    /// The metric outcome: `allowed`, `public`, `login` or `denied_<reason>`.
+    pub fn outcome(&self) -> String {
+        match (self.decision, self.reason) {
+            ("denied", Some(r)) => format!("denied_{r}"),
+            ("allowed", Some("login")) => "login".into(),
+            (d, _) => d.into(),
+        }
+    }
+
+    /// `(field, value)` pairs for filter state, only those known.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![("decision", self.decision.to_owned())];
+        let opt = [
+            ("reason", self.reason.map(str::to_owned)),
+            ("key_id", self.key_id.clone()),
+            ("tenant", self.tenant.clone()),
+            ("environment", self.environment.clone()),
+            ("scope_required", self.scope_required.clone()),
+            ("rate_remaining", self.rate_remaining.map(|r| r.to_string())),
+        ];
+        f.extend(opt.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::tests::record;
+    use std::rc::Rc;
+
+    fn cred() -> Rc<Credential> {
+        Rc::new(Credential::try_from(&record("k", "acme")).unwrap())
+    }
+
+    #[test]
+    fn allowed_record_names_the_key_not_the_secret() {
+        let d = Decision {
+            outcome: Outcome::Allowed {
+                credential: cred(),
+                rate: None,
+            },
+            required_scope: Some("read".into()),
+        };
+        let r = AccessRecord::of_decision(&d);
+        assert_eq!(r.outcome(), "allowed");
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"decision":"allowed","key_id":"id-k","tenant":"acme","environment":"live","scope_required":"read"}"#
+        );
+        assert!(!json.contains(&record("k", "acme").key_hash));
+    }
+
+    #[test]
+    fn denial_records_carry_the_reason_and_metric_outcome() {
+        let denial = Denial::new(Reason::IpNotAllowed, "x");
+        let d = Decision {
+            outcome: Outcome::Denied {
+                denial,
+                credential: Some(cred()),
+            },
+            required_scope: None,
+        };
+        let r = AccessRecord::of_decision(&d);
+        assert_eq!(
+            (r.reason, r.outcome().as_str()),
+            (Some("ip_not_allowed"), "denied_ip_not_allowed")
+        );
+        assert!(r.fields().contains(&("key_id", "id-k".into())));
+        let anon = Decision {
+            outcome: Outcome::Denied {
+                denial: Denial::new(Reason::UnknownKey, "x"),
+                credential: None,
+            },
+            required_scope: None,
+        };
+        assert_eq!(
+            AccessRecord::of_decision(&anon).fields(),
+            vec![
+                ("decision", "denied".into()),
+                ("reason", "unknown_key".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn every_outcome_has_a_predefined_metric() {
+        let all: Vec<String> = outcomes().collect();
+        for r in Reason::ALL {
+            assert!(all.contains(&format!("denied_{}", r.as_str())));
+        }
+        assert!(all.contains(&"public".to_owned()) && all.contains(&"login".to_owned()));
+    }
+}

@@ -1,0 +1,200 @@
+//! `keygate logs`: the requests made with credentials, from Envoy's JSON
+//! access log (the format in envoy/envoy.yaml), filtered and tabulated.
+
+use serde::Deserialize;
+use std::io::BufRead;
+use std::time::{Duration, SystemTime};
+
+/// One access-log record; fields keygate does not need are ignored.
+#[derive(Deserialize, Debug, Clone, serde::Serialize)]
+pub struct Record {
+    #[serde(default)]
+    pub time: Option<String>,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub client_ip: Option<String>,
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub decision: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+pub struct Filter {
+    pub key: Option<String>,
+    pub tenant: Option<String>,
+    pub since: Option<SystemTime>,
+    /// `4xx`, `429`, `2xx`…
+    pub status: Option<String>,
+}
+
+pub fn parse_status_filter(s: &str) -> Result<String, String> {
+    let ok = s.len() == 3
+        && s.as_bytes()[0].is_ascii_digit()
+        && s[1..].bytes().all(|b| b.is_ascii_digit() || b == b'x');
+    let ok = ok && (s.ends_with("xx") || s.bytes().all(|b| b.is_ascii_digit()));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("status filter '{s}' should look like 4xx or 403"))
+    }
+}
+
+impl Filter {
+    fn matches(&self, r: &Record) -> bool {
+        // Only requests made with a credential.
+        let Some(key_id) = &r.key_id else {
+            return false;
+        };
+        if self.key.as_ref().is_some_and(|k| k != key_id)
+            || self
+                .tenant
+                .as_ref()
+                .is_some_and(|t| Some(t) != r.tenant.as_ref())
+        {
+            return false;
+        }
+        if let Some(want) = &self.status {
+            let got = r.status.map(|s| s.to_string()).unwrap_or_default();
+            let hit = got.len() == 3
+                && want
+                    .bytes()
+                    .zip(got.bytes())
+                    .all(|(w, g)| w == b'x' || w == g);
+            if !hit {
+                return false;
+            }
+        }
+        if let Some(since) = self.since {
+            let at = r
+                .time
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok());
+            if at.is_none_or(|at| at < since) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Reads records from `input`, skipping lines that are not JSON records.
+pub fn read(input: impl BufRead, filter: &Filter) -> Vec<Record> {
+    input
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Record>(&l).ok())
+        .filter(|r| filter.matches(r))
+        .collect()
+}
+
+pub fn since(d: Duration) -> SystemTime {
+    SystemTime::now()
+        .checked_sub(d)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+pub fn print_table(records: &[Record]) {
+    let s = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!(
+        "{:<24} {:<22} {:<7} {:<32} {:<16} {:<6} REASON",
+        "TIME", "KEY ID", "METHOD", "PATH", "CLIENT IP", "STATUS"
+    );
+    for r in records {
+        println!(
+            "{:<24} {:<22} {:<7} {:<32} {:<16} {:<6} {}",
+            s(&r.time),
+            s(&r.key_id),
+            s(&r.method),
+            s(&r.path),
+            s(&r.client_ip),
+            r.status.map_or("-".into(), |v| v.to_string()),
+            r.reason.clone().unwrap_or_default()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: &str = r#"{"time":"2026-11-24T02:12:24.582Z","key_id":"k1","tenant":"acme","method":"GET","path":"/v1","client_ip":"127.0.0.1","status":200,"decision":"allowed","reason":null}
+not json at all
+{"time":"2026-11-24T02:12:25.000Z","key_id":null,"method":"GET","path":"/health","status":200,"decision":"public"}
+{"time":"2026-11-24T02:13:00.000Z","key_id":"k2","tenant":"beta","method":"POST","path":"/v1","status":403,"decision":"denied","reason":"insufficient_scope"}
+{"time":"2026-11-24T02:14:00.000Z","key_id":"k1","tenant":"acme","method":"GET","path":"/v1","status":429,"decision":"denied","reason":"rate_limited"}"#;
+
+    fn run(f: Filter) -> Vec<Option<u16>> {
+        read(LOG.as_bytes(), &f).iter().map(|r| r.status).collect()
+    }
+
+    fn none() -> Filter {
+        Filter {
+            key: None,
+            tenant: None,
+            since: None,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn only_requests_with_a_credential_are_listed() {
+        assert_eq!(run(none()), vec![Some(200), Some(403), Some(429)]);
+    }
+
+    #[test]
+    fn filters_by_key_tenant_status_and_time() {
+        assert_eq!(
+            run(Filter {
+                key: Some("k1".into()),
+                ..none()
+            }),
+            vec![Some(200), Some(429)]
+        );
+        assert_eq!(
+            run(Filter {
+                tenant: Some("beta".into()),
+                ..none()
+            }),
+            vec![Some(403)]
+        );
+        assert_eq!(
+            run(Filter {
+                status: Some("4xx".into()),
+                ..none()
+            }),
+            vec![Some(403), Some(429)]
+        );
+        assert_eq!(
+            run(Filter {
+                status: Some("429".into()),
+                ..none()
+            }),
+            vec![Some(429)]
+        );
+        let t = humantime::parse_rfc3339("2026-11-24T02:13:30Z").unwrap();
+        assert_eq!(
+            run(Filter {
+                since: Some(t),
+                ..none()
+            }),
+            vec![Some(429)]
+        );
+    }
+
+    #[test]
+    fn status_filters_are_checked() {
+        assert!(parse_status_filter("4xx").is_ok() && parse_status_filter("403").is_ok());
+        for bad in ["4", "x4x", "40", "abc", "4xxx"] {
+            assert!(parse_status_filter(bad).is_err(), "{bad}");
+        }
+    }
+}

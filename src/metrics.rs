@@ -1,0 +1,35 @@
+//! Decision counters, defined once per VM and shared by its HTTP contexts.
+//! Named `keygate.requests_total.<outcome>`; Envoy shows wasm metrics with a
+//! `wasmcustom.` prefix, and `envoy/envoy.yaml` extracts the outcome as a
+//! Prometheus label.
+
+use keygate_core::access_log::outcomes;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+use std::collections::HashMap;
+
+#[derive(Default)]
+pub struct Metrics {
+    by_outcome: HashMap<String, u32>,
+}
+
+impl Metrics {
+    /// Defines every counter up front; an error fails `on_configure`
+    /// instead of surfacing on a request.
+    pub fn define() -> Result<Metrics, String> {
+        let mut by_outcome = HashMap::new();
+        for outcome in outcomes() {
+            let name = format!("keygate.requests_total.{outcome}");
+            let id = hostcalls::define_metric(MetricType::Counter, &name)
+                .map_err(|e| format!("{name}: {e:?}"))?;
+            by_outcome.insert(outcome, id);
+        }
+        Ok(Metrics { by_outcome })
+    }
+
+    pub fn count(&self, outcome: &str) {
+        if let Some(id) = self.by_outcome.get(outcome) {
+            let _ = hostcalls::increment_metric(*id, 1);
+        }
+    }
+}

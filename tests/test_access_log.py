@@ -1,0 +1,132 @@
+"""End-to-end: every decision leaves an access-log record and moves a
+counter; `keygate logs` reads the log; no secret is ever written."""
+
+import base64
+import json
+import re
+import subprocess
+
+import pytest
+
+from conftest import ROUTES, cred, wait_until
+from harness import KEYGATE, request
+
+SECRETS = {
+    "read": "log-read-key-7f3a", "inactive": "log-inactive-key-91c2", "ip": "log-ip-key-44d1",
+    "limited": "log-limited-key-0b9e", "basic": "log-basic-key-5e6f", "basic_secret": "log-basic-secret-c3d8",
+}
+CONFIG = {
+    "routes": ROUTES,
+    "log_decisions": True,
+    "tokens": {},
+    "credentials": [
+        cred("log-read", SECRETS["read"], scopes=["read"]),
+        cred("log-inactive", SECRETS["inactive"], tenant="b", scopes=["read"], status="inactive"),
+        cred("log-ip", SECRETS["ip"], tenant="c", scopes=["read"], allowed_ips=["10.0.0.0/8"]),
+        cred("log-limited", SECRETS["limited"], tenant="d", scopes=["read"], rate_limit={"requests": 1, "window_secs": 60}),
+        cred("log-basic", SECRETS["basic"], tenant="e", scopes=["read"], secret=SECRETS["basic_secret"]),
+    ],
+}
+
+# (case, method, headers, expected status, decision, reason, key_id, outcome)
+CASES = [
+    ("allowed", "GET", [("x-api-key", SECRETS["read"])], 200, "allowed", None, "log-read", "allowed"),
+    ("public", "GET", [], 200, "public", None, None, "public"),
+    ("unknown", "GET", [("x-api-key", "no-such-key-123")], 401, "denied", "unknown_key", None, "denied_unknown_key"),
+    ("inactive", "GET", [("x-api-key", SECRETS["inactive"])], 403, "denied", "inactive", "log-inactive", "denied_inactive"),
+    ("ip", "GET", [("x-api-key", SECRETS["ip"])], 403, "denied", "ip_not_allowed", "log-ip", "denied_ip_not_allowed"),
+    ("scope", "POST", [("x-api-key", SECRETS["read"])], 403, "denied", "insufficient_scope", "log-read",
+     "denied_insufficient_scope"),
+    ("limited1", "GET", [("x-api-key", SECRETS["limited"])], 200, "allowed", None, "log-limited", "allowed"),
+    ("limited2", "GET", [("x-api-key", SECRETS["limited"])], 429, "denied", "rate_limited", "log-limited",
+     "denied_rate_limited"),
+    ("basic", "GET", [("authorization", "Basic " + base64.b64encode(
+        f"{SECRETS['basic']}:{SECRETS['basic_secret']}".encode()).decode())], 200, "allowed", None, "log-basic", "allowed"),
+]
+
+
+def counters(envoy):
+    text = envoy.admin("/stats/prometheus")
+    return {m[0]: int(m[1]) for m in re.findall(r'^keygate_requests_total\{outcome="(\w+)"\} (\d+)', text, re.M)}
+
+
+@pytest.fixture(scope="module")
+def logged(envoy_factory, tmp_path_factory):
+    log = tmp_path_factory.mktemp("access") / "access.log"
+    with envoy_factory(CONFIG, access_log=log) as envoy:
+        before = counters(envoy)
+        responses = {}
+        for case, method, headers, *_ in CASES:
+            path = "/health" if case == "public" else f"/v1/items/{case}"
+            responses[case] = request(envoy.port, method, path + "?api_key=leaked-in-query", headers)
+        login = request(envoy.port, "POST", "/auth/login", [], json.dumps({"api_key": SECRETS["read"]}).encode())
+        after = counters(envoy)
+        records = wait_until(lambda: [json.loads(l) for l in log.read_text().splitlines()]
+                             if log.exists() and len(log.read_text().splitlines()) >= len(CASES) + 1 else None)
+        yield {"responses": responses, "records": records, "before": before, "after": after, "log": log,
+               "envoy_log": envoy.log, "login": login}
+
+
+def record_for(records, case):
+    path = "/health" if case == "public" else f"/v1/items/{case}"
+    matches = [r for r in records if r["path"] == path]
+    assert len(matches) == 1, (case, matches)
+    return matches[0]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_each_outcome_has_a_record_with_the_right_fields(logged, case):
+    _, method, _, status, decision, reason, key_id, _ = next(c for c in CASES if c[0] == case)
+    assert logged["responses"][case].status == status
+    r = record_for(logged["records"], case)
+    assert (r["method"], r["status"], r["decision"], r["reason"], r["key_id"]) == (method, status, decision, reason,
+                                                                                   key_id)
+    assert r["client_ip"] == "127.0.0.1" and isinstance(r["duration_ms"], int)
+    if key_id:
+        assert r["tenant"] and r["environment"] == "live"
+    if case == "limited1":
+        assert r["rate_remaining"] == "0"
+    if case == "scope":
+        assert r["scope_required"] == "write"
+
+
+def test_login_is_logged_as_an_allowed_login(logged):
+    assert logged["login"].status == 200
+    r = next(r for r in logged["records"] if r["path"] == "/auth/login")
+    assert (r["decision"], r["reason"], r["key_id"]) == ("allowed", "login", "log-read")
+
+
+def test_counters_move_by_exactly_the_requests_made(logged):
+    expected = {}
+    for *_, outcome in CASES:
+        expected[outcome] = expected.get(outcome, 0) + 1
+    expected["login"] = 1
+    delta = {k: logged["after"].get(k, 0) - logged["before"].get(k, 0) for k in logged["after"]}
+    assert {k: v for k, v in delta.items() if v} == expected
+
+
+def test_no_key_or_secret_appears_in_any_log(logged):
+    texts = logged["log"].read_text() + logged["envoy_log"]()
+    token = logged["login"].json()["access_token"]
+    for secret in [*SECRETS.values(), token, "leaked-in-query"]:
+        assert secret not in texts, secret
+    assert "keygate decision {" in logged["envoy_log"]()  # log_decisions is on
+
+
+def keygate_logs(log, *args):
+    out = subprocess.run([str(KEYGATE), "--json", "logs", "--file", str(log), *args], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return [json.loads(l) for l in out.splitlines()]
+
+
+def test_keygate_logs_filters_by_key_tenant_and_status(logged):
+    log = logged["log"]
+    by_key = keygate_logs(log, "--key", "log-limited")
+    assert [r["status"] for r in by_key] == [200, 429]
+    assert {r["key_id"] for r in keygate_logs(log)} == {"log-read", "log-inactive", "log-ip", "log-limited", "log-basic"}
+    assert [r["key_id"] for r in keygate_logs(log, "--tenant", "c")] == ["log-ip"]
+    assert sorted(r["status"] for r in keygate_logs(log, "--status", "4xx")) == [403, 403, 403, 429]
+    assert keygate_logs(log, "--since", "10m") and not keygate_logs(log, "--key", "nobody")
+    table = subprocess.run([str(KEYGATE), "logs", "--file", str(log), "--key", "log-read"], capture_output=True,
+                           text=True, timeout=30, check=True).stdout
+    assert "KEY ID" in table and "/v1/items/scope" in table and "log-inactive" not in table
