@@ -6,12 +6,14 @@ use keygate_core::access_log::AccessRecord;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::{CounterCell, RateStatus};
 use keygate_core::token::MAX_LOGIN_BODY;
+use keygate_core::verdict::Headers;
 use keygate_core::verdict::{is_login, login, rate_limit_headers, Host, Login, Outcome};
 use keygate_core::{decide, Credential, Denial, Policy};
 use log::info;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use proxy_wasm::types::MapType;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
@@ -72,6 +74,39 @@ impl GateContext {
     }
 }
 
+/// Request headers read from Envoy one by one, on demand, and remembered:
+/// fetching the whole map costs more than the few a decision needs. Only
+/// valid while the request headers are (in `on_http_request_headers`).
+#[derive(Default)]
+struct RequestHeaders {
+    seen: RefCell<Vec<(String, Option<Vec<u8>>)>>,
+}
+
+impl Headers for RequestHeaders {
+    fn get(&self, name: &str) -> Option<Vec<u8>> {
+        if let Some((_, v)) = self.seen.borrow().iter().find(|(n, _)| n == name) {
+            return v.clone();
+        }
+        // Raw bytes: the String variant of the SDK panics on non-UTF-8 values.
+        let value = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten();
+        self.seen
+            .borrow_mut()
+            .push((name.to_owned(), value.clone()));
+        value
+    }
+}
+
+impl RequestHeaders {
+    fn snapshot(&self, names: &[&str]) -> Vec<(String, Vec<u8>)> {
+        names
+            .iter()
+            .filter_map(|n| self.get(n).map(|v| ((*n).to_owned(), v)))
+            .collect()
+    }
+}
+
 /// The host side of a decision: shared data and Envoy properties.
 struct EnvoyHost<'a> {
     ctx: &'a GateContext,
@@ -100,7 +135,7 @@ impl GateContext {
                 ctx: self,
                 counters: SharedCounters,
             };
-            login(policy, headers, body, &mut host, self.now_ns)
+            login(policy, &headers, body, &mut host, self.now_ns)
         };
         self.record(&AccessRecord::of_login(&outcome), policy);
         match outcome {
@@ -145,16 +180,19 @@ impl HttpContext for GateContext {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         // Raw bytes: the String variants of the SDK panic on non-UTF-8 values.
-        let headers = self.get_http_request_headers_bytes();
+        let headers = RequestHeaders::default();
         if is_login(&policy, &headers) {
+            // Header reads fail once the headers are continued: keep what
+            // the login needs now (the client address may come from XFF).
+            let kept = headers.snapshot(&["x-forwarded-for"]);
             if end_of_stream {
-                self.answer_login(&policy, &headers, b"");
+                self.answer_login(&policy, &kept, b"");
                 return Action::Pause;
             }
             // The body follows; Envoy's buffer filter (enabled on the login
             // route) holds the request back from the router meanwhile.
             // Pausing here would keep the body from this filter as well.
-            self.login_headers = Some(headers);
+            self.login_headers = Some(kept);
             return Action::Continue;
         }
         let decision = {

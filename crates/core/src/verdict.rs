@@ -53,11 +53,40 @@ pub struct UpstreamHeaders<'a> {
     pub set: Vec<(&'a str, &'a str)>,
 }
 
-fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_slice())
+/// Request headers as the decision reads them: by lowercase name, a repeated
+/// header's values joined with ',' (as Envoy does for inline headers such as
+/// `authorization`, and for `x-api-key` when registered inline, see
+/// envoy/envoy.yaml). The filter reads each one from Envoy on demand: fetching
+/// all headers at once costs more than the few the decision needs.
+pub trait Headers {
+    fn get(&self, name: &str) -> Option<Vec<u8>>;
+}
+
+impl Headers for [(String, Vec<u8>)] {
+    fn get(&self, name: &str) -> Option<Vec<u8>> {
+        let mut values = self
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice());
+        let first = values.next()?;
+        Some(values.fold(first.to_vec(), |mut acc, v| {
+            acc.push(b',');
+            acc.extend_from_slice(v);
+            acc
+        }))
+    }
+}
+
+impl Headers for Vec<(String, Vec<u8>)> {
+    fn get(&self, name: &str) -> Option<Vec<u8>> {
+        Headers::get(self.as_slice(), name)
+    }
+}
+
+impl Headers for &[(String, Vec<u8>)] {
+    fn get(&self, name: &str) -> Option<Vec<u8>> {
+        Headers::get(*self, name)
+    }
 }
 
 /// Shared-data key of a credential's rate-limit state.
@@ -76,19 +105,17 @@ fn deny(
     }
 }
 
-/// Decides one request. `headers` are all request headers as Envoy holds them
-/// (lowercase names, raw values, pseudo-headers included); `now_ns` is Unix
-/// time in nanoseconds.
+/// Decides one request. `headers` gives request headers by lowercase name
+/// (pseudo-headers included); `now_ns` is Unix time in nanoseconds.
 pub fn decide(
     policy: &Policy,
-    headers: &[(String, Vec<u8>)],
+    headers: &dyn Headers,
     host: &mut dyn Host,
     now_ns: u64,
 ) -> Decision {
-    let method = header(headers, ":method")
-        .and_then(|m| std::str::from_utf8(m).ok())
-        .unwrap_or("");
-    let path = match normalize(header(headers, ":path").unwrap_or(b"")) {
+    let method = headers.get(":method").unwrap_or_default();
+    let method = std::str::from_utf8(&method).unwrap_or("");
+    let path = match normalize(&headers.get(":path").unwrap_or_default()) {
         Ok(p) => p,
         Err(_) => {
             return Decision {
@@ -114,13 +141,14 @@ pub fn decide(
 
 fn authorize(
     policy: &Policy,
-    headers: &[(String, Vec<u8>)],
+    headers: &dyn Headers,
     access: &Access,
     host: &mut dyn Host,
     now_ns: u64,
 ) -> Outcome {
-    let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
-    let presented = match extract(pairs, &policy.api_key_header) {
+    let authorization = headers.get("authorization");
+    let api_key = headers.get(&policy.api_key_header);
+    let presented = match extract(authorization.as_deref(), api_key.as_deref()) {
         Ok(p) => p,
         Err(ExtractError::Missing) => {
             return deny(
@@ -237,7 +265,7 @@ fn authenticate_token(
 /// What any credential must pass, however it was presented.
 fn check_credential(
     policy: &Policy,
-    headers: &[(String, Vec<u8>)],
+    headers: &dyn Headers,
     access: &Access,
     cred: Rc<Credential>,
     host: &mut dyn Host,
@@ -253,7 +281,7 @@ fn check_credential(
         let peer = host.peer_address();
         let ip = client_ip(
             peer.as_deref(),
-            header(headers, "x-forwarded-for"),
+            headers.get("x-forwarded-for").as_deref(),
             policy.trusted_xff_hops,
         );
         if !is_allowed(&cred.allowed_ips, ip) {
@@ -302,12 +330,13 @@ fn check_credential(
 
 /// True for `POST <login_path>` when token exchange is configured: the
 /// filter then reads the body and answers with [`login`].
-pub fn is_login(policy: &Policy, headers: &[(String, Vec<u8>)]) -> bool {
+pub fn is_login(policy: &Policy, headers: &dyn Headers) -> bool {
     let Some(tokens) = &policy.tokens else {
         return false;
     };
-    header(headers, ":method") == Some(b"POST")
-        && normalize(header(headers, ":path").unwrap_or(b"")).is_ok_and(|p| p == tokens.login_path)
+    headers.get(":method").as_deref() == Some(b"POST")
+        && normalize(&headers.get(":path").unwrap_or_default())
+            .is_ok_and(|p| p == tokens.login_path)
 }
 
 /// The reply to `POST <login_path>`.
@@ -337,7 +366,7 @@ struct LoginBody<'a> {
 /// from any worker, since issued tokens live in shared data.
 pub fn login(
     policy: &Policy,
-    headers: &[(String, Vec<u8>)],
+    headers: &dyn Headers,
     body: &[u8],
     host: &mut dyn Host,
     now_ns: u64,
@@ -446,19 +475,13 @@ impl Decision {
     pub fn upstream_headers<'a>(
         &'a self,
         policy: &'a Policy,
-        headers: &[(String, Vec<u8>)],
+        headers: &dyn Headers,
     ) -> UpstreamHeaders<'a> {
-        let present = |name: &str| headers.iter().any(|(n, _)| n == name);
+        let present = |name: &str| headers.get(name).is_some();
         let mut edits = UpstreamHeaders::default();
         match &self.outcome {
-            Outcome::Public => {
-                edits.remove = policy
-                    .headers
-                    .all()
-                    .into_iter()
-                    .filter(|h| present(h))
-                    .collect();
-            }
+            // Removing is one host call; asking first would be one more.
+            Outcome::Public => edits.remove = policy.headers.all().to_vec(),
             Outcome::Allowed { credential: c, .. } => {
                 edits.remove = ["authorization", policy.api_key_header.as_str()]
                     .into_iter()
@@ -603,7 +626,7 @@ mod tests {
     }
 
     fn run(p: &Policy, h: &[(String, Vec<u8>)], host: &mut FakeHost) -> Decision {
-        decide(p, h, host, NOW)
+        decide(p, &h, host, NOW)
     }
 
     fn denied(d: &Decision) -> Option<(Reason, &str)> {
@@ -635,7 +658,7 @@ mod tests {
         let h = req("GET", "/health", &[("x-keygate-tenant", "evil")]);
         let d = run(&p, &h, &mut FakeHost::default());
         assert!(matches!(d.outcome, Outcome::Public));
-        assert_eq!(d.upstream_headers(&p, &h).remove, vec!["x-keygate-tenant"]);
+        assert_eq!(d.upstream_headers(&p, &h).remove, p.headers.all().to_vec());
     }
 
     #[test]

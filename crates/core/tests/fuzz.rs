@@ -101,9 +101,9 @@ fn credential_header_parsing_never_panics() {
         b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
     ];
     corpus_run(seeds, 1, |v| {
-        let _ = extract([("authorization", v)], "x-api-key");
-        let _ = extract([("x-api-key", v), ("authorization", v)], "x-api-key");
-        if let Ok(p) = extract([("x-api-key", v)], "x-api-key") {
+        let _ = extract(Some(v), None);
+        let _ = extract(Some(v), Some(v));
+        if let Ok(p) = extract(None, Some(v)) {
             assert!(!p.key.is_empty() && p.key.bytes().all(|b| (0x21..=0x7e).contains(&b)));
         }
     });

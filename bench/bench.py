@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""`make bench`: keygate against bare Envoy and Envoy's native filters.
+
+All configurations run side by side as separate Envoys (concurrency 1, pinned
+to CPU 0); wrk (pinned to CPU 1) loads them in interleaved rounds and the
+table reports medians, all measured in one run. Routes answer with
+direct_response, so only Envoy and its filters are measured. Every
+configuration is checked to enforce (401 without a key, 200 with one) before
+it is measured: a benchmark of a filter that lets everything through is
+worthless.
+
+Env: BENCH_DURATION (s per run, default 5), BENCH_ROUNDS (default 3),
+BENCH_SIZES (credential counts loaded through the sync path, default
+"100000,1000000"), BENCH_CONNECTIONS (default 32)."""
+
+import base64
+import copy
+import hashlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from harness import KEYGATE, WASM, Envoy, free_port, keygate, render, request  # noqa: E402
+
+DURATION = int(os.environ.get("BENCH_DURATION", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "100000,1000000").split(",") if s]
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+WORK = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
+
+ROUTES = [{"methods": ["GET"], "path_prefix": "/v1", "scope": "read"}]
+LIMIT = {"requests": 1_000_000_000, "window_secs": 60}
+KEY = "bench-key-0"
+SECRET = "bench-secret-0"
+
+WRK_LUA = """
+local hdr_name, hdr_value
+function init(args) hdr_name = args[1]; hdr_value = args[2] end
+function request() return wrk.format("GET", "/v1/items", {[hdr_name] = hdr_value}) end
+function done(summary, latency, requests)
+  io.write(string.format("BENCH %d %f %f %f %d\\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1e3, latency:percentile(99) / 1e3, summary.errors.status))
+end
+"""
+
+
+def sha(s):
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+def record(i, **extra):
+    r = {"key_id": f"bench-{i:07d}", "key_hash": sha(f"bench-key-{i}"), "tenant": f"t{i // 5}", "scopes": ["read"],
+         "allowed_ips": ["127.0.0.0/8"], "rate_limit": LIMIT}
+    r.update(extra)
+    return r
+
+
+def direct_response(config):
+    """Answer from Envoy itself; drop the sync listener where unused."""
+    for lst in config["static_resources"]["listeners"]:
+        hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+        if lst["name"] == "gate":
+            hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+                {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]
+            hcm.pop("access_log", None)
+    return config
+
+
+def gate_filters(config):
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+
+
+def keygate_config(plugin, login=False):
+    config = direct_response(render(plugin, gate_port=free_port(), admin_port=free_port(), upstream_port=free_port()))
+    if login:
+        # As in envoy.yaml: the buffer filter holds logins while keygate reads them.
+        routes = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "route_config"]["virtual_hosts"][0]["routes"]
+        yaml_login = render(None, gate_port=1, admin_port=2, upstream_port=3)["static_resources"]["listeners"][0][
+            "filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+        routes.insert(0, {**yaml_login, "route": None, "direct_response": {"status": 404}})
+        routes[0].pop("route")
+    else:
+        filters = gate_filters(config)
+        filters[:] = [f for f in filters if f["name"] != "envoy.filters.http.buffer"]
+    return config
+
+
+def bare_config():
+    config = keygate_config({})
+    filters = gate_filters(config)
+    filters[:] = [f for f in filters if f["name"] == "envoy.filters.http.router"]
+    config["static_resources"]["listeners"] = config["static_resources"]["listeners"][:1]
+    return config
+
+
+def native_config(n):
+    """What a user would compose from Envoy's own filters: api_key_auth for the
+    keys, rbac for the scope rule (GET /v1) and the IP allowlist, and
+    local_ratelimit with a bucket that never runs dry."""
+    config = bare_config()
+    pct = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+    gate_filters(config)[:0] = [
+        {"name": "envoy.filters.http.api_key_auth", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
+            "credentials": [{"key": f"bench-key-{i}", "client": f"bench-{i:07d}"} for i in range(n)],
+            "key_sources": [{"header": "x-api-key"}],
+            "forwarding": {"header": "x-keygate-key-id", "hide_credentials": True}}},
+        {"name": "envoy.filters.http.rbac", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "ALLOW", "policies": {"read": {
+                "permissions": [{"and_rules": {"rules": [
+                    {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
+                    {"url_path": {"path": {"prefix": "/v1"}}}]}}],
+                "principals": [{"direct_remote_ip": {"address_prefix": "127.0.0.0", "prefix_len": 8}}]}}}}},
+        {"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "bench_rl",
+            "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"},
+            "filter_enabled": {"runtime_key": "bench_rl_enabled", **pct},
+            "filter_enforced": {"runtime_key": "bench_rl_enforced", **pct}}},
+    ]
+    return config
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def start(name, config):
+    envoy = Envoy(config, concurrency=1, workdir=WORK / name, log_level="warn",
+                  extra_args=[])
+    (WORK / name).mkdir(parents=True, exist_ok=True)
+    envoy.start()
+    subprocess.run(["taskset", "-acp", "0", str(envoy.proc.pid)], capture_output=True, check=False)
+    return envoy
+
+
+def check_enforces(name, envoy, header):
+    """401/403 without a valid key, 200 with one: refuse to measure otherwise."""
+    denied = request(envoy.port, "GET", "/v1/items", [])
+    wrong = request(envoy.port, "GET", "/v1/items", [("x-api-key", "not-a-key")])
+    ok = request(envoy.port, "GET", "/v1/items", [header])
+    if name != "bare Envoy" and (denied.status not in (401, 403) or wrong.status not in (401, 403) or ok.status != 200):
+        raise RuntimeError(f"{name}: does not enforce (no key {denied.status}, bad key {wrong.status}, key {ok.status})")
+    if ok.status != 200:
+        raise RuntimeError(f"{name}: a valid request got {ok.status}")
+
+
+def load_through_sync(envoy, n):
+    """Loads n credentials the way production does: a store, then `keygate sync`."""
+    store = WORK / f"store-{n}.json"
+    started = time.monotonic()
+    with open(store, "w") as f:
+        f.write('{"version":1,"keys":[')
+        for i in range(n):
+            if i:
+                f.write(",")
+            f.write(json.dumps({"created_at": 0, "updated_at": 0, "record": record(i)}, separators=(",", ":")))
+        f.write("]}")
+    written = time.monotonic()
+    rss_before = rss_kib(envoy.proc.pid)
+    proc = subprocess.run([str(KEYGATE), "--store", str(store), "sync", "--once", "--endpoint",
+                           f"http://127.0.0.1:{envoy.sync_port}"], capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "KEYGATE_SYNC_SECRET": envoy.sync_secret})
+    if proc.returncode != 0:
+        raise RuntimeError(f"sync of {n} credentials failed: {proc.stderr[-2000:]}")
+    loaded = time.monotonic()
+    store.unlink()
+    rss_after = rss_kib(envoy.proc.pid)
+    return {"load_s": loaded - written, "bytes_per_credential": (rss_after - rss_before) * 1024 / n}
+
+
+def wrk(envoy, header):
+    lua = WORK / "bench.lua"
+    lua.write_text(WRK_LUA)
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s", "-s", str(lua),
+                          f"http://127.0.0.1:{envoy.port}", "--", header[0], header[1]],
+                         capture_output=True, text=True, timeout=DURATION + 60).stdout
+    m = re.search(r"BENCH (\d+) ([\d.]+) ([\d.]+) ([\d.]+) (\d+)", out)
+    if not m:
+        raise RuntimeError(f"wrk output not understood:\n{out}")
+    requests, seconds, p50, p99, bad = int(m[1]), float(m[2]), float(m[3]), float(m[4]), int(m[5])
+    if bad:
+        raise RuntimeError(f"{bad} non-2xx responses under load")
+    return {"rps": requests / seconds, "p50": p50, "p99": p99}
+
+
+def main():
+    begun = time.monotonic()
+    basic = "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()
+    api_key = ("x-api-key", KEY)
+    plugin_1k = {"routes": ROUTES, "credentials": [record(i) for i in range(1000)]}
+    plugin_basic = {"routes": ROUTES, "credentials": [record(0, secret_hash=sha(SECRET))]
+                    + [record(i) for i in range(1, 1000)]}
+    plugin_tokens = {**plugin_1k, "tokens": {"lifetime_secs": 86400}}
+    setups = [
+        ("bare Envoy", bare_config(), api_key, None),
+        ("native api_key_auth + rbac + local_ratelimit, 1k keys", native_config(1000), api_key, None),
+        ("keygate, 1k keys (X-API-Key)", keygate_config(plugin_1k), api_key, None),
+        *[(f"keygate, {n // 1000}k keys via sync (X-API-Key)", keygate_config({"routes": ROUTES}), api_key, n)
+          for n in SIZES],
+        ("keygate, 1k keys (Basic key:secret)", keygate_config(plugin_basic), ("authorization", basic), None),
+        ("keygate, 1k keys (issued bearer token)", keygate_config(plugin_tokens, login=True), None, None),
+    ]
+    envoys, headers, loads = {}, {}, {}
+    try:
+        for name, config, header, n in setups:
+            print(f"starting: {name}", flush=True)
+            envoys[name] = start(name.replace(" ", "_").replace("/", ""), config)
+            if n:
+                loads[name] = load_through_sync(envoys[name], n)
+                print(f"  loaded {n} credentials in {loads[name]['load_s']:.1f} s, "
+                      f"{loads[name]['bytes_per_credential']:.0f} B RSS each", flush=True)
+            if header is None:
+                r = request(envoys[name].port, "POST", "/auth/login", [], json.dumps({"api_key": KEY}).encode())
+                header = ("authorization", "Bearer " + r.json()["access_token"])
+            headers[name] = header
+            check_enforces(name, envoys[name], header)
+        results = {name: [] for name in envoys}
+        for rnd in range(ROUNDS):
+            for name in envoys:
+                results[name].append(wrk(envoys[name], headers[name]))
+                print(f"  round {rnd + 1}/{ROUNDS} {name}: {results[name][-1]['rps']:.0f} rps", flush=True)
+        rss = {name: rss_kib(e.proc.pid) for name, e in envoys.items()}
+    finally:
+        for e in envoys.values():
+            e.stop()
+
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")} for n, rs in results.items()}
+    bare = med["bare Envoy"]["rps"]
+    lines = ["| config | rps | ratio to bare | p50 | p99 | Envoy RSS |", "|---|---|---|---|---|---|"]
+    for name in envoys:
+        m = med[name]
+        lines.append(f"| {name} | {m['rps']:.0f} | {m['rps'] / bare:.2f} | {m['p50']:.2f} ms | {m['p99']:.2f} ms "
+                     f"| {rss[name] / 1024:.0f} MiB |")
+    print("\n" + "\n".join(lines))
+    if loads:
+        print("\n| credentials loaded through `keygate sync` | load time | Envoy RSS per credential |\n|---|---|---|")
+        for name, l in loads.items():
+            print(f"| {name} | {l['load_s']:.1f} s | {l['bytes_per_credential']:.0f} B |")
+    print(f"\nwasm: {WASM.stat().st_size} bytes; wrk -t1 -c{CONNECTIONS} -d{DURATION}s x {ROUNDS} interleaved rounds; "
+          f"Envoy --concurrency 1 on CPU 0, wrk on CPU 1; whole run {time.monotonic() - begun:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
