@@ -102,6 +102,24 @@ def bare_config():
     return config
 
 
+NOOP = Path(__file__).resolve().parent / "noop-filter"
+NOOP_WASM = NOOP / "target/wasm32-wasip1/release/noop_filter.wasm"
+
+
+def noop_config():
+    """A filter that does nothing: the cost of running any wasm filter."""
+    subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
+                    str(NOOP / "Cargo.toml")], check=True, timeout=600)
+    config = keygate_config({})
+    for f in gate_filters(config):
+        if f["name"] == "keygate":
+            vm = f["typed_config"]["config"]["vm_config"]
+            vm["code"]["local"]["filename"] = str(NOOP_WASM)
+            vm["vm_id"] = "noop"
+    config["static_resources"]["listeners"] = config["static_resources"]["listeners"][:1]
+    return config
+
+
 def native_config(n):
     """What a user would compose from Envoy's own filters: api_key_auth for the
     keys, rbac for the scope rule (GET /v1) and the IP allowlist, and
@@ -152,7 +170,7 @@ def check_enforces(name, envoy, header):
     denied = request(envoy.port, "GET", "/v1/items", [])
     wrong = request(envoy.port, "GET", "/v1/items", [("x-api-key", "not-a-key")])
     ok = request(envoy.port, "GET", "/v1/items", [header])
-    if name != "bare Envoy" and (denied.status not in (401, 403) or wrong.status not in (401, 403) or ok.status != 200):
+    if ("keygate" in name or "native" in name) and (denied.status not in (401, 403) or wrong.status not in (401, 403) or ok.status != 200):
         raise RuntimeError(f"{name}: does not enforce (no key {denied.status}, bad key {wrong.status}, key {ok.status})")
     if ok.status != 200:
         raise RuntimeError(f"{name}: a valid request got {ok.status}")
@@ -207,8 +225,11 @@ def main():
     plugin_tokens = {**plugin_1k, "tokens": {"lifetime_secs": 86400}}
     setups = [
         ("bare Envoy", bare_config(), api_key, None),
+        ("no-op proxy-wasm filter (reference)", noop_config(), api_key, None),
         ("native api_key_auth + rbac + local_ratelimit, 1k keys", native_config(1000), api_key, None),
         ("keygate, 1k keys (X-API-Key)", keygate_config(plugin_1k), api_key, None),
+        ("keygate, 1k keys, access-log fields off", keygate_config({**plugin_1k, "access_log_fields": False}), api_key,
+         None),
         *[(f"keygate, {n // 1000}k keys via sync (X-API-Key)", keygate_config({"routes": ROUTES}), api_key, n)
           for n in SIZES],
         ("keygate, 1k keys (Basic key:secret)", keygate_config(plugin_basic), ("authorization", basic), None),

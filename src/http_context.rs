@@ -48,9 +48,11 @@ impl GateContext {
     /// Filter state for Envoy's access log (`%FILTER_STATE(wasm.keygate_<field>:PLAIN)%`),
     /// the decision counter and, if enabled, one JSON log line.
     fn record(&self, record: &AccessRecord, policy: &Policy) {
-        for (field, value) in record.fields() {
-            let name = format!("keygate_{field}");
-            let _ = hostcalls::set_property(vec![&name], Some(value.as_bytes()));
+        if policy.access_log_fields {
+            for (field, value) in record.fields() {
+                let name = format!("keygate_{field}");
+                let _ = hostcalls::set_property(vec![&name], Some(value.as_bytes()));
+            }
         }
         self.metrics.count(&record.outcome());
         if policy.log_decisions {

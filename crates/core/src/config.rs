@@ -182,6 +182,14 @@ pub struct PluginConfig {
     /// Also log one JSON line per decision through Envoy's log (info level).
     #[serde(default)]
     pub log_decisions: bool,
+    /// Expose each decision to Envoy's access log as filter state (one host
+    /// call per field, a few per cent of throughput); false turns it off.
+    #[serde(default = "default_true")]
+    pub access_log_fields: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_api_key_header() -> String {
@@ -211,6 +219,7 @@ pub struct Policy {
     pub sync_secret: Option<SyncSecret>,
     pub tokens: Option<crate::token::Tokens>,
     pub log_decisions: bool,
+    pub access_log_fields: bool,
 }
 
 fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
@@ -354,6 +363,7 @@ impl TryFrom<PluginConfig> for Policy {
             sync_secret,
             tokens: None,
             log_decisions: raw.log_decisions,
+            access_log_fields: raw.access_log_fields,
         })
     }
 }
