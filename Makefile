@@ -30,7 +30,7 @@ envoy: $(VENV)/.installed
 
 wasm:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
-	$(CARGO) build --release --target $(WASM_TARGET) -p keygate-filter
+	KEYGATE_GIT_HASH=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(CARGO) build --release --target $(WASM_TARGET) -p keygate-filter
 	@ls -l $(WASM) | awk '{print "wasm size: " $$5 " bytes"}'
 
 sidecar:

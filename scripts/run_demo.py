@@ -60,14 +60,18 @@ def main():
     sync_secret = secrets.token_hex(32)
     STORE.parent.mkdir(parents=True, exist_ok=True)
     with EchoServer(free_port()) as echo:
-        config = render(gate_port=GATE_PORT, admin_port=ADMIN_PORT, upstream_port=echo.port, sync_port=SYNC_PORT)
+        access_log = STORE.parent / "access.log"
+        config = render(gate_port=GATE_PORT, admin_port=ADMIN_PORT, upstream_port=echo.port, sync_port=SYNC_PORT,
+                        access_log=access_log)
         envoy = Envoy(config, concurrency=2, sync_secret=sync_secret, token_keys=f"demo:{secrets.token_hex(32)}")
         sidecar = Sidecar(STORE, [f"http://127.0.0.1:{SYNC_PORT}"], workdir=envoy.dir, secret=sync_secret)
         try:
             envoy.start()
             sidecar.start()
             banner(GATE_PORT, ADMIN_PORT)
-            print(f"Envoy log: {envoy.log_path}\nSidecar log: {sidecar.log_path}", flush=True)
+            print(f"Envoy log:   {envoy.log_path}\nSidecar log: {sidecar.log_path}\nAccess log:  {access_log}\n"
+                  f"Requests of a key: {KEYGATE} logs --file {access_log} --key acme-read\n"
+                  f"Metrics:     curl -s http://127.0.0.1:{ADMIN_PORT}/stats/prometheus | grep ^keygate_", flush=True)
             while not stop and envoy.proc.poll() is None and sidecar.proc.poll() is None:
                 time.sleep(0.2)
             if sidecar.proc.poll() is not None:

@@ -26,7 +26,9 @@ impl Context for KeygateRoot {}
 
 impl RootContext for KeygateRoot {
     fn on_vm_start(&mut self, _: usize) -> bool {
-        info!("keygate {} starting", keygate_core::VERSION);
+        // The commit makes field reports answerable; set by `make wasm`.
+        let commit = option_env!("KEYGATE_GIT_HASH").unwrap_or("unknown");
+        info!("keygate {} ({commit}) starting", keygate_core::VERSION);
         true
     }
 

@@ -54,7 +54,7 @@ impl CredentialCache {
         }
         // A corrupt entry is treated as absent: the sync role validates
         // before writing, so this only guards against the unexpected.
-        let (generation, cred) = decode_entry(&bytes)?;
+        let (generation, cred) = decode_entry(&bytes, hash)?;
         let cred = Rc::new(cred);
         if self.entries.len() >= CACHE_CAPACITY {
             self.entries.clear();

@@ -41,7 +41,9 @@ pub enum Status {
 #[serde(deny_unknown_fields)]
 pub struct CredentialRecord {
     pub key_id: String,
-    /// Hex SHA-256 of the key as the client presents it.
+    /// Hex SHA-256 of the key as the client presents it. (Left out of
+    /// shared-data entries, whose name already is the hash.)
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key_hash: String,
     /// Hex SHA-256 of the secret, for key:secret (Basic) credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,20 +53,20 @@ pub struct CredentialRecord {
     pub previous_secret_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_secret_expires_at: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub kind: Kind,
     pub tenant: String,
-    #[serde(default = "default_environment")]
+    #[serde(default = "default_environment", skip_serializing_if = "is_default_environment")]
     pub environment: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
     /// CIDRs or plain addresses, IPv4 or IPv6; empty means any address.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_ips: Vec<String>,
     /// Overrides the plugin's default rate limit for this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub status: Status,
     /// Unix seconds after which the key is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,6 +75,16 @@ pub struct CredentialRecord {
 
 fn default_environment() -> String {
     "live".to_owned()
+}
+
+fn is_default_environment(e: &str) -> bool {
+    e == "live"
+}
+
+// Defaults are left out when serialising: shared data holds one record per
+// credential, so every byte counts a million times.
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// A validated credential, as the decision uses it.
