@@ -379,7 +379,7 @@ mod tests {
         let plan = run(&push(Mode::Full, 1, 0, 7), &SyncState::default()).unwrap();
         assert_eq!(plan.state, held(1, 7));
         assert_eq!(plan.upserts.len(), 1);
-        assert_eq!(plan.counters, vec!["rl:id-k1"]);
+        assert_eq!(plan.counters, vec!["r:id-k1"]);
         let (hash, entry) = &plan.upserts[0];
         assert!(!String::from_utf8_lossy(entry).contains(&hex::encode(hash)), "the hash is the entry's name");
         let (generation, cred) = decode_entry(entry, hash).unwrap();
