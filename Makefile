@@ -47,9 +47,10 @@ test: unit e2e
 run: wasm sidecar envoy
 	$(VPY) scripts/run_demo.py
 
-bench: wasm envoy
+bench: wasm sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(VPY) bench/bench.py
+	$(VPY) bench/propagation.py
 
 # Minutes of mixed load with key churn (SOAK_SECONDS, default 300); not in make test.
 soak: wasm sidecar envoy
