@@ -56,7 +56,10 @@ pub struct CredentialRecord {
     #[serde(default, skip_serializing_if = "is_default")]
     pub kind: Kind,
     pub tenant: String,
-    #[serde(default = "default_environment", skip_serializing_if = "is_default_environment")]
+    #[serde(
+        default = "default_environment",
+        skip_serializing_if = "is_default_environment"
+    )]
     pub environment: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,

@@ -168,13 +168,19 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> bool {
 /// cost less in Envoy's map.
 pub fn credential_key(hash: &Digest) -> String {
     use base64::Engine as _;
-    format!("c:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash))
+    format!(
+        "c:{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash)
+    )
 }
 
 /// `<generation>\n<record JSON>`, without the key hash: the entry's name is it.
 pub fn encode_entry(generation: u64, record: &CredentialRecord) -> Vec<u8> {
     let mut out = format!("{generation}\n").into_bytes();
-    let record = CredentialRecord { key_hash: String::new(), ..record.clone() };
+    let record = CredentialRecord {
+        key_hash: String::new(),
+        ..record.clone()
+    };
     // Serializing a plain struct of strings and numbers cannot fail.
     out.extend(serde_json::to_vec(&record).unwrap_or_default());
     out
@@ -381,7 +387,10 @@ mod tests {
         assert_eq!(plan.upserts.len(), 1);
         assert_eq!(plan.counters, vec!["r:id-k1"]);
         let (hash, entry) = &plan.upserts[0];
-        assert!(!String::from_utf8_lossy(entry).contains(&hex::encode(hash)), "the hash is the entry's name");
+        assert!(
+            !String::from_utf8_lossy(entry).contains(&hex::encode(hash)),
+            "the hash is the entry's name"
+        );
         let (generation, cred) = decode_entry(entry, hash).unwrap();
         assert_eq!((generation, cred.key_id.as_str()), (1, "id-k1"));
     }
