@@ -51,6 +51,7 @@ bench: wasm sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(VPY) bench/bench.py
 	$(VPY) bench/propagation.py
+	$(VPY) bench/fleet_propagation.py
 
 # Minutes of mixed load with key churn (SOAK_SECONDS, default 300); not in make test.
 soak: wasm sidecar envoy

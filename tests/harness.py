@@ -254,7 +254,7 @@ def which(cmd):
 
 
 __all__ = [
-    "KEYGATE", "Sidecar", "keygate", "SYNC_SECRET", "DEMO_KEYS", "Envoy", "EchoServer", "Response", "ROOT", "WASM", "copy", "demo_plugin_config",
+    "KEYGATE", "Postgres", "Sidecar", "keygate", "pg_bindir", "SYNC_SECRET", "DEMO_KEYS", "Envoy", "EchoServer", "Response", "ROOT", "WASM", "copy", "demo_plugin_config",
     "free_port", "load_envoy_yaml", "render", "request", "sha256_hex", "wasm_filter", "which",
 ]
 
@@ -278,11 +278,11 @@ def keygate(store, *args, check=True, json_out=True):
 class Sidecar:
     """`keygate sync` pushing `store` into Envoy sync endpoints."""
 
-    def __init__(self, store, endpoints, *, workdir, secret=SYNC_SECRET, reconcile="200ms"):
+    def __init__(self, store, endpoints, *, workdir, secret=SYNC_SECRET, reconcile="200ms", log_name="sidecar.log"):
         self.args = [str(KEYGATE), "--store", str(store), "sync", "--reconcile", reconcile,
                      *[a for e in endpoints for a in ("--endpoint", e)]]
         self.secret = secret
-        self.log_path = Path(workdir) / "sidecar.log"
+        self.log_path = Path(workdir) / log_name
         self.proc = None
 
     def start(self):
@@ -307,3 +307,79 @@ class Sidecar:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# --- PostgreSQL (fleet mode) ---------------------------------------------------
+
+def pg_bindir():
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / "initdb").exists():
+            return d
+    return None
+
+
+class Postgres:
+    """A throwaway PostgreSQL server on 127.0.0.1 in a temp data dir, from
+    Debian's packages. It refuses to run as root, so as root it runs as the
+    `postgres` user (runuser)."""
+
+    def __init__(self, workdir):
+        self.bindir = pg_bindir()
+        if self.bindir is None:
+            raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+        # Its own temp dir: the server user must be able to reach it.
+        self.root = Path(tempfile.mkdtemp(prefix="keygate-pg-"))
+        self.dir = self.root / "pgdata"
+        self.port = free_port()
+        self.proc = None
+        self.log_path = Path(workdir) / "postgres.log"
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/keygate"
+
+    def _as_owner(self, args):
+        return (["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []) + [str(a) for a in args]
+
+    def init(self):
+        self.dir.mkdir(parents=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.dir, "postgres")
+        subprocess.run(self._as_owner([self.bindir / "initdb", "-D", self.dir, "-U", "postgres", "--auth=trust",
+                                       "--no-sync"]), check=True, capture_output=True, timeout=120)
+        return self
+
+    def start(self, timeout=30):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self._as_owner([self.bindir / "postgres", "-D", self.dir, "-h", "127.0.0.1", "-p", self.port,
+                            "-k", self.dir, "-c", "fsync=off"]),
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = subprocess.run([self.bindir / "pg_isready", "-h", "127.0.0.1", "-p", str(self.port)],
+                               capture_output=True)
+            if r.returncode == 0:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited: {self.log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.1)
+        raise TimeoutError("postgres did not become ready")
+
+    def create_db(self):
+        subprocess.run([self.bindir / "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-c",
+                        "CREATE DATABASE keygate"], check=True, capture_output=True, timeout=30)
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def remove(self):
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

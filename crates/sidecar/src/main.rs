@@ -6,6 +6,7 @@ mod http;
 mod keys;
 mod logs;
 mod store;
+mod store_pg;
 
 use clap::{Args, Parser, Subcommand};
 use keygate_core::credential::{Kind, Status};
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use store::{FileStore, Snapshot, Store, StoredKey};
+use store_pg::PgStore;
 
 #[derive(Parser)]
 #[command(
@@ -21,14 +23,15 @@ use store::{FileStore, Snapshot, Store, StoredKey};
     about = "API keys for the keygate Envoy filter: manage them, push them live"
 )]
 struct Cli {
-    /// Store file (also KEYGATE_STORE).
+    /// Store: a JSON file, or postgres://user@host:port/db for a shared
+    /// store feeding a fleet (also KEYGATE_STORE).
     #[arg(
         long,
         global = true,
         env = "KEYGATE_STORE",
         default_value = "keygate-store.json"
     )]
-    store: PathBuf,
+    store: String,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
@@ -43,11 +46,20 @@ enum Command {
     Key(KeyCommand),
     /// Push the store into Envoy sync endpoints and keep them in step.
     Sync(SyncArgs),
+    /// The store itself.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Requests made with credentials, from Envoy's JSON access log.
     Logs(LogsArgs),
     /// Token sessions (tokens issued by POST /auth/login).
     #[command(subcommand)]
     Session(SessionCommand),
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Create or upgrade the PostgreSQL schema (idempotent).
+    Migrate,
 }
 
 #[derive(Subcommand)]
@@ -294,7 +306,7 @@ fn show_one(json: bool, snap: &Snapshot, key_id: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn key_command(store: &FileStore, json: bool, cmd: KeyCommand) -> Result<(), String> {
+fn key_command(store: &AnyStore, json: bool, cmd: KeyCommand) -> Result<(), String> {
     let t = now();
     match cmd {
         KeyCommand::Create(a) => {
@@ -395,7 +407,7 @@ fn key_command(store: &FileStore, json: bool, cmd: KeyCommand) -> Result<(), Str
     Ok(())
 }
 
-fn sync_command(store: &FileStore, args: SyncArgs) -> Result<(), String> {
+fn sync_command(store: &AnyStore, args: SyncArgs) -> Result<(), String> {
     let secret = match &args.secret_file {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
@@ -444,13 +456,61 @@ fn logs_command(json: bool, a: LogsArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The embedded file store or the shared PostgreSQL one, behind one `Store`.
+enum AnyStore {
+    File(FileStore),
+    Pg(Box<PgStore>),
+}
+
+impl AnyStore {
+    fn open(spec: &str) -> AnyStore {
+        if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            AnyStore::Pg(Box::new(PgStore::new(spec)))
+        } else {
+            AnyStore::File(FileStore::new(spec))
+        }
+    }
+}
+
+impl Store for AnyStore {
+    fn load(&self) -> Result<Snapshot, String> {
+        match self {
+            AnyStore::File(s) => s.load(),
+            AnyStore::Pg(s) => s.load(),
+        }
+    }
+
+    fn update<T>(
+        &self,
+        change: impl FnOnce(&mut Snapshot) -> Result<T, String>,
+    ) -> Result<T, String> {
+        match self {
+            AnyStore::File(s) => s.update(change),
+            AnyStore::Pg(s) => s.update(change),
+        }
+    }
+
+    fn change_token(&self) -> Option<String> {
+        match self {
+            AnyStore::File(s) => s.change_token(),
+            AnyStore::Pg(s) => s.change_token(),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let store = FileStore::new(&cli.store);
+    let store = AnyStore::open(&cli.store);
     let result = match cli.command {
         Command::Key(cmd) => key_command(&store, cli.json, cmd),
         Command::Sync(args) => sync_command(&store, args),
         Command::Logs(a) => logs_command(cli.json, a),
+        Command::Store(StoreCommand::Migrate) => match &store {
+            AnyStore::Pg(pg) => pg
+                .migrate()
+                .map(|v| println!("Store schema is at version {v}.")),
+            AnyStore::File(_) => Err("the file store needs no migration".into()),
+        },
         Command::Session(SessionCommand::Revoke { key_id, session }) => {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
