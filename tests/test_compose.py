@@ -1,0 +1,44 @@
+"""envoy/docker-compose.yml cannot run here (no Docker engine); these checks
+keep it in step with envoy/envoy.yaml, which the rest of the suite runs."""
+
+import yaml
+
+from harness import ENVOY_YAML, load_envoy_yaml, wasm_filter
+
+COMPOSE = yaml.safe_load((ENVOY_YAML.parent / "docker-compose.yml").read_text())
+ENVOY = load_envoy_yaml()
+
+
+def listener(name):
+    return next(l for l in ENVOY["static_resources"]["listeners"] if l["name"] == name)
+
+
+def test_compose_mounts_the_config_and_the_wasm_where_envoy_yaml_expects_them():
+    volumes = COMPOSE["services"]["envoy"]["volumes"]
+    assert "./envoy.yaml:/etc/envoy/envoy.yaml:ro" in volumes
+    wasm_path = wasm_filter(ENVOY)["vm_config"]["code"]["local"]["filename"]
+    assert any(v.endswith(f":{wasm_path}:ro") and "keygate_filter.wasm" in v for v in volumes)
+
+
+def test_compose_passes_every_secret_the_vm_reads_from_its_environment():
+    wanted = set()
+    for name in ("gate", "sync"):
+        wanted |= set(wasm_filter(ENVOY, name)["vm_config"]["environment_variables"]["host_env_keys"])
+    assert wanted <= set(COMPOSE["services"]["envoy"]["environment"])
+
+
+def test_compose_ports_and_upstream_match_envoy_yaml():
+    gate_port = listener("gate")["address"]["socket_address"]["port_value"]
+    assert f"127.0.0.1:{gate_port}:{gate_port}" in COMPOSE["services"]["envoy"]["ports"]
+    upstream = next(c for c in ENVOY["static_resources"]["clusters"] if c["name"] == "upstream")
+    addr = upstream["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert addr["address"] in COMPOSE["services"]
+    assert str(addr["port_value"]) in COMPOSE["services"][addr["address"]]["command"]
+
+
+def test_compose_sidecar_reaches_the_loopback_sync_listener():
+    sync = listener("sync")["address"]["socket_address"]
+    assert sync["address"] == "127.0.0.1"
+    sidecar = COMPOSE["services"]["sidecar"]
+    assert sidecar["network_mode"] == "service:envoy"
+    assert f"http://127.0.0.1:{sync['port_value']}" in sidecar["command"]
