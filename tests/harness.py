@@ -111,7 +111,45 @@ def render(plugin_config=None, *, gate_port, admin_port, upstream_port, sync_por
     return config
 
 
-class Envoy:
+class Managed:
+    """A process of the harness: output to `log_path`, its own process group,
+    always stopped (on exit, even on failure), `stop_signal` first and SIGKILL
+    if it lingers."""
+
+    stop_signal = signal.SIGTERM
+    proc = None
+    log_path = None
+
+    def _spawn(self, args, env=None):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(a) for a in args], stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except (FileNotFoundError, AttributeError):
+            return ""
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, self.stop_signal)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Envoy(Managed):
     """A real Envoy process. Always stopped on exit, even on failure."""
 
     def __init__(self, config, *, concurrency=2, workdir=None, log_level="info", extra_args=(),
@@ -147,15 +185,9 @@ class Envoy:
     def start(self, wait=True, timeout=60):
         path = self.dir / "envoy.json"
         path.write_text(json.dumps(self.config, indent=1))
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(path), "--concurrency", str(self.concurrency),
-             "--disable-hot-restart", "--log-level", self.log_level, "--file-flush-interval-msec", "100",
-             *self.extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "KEYGATE_SYNC_SECRET": self.sync_secret, "KEYGATE_TOKEN_KEYS": self.token_keys},
-            start_new_session=True,
-        )
+        self._spawn([envoy_binary(), "-c", path, "--concurrency", self.concurrency, "--disable-hot-restart",
+                     "--log-level", self.log_level, "--file-flush-interval-msec", "100", *self.extra_args],
+                    env={**os.environ, "KEYGATE_SYNC_SECRET": self.sync_secret, "KEYGATE_TOKEN_KEYS": self.token_keys})
         if wait:
             self.wait_ready(timeout)
         return self
@@ -180,32 +212,9 @@ class Envoy:
         except subprocess.TimeoutExpired:
             return None
 
-    def log(self):
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def admin(self, path):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
             return r.read().decode()
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 class Response:
@@ -275,8 +284,10 @@ def keygate(store, *args, check=True, json_out=True):
     return json.loads(proc.stdout)
 
 
-class Sidecar:
+class Sidecar(Managed):
     """`keygate sync` pushing `store` into Envoy sync endpoints."""
+
+    stop_signal = signal.SIGKILL  # as a crash would: Envoy must not care
 
     def __init__(self, store, endpoints, *, workdir, secret=SYNC_SECRET, reconcile="200ms", log_name="sidecar.log"):
         self.args = [str(KEYGATE), "--store", str(store), "sync", "--reconcile", reconcile,
@@ -286,27 +297,8 @@ class Sidecar:
         self.proc = None
 
     def start(self):
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, "KEYGATE_SYNC_SECRET": self.secret},
-                                     start_new_session=True)
+        self._spawn(self.args, env={**os.environ, "KEYGATE_SYNC_SECRET": self.secret})
         return self
-
-    def log(self):
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 # --- PostgreSQL (fleet mode) ---------------------------------------------------
@@ -318,10 +310,12 @@ def pg_bindir():
     return None
 
 
-class Postgres:
+class Postgres(Managed):
     """A throwaway PostgreSQL server on 127.0.0.1 in a temp data dir, from
     Debian's packages. It refuses to run as root, so as root it runs as the
     `postgres` user (runuser)."""
+
+    stop_signal = signal.SIGINT  # PostgreSQL's fast shutdown
 
     def __init__(self, workdir):
         self.bindir = pg_bindir()
@@ -348,11 +342,8 @@ class Postgres:
         return self
 
     def start(self, timeout=30):
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self._as_owner([self.bindir / "postgres", "-D", self.dir, "-h", "127.0.0.1", "-p", self.port,
-                            "-k", self.dir, "-c", "fsync=off"]),
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._spawn(self._as_owner([self.bindir / "postgres", "-D", self.dir, "-h", "127.0.0.1", "-p", self.port,
+                                    "-k", self.dir, "-c", "fsync=off"]))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             r = subprocess.run([self.bindir / "pg_isready", "-h", "127.0.0.1", "-p", str(self.port)],
@@ -368,17 +359,6 @@ class Postgres:
         subprocess.run([self.bindir / "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-c",
                         "CREATE DATABASE keygate"], check=True, capture_output=True, timeout=30)
         return self
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        if getattr(self, "_log", None):
-            self._log.close()
 
     def remove(self):
         self.stop()

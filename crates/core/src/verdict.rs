@@ -586,18 +586,7 @@ mod tests {
     fn rec(key_id: &str, key: &str) -> CredentialRecord {
         CredentialRecord {
             key_id: key_id.into(),
-            key_hash: to_hex(&sha256(key.as_bytes())),
-            secret_hash: None,
-            previous_secret_hash: None,
-            previous_secret_expires_at: None,
-            kind: Kind::Scoped,
-            tenant: "acme".into(),
-            environment: "live".into(),
-            scopes: vec!["read".into()],
-            allowed_ips: vec![],
-            rate_limit: None,
-            status: Status::Active,
-            expires_at: None,
+            ..crate::credential::tests::record(key, "acme")
         }
     }
 
