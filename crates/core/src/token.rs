@@ -84,7 +84,15 @@ pub struct Tokens {
     pub lifetime_secs: u64,
     pub max_sessions_per_key: usize,
     keys: Vec<SigningKey>,
+    /// Tokens whose signature was checked, by their exact text: a client
+    /// reuses its token for many requests, and re-checking the MAC and
+    /// re-parsing the claims each time is avoidable work on the hot path.
+    /// Bounded; expiry is still checked on every use.
+    verified: std::cell::RefCell<std::collections::HashMap<String, Claims>>,
 }
+
+/// Most verified tokens remembered (per VM); past it the cache starts over.
+const VERIFIED_CAPACITY: usize = 1024;
 
 /// Parses `id:secret,id:secret` (the environment form).
 pub fn parse_signing_keys_env(s: &str) -> Vec<SigningKeyConfig> {
@@ -162,6 +170,7 @@ impl Tokens {
             lifetime_secs: cfg.lifetime_secs,
             max_sessions_per_key: cfg.max_sessions_per_key,
             keys,
+            verified: Default::default(),
         })
     }
 
@@ -182,6 +191,23 @@ impl Tokens {
 
     /// Checks signature and expiry; the caller checks the live credential.
     pub fn verify(&self, token: &str, now_ms: u64) -> Result<Claims, TokenError> {
+        if let Some(claims) = self.verified.borrow().get(token) {
+            return if now_ms >= claims.exp_ms {
+                Err(TokenError::Expired)
+            } else {
+                Ok(claims.clone())
+            };
+        }
+        let claims = self.verify_uncached(token, now_ms)?;
+        let mut cache = self.verified.borrow_mut();
+        if cache.len() >= VERIFIED_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_uncached(&self, token: &str, now_ms: u64) -> Result<Claims, TokenError> {
         let rest = token.strip_prefix(PREFIX).ok_or(TokenError::Invalid)?;
         let (signed_rest, tag_b64) = rest.rsplit_once('.').ok_or(TokenError::Invalid)?;
         let (kid, payload) = signed_rest.split_once('.').ok_or(TokenError::Invalid)?;
@@ -419,6 +445,20 @@ mod tests {
         // Signed with another secret under the same id.
         let other = tokens(&[("a", B)]).issue(&claims(1000)).unwrap();
         assert_eq!(t.verify(&other, 0), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn verified_tokens_are_remembered_but_still_expire() {
+        let t = tokens(&[("a", A)]);
+        let tok = t.issue(&claims(1000)).unwrap();
+        assert!(t.verify(&tok, 10).is_ok());
+        assert_eq!(t.verified.borrow().len(), 1);
+        assert_eq!(t.verify(&tok, 20).unwrap(), claims(1000));
+        assert_eq!(t.verify(&tok, 1000), Err(TokenError::Expired));
+        // A near miss is not the remembered token: it is checked in full.
+        let forged = format!("{}x", &tok[..tok.len() - 1]);
+        assert_eq!(t.verify(&forged, 20), Err(TokenError::Invalid));
+        assert_eq!(t.verified.borrow().len(), 1, "failures are not remembered");
     }
 
     #[test]
