@@ -41,6 +41,7 @@ Try:
   curl -i -X POST {base}/v1/orders -u {partner['key']}:{partner['secret']}
   curl -i {base}/v1/items -H 'X-API-Key: {DEMO_KEYS['acme-suspended']['key']}'
   for i in $(seq 7); do curl -s -o /dev/null -w '%{{http_code}} ' {base}/v1/items -H 'X-API-Key: {DEMO_KEYS['acme-read']['key']}'; done; echo
+  curl -s -X POST {base}/auth/login -d '{{"api_key": "{DEMO_KEYS['acme-default']['key']}", "session_id": "demo"}}'
 
 Manage keys live (the sidecar pushes every change into Envoy, no restart):
   export KEYGATE_STORE={STORE}
