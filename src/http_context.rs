@@ -49,9 +49,8 @@ impl GateContext {
     /// the decision counter and, if enabled, one JSON log line.
     fn record(&self, record: &AccessRecord, policy: &Policy) {
         if policy.access_log_fields {
-            for (field, value) in record.fields() {
-                let name = format!("keygate_{field}");
-                let _ = hostcalls::set_property(vec![&name], Some(value.as_bytes()));
+            for (name, value) in record.fields() {
+                let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
             }
         }
         self.metrics.count(&record.outcome());
@@ -63,8 +62,26 @@ impl GateContext {
     }
 
     fn reply(&self, denial: &Denial, policy: &Policy) {
-        let mut headers = denial.headers(&policy.realm);
-        if let Some(rate) = &denial.rate {
+        let headers = denial.headers(&policy.realm);
+        self.send_local(
+            denial.status(),
+            headers,
+            denial.rate.as_ref(),
+            policy,
+            &denial.body(),
+        );
+    }
+
+    /// A local reply, with the rate-limit headers when the budget was checked.
+    fn send_local(
+        &self,
+        status: u16,
+        mut headers: Vec<(&'static str, String)>,
+        rate: Option<&RateStatus>,
+        policy: &Policy,
+        body: &[u8],
+    ) {
+        if let Some(rate) = rate {
             headers.extend(rate_limit_headers(
                 rate,
                 policy.rate_limit_headers,
@@ -72,7 +89,7 @@ impl GateContext {
             ));
         }
         let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        self.send_http_response(u32::from(denial.status()), refs, Some(&denial.body()));
+        self.send_http_response(u32::from(status), refs, Some(body));
     }
 }
 
@@ -142,19 +159,11 @@ impl GateContext {
         self.record(&AccessRecord::of_login(&outcome), policy);
         match outcome {
             Login::Issued { body, rate, .. } => {
-                let mut h = vec![
+                let headers = vec![
                     ("content-type", "application/json".to_owned()),
                     ("cache-control", "no-store".to_owned()),
                 ];
-                if let Some(rate) = &rate {
-                    h.extend(rate_limit_headers(
-                        rate,
-                        policy.rate_limit_headers,
-                        self.now_ns,
-                    ));
-                }
-                let refs: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
-                self.send_http_response(200, refs, Some(&body));
+                self.send_local(200, headers, rate.as_ref(), policy, &body);
             }
             Login::Denied { denial, .. } => self.reply(&denial, policy),
         }

@@ -105,16 +105,21 @@ impl AccessRecord {
         }
     }
 
-    /// `(field, value)` pairs for filter state, only those known.
+    /// `(filter-state name, value)` pairs, only those known. The names are
+    /// what the access-log format reads as `%FILTER_STATE(wasm.<name>:PLAIN)%`;
+    /// constants, so the hot path builds none of them.
     pub fn fields(&self) -> Vec<(&'static str, String)> {
-        let mut f = vec![("decision", self.decision.to_owned())];
+        let mut f = vec![("keygate_decision", self.decision.to_owned())];
         let opt = [
-            ("reason", self.reason.map(str::to_owned)),
-            ("key_id", self.key_id.clone()),
-            ("tenant", self.tenant.clone()),
-            ("environment", self.environment.clone()),
-            ("scope_required", self.scope_required.clone()),
-            ("rate_remaining", self.rate_remaining.map(|r| r.to_string())),
+            ("keygate_reason", self.reason.map(str::to_owned)),
+            ("keygate_key_id", self.key_id.clone()),
+            ("keygate_tenant", self.tenant.clone()),
+            ("keygate_environment", self.environment.clone()),
+            ("keygate_scope_required", self.scope_required.clone()),
+            (
+                "keygate_rate_remaining",
+                self.rate_remaining.map(|r| r.to_string()),
+            ),
         ];
         f.extend(opt.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
         f
@@ -165,7 +170,7 @@ mod tests {
             (r.reason, r.outcome().as_str()),
             (Some("ip_not_allowed"), "denied_ip_not_allowed")
         );
-        assert!(r.fields().contains(&("key_id", "id-k".into())));
+        assert!(r.fields().contains(&("keygate_key_id", "id-k".into())));
         let anon = Decision {
             outcome: Outcome::Denied {
                 denial: Denial::new(Reason::UnknownKey, "x"),
@@ -176,8 +181,8 @@ mod tests {
         assert_eq!(
             AccessRecord::of_decision(&anon).fields(),
             vec![
-                ("decision", "denied".into()),
-                ("reason", "unknown_key".into())
+                ("keygate_decision", "denied".into()),
+                ("keygate_reason", "unknown_key".into())
             ]
         );
     }
