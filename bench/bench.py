@@ -26,9 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import KEYGATE, WASM, Envoy, free_port, keygate, render, request  # noqa: E402
+from tests.harness import KEYGATE, WASM, Envoy, free_port, keygate, render, request
 
 DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))

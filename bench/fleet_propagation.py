@@ -13,11 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import EchoServer, Envoy, Postgres, Sidecar, free_port, keygate, pg_bindir, render  # noqa: E402
-from propagation import percentile  # noqa: E402
+from tests.harness import EchoServer, Envoy, Postgres, Sidecar, free_port, keygate, pg_bindir, render
+from bench.propagation import percentile
 
 ROUNDS = int(os.environ.get("BENCH_PROPAGATION_ROUNDS", "100"))
 TIMEOUT = 5.0

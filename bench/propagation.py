@@ -16,9 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import EchoServer, Envoy, Sidecar, free_port, keygate, render  # noqa: E402
+from tests.harness import EchoServer, Envoy, Sidecar, free_port, keygate, render
 
 ROUNDS = int(os.environ.get("BENCH_PROPAGATION_ROUNDS", "100"))
 TIMEOUT = 5.0

@@ -23,9 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import Envoy, Sidecar, free_port, keygate, render, request  # noqa: E402
+from tests.harness import Envoy, Sidecar, free_port, keygate, render, request
 
 SECONDS = int(os.environ.get("SOAK_SECONDS", "300"))
 WARMUP = min(60, SECONDS // 5)

@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, Sidecar, free_port, render  # noqa: E402
+from tests.harness import DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, Sidecar, free_port, render
 
 GATE_PORT = int(os.environ.get("KEYGATE_PORT", "10000"))
 ADMIN_PORT = int(os.environ.get("KEYGATE_ADMIN_PORT", "9901"))

@@ -1,32 +1,12 @@
+"""Fixtures of the e2e suite. Helpers (requests, configs, processes) live in
+tests/harness.py; every fixture here stops what it started, even when a test
+fails."""
+
 import contextlib
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from harness import WASM, EchoServer, Envoy, free_port, render, sha256_hex  # noqa: E402
-
-
-def cred(key_id, key, tenant="acme", **fields):
-    """A credential record for plugin config: only hashes, like the real thing."""
-    rec = {"key_id": key_id, "key_hash": sha256_hex(key), "tenant": tenant}
-    secret = fields.pop("secret", None)
-    if secret is not None:
-        rec["secret_hash"] = sha256_hex(secret)
-    rec.update(fields)
-    return rec
-
-
-ROUTES = [
-    {"path": "/health", "public": True},
-    {"path_prefix": "/webhooks", "public": True},
-    {"methods": ["GET", "HEAD"], "path_prefix": "/v1", "scope": "read"},
-    {"methods": ["POST", "PUT", "PATCH", "DELETE"], "path_prefix": "/v1", "scope": "write"},
-    {"path_prefix": "/admin", "scope": "admin"},
-]
+from tests.harness import PROTOCOLS, WASM, EchoServer, Envoy, assert_no_wasm_panic, free_port, render
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,10 +21,16 @@ def echo():
         yield server
 
 
+@pytest.fixture(params=PROTOCOLS)
+def proto(request):
+    """The client protocol: a test taking `proto` runs once per protocol."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def envoy_factory(echo, tmp_path_factory):
-    """Starts Envoys with a given plugin config; stops them all at the end."""
-    started = []
+    """A context manager starting an Envoy with a given plugin config; the
+    Envoy stops when the `with` block ends (and is checked for wasm panics)."""
 
     @contextlib.contextmanager
     def start(plugin_config=None, *, concurrency=2, raw=None, wait=True, mutate=None, access_log=None):
@@ -59,7 +45,6 @@ def envoy_factory(echo, tmp_path_factory):
         if mutate:
             mutate(config)
         envoy = Envoy(config, concurrency=concurrency, workdir=tmp_path_factory.mktemp("envoy"))
-        started.append(envoy)
         try:
             envoy.start(wait=wait)
             yield envoy
@@ -67,23 +52,4 @@ def envoy_factory(echo, tmp_path_factory):
             envoy.stop()
         assert_no_wasm_panic(envoy)
 
-    yield start
-    for envoy in started:
-        envoy.stop()
-
-
-def assert_no_wasm_panic(envoy):
-    """A panic kills the worker's VM: every e2e test checks none happened."""
-    log = envoy.log()
-    for marker in ("panicked at", "Uncaught RuntimeError", "wasm VM failed"):
-        assert marker not in log, f"wasm failure in {envoy.log_path}: {marker}"
-
-
-def wait_until(predicate, timeout=10.0, interval=0.05):
-    """Polls `predicate` until truthy or the deadline; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+    return start

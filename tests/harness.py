@@ -1,7 +1,12 @@
 """Native harness: runs the real Envoy from the project venv with the built
 keygate .wasm, configured from envoy/envoy.yaml with ports, addresses and
 paths patched, in front of the echo upstream. Used by the e2e tests,
-`make run` and `make bench`."""
+`make run` and `make bench`.
+
+The repository root is the import root: `tests`, `scripts` and `bench` are
+packages, so the suite runs as `python -m pytest tests` and the scripts as
+`python -m scripts.run_demo` / `python -m bench.bench` from the root, with no
+sys.path edits. Fixtures live in tests/conftest.py; every helper is here."""
 
 import copy
 import hashlib
@@ -12,18 +17,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts.echo_upstream import EchoServer
 
-from echo_upstream import EchoServer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 WASM = Path(os.environ.get("KEYGATE_WASM", ROOT / "target/wasm32-wasip1/release/keygate_filter.wasm"))
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
@@ -218,10 +224,11 @@ class Envoy(Managed):
 
 
 class Response:
-    def __init__(self, status, headers, body):
+    def __init__(self, status, headers, body, trailers=()):
         self.status = status
         self.headers = headers  # list of (lowercase name, value)
         self.body = body
+        self.trailers = list(trailers)  # h2 response trailers, same shape
 
     def header(self, name):
         for k, v in self.headers:
@@ -240,13 +247,27 @@ class Response:
         return f"<Response {self.status} {self.body[:200]!r}>"
 
 
-def request(port, method="GET", path="/", headers=(), body=None, timeout=10):
-    """One HTTP/1.1 request; `headers` is a list of (name, value) pairs and
-    may repeat names. Values may be bytes."""
+# The protocols a test can be parametrised over (the `proto` fixture):
+# HTTP/1.1, and HTTP/2 over cleartext with prior knowledge (h2c), which the
+# gate listener accepts because its codec_type is AUTO.
+PROTOCOLS = ("http1", "h2")
+AUTHORITY = "api.example.com"
+
+
+def request(port, method="GET", path="/", headers=(), body=None, timeout=10, *, proto="http1", trailers=None):
+    """One request over `proto` ("http1" or "h2"); `headers` (and, for h2,
+    `trailers`) are lists of (name, value) pairs and may repeat names.
+    Values may be bytes. Returns a Response."""
+    if proto == "h2":
+        return _request_h2(port, method, path, headers, body, trailers, timeout)
+    if proto != "http1":
+        raise ValueError(f"unknown protocol {proto!r}; one of {PROTOCOLS}")
+    if trailers:
+        raise ValueError("request trailers are only sent over h2")
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("host", "api.example.com")
+        conn.putheader("host", AUTHORITY)
         for name, value in headers:
             conn.putheader(name, value)
         if body is not None:
@@ -258,14 +279,134 @@ def request(port, method="GET", path="/", headers=(), body=None, timeout=10):
         conn.close()
 
 
+def _text(b):
+    # Header bytes as http.client shows them (ISO-8859-1), for one Response shape.
+    return b.decode("latin-1") if isinstance(b, bytes) else b
+
+
+def _raw(v):
+    return v if isinstance(v, bytes) else str(v).encode("latin-1")
+
+
+def _request_h2(port, method, path, headers, body, trailers, timeout):
+    """One request on a fresh h2c connection (prior knowledge: the client
+    preface straight away, no Upgrade). Sends headers, then the body within
+    the peer's flow-control window, then trailers; reads until the stream
+    ends or is reset. Bounded by `timeout` overall."""
+    deadline = time.monotonic() + timeout
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, header_encoding=None))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        sid = conn.get_next_available_stream_id()
+        req = [(b":method", _raw(method)), (b":scheme", b"http"), (b":authority", AUTHORITY.encode()),
+               (b":path", _raw(path))]
+        req += [(_raw(n).lower(), _raw(v)) for n, v in headers]
+        if body is not None:
+            req.append((b"content-length", str(len(body)).encode()))
+        end_after_headers = body is None and not trailers
+        conn.send_headers(sid, req, end_stream=end_after_headers)
+        sock.sendall(conn.data_to_send())
+
+        status, resp_headers, resp_trailers, chunks = None, [], [], []
+        done = False
+
+        def pump():
+            nonlocal status, done
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("h2: connection closed before the response ended")
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                    for k, v in ev.headers:
+                        if k == b":status":
+                            status = int(v)
+                        else:
+                            resp_headers.append((_text(k), _text(v)))
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                    chunks.append(ev.data)
+                    conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                elif isinstance(ev, h2.events.TrailersReceived) and ev.stream_id == sid:
+                    resp_trailers.extend((_text(k), _text(v)) for k, v in ev.headers)
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and ev.stream_id == sid:
+                    done = True
+                elif isinstance(ev, h2.events.ConnectionTerminated):
+                    done = True
+            sock.sendall(conn.data_to_send())
+
+        # The body goes out as the window allows; Envoy may answer (a refusal)
+        # before it has all of it, and then there is nothing left to send.
+        payload = memoryview(body or b"")
+        while len(payload) and not done:
+            window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if window <= 0:
+                pump()
+                continue
+            conn.send_data(sid, payload[:window].tobytes(), end_stream=len(payload) <= window and not trailers)
+            payload = payload[window:]
+            sock.sendall(conn.data_to_send())
+        if trailers and not done:
+            conn.send_headers(sid, [(_raw(n).lower(), _raw(v)) for n, v in trailers], end_stream=True)
+            sock.sendall(conn.data_to_send())
+        while not done:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"h2: no complete response in {timeout}s")
+            pump()
+        if status is None:
+            raise ConnectionError("h2: stream ended without a response")
+        return Response(status, resp_headers, b"".join(chunks), resp_trailers)
+    finally:
+        try:
+            conn.close_connection()
+            sock.sendall(conn.data_to_send())
+        except OSError:
+            pass
+        sock.close()
+
+
 def which(cmd):
     return shutil.which(cmd)
 
 
-__all__ = [
-    "KEYGATE", "Postgres", "Sidecar", "keygate", "pg_bindir", "SYNC_SECRET", "DEMO_KEYS", "Envoy", "EchoServer", "Response", "ROOT", "WASM", "copy", "demo_plugin_config",
-    "free_port", "load_envoy_yaml", "render", "request", "sha256_hex", "wasm_filter", "which",
+# --- test data and checks shared by the suites -------------------------------
+
+# Route rules most suites use (a plugin config's "routes").
+ROUTES = [
+    {"path": "/health", "public": True},
+    {"path_prefix": "/webhooks", "public": True},
+    {"methods": ["GET", "HEAD"], "path_prefix": "/v1", "scope": "read"},
+    {"methods": ["POST", "PUT", "PATCH", "DELETE"], "path_prefix": "/v1", "scope": "write"},
+    {"path_prefix": "/admin", "scope": "admin"},
 ]
+
+
+def cred(key_id, key, tenant="acme", **fields):
+    """A credential record for plugin config: only hashes, like the real thing."""
+    rec = {"key_id": key_id, "key_hash": sha256_hex(key), "tenant": tenant}
+    secret = fields.pop("secret", None)
+    if secret is not None:
+        rec["secret_hash"] = sha256_hex(secret)
+    rec.update(fields)
+    return rec
+
+
+def wait_until(predicate, timeout=10.0, interval=0.05):
+    """Polls `predicate` until truthy or the deadline; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def assert_no_wasm_panic(envoy):
+    """A panic kills the worker's VM: every e2e test checks none happened."""
+    log = envoy.log()
+    for marker in ("panicked at", "Uncaught RuntimeError", "wasm VM failed"):
+        assert marker not in log, f"wasm failure in {envoy.log_path}: {marker}"
 
 
 # --- sidecar -----------------------------------------------------------------

@@ -8,8 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROUTES, cred, wait_until
-from harness import KEYGATE, request
+from tests.harness import KEYGATE, ROUTES, cred, request, wait_until
 
 SECRETS = {
     "read": "log-read-key-7f3a", "inactive": "log-inactive-key-91c2", "ip": "log-ip-key-44d1",

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from conftest import ROUTES, cred
-from harness import SYNC_SECRET, request
+from tests.harness import ROUTES, SYNC_SECRET, cred, request
 
 HEX_KEY = "ab" * 32
 CONFIG = {

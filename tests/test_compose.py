@@ -3,7 +3,7 @@ keep it in step with envoy/envoy.yaml, which the rest of the suite runs."""
 
 import yaml
 
-from harness import ENVOY_YAML, load_envoy_yaml, wasm_filter
+from tests.harness import ENVOY_YAML, load_envoy_yaml, wasm_filter
 
 COMPOSE = yaml.safe_load((ENVOY_YAML.parent / "docker-compose.yml").read_text())
 ENVOY = load_envoy_yaml()

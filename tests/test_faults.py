@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROUTES, cred, wait_until
-from harness import SYNC_SECRET, Sidecar, keygate, request
+from tests.harness import ROUTES, SYNC_SECRET, cred, keygate, request, Sidecar, wait_until
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROUTES, wait_until
-from harness import ENVOY_YAML, ROOT, WASM, Postgres, Sidecar, envoy_binary, keygate, pg_bindir, render, request
+from tests.harness import ENVOY_YAML, ROOT, ROUTES, WASM, envoy_binary, keygate, pg_bindir, Postgres, render, request, Sidecar, wait_until
 
 CONFIG = {"routes": ROUTES}
 

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from conftest import ROUTES, cred
-from harness import DEMO_KEYS, demo_plugin_config, request
+from tests.harness import DEMO_KEYS, ROUTES, cred, demo_plugin_config, request
 
 HEX_KEY = "0123456789abcdef" * 4
 
@@ -24,6 +23,9 @@ CONFIG = {
         cred("t-ip-allowed", "ip-allowed-key", tenant="initech", scopes=["read"], allowed_ips=["127.0.0.0/8"]),
         cred("t-expired", "expired-key", tenant="initech", scopes=["read"], expires_at=int(time.time()) - 10),
         cred("t-hex", HEX_KEY, tenant="hooli", scopes=["read"]),
+        # One budget per protocol, for the rate-limit header test.
+        cred("t-rl-http1", "rl-http1-key", tenant="umbrella", scopes=["read"], rate_limit={"requests": 3, "window_secs": 60}),
+        cred("t-rl-h2", "rl-h2-key", tenant="umbrella", scopes=["read"], rate_limit={"requests": 3, "window_secs": 60}),
     ],
 }
 
@@ -40,8 +42,8 @@ def basic(key, secret):
     return "Basic " + base64.b64encode(f"{key}:{secret}".encode()).decode()
 
 
-def get(gate, path="/v1/items", headers=(), method="GET"):
-    return request(gate.port, method, path, list(headers))
+def get(gate, path="/v1/items", headers=(), method="GET", proto="http1", **kw):
+    return request(gate.port, method, path, list(headers), proto=proto, **kw)
 
 
 def assert_denied(r, status, error, message=None):
@@ -64,14 +66,14 @@ def assert_denied(r, status, error, message=None):
     ],
     ids=["x-api-key", "bearer", "bearer-lowercase", "basic"],
 )
-def test_each_credential_form_is_accepted(gate, headers):
-    r = get(gate, headers=headers)
+def test_each_credential_form_is_accepted(gate, headers, proto):
+    r = get(gate, headers=headers, proto=proto)
     assert r.status == 200, r
     assert r.json()["path"] == "/v1/items"
 
 
-def test_missing_credential_gets_401_with_www_authenticate(gate):
-    r = get(gate)
+def test_missing_credential_gets_401_with_www_authenticate(gate, proto):
+    r = get(gate, proto=proto)
     assert_denied(r, 401, AUTH_FAILED, "Missing API key")
     assert "Bearer" in r.header("www-authenticate")
 
@@ -84,8 +86,8 @@ def test_missing_credential_gets_401_with_www_authenticate(gate):
         [("authorization", basic("no-such-key", "x"))],
     ],
 )
-def test_unknown_key_gets_401(gate, headers):
-    assert_denied(get(gate, headers=headers), 401, AUTH_FAILED, "Invalid API key")
+def test_unknown_key_gets_401(gate, headers, proto):
+    assert_denied(get(gate, headers=headers, proto=proto), 401, AUTH_FAILED, "Invalid API key")
 
 
 @pytest.mark.parametrize(
@@ -136,8 +138,8 @@ def test_expired_key_gets_401(gate):
     assert_denied(get(gate, headers=[("x-api-key", "expired-key")]), 401, AUTH_FAILED, "API key has expired")
 
 
-def test_inactive_key_gets_403(gate):
-    assert_denied(get(gate, headers=[("x-api-key", "inactive-key")]), 403, "forbidden", "API key is inactive")
+def test_inactive_key_gets_403(gate, proto):
+    assert_denied(get(gate, headers=[("x-api-key", "inactive-key")], proto=proto), 403, "forbidden", "API key is inactive")
 
 
 def test_ip_allowlist_refusing_loopback_gets_403(gate):
@@ -164,11 +166,11 @@ def test_trusted_xff_hops_take_the_client_from_forwarded_for(envoy_factory):
         assert_denied(request(envoy.port, "GET", "/v1/x", spoofed), 403, "forbidden")
 
 
-def test_insufficient_scope_gets_403_with_exact_body(gate):
-    r = get(gate, method="POST", headers=[("x-api-key", "read-key")])
+def test_insufficient_scope_gets_403_with_exact_body(gate, proto):
+    r = get(gate, method="POST", headers=[("x-api-key", "read-key")], proto=proto)
     assert r.status == 403
     assert r.body == b'{"error":"insufficient_scope","message":"This endpoint requires \'write\' scope"}'
-    r = get(gate, path="/admin/users", headers=[("x-api-key", "write-key")])
+    r = get(gate, path="/admin/users", headers=[("x-api-key", "write-key")], proto=proto)
     assert_denied(r, 403, "insufficient_scope", "This endpoint requires 'admin' scope")
 
 
@@ -193,9 +195,9 @@ def test_public_paths_are_open_without_credentials(gate):
     assert_denied(get(gate, path="/healthz"), 401, AUTH_FAILED)
 
 
-def test_credential_is_stripped_and_identity_injected_upstream(gate):
+def test_credential_is_stripped_and_identity_injected_upstream(gate, proto):
     for headers in ([("x-api-key", "write-key")], [("authorization", "Bearer write-key")]):
-        r = get(gate, headers=headers)
+        r = get(gate, headers=headers, proto=proto)
         up = dict(r.upstream_headers())
         assert "x-api-key" not in up and "authorization" not in up
         assert "write-key" not in r.body.decode()
@@ -203,21 +205,21 @@ def test_credential_is_stripped_and_identity_injected_upstream(gate):
         assert up["x-keygate-environment"] == "test"
         assert up["x-keygate-key-id"] == "t-write"
         assert up["x-keygate-scopes"] == "write"
-    r = get(gate, headers=[("authorization", basic("basic-key", "basic-secret"))])
+    r = get(gate, headers=[("authorization", basic("basic-key", "basic-secret"))], proto=proto)
     up = dict(r.upstream_headers())
     assert "authorization" not in up and "basic-secret" not in r.body.decode()
     assert (up["x-keygate-tenant"], up["x-keygate-scopes"]) == ("globex", "read write")
 
 
-def test_client_sent_identity_headers_never_reach_upstream(gate):
+def test_client_sent_identity_headers_never_reach_upstream(gate, proto):
     spoof = [("x-keygate-tenant", "evil"), ("x-keygate-key-id", "root"), ("x-keygate-scopes", "admin"),
              ("x-keygate-environment", "live")]
-    r = get(gate, headers=[("x-api-key", "read-key"), *spoof])
+    r = get(gate, headers=[("x-api-key", "read-key"), *spoof], proto=proto)
     up = r.upstream_headers()
     assert ("x-keygate-tenant", "acme") in up
     assert ("x-keygate-scopes", "read") in up
     assert not any(v in ("evil", "root", "admin") for _, v in up)
-    r = get(gate, path="/health", headers=spoof)
+    r = get(gate, path="/health", headers=spoof, proto=proto)
     assert not any(name.startswith("x-keygate-") for name, _ in r.upstream_headers())
 
 
@@ -228,6 +230,59 @@ def test_hex_key_is_accepted_and_hashed_as_presented(gate):
 def test_refusals_never_reach_the_upstream(gate):
     r = get(gate, method="POST", headers=[("x-api-key", "read-key")])
     assert b'"headers"' not in r.body
+
+
+def test_rate_limit_headers_count_down_and_429_over_each_protocol(gate, proto):
+    key = [("x-api-key", f"rl-{proto}-key")]
+    remaining = []
+    for _ in range(3):
+        r = get(gate, headers=key, proto=proto)
+        assert r.status == 200, r
+        assert r.header("x-ratelimit-limit") == "3"
+        remaining.append(int(r.header("x-ratelimit-remaining")))
+    assert remaining == [2, 1, 0]
+    r = get(gate, headers=key, proto=proto)
+    assert_denied(r, 429, "rate_limit_exceeded")
+    assert int(r.header("retry-after")) >= 1
+
+
+def test_h2c_prior_knowledge_is_served_as_http2(gate):
+    """The `proto` parametrisation proves something only if h2 really is h2."""
+    def h2_streams():
+        stats = gate.admin("/stats?filter=^http.gate.downstream_rq_http2_total$")
+        return int(stats.split(":")[1])
+    before = h2_streams()
+    assert get(gate, headers=[("x-api-key", "read-key")], proto="h2").status == 200
+    assert h2_streams() == before + 1
+
+
+# (headers, trailers) of a POST /v1/items with a body; over h2 the trailers
+# go out after the body, over HTTP/1.1 they are left off.
+TRAILER_CASES = {
+    "allowed": ([("x-api-key", "write-key")], [("x-checksum", "abc")]),
+    "no-credential": ([], [("x-checksum", "abc")]),
+    "credential-only-in-trailers": ([], [("x-api-key", "write-key")]),
+    "insufficient-scope": ([("x-api-key", "read-key")], [("x-checksum", "abc")]),
+    "identity-spoof-in-trailers": ([("x-api-key", "write-key")], [("x-keygate-tenant", "evil")]),
+}
+
+
+@pytest.mark.parametrize("case", TRAILER_CASES)
+def test_h2_request_with_body_and_trailers_is_decided_like_http1(gate, case):
+    headers, trailers = TRAILER_CASES[case]
+    body = b'{"order": 1}' * 100
+    h1 = get(gate, method="POST", headers=headers, body=body)
+    h2 = get(gate, method="POST", headers=headers, body=body, trailers=trailers, proto="h2")
+    assert h2.status == h1.status, (h1, h2)
+    if h1.status == 200:
+        identity = lambda r: sorted(h for h in r.upstream_headers() if h[0].startswith("x-keygate-"))  # noqa: E731
+        assert identity(h2) == identity(h1)
+        assert ("x-keygate-tenant", "evil") not in h2.upstream_headers()
+    else:
+        assert h2.body == h1.body
+        assert h2.header("content-type") == h1.header("content-type")
+    expected = {"allowed": 200, "identity-spoof-in-trailers": 200, "insufficient-scope": 403}.get(case, 401)
+    assert h1.status == expected
 
 
 def test_documented_demo_keys_work_with_envoy_yaml(envoy_factory):

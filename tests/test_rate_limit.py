@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from conftest import ROUTES, cred
-from harness import request
+from tests.harness import ROUTES, cred, request
 
 CONFIG = {
     "routes": ROUTES,

@@ -8,8 +8,7 @@ import signal
 
 import pytest
 
-from conftest import ROUTES, wait_until
-from harness import SYNC_SECRET, Sidecar, keygate, request
+from tests.harness import ROUTES, SYNC_SECRET, keygate, request, Sidecar, wait_until
 
 CONFIG = {"routes": ROUTES, "rate_limit": {"requests": 1000, "window_secs": 60}}
 
@@ -179,7 +178,7 @@ def test_sync_daemon_refuses_a_short_secret(tmp_path):
     proc_env = {**os.environ, "KEYGATE_SYNC_SECRET": "short"}
     import subprocess
 
-    from harness import KEYGATE
+    from tests.harness import KEYGATE
 
     p = subprocess.run([str(KEYGATE), "--store", str(tmp_path / "s.json"), "sync", "--once", "--endpoint",
                         "http://127.0.0.1:1"], env=proc_env, capture_output=True, text=True, timeout=30)

@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from conftest import ROUTES, cred
-from harness import SYNC_SECRET, request
+from tests.harness import ROUTES, SYNC_SECRET, cred, request
 
 STATE = "/keygate/sync/v1/state"
 PUSH = "/keygate/sync/v1/push"
@@ -116,7 +115,7 @@ def test_unknown_paths_and_methods_on_the_sync_listener_get_404(envoy):
 
 
 def test_sync_listener_refuses_to_load_without_a_secret(envoy_factory):
-    from harness import Envoy
+    from tests.harness import Envoy
 
     with envoy_factory({"routes": ROUTES}, wait=False) as e:
         e.stop()

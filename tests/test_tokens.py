@@ -5,8 +5,7 @@ import time
 
 import pytest
 
-from conftest import ROUTES, cred, wait_until
-from harness import TOKEN_KEYS, Envoy, Sidecar, keygate, request
+from tests.harness import ROUTES, TOKEN_KEYS, cred, Envoy, keygate, request, Sidecar, wait_until
 
 CONFIG = {
     "routes": ROUTES,

@@ -19,7 +19,7 @@ use store_pg::PgStore;
 #[derive(Parser)]
 #[command(
     name = "keygate",
-    version,
+    version = env!("KEYGATE_LONG_VERSION"),
     about = "API keys for the keygate Envoy filter: manage them, push them live"
 )]
 struct Cli {

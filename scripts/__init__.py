@@ -1,0 +1,1 @@
+"""Helper scripts, importable as `scripts.*` (run as `python -m scripts.run_demo`)."""
