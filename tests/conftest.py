@@ -3,10 +3,13 @@ tests/harness.py; every fixture here stops what it started, even when a test
 fails."""
 
 import contextlib
+import shutil
 
 import pytest
 
-from tests.harness import PROTOCOLS, WASM, EchoServer, Envoy, assert_no_wasm_panic, free_port, render
+from tests.harness import (
+    PROTOCOLS, WASM, EchoServer, Envoy, FileServer, assert_no_wasm_panic, free_port, render, render_remote,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,6 +48,36 @@ def envoy_factory(echo, tmp_path_factory):
         if mutate:
             mutate(config)
         envoy = Envoy(config, concurrency=concurrency, workdir=tmp_path_factory.mktemp("envoy"))
+        try:
+            envoy.start(wait=wait)
+            yield envoy
+        finally:
+            envoy.stop()
+        assert_no_wasm_panic(envoy)
+
+    return start
+
+
+@pytest.fixture
+def wasm_server(tmp_path):
+    """An HTTP server on loopback serving the built filter as /keygate.wasm."""
+    root = tmp_path / "wasm-server"
+    root.mkdir()
+    shutil.copyfile(WASM, root / "keygate.wasm")
+    with FileServer(root) as server:
+        yield server
+
+
+@pytest.fixture
+def remote_envoy_factory(echo, tmp_path_factory):
+    """Like envoy_factory, for envoy/envoy-remote.yaml: Envoy fetches the
+    filter from `wasm_url` and loads it only if it hashes to `sha256`."""
+
+    @contextlib.contextmanager
+    def start(plugin_config=None, *, wasm_url, wasm_server_port, sha256, wait=True):
+        config = render_remote(plugin_config, gate_port=free_port(), admin_port=free_port(), upstream_port=echo.port,
+                               wasm_url=wasm_url, wasm_server_port=wasm_server_port, sha256=sha256)
+        envoy = Envoy(config, concurrency=2, workdir=tmp_path_factory.mktemp("envoy-remote"))
         try:
             envoy.start(wait=wait)
             yield envoy

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -115,6 +116,68 @@ def render(plugin_config=None, *, gate_port, admin_port, upstream_port, sync_por
             ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
             ep["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": upstream_port}
     return config
+
+
+ENVOY_REMOTE_YAML = ROOT / "envoy" / "envoy-remote.yaml"
+
+
+def render_remote(plugin_config=None, *, gate_port, admin_port, upstream_port, wasm_url, wasm_server_port,
+                  sha256, sync_port=None):
+    """envoy/envoy-remote.yaml (the filter fetched over HTTP with a pinned
+    digest) with ports, addresses, the URL and the digest replaced."""
+    config = yaml.safe_load(ENVOY_REMOTE_YAML.read_text())
+    config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
+    listeners = {lst["name"]: lst for lst in config["static_resources"]["listeners"]}
+    listeners["gate"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": gate_port}
+    listeners["sync"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": sync_port or free_port()}
+    for name in listeners:
+        vm = wasm_filter(config, name)["vm_config"] = copy.deepcopy(wasm_filter(config, name)["vm_config"])
+        vm["code"]["remote"]["http_uri"]["uri"] = wasm_url
+        vm["code"]["remote"]["sha256"] = sha256
+    if plugin_config is not None:
+        wasm_filter(config)["configuration"]["value"] = json.dumps(plugin_config)
+    ports = {"upstream": upstream_port, "keygate_wasm": wasm_server_port}
+    for cluster in config["static_resources"]["clusters"]:
+        cluster["type"] = "STATIC"
+        ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ep["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": ports[cluster["name"]]}
+    return config
+
+
+class FileServer:
+    """Serves files from a directory over HTTP/1.1 on 127.0.0.1 in a
+    background thread (a stand-in for the server Envoy fetches the .wasm
+    from); counts requests per path."""
+
+    def __init__(self, directory):
+        import functools
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        hits = self.hits = {}
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self):
+                hits[self.path] = hits.get(self.path, 0) + 1
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 class Managed:
