@@ -18,7 +18,7 @@ SIDECAR := target/release/keygate
 # Shown by `keygate --version` and the filter's start-up log line.
 GIT_HASH := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-DIST := dist
+DIST ?= dist
 
 .PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench soak clean dist version
 
@@ -55,7 +55,8 @@ dist: wasm sidecar
 	@if [ -f $(NATIVE_SO) ]; then cp $(NATIVE_SO) $(DIST)/; fi
 	cp envoy/envoy.yaml envoy/envoy-remote.yaml envoy/fleet-ratelimit.yaml $(DIST)/examples/
 	cp -r deploy $(DIST)/examples/deploy
-	$(PYTHON) scripts/oci_layout.py --wasm $(DIST)/keygate.wasm --out $(DIST) --version $(VERSION) --revision $(GIT_HASH)
+	$(PYTHON) scripts/oci_layout.py --wasm $(DIST)/keygate.wasm --out $(DIST) --version $(VERSION) --revision $(GIT_HASH) \
+		--deploy-dir $(DIST)/examples/deploy
 	cd $(DIST) && find . -type f ! -name SHA256SUMS | LC_ALL=C sort | sed 's|^\./||' | xargs sha256sum > SHA256SUMS
 	@echo "dist/: $$(wc -l < $(DIST)/SHA256SUMS) files, keygate $(VERSION) ($(GIT_HASH))"
 

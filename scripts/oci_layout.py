@@ -110,14 +110,32 @@ def build(wasm_path, out_dir, version, revision):
     return {"oci-compat": compat, "oci-wasm": artifact, "wasm": "sha256:" + hashlib.sha256(wasm).hexdigest()}
 
 
+# Digest placeholders in deploy/ manifests, filled in by `--deploy-dir`:
+# the Istio WasmPlugin pins the compat image, Envoy Gateway the Wasm artifact.
+PLACEHOLDERS = {"oci-compat": "0" * 64, "oci-wasm": "0" * 63 + "1"}
+
+
+def fill_digests(deploy_dir, digests):
+    """Replaces the placeholder digests in every file under `deploy_dir`."""
+    for path in sorted(Path(deploy_dir).rglob("*")):
+        if path.is_file():
+            text = path.read_text()
+            for layout, placeholder in PLACEHOLDERS.items():
+                text = text.replace(placeholder, digests[layout].removeprefix("sha256:"))
+            path.write_text(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wasm", required=True, help="the built filter (.wasm)")
     parser.add_argument("--out", required=True, help="directory to write oci-compat/ and oci-wasm/ into")
     parser.add_argument("--version", required=True)
     parser.add_argument("--revision", required=True, help="git commit")
+    parser.add_argument("--deploy-dir", help="copy of deploy/ whose placeholder digests to fill in")
     args = parser.parse_args()
     digests = build(args.wasm, args.out, args.version, args.revision)
+    if args.deploy_dir:
+        fill_digests(args.deploy_dir, digests)
     for name, digest in digests.items():
         print(f"{name}: {digest}")
     return 0
