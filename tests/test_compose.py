@@ -42,3 +42,34 @@ def test_compose_sidecar_reaches_the_loopback_sync_listener():
     sidecar = COMPOSE["services"]["sidecar"]
     assert sidecar["network_mode"] == "service:envoy"
     assert f"http://127.0.0.1:{sync['port_value']}" in sidecar["command"]
+
+
+DOCKERFILE = (ENVOY_YAML.parent.parent / "Dockerfile").read_text()
+
+
+def dockerfile_stages():
+    return [line.split()[1] for line in DOCKERFILE.splitlines() if line.startswith("FROM ")]
+
+
+def test_compose_sidecar_is_built_from_the_dockerfile_not_a_host_binary():
+    sidecar = COMPOSE["services"]["sidecar"]
+    build = sidecar["build"]
+    assert (ENVOY_YAML.parent / build["context"] / build["dockerfile"]).resolve() == (ENVOY_YAML.parent.parent / "Dockerfile")
+    assert not any("target/" in v for v in sidecar.get("volumes", [])), "host-built binary mounted"
+    # The image's entrypoint is keygate: the command is its arguments.
+    assert sidecar["command"][0] == "sync"
+    store = sidecar["environment"]["KEYGATE_STORE"]
+    assert any(v.endswith(":" + store.rsplit("/", 1)[0]) for v in sidecar["volumes"]), "store not on a volume"
+
+
+def test_dockerfile_is_multi_stage_non_root_without_a_shell():
+    stages = dockerfile_stages()
+    assert len(stages) >= 2
+    final = stages[-1]
+    assert final.startswith(("gcr.io/distroless/", "scratch")), final
+    user = [line.split()[1] for line in DOCKERFILE.splitlines() if line.startswith("USER ")]
+    assert user and user[-1].split(":")[0] not in ("root", "0")
+    entry = next(line for line in DOCKERFILE.splitlines() if line.startswith("ENTRYPOINT "))
+    assert '"/usr/local/bin/keygate"' in entry, "exec form, no shell"
+    # --locked: the image builds what Cargo.lock says.
+    assert "--locked" in DOCKERFILE and "-p keygate-sidecar" in DOCKERFILE
