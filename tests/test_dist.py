@@ -98,6 +98,22 @@ def test_a_different_wasm_changes_the_digest(layouts, tmp_path):
     assert oci_layout.build(other, tmp_path / "o", "0.0.0-test", "abc1234")["oci-compat"] != digests["oci-compat"]
 
 
+@pytest.mark.skipif(not shutil.which("skopeo"), reason="skopeo not installed (apt-get install skopeo)")
+@pytest.mark.parametrize("name", ["oci-compat", "oci-wasm"])
+def test_skopeo_reads_and_copies_the_layout_keeping_its_digest(layouts, tmp_path, name):
+    """A real OCI client accepts the layout, as `skopeo copy … docker://` would."""
+    out, digests = layouts
+    src = f"oci:{out / name}:0.0.0-test"
+    raw = subprocess.run(["skopeo", "inspect", "--raw", src], capture_output=True, timeout=60)
+    assert raw.returncode == 0, raw.stderr
+    assert "sha256:" + hashlib.sha256(raw.stdout).hexdigest() == digests[name]
+    copy = subprocess.run(["skopeo", "copy", "--quiet", src, f"oci:{tmp_path / 'copy'}:x"], capture_output=True,
+                          timeout=60)
+    assert copy.returncode == 0, copy.stderr
+    index = json.loads((tmp_path / "copy" / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == digests[name]
+
+
 def git_head():
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 else None
@@ -117,6 +133,11 @@ def test_make_dist_writes_checksummed_versioned_artifacts(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
     listed = {line.split(maxsplit=1)[1] for line in (dist / "SHA256SUMS").read_text().splitlines()}
     assert {"keygate.wasm", "keygate"} <= listed
+    # The example manifests in dist/ pin this build's images.
+    compat = json.loads((dist / "oci-compat/index.json").read_text())["manifests"][0]["digest"]
+    assert compat in (dist / "examples/deploy/istio/wasmplugin.yaml").read_text()
+    artifact = json.loads((dist / "oci-wasm/index.json").read_text())["manifests"][0]["digest"]
+    assert artifact.split(":")[1] in (dist / "examples/deploy/envoy-gateway/envoyextensionpolicy.yaml").read_text()
     version = subprocess.run([dist / "keygate", "--version"], capture_output=True, text=True, timeout=10).stdout
     head = git_head()
     assert re.fullmatch(r"keygate \d+\.\d+\.\d+\S* \((\w+)\)\n", version), version
