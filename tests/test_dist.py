@@ -143,6 +143,8 @@ def test_make_dist_writes_checksummed_versioned_artifacts(tmp_path):
     assert re.fullmatch(r"keygate \d+\.\d+\.\d+\S* \((\w+)\)\n", version), version
     if head:
         assert f"({head})" in version
+        # The filter logs the same commit at start (src/root_context.rs).
+        assert head.encode() in (dist / "keygate.wasm").read_bytes()
 
 
 def test_keygate_version_names_the_commit():

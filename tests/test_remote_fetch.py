@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from tests.harness import ROUTES, WASM, cred, free_port, request, wait_until
+import yaml
+
+from tests.harness import ENVOY_REMOTE_YAML, ROUTES, WASM, cred, free_port, load_envoy_yaml, request, wait_until, wasm_filter
 
 CONFIG = {"routes": ROUTES, "credentials": [cred("remote-read", "remote-read-key", scopes=["read"])]}
 KEY = [("x-api-key", "remote-read-key")]
@@ -67,3 +69,24 @@ def test_unverifiable_filter_fails_closed_never_open(remote_envoy_factory, wasm_
             assert isinstance(seen[-1], int) and seen[-1] >= 500, f"Envoy never settled into refusing: {seen}"
             assert wait_until(lambda: "failed to load" in envoy.log(), timeout=5)
             assert request(envoy.port, "GET", "/health", proto="h2").status >= 500, "public routes fail closed too"
+
+
+def gate_hcm(config):
+    gate = next(lst for lst in config["static_resources"]["listeners"] if lst["name"] == "gate")
+    return gate["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def test_envoy_remote_yaml_stays_in_step_with_envoy_yaml():
+    local, remote = load_envoy_yaml(), yaml.safe_load(ENVOY_REMOTE_YAML.read_text())
+    for name in ("gate", "sync"):
+        lv, rv = wasm_filter(local, name), wasm_filter(remote, name)
+        assert (rv["name"], rv["root_id"]) == (lv["name"], lv["root_id"])
+        assert rv["configuration"]["@type"] == lv["configuration"]["@type"]
+        for field in ("vm_id", "runtime", "environment_variables"):
+            assert rv["vm_config"][field] == lv["vm_config"][field], field
+        assert rv.get("failure_policy", "FAIL_CLOSED") == "FAIL_CLOSED"
+    for field in ("use_remote_address", "normalize_path", "merge_slashes", "codec_type"):
+        assert gate_hcm(remote).get(field) == gate_hcm(local).get(field), field
+    remote_code = wasm_filter(remote)["vm_config"]["code"]["remote"]
+    assert remote_code["http_uri"]["cluster"] in {c["name"] for c in remote["static_resources"]["clusters"]}
+    assert isinstance(remote_code["sha256"], str) and len(remote_code["sha256"]) == 64
