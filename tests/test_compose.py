@@ -54,7 +54,8 @@ def dockerfile_stages():
 def test_compose_sidecar_is_built_from_the_dockerfile_not_a_host_binary():
     sidecar = COMPOSE["services"]["sidecar"]
     build = sidecar["build"]
-    assert (ENVOY_YAML.parent / build["context"] / build["dockerfile"]).resolve() == (ENVOY_YAML.parent.parent / "Dockerfile")
+    dockerfile = (ENVOY_YAML.parent / build["context"] / build["dockerfile"]).resolve()
+    assert dockerfile == ENVOY_YAML.parent.parent / "Dockerfile"
     assert not any("target/" in v for v in sidecar.get("volumes", [])), "host-built binary mounted"
     # The image's entrypoint is keygate: the command is its arguments.
     assert sidecar["command"][0] == "sync"

@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from tests.harness import ENVOY_YAML, ROOT, ROUTES, WASM, envoy_binary, keygate, pg_bindir, Postgres, render, request, Sidecar, wait_until
+from tests.harness import (
+    ENVOY_YAML, ROOT, ROUTES, WASM, envoy_binary, keygate, pg_bindir, Postgres, render, request, Sidecar, wait_until,
+)
 
 CONFIG = {"routes": ROUTES}
 

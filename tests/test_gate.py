@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.harness import DEMO_KEYS, ROUTES, cred, demo_plugin_config, request
+from tests.harness import DEMO_KEYS, PROTOCOLS, ROUTES, cred, demo_plugin_config, request
 
 HEX_KEY = "0123456789abcdef" * 4
 
@@ -24,8 +24,8 @@ CONFIG = {
         cred("t-expired", "expired-key", tenant="initech", scopes=["read"], expires_at=int(time.time()) - 10),
         cred("t-hex", HEX_KEY, tenant="hooli", scopes=["read"]),
         # One budget per protocol, for the rate-limit header test.
-        cred("t-rl-http1", "rl-http1-key", tenant="umbrella", scopes=["read"], rate_limit={"requests": 3, "window_secs": 60}),
-        cred("t-rl-h2", "rl-h2-key", tenant="umbrella", scopes=["read"], rate_limit={"requests": 3, "window_secs": 60}),
+        *[cred(f"t-rl-{p}", f"rl-{p}-key", tenant="umbrella", scopes=["read"],
+               rate_limit={"requests": 3, "window_secs": 60}) for p in PROTOCOLS],
     ],
 }
 

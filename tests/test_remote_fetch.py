@@ -9,7 +9,9 @@ import pytest
 
 import yaml
 
-from tests.harness import ENVOY_REMOTE_YAML, ROUTES, WASM, cred, free_port, load_envoy_yaml, request, wait_until, wasm_filter
+from tests.harness import (
+    ENVOY_REMOTE_YAML, ROUTES, WASM, cred, free_port, load_envoy_yaml, request, wait_until, wasm_filter,
+)
 
 CONFIG = {"routes": ROUTES, "credentials": [cred("remote-read", "remote-read-key", scopes=["read"])]}
 KEY = [("x-api-key", "remote-read-key")]
