@@ -15,11 +15,8 @@ from tests.harness import ROUTES, SYNC_SECRET, cred, keygate, request, Sidecar, 
 def rig(envoy_factory, tmp_path):
     store = tmp_path / "store.json"
     with envoy_factory({"routes": ROUTES}) as envoy:
-        sidecar = Sidecar(store, [f"http://127.0.0.1:{envoy.sync_port}"], workdir=tmp_path)
-        try:
-            yield envoy, store, sidecar.start()
-        finally:
-            sidecar.stop()
+        with Sidecar(store, [f"http://127.0.0.1:{envoy.sync_port}"], workdir=tmp_path) as sidecar:
+            yield envoy, store, sidecar
 
 
 def status(envoy, key):

@@ -35,14 +35,13 @@ def fleet(postgres, envoy_factory, tmp_path):
                    check=True, capture_output=True, timeout=30)
     migrated = keygate(postgres.url, "store", "migrate", json_out=False)
     assert "version 1" in migrated.stdout
-    with envoy_factory(CONFIG) as a, envoy_factory(CONFIG) as b:
-        sa = Sidecar(postgres.url, [f"http://127.0.0.1:{a.sync_port}"], workdir=tmp_path, log_name="a.log").start()
-        sb = Sidecar(postgres.url, [f"http://127.0.0.1:{b.sync_port}"], workdir=tmp_path, log_name="b.log").start()
-        try:
-            yield postgres, (a, b), (sa, sb)
-        finally:
-            sa.stop()
-            sb.stop()
+    with (
+        envoy_factory(CONFIG) as a,
+        envoy_factory(CONFIG) as b,
+        Sidecar(postgres.url, [f"http://127.0.0.1:{a.sync_port}"], workdir=tmp_path, log_name="a.log") as sa,
+        Sidecar(postgres.url, [f"http://127.0.0.1:{b.sync_port}"], workdir=tmp_path, log_name="b.log") as sb,
+    ):
+        yield postgres, (a, b), (sa, sb)
 
 
 def status(envoy, key):
