@@ -1,12 +1,13 @@
 //! The root context: one per worker VM. Owns the compiled policy and hands
 //! it to every HTTP context.
 
+use crate::host;
 use crate::http_context::GateContext;
 use crate::metrics::Metrics;
 use crate::shared_store::{ensure_counter, CredentialCache};
 use crate::sync_context::SyncContext;
 use keygate_core::config::{Role, SyncSecret};
-use keygate_core::verdict::counter_key;
+use keygate_core::shared_data::counter_key;
 use keygate_core::Policy;
 use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -33,17 +34,22 @@ impl RootContext for KeygateRoot {
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
-        let bytes = if bytes.is_empty() {
-            b"{}".to_vec()
-        } else {
-            bytes
+        let bytes = match host::plugin_configuration() {
+            Ok(Some(bytes)) if !bytes.is_empty() => bytes,
+            Ok(_) => b"{}".to_vec(),
+            Err(e) => {
+                error!("cannot read the plugin configuration: {e}");
+                return false;
+            }
         };
         // WASI environment, as passed by vm_config.environment_variables.
         match Policy::from_json_with_env(&bytes, &|name| std::env::var(name).ok()) {
             Ok(policy) => {
                 for cred in policy.credentials.values() {
-                    ensure_counter(&counter_key(&cred.key_id));
+                    if let Err(e) = ensure_counter(&counter_key(&cred.key_id)) {
+                        error!("cannot create rate counters in shared data: {e}");
+                        return false;
+                    }
                 }
                 // Counts and role only: the policy holds credential hashes.
                 info!(

@@ -102,6 +102,9 @@ pub enum SyncError {
     Conflict(String),
     /// Over [`MAX_PUSH_BYTES`] or [`MAX_PUSH_ITEMS`]: 413.
     TooLarge,
+    /// The host failed a write before the push committed: 500. The state
+    /// was not advanced, so the sidecar's next full push repairs it.
+    Host(String),
 }
 
 impl SyncError {
@@ -111,6 +114,7 @@ impl SyncError {
             SyncError::Invalid(_) => 400,
             SyncError::Conflict(_) => 409,
             SyncError::TooLarge => 413,
+            SyncError::Host(_) => 500,
         }
     }
 
@@ -122,6 +126,7 @@ impl SyncError {
             SyncError::TooLarge => {
                 format!("push too large (max {MAX_PUSH_BYTES} bytes, {MAX_PUSH_ITEMS} items)")
             }
+            SyncError::Host(m) => format!("internal error: {m}"),
         }
     }
 }
