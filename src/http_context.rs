@@ -66,7 +66,7 @@ impl GateContext {
         self.metrics.count(&record.outcome());
         if policy.log_decisions {
             if let Ok(line) = serde_json::to_string(record) {
-                info!("keygate decision {line}");
+                info!("decision {line}");
             }
         }
     }

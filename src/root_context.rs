@@ -29,7 +29,7 @@ impl RootContext for KeygateRoot {
     fn on_vm_start(&mut self, _: usize) -> bool {
         // The commit makes field reports answerable; set by `make wasm`.
         let commit = option_env!("KEYGATE_GIT_HASH").unwrap_or("unknown");
-        info!("keygate {} ({commit}) starting", keygate_core::VERSION);
+        info!("version {} ({commit}) starting", keygate_core::VERSION);
         true
     }
 
@@ -53,7 +53,7 @@ impl RootContext for KeygateRoot {
                 }
                 // Counts and role only: the policy holds credential hashes.
                 info!(
-                    "keygate configured: role {:?}, {} credentials from config, {} route rules",
+                    "configured: role {:?}, {} credentials from config, {} route rules",
                     policy.role,
                     policy.credentials.len(),
                     policy.routes.len()
@@ -62,7 +62,7 @@ impl RootContext for KeygateRoot {
                     match Metrics::define() {
                         Ok(m) => self.metrics = Rc::new(m),
                         Err(e) => {
-                            error!("keygate: cannot define metrics: {e}");
+                            error!("cannot define metrics: {e}");
                             return false;
                         }
                     }
@@ -72,7 +72,7 @@ impl RootContext for KeygateRoot {
                 true
             }
             Err(e) => {
-                error!("keygate: invalid plugin configuration: {e}");
+                error!("invalid plugin configuration: {e}");
                 false
             }
         }

@@ -37,13 +37,13 @@ impl SyncContext {
     fn reply(&self, status: u16, body: &serde_json_body::Body) {
         let headers = [("content-type", "application/json")];
         if let Err(e) = host::send_reply(status, &headers, &body.render()) {
-            error!("sync: cannot send the {status} reply: {e}");
+            error!("cannot send the {status} reply: {e}");
         }
     }
 
     /// The sidecar learns of a host failure as a 500 and pushes again.
     fn fail(&self, e: HostError) -> Action {
-        error!("sync: {e}");
+        error!("{e}");
         self.reply(500, &Body::Error(SyncError::Host(e.to_string()).message()));
         Action::Pause
     }
@@ -78,7 +78,7 @@ impl SyncContext {
             Err(e) => return Err(host_error(e)),
         }
         info!(
-            "keygate sync: applied {} upserts, {} deletes; generation {} version {}",
+            "applied {} upserts, {} deletes; generation {} version {}",
             plan.upserts.len(),
             plan.deletes.len(),
             plan.state.generation,
@@ -200,11 +200,7 @@ impl HttpContext for SyncContext {
         match self.apply(&body) {
             Ok(state) => self.reply(200, &Body::State(state)),
             Err(e) => {
-                warn!(
-                    "keygate sync: refused push ({}): {}",
-                    e.status(),
-                    e.message()
-                );
+                warn!("refused push ({}): {}", e.status(), e.message());
                 self.reply(e.status(), &Body::Error(e.message()));
             }
         }
