@@ -138,7 +138,7 @@ def main():
     if cycles:
         for scc in cycles:
             print("import cycle among crates/core modules: " + " <-> ".join(sorted(scc)), file=sys.stderr)
-        print("Move the shared piece into a lower module (error, names, shared_keys, ...) "
+        print("Move the shared piece into a lower module (error, names, shared_data, ...) "
               "so imports point one way.", file=sys.stderr)
         return 1
     print(f"crates/core: {len(deps)} modules, no import cycle")
