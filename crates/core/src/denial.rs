@@ -184,6 +184,20 @@ mod tests {
     }
 
     #[test]
+    fn host_failure_is_a_500_with_an_internal_error_body() {
+        let d = Denial::new(
+            Reason::Internal,
+            "The gateway could not process this request",
+        );
+        assert_eq!(d.status(), 500);
+        assert_eq!(
+            String::from_utf8(d.body()).unwrap(),
+            r#"{"error":"internal_error","message":"The gateway could not process this request"}"#
+        );
+        assert!(!d.headers("r").iter().any(|(n, _)| *n == "www-authenticate"));
+    }
+
+    #[test]
     fn messages_are_json_escaped() {
         let d = Denial::new(Reason::BadPath, "quote \" and \\ and \n");
         let v: serde_json::Value = serde_json::from_slice(&d.body()).unwrap();
