@@ -84,6 +84,7 @@ soak: wasm sidecar envoy
 
 lint:
 	$(CARGO) fmt --all -- --check
+	$(PYTHON) scripts/check_cycles.py
 	$(CARGO) clippy -p keygate-core -p keygate-sidecar --all-targets -- -D warnings
 	$(CARGO) clippy -p keygate-filter --target $(WASM_TARGET) -- -D warnings
 

@@ -1,22 +1,28 @@
 //! The per-request context of the gate role: gather facts, decide, apply.
+//! Every host call goes through [`crate::host`]; one that fails refuses the
+//! request with a 500 (fail closed), it never traps the VM.
 
+use crate::host::{self, HostError};
 use crate::metrics::Metrics;
 use crate::shared_store::{CredentialCache, SharedCounters};
 use keygate_core::access_log::AccessRecord;
+use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
-use keygate_core::rate_limit::{CounterCell, RateStatus};
-use keygate_core::token::MAX_LOGIN_BODY;
-use keygate_core::verdict::Headers;
-use keygate_core::verdict::{is_login, login, rate_limit_headers, Host, Login, Outcome};
-use keygate_core::{decide, Credential, Denial, Policy};
-use log::info;
-use proxy_wasm::hostcalls;
+use keygate_core::rate_limit::RateStatus;
+use keygate_core::shared_data::CounterCell;
+use keygate_core::token::{VerifiedTokens, MAX_LOGIN_BODY};
+use keygate_core::verdict::{
+    decide, is_login, login, rate_limit_headers, Decision, Headers, Host, Login, Outcome,
+};
+use keygate_core::{Credential, Denial, Policy};
+use log::{error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use proxy_wasm::types::MapType;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell, RefMut};
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+
+/// The body message of a 500: what failed is logged, not told the client.
+const INTERNAL_MESSAGE: &str = "The gateway could not process this request";
 
 pub struct GateContext {
     policy: Option<Rc<Policy>>,
@@ -45,24 +51,28 @@ impl GateContext {
         }
     }
 
-    /// Filter state for Envoy's access log (`%FILTER_STATE(wasm.keygate_<field>:PLAIN)%`),
+    /// Filter state for Envoy's access log (`%FILTER_STATE(wasm.keygate_<field>:…)%`),
     /// the decision counter and, if enabled, one JSON log line.
     fn record(&self, record: &AccessRecord, policy: &Policy) {
         if policy.access_log_fields {
             for (name, value) in record.fields() {
-                let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
+                // The decision stands without its log fields: say so once.
+                if let Err(e) = host::set_property(name, value.as_bytes()) {
+                    warn!("access-log fields incomplete: {e}");
+                    break;
+                }
             }
         }
         self.metrics.count(&record.outcome());
         if policy.log_decisions {
             if let Ok(line) = serde_json::to_string(record) {
-                info!("keygate decision {line}");
+                info!("decision {line}");
             }
         }
     }
 
-    fn reply(&self, denial: &Denial, policy: &Policy) {
-        let headers = denial.headers(&policy.realm);
+    fn reply(&self, denial: &Denial, policy: Option<&Policy>) {
+        let headers = denial.headers(policy.map_or("keygate", |p| p.realm.as_str()));
         self.send_local(
             denial.status(),
             headers,
@@ -78,10 +88,10 @@ impl GateContext {
         status: u16,
         mut headers: Vec<(&'static str, String)>,
         rate: Option<&RateStatus>,
-        policy: &Policy,
+        policy: Option<&Policy>,
         body: &[u8],
     ) {
-        if let Some(rate) = rate {
+        if let (Some(rate), Some(policy)) = (rate, policy) {
             headers.extend(rate_limit_headers(
                 rate,
                 policy.rate_limit_headers,
@@ -89,16 +99,42 @@ impl GateContext {
             ));
         }
         let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        self.send_http_response(u32::from(status), refs, Some(body));
+        if let Err(e) = host::send_reply(status, &refs, body) {
+            // Nothing else can answer the client; the request stays paused
+            // and never reaches upstream.
+            error!("cannot send the {status} reply: {e}");
+        }
+    }
+
+    /// Fail closed: a host call failed, so the request is refused with a
+    /// 500 and the failure logged; the access log shows `internal_error`.
+    fn fail(&self, e: HostError, policy: Option<&Policy>) -> Action {
+        error!("refusing a request: {e}");
+        let denial = Denial::new(Reason::Internal, INTERNAL_MESSAGE);
+        if let Some(policy) = policy {
+            let decision = Decision {
+                outcome: Outcome::Denied {
+                    denial: denial.clone(),
+                    credential: None,
+                },
+                required_scope: None,
+            };
+            self.record(&AccessRecord::of_decision(&decision), policy);
+        }
+        self.reply(&denial, policy);
+        Action::Pause
     }
 }
 
 /// Request headers read from Envoy one by one, on demand, and remembered:
 /// fetching the whole map costs more than the few a decision needs. Only
-/// valid while the request headers are (in `on_http_request_headers`).
+/// valid while the request headers are (in `on_http_request_headers`). A
+/// failed read counts as absent for the decision, and is kept so that the
+/// request is refused with a 500 whatever the decision said.
 #[derive(Default)]
 struct RequestHeaders {
     seen: RefCell<Vec<(String, Option<Vec<u8>>)>>,
+    error: Cell<Option<HostError>>,
 }
 
 impl Headers for RequestHeaders {
@@ -106,10 +142,13 @@ impl Headers for RequestHeaders {
         if let Some((_, v)) = self.seen.borrow().iter().find(|(n, _)| n == name) {
             return v.clone();
         }
-        // Raw bytes: the String variant of the SDK panics on non-UTF-8 values.
-        let value = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten();
+        let value = match host::request_header(name) {
+            Ok(v) => v,
+            Err(e) => {
+                self.error.set(self.error.get().or(Some(e)));
+                None
+            }
+        };
         self.seen
             .borrow_mut()
             .push((name.to_owned(), value.clone()));
@@ -124,38 +163,80 @@ impl RequestHeaders {
             .filter_map(|n| self.get(n).map(|v| ((*n).to_owned(), v)))
             .collect()
     }
+
+    fn error(&self) -> Option<HostError> {
+        self.error.get()
+    }
 }
 
-/// The host side of a decision: shared data and Envoy properties.
+/// The host side of a decision: shared data and Envoy properties. Keeps the
+/// first host error; the caller refuses the request if there was one.
 struct EnvoyHost<'a> {
-    ctx: &'a GateContext,
+    /// The VM's credential cache, borrowed for this decision (None only if
+    /// it is borrowed already, which would be a bug: dynamic keys are then
+    /// not found, which refuses rather than admits).
+    borrowed: Option<RefMut<'a, CredentialCache>>,
     counters: SharedCounters,
+    error: Option<HostError>,
+}
+
+impl<'a> EnvoyHost<'a> {
+    fn new(cache: &'a RefCell<CredentialCache>) -> EnvoyHost<'a> {
+        EnvoyHost {
+            borrowed: cache.try_borrow_mut().ok(),
+            counters: SharedCounters::default(),
+            error: None,
+        }
+    }
+
+    fn failure(&self) -> Option<HostError> {
+        self.error.or(self.counters.error)
+    }
+
+    fn keep(&mut self, e: HostError) {
+        self.error.get_or_insert(e);
+    }
 }
 
 impl Host for EnvoyHost<'_> {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>> {
-        self.ctx.cache.try_borrow_mut().ok()?.lookup(key_hash)
+        let found = self.borrowed.as_deref_mut()?.lookup(key_hash);
+        found.unwrap_or_else(|e| {
+            self.keep(e);
+            None
+        })
     }
 
     fn peer_address(&mut self) -> Option<String> {
-        let bytes = self.ctx.get_property(vec!["source", "address"])?;
-        String::from_utf8(bytes).ok()
+        match host::property(&["source", "address"]) {
+            Ok(bytes) => String::from_utf8(bytes?).ok(),
+            Err(e) => {
+                self.keep(e);
+                None
+            }
+        }
     }
 
     fn counters(&mut self) -> &mut dyn CounterCell {
         &mut self.counters
     }
+
+    fn verified_tokens(&mut self) -> Option<&mut VerifiedTokens> {
+        self.borrowed.as_deref_mut().map(|c| &mut c.verified_tokens)
+    }
 }
 
 impl GateContext {
     fn answer_login(&mut self, policy: &Policy, headers: &[(String, Vec<u8>)], body: &[u8]) {
-        let outcome = {
-            let mut host = EnvoyHost {
-                ctx: self,
-                counters: SharedCounters,
-            };
-            login(policy, &headers, body, &mut host, self.now_ns)
+        let (outcome, failure) = {
+            let mut host = EnvoyHost::new(&self.cache);
+            let outcome = login(policy, &headers, body, &mut host, self.now_ns);
+            (outcome, host.failure())
         };
+        if let Some(e) = failure {
+            self.fail(e, Some(policy));
+            return;
+        }
         self.record(&AccessRecord::of_login(&outcome), policy);
         match outcome {
             Login::Issued { body, rate, .. } => {
@@ -163,10 +244,26 @@ impl GateContext {
                     ("content-type", "application/json".to_owned()),
                     ("cache-control", "no-store".to_owned()),
                 ];
-                self.send_local(200, headers, rate.as_ref(), policy, &body);
+                self.send_local(200, headers, rate.as_ref(), Some(policy), &body);
             }
-            Login::Denied { denial, .. } => self.reply(&denial, policy),
+            Login::Denied { denial, .. } => self.reply(&denial, Some(policy)),
         }
+    }
+
+    /// Applies the decision's header edits; the first failure is returned.
+    fn edit_request_headers(
+        decision: &Decision,
+        policy: &Policy,
+        headers: &RequestHeaders,
+    ) -> Result<(), HostError> {
+        let edits = decision.upstream_headers(policy, headers);
+        for name in &edits.remove {
+            host::set_request_header(name, None)?;
+        }
+        for (name, value) in &edits.set {
+            host::set_request_header(name, Some(value))?;
+        }
+        Ok(())
     }
 }
 
@@ -175,27 +272,26 @@ impl Context for GateContext {}
 impl HttpContext for GateContext {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
-            let denial = Denial::new(
-                keygate_core::denial::Reason::Unavailable,
-                "keygate is not configured",
-            );
-            self.send_http_response(
-                u32::from(denial.status()),
-                vec![("content-type", "application/json")],
-                Some(&denial.body()),
-            );
+            let denial = Denial::new(Reason::Unavailable, "keygate is not configured");
+            self.reply(&denial, None);
             return Action::Pause;
         };
-        self.now_ns = self
-            .get_current_time()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        // Raw bytes: the String variants of the SDK panic on non-UTF-8 values.
+        self.now_ns = match host::now_ns() {
+            Ok(t) => t,
+            Err(e) => return self.fail(e, Some(&policy)),
+        };
         let headers = RequestHeaders::default();
-        if is_login(&policy, &headers) {
+        let is_login = is_login(&policy, &headers);
+        if let Some(e) = headers.error() {
+            return self.fail(e, Some(&policy));
+        }
+        if is_login {
             // Header reads fail once the headers are continued: keep what
             // the login needs now (the client address may come from XFF).
             let kept = headers.snapshot(&["x-forwarded-for"]);
+            if let Some(e) = headers.error() {
+                return self.fail(e, Some(&policy));
+            }
             if end_of_stream {
                 self.answer_login(&policy, &kept, b"");
                 return Action::Pause;
@@ -206,24 +302,23 @@ impl HttpContext for GateContext {
             self.login_headers = Some(kept);
             return Action::Continue;
         }
-        let decision = {
-            let mut host = EnvoyHost {
-                ctx: self,
-                counters: SharedCounters,
-            };
-            decide(&policy, &headers, &mut host, self.now_ns)
+        let (decision, failure) = {
+            let mut host = EnvoyHost::new(&self.cache);
+            let decision = decide(&policy, &headers, &mut host, self.now_ns);
+            (decision, host.failure())
         };
+        // A decision on facts the host failed to give is no decision.
+        let applied = match failure.or(headers.error()) {
+            Some(e) => Err(e),
+            None => Self::edit_request_headers(&decision, &policy, &headers),
+        };
+        if let Err(e) = applied {
+            return self.fail(e, Some(&policy));
+        }
         self.record(&AccessRecord::of_decision(&decision), &policy);
-        let edits = decision.upstream_headers(&policy, &headers);
-        for name in &edits.remove {
-            self.set_http_request_header(name, None);
-        }
-        for (name, value) in &edits.set {
-            self.set_http_request_header(name, Some(value));
-        }
         match &decision.outcome {
             Outcome::Denied { denial, .. } => {
-                self.reply(denial, &policy);
+                self.reply(denial, Some(&policy));
                 Action::Pause
             }
             Outcome::Allowed { rate, .. } => {
@@ -240,17 +335,20 @@ impl HttpContext for GateContext {
         };
         if body_size > MAX_LOGIN_BODY {
             let denial = Denial::new(
-                keygate_core::denial::Reason::BadRequest,
+                Reason::BadRequest,
                 format!("Request body over {MAX_LOGIN_BODY} bytes"),
             );
-            self.reply(&denial, &policy);
+            self.reply(&denial, Some(&policy));
             return Action::Pause;
         }
         if !end_of_stream {
             self.login_headers = Some(headers);
             return Action::Pause;
         }
-        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        let body = match host::request_body(body_size) {
+            Ok(body) => body.unwrap_or_default(),
+            Err(e) => return self.fail(e, Some(&policy)),
+        };
         self.answer_login(&policy, &headers, &body);
         Action::Pause
     }
@@ -258,7 +356,12 @@ impl HttpContext for GateContext {
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
         if let (Some(rate), Some(policy)) = (&self.rate, &self.policy) {
             for (name, value) in rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns) {
-                self.set_http_response_header(name, Some(&value));
+                // The upstream already answered: missing headers are logged,
+                // the response still goes out.
+                if let Err(e) = host::set_response_header(name, Some(&value)) {
+                    warn!("rate-limit headers incomplete: {e}");
+                    break;
+                }
             }
         }
         Action::Continue

@@ -3,9 +3,8 @@
 //! `wasmcustom.` prefix, and `envoy/envoy.yaml` extracts the outcome as a
 //! Prometheus label.
 
+use crate::host;
 use keygate_core::access_log::outcomes;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
 use std::collections::HashMap;
 
 #[derive(Default)]
@@ -20,16 +19,16 @@ impl Metrics {
         let mut by_outcome = HashMap::new();
         for outcome in outcomes() {
             let name = format!("keygate.requests_total.{outcome}");
-            let id = hostcalls::define_metric(MetricType::Counter, &name)
-                .map_err(|e| format!("{name}: {e:?}"))?;
+            let id = host::define_counter(&name).map_err(|e| format!("{name}: {e}"))?;
             by_outcome.insert(outcome, id);
         }
         Ok(Metrics { by_outcome })
     }
 
+    /// A lost increment only skews a counter: not worth refusing a request.
     pub fn count(&self, outcome: &str) {
         if let Some(id) = self.by_outcome.get(outcome) {
-            let _ = hostcalls::increment_metric(*id, 1);
+            let _ = host::increment_counter(*id);
         }
     }
 }

@@ -1,12 +1,13 @@
 //! The root context: one per worker VM. Owns the compiled policy and hands
 //! it to every HTTP context.
 
+use crate::host;
 use crate::http_context::GateContext;
 use crate::metrics::Metrics;
 use crate::shared_store::{ensure_counter, CredentialCache};
 use crate::sync_context::SyncContext;
 use keygate_core::config::{Role, SyncSecret};
-use keygate_core::verdict::counter_key;
+use keygate_core::shared_data::counter_key;
 use keygate_core::Policy;
 use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -28,26 +29,31 @@ impl RootContext for KeygateRoot {
     fn on_vm_start(&mut self, _: usize) -> bool {
         // The commit makes field reports answerable; set by `make wasm`.
         let commit = option_env!("KEYGATE_GIT_HASH").unwrap_or("unknown");
-        info!("keygate {} ({commit}) starting", keygate_core::VERSION);
+        info!("version {} ({commit}) starting", keygate_core::VERSION);
         true
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
-        let bytes = if bytes.is_empty() {
-            b"{}".to_vec()
-        } else {
-            bytes
+        let bytes = match host::plugin_configuration() {
+            Ok(Some(bytes)) if !bytes.is_empty() => bytes,
+            Ok(_) => b"{}".to_vec(),
+            Err(e) => {
+                error!("cannot read the plugin configuration: {e}");
+                return false;
+            }
         };
         // WASI environment, as passed by vm_config.environment_variables.
         match Policy::from_json_with_env(&bytes, &|name| std::env::var(name).ok()) {
             Ok(policy) => {
                 for cred in policy.credentials.values() {
-                    ensure_counter(&counter_key(&cred.key_id));
+                    if let Err(e) = ensure_counter(&counter_key(&cred.key_id)) {
+                        error!("cannot create rate counters in shared data: {e}");
+                        return false;
+                    }
                 }
                 // Counts and role only: the policy holds credential hashes.
                 info!(
-                    "keygate configured: role {:?}, {} credentials from config, {} route rules",
+                    "configured: role {:?}, {} credentials from config, {} route rules",
                     policy.role,
                     policy.credentials.len(),
                     policy.routes.len()
@@ -56,7 +62,7 @@ impl RootContext for KeygateRoot {
                     match Metrics::define() {
                         Ok(m) => self.metrics = Rc::new(m),
                         Err(e) => {
-                            error!("keygate: cannot define metrics: {e}");
+                            error!("cannot define metrics: {e}");
                             return false;
                         }
                     }
@@ -66,7 +72,7 @@ impl RootContext for KeygateRoot {
                 true
             }
             Err(e) => {
-                error!("keygate: invalid plugin configuration: {e}");
+                error!("invalid plugin configuration: {e}");
                 false
             }
         }

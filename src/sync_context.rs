@@ -3,16 +3,16 @@
 //! listener; every push is authenticated, sequenced and validated in full
 //! (`keygate_core::sync::plan`) before the first write.
 
-use crate::shared_store::ensure_counter;
+use crate::host::{self, HostError, HostResult, Written};
+use crate::shared_store::{ensure_counter, SharedCounters};
 use keygate_core::config::SyncSecret;
-use keygate_core::rate_limit::MAX_CAS_ATTEMPTS;
+use keygate_core::shared_data::{credential_key, revocations_key, update, Step, STATE_KEY};
 use keygate_core::sync::{
-    credential_key, decode_state, encode_state, plan, SyncError, SyncState, MAX_PUSH_BYTES,
-    PUSH_PATH, SIGNATURE_HEADER, STATE_KEY, STATE_PATH,
+    decode_state, encode_state, plan, SyncError, SyncState, MAX_PUSH_BYTES, PUSH_PATH,
+    SIGNATURE_HEADER, STATE_PATH,
 };
-use keygate_core::token::{merge_revocations, revocations_key};
-use log::{info, warn};
-use proxy_wasm::hostcalls;
+use keygate_core::token::merge_revocations;
+use log::{error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
@@ -35,39 +35,50 @@ impl SyncContext {
     }
 
     fn reply(&self, status: u16, body: &serde_json_body::Body) {
-        self.send_http_response(
-            u32::from(status),
-            vec![("content-type", "application/json")],
-            Some(&body.render()),
-        );
+        let headers = [("content-type", "application/json")];
+        if let Err(e) = host::send_reply(status, &headers, &body.render()) {
+            error!("cannot send the {status} reply: {e}");
+        }
     }
 
-    fn held_state() -> (SyncState, Option<u32>) {
-        match hostcalls::get_shared_data(STATE_KEY) {
-            Ok((bytes, cas)) => (decode_state(bytes.as_deref()), cas),
-            Err(_) => (SyncState::default(), None),
-        }
+    /// The sidecar learns of a host failure as a 500 and pushes again.
+    fn fail(&self, e: HostError) -> Action {
+        error!("{e}");
+        self.reply(500, &Body::Error(SyncError::Host(e.to_string()).message()));
+        Action::Pause
+    }
+
+    fn held_state() -> HostResult<(SyncState, Option<u32>)> {
+        let (bytes, cas) = host::shared_get(STATE_KEY)?;
+        Ok((decode_state(bytes.as_deref()), cas))
     }
 
     fn apply(&self, body: &[u8]) -> Result<SyncState, SyncError> {
-        let (state, cas) = Self::held_state();
+        let host_error = |e: HostError| SyncError::Host(e.to_string());
+        let (state, cas) = Self::held_state().map_err(host_error)?;
         let plan = plan(&self.secret.0, body, self.signature.as_deref(), &state)?;
         for key in &plan.counters {
-            ensure_counter(key);
+            ensure_counter(key).map_err(host_error)?;
         }
         for (hash, entry) in &plan.upserts {
-            let _ = hostcalls::set_shared_data(&credential_key(hash), Some(entry), None);
+            host::shared_set(&credential_key(hash), entry, None).map_err(host_error)?;
         }
         for hash in &plan.deletes {
-            let _ = hostcalls::set_shared_data(&credential_key(hash), Some(&[]), None);
+            host::shared_set(&credential_key(hash), &[], None).map_err(host_error)?;
         }
-        apply_revocations(&plan.revoked_sessions);
+        apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
         // The state is written last and only if nobody else moved it meanwhile.
-        hostcalls::set_shared_data(STATE_KEY, Some(&encode_state(&plan.state)), cas).map_err(
-            |_| SyncError::Conflict("another push changed the state concurrently".into()),
-        )?;
+        match host::shared_set(STATE_KEY, &encode_state(&plan.state), cas) {
+            Ok(Written::Yes) => {}
+            Ok(Written::CasMismatch) => {
+                return Err(SyncError::Conflict(
+                    "another push changed the state concurrently".into(),
+                ))
+            }
+            Err(e) => return Err(host_error(e)),
+        }
         info!(
-            "keygate sync: applied {} upserts, {} deletes; generation {} version {}",
+            "applied {} upserts, {} deletes; generation {} version {}",
             plan.upserts.len(),
             plan.deletes.len(),
             plan.state.generation,
@@ -79,7 +90,7 @@ impl SyncContext {
 
 /// Merges session revocations into each key's `rs:` entry, with CAS: gate
 /// workers read these entries on every token use.
-fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) {
+fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) -> HostResult<()> {
     let mut by_key: std::collections::BTreeMap<&str, Vec<(&str, u64)>> = Default::default();
     for r in revoked {
         by_key
@@ -88,15 +99,17 @@ fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) {
             .push((&r.session_id, r.revoked_at_ms));
     }
     for (key_id, sessions) in by_key {
-        let key = revocations_key(key_id);
-        for _ in 0..MAX_CAS_ATTEMPTS {
-            let (bytes, cas) = hostcalls::get_shared_data(&key).unwrap_or((None, None));
-            let merged = merge_revocations(bytes.as_deref(), &sessions);
-            if hostcalls::set_shared_data(&key, Some(&merged), cas).is_ok() {
-                break;
-            }
+        let mut cell = SharedCounters::default();
+        // Endless contention leaves this key's revocations for the next
+        // push (as before); a host error fails the push.
+        let _ = update(&mut cell, &revocations_key(key_id), |bytes| {
+            Step::Write(merge_revocations(bytes, &sessions), ())
+        });
+        if let Some(e) = cell.error {
+            return Err(e);
         }
     }
+    Ok(())
 }
 
 /// Small JSON bodies of the sync API.
@@ -125,19 +138,27 @@ impl Context for SyncContext {}
 
 impl HttpContext for SyncContext {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        let method = self
-            .get_http_request_header_bytes(":method")
-            .unwrap_or_default();
-        let path = self
-            .get_http_request_header_bytes(":path")
-            .unwrap_or_default();
+        let (method, path) = match (
+            host::request_header(":method"),
+            host::request_header(":path"),
+        ) {
+            (Ok(m), Ok(p)) => (m.unwrap_or_default(), p.unwrap_or_default()),
+            (Err(e), _) | (_, Err(e)) => return self.fail(e),
+        };
         match (method.as_slice(), path.as_slice()) {
-            (b"GET", p) if p == STATE_PATH.as_bytes() => {
-                self.reply(200, &Body::State(Self::held_state().0));
-            }
+            (b"GET", p) if p == STATE_PATH.as_bytes() => match Self::held_state() {
+                Ok((state, _)) => self.reply(200, &Body::State(state)),
+                Err(e) => return self.fail(e),
+            },
             (b"POST", p) if p == PUSH_PATH.as_bytes() => {
-                let too_long = self
-                    .get_http_request_header_bytes("content-length")
+                let (length, signature) = match (
+                    host::request_header("content-length"),
+                    host::request_header(SIGNATURE_HEADER),
+                ) {
+                    (Ok(l), Ok(s)) => (l, s),
+                    (Err(e), _) | (_, Err(e)) => return self.fail(e),
+                };
+                let too_long = length
                     .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<usize>().ok())
                     .is_some_and(|n| n > MAX_PUSH_BYTES);
                 if too_long {
@@ -149,7 +170,7 @@ impl HttpContext for SyncContext {
                     // too (StopAllIteration); the buffer filter after keygate
                     // holds the request back from the router instead.
                     self.receiving = true;
-                    self.signature = self.get_http_request_header_bytes(SIGNATURE_HEADER);
+                    self.signature = signature;
                     return Action::Continue;
                 }
             }
@@ -172,15 +193,14 @@ impl HttpContext for SyncContext {
             return Action::Pause;
         }
         self.receiving = false;
-        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        let body = match host::request_body(body_size) {
+            Ok(body) => body.unwrap_or_default(),
+            Err(e) => return self.fail(e),
+        };
         match self.apply(&body) {
             Ok(state) => self.reply(200, &Body::State(state)),
             Err(e) => {
-                warn!(
-                    "keygate sync: refused push ({}): {}",
-                    e.status(),
-                    e.message()
-                );
+                warn!("refused push ({}): {}", e.status(), e.message());
                 self.reply(e.status(), &Body::Error(e.message()));
             }
         }

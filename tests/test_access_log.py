@@ -109,7 +109,7 @@ def test_no_key_or_secret_appears_in_any_log(logged):
     token = logged["login"].json()["access_token"]
     for secret in [*SECRETS.values(), token, "leaked-in-query"]:
         assert secret not in texts, secret
-    assert "keygate decision {" in logged["envoy_log"]()  # log_decisions is on
+    assert "wasm log keygate: decision {" in logged["envoy_log"]()  # log_decisions is on, named once
 
 
 def keygate_logs(log, *args):

@@ -4,7 +4,8 @@
 
 use crate::credential::Credential;
 use crate::denial::{Denial, Reason};
-use crate::verdict::{Decision, Login, Outcome};
+use crate::verdict::decide::{Decision, Outcome};
+use crate::verdict::login::Login;
 use serde::Serialize;
 
 /// One record per decided request.

@@ -2,54 +2,16 @@
 //! validated, indexed [`Policy`] every request is decided against. All
 //! validation happens here, once, at load; errors name the offending field.
 
-use crate::credential::{check_name, check_tenant_limits, Credential, CredentialRecord};
+use crate::credential::{check_tenant_limits, Credential, CredentialRecord};
+pub use crate::error::ConfigError;
 use crate::hash::Digest;
+use crate::names::{check_header_name, check_name, check_scope_name};
 use crate::rate_limit::RateLimit;
 use crate::scope::{RouteRuleConfig, Routes};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
-
-/// A configuration problem, with the path of the field at fault.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(field: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError {
-            field: field.to_owned(),
-            message: message.into(),
-        }
-    }
-
-    /// Prefixes the field path: `tenant` under `credentials[3]` → `credentials[3].tenant`.
-    pub fn under(mut self, parent: &str) -> ConfigError {
-        self.field = if self.field.is_empty() {
-            parent.to_owned()
-        } else if self.field.starts_with('[') {
-            format!("{parent}{}", self.field)
-        } else {
-            format!("{parent}.{}", self.field)
-        };
-        self
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.field, self.message)
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -222,27 +184,6 @@ pub struct Policy {
     pub access_log_fields: bool,
 }
 
-fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !ok {
-        return Err(ConfigError::new(
-            field,
-            "must be a lowercase header name (a-z, 0-9, '-')",
-        ));
-    }
-    if matches!(
-        name,
-        "authorization" | "host" | "content-length" | "transfer-encoding" | "cookie"
-    ) {
-        return Err(ConfigError::new(field, format!("'{name}' cannot be used")));
-    }
-    Ok(())
-}
-
 const MAX_XFF_HOPS: u32 = 16;
 
 impl Policy {
@@ -296,7 +237,7 @@ impl TryFrom<PluginConfig> for Policy {
             }
         }
         for (i, s) in raw.scope_hierarchy.iter().enumerate() {
-            crate::scope::check_scope_name(s)
+            check_scope_name(s)
                 .map_err(|e| ConfigError::new(&format!("scope_hierarchy[{i}]"), e))?;
         }
         if raw.trusted_xff_hops > MAX_XFF_HOPS {

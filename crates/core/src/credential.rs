@@ -2,9 +2,12 @@
 //! protocol and the sidecar store ([`CredentialRecord`]), and its validated,
 //! ready-to-use form ([`Credential`]).
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
+// Re-exported: the sidecar validates names with it.
 use crate::hash::{ct_eq, parse_hex_digest, Digest};
 use crate::ip_rules::parse_allowed;
+pub use crate::names::check_name;
+use crate::names::check_scope_name;
 use crate::rate_limit::RateLimit;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -13,7 +16,6 @@ use serde::{Deserialize, Serialize};
 pub const MAX_SCOPED_PER_TENANT: usize = 5;
 /// Most default (full-access) credentials one tenant may hold.
 pub const MAX_DEFAULT_PER_TENANT: usize = 1;
-const MAX_NAME_LEN: usize = 128;
 const MAX_SCOPES: usize = 32;
 const MAX_ALLOWED_IPS: usize = 256;
 
@@ -109,26 +111,6 @@ pub struct Credential {
     pub expires_at: Option<u64>,
 }
 
-/// Names that go into headers, logs and shared-data keys: a safe alphabet.
-pub fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
-    if value.is_empty() || value.len() > MAX_NAME_LEN {
-        return Err(ConfigError::new(
-            field,
-            format!("must be 1 to {MAX_NAME_LEN} characters"),
-        ));
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    {
-        return Err(ConfigError::new(
-            field,
-            "may only contain letters, digits, '-', '_', '.', ':'",
-        ));
-    }
-    Ok(())
-}
-
 impl TryFrom<&CredentialRecord> for Credential {
     type Error = ConfigError;
 
@@ -176,8 +158,7 @@ impl TryFrom<&CredentialRecord> for Credential {
             ));
         }
         for (i, s) in r.scopes.iter().enumerate() {
-            crate::scope::check_scope_name(s)
-                .map_err(|e| ConfigError::new(&format!("scopes[{i}]"), e))?;
+            check_scope_name(s).map_err(|e| ConfigError::new(&format!("scopes[{i}]"), e))?;
         }
         if r.allowed_ips.len() > MAX_ALLOWED_IPS {
             return Err(ConfigError::new(

@@ -23,10 +23,12 @@ pub enum Reason {
     RevokedToken,
     /// The filter has no usable configuration: fail closed.
     Unavailable,
+    /// The host (Envoy) answered a call with an error: fail closed.
+    Internal,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::MissingCredential,
         Reason::MalformedCredential,
         Reason::UnknownKey,
@@ -40,6 +42,7 @@ impl Reason {
         Reason::BadRequest,
         Reason::RevokedToken,
         Reason::Unavailable,
+        Reason::Internal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Reason {
             Reason::BadRequest => "bad_request",
             Reason::RevokedToken => "revoked_token",
             Reason::Unavailable => "unavailable",
+            Reason::Internal => "internal_error",
         }
     }
 
@@ -72,6 +76,7 @@ impl Reason {
             Reason::RateLimited => 429,
             Reason::BadPath | Reason::BadRequest => 400,
             Reason::Unavailable => 503,
+            Reason::Internal => 500,
         }
     }
 
@@ -82,6 +87,7 @@ impl Reason {
             429 => "rate_limit_exceeded",
             400 => "invalid_request",
             503 => "unavailable",
+            500 => "internal_error",
             _ if self == Reason::InsufficientScope => "insufficient_scope",
             _ => "forbidden",
         }
@@ -157,6 +163,8 @@ mod tests {
             (Reason::InsufficientScope, 403, "insufficient_scope"),
             (Reason::RateLimited, 429, "rate_limit_exceeded"),
             (Reason::BadPath, 400, "invalid_request"),
+            (Reason::Unavailable, 503, "unavailable"),
+            (Reason::Internal, 500, "internal_error"),
         ];
         for (r, status, code) in expect {
             assert_eq!((r.status(), r.error_code()), (status, code), "{r:?}");
@@ -173,6 +181,20 @@ mod tests {
             String::from_utf8(d.body()).unwrap(),
             r#"{"error":"insufficient_scope","message":"This endpoint requires 'write' scope"}"#
         );
+    }
+
+    #[test]
+    fn host_failure_is_a_500_with_an_internal_error_body() {
+        let d = Denial::new(
+            Reason::Internal,
+            "The gateway could not process this request",
+        );
+        assert_eq!(d.status(), 500);
+        assert_eq!(
+            String::from_utf8(d.body()).unwrap(),
+            r#"{"error":"internal_error","message":"The gateway could not process this request"}"#
+        );
+        assert!(!d.headers("r").iter().any(|(n, _)| *n == "www-authenticate"));
     }
 
     #[test]

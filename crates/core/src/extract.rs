@@ -76,8 +76,9 @@ fn parse_authorization(v: &[u8]) -> Result<Presented, ExtractError> {
     if v.is_empty() {
         return Err(ExtractError::Malformed);
     }
-    let sp = v.iter().position(|&b| b == b' ').unwrap_or(v.len());
-    let (scheme, rest) = (&v[..sp], trim(&v[sp..]));
+    let mut parts = v.splitn(2, |&b| b == b' ');
+    let scheme = parts.next().unwrap_or_default();
+    let rest = trim(parts.next().unwrap_or_default());
     if scheme.eq_ignore_ascii_case(b"bearer") {
         return Ok(Presented {
             key: token(rest)?,
@@ -89,12 +90,9 @@ fn parse_authorization(v: &[u8]) -> Result<Presented, ExtractError> {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(rest)
             .map_err(|_| ExtractError::Malformed)?;
-        let colon = decoded
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(ExtractError::Malformed)?;
-        let key = token(&decoded[..colon])?;
-        let secret = token(&decoded[colon + 1..])?;
+        let mut parts = decoded.splitn(2, |&b| b == b':');
+        let key = token(parts.next().unwrap_or_default())?;
+        let secret = token(parts.next().ok_or(ExtractError::Malformed)?)?;
         return Ok(Presented {
             key,
             secret: Some(secret),

@@ -17,18 +17,16 @@ pub enum PathError {
 const MAX_PATH: usize = 8192;
 
 pub fn normalize(raw: &[u8]) -> Result<String, PathError> {
-    let end = raw
-        .iter()
-        .position(|&b| b == b'?' || b == b'#')
-        .unwrap_or(raw.len());
-    let raw = &raw[..end];
+    let raw = raw
+        .split(|&b| b == b'?' || b == b'#')
+        .next()
+        .unwrap_or_default();
     if raw.first() != Some(&b'/') || raw.len() > MAX_PATH {
         return Err(PathError::NotAbsolute);
     }
     let mut decoded = Vec::with_capacity(raw.len());
     let mut i = 0;
-    while i < raw.len() {
-        let b = raw[i];
+    while let Some(&b) = raw.get(i) {
         if b == b'%' {
             let hex = raw.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
             let v = std::str::from_utf8(hex)

@@ -11,14 +11,13 @@
 //! against the same budget; updates go through [`acquire`], a compare-and-swap
 //! loop over the [`CounterCell`] the host provides.
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
+use crate::shared_data::{update, CounterCell, Step};
 use serde::{Deserialize, Serialize};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// Longest window a limit may use.
 pub const MAX_WINDOW_SECS: u32 = 86_400;
-/// CAS attempts before giving up; only reached under pathological contention.
-pub const MAX_CAS_ATTEMPTS: u32 = 64;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -110,14 +109,6 @@ pub fn check(limit: RateLimit, stored_tat: Option<u64>, now_ns: u64) -> (RateSta
     (status, Some(new_tat))
 }
 
-/// A shared counter the host provides (Envoy shared data in the filter).
-pub trait CounterCell {
-    /// The stored bytes and their CAS token (None, None when absent).
-    fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
-    /// Stores `value` if the CAS token still matches; false on a mismatch.
-    fn store(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
-}
-
 pub fn encode_tat(tat: u64) -> [u8; 8] {
     tat.to_le_bytes()
 }
@@ -131,20 +122,18 @@ pub fn decode_tat(bytes: Option<&[u8]>) -> Option<u64> {
 
 /// Takes one request from `key`'s budget across every worker: CAS retry until
 /// our update lands on the state we read. If contention outlasts
-/// [`MAX_CAS_ATTEMPTS`], the request is refused (never over-admit).
+/// [`crate::shared_data::MAX_CAS_ATTEMPTS`], the request is refused (never over-admit).
 pub fn acquire(cell: &mut dyn CounterCell, key: &str, limit: RateLimit, now_ns: u64) -> RateStatus {
-    let mut last = None;
-    for _ in 0..MAX_CAS_ATTEMPTS {
-        let (bytes, cas) = cell.load(key);
-        let (status, new_tat) = check(limit, decode_tat(bytes.as_deref()), now_ns);
-        let Some(new_tat) = new_tat else {
-            return status;
-        };
-        if cell.store(key, &encode_tat(new_tat), cas) {
-            return status;
+    let attempt = update(cell, key, |bytes| {
+        match check(limit, decode_tat(bytes), now_ns) {
+            (status, Some(new_tat)) => Step::Write(encode_tat(new_tat).to_vec(), status),
+            (status, None) => Step::Done(status),
         }
-        last = Some(status);
-    }
+    });
+    let last = match attempt {
+        Ok(status) => return status,
+        Err(last) => last,
+    };
     let interval = limit.interval_ns();
     RateStatus {
         allowed: false,
@@ -163,7 +152,7 @@ pub fn acquire(cell: &mut dyn CounterCell, key: &str, limit: RateLimit, now_ns: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use crate::testing::MemoryHost as Cell;
 
     const S: u64 = NANOS_PER_SEC;
     const T0: u64 = 1_700_000_000 * S;
@@ -172,40 +161,6 @@ mod tests {
         RateLimit {
             requests,
             window_secs,
-        }
-    }
-
-    /// An in-memory shared-data map with Envoy's CAS semantics.
-    #[derive(Default)]
-    struct Cell {
-        map: HashMap<String, (Vec<u8>, u32)>,
-        next_cas: u32,
-        /// Simulates another worker writing between our load and store.
-        interfere: u32,
-    }
-
-    impl CounterCell for Cell {
-        fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-            match self.map.get(key) {
-                Some((v, c)) => (Some(v.clone()), Some(*c)),
-                None => (None, None),
-            }
-        }
-        fn store(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-            if self.interfere > 0 {
-                self.interfere -= 1;
-                self.next_cas += 1;
-                let c = self.next_cas;
-                self.map.entry(key.into()).or_insert((vec![], 0)).1 = c;
-            }
-            if let (Some(cas), Some((_, cur))) = (cas, self.map.get(key)) {
-                if cas != *cur {
-                    return false;
-                }
-            }
-            self.next_cas += 1;
-            self.map.insert(key.into(), (value.to_vec(), self.next_cas));
-            true
         }
     }
 

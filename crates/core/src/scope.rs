@@ -1,8 +1,10 @@
 //! Route rules (method + path → required scope, or public) and scope
 //! implication (admin ⊇ write ⊇ read when configured).
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
+// Re-exported: the sidecar validates scopes with it.
 use crate::credential::{Credential, Kind};
+pub use crate::names::check_scope_name;
 use serde::Deserialize;
 
 /// A route rule as written in plugin configuration.
@@ -74,24 +76,10 @@ pub struct Routes {
     default: Access,
 }
 
-pub fn check_scope_name(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 64 {
-        return Err("a scope is 1 to 64 characters".into());
-    }
-    if !s.bytes().all(|b| {
-        b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.' | b':')
-    }) {
-        return Err(format!(
-            "scope '{s}' may only contain a-z, 0-9, '-', '_', '.', ':'"
-        ));
-    }
-    Ok(())
-}
-
 /// `hierarchy` lists scopes strongest first: each implies all after it.
 fn required(name: &str, hierarchy: &[String]) -> RequiredScope {
     let satisfied_by = match hierarchy.iter().position(|s| s == name) {
-        Some(i) => hierarchy[..=i].to_vec(),
+        Some(i) => hierarchy.iter().take(i + 1).cloned().collect(),
         None => vec![name.to_owned()],
     };
     RequiredScope {

@@ -15,9 +15,11 @@
 //! older than the committed one, so credentials keep working during a full
 //! push and those absent from the new set disappear at commit.
 
-use crate::config::ConfigError;
-use crate::credential::{check_name, Credential, CredentialRecord};
+use crate::credential::{Credential, CredentialRecord};
+use crate::error::ConfigError;
 use crate::hash::{parse_hex_digest, Digest};
+use crate::names::check_name;
+use crate::shared_data::counter_key;
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -25,7 +27,6 @@ use sha2::Sha256;
 pub const STATE_PATH: &str = "/keygate/sync/v1/state";
 pub const PUSH_PATH: &str = "/keygate/sync/v1/push";
 pub const SIGNATURE_HEADER: &str = "x-keygate-signature";
-pub const STATE_KEY: &str = "sync:state";
 /// Largest push body Envoy accepts; below Envoy's default 1 MiB buffer limit.
 pub const MAX_PUSH_BYTES: usize = 768 * 1024;
 /// Most records (upserts + deletes) in one push.
@@ -101,6 +102,9 @@ pub enum SyncError {
     Conflict(String),
     /// Over [`MAX_PUSH_BYTES`] or [`MAX_PUSH_ITEMS`]: 413.
     TooLarge,
+    /// The host failed a write before the push committed: 500. The state
+    /// was not advanced, so the sidecar's next full push repairs it.
+    Host(String),
 }
 
 impl SyncError {
@@ -110,6 +114,7 @@ impl SyncError {
             SyncError::Invalid(_) => 400,
             SyncError::Conflict(_) => 409,
             SyncError::TooLarge => 413,
+            SyncError::Host(_) => 500,
         }
     }
 
@@ -121,6 +126,7 @@ impl SyncError {
             SyncError::TooLarge => {
                 format!("push too large (max {MAX_PUSH_BYTES} bytes, {MAX_PUSH_ITEMS} items)")
             }
+            SyncError::Host(m) => format!("internal error: {m}"),
         }
     }
 }
@@ -167,16 +173,6 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> bool {
     mac.verify_slice(&tag).is_ok()
 }
 
-/// `c:<base64url of the key hash>`: shorter than hex, so a million entries
-/// cost less in Envoy's map.
-pub fn credential_key(hash: &Digest) -> String {
-    use base64::Engine as _;
-    format!(
-        "c:{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash)
-    )
-}
-
 /// `<generation>\n<record JSON>`, without the key hash: the entry's name is it.
 pub fn encode_entry(generation: u64, record: &CredentialRecord) -> Vec<u8> {
     let mut out = format!("{generation}\n").into_bytes();
@@ -192,9 +188,9 @@ pub fn encode_entry(generation: u64, record: &CredentialRecord) -> Vec<u8> {
 /// The generation and credential of the entry stored under `hash`; None for
 /// a deleted or corrupt one.
 pub fn decode_entry(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
-    let nl = bytes.iter().position(|&b| b == b'\n')?;
-    let generation = std::str::from_utf8(&bytes[..nl]).ok()?.parse().ok()?;
-    let mut record: CredentialRecord = serde_json::from_slice(&bytes[nl + 1..]).ok()?;
+    let mut parts = bytes.splitn(2, |&b| b == b'\n');
+    let generation = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let mut record: CredentialRecord = serde_json::from_slice(parts.next()?).ok()?;
     record.key_hash = hex::encode(hash);
     let cred = Credential::try_from(&record).ok()?;
     Some((generation, cred))
@@ -239,7 +235,7 @@ pub fn plan(
     for (i, r) in push.upserts.iter().enumerate() {
         let c = Credential::try_from(r)
             .map_err(|e| SyncError::Invalid(e.under(&format!("upserts[{i}]")).to_string()))?;
-        counters.push(crate::verdict::counter_key(&c.key_id));
+        counters.push(counter_key(&c.key_id));
         upserts.push((c.key_hash, encode_entry(push.generation, r)));
     }
     let deletes = push

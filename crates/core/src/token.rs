@@ -7,9 +7,9 @@
 //! deactivated key stops its tokens at once. Several signing keys may be
 //! configured: the first signs, all verify (rotation without breaking tokens).
 
-use crate::config::ConfigError;
-use crate::credential::check_name;
+use crate::error::ConfigError;
 use crate::hash::{parse_hex_digest, Digest};
+use crate::names::check_name;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
@@ -84,11 +84,26 @@ pub struct Tokens {
     pub lifetime_secs: u64,
     pub max_sessions_per_key: usize,
     keys: Vec<SigningKey>,
-    /// Tokens whose signature was checked, by their exact text: a client
-    /// reuses its token for many requests, and re-checking the MAC and
-    /// re-parsing the claims each time is avoidable work on the hot path.
-    /// Bounded; expiry is still checked on every use.
-    verified: std::cell::RefCell<std::collections::HashMap<String, Claims>>,
+}
+
+/// Tokens whose signature was checked, by their exact text: a client reuses
+/// its token for many requests, and re-checking the MAC and re-parsing the
+/// claims each time is avoidable work on the hot path. Bounded; expiry is
+/// still checked on every use. The adapter keeps one per VM and lends it to
+/// the decision, so the policy itself stays immutable.
+#[derive(Debug, Default)]
+pub struct VerifiedTokens {
+    by_token: std::collections::HashMap<String, Claims>,
+}
+
+impl VerifiedTokens {
+    pub fn len(&self) -> usize {
+        self.by_token.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_token.is_empty()
+    }
 }
 
 /// Most verified tokens remembered (per VM); past it the cache starts over.
@@ -170,7 +185,6 @@ impl Tokens {
             lifetime_secs: cfg.lifetime_secs,
             max_sessions_per_key: cfg.max_sessions_per_key,
             keys,
-            verified: Default::default(),
         })
     }
 
@@ -191,7 +205,18 @@ impl Tokens {
 
     /// Checks signature and expiry; the caller checks the live credential.
     pub fn verify(&self, token: &str, now_ms: u64) -> Result<Claims, TokenError> {
-        if let Some(claims) = self.verified.borrow().get(token) {
+        self.verify_uncached(token, now_ms)
+    }
+
+    /// As [`Tokens::verify`], remembering tokens that passed in `cache`: a
+    /// remembered token skips the MAC check but not the expiry check.
+    pub fn verify_cached(
+        &self,
+        token: &str,
+        now_ms: u64,
+        cache: &mut VerifiedTokens,
+    ) -> Result<Claims, TokenError> {
+        if let Some(claims) = cache.by_token.get(token) {
             return if now_ms >= claims.exp_ms {
                 Err(TokenError::Expired)
             } else {
@@ -199,11 +224,10 @@ impl Tokens {
             };
         }
         let claims = self.verify_uncached(token, now_ms)?;
-        let mut cache = self.verified.borrow_mut();
-        if cache.len() >= VERIFIED_CAPACITY {
-            cache.clear();
+        if cache.by_token.len() >= VERIFIED_CAPACITY {
+            cache.by_token.clear();
         }
-        cache.insert(token.to_owned(), claims.clone());
+        cache.by_token.insert(token.to_owned(), claims.clone());
         Ok(claims)
     }
 
@@ -221,7 +245,13 @@ impl Tokens {
             .map_err(|_| TokenError::Invalid)?;
         let signed_len = PREFIX.len() + signed_rest.len();
         let mac = self
-            .mac(key, &token.as_bytes()[..signed_len])
+            .mac(
+                key,
+                token
+                    .as_bytes()
+                    .get(..signed_len)
+                    .ok_or(TokenError::Invalid)?,
+            )
             .ok_or(TokenError::Invalid)?;
         mac.verify_slice(&tag).map_err(|_| TokenError::Invalid)?;
         let claims: Claims = URL_SAFE_NO_PAD
@@ -351,15 +381,6 @@ impl SessionTokens {
     }
 }
 
-pub fn sessions_key(key_id: &str) -> String {
-    format!("tok:{key_id}")
-}
-
-/// Shared-data key of the session revocations of a key: JSON {session: revoked_at_ms}.
-pub fn revocations_key(key_id: &str) -> String {
-    format!("rs:{key_id}")
-}
-
 pub fn decode_revocations(bytes: Option<&[u8]>) -> BTreeMap<String, u64> {
     bytes
         .and_then(|b| serde_json::from_slice(b).ok())
@@ -450,15 +471,22 @@ mod tests {
     #[test]
     fn verified_tokens_are_remembered_but_still_expire() {
         let t = tokens(&[("a", A)]);
+        let mut cache = VerifiedTokens::default();
         let tok = t.issue(&claims(1000)).unwrap();
-        assert!(t.verify(&tok, 10).is_ok());
-        assert_eq!(t.verified.borrow().len(), 1);
-        assert_eq!(t.verify(&tok, 20).unwrap(), claims(1000));
-        assert_eq!(t.verify(&tok, 1000), Err(TokenError::Expired));
+        assert!(t.verify_cached(&tok, 10, &mut cache).is_ok());
+        assert_eq!(cache.len(), 1);
+        assert_eq!(t.verify_cached(&tok, 20, &mut cache).unwrap(), claims(1000));
+        assert_eq!(
+            t.verify_cached(&tok, 1000, &mut cache),
+            Err(TokenError::Expired)
+        );
         // A near miss is not the remembered token: it is checked in full.
         let forged = format!("{}x", &tok[..tok.len() - 1]);
-        assert_eq!(t.verify(&forged, 20), Err(TokenError::Invalid));
-        assert_eq!(t.verified.borrow().len(), 1, "failures are not remembered");
+        assert_eq!(
+            t.verify_cached(&forged, 20, &mut cache),
+            Err(TokenError::Invalid)
+        );
+        assert_eq!(cache.len(), 1, "failures are not remembered");
     }
 
     #[test]

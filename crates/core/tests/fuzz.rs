@@ -1,136 +1,109 @@
-//! Bounded mutation fuzzing of every parser that sees untrusted input:
-//! credential headers, paths, plugin configuration, sync pushes, tokens and
-//! login bodies, and the whole decision. Deterministic (seeded), no extra
-//! dependencies, a few seconds in `make test`. Properties: nothing panics,
-//! allocations stay bounded by the input, and invariants hold (normalised
-//! paths are fixed points, refusals are 4xx with a JSON body).
+//! Property tests of every parser that sees untrusted input: credential
+//! headers, paths, plugin configuration, sync pushes, tokens and login
+//! bodies, and the whole decision. Inputs are valid seeds with a few random
+//! edits (flip, insert, delete, duplicate a slice, truncate, extend), biased
+//! towards bytes that matter to the parsers; proptest shrinks a failure to
+//! the fewest edits and records it in crates/core/proptest-regressions/.
+//! Properties: nothing panics, and invariants hold (normalised paths are
+//! fixed points, refusals are 4xx with a JSON body, forged pushes and
+//! tokens are refused).
 //!
-//! `KEYGATE_FUZZ_ITERS` raises the count for a longer run.
+//! 5,000 cases per property by default; `PROPTEST_CASES=200000 cargo test
+//! -p keygate-core --test fuzz` runs a longer search.
 
 use keygate_core::extract::extract;
 use keygate_core::hash::{sha256, to_hex};
 use keygate_core::path::normalize;
-use keygate_core::rate_limit::CounterCell;
 use keygate_core::sync::{plan, sign, SyncState};
-use keygate_core::verdict::{decide, login, Host, Outcome};
-use keygate_core::{Credential, Policy};
-use std::collections::HashMap;
-use std::rc::Rc;
+use keygate_core::testing::MemoryHost;
+use keygate_core::verdict::{decide, login, Outcome};
+use keygate_core::Policy;
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 
-fn iterations() -> usize {
-    std::env::var("KEYGATE_FUZZ_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000)
+const DEFAULT_CASES: u32 = 5_000;
+
+fn config() -> ProptestConfig {
+    let mut c = ProptestConfig {
+        // Relative to the package root, where cargo runs integration tests.
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/fuzz.txt",
+        ))),
+        ..ProptestConfig::default()
+    };
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        c.cases = DEFAULT_CASES;
+    }
+    c
 }
 
-/// xorshift64*: small, seeded, good enough to drive mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn byte(&mut self) -> u8 {
-        // Bias towards bytes that matter to the parsers.
-        const SPECIAL: &[u8] = b" :/\\%.?#=,\"{}[]\x00\xff\xc3\r\n\t0aAzZ+-_";
-        if self.below(3) == 0 {
-            SPECIAL[self.below(SPECIAL.len())]
-        } else {
-            self.next() as u8
-        }
-    }
+/// One random edit; positions are taken modulo the input's length.
+#[derive(Debug, Clone)]
+enum Edit {
+    Flip(usize, u8),
+    Insert(usize, u8),
+    Remove(usize),
+    Duplicate { from: usize, len: usize, to: usize },
+    Truncate(usize),
+    Extend(Vec<u8>),
 }
 
-/// One random edit: flip, insert, delete, duplicate a slice, or truncate.
-fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
-    let mut v = input.to_vec();
-    for _ in 0..=rng.below(4) {
+fn byte() -> impl Strategy<Value = u8> {
+    // Bias towards bytes that matter to the parsers.
+    const SPECIAL: &[u8] = b" :/\\%.?#=,\"{}[]\x00\xff\xc3\r\n\t0aAzZ+-_";
+    prop_oneof![2 => any::<u8>(), 1 => proptest::sample::select(SPECIAL)]
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (any::<usize>(), byte()).prop_map(|(i, b)| Edit::Flip(i, b)),
+        (any::<usize>(), byte()).prop_map(|(i, b)| Edit::Insert(i, b)),
+        any::<usize>().prop_map(Edit::Remove),
+        (any::<usize>(), 0..16usize, any::<usize>()).prop_map(|(from, len, to)| Edit::Duplicate {
+            from,
+            len,
+            to
+        }),
+        any::<usize>().prop_map(Edit::Truncate),
+        proptest::collection::vec(byte(), 0..8).prop_map(Edit::Extend),
+    ]
+}
+
+fn apply(seed: &[u8], edits: &[Edit]) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for e in edits {
         let len = v.len();
-        match rng.below(6) {
-            0 if len > 0 => {
-                let i = rng.below(len);
-                v[i] = rng.byte();
+        match e {
+            Edit::Flip(i, b) if len > 0 => v[i % len] = *b,
+            Edit::Insert(i, b) => v.insert(i % (len + 1), *b),
+            Edit::Remove(i) if len > 0 => {
+                v.remove(i % len);
             }
-            1 => {
-                let i = rng.below(len + 1);
-                v.insert(i, rng.byte());
-            }
-            2 if len > 0 => {
-                v.remove(rng.below(len));
-            }
-            3 if len > 0 => {
-                let a = rng.below(len);
-                let b = (a + rng.below(16)).min(len);
-                let chunk = v[a..b].to_vec();
-                let at = rng.below(v.len() + 1);
+            Edit::Duplicate { from, len: n, to } if len > 0 => {
+                let a = from % len;
+                let chunk = v[a..(a + n).min(len)].to_vec();
+                let at = to % (len + 1);
                 v.splice(at..at, chunk);
             }
-            4 => v.truncate(rng.below(len + 1)),
-            _ => v.extend((0..rng.below(8)).map(|_| rng.byte())),
+            Edit::Truncate(i) => v.truncate(i % (len + 1)),
+            Edit::Extend(bytes) => v.extend_from_slice(bytes),
+            _ => {}
         }
     }
     v
 }
 
-fn corpus_run(seeds: &[&[u8]], seed: u64, mut check: impl FnMut(&[u8])) {
-    let mut rng = Rng(seed);
-    for s in seeds {
-        check(s);
-    }
-    for _ in 0..iterations() {
-        let base = seeds[rng.below(seeds.len())];
-        check(&mutate(&mut rng, base));
-    }
+/// A seed, unchanged or with up to five edits.
+fn mutated(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    (
+        proptest::sample::select(seeds),
+        proptest::collection::vec(edit(), 0..=5),
+    )
+        .prop_map(|(seed, edits)| apply(&seed, &edits))
 }
 
-#[test]
-fn credential_header_parsing_never_panics() {
-    let seeds: &[&[u8]] = &[
-        b"Basic a2V5OnNlY3JldA==",
-        b"Bearer abcdef0123456789",
-        b"bearer   k",
-        b"Basic Og==",
-        b"Digest x",
-        b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-    ];
-    corpus_run(seeds, 1, |v| {
-        let _ = extract(Some(v), None);
-        let _ = extract(Some(v), Some(v));
-        if let Ok(p) = extract(None, Some(v)) {
-            assert!(!p.key.is_empty() && p.key.bytes().all(|b| (0x21..=0x7e).contains(&b)));
-        }
-    });
-}
-
-#[test]
-fn path_normalisation_never_panics_and_is_idempotent() {
-    let seeds: &[&[u8]] = &[
-        b"/v1/items?x=1",
-        b"/a/../b/./c//d",
-        b"/%61dmin/%2e%2e/x",
-        b"/",
-        b"//a%2fb",
-    ];
-    corpus_run(seeds, 2, |v| {
-        if let Ok(p) = normalize(v) {
-            assert!(p.starts_with('/'));
-            assert!(
-                !p.contains("//") && !p.split('/').any(|s| s == ".." || s == "."),
-                "{p}"
-            );
-            // Fixed point, unless decoding revealed a new escape or '?'.
-            if !p.contains(['%', '?', '#']) {
-                assert_eq!(normalize(p.as_bytes()).as_deref(), Ok(p.as_str()));
-            }
-        }
-    });
+fn seeds(list: &[&[u8]]) -> Vec<Vec<u8>> {
+    list.iter().map(|s| s.to_vec()).collect()
 }
 
 const CONFIG: &str = r#"{"routes":[{"path":"/health","public":true},{"methods":["GET"],"path_prefix":"/v1","scope":"read"}],
@@ -138,24 +111,9 @@ const CONFIG: &str = r#"{"routes":[{"path":"/health","public":true},{"methods":[
 "credentials":[{"key_id":"k1","key_hash":"0000000000000000000000000000000000000000000000000000000000000000","tenant":"t","scopes":["read"],"allowed_ips":["10.0.0.0/8","::1"]}],
 "tokens":{"lifetime_secs":60,"signing_keys":[{"id":"a","secret":"0123456789abcdef0123456789abcdef"}]}}"#;
 
-#[test]
-fn plugin_config_parsing_never_panics() {
-    corpus_run(
-        &[
-            CONFIG.as_bytes(),
-            b"{}",
-            br#"{"role":"sync","sync_secret":"x"}"#,
-        ],
-        3,
-        |v| {
-            let _ = Policy::from_json(v);
-        },
-    );
-}
+const SYNC_SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
-#[test]
-fn sync_push_parsing_never_panics_and_refusals_change_nothing() {
-    let secret = b"0123456789abcdef0123456789abcdef";
+fn sync_seeds() -> Vec<Vec<u8>> {
     let record = format!(
         r#"{{"key_id":"k","key_hash":"{}","tenant":"t","allowed_ips":["10.0.0.0/8"],"rate_limit":{{"requests":1,"window_secs":1}}}}"#,
         to_hex(&sha256(b"k"))
@@ -167,90 +125,15 @@ fn sync_push_parsing_never_panics_and_refusals_change_nothing() {
         r#"{{"mode":"incremental","generation":1,"base_version":1,"version":2,"upserts":[{record}],"deletes":["{}"],"revoked_sessions":[{{"key_id":"k","session_id":"s","revoked_at_ms":1}}]}}"#,
         to_hex(&sha256(b"x"))
     );
-    let held = SyncState {
-        generation: 1,
-        version: 1,
-        pending: None,
-    };
-    corpus_run(&[full.as_bytes(), incr.as_bytes()], 4, |v| {
-        // Correctly signed, so the fuzzing reaches the parser and validation.
-        let sig = sign(secret, v);
-        if let Ok(p) = plan(secret, v, Some(sig.as_bytes()), &held) {
-            assert!(p.state.version >= held.version || p.state.pending.is_some());
-            assert_eq!(p.counters.len(), p.upserts.len());
-        }
-        assert!(plan(secret, v, Some(b"v1=00"), &held).is_err());
-    });
+    vec![full.into_bytes(), incr.into_bytes()]
 }
 
-#[derive(Default)]
-struct FuzzHost {
-    counters: HashMap<String, Vec<u8>>,
+fn policy() -> Policy {
+    Policy::from_json(CONFIG.as_bytes()).expect("fuzz config is valid")
 }
 
-impl CounterCell for FuzzHost {
-    fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        (self.counters.get(key).cloned(), Some(1))
-    }
-    fn store(&mut self, key: &str, value: &[u8], _: Option<u32>) -> bool {
-        self.counters.insert(key.into(), value.to_vec());
-        true
-    }
-}
-
-impl Host for FuzzHost {
-    fn lookup(&mut self, _: &keygate_core::hash::Digest) -> Option<Rc<Credential>> {
-        None
-    }
-    fn peer_address(&mut self) -> Option<String> {
-        Some("127.0.0.1:1".into())
-    }
-    fn counters(&mut self) -> &mut dyn CounterCell {
-        self
-    }
-}
-
-#[test]
-fn whole_decisions_and_logins_never_panic_and_refuse_with_4xx_json() {
-    let policy = Policy::from_json(CONFIG.as_bytes()).expect("fuzz config is valid");
-    let seeds: &[&[u8]] = &[
-        b"GET\n/v1/items\nx-api-key\nkey",
-        b"POST\n/v1/../admin\nauthorization\nBasic a2V5OnNlY3JldA==",
-        b"GET\n/health\nx-forwarded-for\n10.0.0.1, ::1",
-        b"GET\n/v1\nauthorization\nBearer kg1.a.e30.AAAA",
-    ];
-    let mut host = FuzzHost::default();
-    let now = 1_700_000_000_000_000_000;
-    corpus_run(seeds, 5, |v| {
-        let parts: Vec<&[u8]> = v.split(|&b| b == b'\n').collect();
-        let mut headers = vec![
-            (
-                ":method".to_owned(),
-                parts.first().copied().unwrap_or_default().to_vec(),
-            ),
-            (
-                ":path".to_owned(),
-                parts.get(1).copied().unwrap_or_default().to_vec(),
-            ),
-        ];
-        for pair in parts[2.min(parts.len())..].chunks(2) {
-            let name = String::from_utf8_lossy(pair[0]).to_ascii_lowercase();
-            headers.push((name, pair.get(1).copied().unwrap_or_default().to_vec()));
-        }
-        let d = decide(&policy, &headers, &mut host, now);
-        if let Outcome::Denied { denial, .. } = &d.outcome {
-            assert!((400..500).contains(&denial.status()), "{denial:?}");
-            assert!(serde_json::from_slice::<serde_json::Value>(&denial.body()).is_ok());
-        }
-        let _ = d.upstream_headers(&policy, &headers);
-        let _ = login(&policy, &headers, v, &mut host, now);
-    });
-}
-
-#[test]
-fn token_verification_never_panics() {
-    let policy = Policy::from_json(CONFIG.as_bytes()).expect("fuzz config is valid");
-    let tokens = policy.tokens.as_ref().expect("tokens configured");
+/// A token the fuzz policy issued, valid forever.
+fn good_token() -> String {
     let claims = keygate_core::token::Claims {
         kid: "k1".into(),
         kh: "0".repeat(64),
@@ -261,15 +144,135 @@ fn token_verification_never_panics() {
         iat_ms: 0,
         exp_ms: u64::MAX,
     };
-    let good = tokens.issue(&claims).expect("issue");
-    corpus_run(&[good.as_bytes(), b"kg1.a.e30.AAAA"], 6, |v| {
-        if let Ok(s) = std::str::from_utf8(v) {
+    let policy = policy();
+    let tokens = policy.tokens.as_ref().expect("tokens configured");
+    tokens.issue(&claims).expect("issue")
+}
+
+/// `METHOD\nPATH\nname\nvalue\n…` as request headers.
+fn headers_of(v: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let parts: Vec<&[u8]> = v.split(|&b| b == b'\n').collect();
+    let mut headers = vec![
+        (
+            ":method".to_owned(),
+            parts.first().copied().unwrap_or_default().to_vec(),
+        ),
+        (
+            ":path".to_owned(),
+            parts.get(1).copied().unwrap_or_default().to_vec(),
+        ),
+    ];
+    for pair in parts[2.min(parts.len())..].chunks(2) {
+        let name = String::from_utf8_lossy(pair[0]).to_ascii_lowercase();
+        headers.push((name, pair.get(1).copied().unwrap_or_default().to_vec()));
+    }
+    headers
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn credential_header_parsing_never_panics(v in mutated(seeds(&[
+        b"Basic a2V5OnNlY3JldA==",
+        b"Bearer abcdef0123456789",
+        b"bearer   k",
+        b"Basic Og==",
+        b"Digest x",
+        b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    ]))) {
+        let _ = extract(Some(&v), None);
+        let _ = extract(Some(&v), Some(&v));
+        if let Ok(p) = extract(None, Some(&v)) {
+            prop_assert!(!p.key.is_empty() && p.key.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+        }
+    }
+
+    #[test]
+    fn path_normalisation_never_panics_and_is_idempotent(v in mutated(seeds(&[
+        b"/v1/items?x=1",
+        b"/a/../b/./c//d",
+        b"/%61dmin/%2e%2e/x",
+        b"/",
+        b"//a%2fb",
+    ]))) {
+        if let Ok(p) = normalize(&v) {
+            prop_assert!(p.starts_with('/'));
+            prop_assert!(
+                !p.contains("//") && !p.split('/').any(|s| s == ".." || s == "."),
+                "{}", p
+            );
+            // Fixed point, unless decoding revealed a new escape or '?'.
+            if !p.contains(['%', '?', '#']) {
+                let again = normalize(p.as_bytes());
+                prop_assert_eq!(again.as_deref(), Ok(p.as_str()));
+            }
+        }
+    }
+
+    #[test]
+    fn plugin_config_parsing_never_panics(v in mutated(seeds(&[
+        CONFIG.as_bytes(),
+        b"{}",
+        br#"{"role":"sync","sync_secret":"x"}"#,
+    ]))) {
+        let _ = Policy::from_json(&v);
+    }
+
+    #[test]
+    fn sync_push_parsing_never_panics_and_refusals_change_nothing(v in mutated(sync_seeds())) {
+        let held = SyncState {
+            generation: 1,
+            version: 1,
+            pending: None,
+        };
+        // Correctly signed, so the fuzzing reaches the parser and validation.
+        let sig = sign(SYNC_SECRET, &v);
+        if let Ok(p) = plan(SYNC_SECRET, &v, Some(sig.as_bytes()), &held) {
+            prop_assert!(p.state.version >= held.version || p.state.pending.is_some());
+            prop_assert_eq!(p.counters.len(), p.upserts.len());
+        }
+        prop_assert!(plan(SYNC_SECRET, &v, Some(b"v1=00"), &held).is_err());
+    }
+
+    #[test]
+    fn whole_decisions_and_logins_never_panic_and_refuse_with_4xx_json(v in mutated(seeds(&[
+        b"GET\n/v1/items\nx-api-key\nkey",
+        b"POST\n/v1/../admin\nauthorization\nBasic a2V5OnNlY3JldA==",
+        b"GET\n/health\nx-forwarded-for\n10.0.0.1, ::1",
+        b"GET\n/v1\nauthorization\nBearer kg1.a.e30.AAAA",
+    ]))) {
+        let policy = policy();
+        let mut host = MemoryHost {
+            peer: Some("127.0.0.1:1".into()),
+            ..MemoryHost::default()
+        };
+        let now = 1_700_000_000_000_000_000;
+        let headers = headers_of(&v);
+        let d = decide(&policy, &headers, &mut host, now);
+        if let Outcome::Denied { denial, .. } = &d.outcome {
+            prop_assert!((400..500).contains(&denial.status()), "{:?}", denial);
+            prop_assert!(serde_json::from_slice::<serde_json::Value>(&denial.body()).is_ok());
+        }
+        let _ = d.upstream_headers(&policy, &headers);
+        let _ = login(&policy, &headers, &v, &mut host, now);
+    }
+
+    #[test]
+    fn token_verification_never_panics(v in mutated(vec![
+        good_token().into_bytes(),
+        b"kg1.a.e30.AAAA".to_vec(),
+    ])) {
+        let good = good_token();
+        let policy = policy();
+        let tokens = policy.tokens.as_ref().expect("tokens configured");
+        if let Ok(s) = std::str::from_utf8(&v) {
             if s != good {
-                assert!(
+                prop_assert!(
                     tokens.verify(s, 0).is_err()
                         || s.starts_with(&good[..good.rfind('.').unwrap_or(0)])
                 );
             }
         }
-    });
+    }
 }

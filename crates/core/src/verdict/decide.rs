@@ -1,18 +1,18 @@
-//! The decision: authenticate → authorize → rate-limit → headers, as a pure
+//! The request decision: authenticate → authorize → rate-limit, as a pure
 //! function of the request facts, the policy, the credential source, the
 //! clock and the counter state. The filter only gathers facts and applies it.
 
-use crate::config::{KeyFormat, Policy, RateLimitHeaders};
+use crate::config::{KeyFormat, Policy};
 use crate::credential::Credential;
 use crate::denial::{Denial, Reason};
 use crate::extract::{extract, ExtractError, Presented, Scheme};
 use crate::hash::{ct_eq, is_hex64, sha256, Digest};
 use crate::ip_rules::{client_ip, is_allowed};
 use crate::path::normalize;
-use crate::rate_limit::{acquire, CounterCell, RateStatus, MAX_CAS_ATTEMPTS};
+use crate::rate_limit::{acquire, RateStatus};
 use crate::scope::{grants, Access};
-use crate::token::{self, Claims, IssuedToken, SessionTokens, TokenError, Tokens};
-use serde::Serialize;
+use crate::shared_data::{counter_key, revocations_key, CounterCell};
+use crate::token::{self, TokenError, Tokens, VerifiedTokens};
 use std::rc::Rc;
 
 /// What the decision needs from its surroundings (Envoy, or a test double).
@@ -23,6 +23,11 @@ pub trait Host {
     fn peer_address(&mut self) -> Option<String>;
     /// Where rate-limit state lives, shared by every worker.
     fn counters(&mut self) -> &mut dyn CounterCell;
+    /// Tokens already verified on this VM, if the host keeps them: the
+    /// policy stays immutable, so the cache is the host's to own.
+    fn verified_tokens(&mut self) -> Option<&mut VerifiedTokens> {
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -46,11 +51,15 @@ pub struct Decision {
     pub required_scope: Option<String>,
 }
 
-/// Header edits on the request before it goes upstream.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct UpstreamHeaders<'a> {
-    pub remove: Vec<&'a str>,
-    pub set: Vec<(&'a str, &'a str)>,
+impl Decision {
+    /// The rate status to report on the response, if the budget was checked.
+    pub fn rate(&self) -> Option<&RateStatus> {
+        match &self.outcome {
+            Outcome::Allowed { rate, .. } => rate.as_ref(),
+            Outcome::Denied { denial, .. } => denial.rate.as_ref(),
+            Outcome::Public => None,
+        }
+    }
 }
 
 /// Request headers as the decision reads them: by lowercase name, a repeated
@@ -89,13 +98,7 @@ impl Headers for &[(String, Vec<u8>)] {
     }
 }
 
-/// Shared-data key of a credential's rate-limit state. Short on purpose:
-/// up to 15 bytes fit in the string itself, no allocation in Envoy.
-pub fn counter_key(key_id: &str) -> String {
-    format!("r:{key_id}")
-}
-
-fn deny(
+pub(super) fn deny(
     reason: Reason,
     message: impl Into<String>,
     credential: Option<&Rc<Credential>>,
@@ -168,7 +171,7 @@ fn authorize(
 
 /// Who is calling: the live credential behind an API key (and secret) or,
 /// when `allow_tokens`, behind an issued bearer token.
-fn authenticate(
+pub(super) fn authenticate(
     policy: &Policy,
     presented: &Presented,
     host: &mut dyn Host,
@@ -234,7 +237,11 @@ fn authenticate_token(
     now_ns: u64,
 ) -> Result<Rc<Credential>, Outcome> {
     let now_ms = now_ns / 1_000_000;
-    let claims = match tokens.verify(presented, now_ms) {
+    let verified = match host.verified_tokens() {
+        Some(cache) => tokens.verify_cached(presented, now_ms, cache),
+        None => tokens.verify(presented, now_ms),
+    };
+    let claims = match verified {
         Ok(c) => c,
         Err(TokenError::Expired) => return Err(deny(Reason::Expired, "Token has expired", None)),
         Err(TokenError::Invalid) => return Err(deny(Reason::UnknownKey, "Invalid token", None)),
@@ -246,7 +253,7 @@ fn authenticate_token(
         .ok_or_else(|| deny(Reason::UnknownKey, "Invalid token", None))?;
     let revocations = token::decode_revocations(
         host.counters()
-            .load(&token::revocations_key(&cred.key_id))
+            .load(&revocations_key(&cred.key_id))
             .0
             .as_deref(),
     );
@@ -264,7 +271,7 @@ fn authenticate_token(
 }
 
 /// What any credential must pass, however it was presented.
-fn check_credential(
+pub(super) fn check_credential(
     policy: &Policy,
     headers: &dyn Headers,
     access: &Access,
@@ -329,302 +336,12 @@ fn check_credential(
     }
 }
 
-/// True for `POST <login_path>` when token exchange is configured: the
-/// filter then reads the body and answers with [`login`].
-pub fn is_login(policy: &Policy, headers: &dyn Headers) -> bool {
-    let Some(tokens) = &policy.tokens else {
-        return false;
-    };
-    headers.get(":method").as_deref() == Some(b"POST")
-        && normalize(&headers.get(":path").unwrap_or_default())
-            .is_ok_and(|p| p == tokens.login_path)
-}
-
-/// The reply to `POST <login_path>`.
-#[derive(Debug)]
-pub enum Login {
-    Issued {
-        credential: Rc<Credential>,
-        body: Vec<u8>,
-        rate: Option<RateStatus>,
-    },
-    Denied {
-        denial: Denial,
-        credential: Option<Rc<Credential>>,
-    },
-}
-
-#[derive(Serialize)]
-struct LoginBody<'a> {
-    access_token: &'a str,
-    expires_in: u64,
-    token_type: &'static str,
-}
-
-/// Exchanges an API key for a bearer token. The key passes every usual check
-/// (inactive 403, IP 403, rate limit 429, which a login spends like any
-/// request); a live token for the same key and session is returned again,
-/// from any worker, since issued tokens live in shared data.
-pub fn login(
-    policy: &Policy,
-    headers: &dyn Headers,
-    body: &[u8],
-    host: &mut dyn Host,
-    now_ns: u64,
-) -> Login {
-    let denied = |outcome: Outcome| match outcome {
-        Outcome::Denied { denial, credential } => Login::Denied { denial, credential },
-        _ => Login::Denied {
-            denial: Denial::new(Reason::Unavailable, "Login failed"),
-            credential: None,
-        },
-    };
-    let Some(tokens) = &policy.tokens else {
-        return denied(deny(
-            Reason::Unavailable,
-            "Token exchange is not configured",
-            None,
-        ));
-    };
-    let request = match token::parse_login(body) {
-        Ok(r) => r,
-        Err(message) => return denied(deny(Reason::BadRequest, message, None)),
-    };
-    let presented = Presented {
-        key: request.api_key,
-        secret: request.api_secret,
-        scheme: Scheme::ApiKeyHeader,
-    };
-    let cred = match authenticate(policy, &presented, host, now_ns, false) {
-        Ok(c) => c,
-        Err(outcome) => return denied(outcome),
-    };
-    let (cred, rate) =
-        match check_credential(policy, headers, &Access::Authenticated, cred, host, now_ns) {
-            Outcome::Allowed { credential, rate } => (credential, rate),
-            other => return denied(other),
-        };
-    let session = request.session_id.unwrap_or_default();
-    let Some(issued) = session_token(tokens, &cred, &session, host.counters(), now_ns / 1_000_000)
-    else {
-        return Login::Denied {
-            denial: Denial::new(Reason::Unavailable, "Could not issue a token"),
-            credential: Some(cred),
-        };
-    };
-    let body = LoginBody {
-        access_token: &issued.token,
-        expires_in: issued.exp_ms.saturating_sub(now_ns / 1_000_000) / 1000,
-        token_type: "Bearer",
-    };
-    Login::Issued {
-        body: serde_json::to_vec(&body).unwrap_or_default(),
-        credential: cred,
-        rate,
-    }
-}
-
-/// The live token for (key, session), or a new one recorded with CAS so
-/// every worker hands out the same token.
-fn session_token(
-    tokens: &Tokens,
-    cred: &Credential,
-    session: &str,
-    cell: &mut dyn CounterCell,
-    now_ms: u64,
-) -> Option<IssuedToken> {
-    let key = token::sessions_key(&cred.key_id);
-    let revoked = token::decode_revocations(
-        cell.load(&token::revocations_key(&cred.key_id))
-            .0
-            .as_deref(),
-    )
-    .get(session)
-    .copied();
-    for _ in 0..MAX_CAS_ATTEMPTS {
-        let (bytes, cas) = cell.load(&key);
-        let mut sessions = SessionTokens::decode(bytes.as_deref());
-        if let Some(live) = sessions.live(session, now_ms, revoked) {
-            return Some(live.clone());
-        }
-        let claims = Claims {
-            kid: cred.key_id.clone(),
-            kh: crate::hash::to_hex(&cred.key_hash),
-            tenant: cred.tenant.clone(),
-            env: cred.environment.clone(),
-            scopes: cred.scopes.clone(),
-            sid: session.to_owned(),
-            iat_ms: now_ms,
-            exp_ms: now_ms + tokens.lifetime_secs * 1000,
-        };
-        let issued = IssuedToken {
-            token: tokens.issue(&claims)?,
-            iat_ms: claims.iat_ms,
-            exp_ms: claims.exp_ms,
-        };
-        sessions.insert(session, issued.clone(), now_ms, tokens.max_sessions_per_key);
-        if cell.store(&key, &sessions.encode(), cas) {
-            return Some(issued);
-        }
-    }
-    None
-}
-
-impl Decision {
-    /// Request header edits: identity headers a client sent are always
-    /// dropped; on success the credential is stripped and the identity set.
-    pub fn upstream_headers<'a>(
-        &'a self,
-        policy: &'a Policy,
-        headers: &dyn Headers,
-    ) -> UpstreamHeaders<'a> {
-        let present = |name: &str| headers.get(name).is_some();
-        let mut edits = UpstreamHeaders::default();
-        match &self.outcome {
-            // Removing is one host call; asking first would be one more.
-            Outcome::Public => edits.remove = policy.headers.all().to_vec(),
-            Outcome::Allowed { credential: c, .. } => {
-                edits.remove = ["authorization", policy.api_key_header.as_str()]
-                    .into_iter()
-                    .filter(|h| present(h))
-                    .collect();
-                let h = &policy.headers;
-                edits.set = vec![
-                    (h.tenant.as_str(), c.tenant.as_str()),
-                    (h.environment.as_str(), c.environment.as_str()),
-                    (h.key_id.as_str(), c.key_id.as_str()),
-                    (h.scopes.as_str(), c.scopes_header.as_str()),
-                ];
-            }
-            Outcome::Denied { .. } => {}
-        }
-        edits
-    }
-
-    /// The rate status to report on the response, if the budget was checked.
-    pub fn rate(&self) -> Option<&RateStatus> {
-        match &self.outcome {
-            Outcome::Allowed { rate, .. } => rate.as_ref(),
-            Outcome::Denied { denial, .. } => denial.rate.as_ref(),
-            Outcome::Public => None,
-        }
-    }
-}
-
-/// Rate-limit response headers, in the enabled styles.
-pub fn rate_limit_headers(
-    status: &RateStatus,
-    styles: RateLimitHeaders,
-    now_ns: u64,
-) -> Vec<(&'static str, String)> {
-    let mut h = Vec::with_capacity(5);
-    if styles.x_ratelimit {
-        h.push(("x-ratelimit-limit", status.limit.requests.to_string()));
-        h.push(("x-ratelimit-remaining", status.remaining.to_string()));
-        h.push(("x-ratelimit-reset", status.reset_epoch_secs().to_string()));
-    }
-    if styles.ietf {
-        h.push((
-            "ratelimit-policy",
-            format!(
-                "\"default\";q={};w={}",
-                status.limit.requests, status.limit.window_secs
-            ),
-        ));
-        h.push((
-            "ratelimit",
-            format!(
-                "\"default\";r={};t={}",
-                status.remaining,
-                status.reset_in_secs(now_ns)
-            ),
-        ));
-    }
-    h
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credential::{CredentialRecord, Kind, Status};
+    use crate::credential::{Kind, Status};
     use crate::hash::to_hex;
-    use std::collections::HashMap;
-
-    const NOW: u64 = 1_700_000_000_000_000_000;
-
-    #[derive(Default)]
-    struct FakeHost {
-        dynamic: HashMap<Digest, Rc<Credential>>,
-        peer: Option<String>,
-        counters: HashMap<String, Vec<u8>>,
-        peer_asked: bool,
-    }
-
-    impl CounterCell for FakeHost {
-        fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-            (self.counters.get(key).cloned(), None)
-        }
-        fn store(&mut self, key: &str, value: &[u8], _: Option<u32>) -> bool {
-            self.counters.insert(key.into(), value.to_vec());
-            true
-        }
-    }
-
-    impl Host for FakeHost {
-        fn lookup(&mut self, h: &Digest) -> Option<Rc<Credential>> {
-            self.dynamic.get(h).cloned()
-        }
-        fn peer_address(&mut self) -> Option<String> {
-            self.peer_asked = true;
-            self.peer.clone()
-        }
-        fn counters(&mut self) -> &mut dyn CounterCell {
-            self
-        }
-    }
-
-    fn rec(key_id: &str, key: &str) -> CredentialRecord {
-        CredentialRecord {
-            key_id: key_id.into(),
-            ..crate::credential::tests::record(key, "acme")
-        }
-    }
-
-    fn policy(creds: Vec<CredentialRecord>, extra: &str) -> Policy {
-        let creds = serde_json::to_string(&creds).unwrap();
-        let json = format!(
-            r#"{{"credentials":{creds},"routes":[
-                {{"path_prefix":"/health","public":true}},
-                {{"methods":["GET"],"path_prefix":"/v1","scope":"read"}},
-                {{"methods":["POST"],"path_prefix":"/v1","scope":"write"}},
-                {{"path_prefix":"/admin","scope":"admin"}}]{extra}}}"#
-        );
-        Policy::from_json(json.as_bytes()).unwrap()
-    }
-
-    fn req(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-        let mut h = vec![
-            (":method".to_string(), method.as_bytes().to_vec()),
-            (":path".into(), path.as_bytes().to_vec()),
-        ];
-        h.extend(
-            extra
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
-        );
-        h
-    }
-
-    fn run(p: &Policy, h: &[(String, Vec<u8>)], host: &mut FakeHost) -> Decision {
-        decide(p, &h, host, NOW)
-    }
-
-    fn denied(d: &Decision) -> Option<(Reason, &str)> {
-        match &d.outcome {
-            Outcome::Denied { denial, .. } => Some((denial.reason, denial.message.as_str())),
-            _ => None,
-        }
-    }
+    use crate::testing::{denied, policy, rec, req, run, MemoryHost, NOW};
 
     #[test]
     fn valid_key_is_allowed_with_identity_headers() {
@@ -634,7 +351,7 @@ mod tests {
             "/v1/items",
             &[("x-api-key", "key-one"), ("x-keygate-tenant", "evil")],
         );
-        let d = run(&p, &h, &mut FakeHost::default());
+        let d = run(&p, &h, &mut MemoryHost::default());
         assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{d:?}");
         let edits = d.upstream_headers(&p, &h);
         assert_eq!(edits.remove, vec!["x-api-key"]);
@@ -646,7 +363,7 @@ mod tests {
     fn public_route_needs_no_key_and_drops_spoofed_identity() {
         let p = policy(vec![], "");
         let h = req("GET", "/health", &[("x-keygate-tenant", "evil")]);
-        let d = run(&p, &h, &mut FakeHost::default());
+        let d = run(&p, &h, &mut MemoryHost::default());
         assert!(matches!(d.outcome, Outcome::Public));
         assert_eq!(d.upstream_headers(&p, &h).remove, p.headers.all().to_vec());
     }
@@ -654,7 +371,7 @@ mod tests {
     #[test]
     fn missing_and_unknown_keys_are_401() {
         let p = policy(vec![rec("k1", "key-one")], "");
-        let d = run(&p, &req("GET", "/v1", &[]), &mut FakeHost::default());
+        let d = run(&p, &req("GET", "/v1", &[]), &mut MemoryHost::default());
         assert_eq!(
             denied(&d),
             Some((Reason::MissingCredential, "Missing API key"))
@@ -662,7 +379,7 @@ mod tests {
         let d = run(
             &p,
             &req("GET", "/v1", &[("x-api-key", "nope")]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert_eq!(denied(&d), Some((Reason::UnknownKey, "Invalid API key")));
     }
@@ -670,7 +387,7 @@ mod tests {
     #[test]
     fn dynamic_source_is_consulted_after_config() {
         let p = policy(vec![], "");
-        let mut host = FakeHost::default();
+        let mut host = MemoryHost::default();
         let c = Credential::try_from(&rec("dyn", "dyn-key")).unwrap();
         host.dynamic.insert(c.key_hash, Rc::new(c));
         let d = run(
@@ -696,19 +413,19 @@ mod tests {
         let ok = run(
             &p,
             &req("GET", "/v1", &[("authorization", &basic("key-one:s3cret"))]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert!(matches!(ok.outcome, Outcome::Allowed { .. }));
         let bad = run(
             &p,
             &req("GET", "/v1", &[("authorization", &basic("key-one:wrong"))]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert_eq!(denied(&bad).map(|d| d.0), Some(Reason::WrongSecret));
         let bare = run(
             &p,
             &req("GET", "/v1", &[("x-api-key", "key-one")]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert_eq!(denied(&bare).map(|d| d.0), Some(Reason::WrongSecret));
     }
@@ -724,7 +441,7 @@ mod tests {
         let d = run(
             &p,
             &req("GET", "/v1", &[("authorization", &v)]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert_eq!(denied(&d).map(|d| d.0), Some(Reason::WrongSecret));
     }
@@ -739,13 +456,13 @@ mod tests {
         let d = run(
             &p,
             &req("GET", "/v1", &[("x-api-key", "inactive")]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert_eq!(denied(&d), Some((Reason::Inactive, "API key is inactive")));
         let d = run(
             &p,
             &req("GET", "/v1", &[("x-api-key", "expired")]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert_eq!(denied(&d).map(|d| d.0), Some(Reason::Expired));
     }
@@ -755,7 +472,7 @@ mod tests {
         let mut a = rec("k1", "restricted");
         a.allowed_ips = vec!["10.0.0.0/8".into()];
         let p = policy(vec![a, rec("k2", "open")], "");
-        let mut host = FakeHost {
+        let mut host = MemoryHost {
             peer: Some("127.0.0.1:5555".into()),
             ..Default::default()
         };
@@ -765,7 +482,7 @@ mod tests {
             &mut host,
         );
         assert_eq!(denied(&d).map(|d| d.0), Some(Reason::IpNotAllowed));
-        let mut host = FakeHost {
+        let mut host = MemoryHost {
             peer: Some("10.1.1.1:5555".into()),
             ..Default::default()
         };
@@ -778,7 +495,7 @@ mod tests {
             .outcome,
             Outcome::Allowed { .. }
         ));
-        let mut host = FakeHost::default();
+        let mut host = MemoryHost::default();
         run(&p, &req("GET", "/v1", &[("x-api-key", "open")]), &mut host);
         assert!(!host.peer_asked);
     }
@@ -793,7 +510,7 @@ mod tests {
             "/v1",
             &[("x-api-key", "restricted"), ("x-forwarded-for", "10.0.0.1")],
         );
-        let mut host = FakeHost {
+        let mut host = MemoryHost {
             peer: Some("127.0.0.1:1".into()),
             ..Default::default()
         };
@@ -816,7 +533,7 @@ mod tests {
         let mut w = rec("k3", "writer");
         w.scopes = vec!["write".into()];
         let p = policy(vec![rec("k1", "reader"), d, w], "");
-        let mut host = FakeHost::default();
+        let mut host = MemoryHost::default();
         let d = run(
             &p,
             &req("POST", "/v1/items", &[("x-api-key", "reader")]),
@@ -860,7 +577,7 @@ mod tests {
             let d = run(
                 &p,
                 &req("GET", path, &[("x-api-key", "reader")]),
-                &mut FakeHost::default(),
+                &mut MemoryHost::default(),
             );
             assert_eq!(
                 denied(&d).map(|d| d.0),
@@ -871,7 +588,7 @@ mod tests {
         let d = run(
             &p,
             &req("GET", "/v1%2f..%2fadmin", &[("x-api-key", "reader")]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert_eq!(denied(&d).map(|d| d.0), Some(Reason::BadPath));
     }
@@ -883,7 +600,7 @@ mod tests {
         let d = run(
             &p,
             &req("GET", "/v1", &[("x-api-key", "short")]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert_eq!(
             denied(&d),
@@ -892,7 +609,7 @@ mod tests {
         let d = run(
             &p,
             &req("GET", "/v1", &[("x-api-key", &key.to_uppercase())]),
-            &mut FakeHost::default(),
+            &mut MemoryHost::default(),
         );
         assert!(matches!(d.outcome, Outcome::Allowed { .. }));
     }
@@ -908,7 +625,7 @@ mod tests {
             vec![r, rec("k2", "key-two")],
             r#","rate_limit":{"requests":100,"window_secs":60}"#,
         );
-        let mut host = FakeHost::default();
+        let mut host = MemoryHost::default();
         let h = req("GET", "/v1", &[("x-api-key", "key-one")]);
         let remaining: Vec<_> = (0..2)
             .map(|_| run(&p, &h, &mut host).rate().map(|r| r.remaining))
@@ -942,246 +659,12 @@ mod tests {
             window_secs: 60,
         });
         let p = policy(vec![r], "");
-        let mut host = FakeHost::default();
+        let mut host = MemoryHost::default();
         run(
             &p,
             &req("POST", "/v1", &[("x-api-key", "key-one")]),
             &mut host,
         );
         assert!(host.counters.is_empty());
-    }
-
-    #[test]
-    fn rate_headers_report_both_styles_truthfully() {
-        let (s, _) = crate::rate_limit::check(
-            crate::rate_limit::RateLimit {
-                requests: 100,
-                window_secs: 60,
-            },
-            None,
-            NOW,
-        );
-        let h = rate_limit_headers(&s, RateLimitHeaders::default(), NOW);
-        let get = |n: &str| {
-            h.iter()
-                .find(|(k, _)| *k == n)
-                .map(|(_, v)| v.clone())
-                .unwrap()
-        };
-        assert_eq!(get("x-ratelimit-limit"), "100");
-        assert_eq!(get("x-ratelimit-remaining"), "99");
-        assert_eq!(
-            get("x-ratelimit-reset"),
-            (NOW / 1_000_000_000 + 1).to_string()
-        );
-        assert_eq!(get("ratelimit-policy"), "\"default\";q=100;w=60");
-        assert_eq!(get("ratelimit"), "\"default\";r=99;t=1");
-        let only_x = RateLimitHeaders {
-            x_ratelimit: true,
-            ietf: false,
-        };
-        assert_eq!(rate_limit_headers(&s, only_x, NOW).len(), 3);
-    }
-
-    fn token_policy(creds: Vec<CredentialRecord>) -> Policy {
-        policy(
-            creds,
-            r#","tokens":{"lifetime_secs":60,"signing_keys":[{"id":"k1","secret":"0123456789abcdef0123456789abcdef"}]}"#,
-        )
-    }
-
-    fn issue(
-        p: &Policy,
-        host: &mut FakeHost,
-        body: &str,
-        now: u64,
-    ) -> Result<serde_json::Value, (Reason, String)> {
-        match login(
-            p,
-            &req("POST", "/auth/login", &[]),
-            body.as_bytes(),
-            host,
-            now,
-        ) {
-            Login::Issued { body, .. } => Ok(serde_json::from_slice(&body).unwrap()),
-            Login::Denied { denial, .. } => Err((denial.reason, denial.message)),
-        }
-    }
-
-    fn use_token(p: &Policy, host: &mut FakeHost, token: &str, method: &str, now: u64) -> Decision {
-        decide(
-            p,
-            &req(
-                method,
-                "/v1/items",
-                &[("authorization", &format!("Bearer {token}"))],
-            ),
-            host,
-            now,
-        )
-    }
-
-    #[test]
-    fn login_issues_a_token_that_works_with_the_keys_scopes() {
-        let p = token_policy(vec![rec("k1", "key-one")]);
-        let mut host = FakeHost::default();
-        let body = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap();
-        assert_eq!(
-            (body["token_type"].as_str(), body["expires_in"].as_u64()),
-            (Some("Bearer"), Some(60))
-        );
-        let token = body["access_token"].as_str().unwrap();
-        assert!(token.starts_with("kg1.") && !token.contains("key-one"));
-        assert!(matches!(
-            use_token(&p, &mut host, token, "GET", NOW).outcome,
-            Outcome::Allowed { .. }
-        ));
-        assert_eq!(
-            denied(&use_token(&p, &mut host, token, "POST", NOW)).map(|d| d.0),
-            Some(Reason::InsufficientScope)
-        );
-    }
-
-    #[test]
-    fn same_session_reuses_the_token_and_a_new_session_gets_a_new_one() {
-        let p = token_policy(vec![rec("k1", "key-one")]);
-        let mut host = FakeHost::default();
-        let a = issue(
-            &p,
-            &mut host,
-            r#"{"api_key":"key-one","session_id":"s1"}"#,
-            NOW,
-        )
-        .unwrap();
-        let later = NOW + 20_000_000_000;
-        let again = issue(
-            &p,
-            &mut host,
-            r#"{"api_key":"key-one","session_id":"s1"}"#,
-            later,
-        )
-        .unwrap();
-        assert_eq!(a["access_token"], again["access_token"]);
-        assert_eq!(again["expires_in"], 40);
-        let other = issue(
-            &p,
-            &mut host,
-            r#"{"api_key":"key-one","session_id":"s2"}"#,
-            later,
-        )
-        .unwrap();
-        assert_ne!(a["access_token"], other["access_token"]);
-    }
-
-    #[test]
-    fn expired_tampered_and_orphaned_tokens_get_401() {
-        let p = token_policy(vec![rec("k1", "key-one")]);
-        let mut host = FakeHost::default();
-        let token = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let expired = use_token(&p, &mut host, &token, "GET", NOW + 60_000_000_000);
-        assert_eq!(
-            denied(&expired),
-            Some((Reason::Expired, "Token has expired"))
-        );
-        let tampered = format!("{}A", &token[..token.len() - 1]);
-        assert_eq!(
-            denied(&use_token(&p, &mut host, &tampered, "GET", NOW)).map(|d| d.0),
-            Some(Reason::UnknownKey)
-        );
-        // Signed by the same keys, but its key is gone: refused at once.
-        let other = token_policy(vec![]);
-        assert_eq!(
-            denied(&use_token(&other, &mut host, &token, "GET", NOW)),
-            Some((Reason::UnknownKey, "Invalid token"))
-        );
-    }
-
-    #[test]
-    fn deactivating_the_key_stops_its_tokens() {
-        let mut host = FakeHost::default();
-        let p = token_policy(vec![rec("k1", "key-one")]);
-        let token = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let mut inactive = rec("k1", "key-one");
-        inactive.status = Status::Inactive;
-        let p2 = token_policy(vec![inactive]);
-        assert_eq!(
-            denied(&use_token(&p2, &mut host, &token, "GET", NOW)).map(|d| d.0),
-            Some(Reason::Inactive)
-        );
-    }
-
-    #[test]
-    fn revoked_session_refuses_old_tokens_and_login_issues_a_fresh_one() {
-        let p = token_policy(vec![rec("k1", "key-one")]);
-        let mut host = FakeHost::default();
-        let body = r#"{"api_key":"key-one","session_id":"s1"}"#;
-        let old = issue(&p, &mut host, body, NOW).unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let revoked_at = NOW / 1_000_000 + 1;
-        host.counters.insert(
-            token::revocations_key("k1"),
-            format!(r#"{{"s1":{revoked_at}}}"#).into_bytes(),
-        );
-        let later = NOW + 5_000_000;
-        assert_eq!(
-            denied(&use_token(&p, &mut host, &old, "GET", later)).map(|d| d.0),
-            Some(Reason::RevokedToken)
-        );
-        let fresh = issue(&p, &mut host, body, later).unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        assert_ne!(fresh, old);
-        assert!(matches!(
-            use_token(&p, &mut host, &fresh, "GET", later).outcome,
-            Outcome::Allowed { .. }
-        ));
-    }
-
-    #[test]
-    fn login_applies_the_usual_rules_and_validates_its_body() {
-        let mut inactive = rec("k2", "inactive-key");
-        inactive.status = Status::Inactive;
-        let p = token_policy(vec![rec("k1", "key-one"), inactive]);
-        let mut host = FakeHost::default();
-        assert_eq!(
-            issue(&p, &mut host, "{", NOW).unwrap_err().0,
-            Reason::BadRequest
-        );
-        assert_eq!(
-            issue(&p, &mut host, r#"{"session_id":"s"}"#, NOW).unwrap_err(),
-            (Reason::BadRequest, "Missing api_key".into())
-        );
-        assert_eq!(
-            issue(&p, &mut host, r#"{"api_key":"nope"}"#, NOW)
-                .unwrap_err()
-                .0,
-            Reason::UnknownKey
-        );
-        assert_eq!(
-            issue(&p, &mut host, r#"{"api_key":"inactive-key"}"#, NOW)
-                .unwrap_err()
-                .0,
-            Reason::Inactive
-        );
-        // A token cannot be exchanged for another token.
-        let t = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        assert_eq!(
-            issue(&p, &mut host, &format!(r#"{{"api_key":"{t}"}}"#), NOW)
-                .unwrap_err()
-                .0,
-            Reason::UnknownKey
-        );
     }
 }

@@ -1,0 +1,131 @@
+//! Envoy shared data as keygate lays it out, in one place: every key name,
+//! the cell the host provides over it, and the one compare-and-swap loop that
+//! updates an entry. Shared data is process-wide for a `vm_id`: every worker
+//! and the sync listener see the same entries.
+//!
+//! | key                  | value                                             |
+//! |----------------------|---------------------------------------------------|
+//! | `sync:state`         | the sync state (generation, version, pending)     |
+//! | `c:<b64url hash>`    | one credential: `<generation>\n<record JSON>`     |
+//! | `r:<key id>`         | rate-limit state (theoretical arrival time, LE)   |
+//! | `tok:<key id>`       | tokens issued per session (JSON)                  |
+//! | `rs:<key id>`        | session revocations `{session: revoked_at_ms}`    |
+
+use crate::hash::Digest;
+
+/// The sync state entry.
+pub const STATE_KEY: &str = "sync:state";
+
+/// Most attempts of one compare-and-swap update before giving up.
+pub const MAX_CAS_ATTEMPTS: u32 = 64;
+
+/// `c:<base64url of the key hash>`: shorter than hex, so a million entries
+/// cost less in Envoy's map.
+pub fn credential_key(hash: &Digest) -> String {
+    use base64::Engine as _;
+    format!(
+        "c:{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash)
+    )
+}
+
+/// Shared-data key of a credential's rate-limit state. Short on purpose:
+/// up to 15 bytes fit in the string itself, no allocation in Envoy.
+pub fn counter_key(key_id: &str) -> String {
+    format!("r:{key_id}")
+}
+
+/// Tokens issued for a key, by session.
+pub fn sessions_key(key_id: &str) -> String {
+    format!("tok:{key_id}")
+}
+
+/// Shared-data key of the session revocations of a key: JSON {session: revoked_at_ms}.
+pub fn revocations_key(key_id: &str) -> String {
+    format!("rs:{key_id}")
+}
+
+/// A shared cell the host provides (Envoy shared data in the filter).
+pub trait CounterCell {
+    /// The stored bytes and their CAS token (None, None when absent).
+    fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Stores `value` if the CAS token still matches; false on a mismatch.
+    fn store(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
+}
+
+/// What one attempt of [`update`] decided, from the bytes it read.
+pub enum Step<T> {
+    /// Nothing to write: the update is done with this result.
+    Done(T),
+    /// Write these bytes; the result stands if the write lands.
+    Write(Vec<u8>, T),
+}
+
+/// Read, compute, write with the CAS token read, and retry on a conflict,
+/// so two workers never both apply an update to the same old value. Gives
+/// up after [`MAX_CAS_ATTEMPTS`] conflicts with the last attempt's result
+/// (None if none was computed): callers decide how to fail closed.
+pub fn update<T>(
+    cell: &mut dyn CounterCell,
+    key: &str,
+    mut step: impl FnMut(Option<&[u8]>) -> Step<T>,
+) -> Result<T, Option<T>> {
+    let mut last = None;
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (bytes, cas) = cell.load(key);
+        match step(bytes.as_deref()) {
+            Step::Done(result) => return Ok(result),
+            Step::Write(value, result) => {
+                if cell.store(key, &value, cas) {
+                    return Ok(result);
+                }
+                last = Some(result);
+            }
+        }
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemoryHost;
+
+    #[test]
+    fn key_layouts_are_short_and_distinct() {
+        let h = [7u8; 32];
+        assert_eq!(credential_key(&h).len(), 2 + 43);
+        let keys = [
+            STATE_KEY.to_owned(),
+            credential_key(&h),
+            counter_key("k1"),
+            sessions_key("k1"),
+            revocations_key("k1"),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in keys.iter().skip(i + 1) {
+                assert_ne!(a, b);
+            }
+        }
+        assert!(counter_key("k1").len() <= 15);
+    }
+
+    #[test]
+    fn update_retries_conflicts_and_gives_up_with_the_last_result() {
+        let mut cell = MemoryHost::default();
+        cell.store("k", b"0", None);
+        cell.interfere = 2;
+        let mut attempts = 0;
+        let r = update(&mut cell, "k", |_| {
+            attempts += 1;
+            Step::Write(b"1".to_vec(), attempts)
+        });
+        assert_eq!(r, Ok(3));
+        assert_eq!(cell.load("k").0.as_deref(), Some(&b"1"[..]));
+        cell.interfere = u32::MAX;
+        let r = update(&mut cell, "k", |_| Step::Write(b"2".to_vec(), "tried"));
+        assert_eq!(r, Err(Some("tried")));
+        let r: Result<u8, _> = update(&mut cell, "k", |_| Step::Done(9));
+        assert_eq!(r, Ok(9));
+    }
+}

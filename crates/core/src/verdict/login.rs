@@ -1,0 +1,370 @@
+//! The login exchange: `POST <login_path>` trades an API key for a
+//! short-lived bearer token, after every check a request would pass.
+
+use super::decide::{authenticate, check_credential, deny, Headers, Host, Outcome};
+use crate::config::Policy;
+use crate::credential::Credential;
+use crate::denial::{Denial, Reason};
+use crate::extract::{Presented, Scheme};
+use crate::hash::to_hex;
+use crate::path::normalize;
+use crate::rate_limit::RateStatus;
+use crate::scope::Access;
+use crate::shared_data::{revocations_key, sessions_key, update, CounterCell, Step};
+use crate::token::{self, Claims, IssuedToken, SessionTokens, Tokens};
+use serde::Serialize;
+use std::rc::Rc;
+
+/// True for `POST <login_path>` when token exchange is configured: the
+/// filter then reads the body and answers with [`login`].
+pub fn is_login(policy: &Policy, headers: &dyn Headers) -> bool {
+    let Some(tokens) = &policy.tokens else {
+        return false;
+    };
+    headers.get(":method").as_deref() == Some(b"POST")
+        && normalize(&headers.get(":path").unwrap_or_default())
+            .is_ok_and(|p| p == tokens.login_path)
+}
+
+/// The reply to `POST <login_path>`.
+#[derive(Debug)]
+pub enum Login {
+    Issued {
+        credential: Rc<Credential>,
+        body: Vec<u8>,
+        rate: Option<RateStatus>,
+    },
+    Denied {
+        denial: Denial,
+        credential: Option<Rc<Credential>>,
+    },
+}
+
+#[derive(Serialize)]
+struct LoginBody<'a> {
+    access_token: &'a str,
+    expires_in: u64,
+    token_type: &'static str,
+}
+
+/// Exchanges an API key for a bearer token. The key passes every usual check
+/// (inactive 403, IP 403, rate limit 429, which a login spends like any
+/// request); a live token for the same key and session is returned again,
+/// from any worker, since issued tokens live in shared data.
+pub fn login(
+    policy: &Policy,
+    headers: &dyn Headers,
+    body: &[u8],
+    host: &mut dyn Host,
+    now_ns: u64,
+) -> Login {
+    let denied = |outcome: Outcome| match outcome {
+        Outcome::Denied { denial, credential } => Login::Denied { denial, credential },
+        _ => Login::Denied {
+            denial: Denial::new(Reason::Unavailable, "Login failed"),
+            credential: None,
+        },
+    };
+    let Some(tokens) = &policy.tokens else {
+        return denied(deny(
+            Reason::Unavailable,
+            "Token exchange is not configured",
+            None,
+        ));
+    };
+    let request = match token::parse_login(body) {
+        Ok(r) => r,
+        Err(message) => return denied(deny(Reason::BadRequest, message, None)),
+    };
+    let presented = Presented {
+        key: request.api_key,
+        secret: request.api_secret,
+        scheme: Scheme::ApiKeyHeader,
+    };
+    let cred = match authenticate(policy, &presented, host, now_ns, false) {
+        Ok(c) => c,
+        Err(outcome) => return denied(outcome),
+    };
+    let (cred, rate) =
+        match check_credential(policy, headers, &Access::Authenticated, cred, host, now_ns) {
+            Outcome::Allowed { credential, rate } => (credential, rate),
+            other => return denied(other),
+        };
+    let session = request.session_id.unwrap_or_default();
+    let Some(issued) = session_token(tokens, &cred, &session, host.counters(), now_ns / 1_000_000)
+    else {
+        return Login::Denied {
+            denial: Denial::new(Reason::Unavailable, "Could not issue a token"),
+            credential: Some(cred),
+        };
+    };
+    let body = LoginBody {
+        access_token: &issued.token,
+        expires_in: issued.exp_ms.saturating_sub(now_ns / 1_000_000) / 1000,
+        token_type: "Bearer",
+    };
+    Login::Issued {
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+        credential: cred,
+        rate,
+    }
+}
+
+/// The live token for (key, session), or a new one recorded with CAS so
+/// every worker hands out the same token.
+fn session_token(
+    tokens: &Tokens,
+    cred: &Credential,
+    session: &str,
+    cell: &mut dyn CounterCell,
+    now_ms: u64,
+) -> Option<IssuedToken> {
+    let key = sessions_key(&cred.key_id);
+    let revoked = token::decode_revocations(cell.load(&revocations_key(&cred.key_id)).0.as_deref())
+        .get(session)
+        .copied();
+    let issue = |bytes: Option<&[u8]>| {
+        let mut sessions = SessionTokens::decode(bytes);
+        if let Some(live) = sessions.live(session, now_ms, revoked) {
+            return Step::Done(Some(live.clone()));
+        }
+        let claims = Claims {
+            kid: cred.key_id.clone(),
+            kh: to_hex(&cred.key_hash),
+            tenant: cred.tenant.clone(),
+            env: cred.environment.clone(),
+            scopes: cred.scopes.clone(),
+            sid: session.to_owned(),
+            iat_ms: now_ms,
+            exp_ms: now_ms + tokens.lifetime_secs * 1000,
+        };
+        let Some(token) = tokens.issue(&claims) else {
+            return Step::Done(None);
+        };
+        let issued = IssuedToken {
+            token,
+            iat_ms: claims.iat_ms,
+            exp_ms: claims.exp_ms,
+        };
+        sessions.insert(session, issued.clone(), now_ms, tokens.max_sessions_per_key);
+        Step::Write(sessions.encode(), Some(issued))
+    };
+    // Contention past every attempt: no token rather than two for one session.
+    update(cell, &key, issue).ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::{CredentialRecord, Status};
+    use crate::testing::{denied, policy, rec, req, MemoryHost, NOW};
+    use crate::verdict::decide::{decide, Decision};
+
+    fn token_policy(creds: Vec<CredentialRecord>) -> Policy {
+        policy(
+            creds,
+            r#","tokens":{"lifetime_secs":60,"signing_keys":[{"id":"k1","secret":"0123456789abcdef0123456789abcdef"}]}"#,
+        )
+    }
+
+    fn issue(
+        p: &Policy,
+        host: &mut MemoryHost,
+        body: &str,
+        now: u64,
+    ) -> Result<serde_json::Value, (Reason, String)> {
+        match login(
+            p,
+            &req("POST", "/auth/login", &[]),
+            body.as_bytes(),
+            host,
+            now,
+        ) {
+            Login::Issued { body, .. } => Ok(serde_json::from_slice(&body).unwrap()),
+            Login::Denied { denial, .. } => Err((denial.reason, denial.message)),
+        }
+    }
+
+    fn use_token(
+        p: &Policy,
+        host: &mut MemoryHost,
+        token: &str,
+        method: &str,
+        now: u64,
+    ) -> Decision {
+        decide(
+            p,
+            &req(
+                method,
+                "/v1/items",
+                &[("authorization", &format!("Bearer {token}"))],
+            ),
+            host,
+            now,
+        )
+    }
+
+    #[test]
+    fn login_issues_a_token_that_works_with_the_keys_scopes() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = MemoryHost::default();
+        let body = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap();
+        assert_eq!(
+            (body["token_type"].as_str(), body["expires_in"].as_u64()),
+            (Some("Bearer"), Some(60))
+        );
+        let token = body["access_token"].as_str().unwrap();
+        assert!(token.starts_with("kg1.") && !token.contains("key-one"));
+        assert!(matches!(
+            use_token(&p, &mut host, token, "GET", NOW).outcome,
+            Outcome::Allowed { .. }
+        ));
+        assert_eq!(
+            denied(&use_token(&p, &mut host, token, "POST", NOW)).map(|d| d.0),
+            Some(Reason::InsufficientScope)
+        );
+    }
+
+    #[test]
+    fn same_session_reuses_the_token_and_a_new_session_gets_a_new_one() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = MemoryHost::default();
+        let a = issue(
+            &p,
+            &mut host,
+            r#"{"api_key":"key-one","session_id":"s1"}"#,
+            NOW,
+        )
+        .unwrap();
+        let later = NOW + 20_000_000_000;
+        let again = issue(
+            &p,
+            &mut host,
+            r#"{"api_key":"key-one","session_id":"s1"}"#,
+            later,
+        )
+        .unwrap();
+        assert_eq!(a["access_token"], again["access_token"]);
+        assert_eq!(again["expires_in"], 40);
+        let other = issue(
+            &p,
+            &mut host,
+            r#"{"api_key":"key-one","session_id":"s2"}"#,
+            later,
+        )
+        .unwrap();
+        assert_ne!(a["access_token"], other["access_token"]);
+    }
+
+    #[test]
+    fn expired_tampered_and_orphaned_tokens_get_401() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = MemoryHost::default();
+        let token = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let expired = use_token(&p, &mut host, &token, "GET", NOW + 60_000_000_000);
+        assert_eq!(
+            denied(&expired),
+            Some((Reason::Expired, "Token has expired"))
+        );
+        let tampered = format!("{}A", &token[..token.len() - 1]);
+        assert_eq!(
+            denied(&use_token(&p, &mut host, &tampered, "GET", NOW)).map(|d| d.0),
+            Some(Reason::UnknownKey)
+        );
+        // Signed by the same keys, but its key is gone: refused at once.
+        let other = token_policy(vec![]);
+        assert_eq!(
+            denied(&use_token(&other, &mut host, &token, "GET", NOW)),
+            Some((Reason::UnknownKey, "Invalid token"))
+        );
+    }
+
+    #[test]
+    fn deactivating_the_key_stops_its_tokens() {
+        let mut host = MemoryHost::default();
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let token = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut inactive = rec("k1", "key-one");
+        inactive.status = Status::Inactive;
+        let p2 = token_policy(vec![inactive]);
+        assert_eq!(
+            denied(&use_token(&p2, &mut host, &token, "GET", NOW)).map(|d| d.0),
+            Some(Reason::Inactive)
+        );
+    }
+
+    #[test]
+    fn revoked_session_refuses_old_tokens_and_login_issues_a_fresh_one() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = MemoryHost::default();
+        let body = r#"{"api_key":"key-one","session_id":"s1"}"#;
+        let old = issue(&p, &mut host, body, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let revoked_at = NOW / 1_000_000 + 1;
+        host.counters.insert(
+            crate::shared_data::revocations_key("k1"),
+            format!(r#"{{"s1":{revoked_at}}}"#).into_bytes(),
+        );
+        let later = NOW + 5_000_000;
+        assert_eq!(
+            denied(&use_token(&p, &mut host, &old, "GET", later)).map(|d| d.0),
+            Some(Reason::RevokedToken)
+        );
+        let fresh = issue(&p, &mut host, body, later).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(fresh, old);
+        assert!(matches!(
+            use_token(&p, &mut host, &fresh, "GET", later).outcome,
+            Outcome::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn login_applies_the_usual_rules_and_validates_its_body() {
+        let mut inactive = rec("k2", "inactive-key");
+        inactive.status = Status::Inactive;
+        let p = token_policy(vec![rec("k1", "key-one"), inactive]);
+        let mut host = MemoryHost::default();
+        assert_eq!(
+            issue(&p, &mut host, "{", NOW).unwrap_err().0,
+            Reason::BadRequest
+        );
+        assert_eq!(
+            issue(&p, &mut host, r#"{"session_id":"s"}"#, NOW).unwrap_err(),
+            (Reason::BadRequest, "Missing api_key".into())
+        );
+        assert_eq!(
+            issue(&p, &mut host, r#"{"api_key":"nope"}"#, NOW)
+                .unwrap_err()
+                .0,
+            Reason::UnknownKey
+        );
+        assert_eq!(
+            issue(&p, &mut host, r#"{"api_key":"inactive-key"}"#, NOW)
+                .unwrap_err()
+                .0,
+            Reason::Inactive
+        );
+        // A token cannot be exchanged for another token.
+        let t = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            issue(&p, &mut host, &format!(r#"{{"api_key":"{t}"}}"#), NOW)
+                .unwrap_err()
+                .0,
+            Reason::UnknownKey
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! What the filter writes back: header edits on the request going upstream
+//! and rate-limit headers on the reply. (Refusal bodies: [`crate::denial`].)
+
+use super::decide::{Decision, Headers, Outcome};
+use crate::config::{Policy, RateLimitHeaders};
+use crate::rate_limit::RateStatus;
+
+/// Header edits on the request before it goes upstream.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UpstreamHeaders<'a> {
+    pub remove: Vec<&'a str>,
+    pub set: Vec<(&'a str, &'a str)>,
+}
+
+impl Decision {
+    /// Request header edits: identity headers a client sent are always
+    /// dropped; on success the credential is stripped and the identity set.
+    pub fn upstream_headers<'a>(
+        &'a self,
+        policy: &'a Policy,
+        headers: &dyn Headers,
+    ) -> UpstreamHeaders<'a> {
+        let present = |name: &str| headers.get(name).is_some();
+        let mut edits = UpstreamHeaders::default();
+        match &self.outcome {
+            // Removing is one host call; asking first would be one more.
+            Outcome::Public => edits.remove = policy.headers.all().to_vec(),
+            Outcome::Allowed { credential: c, .. } => {
+                edits.remove = ["authorization", policy.api_key_header.as_str()]
+                    .into_iter()
+                    .filter(|h| present(h))
+                    .collect();
+                let h = &policy.headers;
+                edits.set = vec![
+                    (h.tenant.as_str(), c.tenant.as_str()),
+                    (h.environment.as_str(), c.environment.as_str()),
+                    (h.key_id.as_str(), c.key_id.as_str()),
+                    (h.scopes.as_str(), c.scopes_header.as_str()),
+                ];
+            }
+            Outcome::Denied { .. } => {}
+        }
+        edits
+    }
+}
+
+/// Rate-limit response headers, in the enabled styles.
+pub fn rate_limit_headers(
+    status: &RateStatus,
+    styles: RateLimitHeaders,
+    now_ns: u64,
+) -> Vec<(&'static str, String)> {
+    let mut h = Vec::with_capacity(5);
+    if styles.x_ratelimit {
+        h.push(("x-ratelimit-limit", status.limit.requests.to_string()));
+        h.push(("x-ratelimit-remaining", status.remaining.to_string()));
+        h.push(("x-ratelimit-reset", status.reset_epoch_secs().to_string()));
+    }
+    if styles.ietf {
+        h.push((
+            "ratelimit-policy",
+            format!(
+                "\"default\";q={};w={}",
+                status.limit.requests, status.limit.window_secs
+            ),
+        ));
+        h.push((
+            "ratelimit",
+            format!(
+                "\"default\";r={};t={}",
+                status.remaining,
+                status.reset_in_secs(now_ns)
+            ),
+        ));
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::NOW;
+
+    #[test]
+    fn rate_headers_report_both_styles_truthfully() {
+        let (s, _) = crate::rate_limit::check(
+            crate::rate_limit::RateLimit {
+                requests: 100,
+                window_secs: 60,
+            },
+            None,
+            NOW,
+        );
+        let h = rate_limit_headers(&s, RateLimitHeaders::default(), NOW);
+        let get = |n: &str| {
+            h.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(get("x-ratelimit-limit"), "100");
+        assert_eq!(get("x-ratelimit-remaining"), "99");
+        assert_eq!(
+            get("x-ratelimit-reset"),
+            (NOW / 1_000_000_000 + 1).to_string()
+        );
+        assert_eq!(get("ratelimit-policy"), "\"default\";q=100;w=60");
+        assert_eq!(get("ratelimit"), "\"default\";r=99;t=1");
+        let only_x = RateLimitHeaders {
+            x_ratelimit: true,
+            ietf: false,
+        };
+        assert_eq!(rate_limit_headers(&s, only_x, NOW).len(), 3);
+    }
+}
