@@ -171,6 +171,7 @@ fn sync_push_parsing_never_panics_and_refusals_change_nothing() {
         generation: 1,
         version: 1,
         pending: None,
+        store_id: None,
     };
     corpus_run(&[full.as_bytes(), incr.as_bytes()], 4, |v| {
         // Correctly signed, so the fuzzing reaches the parser and validation.
