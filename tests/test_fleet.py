@@ -33,7 +33,7 @@ def fleet(postgres, envoy_factory, tmp_path):
                     "DROP TABLE IF EXISTS keygate_meta, keygate_keys, keygate_revoked_sessions"],
                    check=True, capture_output=True, timeout=30)
     migrated = keygate(postgres.url, "store", "migrate", json_out=False)
-    assert "version 1" in migrated.stdout
+    assert "version 2" in migrated.stdout
     with envoy_factory(CONFIG) as a, envoy_factory(CONFIG) as b:
         sa = Sidecar(postgres.url, [f"http://127.0.0.1:{a.sync_port}"], workdir=tmp_path, log_name="a.log").start()
         sb = Sidecar(postgres.url, [f"http://127.0.0.1:{b.sync_port}"], workdir=tmp_path, log_name="b.log").start()

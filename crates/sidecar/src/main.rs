@@ -205,10 +205,10 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
                         .into(),
                 ));
             }
-            let (id, _) = PgStore::new(spec)?.migrate()?;
+            let (schema, id, _) = PgStore::new(spec)?.migrate()?;
             out.done(
-                json!({"store_id": id.to_string(), "migrated": true}),
-                &format!("Store schema is up to date (store id {id})."),
+                json!({"store_id": id.to_string(), "schema_version": schema}),
+                &format!("Store schema is at version {schema} (store id {id})."),
             )?;
             Ok(())
         }

@@ -113,8 +113,8 @@ impl PgStore {
     }
 
     /// Applies pending migrations and gives the store an identity if it has
-    /// none. Returns the identity and whether it was made now.
-    pub fn migrate(&self) -> Result<(StoreId, bool)> {
+    /// none. Returns the schema version, the identity and whether it was made now.
+    pub fn migrate(&self) -> Result<(i32, StoreId, bool)> {
         self.with_client(|c| {
             let mut tx = c.transaction().map_err(self.err())?;
             // Serialises concurrent migrations.
@@ -150,7 +150,7 @@ impl PgStore {
                 }
             };
             tx.commit().map_err(self.err())?;
-            Ok((id, created))
+            Ok((found, id, created))
         })
     }
 
@@ -273,7 +273,7 @@ impl Store for PgStore {
     }
 
     fn init(&self) -> Result<Snapshot> {
-        let (id, created) = self.migrate()?;
+        let (_, id, created) = self.migrate()?;
         if !created {
             return Err(Error::StoreExists {
                 path: self.describe(),
