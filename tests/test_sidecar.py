@@ -2,14 +2,17 @@
 change made with the CLI reaches the running Envoy without a restart."""
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import signal
+import subprocess
 
 import pytest
 
 from conftest import ROUTES, wait_until
-from harness import SYNC_SECRET, Sidecar, keygate, request
+from harness import KEYGATE, SYNC_SECRET, Sidecar, keygate, request
 
 CONFIG = {"routes": ROUTES, "rate_limit": {"requests": 1000, "window_secs": 60}}
 
@@ -191,3 +194,55 @@ def test_sync_daemon_refuses_a_short_secret(tmp_path):
                         "http://127.0.0.1:1"], env=proc_env, capture_output=True, text=True, timeout=30)
     assert p.returncode != 0 and "at least 32" in p.stderr
     assert SYNC_SECRET not in p.stderr
+
+
+def test_envoy_keeps_its_store_and_only_takeover_replaces_it(rig, tmp_path):
+    envoy, store_a, sidecar = rig
+    a = create(store_a, "--tenant", "acme", "--scope", "read")
+    becomes(envoy, key_header(a["api_key"]), 200)
+    store_a_id = json.loads(store_a.read_text())["store_id"]
+    state = request(envoy.sync_port, "GET", "/keygate/sync/v1/state").json()
+    assert state["store_id"] == store_a_id
+    sidecar.stop()
+
+    # Another store (here: empty but for one key) must not silently replace A's set.
+    store_b = tmp_path / "other.json"
+    b = create(store_b, "--tenant", "globex", "--scope", "read")
+    endpoint = f"http://127.0.0.1:{envoy.sync_port}"
+    env = {**os.environ, "KEYGATE_SYNC_SECRET": SYNC_SECRET}
+    refused = subprocess.run([str(KEYGATE), "--store", str(store_b), "sync", "--once", "--endpoint", endpoint],
+                             capture_output=True, text=True, timeout=30, env=env)
+    assert refused.returncode == 1
+    assert store_a_id in refused.stderr and "--takeover" in refused.stderr, refused.stderr
+    assert status(envoy, key_header(a["api_key"])) == 200
+    assert status(envoy, key_header(b["api_key"])) == 401
+
+    taken = subprocess.run([str(KEYGATE), "--store", str(store_b), "sync", "--once", "--takeover", "--endpoint",
+                            endpoint], capture_output=True, text=True, timeout=30, env=env)
+    assert taken.returncode == 0, taken.stderr
+    assert status(envoy, key_header(a["api_key"])) == 401
+    assert status(envoy, key_header(b["api_key"])) == 200
+    assert request(envoy.sync_port, "GET", "/keygate/sync/v1/state").json()["store_id"] == \
+        json.loads(store_b.read_text())["store_id"]
+
+
+def test_the_filter_itself_refuses_a_full_push_from_another_store(rig):
+    envoy, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read")
+    becomes(envoy, key_header(k["api_key"]), 200)
+    held = request(envoy.sync_port, "GET", "/keygate/sync/v1/state").json()
+    other = "0123456789abcdef" if held["store_id"] != "0123456789abcdef" else "fedcba9876543210"
+    payload = {"mode": "full", "generation": held["generation"] + 1, "version": 1, "batch": 0, "last": True,
+               "upserts": [], "store_id": other}
+    body = json.dumps(payload).encode()
+    sig = "v1=" + hmac.new(SYNC_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = [("content-type", "application/json"), ("x-keygate-signature", sig)]
+    r = request(envoy.sync_port, "POST", "/keygate/sync/v1/push", headers, body)
+    assert r.status == 409 and "takeover" in r.body.decode(), r
+    assert status(envoy, key_header(k["api_key"])) == 200
+    payload["takeover"] = True
+    body = json.dumps(payload).encode()
+    sig = "v1=" + hmac.new(SYNC_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = [("content-type", "application/json"), ("x-keygate-signature", sig)]
+    assert request(envoy.sync_port, "POST", "/keygate/sync/v1/push", headers, body).status == 200
+    assert status(envoy, key_header(k["api_key"])) == 401
