@@ -4,6 +4,7 @@
 #   make test    unit tests + the .wasm + end-to-end tests through a real Envoy
 #   make bench   load benchmark against bare Envoy and Envoy's native filters
 #   make soak    5 minutes of load with key churn: no 5xx, no wrong verdict, flat RSS
+#   make install the keygate CLI into ~/.local/bin (or PREFIX=/usr/local)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -15,7 +16,13 @@ WASM_TARGET := wasm32-wasip1
 WASM := target/$(WASM_TARGET)/release/keygate_filter.wasm
 SIDECAR := target/release/keygate
 
-.PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench soak clean
+PREFIX ?= $(HOME)/.local
+# Runs a command with TMPDIR set to a fresh directory that is removed when it
+# exits (kept, and named, if the command failed: its logs are there).
+WITH_TMP = tmp=$$(mktemp -d -t keygate-XXXXXX) && chmod 755 "$$tmp" && \
+	trap 'rc=$$?; if [ $$rc -eq 0 ]; then rm -rf "$$tmp"; else echo "logs kept in $$tmp"; fi' EXIT && export TMPDIR="$$tmp" &&
+
+.PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench soak clean install
 
 all: wasm
 
@@ -36,8 +43,14 @@ wasm:
 sidecar:
 	$(CARGO) build --release -p keygate-sidecar
 
+# The keygate CLI on your PATH: $(PREFIX)/bin/keygate (PREFIX=/usr/local make install).
+install: sidecar
+	install -d $(PREFIX)/bin
+	install -m 755 $(SIDECAR) $(PREFIX)/bin/keygate
+	@echo "installed $(PREFIX)/bin/keygate"
+
 unit:
-	$(CARGO) test -p keygate-core -p keygate-sidecar
+	$(CARGO) test -p keygate-core -p keygate-control -p keygate-sidecar
 
 e2e: wasm sidecar envoy
 	$(VPY) -m pytest -q tests
@@ -45,22 +58,20 @@ e2e: wasm sidecar envoy
 test: unit e2e
 
 run: wasm sidecar envoy
-	$(VPY) scripts/run_demo.py
+	@$(WITH_TMP) $(VPY) scripts/run_demo.py
 
 bench: wasm sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(VPY) bench/bench.py
-	$(VPY) bench/propagation.py
-	$(VPY) bench/fleet_propagation.py
+	@$(WITH_TMP) $(VPY) bench/bench.py && $(VPY) bench/propagation.py && $(VPY) bench/fleet_propagation.py
 
 # Minutes of mixed load with key churn (SOAK_SECONDS, default 300); not in make test.
 soak: wasm sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(VPY) bench/soak.py
+	@$(WITH_TMP) $(VPY) bench/soak.py
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy -p keygate-core -p keygate-sidecar --all-targets -- -D warnings
+	$(CARGO) clippy -p keygate-core -p keygate-control -p keygate-sidecar --all-targets -- -D warnings
 	$(CARGO) clippy -p keygate-filter --target $(WASM_TARGET) -- -D warnings
 
 fmt:
