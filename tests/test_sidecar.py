@@ -246,3 +246,31 @@ def test_the_filter_itself_refuses_a_full_push_from_another_store(rig):
     headers = [("content-type", "application/json"), ("x-keygate-signature", sig)]
     assert request(envoy.sync_port, "POST", "/keygate/sync/v1/push", headers, body).status == 200
     assert status(envoy, key_header(k["api_key"])) == 401
+
+
+def test_a_hung_endpoint_does_not_delay_the_others(envoy_factory, tmp_path):
+    """One endpoint accepts connections and never answers: the live Envoy
+    still gets every change at once (each endpoint has its own thread)."""
+    import socket
+    import time
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    store = tmp_path / "store.json"
+    try:
+        with envoy_factory(CONFIG) as envoy:
+            endpoints = [f"http://127.0.0.1:{hung.getsockname()[1]}", f"http://127.0.0.1:{envoy.sync_port}"]
+            with Sidecar(store, endpoints, workdir=tmp_path):
+                time.sleep(0.5)
+                k = create(store, "--tenant", "acme", "--scope", "read")
+                started = time.monotonic()
+                becomes(envoy, key_header(k["api_key"]), 200, timeout=10)
+                # A serial sync would wait out the hung endpoint's 5 s timeout first.
+                assert time.monotonic() - started < 2.0
+                keygate(store, "key", "revoke", k["key_id"])
+                started = time.monotonic()
+                becomes(envoy, key_header(k["api_key"]), 401, timeout=10)
+                assert time.monotonic() - started < 2.0
+    finally:
+        hung.close()
