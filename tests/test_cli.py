@@ -5,6 +5,7 @@ must be created explicitly, messages name what is wrong and what to do,
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -143,3 +144,22 @@ def test_postgres_unreachable_names_host_and_port():
     port = free_port()
     p = run("key", "list", store=f"postgres://nobody@127.0.0.1:{port}/keygate")
     assert p.returncode == 1 and f"127.0.0.1:{port}" in p.stderr, p.stderr
+
+
+def test_sync_waits_for_an_unreachable_postgres_naming_it(tmp_path):
+    port = free_port()
+    log = tmp_path / "sync.log"
+    env = {k: v for k, v in os.environ.items() if k != "KEYGATE_STORE"}
+    env["KEYGATE_SYNC_SECRET"] = "x" * 40
+    with log.open("w") as f:
+        proc = subprocess.Popen([str(KEYGATE), "--store", f"postgres://nobody@127.0.0.1:{port}/keygate", "sync",
+                                 "--endpoint", f"http://127.0.0.1:{free_port()}"], stderr=f, env=env)
+    try:
+        deadline = time.monotonic() + 10
+        while f"127.0.0.1:{port}" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"127.0.0.1:{port}" in log.read_text() and "waiting" in log.read_text(), log.read_text()
+        assert proc.poll() is None, "the daemon waits for the database instead of exiting"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

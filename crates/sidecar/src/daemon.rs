@@ -53,7 +53,7 @@ pub fn run(store: &dyn Store, opts: Options) -> Result<(), Error> {
     // Watch first, then read: a change in between is not missed.
     let (wake_tx, wake_rx) = mpsc::channel();
     let _watch = store.watch(wake_tx)?;
-    let (mut token, mut snap) = read(store)?;
+    let (mut token, mut snap) = first_read(store)?;
     let workers: Vec<Sender<Arc<Snapshot>>> = endpoints
         .into_iter()
         .map(|ep| spawn(ep, Arc::clone(&snap), Arc::clone(&secret), opts.reconcile))
@@ -104,6 +104,25 @@ pub fn run(store: &dyn Store, opts: Options) -> Result<(), Error> {
                 }
                 store_error = Some(e);
             }
+        }
+    }
+}
+
+/// The first snapshot. An unreachable database is waited for (it may be
+/// starting too); a store that is missing, uninitialised or corrupt is an
+/// operator error and ends the daemon.
+fn first_read(store: &dyn Store) -> Result<(String, Arc<Snapshot>), keygate_control::Error> {
+    let mut said = false;
+    loop {
+        match read(store) {
+            Err(e @ keygate_control::Error::Postgres { .. }) => {
+                if !said {
+                    log(&format!("{e}; waiting for it"));
+                    said = true;
+                }
+                std::thread::sleep(CATCH_UP);
+            }
+            other => return other,
         }
     }
 }

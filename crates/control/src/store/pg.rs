@@ -9,6 +9,7 @@ use super::{new_store_id, Change, Snapshot, Store, StoredKey};
 use crate::error::{Error, Result};
 use keygate_core::sync::{RevokedSession, StoreId};
 use keygate_core::CredentialRecord;
+use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls};
 use std::cell::RefCell;
@@ -164,7 +165,12 @@ impl PgStore {
             Ok(Some(row)) => row,
             // No table, no row or no store_id column: not (fully) initialised.
             Ok(None) => return Err(Error::PgNotInitialised),
-            Err(e) if e.as_db_error().is_some() => return Err(Error::PgNotInitialised),
+            Err(e)
+                if e.code() == Some(&SqlState::UNDEFINED_TABLE)
+                    || e.code() == Some(&SqlState::UNDEFINED_COLUMN) =>
+            {
+                return Err(Error::PgNotInitialised)
+            }
             Err(e) => return Err(self.err()(e)),
         };
         let version: i64 = row.get(0);
@@ -349,6 +355,8 @@ impl Store for PgStore {
             .name("keygate-pg-listen".into())
             .spawn(move || {
                 let mut backoff = RECONNECT_MIN;
+                // Said once per outage, not on every retry.
+                let mut said = false;
                 loop {
                     let listening = config.connect(NoTls).and_then(|mut c| {
                         c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
@@ -357,6 +365,7 @@ impl Store for PgStore {
                     match listening {
                         Ok(mut client) => {
                             backoff = RECONNECT_MIN;
+                            said = false;
                             if wake.send(()).is_err() {
                                 return;
                             }
@@ -364,9 +373,13 @@ impl Store for PgStore {
                                 return;
                             }
                         }
-                        Err(e) => eprintln!(
-                            "keygate: PostgreSQL at {host}:{port}: LISTEN failed ({e}); retrying in {backoff:?}"
-                        ),
+                        Err(e) if !said => {
+                            said = true;
+                            eprintln!(
+                                "keygate: PostgreSQL at {host}:{port}: cannot LISTEN for changes ({e}); retrying"
+                            );
+                        }
+                        Err(_) => {}
                     }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(RECONNECT_MAX);
