@@ -282,3 +282,18 @@ fn rates_parse_in_several_spellings_and_errors_list_the_forms() {
         );
     }
 }
+
+#[test]
+fn scopes_cannot_be_set_on_a_default_key_or_emptied_on_a_scoped_one() {
+    let f = fixture();
+    let d = f.svc.create_key(new_key("a", Kind::Default), 10).unwrap();
+    let err = f
+        .svc
+        .set_scopes(&d.key_id, &["read".into()], 11)
+        .unwrap_err();
+    assert!(err.to_string().contains("every scope"), "{err}");
+    let s = f.svc.create_key(new_key("b", Kind::Scoped), 10).unwrap();
+    assert!(f.svc.set_scopes(&s.key_id, &[], 11).is_err());
+    let k = f.svc.set_scopes(&s.key_id, &["write".into()], 11).unwrap();
+    assert_eq!(k.record.scopes, vec!["write"]);
+}
