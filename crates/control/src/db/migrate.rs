@@ -1,0 +1,84 @@
+//! Versioned migrations, the same numbers on both databases. SQLite's are
+//! applied by rusqlite_migration (recorded in `PRAGMA user_version`);
+//! PostgreSQL's by the few lines below, recorded in `schema_migrations`, each
+//! file in one transaction under an advisory lock so that fleet servers
+//! starting together apply it once.
+
+use super::{Conn, DbError};
+use rusqlite_migration::{Migrations, M};
+
+/// (number, name, SQLite SQL, PostgreSQL SQL), in order, numbered from 1.
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../migrations/postgres/0001_init.sql"),
+)];
+
+/// The schema version this build creates and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// An arbitrary constant naming keygate's migration lock among the
+/// database's advisory locks.
+const PG_MIGRATION_LOCK: i64 = 0x6b65_7967_6174_65;
+
+pub fn migrate(conn: &mut Conn) -> Result<(), DbError> {
+    match conn {
+        Conn::Sqlite(c) => migrate_sqlite(c),
+        Conn::Postgres(c) => migrate_pg(c),
+    }
+}
+
+fn migrate_sqlite(conn: &mut rusqlite::Connection) -> Result<(), DbError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(DbError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let migrations = Migrations::new(MIGRATIONS.iter().map(|m| M::up(m.2)).collect());
+    migrations
+        .to_latest(conn)
+        .map_err(|e| DbError::Migration(e.to_string()))
+}
+
+fn migrate_pg(client: &mut postgres::Client) -> Result<(), DbError> {
+    client.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version bigint PRIMARY KEY,
+            name text NOT NULL,
+            applied_at bigint NOT NULL
+        )",
+    )?;
+    let found: Option<i64> = client
+        .query_one("SELECT max(version) FROM schema_migrations", &[])?
+        .get(0);
+    if let Some(found) = found.filter(|f| *f > SCHEMA_VERSION) {
+        return Err(DbError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (version, name, _, sql) in MIGRATIONS {
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PG_MIGRATION_LOCK])?;
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[version],
+            )?
+            .is_some();
+        if !done {
+            tx.batch_execute(sql)
+                .map_err(|e| DbError::Migration(format!("{version:04}_{name}: {e}")))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at)
+                 VALUES ($1, $2, extract(epoch from now())::bigint)",
+                &[version, name],
+            )?;
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
