@@ -494,21 +494,21 @@ impl Ingester {
                     return Ok(());
                 }
                 let data = &buf[..n];
-                let (consumed, rows, malformed, skipping) = match data
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                {
-                    Some(last) => {
-                        let (rows, malformed) = parse_lines(&data[..=last], tail.skipping);
-                        (last + 1, rows, malformed, false)
-                    }
-                    // A line longer than the buffer: drop it, counted once.
-                    None if n == buf.len() => (n, Vec::new(), u64::from(!tail.skipping), true),
-                    // A line still being written: wait for its newline.
-                    None => return Ok(()),
-                };
+                let (consumed, rows, malformed, skipping) =
+                    match data.iter().rposition(|&b| b == b'\n') {
+                        Some(last) => {
+                            let (rows, malformed) = parse_lines(&data[..=last], tail.skipping);
+                            (last + 1, rows, malformed, false)
+                        }
+                        // A line longer than the buffer: drop it, counted once.
+                        None if n == buf.len() => (n, Vec::new(), u64::from(!tail.skipping), true),
+                        // A line still being written: wait for its newline.
+                        None => return Ok(()),
+                    };
                 let offset = tail.offset + consumed as u64;
-                let head = tail.head_after(offset).map_err(io_err("read", &self.path))?;
+                let head = tail
+                    .head_after(offset)
+                    .map_err(io_err("read", &self.path))?;
                 let pos = tail_position(tail, offset, head);
                 self.commit(&rows, malformed, &pos)?;
                 tail.offset = offset;
@@ -536,7 +536,9 @@ impl Ingester {
         let conn = self.conn.as_mut().ok_or_else(no_conn)?;
         let (stored, newest) = load_position(conn, &self.source)?;
         if let Some(newest) = newest {
-            self.stats.newest_record_ms.fetch_max(newest, Ordering::Relaxed);
+            self.stats
+                .newest_record_ms
+                .fetch_max(newest, Ordering::Relaxed);
         }
         let Some((pos, last_id)) = stored else {
             return Ok(());
@@ -658,7 +660,10 @@ fn find_rotated(path: &Path, pos: &Position) -> Option<Tail> {
     std::fs::read_dir(dir)
         .ok()?
         .filter_map(Result::ok)
-        .filter(|e| e.metadata().is_ok_and(|m| (m.dev(), m.ino()) == (pos.dev, pos.ino)))
+        .filter(|e| {
+            e.metadata()
+                .is_ok_and(|m| (m.dev(), m.ino()) == (pos.dev, pos.ino))
+        })
         .find_map(|e| Tail::open(&e.path()).ok())
         .filter(|t| (t.dev, t.ino) == (pos.dev, pos.ino))
 }

@@ -287,7 +287,9 @@ pub fn prune(conn: &mut Conn, cutoff_ms: i64) -> Result<u64, DbError> {
     let mut total = 0u64;
     loop {
         let n = match conn {
-            Conn::Sqlite(c) => c.execute(CHUNK_SQL, rusqlite::params![cutoff_ms, PRUNE_CHUNK])? as u64,
+            Conn::Sqlite(c) => {
+                c.execute(CHUNK_SQL, rusqlite::params![cutoff_ms, PRUNE_CHUNK])? as u64
+            }
             Conn::Postgres(c) => {
                 c.execute(&pg_placeholders(CHUNK_SQL), &[&cutoff_ms, &PRUNE_CHUNK])?
             }
@@ -372,7 +374,13 @@ mod tests {
         assert_eq!(decode_cursor(&c).unwrap(), (1_764_000_000_123, 42));
         for bad in ["", "zz", "00", &c[..30], &format!("{c}00")] {
             assert!(
-                matches!(decode_cursor(bad), Err(DbError::BadInput { field: "cursor", .. })),
+                matches!(
+                    decode_cursor(bad),
+                    Err(DbError::BadInput {
+                        field: "cursor",
+                        ..
+                    })
+                ),
                 "{bad}"
             );
         }
@@ -380,8 +388,14 @@ mod tests {
 
     #[test]
     fn status_filters_parse_codes_and_classes() {
-        assert_eq!("403".parse::<StatusFilter>().unwrap(), StatusFilter::Exact(403));
-        assert_eq!("4xx".parse::<StatusFilter>().unwrap(), StatusFilter::Class(4));
+        assert_eq!(
+            "403".parse::<StatusFilter>().unwrap(),
+            StatusFilter::Exact(403)
+        );
+        assert_eq!(
+            "4xx".parse::<StatusFilter>().unwrap(),
+            StatusFilter::Class(4)
+        );
         for bad in ["4", "x4x", "40", "abc", "4xxx", "603", "0xx"] {
             assert!(bad.parse::<StatusFilter>().is_err(), "{bad}");
         }
@@ -394,7 +408,10 @@ mod tests {
                 limit: Some(limit),
                 ..LogQuery::default()
             };
-            assert!(matches!(build(&q), Err(DbError::BadInput { field: "limit", .. })));
+            assert!(matches!(
+                build(&q),
+                Err(DbError::BadInput { field: "limit", .. })
+            ));
         }
     }
 }

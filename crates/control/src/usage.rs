@@ -76,7 +76,9 @@ pub fn query_usage(conn: &mut Conn, q: &UsageQuery) -> Result<Vec<UsagePoint>, D
     if (until - since) / size > MAX_BUCKETS {
         return Err(DbError::bad_input(
             "since",
-            format!("the window spans more than {MAX_BUCKETS} buckets: narrow it or use day buckets"),
+            format!(
+                "the window spans more than {MAX_BUCKETS} buckets: narrow it or use day buckets"
+            ),
         ));
     }
     let key_col = if q.per_key { "key_id" } else { "NULL" };

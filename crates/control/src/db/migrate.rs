@@ -20,7 +20,7 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// An arbitrary constant naming keygate's migration lock among the
 /// database's advisory locks.
-const PG_MIGRATION_LOCK: i64 = 0x6b65_7967_6174_65;
+const PG_MIGRATION_LOCK: i64 = 0x006b_6579_6761_7465; // "keygate"
 
 pub fn migrate(conn: &mut Conn) -> Result<(), DbError> {
     match conn {
