@@ -44,41 +44,39 @@ fn migrate_sqlite(conn: &mut rusqlite::Connection) -> Result<(), DbError> {
 }
 
 fn migrate_pg(client: &mut postgres::Client) -> Result<(), DbError> {
-    client.batch_execute(
+    // One transaction under the lock: a second server starting at the same
+    // moment waits here, then finds everything applied.
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PG_MIGRATION_LOCK])?;
+    tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
             version bigint PRIMARY KEY,
             name text NOT NULL,
             applied_at bigint NOT NULL
         )",
     )?;
-    let found: Option<i64> = client
-        .query_one("SELECT max(version) FROM schema_migrations", &[])?
+    let found: i64 = tx
+        .query_one(
+            "SELECT COALESCE(max(version), 0) FROM schema_migrations",
+            &[],
+        )?
         .get(0);
-    if let Some(found) = found.filter(|f| *f > SCHEMA_VERSION) {
+    if found > SCHEMA_VERSION {
         return Err(DbError::SchemaTooNew {
             found,
             supported: SCHEMA_VERSION,
         });
     }
-    for (version, name, _, sql) in MIGRATIONS {
-        let mut tx = client.transaction()?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PG_MIGRATION_LOCK])?;
-        let done = tx
-            .query_opt(
-                "SELECT 1 FROM schema_migrations WHERE version = $1",
-                &[version],
-            )?
-            .is_some();
-        if !done {
-            tx.batch_execute(sql)
-                .map_err(|e| DbError::Migration(format!("{version:04}_{name}: {e}")))?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version, name, applied_at)
-                 VALUES ($1, $2, extract(epoch from now())::bigint)",
-                &[version, name],
-            )?;
-        }
-        tx.commit()?;
+    for (version, name, _, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+        tx.batch_execute(sql).map_err(|e| {
+            DbError::Migration(format!("{version:04}_{name}: {}", super::pg_message(&e)))
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at)
+             VALUES ($1, $2, extract(epoch from now())::bigint)",
+            &[version, name],
+        )?;
     }
+    tx.commit()?;
     Ok(())
 }

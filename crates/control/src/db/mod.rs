@@ -44,9 +44,19 @@ pub enum DbError {
 
 impl From<postgres::Error> for DbError {
     fn from(e: postgres::Error) -> Self {
-        // postgres::Error's text holds the server's message or the I/O error,
-        // never the URL (and so never a password).
-        DbError::Postgres(e.to_string())
+        DbError::Postgres(pg_message(&e))
+    }
+}
+
+/// The server's message (postgres::Error alone says just "db error"), or
+/// the client-side cause. Neither holds the URL, so never a password.
+pub(crate) fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 
