@@ -114,7 +114,7 @@ fn kill_9_during_ingestion_loses_and_repeats_nothing() {
     const N: usize = 60_000;
     common::append(&log, &common::lines("r", N, common::T0));
     // Kill the ingesting child at growing delays until it is caught halfway
-    // at least once (commits are ~3,000 records apart), then let a last one
+    // at least once (a commit every ~13,000 records), then let a last one
     // finish. Bounded: 12 rounds.
     let mut caught_midway = false;
     for round in 0..12u64 {

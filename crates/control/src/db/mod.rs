@@ -15,6 +15,8 @@ use std::time::Duration;
 /// giving up. Writers keep transactions short (one ingest batch, one pruning
 /// chunk), so this is only reached when something is stuck.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Page cache per connection, in KiB when negative (SQLite's convention).
+const SQLITE_CACHE_KIB: i64 = -65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -119,6 +121,14 @@ impl Db {
                 conn.pragma_update(None, "journal_mode", "WAL")?;
                 conn.pragma_update(None, "synchronous", "NORMAL")?;
                 conn.pragma_update(None, "foreign_keys", "ON")?;
+                // The request-log indexes take a page write per tenant and
+                // per key in every batch; SQLite's default 2 MB cache makes
+                // those page reads from disk once the table is large.
+                conn.pragma_update(None, "cache_size", SQLITE_CACHE_KIB)?;
+                // Checkpoint (copy the WAL into the database, with fsync)
+                // every ~32 MB of WAL rather than every 4 MB: one ingest
+                // batch alone writes several MB.
+                conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
                 conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
                 Ok(Conn::Sqlite(conn))
             }
