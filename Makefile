@@ -37,7 +37,7 @@ sidecar:
 	$(CARGO) build --release -p keygate-sidecar
 
 unit:
-	$(CARGO) test -p keygate-core -p keygate-sidecar
+	$(CARGO) test -p keygate-core -p keygate-sidecar -p keygate-control
 
 e2e: wasm sidecar envoy
 	$(VPY) -m pytest -q tests
@@ -52,6 +52,7 @@ bench: wasm sidecar envoy
 	$(VPY) bench/bench.py
 	$(VPY) bench/propagation.py
 	$(VPY) bench/fleet_propagation.py
+	$(CARGO) run --release -p keygate-control --example bench_logs
 
 # Minutes of mixed load with key churn (SOAK_SECONDS, default 300); not in make test.
 soak: wasm sidecar envoy
@@ -60,7 +61,7 @@ soak: wasm sidecar envoy
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy -p keygate-core -p keygate-sidecar --all-targets -- -D warnings
+	$(CARGO) clippy -p keygate-core -p keygate-sidecar -p keygate-control --all-targets -- -D warnings
 	$(CARGO) clippy -p keygate-filter --target $(WASM_TARGET) -- -D warnings
 
 fmt:

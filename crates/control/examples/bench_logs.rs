@@ -163,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn record(i: u64, time_ms: i64) -> String {
     let key = i % KEYS;
-    let denied = i % 10 == 0;
+    let denied = i.is_multiple_of(10);
     let at = std::time::UNIX_EPOCH + Duration::from_millis(time_ms as u64);
     format!(
         concat!(

@@ -71,9 +71,9 @@ struct Line<'a> {
 fn status_code<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum Code<'a> {
+    enum Code {
         Num(i64),
-        Text(&'a str),
+        Text(String),
     }
     Ok(match Option::<Code>::deserialize(d)? {
         Some(Code::Num(n)) => Some(n),
@@ -900,4 +900,87 @@ fn commit_pg(
     )?;
     tx.commit()?;
     Ok(last_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_parses_with_envoys_field_shapes() {
+        let r = parse_line(
+            br#"{"time":"2026-11-24T02:12:24.582Z","key_id":"k1","tenant":"acme","environment":"live","method":"GET","path":"/v1","client_ip":"127.0.0.1","status":"403","decision":"denied","reason":"insufficient_scope","request_id":"-","duration_ms":3}"#,
+        )
+        .unwrap();
+        assert_eq!(r.time_ms, 1_795_486_344_582);
+        assert_eq!(r.status, Some(403));
+        assert_eq!(r.key_id.as_deref(), Some("k1"));
+        assert_eq!(r.request_id, None, "Envoy's '-' is stored as NULL");
+        let public = parse_line(br#"{"time":"2026-11-24T02:12:24.582Z","status":200,"decision":"public","key_id":null}"#).unwrap();
+        assert_eq!((public.status, public.key_id), (Some(200), None));
+    }
+
+    #[test]
+    fn lines_without_a_valid_time_are_not_records() {
+        for bad in [
+            &br#"{"status":200}"#[..],
+            br#"{"time":"yesterday"}"#,
+            br#"{"time":null}"#,
+            br#"{"time":"2026-11-24T02:12:24.582Z""#,
+            b"[1]",
+            b"",
+        ] {
+            assert!(
+                parse_line(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn long_values_are_cut_at_a_character_boundary() {
+        let path = format!("/{}", "é".repeat(MAX_PATH_LEN));
+        let line = serde_json::json!({"time": "2026-11-24T02:12:24Z", "path": path}).to_string();
+        let r = parse_line(line.as_bytes()).unwrap();
+        let stored = r.path.unwrap();
+        assert!(stored.len() <= MAX_PATH_LEN && stored.len() > MAX_PATH_LEN - 2);
+        assert!(path.starts_with(&stored));
+    }
+
+    #[test]
+    fn usage_rollup_counts_allowed_and_denied_per_hour_and_key() {
+        let row = |ms: i64, key: &str, decision: &str| Row {
+            time_ms: ms,
+            key_id: Some(key.into()),
+            tenant: Some("t".into()),
+            environment: None,
+            method: None,
+            path: None,
+            client_ip: None,
+            status: None,
+            decision: Some(decision.into()),
+            reason: None,
+            request_id: None,
+        };
+        let rows = [
+            row(HOUR_MS + 5, "a", "allowed"),
+            row(HOUR_MS + 9, "a", "denied"),
+            row(2 * HOUR_MS, "a", "allowed"),
+            row(HOUR_MS + 1, "b", "allowed"),
+            row(3 * HOUR_MS, "b", "public"),
+        ];
+        let (usage, last_used) = rollup(&rows);
+        let got: Vec<_> = usage.into_iter().collect();
+        assert_eq!(
+            got,
+            vec![
+                (("t", HOUR_MS, "a"), (1, 1)),
+                (("t", HOUR_MS, "b"), (1, 0)),
+                (("t", 2 * HOUR_MS, "a"), (1, 0)),
+            ]
+        );
+        assert_eq!(last_used.get("a"), Some(&(2 * HOUR_MS)));
+        assert_eq!(last_used.get("b"), Some(&(3 * HOUR_MS)));
+    }
 }

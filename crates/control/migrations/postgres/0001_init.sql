@@ -41,8 +41,11 @@ CREATE TABLE keys (
 );
 CREATE INDEX keys_tenant ON keys (tenant, kind);
 
+-- No foreign key to keys: a store that replaces a key's row must not
+-- cascade away its revoked sessions (which would make them valid again).
+-- Deleting a key deletes its sessions in the service layer.
 CREATE TABLE sessions (
-    key_id text NOT NULL REFERENCES keys (key_id) ON DELETE CASCADE,
+    key_id text NOT NULL,
     session_id text NOT NULL,
     created_at bigint NOT NULL,
     expires_at bigint NOT NULL,
