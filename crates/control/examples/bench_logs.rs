@@ -6,7 +6,9 @@
 //! Environment: KEYGATE_BENCH_ROWS (stored rows for the query part, default
 //! 10,000,000), KEYGATE_BENCH_INGEST (records ingested from a log file,
 //! default 500,000), KEYGATE_BENCH_DIR (where the database goes, default a
-//! temp dir, removed at the end). The queries expect at least 100,000 rows.
+//! temp dir, removed at the end); KEYGATE_BENCH_PG_URL (also ingest the log
+//! into that empty PostgreSQL database). The queries expect at least
+//! 100,000 rows.
 
 use keygate_control::db::{Conn, Db};
 use keygate_control::ingest::Ingester;
@@ -55,6 +57,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ingest into an empty database: {rate:.0} records/s ({:.1} MB/s of log)",
         rate * size as f64 / ingest_n as f64 / 1e6
     );
+
+    // 1b. The same log into PostgreSQL (the fleet store), when given one.
+    if let Ok(url) = std::env::var("KEYGATE_BENCH_PG_URL") {
+        let rate = ingest(&Db::parse(&url), &log, ingest_n)?;
+        println!("ingest into PostgreSQL: {rate:.0} records/s");
+    }
 
     // 2. A large table, bulk-loaded synthetically (not through the ingester).
     let db = Db::sqlite(dir.join("big.db"));

@@ -148,3 +148,53 @@ fn kill_9_during_ingestion_loses_and_repeats_nothing() {
         "no kill landed mid-ingestion; the test proved nothing"
     );
 }
+
+#[test]
+fn pruning_in_the_background_does_not_stop_ingestion() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::sqlite(dir.path().join("keygate.db"));
+    let log = dir.path().join("access.log");
+    let day = 86_400_000;
+    // 40,000 records older than the retention, ingested first.
+    common::append(&log, &common::lines("old", 40_000, common::T0 - 40 * day));
+    let mut ing = common::ingester(&db, &log).with_poll_interval(Duration::from_millis(5));
+    while ing.poll_once().unwrap().more {}
+    let stats = ing.stats();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ingest_stop = Arc::clone(&stop);
+    let ingesting = std::thread::spawn(move || ing.run_until(&ingest_stop));
+    let pruner = keygate_control::logs::Pruner::new(&db, Duration::from_secs(30 * 86_400));
+    let deleted = Arc::clone(&pruner.deleted);
+    let pruning = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let mut conn = db.open().unwrap();
+            pruner.prune_once(&mut conn, common::T0).unwrap()
+        })
+    };
+    // New records keep arriving while the pruner deletes in chunks.
+    for batch in 0..20 {
+        common::append(
+            &log,
+            &common::lines(&format!("new{batch}_"), 200, common::T0 + batch * 1000),
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(pruning.join().unwrap(), 40_000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats.records.load(Ordering::Relaxed) < 44_000 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    ingesting.join().unwrap();
+    assert_eq!(stats.last_error(), None);
+    assert_eq!(stats.errors.load(Ordering::Relaxed), 0);
+    assert_eq!(deleted.load(Ordering::Relaxed), 40_000);
+    let mut want = std::collections::BTreeSet::new();
+    for batch in 0..20 {
+        want.extend(common::ids(&format!("new{batch}_"), 200));
+    }
+    assert_eq!(common::stored_ids(&db), want);
+}
