@@ -409,11 +409,9 @@ impl Ingester {
             if let Ok(meta) = std::fs::metadata(&self.path) {
                 if (meta.dev(), meta.ino()) != (cur.dev, cur.ino) {
                     report.rotations += 1;
-                    if let Some(mut older) = self.draining.take() {
-                        // Rotated twice since we finished the first: the
-                        // writer has left both old files.
-                        self.read_available(&mut older, &mut report, u64::MAX)?;
-                    }
+                    self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+                    // (Nothing is draining: a new file is followed only
+                    // once the old one is finished.)
                     self.draining = self.current.take();
                 }
             }

@@ -24,6 +24,11 @@ fn malformed_lines_are_skipped_and_counted() {
 }
 
 #[test]
+fn over_long_line_is_skipped_and_counted_once() {
+    run(common::over_long_line_is_skipped_and_counted_once);
+}
+
+#[test]
 fn restart_resumes_from_the_stored_offset_without_duplicates() {
     run(common::restart_resumes_without_duplicates_or_gaps);
 }

@@ -166,6 +166,22 @@ pub fn malformed_lines_are_skipped_and_counted(db: &Db, dir: &Path) {
     assert_eq!(stored_ids(db), ids("good", 2));
 }
 
+pub fn over_long_line_is_skipped_and_counted_once(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    append(&log, &line(&rec(T0, "a0")));
+    // 9 MB without a newline: more than two read buffers.
+    append(&log, &"x".repeat(9 << 20));
+    let mut ing = ingester(db, &log);
+    let mut malformed = 0;
+    for _ in 0..5 {
+        malformed += ing.poll_once().unwrap().malformed;
+    }
+    append(&log, &format!("\n{}", line(&rec(T0 + 1, "a1"))));
+    let r = ing.poll_once().unwrap();
+    assert_eq!((r.records, malformed + r.malformed), (1, 1));
+    assert_eq!(stored_ids(db), ids("a", 2));
+}
+
 pub fn restart_resumes_without_duplicates_or_gaps(db: &Db, dir: &Path) {
     let log = dir.join("access.log");
     append(&log, &lines("a", 5, T0));
@@ -197,6 +213,11 @@ pub fn rotation_finishes_the_old_file_before_switching(db: &Db, dir: &Path) {
     File::create(&log).unwrap();
     let r = ing.poll_once().unwrap();
     assert_eq!((r.records, r.rotations), (2, 1));
+    let rotations = ing
+        .stats()
+        .rotations
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(rotations, 1);
     append(&old, &lines("c", 1, T0 + 20_000));
     // Now it has reopened: new records go to the new file.
     append(&log, &lines("d", 2, T0 + 30_000));
@@ -525,6 +546,7 @@ pub type Scenario = fn(&Db, &Path);
 pub const ALL: &[(&str, Scenario)] = &[
     ("partial_last_line", partial_last_line_waits_for_its_newline),
     ("malformed", malformed_lines_are_skipped_and_counted),
+    ("over_long", over_long_line_is_skipped_and_counted_once),
     ("restart", restart_resumes_without_duplicates_or_gaps),
     ("rotation", rotation_finishes_the_old_file_before_switching),
     (
