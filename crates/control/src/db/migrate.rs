@@ -37,10 +37,25 @@ fn migrate_sqlite(conn: &mut rusqlite::Connection) -> Result<(), DbError> {
             supported: SCHEMA_VERSION,
         });
     }
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
     let migrations = Migrations::new(MIGRATIONS.iter().map(|m| M::up(m.2)).collect());
-    migrations
-        .to_latest(conn)
-        .map_err(|e| DbError::Migration(e.to_string()))
+    match migrations.to_latest(conn) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // Another process opening the same new file (a server and a
+            // CLI, say) may have read the same old version and migrated
+            // first; our attempt then fails on its tables. Its work stands
+            // if the version is now current.
+            let now: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            if now == SCHEMA_VERSION {
+                Ok(())
+            } else {
+                Err(DbError::Migration(e.to_string()))
+            }
+        }
+    }
 }
 
 fn migrate_pg(client: &mut postgres::Client) -> Result<(), DbError> {

@@ -254,4 +254,19 @@ mod tests {
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
     }
+
+    #[test]
+    fn processes_opening_a_new_sqlite_file_together_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::sqlite(dir.path().join("k.db"));
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let db = db.clone();
+                std::thread::spawn(move || db.open().map(|_| ()))
+            })
+            .collect();
+        for o in opens {
+            o.join().unwrap().unwrap();
+        }
+    }
 }
