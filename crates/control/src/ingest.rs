@@ -307,20 +307,30 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Erro
 
 impl Ingester {
     /// An ingester for the log at `path`, with its own connection to `db`.
-    /// Its position is stored under the source name `<hostname>:<path>`, so
-    /// fleet nodes sharing one database keep apart positions even when
-    /// their logs have the same path; see [`Ingester::with_source`].
+    ///
+    /// Its position is stored under a source name: on SQLite (one machine)
+    /// the log's absolute path; on PostgreSQL `<hostname>:<path>`, so fleet
+    /// nodes sharing one database keep apart positions even when their logs
+    /// have the same path. Where the hostname is not stable (a container
+    /// recreated over a kept log file), give a stable node name with
+    /// [`Ingester::with_source`], or the log is read again from the start.
     pub fn new(db: &Db, path: impl AsRef<Path>) -> Result<Ingester, DbError> {
         let path = path.as_ref().to_path_buf();
         let abs = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".into());
+        let source = match db {
+            Db::Sqlite(_) => abs.display().to_string(),
+            Db::Postgres(_) => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "localhost".into());
+                format!("{host}:{}", abs.display())
+            }
+        };
         let conn = db.open()?;
         Ok(Ingester {
             db: db.clone(),
             conn: Some(conn),
-            source: format!("{host}:{}", abs.display()),
+            source,
             path,
             stats: Arc::default(),
             poll_interval: Duration::from_millis(200),
