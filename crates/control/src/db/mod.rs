@@ -256,6 +256,21 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_newer_than_this_build_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::sqlite(dir.path().join("k.db"));
+        let Conn::Sqlite(c) = db.open().unwrap() else {
+            panic!("sqlite")
+        };
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(c);
+        let err = db.open().err().unwrap();
+        assert!(matches!(err, DbError::SchemaTooNew { .. }), "{err}");
+        assert!(err.to_string().contains("upgrade keygate"));
+    }
+
+    #[test]
     fn processes_opening_a_new_sqlite_file_together_all_succeed() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::sqlite(dir.path().join("k.db"));
