@@ -1,0 +1,184 @@
+//! keygate's dynamic state in process-wide native memory: credentials pushed
+//! by the sidecar and the counters (rate limits, issued tokens, session
+//! revocations). The wasm build keeps the same things in Envoy shared data;
+//! here every worker reads one table directly.
+//!
+//! - Credentials: an immutable persistent map behind an [`ArcSwap`]. Workers
+//!   read it without locks; a sync push builds the next map (sharing all
+//!   untouched entries) and swaps it in with its new state in one store, so a
+//!   push is applied atomically.
+//! - Counters: one slot per key, locked from the read to the write of one
+//!   update ([`Counters`]): the core's compare-and-swap always lands on the
+//!   first attempt, so workers never retry against each other.
+
+use arc_swap::ArcSwap;
+use keygate_core::hash::Digest;
+use keygate_core::rate_limit::CounterCell;
+use keygate_core::sync::{is_visible, SyncState};
+use keygate_core::Credential;
+use parking_lot::{ArcMutexGuard, Mutex, RawMutex};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+
+/// One pushed credential and the generation of the push that wrote it.
+pub struct Entry {
+    pub generation: u64,
+    pub credential: Credential,
+}
+
+/// What the sync role has applied: read by the gate as one snapshot.
+#[derive(Clone, Default)]
+pub struct Snapshot {
+    pub credentials: imbl::HashMap<Digest, Arc<Entry>>,
+    pub state: SyncState,
+}
+
+/// A counter's bytes and its compare-and-swap token.
+#[derive(Default)]
+struct Slot {
+    value: Option<Vec<u8>>,
+    cas: u32,
+}
+
+type SlotRef = Arc<Mutex<Slot>>;
+
+pub struct Tables {
+    snapshot: ArcSwap<Snapshot>,
+    counters: ArcSwap<imbl::HashMap<String, SlotRef>>,
+    /// Serialises writers (sync pushes, new counter slots); readers never take it.
+    writer: Mutex<()>,
+}
+
+/// The process's tables, shared by every worker and both roles.
+pub fn tables() -> &'static Tables {
+    static TABLES: OnceLock<Tables> = OnceLock::new();
+    TABLES.get_or_init(|| Tables {
+        snapshot: ArcSwap::from_pointee(Snapshot::default()),
+        counters: ArcSwap::from_pointee(imbl::HashMap::new()),
+        writer: Mutex::new(()),
+    })
+}
+
+impl Tables {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Runs `f` with the current snapshot under the writer lock and stores
+    /// what it returns, so concurrent pushes apply one after the other.
+    pub fn update<T, E>(
+        &self,
+        f: impl FnOnce(&Snapshot) -> Result<(Snapshot, T), E>,
+    ) -> Result<T, E> {
+        let _writer = self.writer.lock();
+        let current = self.snapshot.load_full();
+        let (next, out) = f(&current)?;
+        self.snapshot.store(Arc::new(next));
+        Ok(out)
+    }
+
+    fn slot(&self, key: &str) -> SlotRef {
+        if let Some(slot) = self.counters.load().get(key) {
+            return slot.clone();
+        }
+        let _writer = self.writer.lock();
+        let current = self.counters.load_full();
+        if let Some(slot) = current.get(key) {
+            return slot.clone();
+        }
+        let slot = SlotRef::default();
+        let mut next = (*current).clone();
+        next.insert(key.to_owned(), slot.clone());
+        self.counters.store(Arc::new(next));
+        slot
+    }
+
+    /// Creates counter slots ahead of traffic (credentials from config or a push).
+    pub fn ensure_counters<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let _writer = self.writer.lock();
+        let mut next = (*self.counters.load_full()).clone();
+        for key in keys {
+            if !next.contains_key(key) {
+                next.insert(key.to_owned(), SlotRef::default());
+            }
+        }
+        self.counters.store(Arc::new(next));
+    }
+
+    /// Read-modify-write of one counter outside a decision (sync role).
+    pub fn modify(&self, key: &str, f: impl FnOnce(Option<&[u8]>) -> Vec<u8>) {
+        let slot = self.slot(key);
+        let mut slot = slot.lock();
+        let value = f(slot.value.as_deref());
+        slot.value = Some(value);
+        slot.cas = slot.cas.wrapping_add(1);
+    }
+
+}
+
+/// The counter view of one decision. `load` locks the key's slot and keeps
+/// it locked until the matching `store` (or the next `load`, or the end of
+/// the decision), so the core's compare-and-swap never meets a concurrent
+/// writer. At most one slot is held at a time: no lock-order deadlocks.
+#[derive(Default)]
+pub struct Counters {
+    held: Option<(String, ArcMutexGuard<RawMutex, Slot>)>,
+}
+
+impl CounterCell for Counters {
+    fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.held = None;
+        let guard = tables().slot(key).lock_arc();
+        let out = (guard.value.clone(), Some(guard.cas));
+        self.held = Some((key.to_owned(), guard));
+        out
+    }
+
+    fn store(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        let mut guard = match self.held.take() {
+            Some((held_key, guard)) if held_key == key => guard,
+            _ => tables().slot(key).lock_arc(),
+        };
+        if cas.is_some_and(|c| c != guard.cas) {
+            return false;
+        }
+        guard.value = Some(value.to_vec());
+        guard.cas = guard.cas.wrapping_add(1);
+        true
+    }
+}
+
+/// Most parsed credentials a worker keeps; past it the cache starts over.
+const CACHE_CAPACITY: usize = 16_384;
+
+thread_local! {
+    /// Per-worker `Rc` copies of pushed credentials (the core works with
+    /// `Rc`), valid while the table still holds the same entry.
+    static CACHE: RefCell<HashMap<Digest, (Arc<Entry>, Rc<Credential>)>> =
+        RefCell::new(HashMap::new());
+}
+
+/// A pushed credential, if the last committed push still includes it.
+pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
+    let snapshot = tables().snapshot.load();
+    let entry = snapshot.credentials.get(hash)?;
+    if !is_visible(entry.generation, &snapshot.state) {
+        return None;
+    }
+    CACHE.with(|cache| {
+        let mut cache = cache.try_borrow_mut().ok()?;
+        if let Some((cached, cred)) = cache.get(hash) {
+            if Arc::ptr_eq(cached, entry) {
+                return Some(cred.clone());
+            }
+        }
+        let cred = Rc::new(entry.credential.clone());
+        if cache.len() >= CACHE_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(*hash, (entry.clone(), cred.clone()));
+        Some(cred)
+    })
+}
