@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, Sidecar, free_port, render  # noqa: E402
+from harness import BUILD, DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, Sidecar, free_port, render  # noqa: E402
 
 GATE_PORT = int(os.environ.get("KEYGATE_PORT", "10000"))
 ADMIN_PORT = int(os.environ.get("KEYGATE_ADMIN_PORT", "9901"))
@@ -24,7 +24,7 @@ def banner(port, admin_port):
     base = f"http://127.0.0.1:{port}"
     partner = DEMO_KEYS["acme-partner"]
     print(f"""
-keygate is running: Envoy {base} -> echo upstream (admin http://127.0.0.1:{admin_port})
+keygate ({BUILD} build) is running: Envoy {base} -> echo upstream (admin http://127.0.0.1:{admin_port})
 
 Demo credentials (tenant acme; demo only, their hashes are in envoy/envoy.yaml):
   acme-default   {DEMO_KEYS['acme-default']['key']:<26} default kind: full access
@@ -72,7 +72,7 @@ def main():
             banner(GATE_PORT, ADMIN_PORT)
             print(f"Envoy log:   {envoy.log_path}\nSidecar log: {sidecar.log_path}\nAccess log:  {access_log}\n"
                   f"Requests of a key: {KEYGATE} logs --file {access_log} --key acme-read\n"
-                  f"Metrics:     curl -s http://127.0.0.1:{ADMIN_PORT}/stats/prometheus | grep ^keygate_", flush=True)
+                  f"Metrics:     curl -s http://127.0.0.1:{ADMIN_PORT}/stats/prometheus | grep keygate_requests_total", flush=True)
             while not stop and envoy.proc.poll() is None and sidecar.proc.poll() is None:
                 time.sleep(0.2)
             if sidecar.proc.poll() is not None:

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import WASM, EchoServer, Envoy, free_port, render, sha256_hex  # noqa: E402
+from harness import BUILD, NATIVE_DIR, NATIVE_MODULE, WASM, EchoServer, Envoy, free_port, render, sha256_hex  # noqa: E402
 
 
 def cred(key_id, key, tenant="acme", **fields):
@@ -31,7 +31,11 @@ ROUTES = [
 
 @pytest.fixture(scope="session", autouse=True)
 def built_wasm():
-    if not WASM.exists():
+    if BUILD == "native":
+        module = NATIVE_DIR / f"lib{NATIVE_MODULE}.so"
+        if not module.exists():
+            pytest.exit(f"{module} is missing: run `make native`", returncode=2)
+    elif not WASM.exists():
         pytest.exit(f"{WASM} is missing: run `make wasm` (make test does it)", returncode=2)
 
 
@@ -75,7 +79,7 @@ def envoy_factory(echo, tmp_path_factory):
 def assert_no_wasm_panic(envoy):
     """A panic kills the worker's VM: every e2e test checks none happened."""
     log = envoy.log()
-    for marker in ("panicked at", "Uncaught RuntimeError", "wasm VM failed"):
+    for marker in ("panicked at", "Uncaught RuntimeError", "wasm VM failed", "keygate: internal error"):
         assert marker not in log, f"wasm failure in {envoy.log_path}: {marker}"
 
 

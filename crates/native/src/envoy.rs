@@ -217,7 +217,8 @@ impl Stream {
 
     fn body_chunks(&self, kind: abi::BodyType) -> Vec<u8> {
         // SAFETY: stream pointer of the current hook.
-        let n = unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, kind) };
+        let n =
+            unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, kind) };
         if n == 0 {
             return Vec::new();
         }

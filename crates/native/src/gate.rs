@@ -39,7 +39,9 @@ impl Headers for RequestHeaders {
             return v.clone();
         }
         let value = self.stream.request_header(name);
-        self.seen.borrow_mut().push((name.to_owned(), value.clone()));
+        self.seen
+            .borrow_mut()
+            .push((name.to_owned(), value.clone()));
         value
     }
 }
@@ -127,7 +129,11 @@ impl Gate {
         details: &str,
     ) {
         if let Some(rate) = rate {
-            headers.extend(rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns));
+            headers.extend(rate_limit_headers(
+                rate,
+                policy.rate_limit_headers,
+                self.now_ns,
+            ));
         }
         let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         stream.send_response(status, &refs, body, details);
@@ -154,7 +160,15 @@ impl Gate {
                     ("content-type", "application/json".to_owned()),
                     ("cache-control", "no-store".to_owned()),
                 ];
-                self.send_local(stream, 200, headers, rate.as_ref(), policy, &body, "keygate_login");
+                self.send_local(
+                    stream,
+                    200,
+                    headers,
+                    rate.as_ref(),
+                    policy,
+                    &body,
+                    "keygate_login",
+                );
             }
             Login::Denied { denial, .. } => self.reply(stream, &denial, policy),
         }

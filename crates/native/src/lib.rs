@@ -11,6 +11,8 @@ mod abi;
 mod config;
 mod envoy;
 mod gate;
+#[cfg(test)]
+mod host_stub;
 mod state;
 mod sync;
 
@@ -93,7 +95,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: FilterConfigModulePtr) {
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(
+    config: FilterConfigModulePtr,
+) {
     guard((), || {
         if !config.is_null() {
             // SAFETY: made by Arc::into_raw in config_new; Envoy destroys it once.

@@ -115,7 +115,6 @@ impl Tables {
         slot.value = Some(value);
         slot.cas = slot.cas.wrapping_add(1);
     }
-
 }
 
 /// The counter view of one decision. `load` locks the key's slot and keeps
@@ -181,4 +180,102 @@ pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
         cache.insert(*hash, (entry.clone(), cred.clone()));
         Some(cred)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_core::credential::CredentialRecord;
+    use keygate_core::rate_limit::{acquire, RateLimit};
+    use keygate_core::sync::SyncState;
+
+    const NOW: u64 = 1_700_000_000_000_000_000;
+
+    fn credential(key_id: &str, hash: Digest) -> Credential {
+        let record = CredentialRecord {
+            key_id: key_id.into(),
+            key_hash: keygate_core::hash::to_hex(&hash),
+            tenant: "t".into(),
+            ..serde_json::from_str(r#"{"key_id":"x","key_hash":"","tenant":"t"}"#).unwrap()
+        };
+        Credential::try_from(&record).unwrap()
+    }
+
+    #[test]
+    fn workers_racing_on_one_key_never_over_admit() {
+        let limit = RateLimit {
+            requests: 50,
+            window_secs: 60,
+        };
+        let admitted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..100)
+                            .filter(|_| {
+                                let mut cell = Counters::default();
+                                acquire(&mut cell, "r:race-test", limit, NOW).allowed
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 50);
+    }
+
+    #[test]
+    fn a_store_with_a_stale_cas_token_is_refused() {
+        let mut cell = Counters::default();
+        let (_, cas) = cell.load("s:stale-test");
+        assert!(cell.store("s:stale-test", b"a", cas));
+        assert!(!cell.store("s:stale-test", b"b", cas));
+        assert_eq!(cell.load("s:stale-test").0.as_deref(), Some(&b"a"[..]));
+    }
+
+    #[test]
+    fn a_failed_update_changes_nothing_and_old_generations_are_hidden() {
+        let t = tables();
+        let old = [7u8; 32];
+        let new = [8u8; 32];
+        t.update(|s| {
+            let mut next = s.clone();
+            for (hash, generation) in [(old, 1), (new, 2)] {
+                let credential = credential(&format!("gen-{generation}"), hash);
+                next.credentials.insert(
+                    hash,
+                    Arc::new(Entry {
+                        generation,
+                        credential,
+                    }),
+                );
+            }
+            next.state = SyncState {
+                generation: 1,
+                version: 1,
+                pending: None,
+            };
+            Ok::<_, ()>((next, ()))
+        })
+        .unwrap();
+        assert!(lookup(&old).is_some());
+        let refused: Result<(), &str> = t.update(|_| Err("refused"));
+        assert!(refused.is_err());
+        assert!(
+            lookup(&old).is_some(),
+            "a refused update left the table as it was"
+        );
+        t.update(|s| {
+            let mut next = s.clone();
+            next.state.generation = 2;
+            Ok::<_, ()>((next, ()))
+        })
+        .unwrap();
+        assert!(lookup(&old).is_none(), "left out of the committed full set");
+        assert_eq!(
+            lookup(&new).map(|c| c.key_id.clone()).as_deref(),
+            Some("gen-2")
+        );
+    }
 }

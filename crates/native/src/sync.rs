@@ -183,7 +183,11 @@ impl SyncFilter {
             Err(e) => {
                 log(
                     abi::LOG_WARN,
-                    &format!("keygate sync: refused push ({}): {}", e.status(), e.message()),
+                    &format!(
+                        "keygate sync: refused push ({}): {}",
+                        e.status(),
+                        e.message()
+                    ),
                 );
                 reply(stream, e.status(), &Body::Error(e.message()));
             }
