@@ -50,7 +50,7 @@ sidecar:
 unit:
 	$(CARGO) test -p keygate-core -p keygate-sidecar -p keygate-native
 
-e2e: wasm sidecar envoy
+e2e: wasm native sidecar envoy
 	$(VPY) -m pytest -q tests
 
 # The same e2e suite against the native module (tests/harness.py switches on KEYGATE_BUILD).

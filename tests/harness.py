@@ -153,8 +153,9 @@ class Envoy(Managed):
     """A real Envoy process. Always stopped on exit, even on failure."""
 
     def __init__(self, config, *, concurrency=2, workdir=None, log_level="info", extra_args=(),
-                 sync_secret=SYNC_SECRET, token_keys=TOKEN_KEYS):
+                 sync_secret=SYNC_SECRET, token_keys=TOKEN_KEYS, build=None):
         self.config = config
+        self.build = build or BUILD  # "wasm" or "native" (KEYGATE_BUILD by default)
         self.sync_secret = sync_secret
         self.token_keys = token_keys
         self.concurrency = concurrency
@@ -184,7 +185,7 @@ class Envoy(Managed):
 
     def start(self, wait=True, timeout=60):
         path = self.dir / "envoy.json"
-        path.write_text(json.dumps(native_config(self.config) if BUILD == "native" else self.config, indent=1))
+        path.write_text(json.dumps(native_config(self.config) if self.build == "native" else self.config, indent=1))
         self._spawn([envoy_binary(), "-c", path, "--concurrency", self.concurrency, "--disable-hot-restart",
                      "--log-level", self.log_level, "--file-flush-interval-msec", "100", *self.extra_args],
                     env={**os.environ, "KEYGATE_SYNC_SECRET": self.sync_secret, "KEYGATE_TOKEN_KEYS": self.token_keys})
@@ -294,8 +295,10 @@ def native_config(config):
     # Module counters are named dynamicmodulescustom.keygate.requests_total.<outcome>;
     # Envoy strips only wasm's namespace in /stats/prometheus, so these show as
     # envoy_dynamicmodulescustom_keygate_requests_total{outcome="..."}.
-    config.setdefault("stats_config", {}).setdefault("stats_tags", []).append(
-        {"tag_name": "outcome", "regex": r"^dynamicmodulescustom\.keygate\.requests_total(\.(\w+))$"})
+    rule = {"tag_name": "outcome", "regex": r"^dynamicmodulescustom\.keygate\.requests_total(\.(\w+))$"}
+    tags = config.setdefault("stats_config", {}).setdefault("stats_tags", [])
+    if rule not in tags:
+        tags.append(rule)
     os.environ.setdefault("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", str(NATIVE_DIR))
     return config
 

@@ -105,6 +105,9 @@ impl Stream {
         self.set_header(abi::RESPONSE_HEADER, name, value);
     }
 
+    /// Envoy's ABI takes an empty value as "remove" (and refuses to add
+    /// one), so a header can never be set empty here: the wasm build sends
+    /// `x-keygate-scopes:` empty for a key without scopes, this one omits it.
     fn set_header(&self, kind: abi::HeaderType, name: &str, value: Option<&str>) {
         let value = value.map_or_else(ModuleBuffer::null, |v| ModuleBuffer::of(v.as_bytes()));
         // SAFETY: stream pointer of the current hook; buffers outlive the call.
