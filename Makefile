@@ -62,7 +62,7 @@ test: unit e2e e2e-native
 run: $(if $(filter native,$(KEYGATE_BUILD)),native,wasm) sidecar envoy
 	KEYGATE_BUILD=$(KEYGATE_BUILD) $(VPY) scripts/run_demo.py
 
-bench: wasm sidecar envoy
+bench: wasm native sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(VPY) bench/bench.py
 	$(VPY) bench/propagation.py

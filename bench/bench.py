@@ -11,7 +11,8 @@ worthless.
 
 Env: BENCH_DURATION (s per run, default 5), BENCH_ROUNDS (default 3),
 BENCH_SIZES (credential counts loaded through the sync path, default
-"100000,1000000"), BENCH_CONNECTIONS (default 32)."""
+"100000,1000000"), BENCH_CONNECTIONS (default 32), BENCH_ONLY (a regex:
+only the configurations whose name matches, plus bare Envoy)."""
 
 import base64
 import copy
@@ -34,6 +35,7 @@ DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "100000,1000000").split(",") if s]
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+ONLY = os.environ.get("BENCH_ONLY")
 WORK = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
 
 ROUTES = [{"methods": ["GET"], "path_prefix": "/v1", "scope": "read"}]
@@ -156,9 +158,9 @@ def rss_kib(pid):
     return 0
 
 
-def start(name, config):
+def start(name, config, build=None):
     envoy = Envoy(config, concurrency=1, workdir=WORK / name, log_level="warn",
-                  extra_args=[])
+                  extra_args=[], build=build)
     (WORK / name).mkdir(parents=True, exist_ok=True)
     envoy.start()
     subprocess.run(["taskset", "-acp", "0", str(envoy.proc.pid)], capture_output=True, check=False)
@@ -234,12 +236,20 @@ def main():
           for n in SIZES],
         ("keygate, 1k keys (Basic key:secret)", keygate_config(plugin_basic), ("authorization", basic), None),
         ("keygate, 1k keys (issued bearer token)", keygate_config(plugin_tokens, login=True), None, None),
+        # The same keygate as an Envoy dynamic module (crates/native, `make native`).
+        ("keygate native, 1k keys (X-API-Key)", keygate_config(plugin_1k), api_key, None, "native"),
+        *[(f"keygate native, {n // 1000}k keys via sync (X-API-Key)", keygate_config({"routes": ROUTES}), api_key, n,
+           "native") for n in SIZES],
+        ("keygate native, 1k keys (issued bearer token)", keygate_config(plugin_tokens, login=True), None, None,
+         "native"),
     ]
+    if ONLY:
+        setups = [s for s in setups if s[0] == "bare Envoy" or re.search(ONLY, s[0])]
     envoys, headers, loads = {}, {}, {}
     try:
-        for name, config, header, n in setups:
+        for name, config, header, n, *build in setups:
             print(f"starting: {name}", flush=True)
-            envoys[name] = start(name.replace(" ", "_").replace("/", ""), config)
+            envoys[name] = start(name.replace(" ", "_").replace("/", ""), config, *build)
             if n:
                 loads[name] = load_through_sync(envoys[name], n)
                 print(f"  loaded {n} credentials in {loads[name]['load_s']:.1f} s, "

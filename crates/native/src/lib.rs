@@ -7,6 +7,11 @@
 //! panic must never unwind into Envoy: the hook then fails closed) and hands
 //! over to the gate or sync role.
 
+// The exported hooks take Envoy's raw pointers and stay safe `extern "C"`
+// functions: Envoy is their only caller and passes back exactly the
+// pointers we returned (see `filter`), which is all they dereference.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
 mod abi;
 mod config;
 mod envoy;

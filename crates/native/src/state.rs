@@ -152,11 +152,12 @@ impl CounterCell for Counters {
 /// Most parsed credentials a worker keeps; past it the cache starts over.
 const CACHE_CAPACITY: usize = 16_384;
 
+type WorkerCache = HashMap<Digest, (Arc<Entry>, Rc<Credential>)>;
+
 thread_local! {
     /// Per-worker `Rc` copies of pushed credentials (the core works with
     /// `Rc`), valid while the table still holds the same entry.
-    static CACHE: RefCell<HashMap<Digest, (Arc<Entry>, Rc<Credential>)>> =
-        RefCell::new(HashMap::new());
+    static CACHE: RefCell<WorkerCache> = RefCell::new(HashMap::new());
 }
 
 /// A pushed credential, if the last committed push still includes it.
