@@ -55,6 +55,16 @@ pub struct ModuleHttpHeader {
     pub value_length: usize,
 }
 
+/// A header as Envoy holds it: views into Envoy's header map.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EnvoyHttpHeader {
+    pub key_ptr: *const c_char,
+    pub key_length: usize,
+    pub value_ptr: *const c_char,
+    pub value_length: usize,
+}
+
 pub type FilterConfigEnvoyPtr = *mut c_void;
 pub type FilterConfigModulePtr = *const c_void;
 pub type FilterEnvoyPtr = *mut c_void;
@@ -101,6 +111,25 @@ extern "C" {
         result: *mut EnvoyBuffer,
         index: usize,
         optional_size: *mut usize,
+    ) -> bool;
+
+    pub fn envoy_dynamic_module_callback_http_get_headers_size(
+        filter: FilterEnvoyPtr,
+        header_type: HeaderType,
+    ) -> usize;
+
+    pub fn envoy_dynamic_module_callback_http_get_headers(
+        filter: FilterEnvoyPtr,
+        header_type: HeaderType,
+        result: *mut EnvoyHttpHeader,
+    ) -> bool;
+
+    /// Refuses (false) an empty value.
+    pub fn envoy_dynamic_module_callback_http_add_header(
+        filter: FilterEnvoyPtr,
+        header_type: HeaderType,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
     ) -> bool;
 
     pub fn envoy_dynamic_module_callback_http_set_header(

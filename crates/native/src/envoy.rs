@@ -3,7 +3,7 @@
 //! the pointer Envoy gave us for that hook, and copies what it keeps: Envoy's
 //! buffers are only valid until the hook returns.
 
-use crate::abi::{self, EnvoyBuffer, ModuleBuffer, ModuleHttpHeader};
+use crate::abi::{self, EnvoyBuffer, EnvoyHttpHeader, ModuleBuffer, ModuleHttpHeader};
 
 /// Logs through Envoy's `dynamic_modules` logger.
 pub fn log(level: abi::LogLevel, message: &str) {
@@ -94,6 +94,50 @@ impl Stream {
         }
         // SAFETY: Envoy just filled `out`; copied before any header change.
         unsafe { copy_out(out) }
+    }
+
+    /// Every request header in one host call, as views into Envoy's map.
+    ///
+    /// # Safety
+    /// The views are valid until the current hook returns or a request
+    /// header is changed, whichever comes first; the caller reads them only
+    /// before either.
+    pub unsafe fn request_header_views(&self) -> Vec<EnvoyHttpHeader> {
+        let n =
+            abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, abi::REQUEST_HEADER);
+        let mut views = vec![
+            EnvoyHttpHeader {
+                key_ptr: std::ptr::null(),
+                key_length: 0,
+                value_ptr: std::ptr::null(),
+                value_length: 0,
+            };
+            n
+        ];
+        if n == 0
+            || !abi::envoy_dynamic_module_callback_http_get_headers(
+                self.0,
+                abi::REQUEST_HEADER,
+                views.as_mut_ptr(),
+            )
+        {
+            return Vec::new();
+        }
+        views
+    }
+
+    /// Adds a request header known to be absent: cheaper than `set`, which
+    /// first looks for copies to replace. False for an empty value.
+    pub fn add_request_header(&self, name: &str, value: &str) -> bool {
+        // SAFETY: stream pointer of the current hook; buffers outlive the call.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_add_header(
+                self.0,
+                abi::REQUEST_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
+            )
+        }
     }
 
     /// Sets a header, or removes it with `None`.

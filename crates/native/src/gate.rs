@@ -2,7 +2,7 @@
 //! the verdict — the same steps, answers, headers and access-log fields as
 //! the wasm filter (`src/http_context.rs`).
 
-use crate::abi;
+use crate::abi::{self, EnvoyHttpHeader};
 use crate::config::FilterConfig;
 use crate::envoy::{log, Stream};
 use crate::state::{lookup, Counters};
@@ -13,7 +13,7 @@ use keygate_core::rate_limit::{CounterCell, RateStatus};
 use keygate_core::token::MAX_LOGIN_BODY;
 use keygate_core::verdict::{is_login, login, rate_limit_headers, Headers, Login};
 use keygate_core::{decide, Credential, Denial, Host, Outcome, Policy};
-use std::cell::RefCell;
+use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -27,22 +27,58 @@ pub struct Gate {
     login_headers: Option<Vec<(String, Vec<u8>)>>,
 }
 
-/// Request headers read from Envoy on demand and remembered.
+/// The request headers of one hook, fetched from Envoy in a single call
+/// (views, no copies): the decision's reads then cost no host call, and the
+/// header edits know which headers the client actually sent.
 struct RequestHeaders {
-    stream: Stream,
-    seen: RefCell<Vec<(String, Option<Vec<u8>>)>>,
+    views: Vec<EnvoyHttpHeader>,
+    /// X-Forwarded-For only counts with `trusted_xff_hops` > 0 (the core
+    /// then takes the client address from it, else from Envoy).
+    xff_trusted: bool,
+}
+
+impl RequestHeaders {
+    /// # Safety
+    /// The result must be dropped before any request header is changed and
+    /// before the hook returns (its views point into Envoy's header map).
+    unsafe fn fetch(stream: Stream, policy: &Policy) -> RequestHeaders {
+        RequestHeaders {
+            views: stream.request_header_views(),
+            xff_trusted: policy.trusted_xff_hops > 0,
+        }
+    }
+
+    /// Values of `name` (Envoy keeps names lowercase, as the core asks).
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.views.iter().filter_map(move |h| {
+            // SAFETY: views are valid while `self` lives (see `fetch`);
+            // Envoy reports non-null slices within a map's size.
+            let key = unsafe { std::slice::from_raw_parts(h.key_ptr.cast::<u8>(), h.key_length) };
+            (key == name.as_bytes()).then(|| {
+                // SAFETY: as above.
+                unsafe { std::slice::from_raw_parts(h.value_ptr.cast::<u8>(), h.value_length) }
+            })
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.values(name).next().is_some()
+    }
 }
 
 impl Headers for RequestHeaders {
+    /// Repeated values joined with ',', as Envoy joins inline headers.
     fn get(&self, name: &str) -> Option<Vec<u8>> {
-        if let Some((_, v)) = self.seen.borrow().iter().find(|(n, _)| n == name) {
-            return v.clone();
+        if name == "x-forwarded-for" && !self.xff_trusted {
+            return None;
         }
-        let value = self.stream.request_header(name);
-        self.seen
-            .borrow_mut()
-            .push((name.to_owned(), value.clone()));
-        value
+        let mut values = self.values(name);
+        let mut joined = values.next()?.to_vec();
+        for v in values {
+            joined.push(b',');
+            joined.extend_from_slice(v);
+        }
+        Some(joined)
     }
 }
 
@@ -67,6 +103,21 @@ impl Host for NativeHost {
     }
 }
 
+/// The wasm build's filter-state name of an access-record field (its host
+/// adds `wasm.`), spelled out for the known fields: no per-request format.
+fn filter_state_key(field: &'static str) -> Cow<'static, str> {
+    Cow::Borrowed(match field {
+        "keygate_decision" => "wasm.keygate_decision",
+        "keygate_reason" => "wasm.keygate_reason",
+        "keygate_key_id" => "wasm.keygate_key_id",
+        "keygate_tenant" => "wasm.keygate_tenant",
+        "keygate_environment" => "wasm.keygate_environment",
+        "keygate_scope_required" => "wasm.keygate_scope_required",
+        "keygate_rate_remaining" => "wasm.keygate_rate_remaining",
+        other => return Cow::Owned(format!("wasm.{other}")),
+    })
+}
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -89,7 +140,7 @@ impl Gate {
     fn record(&self, stream: Stream, record: &AccessRecord, policy: &Policy) {
         if policy.access_log_fields {
             for (name, value) in record.fields() {
-                stream.set_filter_state(&format!("wasm.{name}"), &value);
+                stream.set_filter_state(&filter_state_key(name), &value);
             }
         }
         if let Some(id) = self.config.counter(&record.outcome()) {
@@ -186,10 +237,8 @@ impl Gate {
             return abi::HEADERS_STOP_ITERATION;
         };
         self.now_ns = now_ns();
-        let headers = RequestHeaders {
-            stream,
-            seen: RefCell::new(Vec::new()),
-        };
+        // SAFETY: dropped below before the first header change.
+        let headers = unsafe { RequestHeaders::fetch(stream, &policy) };
         if is_login(&policy, &headers) {
             // The client address may come from X-Forwarded-For: keep it for
             // when the body is complete.
@@ -214,12 +263,31 @@ impl Gate {
             decide(&policy, &headers, &mut host, self.now_ns)
         };
         self.record(stream, &AccessRecord::of_decision(&decision), &policy);
+        // Only headers the client sent need a removal or a replacing set;
+        // the others are added, one cheap call each.
         let edits = decision.upstream_headers(&policy, &headers);
-        for name in &edits.remove {
+        let remove: Vec<&str> = edits
+            .remove
+            .iter()
+            .copied()
+            .filter(|n| headers.has(n))
+            .collect();
+        let set: Vec<(&str, &str, bool)> = edits
+            .set
+            .iter()
+            .map(|&(n, v)| (n, v, headers.has(n)))
+            .collect();
+        drop(headers);
+        for name in remove {
             stream.set_request_header(name, None);
         }
-        for (name, value) in &edits.set {
-            stream.set_request_header(name, Some(value));
+        for (name, value, sent) in set {
+            if sent {
+                stream.set_request_header(name, Some(value));
+            } else {
+                // Refused for an empty value: the header stays absent.
+                stream.add_request_header(name, value);
+            }
         }
         match &decision.outcome {
             Outcome::Denied { denial, .. } => {

@@ -3,7 +3,8 @@
 //! it only satisfies the linker.
 
 use crate::abi::{
-    EnvoyBuffer, FilterConfigEnvoyPtr, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader,
+    EnvoyBuffer, EnvoyHttpHeader, FilterConfigEnvoyPtr, FilterEnvoyPtr, ModuleBuffer,
+    ModuleHttpHeader,
 };
 
 #[no_mangle]
@@ -16,6 +17,30 @@ extern "C" fn envoy_dynamic_module_callback_http_get_header(
     _: *mut EnvoyBuffer,
     _: usize,
     _: *mut usize,
+) -> bool {
+    false
+}
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_get_headers_size(
+    _: FilterEnvoyPtr,
+    _: u32,
+) -> usize {
+    0
+}
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_get_headers(
+    _: FilterEnvoyPtr,
+    _: u32,
+    _: *mut EnvoyHttpHeader,
+) -> bool {
+    false
+}
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_add_header(
+    _: FilterEnvoyPtr,
+    _: u32,
+    _: ModuleBuffer,
+    _: ModuleBuffer,
 ) -> bool {
     false
 }
