@@ -118,6 +118,18 @@ fn filter_state_key(field: &'static str) -> Cow<'static, str> {
     })
 }
 
+/// No policy on this worker (its compilation failed after the main thread
+/// validated it, e.g. a changed environment): fail closed.
+fn unavailable(stream: Stream) {
+    let denial = Denial::new(Reason::Unavailable, "keygate is not configured");
+    stream.send_response(
+        denial.status(),
+        &[("content-type", "application/json")],
+        &denial.body(),
+        "keygate_unavailable",
+    );
+}
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -227,13 +239,7 @@ impl Gate {
 
     pub fn on_request_headers(&mut self, stream: Stream, end_of_stream: bool) -> u32 {
         let Some(policy) = self.config.policy() else {
-            let denial = Denial::new(Reason::Unavailable, "keygate is not configured");
-            stream.send_response(
-                denial.status(),
-                &[("content-type", "application/json")],
-                &denial.body(),
-                "keygate_unavailable",
-            );
+            unavailable(stream);
             return abi::HEADERS_STOP_ITERATION;
         };
         self.now_ns = now_ns();
@@ -308,6 +314,8 @@ impl Gate {
             return abi::BODY_CONTINUE;
         }
         let Some(policy) = self.config.policy() else {
+            self.login_headers = None;
+            unavailable(stream);
             return abi::BODY_STOP_ITERATION_NO_BUFFER;
         };
         if stream.request_body_size() > MAX_LOGIN_BODY {
@@ -331,8 +339,12 @@ impl Gate {
         if self.login_headers.is_none() {
             return abi::TRAILERS_CONTINUE;
         }
-        if let Some(policy) = self.config.policy() {
-            self.finish_login(stream, &policy);
+        match self.config.policy() {
+            Some(policy) => self.finish_login(stream, &policy),
+            None => {
+                self.login_headers = None;
+                unavailable(stream);
+            }
         }
         abi::TRAILERS_STOP_ITERATION
     }
