@@ -51,19 +51,27 @@ impl RequestHeaders {
     /// Values of `name` (Envoy keeps names lowercase, as the core asks).
     fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.views.iter().filter_map(move |h| {
-            // SAFETY: views are valid while `self` lives (see `fetch`);
-            // Envoy reports non-null slices within a map's size.
-            let key = unsafe { std::slice::from_raw_parts(h.key_ptr.cast::<u8>(), h.key_length) };
-            (key == name.as_bytes()).then(|| {
-                // SAFETY: as above.
-                unsafe { std::slice::from_raw_parts(h.value_ptr.cast::<u8>(), h.value_length) }
-            })
+            // SAFETY: views are valid while `self` lives (see `fetch`).
+            let key = unsafe { view(h.key_ptr, h.key_length) };
+            // SAFETY: as above.
+            (key == name.as_bytes()).then(|| unsafe { view(h.value_ptr, h.value_length) })
         })
     }
 
     fn has(&self, name: &str) -> bool {
         self.values(name).next().is_some()
     }
+}
+
+/// A slice of Envoy's memory; a null pointer is an empty slice.
+///
+/// # Safety
+/// A non-null `ptr` must point to `len` bytes that outlive the result.
+unsafe fn view<'a>(ptr: *const std::ffi::c_char, len: usize) -> &'a [u8] {
+    if ptr.is_null() {
+        return &[];
+    }
+    std::slice::from_raw_parts(ptr.cast::<u8>(), len)
 }
 
 impl Headers for RequestHeaders {

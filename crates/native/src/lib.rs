@@ -12,6 +12,12 @@
 // pointers we returned (see `filter`), which is all they dereference.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+// Panics are caught at every hook so none unwinds into Envoy; with
+// panic=abort (the workspace's release profile, right for wasm) one would
+// abort Envoy instead. `make native` builds with unwinding.
+#[cfg(panic = "abort")]
+compile_error!("keygate-native must be built with panic=unwind: use `make native`");
+
 mod abi;
 mod config;
 mod envoy;
