@@ -7,14 +7,15 @@
 //!   read it without locks; a sync push builds the next map (sharing all
 //!   untouched entries) and swaps it in with its new state in one store, so a
 //!   push is applied atomically.
-//! - Counters: one slot per key, locked from the read to the write of one
-//!   update ([`Counters`]): the core's compare-and-swap always lands on the
-//!   first attempt, so workers never retry against each other.
+//! - Counters: one slot per key, created at first use, locked from the read
+//!   to the write of one update ([`Counters`]): the core's compare-and-swap
+//!   always lands on the first attempt, so workers never retry against each
+//!   other.
 
 use arc_swap::ArcSwap;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::CounterCell;
-use keygate_core::sync::{is_visible, SyncState};
+use keygate_core::sync::{decode_entry, is_visible, SyncState};
 use keygate_core::Credential;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex};
 use std::cell::RefCell;
@@ -22,10 +23,13 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 
-/// One pushed credential and the generation of the push that wrote it.
+/// One pushed credential, kept as the push carried it (`<generation>\n<record
+/// JSON>`, see `keygate_core::sync::encode_entry`): a few hundred bytes
+/// instead of a parsed record's many allocations. Each worker parses it once
+/// into its cache.
 pub struct Entry {
     pub generation: u64,
-    pub credential: Credential,
+    pub bytes: Box<[u8]>,
 }
 
 /// What the sync role has applied: read by the gate as one snapshot.
@@ -174,7 +178,9 @@ pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
                 return Some(cred.clone());
             }
         }
-        let cred = Rc::new(entry.credential.clone());
+        // Validated when the push was applied; a failure here fails closed.
+        let (_, cred) = decode_entry(&entry.bytes, hash)?;
+        let cred = Rc::new(cred);
         if cache.len() >= CACHE_CAPACITY {
             cache.clear();
         }
@@ -188,18 +194,21 @@ mod tests {
     use super::*;
     use keygate_core::credential::CredentialRecord;
     use keygate_core::rate_limit::{acquire, RateLimit};
-    use keygate_core::sync::SyncState;
+    use keygate_core::sync::{encode_entry, SyncState};
 
     const NOW: u64 = 1_700_000_000_000_000_000;
 
-    fn credential(key_id: &str, hash: Digest) -> Credential {
+    fn entry(key_id: &str, hash: Digest, generation: u64) -> Arc<Entry> {
         let record = CredentialRecord {
             key_id: key_id.into(),
             key_hash: keygate_core::hash::to_hex(&hash),
             tenant: "t".into(),
             ..serde_json::from_str(r#"{"key_id":"x","key_hash":"","tenant":"t"}"#).unwrap()
         };
-        Credential::try_from(&record).unwrap()
+        Arc::new(Entry {
+            generation,
+            bytes: encode_entry(generation, &record).into_boxed_slice(),
+        })
     }
 
     #[test]
@@ -243,14 +252,8 @@ mod tests {
         t.update(|s| {
             let mut next = s.clone();
             for (hash, generation) in [(old, 1), (new, 2)] {
-                let credential = credential(&format!("gen-{generation}"), hash);
-                next.credentials.insert(
-                    hash,
-                    Arc::new(Entry {
-                        generation,
-                        credential,
-                    }),
-                );
+                next.credentials
+                    .insert(hash, entry(&format!("gen-{generation}"), hash, generation));
             }
             next.state = SyncState {
                 generation: 1,

@@ -47,21 +47,17 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 /// and state in one store. A refused push changes nothing.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, counters, upserts, deletes, revoked) = t.update(|current: &Snapshot| {
+    let (state, upserts, deletes, revoked) = t.update(|current: &Snapshot| {
         let plan = plan(secret, body, signature, &current.state)?;
         let mut next = current.clone();
         for (hash, bytes) in &plan.upserts {
             // `plan` validated each record; an entry that does not decode
             // would be a core bug: refuse the push rather than half-apply.
-            let (generation, credential) = decode_entry(bytes, hash)
+            let (generation, _) = decode_entry(bytes, hash)
                 .ok_or_else(|| SyncError::Invalid("unreadable credential entry".into()))?;
-            next.credentials.insert(
-                *hash,
-                Arc::new(Entry {
-                    generation,
-                    credential,
-                }),
-            );
+            let bytes = bytes.clone().into_boxed_slice();
+            next.credentials
+                .insert(*hash, Arc::new(Entry { generation, bytes }));
         }
         for hash in &plan.deletes {
             next.credentials.remove(hash);
@@ -69,16 +65,14 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
         next.state = plan.state;
         let out = (
             plan.state,
-            plan.counters,
             plan.upserts.len(),
             plan.deletes.len(),
             plan.revoked_sessions,
         );
         Ok((next, out))
     })?;
-    // A slot missing at first use is created then (under the writer lock,
-    // so never twice); creating them now keeps that off the request path.
-    t.ensure_counters(counters.iter().map(String::as_str));
+    // Rate counters of pushed keys are created at their first request (under
+    // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
     log(
         abi::LOG_INFO,
