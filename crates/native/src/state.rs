@@ -259,6 +259,7 @@ mod tests {
                 generation: 1,
                 version: 1,
                 pending: None,
+                store_id: None,
             };
             Ok::<_, ()>((next, ()))
         })
