@@ -132,6 +132,18 @@ pub struct Counters {
 
 impl CounterCell for Counters {
     fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        crate::profile::within(crate::profile::Step::RateCounter, || self.load_slot(key))
+    }
+
+    fn store(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        crate::profile::within(crate::profile::Step::RateCounter, || {
+            self.store_slot(key, value, cas)
+        })
+    }
+}
+
+impl Counters {
+    fn load_slot(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
         self.held = None;
         let guard = tables().slot(key).lock_arc();
         let out = (guard.value.clone(), Some(guard.cas));
@@ -139,7 +151,7 @@ impl CounterCell for Counters {
         out
     }
 
-    fn store(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+    fn store_slot(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
         let mut guard = match self.held.take() {
             Some((held_key, guard)) if held_key == key => guard,
             _ => tables().slot(key).lock_arc(),
