@@ -103,8 +103,19 @@ impl Stream {
     /// header is changed, whichever comes first; the caller reads them only
     /// before either.
     pub unsafe fn request_header_views(&self) -> Vec<EnvoyHttpHeader> {
-        let n =
-            abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, abi::REQUEST_HEADER);
+        self.header_views(abi::REQUEST_HEADER)
+    }
+
+    /// [`Stream::request_header_views`] for the response headers.
+    ///
+    /// # Safety
+    /// As there, for response headers.
+    pub unsafe fn response_header_views(&self) -> Vec<EnvoyHttpHeader> {
+        self.header_views(abi::RESPONSE_HEADER)
+    }
+
+    unsafe fn header_views(&self, kind: abi::HeaderType) -> Vec<EnvoyHttpHeader> {
+        let n = abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, kind);
         let mut views = vec![
             EnvoyHttpHeader {
                 key_ptr: std::ptr::null(),
@@ -117,7 +128,7 @@ impl Stream {
         if n == 0
             || !abi::envoy_dynamic_module_callback_http_get_headers(
                 self.0,
-                abi::REQUEST_HEADER,
+                kind,
                 views.as_mut_ptr(),
             )
         {
@@ -129,11 +140,20 @@ impl Stream {
     /// Adds a request header known to be absent: cheaper than `set`, which
     /// first looks for copies to replace. False for an empty value.
     pub fn add_request_header(&self, name: &str, value: &str) -> bool {
+        self.add_header(abi::REQUEST_HEADER, name, value)
+    }
+
+    /// [`Stream::add_request_header`] for the response.
+    pub fn add_response_header(&self, name: &str, value: &str) -> bool {
+        self.add_header(abi::RESPONSE_HEADER, name, value)
+    }
+
+    fn add_header(&self, kind: abi::HeaderType, name: &str, value: &str) -> bool {
         // SAFETY: stream pointer of the current hook; buffers outlive the call.
         unsafe {
             abi::envoy_dynamic_module_callback_http_add_header(
                 self.0,
-                abi::REQUEST_HEADER,
+                kind,
                 ModuleBuffer::of(name.as_bytes()),
                 ModuleBuffer::of(value.as_bytes()),
             )

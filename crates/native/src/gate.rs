@@ -8,6 +8,7 @@ use crate::envoy::{log, Stream};
 use crate::profile::{self, Step};
 use crate::state::{lookup, Counters};
 use keygate_core::access_log::AccessRecord;
+use keygate_core::config::RateLimitHeaders;
 use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::RateStatus;
@@ -32,21 +33,32 @@ pub struct Gate {
 /// The request headers of one hook, fetched from Envoy in a single call
 /// (views, no copies): the decision's reads then cost no host call, and the
 /// header edits know which headers the client actually sent.
-struct RequestHeaders {
+struct HeaderViews {
     views: Vec<EnvoyHttpHeader>,
     /// X-Forwarded-For only counts with `trusted_xff_hops` > 0 (the core
     /// then takes the client address from it, else from Envoy).
     xff_trusted: bool,
 }
 
-impl RequestHeaders {
+impl HeaderViews {
     /// # Safety
     /// The result must be dropped before any request header is changed and
     /// before the hook returns (its views point into Envoy's header map).
-    unsafe fn fetch(stream: Stream, policy: &Policy) -> RequestHeaders {
-        RequestHeaders {
+    unsafe fn fetch(stream: Stream, policy: &Policy) -> HeaderViews {
+        HeaderViews {
             views: stream.request_header_views(),
             xff_trusted: policy.trusted_xff_hops > 0,
+        }
+    }
+
+    /// The response headers, the same way (only `has` is used on them).
+    ///
+    /// # Safety
+    /// As [`HeaderViews::fetch`], for response headers.
+    unsafe fn fetch_response(stream: Stream) -> HeaderViews {
+        HeaderViews {
+            views: stream.response_header_views(),
+            xff_trusted: false,
         }
     }
 
@@ -76,7 +88,7 @@ unsafe fn view<'a>(ptr: *const std::ffi::c_char, len: usize) -> &'a [u8] {
     std::slice::from_raw_parts(ptr.cast::<u8>(), len)
 }
 
-impl Headers for RequestHeaders {
+impl Headers for HeaderViews {
     /// Repeated values joined with ',', as Envoy joins inline headers.
     fn get(&self, name: &str) -> Option<Vec<u8>> {
         if name == "x-forwarded-for" && !self.xff_trusted {
@@ -178,6 +190,67 @@ fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &str {
     }
     // ASCII digits only.
     std::str::from_utf8(&buf[start..]).unwrap_or("0")
+}
+
+/// Every name [`rate_headers`] may set.
+const RATE_HEADER_NAMES: [&str; 5] = [
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "ratelimit-policy",
+    "ratelimit",
+];
+
+/// The response headers of `rate_limit_headers` (same names, values and
+/// order; `rate_headers_match_the_core` checks it), each rendered into a
+/// stack buffer and handed to `f`: no string per header.
+fn rate_headers(
+    rate: &RateStatus,
+    styles: RateLimitHeaders,
+    now_ns: u64,
+    mut f: impl FnMut(&'static str, &str),
+) {
+    let mut buf = [0u8; 64];
+    let mut put = |name: &'static str, args: std::fmt::Arguments| {
+        if let Some(value) = render(&mut buf, args) {
+            f(name, value);
+        }
+    };
+    if styles.x_ratelimit {
+        put("x-ratelimit-limit", format_args!("{}", rate.limit.requests));
+        put("x-ratelimit-remaining", format_args!("{}", rate.remaining));
+        put(
+            "x-ratelimit-reset",
+            format_args!("{}", rate.reset_epoch_secs()),
+        );
+    }
+    if styles.ietf {
+        put(
+            "ratelimit-policy",
+            format_args!(
+                "\"default\";q={};w={}",
+                rate.limit.requests, rate.limit.window_secs
+            ),
+        );
+        put(
+            "ratelimit",
+            format_args!(
+                "\"default\";r={};t={}",
+                rate.remaining,
+                rate.reset_in_secs(now_ns)
+            ),
+        );
+    }
+}
+
+/// `args` written into `buf`; None if it does not fit (never for the
+/// numbers above: the longest value is under 50 bytes).
+fn render<'b>(buf: &'b mut [u8; 64], args: std::fmt::Arguments) -> Option<&'b str> {
+    use std::io::Write;
+    let mut rest = &mut buf[..];
+    rest.write_fmt(args).ok()?;
+    let used = 64 - rest.len();
+    std::str::from_utf8(buf.get(..used)?).ok()
 }
 
 /// No policy on this worker (its compilation failed after the main thread
@@ -327,7 +400,7 @@ impl Gate {
         self.now_ns = now_ns();
         timer.lap(Step::Policy);
         // SAFETY: dropped below before the first header change.
-        let headers = unsafe { RequestHeaders::fetch(stream, &policy) };
+        let headers = unsafe { HeaderViews::fetch(stream, &policy) };
         timer.lap(Step::Headers);
         if is_login(&policy, &headers) {
             // The client address may come from X-Forwarded-For: keep it for
@@ -452,11 +525,29 @@ impl Gate {
     pub fn on_response_headers(&mut self, stream: Stream) -> u32 {
         let mut timer = profile::Timer::start();
         if let (Some(rate), Some(policy)) = (&self.rate, self.config.policy()) {
-            for (name, value) in rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns) {
-                stream.set_response_header(name, Some(&value));
-            }
+            // As on the request: a header the upstream sent is replaced, the
+            // others are added, which costs Envoy less than a replacing set.
+            let sent: Vec<&'static str> = {
+                // SAFETY: dropped before the first response header change.
+                let present = unsafe { HeaderViews::fetch_response(stream) };
+                RATE_HEADER_NAMES
+                    .into_iter()
+                    .filter(|n| present.has(n))
+                    .collect()
+            };
+            timer.lap(Step::ResponsePlan);
+            rate_headers(
+                rate,
+                policy.rate_limit_headers,
+                self.now_ns,
+                |name, value| {
+                    if sent.contains(&name) || !stream.add_response_header(name, value) {
+                        stream.set_response_header(name, Some(value));
+                    }
+                },
+            );
+            timer.lap(Step::ResponseHeaders);
         }
-        timer.lap(Step::ResponseHeaders);
         abi::HEADERS_CONTINUE
     }
 }
@@ -537,6 +628,35 @@ mod tests {
                 crate::config::decision_outcome(slot),
                 AccessRecord::of_decision(&d).outcome()
             );
+        }
+    }
+
+    #[test]
+    fn rate_headers_match_the_core() {
+        use keygate_core::rate_limit::RateLimit;
+        let statuses = [
+            (3, 60, 2, NOW + 1),
+            (u32::MAX, u32::MAX, u32::MAX, u64::MAX),
+        ];
+        for (requests, window_secs, remaining, reset_at_ns) in statuses {
+            let rate = RateStatus {
+                allowed: true,
+                limit: RateLimit {
+                    requests,
+                    window_secs,
+                },
+                remaining,
+                reset_at_ns,
+                retry_after_ns: 0,
+            };
+            for (x_ratelimit, ietf) in [(true, true), (true, false), (false, true), (false, false)]
+            {
+                let styles = RateLimitHeaders { x_ratelimit, ietf };
+                let mut ours = Vec::new();
+                rate_headers(&rate, styles, NOW, |n, v| ours.push((n, v.to_owned())));
+                assert_eq!(ours, rate_limit_headers(&rate, styles, NOW));
+                assert!(ours.iter().all(|(n, _)| RATE_HEADER_NAMES.contains(n)));
+            }
         }
     }
 
