@@ -24,9 +24,9 @@ pub enum Step {
     EditPlan,
     /// Applying them (one host call each).
     EditCalls,
-    /// Rendering the rate-limit headers for the response.
+    /// Which rate-limit headers the response already has (one host call).
     ResponsePlan,
-    /// Setting them (one host call each).
+    /// Rendering and adding them (one host call each).
     ResponseHeaders,
 }
 
@@ -53,8 +53,8 @@ mod imp {
         "increment_counter",
         "edit plan",
         "header edits",
-        "response header values",
-        "response header calls",
+        "response header views",
+        "response header render+calls",
     ];
 
     #[derive(Default)]
