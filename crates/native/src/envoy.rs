@@ -22,6 +22,33 @@ unsafe fn copy_out(buf: EnvoyBuffer) -> Option<Vec<u8>> {
     Some(std::slice::from_raw_parts(buf.ptr.cast::<u8>(), buf.length).to_vec())
 }
 
+/// Header views of one map: on the stack for a usual request (no
+/// allocation per hook), on the heap past [`INLINE_VIEWS`] headers.
+// The inline variant is meant to be large: it lives in one hook's frame.
+#[allow(clippy::large_enum_variant)]
+pub enum HeaderViewList {
+    Inline([EnvoyHttpHeader; INLINE_VIEWS], usize),
+    Heap(Vec<EnvoyHttpHeader>),
+}
+
+pub const INLINE_VIEWS: usize = 16;
+
+const NO_HEADER: EnvoyHttpHeader = EnvoyHttpHeader {
+    key_ptr: std::ptr::null(),
+    key_length: 0,
+    value_ptr: std::ptr::null(),
+    value_length: 0,
+};
+
+impl HeaderViewList {
+    pub fn as_slice(&self) -> &[EnvoyHttpHeader] {
+        match self {
+            HeaderViewList::Inline(views, n) => views.get(..*n).unwrap_or(&[]),
+            HeaderViewList::Heap(views) => views,
+        }
+    }
+}
+
 /// The filter configuration as Envoy knows it, only usable while Envoy is
 /// creating it (`on_http_filter_config_new`, main thread).
 pub struct ConfigHandle(pub abi::FilterConfigEnvoyPtr);
@@ -102,7 +129,7 @@ impl Stream {
     /// The views are valid until the current hook returns or a request
     /// header is changed, whichever comes first; the caller reads them only
     /// before either.
-    pub unsafe fn request_header_views(&self) -> Vec<EnvoyHttpHeader> {
+    pub unsafe fn request_header_views(&self) -> HeaderViewList {
         self.header_views(abi::REQUEST_HEADER)
     }
 
@@ -110,31 +137,26 @@ impl Stream {
     ///
     /// # Safety
     /// As there, for response headers.
-    pub unsafe fn response_header_views(&self) -> Vec<EnvoyHttpHeader> {
+    pub unsafe fn response_header_views(&self) -> HeaderViewList {
         self.header_views(abi::RESPONSE_HEADER)
     }
 
-    unsafe fn header_views(&self, kind: abi::HeaderType) -> Vec<EnvoyHttpHeader> {
+    unsafe fn header_views(&self, kind: abi::HeaderType) -> HeaderViewList {
         let n = abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, kind);
-        let mut views = vec![
-            EnvoyHttpHeader {
-                key_ptr: std::ptr::null(),
-                key_length: 0,
-                value_ptr: std::ptr::null(),
-                value_length: 0,
-            };
-            n
-        ];
-        if n == 0
-            || !abi::envoy_dynamic_module_callback_http_get_headers(
-                self.0,
-                kind,
-                views.as_mut_ptr(),
-            )
-        {
-            return Vec::new();
+        let mut list = if n <= INLINE_VIEWS {
+            HeaderViewList::Inline([NO_HEADER; INLINE_VIEWS], n)
+        } else {
+            HeaderViewList::Heap(vec![NO_HEADER; n])
+        };
+        let out = match &mut list {
+            HeaderViewList::Inline(views, _) => views.as_mut_ptr(),
+            HeaderViewList::Heap(views) => views.as_mut_ptr(),
+        };
+        // `out` has room for the `n` headers Envoy just counted.
+        if n == 0 || !abi::envoy_dynamic_module_callback_http_get_headers(self.0, kind, out) {
+            return HeaderViewList::Inline([NO_HEADER; INLINE_VIEWS], 0);
         }
-        views
+        list
     }
 
     /// Adds a request header known to be absent: cheaper than `set`, which

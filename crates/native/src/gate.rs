@@ -2,9 +2,9 @@
 //! the verdict — the same steps, answers, headers and access-log fields as
 //! the wasm filter (`src/http_context.rs`).
 
-use crate::abi::{self, EnvoyHttpHeader};
+use crate::abi;
 use crate::config::FilterConfig;
-use crate::envoy::{log, Stream};
+use crate::envoy::{log, HeaderViewList, Stream};
 use crate::profile::{self, Step};
 use crate::state::{lookup, Counters};
 use keygate_core::access_log::AccessRecord;
@@ -34,7 +34,7 @@ pub struct Gate {
 /// (views, no copies): the decision's reads then cost no host call, and the
 /// header edits know which headers the client actually sent.
 struct HeaderViews {
-    views: Vec<EnvoyHttpHeader>,
+    views: HeaderViewList,
     /// X-Forwarded-For only counts with `trusted_xff_hops` > 0 (the core
     /// then takes the client address from it, else from Envoy).
     xff_trusted: bool,
@@ -64,7 +64,7 @@ impl HeaderViews {
 
     /// Values of `name` (Envoy keeps names lowercase, as the core asks).
     fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.views.iter().filter_map(move |h| {
+        self.views.as_slice().iter().filter_map(move |h| {
             // SAFETY: views are valid while `self` lives (see `fetch`).
             let key = unsafe { view(h.key_ptr, h.key_length) };
             // SAFETY: as above.
