@@ -110,9 +110,13 @@ pub struct PluginConfig {
     pub credentials: Vec<CredentialRecord>,
     #[serde(default)]
     pub routes: Vec<RouteRuleConfig>,
-    /// Scope required when no route matches; absent = authentication only.
+    /// Scope required when no route matches; absent: see `unmatched`.
     #[serde(default)]
     pub default_scope: Option<String>,
+    /// Without `default_scope`: "strictest" (default) needs the strongest
+    /// scope of `scope_hierarchy` where no rule matches; "any_key" any valid key.
+    #[serde(default)]
+    pub unmatched: Option<crate::scope::Unmatched>,
     /// Strongest first; each scope implies those after it. Empty disables implication.
     #[serde(default = "default_hierarchy")]
     pub scope_hierarchy: Vec<String>,
@@ -266,9 +270,10 @@ impl TryFrom<PluginConfig> for Policy {
             (Role::Sync, Some(s)) => Some(SyncSecret(s.into_bytes())),
             (Role::Gate, _) => None,
         };
-        let routes = Routes::compile(
+        let routes = Routes::compile_with(
             &raw.routes,
             raw.default_scope.as_deref(),
+            raw.unmatched,
             &raw.scope_hierarchy,
         )?;
         let mut credentials = HashMap::with_capacity(raw.credentials.len());

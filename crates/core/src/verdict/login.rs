@@ -5,7 +5,7 @@ use super::decide::{authenticate, check_credential, deny, Headers, Host, Outcome
 use crate::config::Policy;
 use crate::credential::Credential;
 use crate::denial::{Denial, Reason};
-use crate::extract::{Presented, Scheme};
+use crate::extract::{trim_ows, Presented, Scheme};
 use crate::hash::to_hex;
 use crate::path::normalize;
 use crate::rate_limit::RateStatus;
@@ -76,9 +76,11 @@ pub fn login(
         Ok(r) => r,
         Err(message) => return denied(deny(Reason::BadRequest, message, None)),
     };
+    // Trimmed like a header value, so a key works the same in both places.
+    let ows = |s: &str| String::from_utf8_lossy(trim_ows(s.as_bytes())).into_owned();
     let presented = Presented {
-        key: request.api_key,
-        secret: request.api_secret,
+        key: ows(&request.api_key),
+        secret: request.api_secret.as_deref().map(ows),
         scheme: Scheme::ApiKeyHeader,
     };
     let cred = match authenticate(policy, &presented, host, now_ns, false) {
@@ -355,6 +357,8 @@ mod tests {
                 .0,
             Reason::Inactive
         );
+        // Surrounding OWS is trimmed, as in a header value.
+        assert!(issue(&p, &mut host, "{\"api_key\":\" \\tkey-one \"}", NOW).is_ok());
         // A token cannot be exchanged for another token.
         let t = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
             .as_str()
