@@ -381,15 +381,20 @@ impl SessionTokens {
     }
 }
 
-pub fn decode_revocations(bytes: Option<&[u8]>) -> BTreeMap<String, u64> {
-    bytes
-        .and_then(|b| serde_json::from_slice(b).ok())
-        .unwrap_or_default()
+/// A key's session revocations. Absent or empty: none. Unreadable: an
+/// error, which the gate answers by refusing the request (fail closed):
+/// a revocation list it cannot read might revoke this very token.
+pub fn decode_revocations(bytes: Option<&[u8]>) -> Result<BTreeMap<String, u64>, ()> {
+    match bytes {
+        None | Some([]) => Ok(BTreeMap::new()),
+        Some(b) => serde_json::from_slice(b).map_err(|_| ()),
+    }
 }
 
-/// Merges revocations into a key's map, keeping the latest per session.
+/// Merges revocations into a key's map, keeping the latest per session (an
+/// unreadable map is replaced: the push re-states what it revokes).
 pub fn merge_revocations(current: Option<&[u8]>, new: &[(&str, u64)]) -> Vec<u8> {
-    let mut map = decode_revocations(current);
+    let mut map = decode_revocations(current).unwrap_or_default();
     for (session, at) in new {
         let e = map.entry((*session).to_owned()).or_insert(0);
         *e = (*e).max(*at);

@@ -251,12 +251,14 @@ fn authenticate_token(
         .and_then(|h| find(policy, host, &h))
         .filter(|c| c.key_id == claims.kid)
         .ok_or_else(|| deny(Reason::UnknownKey, "Invalid token", None))?;
-    let revocations = token::decode_revocations(
+    let Ok(revocations) = token::decode_revocations(
         host.counters()
             .load(&revocations_key(&cred.key_id))
             .0
             .as_deref(),
-    );
+    ) else {
+        return Err(unreadable_revocations(&cred));
+    };
     if revocations
         .get(&claims.sid)
         .is_some_and(|&at| claims.iat_ms <= at)
@@ -268,6 +270,15 @@ fn authenticate_token(
         ));
     }
     Ok(cred)
+}
+
+/// Fail closed: a revocation list that cannot be read refuses the request.
+pub(super) fn unreadable_revocations(cred: &Rc<Credential>) -> Outcome {
+    deny(
+        Reason::Internal,
+        "The gateway could not process this request",
+        Some(cred),
+    )
 }
 
 /// What any credential must pass, however it was presented.

@@ -123,6 +123,7 @@ fn session_token(
 ) -> Option<IssuedToken> {
     let key = sessions_key(&cred.key_id);
     let revoked = token::decode_revocations(cell.load(&revocations_key(&cred.key_id)).0.as_deref())
+        .ok()?
         .get(session)
         .copied();
     let issue = |bytes: Option<&[u8]>| {
@@ -329,6 +330,26 @@ mod tests {
             use_token(&p, &mut host, &fresh, "GET", later).outcome,
             Outcome::Allowed { .. }
         ));
+    }
+
+    #[test]
+    fn unreadable_revocations_refuse_the_token_and_the_login() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = MemoryHost::default();
+        let body = r#"{"api_key":"key-one","session_id":"s1"}"#;
+        let token = issue(&p, &mut host, body, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        host.counters.insert(
+            crate::shared_data::revocations_key("k1"),
+            b"{not json".to_vec(),
+        );
+        assert_eq!(
+            denied(&use_token(&p, &mut host, &token, "GET", NOW)).map(|d| d.0),
+            Some(Reason::Internal)
+        );
+        assert!(issue(&p, &mut host, r#"{"api_key":"key-one","session_id":"s2"}"#, NOW).is_err());
     }
 
     #[test]
