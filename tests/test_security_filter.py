@@ -190,3 +190,38 @@ def test_unmatched_any_key_is_an_explicit_opt_out(envoy_factory, proto):
 def test_admin_rule_covers_the_bare_path_and_everything_below(gate, proto, path):
     assert request(gate.port, "GET", path, READ, proto=proto).status == 403
     assert request(gate.port, "GET", path, ADMIN, proto=proto).status == 200
+
+
+# --- 10. One admission, one count ------------------------------------------
+
+
+def test_concurrent_admissions_report_distinct_remaining_counts(envoy_factory):
+    """Two workers, many clients at once over both protocols: each admitted
+    response reports the count of the very update that admitted it, so no
+    two admitted responses report the same remaining budget."""
+    import threading
+
+    limit = 120
+    config = {"routes": ROUTES, "credentials": [
+        cred("s-burst", "s-burst-key", scopes=["read"], rate_limit={"requests": limit, "window_secs": 86400})]}
+    with envoy_factory(config, concurrency=2) as envoy:
+        seen, statuses, lock = [], [], threading.Lock()
+        start = threading.Barrier(8)
+
+        def client(proto):
+            start.wait(10)
+            for _ in range(20):
+                r = request(envoy.port, "GET", "/v1/items", [("x-api-key", "s-burst-key")], proto=proto)
+                with lock:
+                    statuses.append(r.status)
+                    if r.status == 200:
+                        seen.append(int(r.header("x-ratelimit-remaining")))
+
+        threads = [threading.Thread(target=client, args=(p,)) for p in ["http1", "h2"] * 4]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(statuses) == 160
+        assert statuses.count(200) == limit, sorted(statuses)
+        assert sorted(seen) == list(range(limit)), "each remaining count is reported exactly once"
