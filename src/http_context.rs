@@ -222,6 +222,14 @@ impl Host for EnvoyHost<'_> {
         })
     }
 
+    fn lookup_key_id(&mut self, key_id: &str) -> Option<Rc<Credential>> {
+        let found = self.borrowed.as_deref_mut()?.lookup_key_id(key_id);
+        found.unwrap_or_else(|e| {
+            self.keep(e);
+            None
+        })
+    }
+
     fn peer_address(&mut self) -> Option<String> {
         match host::property(&["source", "address"]) {
             Ok(bytes) => String::from_utf8(bytes?).ok(),

@@ -176,6 +176,10 @@ pub struct Policy {
     /// credentials live in Envoy shared data, a second source the filter
     /// consults when a hash is not here.
     pub credentials: HashMap<Digest, Rc<Credential>>,
+    /// The same credentials by key id (tokens name their key by id).
+    pub by_key_id: HashMap<String, Digest>,
+    /// Each key id's index in `credentials`, for error messages.
+    key_id_index: HashMap<String, usize>,
     pub routes: Routes,
     pub headers: HeaderNames,
     pub trusted_xff_hops: u32,
@@ -191,6 +195,13 @@ pub struct Policy {
 const MAX_XFF_HOPS: u32 = 16;
 
 impl Policy {
+    /// Where plugin config defines `key_id` (`credentials[i]`), for errors.
+    pub fn key_id_source(&self, key_id: &str) -> String {
+        self.key_id_index
+            .get(key_id)
+            .map_or_else(|| "credentials".into(), |i| format!("credentials[{i}]"))
+    }
+
     /// Parses and validates plugin configuration JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
         Policy::from_json_with_env(bytes, &|_| None)
@@ -277,11 +288,11 @@ impl TryFrom<PluginConfig> for Policy {
             &raw.scope_hierarchy,
         )?;
         let mut credentials = HashMap::with_capacity(raw.credentials.len());
-        let mut ids = std::collections::HashSet::new();
+        let mut ids = HashMap::with_capacity(raw.credentials.len());
         for (i, r) in raw.credentials.iter().enumerate() {
             let at = format!("credentials[{i}]");
             let c = Credential::try_from(r).map_err(|e| e.under(&at))?;
-            if !ids.insert(c.key_id.clone()) {
+            if ids.insert(c.key_id.clone(), c.key_hash).is_some() {
                 return Err(ConfigError::new(
                     &format!("{at}.key_id"),
                     format!("'{}' is used twice", c.key_id),
@@ -300,6 +311,13 @@ impl TryFrom<PluginConfig> for Policy {
             key_format: raw.key_format,
             api_key_header: raw.api_key_header,
             credentials,
+            key_id_index: raw
+                .credentials
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.key_id.clone(), i))
+                .collect(),
+            by_key_id: ids,
             routes,
             headers: raw.headers,
             trusted_xff_hops: raw.trusted_xff_hops,

@@ -59,9 +59,10 @@ pub fn identity_spellings<'n>(
             !identity.contains(name)
                 && identity.iter().any(|id| {
                     id.len() == name.len()
-                        && id.bytes().zip(name.bytes()).all(|(a, b)| {
-                            a == b.to_ascii_lowercase() || (a == b'-' && b == b'_')
-                        })
+                        && id
+                            .bytes()
+                            .zip(name.bytes())
+                            .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'))
                 })
         })
         .collect()

@@ -1,0 +1,100 @@
+"""End-to-end, over HTTP/1.1 and HTTP/2: a token is bound to exactly one
+credential (issue 14, item 3). Key ids are unique across plugin config and
+the store; a token names its key by id and carries an opaque credential
+reference, never the key's hash; it ends with the secret it was issued
+under, and with the key."""
+
+import base64
+import json
+import time
+
+import pytest
+
+from tests.harness import ROUTES, cred, request, sha256_hex
+from tests.test_sync_protocol import full, incr, push, state
+
+CONFIG = {
+    "routes": ROUTES,
+    "tokens": {"lifetime_secs": 600},
+    "credentials": [cred("cfg-admin", "cfg-admin-key", kind="default")],
+}
+
+
+@pytest.fixture
+def envoy(envoy_factory):
+    with envoy_factory(CONFIG) as e:
+        yield e
+
+
+def login(envoy, body, proto="http1"):
+    return request(envoy.port, "POST", "/auth/login", [("content-type", "application/json")],
+                   json.dumps(body).encode(), proto=proto)
+
+
+def use(envoy, token, method="GET", proto="http1"):
+    return request(envoy.port, method, "/v1/items", [("authorization", f"Bearer {token}")], proto=proto)
+
+
+def payload(token):
+    part = token.split(".")[2]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def test_sync_push_reusing_a_config_key_id_is_refused_naming_both(envoy, proto):
+    r = push(envoy, full(1, 1, [cred("cfg-admin", "impostor-key", scopes=["read"])]))
+    assert r.status == 400, r
+    message = r.json()["error"]
+    assert "upserts[0].key_id" in message and "'cfg-admin'" in message and "credentials[0]" in message
+    assert state(envoy) == {"generation": 0, "version": 0}, "nothing applied"
+    assert login(envoy, {"api_key": "impostor-key"}, proto).status == 401
+
+
+def test_token_names_no_key_hash_and_lists_exactly_its_claims(envoy, proto):
+    token = login(envoy, {"api_key": "cfg-admin-key", "session_id": "s"}, proto).json()["access_token"]
+    claims = payload(token)
+    assert set(claims) == {"kid", "cref", "tenant", "env", "scopes", "sid", "iat_ms", "exp_ms"}
+    assert claims["kid"] == "cfg-admin"
+    assert sha256_hex("cfg-admin-key") not in token
+    assert use(envoy, token, "DELETE", proto).status == 200
+
+
+def test_recreated_store_key_with_the_same_id_does_not_inherit_old_tokens(envoy, proto):
+    assert push(envoy, full(1, 1, [cred("st-1", "first-key", scopes=["write"])])).status == 200
+    old = login(envoy, {"api_key": "first-key"}, proto).json()["access_token"]
+    assert use(envoy, old, "POST", proto).status == 200
+    # The key is deleted and another one created under the same id.
+    r = push(envoy, incr(1, 1, 2, upserts=[cred("st-1", "second-key", scopes=["write"])],
+                         deletes=[sha256_hex("first-key")]))
+    assert r.status == 200, r
+    assert use(envoy, old, "POST", proto).status == 401
+    new = login(envoy, {"api_key": "second-key"}, proto).json()["access_token"]
+    assert use(envoy, new, "POST", proto).status == 200
+
+
+def test_token_ends_with_its_secret_at_the_end_of_the_grace_window(envoy, proto):
+    key = cred("st-sec", "sec-key", scopes=["read"], secret="old-secret")
+    assert push(envoy, full(1, 1, [key])).status == 200
+    old = login(envoy, {"api_key": "sec-key", "api_secret": "old-secret", "session_id": "s"}, proto).json()
+    old = old["access_token"]
+    assert use(envoy, old, proto=proto).status == 200
+    grace_end = int(time.time()) + 3
+    rotated = {**key, "secret_hash": sha256_hex("new-secret"), "previous_secret_hash": sha256_hex("old-secret"),
+               "previous_secret_expires_at": grace_end}
+    assert push(envoy, incr(1, 1, 2, upserts=[rotated])).status == 200
+    assert use(envoy, old, proto=proto).status == 200, "still inside the grace window"
+    new = login(envoy, {"api_key": "sec-key", "api_secret": "new-secret", "session_id": "s"}, proto).json()
+    new = new["access_token"]
+    assert new != old
+    time.sleep(max(0.0, grace_end - time.time()) + 0.2)
+    assert use(envoy, old, proto=proto).status == 401
+    assert use(envoy, new, proto=proto).status == 200
+
+
+def test_deactivated_or_deleted_store_key_ends_its_tokens(envoy, proto):
+    key = cred("st-life", "life-key", scopes=["read"])
+    assert push(envoy, full(1, 1, [key])).status == 200
+    token = login(envoy, {"api_key": "life-key"}, proto).json()["access_token"]
+    assert push(envoy, incr(1, 1, 2, upserts=[{**key, "status": "inactive"}])).status == 200
+    assert use(envoy, token, proto=proto).status == 403
+    assert push(envoy, incr(1, 2, 3, deletes=[sha256_hex("life-key")])).status == 200
+    assert use(envoy, token, proto=proto).status == 401
