@@ -100,6 +100,11 @@ impl SyncContext {
 /// Merges session revocations into each key's `rs:` entry, with CAS: gate
 /// workers read these entries on every token use.
 fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) -> HostResult<()> {
+    if revoked.is_empty() {
+        return Ok(());
+    }
+    // Envoy's clock, the one tokens are issued by.
+    let now_ms = host::now_ns()? / 1_000_000;
     let mut by_key: std::collections::BTreeMap<&str, Vec<(&str, u64)>> = Default::default();
     for r in revoked {
         by_key
@@ -112,7 +117,7 @@ fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) -> HostResu
         // Endless contention leaves this key's revocations for the next
         // push (as before); a host error fails the push.
         let _ = update(&mut cell, &revocations_key(key_id), |bytes| {
-            Step::Write(merge_revocations(bytes, &sessions), ())
+            Step::Write(merge_revocations(bytes, &sessions, now_ms), ())
         });
         if let Some(e) = cell.error {
             return Err(e);

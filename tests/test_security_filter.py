@@ -225,3 +225,52 @@ def test_concurrent_admissions_report_distinct_remaining_counts(envoy_factory):
         assert len(statuses) == 160
         assert statuses.count(200) == limit, sorted(statuses)
         assert sorted(seen) == list(range(limit)), "each remaining count is reported exactly once"
+
+
+# --- 9. Fail closed --------------------------------------------------------
+
+# A valid wasm module whose start function traps: the VM can never start.
+TRAP_IN_START = bytes.fromhex(
+    "0061736d01000000"            # magic, version 1
+    "010401600000"                # type section: () -> ()
+    "03020100"                    # function section: one function of type 0
+    "070a01065f737461727400 00".replace(" ", "")  # export "_start" = function 0
+    + "080100"                    # start section: function 0
+    + "0a0501030000 0b".replace(" ", "")          # code: unreachable; end
+)
+
+
+@pytest.mark.parametrize("failure", [{"fail_open": False}, {"failure_policy": "FAIL_CLOSED"}],
+                         ids=["fail_open-false", "failure_policy-closed"])
+@pytest.mark.parametrize("fault", ["trap-in-start", "config-refused"])
+def test_vm_that_cannot_start_refuses_with_5xx_never_passes_through(echo, tmp_path, proto, failure, fault):
+    import hashlib
+
+    from tests.harness import Envoy, FileServer, WASM, free_port, render_remote, wasm_filter
+    from tests.test_remote_fetch import observe_until_settled
+
+    root = tmp_path / "srv"
+    root.mkdir()
+    code = TRAP_IN_START if fault == "trap-in-start" else WASM.read_bytes()
+    (root / "keygate.wasm").write_bytes(code)
+    plugin = {"routes": [{"path_prefix": "v1"}]} if fault == "config-refused" else CONFIG
+    with FileServer(root) as server:
+        config = render_remote(plugin, gate_port=free_port(), admin_port=free_port(), upstream_port=echo.port,
+                               wasm_url=server.url("keygate.wasm"), wasm_server_port=server.port,
+                               sha256=hashlib.sha256(code).hexdigest())
+        filt = wasm_filter(config)
+        filt.pop("failure_policy", None)
+        filt.update(failure)
+        (tmp_path / "envoy").mkdir()
+        envoy = Envoy(config, concurrency=2, workdir=tmp_path / "envoy")
+        before = upstream_total(echo)
+        try:
+            envoy.start(wait=False)
+            seen = observe_until_settled(envoy)
+            assert seen and all(s in ("refused", "exited") or s >= 500 for s in seen), seen
+            if seen[-1] != "exited":
+                for path, headers in [("/v1/items", READ), ("/health", [])]:
+                    assert request(envoy.port, "GET", path, headers, proto=proto).status >= 500
+        finally:
+            envoy.stop()
+        assert upstream_total(echo) == before, "a request passed without the filter"

@@ -98,3 +98,24 @@ def test_deactivated_or_deleted_store_key_ends_its_tokens(envoy, proto):
     assert use(envoy, token, proto=proto).status == 403
     assert push(envoy, incr(1, 2, 3, deletes=[sha256_hex("life-key")])).status == 200
     assert use(envoy, token, proto=proto).status == 401
+
+
+@pytest.mark.parametrize("skew_s", [-3600, 3600], ids=["sidecar-clock-behind", "sidecar-clock-ahead"])
+def test_session_revocation_uses_envoys_clock_whatever_the_sidecars(envoy, proto, skew_s):
+    key = cred("st-rev", "rev-key", scopes=["read"])
+    assert push(envoy, full(1, 1, [key])).status == 200
+    old = login(envoy, {"api_key": "rev-key", "session_id": "phone"}, proto).json()["access_token"]
+    sidecar_now_ms = int((time.time() + skew_s) * 1000)
+    revoke = {**incr(1, 1, 2), "revoked_sessions": [
+        {"key_id": "st-rev", "session_id": "phone", "revoked_at_ms": sidecar_now_ms}]}
+    assert push(envoy, revoke).status == 200
+    r = use(envoy, old, proto=proto)
+    assert r.status == 401 and r.json()["message"] == "Token has been revoked"
+    time.sleep(0.01)
+    fresh = login(envoy, {"api_key": "rev-key", "session_id": "phone"}, proto).json()["access_token"]
+    assert fresh != old
+    assert use(envoy, fresh, proto=proto).status == 200
+    # The same revocation sent again (a full push re-states it) revokes nothing new.
+    again = {**full(2, 3, [key]), "revoked_sessions": revoke["revoked_sessions"]}
+    assert push(envoy, again).status == 200
+    assert use(envoy, fresh, proto=proto).status == 200

@@ -417,15 +417,31 @@ impl SessionTokens {
     }
 }
 
-/// A key's session revocations. Absent or empty: none. Unreadable: an
-/// error, which the gate answers by refusing the request (fail closed):
-/// a revocation list it cannot read might revoke this very token.
+/// A key's session revocations as the sync role keeps them (`rs:<key id>`).
+/// `at` is when each session was revoked *by Envoy's clock*, the clock
+/// tokens are issued by (`iat_ms`): comparing a token with a time from the
+/// sidecar's clock would let a skew between the two machines revoke too
+/// little (or keep refusing fresh logins). `pushed` is the sidecar's own
+/// time for the revocation, to recognise a re-sent one.
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Revocations {
+    pub at: BTreeMap<String, u64>,
+    pub pushed: BTreeMap<String, u64>,
+}
+
+/// When each session of a key was revoked (Envoy's clock). Absent or
+/// empty: none. Unreadable: an error, which the gate answers by refusing
+/// the request (fail closed): a revocation list it cannot read might
+/// revoke this very token.
 pub fn decode_revocations(
     bytes: Option<&[u8]>,
 ) -> Result<BTreeMap<String, u64>, UnreadableRevocations> {
     match bytes {
         None | Some([]) => Ok(BTreeMap::new()),
-        Some(b) => serde_json::from_slice(b).map_err(|_| UnreadableRevocations),
+        Some(b) => serde_json::from_slice::<Revocations>(b)
+            .map(|r| r.at)
+            .map_err(|_| UnreadableRevocations),
     }
 }
 
@@ -433,15 +449,24 @@ pub fn decode_revocations(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnreadableRevocations;
 
-/// Merges revocations into a key's map, keeping the latest per session (an
-/// unreadable map is replaced: the push re-states what it revokes).
-pub fn merge_revocations(current: Option<&[u8]>, new: &[(&str, u64)]) -> Vec<u8> {
-    let mut map = decode_revocations(current).unwrap_or_default();
-    for (session, at) in new {
-        let e = map.entry((*session).to_owned()).or_insert(0);
-        *e = (*e).max(*at);
+/// Merges pushed revocations (`(session, sidecar time)`) into a key's list,
+/// stamping each new one with Envoy's `now_ms`: every token issued up to
+/// now for that session is refused. A revocation sent again (same or older
+/// sidecar time, e.g. in a full push) keeps its first stamp, so tokens
+/// issued since stay valid. An unreadable list is replaced.
+pub fn merge_revocations(current: Option<&[u8]>, new: &[(&str, u64)], now_ms: u64) -> Vec<u8> {
+    let mut list: Revocations = current
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default();
+    for (session, pushed) in new {
+        if list.pushed.get(*session).is_some_and(|p| p >= pushed) {
+            continue;
+        }
+        list.pushed.insert((*session).to_owned(), *pushed);
+        let at = list.at.entry((*session).to_owned()).or_insert(0);
+        *at = (*at).max(now_ms);
     }
-    serde_json::to_vec(&map).unwrap_or_default()
+    serde_json::to_vec(&list).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -646,6 +671,21 @@ mod tests {
             .unwrap_err()
             .contains("session_id"));
         assert!(parse_login(&vec![b' '; MAX_LOGIN_BODY + 1]).is_err());
+    }
+
+    #[test]
+    fn revocations_are_stamped_by_envoys_clock_once() {
+        let first = merge_revocations(None, &[("s1", 5_000)], 100);
+        assert_eq!(decode_revocations(Some(&first)).unwrap()["s1"], 100);
+        // Sent again (a full push): the first stamp stands.
+        let again = merge_revocations(Some(&first), &[("s1", 5_000)], 900);
+        assert_eq!(decode_revocations(Some(&again)).unwrap()["s1"], 100);
+        // Revoked anew by the operator: stamped anew.
+        let anew = merge_revocations(Some(&again), &[("s1", 6_000), ("s2", 1)], 950);
+        let map = decode_revocations(Some(&anew)).unwrap();
+        assert_eq!((map["s1"], map["s2"]), (950, 950));
+        assert!(decode_revocations(Some(b"{")).is_err());
+        assert!(decode_revocations(Some(b"")).unwrap().is_empty());
     }
 
     #[test]

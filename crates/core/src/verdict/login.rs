@@ -333,7 +333,7 @@ mod tests {
         let revoked_at = NOW / 1_000_000 + 1;
         host.counters.insert(
             crate::shared_data::revocations_key("k1"),
-            format!(r#"{{"s1":{revoked_at}}}"#).into_bytes(),
+            crate::token::merge_revocations(None, &[("s1", 1)], revoked_at),
         );
         let later = NOW + 5_000_000;
         assert_eq!(
