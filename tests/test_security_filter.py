@@ -274,3 +274,22 @@ def test_vm_that_cannot_start_refuses_with_5xx_never_passes_through(echo, tmp_pa
         finally:
             envoy.stop()
         assert upstream_total(echo) == before, "a request passed without the filter"
+
+
+# --- 10. trusted_xff_hops counts the peer Envoy appended ------------------
+
+
+@pytest.mark.parametrize("hops, forwarded, allowed", [
+    (0, "10.1.2.3", False),   # source.address: the TCP peer (127.0.0.1)
+    (1, "10.1.2.3", False),   # the last entry: the peer, appended by Envoy
+    (2, "10.1.2.3", True),    # the entry the peer reported
+    (2, "10.1.2.3, 192.0.2.1", False),  # only the nearest reported entry counts
+    (3, "10.1.2.3", False),   # fewer entries than hops: no address at all
+])
+def test_trusted_xff_hops_count_the_peer_envoy_appended(envoy_factory, proto, hops, forwarded, allowed):
+    config = {"routes": ROUTES, "trusted_xff_hops": hops, "credentials": [
+        cred("s-ip", "s-ip-key", scopes=["read"], allowed_ips=["10.0.0.0/8"])]}
+    with envoy_factory(config, concurrency=1) as envoy:
+        r = request(envoy.port, "GET", "/v1/items", [("x-api-key", "s-ip-key"), ("x-forwarded-for", forwarded)],
+                    proto=proto)
+        assert r.status == (200 if allowed else 403), r
