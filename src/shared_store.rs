@@ -7,10 +7,11 @@ use keygate_core::hash::Digest;
 use keygate_core::shared_data::{
     credential_key, key_id_key, update, CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
-use keygate_core::sync::{decode_entry, decode_state, is_visible, SyncState};
+use keygate_core::sync::{
+    check_store_ids, decode_entry, decode_state, is_visible, merge_config_ids, SyncState,
+};
 use keygate_core::token::VerifiedTokens;
 use keygate_core::{Credential, Policy};
-use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -90,26 +91,13 @@ impl CredentialCache {
 /// reuse one; and refuses a config whose key id the store already holds for
 /// another key. Both errors name the two places.
 pub fn claim_config_key_ids(policy: &Policy, cache: &mut CredentialCache) -> Result<(), String> {
-    let mut ids: Vec<(&String, &Digest)> = policy.by_key_id.iter().collect();
-    ids.sort();
-    for (key_id, hash) in &ids {
-        let held = cache.lookup_key_id(key_id).map_err(|e| e.to_string())?;
-        if held.is_some_and(|c| c.key_hash != **hash) {
-            return Err(format!(
-                "credentials: key id '{key_id}' is also a key in the credential store (pushed by the sidecar); key ids must be unique across plugin config and store"
-            ));
-        }
-    }
+    let held = |key_id: &str| cache.lookup_key_id(key_id).map(|c| c.map(|c| c.key_hash));
+    check_store_ids(policy, held)
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let mut cell = SharedCounters::default();
     let merged = update(&mut cell, CONFIG_IDS_KEY, |bytes| {
-        let mut all: BTreeMap<String, String> = bytes
-            .filter(|b| !b.is_empty())
-            .and_then(|b| serde_json::from_slice(b).ok())
-            .unwrap_or_default();
-        for (key_id, _) in &ids {
-            all.insert((*key_id).clone(), policy.key_id_source(key_id));
-        }
-        Step::Write(serde_json::to_vec(&all).unwrap_or_default(), ())
+        Step::Write(merge_config_ids(bytes, policy), ())
     });
     match (cell.error, merged) {
         (Some(e), _) => Err(e.to_string()),
