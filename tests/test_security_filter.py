@@ -293,3 +293,30 @@ def test_trusted_xff_hops_count_the_peer_envoy_appended(envoy_factory, proto, ho
         r = request(envoy.port, "GET", "/v1/items", [("x-api-key", "s-ip-key"), ("x-forwarded-for", forwarded)],
                     proto=proto)
         assert r.status == (200 if allowed else 403), r
+
+
+def test_every_shipped_envoy_config_rejects_underscore_header_names():
+    import pathlib
+
+    import yaml
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+
+    def hcms(node):
+        if isinstance(node, dict):
+            if str(node.get("@type", "")).endswith("HttpConnectionManager"):
+                yield node
+            for v in node.values():
+                yield from hcms(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from hcms(v)
+
+    found = 0
+    for path in sorted([*root.glob("envoy/*.yaml"), *root.glob("deploy/**/*.yaml")]):
+        for doc in yaml.safe_load_all(path.read_text()):
+            for hcm_config in hcms(doc):
+                found += 1
+                options = hcm_config.get("common_http_protocol_options", {})
+                assert options.get("headers_with_underscores_action") == "REJECT_REQUEST", path
+    assert found >= 4
