@@ -70,6 +70,15 @@ def test_login_is_always_answered_locally_and_never_reaches_upstream(gate, echo,
     assert upstream_total(echo) == before, "a login reached the upstream"
 
 
+@pytest.mark.parametrize("path", ["/auth/%6Cogin", "/auth/login?x=1", "/auth/./login", "/auth//login"])
+def test_login_path_spellings_are_answered_locally_too(gate, echo, proto, path):
+    before = upstream_total(echo)
+    trailers = [("x-checksum", "1")] if proto == "h2" else None
+    r = request(gate.port, "POST", path, SPOOF, login_body(), proto=proto, trailers=trailers)
+    assert r.status == 200 and r.json()["access_token"].startswith("kg1."), r
+    assert upstream_total(echo) == before
+
+
 def test_login_ending_with_only_trailers_is_answered_locally(gate, echo):
     before = upstream_total(echo)
     r = request(gate.port, "POST", "/auth/login", SPOOF, b"", proto="h2", trailers=[("x-api-key", "s-read-key")])
