@@ -3,13 +3,12 @@
 //! counters. Key layouts: `keygate_core::shared_data`.
 
 use crate::host::{self, HostError, HostResult, Written};
+use keygate_core::config::{check_store_ids, merge_config_ids};
 use keygate_core::hash::Digest;
 use keygate_core::shared_data::{
     credential_key, key_id_key, update, CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
-use keygate_core::sync::{
-    check_store_ids, decode_entry, decode_state, is_visible, merge_config_ids, SyncState,
-};
+use keygate_core::sync::{decode_entry, decode_state, is_visible, SyncState};
 use keygate_core::token::VerifiedTokens;
 use keygate_core::{Credential, Policy};
 use std::collections::HashMap;

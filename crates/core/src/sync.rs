@@ -338,39 +338,6 @@ pub fn check_config_ids(plan: &Plan, config_ids: Option<&[u8]>) -> Result<(), Sy
     Ok(())
 }
 
-/// The `cfg:ids` entry with `policy`'s key ids merged in (other gate configs
-/// sharing the VM keep theirs; an unreadable entry is replaced).
-pub fn merge_config_ids(current: Option<&[u8]>, policy: &crate::config::Policy) -> Vec<u8> {
-    let mut all: std::collections::BTreeMap<String, String> = current
-        .filter(|b| !b.is_empty())
-        .and_then(|b| serde_json::from_slice(b).ok())
-        .unwrap_or_default();
-    for key_id in policy.by_key_id.keys() {
-        all.insert(key_id.clone(), policy.key_id_source(key_id));
-    }
-    serde_json::to_vec(&all).unwrap_or_default()
-}
-
-/// Refuses a plugin config defining a key id that the store holds for
-/// another key (`held`: the store's live credential hash for an id), naming
-/// both. Checked in a stable order, so the error is the same on every run.
-pub fn check_store_ids<E>(
-    policy: &crate::config::Policy,
-    mut held: impl FnMut(&str) -> Result<Option<Digest>, E>,
-) -> Result<Result<(), ConfigError>, E> {
-    let mut ids: Vec<(&String, &Digest)> = policy.by_key_id.iter().collect();
-    ids.sort();
-    for (key_id, hash) in ids {
-        if held(key_id)?.is_some_and(|h| h != *hash) {
-            return Ok(Err(ConfigError::new(
-                &format!("{}.key_id", policy.key_id_source(key_id)),
-                format!("'{key_id}' is also a key in the credential store (pushed by the sidecar); key ids must be unique across plugin config and store"),
-            )));
-        }
-    }
-    Ok(Ok(()))
-}
-
 /// A committed set from an identified store, and a push from another one.
 pub fn is_foreign(push: &Push, state: &SyncState) -> bool {
     state.generation > 0 && state.store_id.is_some() && push.store_id != state.store_id
@@ -527,32 +494,6 @@ mod tests {
             check_config_ids(&plan, Some(b"{")).unwrap_err().status(),
             500
         );
-    }
-
-    #[test]
-    fn config_key_ids_are_recorded_and_checked_against_the_store() {
-        let h = "a".repeat(64);
-        let p = crate::config::Policy::from_json(
-            format!(r#"{{"credentials":[{{"key_id":"x","key_hash":"{h}","tenant":"t"}},{{"key_id":"cfg","key_hash":"{}","tenant":"t"}}]}}"#, "b".repeat(64)).as_bytes(),
-        )
-        .unwrap();
-        let merged = merge_config_ids(Some(br#"{"other":"credentials[0]"}"#), &p);
-        let ids: std::collections::BTreeMap<String, String> =
-            serde_json::from_slice(&merged).unwrap();
-        assert_eq!(ids["cfg"], "credentials[1]");
-        assert_eq!(ids["other"], "credentials[0]");
-        let none = |_: &str| Ok::<_, ()>(None);
-        assert!(check_store_ids(&p, none).unwrap().is_ok());
-        let same = |id: &str| Ok::<_, ()>((id == "x").then_some([0xaa; 32]));
-        assert!(
-            check_store_ids(&p, same).unwrap().is_ok(),
-            "the same key is no conflict"
-        );
-        let other = |id: &str| Ok::<_, ()>((id == "cfg").then_some([1; 32]));
-        let e = check_store_ids(&p, other).unwrap().unwrap_err();
-        assert_eq!(e.field, "credentials[1].key_id");
-        assert!(e.message.contains("'cfg'") && e.message.contains("credential store"));
-        assert_eq!(check_store_ids(&p, |_| Err("host")).unwrap_err(), "host");
     }
 
     #[test]
