@@ -119,3 +119,50 @@ def test_session_revocation_uses_envoys_clock_whatever_the_sidecars(envoy, proto
     again = {**full(2, 3, [key]), "revoked_sessions": revoke["revoked_sessions"]}
     assert push(envoy, again).status == 200
     assert use(envoy, fresh, proto=proto).status == 200
+
+
+def test_gate_config_reusing_a_key_id_the_store_holds_is_refused_naming_both(envoy_factory, tmp_path):
+    """Config vs store at load: a listener added later (LDS) whose plugin
+    config defines a key id the store already holds for another key is
+    refused, and the log names both; the running gate is unaffected."""
+    import copy
+    import os
+
+    import yaml
+
+    from tests.harness import free_port, wait_until
+
+    lds = tmp_path / "lds"
+    lds.mkdir()
+    (lds / "listeners.yaml").write_text("resources: []\n")
+
+    def with_lds(config):
+        config["node"] = {"id": "sec-test", "cluster": "sec-test"}
+        config["dynamic_resources"] = {"lds_config": {"resource_api_version": "V3", "path_config_source": {
+            "path": str(lds / "listeners.yaml"), "watched_directory": {"path": str(lds)}}}}
+
+    with envoy_factory({"routes": ROUTES}, mutate=with_lds) as envoy:
+        assert push(envoy, full(1, 1, [cred("dup-id", "store-key", scopes=["read"])])).status == 200
+        gate = next(lst for lst in envoy.config["static_resources"]["listeners"] if lst["name"] == "gate")
+
+        def add_listener(name, credential):
+            listener = copy.deepcopy(gate)
+            listener["name"] = name
+            listener["address"]["socket_address"]["port_value"] = free_port()
+            hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+            keygate = next(f for f in hcm["http_filters"] if f["name"] == "keygate")
+            keygate["typed_config"]["config"]["configuration"]["value"] = json.dumps(
+                {"routes": ROUTES, "credentials": [credential]})
+            listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
+            tmp = lds / "next.yaml"
+            tmp.write_text(yaml.safe_dump({"resources": [listener]}))
+            os.replace(tmp, lds / "listeners.yaml")
+
+        add_listener("gate-dup", cred("dup-id", "config-key", scopes=["admin"]))
+        message = "credentials[0].key_id: 'dup-id' is also a key in the credential store"
+        assert wait_until(lambda: message in envoy.log(), timeout=15), envoy.log()[-2000:]
+        assert "gate-dup" not in envoy.admin("/listeners")
+        # Another id is fine, and the running gate still serves the store key.
+        add_listener("gate-ok", cred("fresh-id", "config-key", scopes=["admin"]))
+        assert wait_until(lambda: "gate-ok" in envoy.admin("/listeners"), timeout=15)
+        assert request(envoy.port, "GET", "/v1/items", [("x-api-key", "store-key")]).status == 200
