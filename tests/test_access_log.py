@@ -46,7 +46,7 @@ CASES = [
 
 def counters(envoy):
     text = envoy.admin("/stats/prometheus")
-    return {m[0]: int(m[1]) for m in re.findall(r'^keygate_requests_total\{outcome="(\w+)"\} (\d+)', text, re.M)}
+    return {m[0]: int(m[1]) for m in re.findall(r'^(?:envoy_dynamicmodulescustom_)?keygate_requests_total\{outcome="(\w+)"\} (\d+)', text, re.M)}
 
 
 @pytest.fixture(scope="module")
