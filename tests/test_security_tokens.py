@@ -130,7 +130,7 @@ def test_gate_config_reusing_a_key_id_the_store_holds_is_refused_naming_both(env
 
     import yaml
 
-    from tests.harness import free_port, wait_until
+    from tests.harness import free_port, native_config, wait_until
 
     lds = tmp_path / "lds"
     lds.mkdir()
@@ -153,6 +153,9 @@ def test_gate_config_reusing_a_key_id_the_store_holds_is_refused_naming_both(env
             keygate = next(f for f in hcm["http_filters"] if f["name"] == "keygate")
             keygate["typed_config"]["config"]["configuration"]["value"] = json.dumps(
                 {"routes": ROUTES, "credentials": [credential]})
+            if envoy.build == "native":
+                listener = native_config({"static_resources": {"listeners": [listener]}})["static_resources"][
+                    "listeners"][0]
             listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
             tmp = lds / "next.yaml"
             tmp.write_text(yaml.safe_dump({"resources": [listener]}))
