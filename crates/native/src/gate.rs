@@ -189,7 +189,7 @@ impl Gate {
         }
         if policy.log_decisions {
             if let Ok(line) = serde_json::to_string(record) {
-                log(abi::LOG_INFO, &format!("keygate decision {line}"));
+                log(abi::LOG_INFO, &format!("keygate: decision {line}"));
             }
         }
     }

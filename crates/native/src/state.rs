@@ -276,7 +276,8 @@ mod tests {
             next.state = SyncState {
                 generation: 1,
                 version: 1,
-                ..SyncState::default()
+                pending: None,
+                store_id: None,
             };
             Ok::<_, ()>((next, ()))
         })
