@@ -215,10 +215,11 @@ def test_concurrent_admissions_report_distinct_remaining_counts(envoy_factory):
         cred("s-burst", "s-burst-key", scopes=["read"], rate_limit={"requests": limit, "window_secs": 86400})]}
     with envoy_factory(config, concurrency=2) as envoy:
         seen, statuses, lock = [], [], threading.Lock()
-        start = threading.Barrier(8)
+        # Generous bounds: the machine may be busy; the test is about counts.
+        start = threading.Barrier(8, timeout=60)
 
         def client(proto):
-            start.wait(10)
+            start.wait()
             for _ in range(20):
                 r = request(envoy.port, "GET", "/v1/items", [("x-api-key", "s-burst-key")], proto=proto)
                 with lock:
@@ -230,8 +231,8 @@ def test_concurrent_admissions_report_distinct_remaining_counts(envoy_factory):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(60)
-        assert len(statuses) == 160
+            t.join(120)
+        assert len(statuses) == 160, f"{len(statuses)} of 160 requests answered"
         assert statuses.count(200) == limit, sorted(statuses)
         assert sorted(seen) == list(range(limit)), "each remaining count is reported exactly once"
 
