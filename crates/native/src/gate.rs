@@ -14,7 +14,9 @@ use keygate_core::hash::Digest;
 use keygate_core::rate_limit::RateStatus;
 use keygate_core::shared_data::CounterCell;
 use keygate_core::token::MAX_LOGIN_BODY;
-use keygate_core::verdict::{is_login, login, rate_limit_headers, Headers, Login};
+use keygate_core::verdict::{
+    identity_spellings, is_login, login, rate_limit_headers, Headers, Login,
+};
 use keygate_core::{decide, Credential, Decision, Denial, Host, Outcome, Policy};
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -75,6 +77,20 @@ impl HeaderViews {
     fn has(&self, name: &str) -> bool {
         self.values(name).next().is_some()
     }
+
+    /// Names sent that spell an identity header another way
+    /// (`x_keygate_tenant`): removed like the identity headers themselves.
+    fn identity_spellings(&self, policy: &Policy) -> Vec<String> {
+        let names = self.views.as_slice().iter().map(|h| {
+            // SAFETY: views are valid while `self` lives (see `fetch`).
+            let key = unsafe { view(h.key_ptr, h.key_length) };
+            std::str::from_utf8(key).unwrap_or_default()
+        });
+        identity_spellings(policy, names)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// A slice of Envoy's memory; a null pointer is an empty slice.
@@ -114,6 +130,10 @@ struct NativeHost {
 impl Host for NativeHost {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>> {
         lookup(key_hash)
+    }
+
+    fn lookup_key_id(&mut self, key_id: &str) -> Option<Rc<Credential>> {
+        crate::state::lookup_key_id(key_id)
     }
 
     fn peer_address(&mut self) -> Option<String> {
@@ -409,6 +429,16 @@ impl Gate {
                 .iter()
                 .filter_map(|n| headers.get(n).map(|v| ((*n).to_owned(), v)))
                 .collect();
+            // No client-sent identity, in any spelling, stays on a login.
+            let spellings = headers.identity_spellings(&policy);
+            drop(headers);
+            for name in spellings
+                .iter()
+                .map(String::as_str)
+                .chain(policy.headers.all())
+            {
+                stream.set_request_header(name, None);
+            }
             if end_of_stream {
                 self.answer_login(stream, &policy, &kept, b"");
             } else {
@@ -442,10 +472,21 @@ impl Gate {
         for (sent, (name, _)) in set_sent.iter_mut().zip(&edits.set) {
             *sent = headers.has(name);
         }
+        // Usually none: no allocation then.
+        let spellings = match decision.outcome {
+            Outcome::Denied { .. } => Vec::new(),
+            _ => headers.identity_spellings(&policy),
+        };
         drop(headers);
         timer.lap(Step::EditPlan);
         let remove_sent = remove_sent.iter().chain(std::iter::repeat(&true));
-        for (name, _) in edits.remove.iter().zip(remove_sent).filter(|(_, s)| **s) {
+        let remove = edits
+            .remove
+            .iter()
+            .zip(remove_sent)
+            .filter(|(_, s)| **s)
+            .map(|(name, _)| *name);
+        for name in remove.chain(spellings.iter().map(String::as_str)) {
             stream.set_request_header(name, None);
         }
         let set_sent = set_sent.iter().chain(std::iter::repeat(&true));
