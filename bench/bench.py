@@ -31,7 +31,7 @@ from tests.harness import KEYGATE, WASM, Envoy, free_port, keygate, render, requ
 
 DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "100000,1000000").split(",") if s]
+SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1000000").split(",") if s]
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 WORK = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
 
@@ -175,7 +175,7 @@ def check_enforces(name, envoy, header):
         raise RuntimeError(f"{name}: a valid request got {ok.status}")
 
 
-def load_through_sync(envoy, n):
+def load_through_sync(envoy, n, secret_of_0=None):
     """Loads n credentials the way production does: a store, then `keygate sync`."""
     store = WORK / f"store-{n}.json"
     started = time.monotonic()
@@ -184,7 +184,8 @@ def load_through_sync(envoy, n):
         for i in range(n):
             if i:
                 f.write(",")
-            f.write(json.dumps({"created_at": 0, "updated_at": 0, "record": record(i)}, separators=(",", ":")))
+            rec = record(i, secret_hash=secret_of_0) if i == 0 and secret_of_0 else record(i)
+            f.write(json.dumps({"created_at": 0, "updated_at": 0, "record": rec}, separators=(",", ":")))
         f.write("]}")
     written = time.monotonic()
     rss_before = rss_kib(envoy.proc.pid)
@@ -214,57 +215,95 @@ def wrk(envoy, header):
     return {"rps": requests / seconds, "p50": p50, "p99": p99}
 
 
+def keygate_native_config(plugin):
+    """Slot for the native build (crates/native, another helper's work): returns
+    None until that build provides a config for the same plugin, and the row
+    is then reported as not measured."""
+    return None
+
+
+def login(envoy, key):
+    r = request(envoy.port, "POST", "/auth/login", [], json.dumps({"api_key": key}).encode())
+    if r.status != 200:
+        raise RuntimeError(f"login failed: {r.status}")
+    return ("authorization", "Bearer " + r.json()["access_token"])
+
+
 def main():
     begun = time.monotonic()
-    basic = "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()
-    api_key = ("x-api-key", KEY)
-    plugin_1k = {"routes": ROUTES, "credentials": [record(i) for i in range(1000)]}
-    plugin_basic = {"routes": ROUTES, "credentials": [record(0, secret_hash=sha(SECRET))]
-                    + [record(i) for i in range(1, 1000)]}
-    plugin_tokens = {**plugin_1k, "tokens": {"lifetime_secs": 86400}}
-    setups = [
-        ("bare Envoy", bare_config(), api_key, None),
-        ("no-op proxy-wasm filter (reference)", noop_config(), api_key, None),
-        ("native api_key_auth + rbac + local_ratelimit, 1k keys", native_config(1000), api_key, None),
-        ("keygate, 1k keys (X-API-Key)", keygate_config(plugin_1k), api_key, None),
-        ("keygate, 1k keys, access-log fields off", keygate_config({**plugin_1k, "access_log_fields": False}), api_key,
+    basic = ("authorization", "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode())
+    # Key 0 has a secret (the Basic rows); key 1 is a plain key (X-API-Key and token rows).
+    api_key = ("x-api-key", "bench-key-1")
+    creds_1k = [record(0, secret_hash=sha(SECRET))] + [record(i) for i in range(1, 1000)]
+    tokens = {"lifetime_secs": 86400}
+    # (envoy name, config, credentials to load through sync or None)
+    envoy_setups = [
+        ("bare", bare_config(), None),
+        ("noop", noop_config(), None),
+        ("native", native_config(1000), None),
+        ("keygate-1k", keygate_config({"routes": ROUTES, "credentials": creds_1k, "tokens": tokens}, login=True),
          None),
-        *[(f"keygate, {n // 1000}k keys via sync (X-API-Key)", keygate_config({"routes": ROUTES}), api_key, n)
+        *[(f"keygate-{n // 1000}k", keygate_config({"routes": ROUTES, "tokens": tokens}, login=True), n)
           for n in SIZES],
-        ("keygate, 1k keys (Basic key:secret)", keygate_config(plugin_basic), ("authorization", basic), None),
-        ("keygate, 1k keys (issued bearer token)", keygate_config(plugin_tokens, login=True), None, None),
     ]
+    native_1k = keygate_native_config({"routes": ROUTES, "credentials": creds_1k, "tokens": tokens})
+    if native_1k is not None:
+        envoy_setups.append(("keygate-native-1k", native_1k, None))
+    # (row name, envoy name, header or "token")
+    rows = [
+        ("bare Envoy", "bare", api_key),
+        ("no-op proxy-wasm filter (reference)", "noop", api_key),
+        ("native api_key_auth + rbac + local_ratelimit, 1k keys", "native", ("x-api-key", "bench-key-1")),
+    ]
+    for n in [1000] + SIZES:
+        name = f"keygate-{n // 1000}k"
+        via = "" if n == 1000 else " via sync"
+        rows += [(f"keygate wasm, {n // 1000}k keys{via} (X-API-Key)", name, api_key),
+                 (f"keygate wasm, {n // 1000}k keys{via} (Basic key:secret)", name, basic),
+                 (f"keygate wasm, {n // 1000}k keys{via} (issued bearer token)", name, "token")]
+    rows.append(("keygate native, 1k keys (X-API-Key)", "keygate-native-1k", api_key))
+    only = os.environ.get("BENCH_ROWS")
+    if only:
+        rows = [r for r in rows if any(part in r[0] for part in only.split(","))]
+    wanted = {e for _, e, _ in rows}
     envoys, headers, loads = {}, {}, {}
     try:
-        for name, config, header, n in setups:
+        for name, config, n in envoy_setups:
+            if name not in wanted:
+                continue
             print(f"starting: {name}", flush=True)
-            envoys[name] = start(name.replace(" ", "_").replace("/", ""), config)
+            envoys[name] = start(name, config)
             if n:
-                loads[name] = load_through_sync(envoys[name], n)
+                loads[name] = load_through_sync(envoys[name], n, secret_of_0=sha(SECRET))
                 print(f"  loaded {n} credentials in {loads[name]['load_s']:.1f} s, "
                       f"{loads[name]['bytes_per_credential']:.0f} B RSS each", flush=True)
-            if header is None:
-                r = request(envoys[name].port, "POST", "/auth/login", [], json.dumps({"api_key": KEY}).encode())
-                header = ("authorization", "Bearer " + r.json()["access_token"])
-            headers[name] = header
-            check_enforces(name, envoys[name], header)
-        results = {name: [] for name in envoys}
+        measured = [r for r in rows if r[1] in envoys]
+        for row, name, header in measured:
+            headers[row] = login(envoys[name], "bench-key-1") if header == "token" else header
+            check_enforces(row, envoys[name], headers[row])
+        results = {row: [] for row, _, _ in measured}
         for rnd in range(ROUNDS):
-            for name in envoys:
-                results[name].append(wrk(envoys[name], headers[name]))
-                print(f"  round {rnd + 1}/{ROUNDS} {name}: {results[name][-1]['rps']:.0f} rps", flush=True)
+            for row, name, _ in measured:
+                results[row].append(wrk(envoys[name], headers[row]))
+                print(f"  round {rnd + 1}/{ROUNDS} {row}: {results[row][-1]['rps']:.0f} rps", flush=True)
         rss = {name: rss_kib(e.proc.pid) for name, e in envoys.items()}
     finally:
         for e in envoys.values():
             e.stop()
 
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")} for n, rs in results.items()}
-    bare = med["bare Envoy"]["rps"]
-    lines = ["| config | rps | ratio to bare | p50 | p99 | Envoy RSS |", "|---|---|---|---|---|---|"]
-    for name in envoys:
-        m = med[name]
-        lines.append(f"| {name} | {m['rps']:.0f} | {m['rps'] / bare:.2f} | {m['p50']:.2f} ms | {m['p99']:.2f} ms "
-                     f"| {rss[name] / 1024:.0f} MiB |")
+    bare = med.get("bare Envoy", {}).get("rps")
+    noop = med.get("no-op proxy-wasm filter (reference)", {}).get("rps")
+    ratio = lambda v, ref: f"{v / ref:.2f}" if ref else "-"
+    lines = ["| config | rps | ratio to bare | ratio to no-op wasm | p50 | p99 | Envoy RSS |",
+             "|---|---|---|---|---|---|---|"]
+    for row, name, _ in rows:
+        if row not in med:
+            lines.append(f"| {row} | not measured (no build) | | | | | |")
+            continue
+        m = med[row]
+        lines.append(f"| {row} | {m['rps']:.0f} | {ratio(m['rps'], bare)} | {ratio(m['rps'], noop)} "
+                     f"| {m['p50']:.2f} ms | {m['p99']:.2f} ms | {rss[name] / 1024:.0f} MiB |")
     print("\n" + "\n".join(lines))
     if loads:
         print("\n| credentials loaded through `keygate sync` | load time | Envoy RSS per credential |\n|---|---|---|")

@@ -142,8 +142,14 @@ pub fn define_counter(name: &str) -> HostResult<u32> {
     )
 }
 
-pub fn increment_counter(id: u32) -> HostResult<()> {
-    named("increment_metric", hostcalls::increment_metric(id, 1))
+pub fn increment_counter(id: u32, by: u64) -> HostResult<()> {
+    let by = i64::try_from(by).unwrap_or(i64::MAX);
+    named("increment_metric", hostcalls::increment_metric(id, by))
+}
+
+/// Calls the root context's `on_tick` every `period`.
+pub fn set_tick_period(period: std::time::Duration) -> HostResult<()> {
+    named("set_tick_period", hostcalls::set_tick_period(period))
 }
 
 /// Logs a panic's message at error level before the VM traps. Replaces the

@@ -200,11 +200,18 @@ impl<'a> EnvoyHost<'a> {
 
 impl Host for EnvoyHost<'_> {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>> {
-        let found = self.borrowed.as_deref_mut()?.lookup(key_hash);
-        found.unwrap_or_else(|e| {
-            self.keep(e);
-            None
-        })
+        match self.borrowed.as_deref_mut()?.lookup(key_hash) {
+            Ok(Some((cred, entry))) => {
+                // Its rate-limit state is counted in the entry just read.
+                self.counters.entry = Some(entry);
+                Some(cred)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.keep(e);
+                None
+            }
+        }
     }
 
     fn peer_address(&mut self) -> Option<String> {

@@ -4,8 +4,9 @@
 //! (`keygate_core::sync::plan`) before the first write.
 
 use crate::host::{self, HostError, HostResult, Written};
-use crate::shared_store::{ensure_counter, SharedCounters};
+use crate::shared_store::SharedCounters;
 use keygate_core::config::SyncSecret;
+use keygate_core::entry;
 use keygate_core::shared_data::{credential_key, revocations_key, update, Step, STATE_KEY};
 use keygate_core::sync::{
     decode_state, encode_state, plan, SyncError, SyncState, MAX_PUSH_BYTES, PUSH_PATH,
@@ -57,11 +58,8 @@ impl SyncContext {
         let host_error = |e: HostError| SyncError::Host(e.to_string());
         let (state, cas) = Self::held_state().map_err(host_error)?;
         let plan = plan(&self.secret.0, body, self.signature.as_deref(), &state)?;
-        for key in &plan.counters {
-            ensure_counter(key).map_err(host_error)?;
-        }
-        for (hash, entry) in &plan.upserts {
-            host::shared_set(&credential_key(hash), entry, None).map_err(host_error)?;
+        for (hash, fresh) in &plan.upserts {
+            upsert(&credential_key(hash), fresh)?;
         }
         for hash in &plan.deletes {
             host::shared_set(&credential_key(hash), &[], None).map_err(host_error)?;
@@ -86,6 +84,25 @@ impl SyncContext {
         );
         Ok(plan.state)
     }
+}
+
+/// Writes a credential entry, keeping the rate-limit state the entry held
+/// (an update must not hand a key a fresh budget), with CAS: gate workers
+/// update that state concurrently.
+fn upsert(name: &str, fresh: &[u8]) -> Result<(), SyncError> {
+    let mut cell = SharedCounters::default();
+    let written = update(&mut cell, name, |old| {
+        let kept = old.and_then(entry::tat).flatten();
+        let bytes = kept
+            .and_then(|tat| entry::with_tat(fresh, tat))
+            .unwrap_or_else(|| fresh.to_vec());
+        Step::Write(bytes, ())
+    });
+    if let Some(e) = cell.error {
+        return Err(SyncError::Host(e.to_string()));
+    }
+    written
+        .map_err(|_| SyncError::Conflict("a credential entry kept changing during the push".into()))
 }
 
 /// Merges session revocations into each key's `rs:` entry, with CAS: gate

@@ -286,12 +286,15 @@ pub(super) fn check_credential(
         return deny(Reason::Inactive, "API key is inactive", Some(&cred));
     }
     if !cred.allowed_ips.is_empty() {
-        let peer = host.peer_address();
-        let ip = client_ip(
-            peer.as_deref(),
-            headers.get("x-forwarded-for").as_deref(),
-            policy.trusted_xff_hops,
-        );
+        // Each fact is a host call on the request path: the peer address
+        // only when no hops are trusted, X-Forwarded-For only when some are.
+        let peer = (policy.trusted_xff_hops == 0)
+            .then(|| host.peer_address())
+            .flatten();
+        let xff = (policy.trusted_xff_hops > 0)
+            .then(|| headers.get("x-forwarded-for"))
+            .flatten();
+        let ip = client_ip(peer.as_deref(), xff.as_deref(), policy.trusted_xff_hops);
         if !is_allowed(&cred.allowed_ips, ip) {
             return deny(
                 Reason::IpNotAllowed,
