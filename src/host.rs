@@ -86,11 +86,12 @@ pub fn set_request_header(name: &str, value: Option<&str>) -> HostResult<()> {
     )
 }
 
-/// Sets (Some) or removes (None) a response header.
-pub fn set_response_header(name: &str, value: Option<&str>) -> HostResult<()> {
+/// Adds a response header. Cheaper than replacing one, which makes Envoy
+/// look for and remove existing values first.
+pub fn add_response_header(name: &str, value: &str) -> HostResult<()> {
     named(
-        "set_response_header",
-        hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value),
+        "add_response_header",
+        hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value),
     )
 }
 

@@ -362,10 +362,12 @@ impl HttpContext for GateContext {
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
         if let (Some(rate), Some(policy)) = (&self.rate, &self.policy) {
+            // Added, not replaced: keygate owns these names, and replacing
+            // makes Envoy search and remove before it adds.
             for (name, value) in rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns) {
                 // The upstream already answered: missing headers are logged,
                 // the response still goes out.
-                if let Err(e) = host::set_response_header(name, Some(&value)) {
+                if let Err(e) = host::add_response_header(name, &value) {
                     warn!("rate-limit headers incomplete: {e}");
                     break;
                 }
