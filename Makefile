@@ -5,6 +5,7 @@
 #   make bench   load benchmark against bare Envoy and Envoy's native filters
 #   make soak    5 minutes of load with key churn: no 5xx, no wrong verdict, flat RSS
 #   make dist    release artifacts in dist/: .wasm, keygate, configs, OCI layouts, SHA256SUMS
+#   make install the keygate CLI into ~/.local/bin (or PREFIX=/usr/local)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -20,7 +21,13 @@ GIT_HASH := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 DIST ?= dist
 
-.PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench soak clean dist version
+PREFIX ?= $(HOME)/.local
+# Runs a command with TMPDIR set to a fresh directory that is removed when it
+# exits (kept, and named, if the command failed: its logs are there).
+WITH_TMP = tmp=$$(mktemp -d -t keygate-XXXXXX) && chmod 755 "$$tmp" && \
+	trap 'rc=$$?; if [ $$rc -eq 0 ]; then rm -rf "$$tmp"; else echo "logs kept in $$tmp"; fi' EXIT && export TMPDIR="$$tmp" &&
+
+.PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench soak clean install dist version
 
 all: wasm
 
@@ -60,8 +67,14 @@ dist: wasm sidecar
 	cd $(DIST) && find . -type f ! -name SHA256SUMS | LC_ALL=C sort | sed 's|^\./||' | xargs sha256sum > SHA256SUMS
 	@echo "dist/: $$(wc -l < $(DIST)/SHA256SUMS) files, keygate $(VERSION) ($(GIT_HASH))"
 
+# The keygate CLI on your PATH: $(PREFIX)/bin/keygate (PREFIX=/usr/local make install).
+install: sidecar
+	install -d $(PREFIX)/bin
+	install -m 755 $(SIDECAR) $(PREFIX)/bin/keygate
+	@echo "installed $(PREFIX)/bin/keygate"
+
 unit:
-	$(CARGO) test -p keygate-core -p keygate-sidecar
+	$(CARGO) test -p keygate-core -p keygate-control -p keygate-sidecar
 
 e2e: wasm sidecar envoy
 	$(VPY) -m pytest -q tests
@@ -69,23 +82,22 @@ e2e: wasm sidecar envoy
 test: unit e2e
 
 run: wasm sidecar envoy
-	$(VPY) -m scripts.run_demo
+	@$(WITH_TMP) $(VPY) -m scripts.run_demo
 
 bench: wasm sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(VPY) -m bench.bench
-	$(VPY) -m bench.propagation
-	$(VPY) -m bench.fleet_propagation
+	@$(WITH_TMP) $(VPY) -m bench.bench && $(VPY) -m bench.propagation && $(VPY) -m bench.fleet_propagation
+	$(CARGO) run --release -p keygate-control --example bench_logs
 
 # Minutes of mixed load with key churn (SOAK_SECONDS, default 300); not in make test.
 soak: wasm sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(VPY) -m bench.soak
+	@$(WITH_TMP) $(VPY) -m bench.soak
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(PYTHON) scripts/check_cycles.py
-	$(CARGO) clippy -p keygate-core -p keygate-sidecar --all-targets -- -D warnings
+	$(CARGO) clippy -p keygate-core -p keygate-control -p keygate-sidecar --all-targets -- -D warnings
 	$(CARGO) clippy -p keygate-filter --target $(WASM_TARGET) -- -D warnings
 
 fmt:

@@ -86,6 +86,7 @@ def main():
                 f"authorization=Basic {basic}"]
         lua = work / "soak.lua"
         lua.write_text(WRK_LUA)
+        print(f"soak: {SECONDS} s of load with key churn; progress every 5 s", flush=True)
         wrk = subprocess.Popen(["wrk", "-t1", "-c8", f"-d{SECONDS}s", "-s", str(lua), f"http://127.0.0.1:{envoy.port}",
                                 "--", *args], stdout=subprocess.PIPE, text=True)
 
@@ -121,7 +122,13 @@ def main():
         def sample():
             start = time.monotonic()
             while not stop.wait(5.0):
-                stats["rss"].append((time.monotonic() - start, rss_kib(envoy.proc.pid)))
+                elapsed = time.monotonic() - start
+                kib = rss_kib(envoy.proc.pid)
+                stats["rss"].append((elapsed, kib))
+                # A line every 5 s, so a long run visibly makes progress.
+                print(f"soak: {elapsed:4.0f}/{SECONDS} s  keys created {stats['created']}, revoked "
+                      f"{stats['revoked']}, verdict checks {stats['checks']}, wrong {len(stats['wrong'])}, "
+                      f"Envoy RSS {kib} KiB", flush=True)
 
         threads = [threading.Thread(target=f, daemon=True) for f in (churn, check, sample)]
         for t in threads:

@@ -477,8 +477,20 @@ def assert_no_wasm_panic(envoy):
 KEYGATE = Path(os.environ.get("KEYGATE_BIN", ROOT / "target/release/keygate"))
 
 
+def init_store(store):
+    """`keygate store init` for a file store that does not exist yet (the CLI
+    refuses to use a store nobody created); PostgreSQL stores are left alone."""
+    if str(store).startswith(("postgres://", "postgresql://")) or Path(store).exists():
+        return
+    subprocess.run([str(KEYGATE), "--store", str(store), "store", "init"], check=True, capture_output=True,
+                   timeout=30)
+
+
 def keygate(store, *args, check=True, json_out=True):
-    """Runs the `keygate` CLI against `store`; returns parsed JSON (or the process)."""
+    """Runs the `keygate` CLI against `store` (created first if it is a new
+    file); returns parsed JSON (or the process)."""
+    if args[:2] != ("store", "init"):
+        init_store(store)
     cmd = [str(KEYGATE), "--store", str(store), *(["--json"] if json_out else []), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     if check and proc.returncode != 0:
@@ -494,6 +506,7 @@ class Sidecar(Managed):
     stop_signal = signal.SIGKILL  # as a crash would: Envoy must not care
 
     def __init__(self, store, endpoints, *, workdir, secret=SYNC_SECRET, reconcile="200ms", log_name="sidecar.log"):
+        self.store = store
         self.args = [str(KEYGATE), "--store", str(store), "sync", "--reconcile", reconcile,
                      *[a for e in endpoints for a in ("--endpoint", e)]]
         self.secret = secret
@@ -501,6 +514,7 @@ class Sidecar(Managed):
         self.proc = None
 
     def start(self):
+        init_store(self.store)
         self._spawn(self.args, env={**os.environ, "KEYGATE_SYNC_SECRET": self.secret})
         return self
 

@@ -74,3 +74,13 @@ def test_dockerfile_is_multi_stage_non_root_without_a_shell():
     assert '"/usr/local/bin/keygate"' in entry, "exec form, no shell"
     # --locked: the image builds what Cargo.lock says.
     assert "--locked" in DOCKERFILE and "-p keygate-sidecar" in DOCKERFILE
+
+
+def test_compose_creates_the_sidecar_store_once_before_sync_starts():
+    sidecar = COMPOSE["services"]["sidecar"]
+    init = COMPOSE["services"]["store-init"]
+    assert init["image"] == sidecar["image"]
+    assert init["command"] == ["store", "init", "--if-missing"]
+    assert init["environment"]["KEYGATE_STORE"] == sidecar["environment"]["KEYGATE_STORE"]
+    assert init["volumes"] == sidecar["volumes"]
+    assert sidecar["depends_on"]["store-init"]["condition"] == "service_completed_successfully"

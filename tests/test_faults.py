@@ -35,7 +35,7 @@ def test_sidecar_killed_mid_full_push_leaves_the_old_set_in_force(rig):
     # What a sidecar that died after the first batch of a full push leaves behind.
     held = sync_state(envoy)
     batch = {"mode": "full", "generation": held["generation"] + 1, "version": 99, "batch": 0, "last": False,
-             "upserts": [cred("half", "half-pushed-key", scopes=["read"])]}
+             "upserts": [cred("half", "half-pushed-key", scopes=["read"])], "store_id": held["store_id"]}
     body = json.dumps(batch).encode()
     sig = "v1=" + hmac.new(SYNC_SECRET.encode(), body, hashlib.sha256).hexdigest()
     r = request(envoy.sync_port, "POST", "/keygate/sync/v1/push", [("x-keygate-signature", sig)], body)

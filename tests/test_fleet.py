@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from tests.harness import (
-    ENVOY_YAML, ROOT, ROUTES, WASM, envoy_binary, keygate, pg_bindir, Postgres, render, request, Sidecar, wait_until,
+    ENVOY_YAML, ROOT, ROUTES, SYNC_SECRET, WASM, envoy_binary, keygate, pg_bindir, Postgres, render, request, Sidecar,
+    wait_until,
 )
 
 CONFIG = {"routes": ROUTES}
@@ -34,7 +35,7 @@ def fleet(postgres, envoy_factory, tmp_path):
                     "DROP TABLE IF EXISTS keygate_meta, keygate_keys, keygate_revoked_sessions"],
                    check=True, capture_output=True, timeout=30)
     migrated = keygate(postgres.url, "store", "migrate", json_out=False)
-    assert "version 1" in migrated.stdout
+    assert "version 2" in migrated.stdout
     with (
         envoy_factory(CONFIG) as a,
         envoy_factory(CONFIG) as b,
@@ -110,3 +111,29 @@ def test_fleet_rate_limit_config_loads_in_envoy(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "OK" in r.stdout + r.stderr
     assert render(None, gate_port=1, admin_port=2, upstream_port=3)  # the main harness config still renders
+
+
+def test_a_file_store_cannot_empty_an_envoy_fed_from_postgres(fleet, tmp_path):
+    pg, (a, _), _ = fleet
+    k = keygate(pg.url, "key", "create", "--tenant", "acme", "--scope", "read")
+    on_both([a], k["api_key"], 200)
+    stray = tmp_path / "stray.json"
+    keygate(stray, "store", "init")
+    env = {**os.environ, "KEYGATE_SYNC_SECRET": SYNC_SECRET}
+    p = subprocess.run([str(ROOT / "target/release/keygate"), "--store", str(stray), "sync", "--once", "--endpoint",
+                        f"http://127.0.0.1:{a.sync_port}"], capture_output=True, text=True, timeout=30, env=env)
+    assert p.returncode == 1 and "--takeover" in p.stderr, p.stderr
+    assert status(a, k["api_key"]) == 200
+
+
+def test_store_init_on_postgres_gives_an_identity_once(postgres):
+    subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "-d", "keygate", "-c",
+                    "DROP TABLE IF EXISTS keygate_meta, keygate_keys, keygate_revoked_sessions"],
+                   check=True, capture_output=True, timeout=30)
+    missing = keygate(postgres.url, "key", "list", check=False)
+    assert missing.returncode == 1 and "store init" in missing.stdout + missing.stderr
+    first = keygate(postgres.url, "store", "init")
+    assert len(first["store_id"]) == 16
+    again = keygate(postgres.url, "store", "init", check=False)
+    assert again.returncode == 1 and first["store_id"] in again.stderr
+    assert keygate(postgres.url, "key", "list") == []

@@ -83,7 +83,7 @@ def test_headers_count_down_and_429_says_when_to_retry(gate):
     assert 1 <= retry <= 12  # one request every 60/5 s comes back
     assert r.json() == {
         "error": "rate_limit_exceeded",
-        "message": f"Rate limit exceeded. Try again in {retry} seconds.",
+        "message": f"Rate limit exceeded. Try again in {retry} second{'' if retry == 1 else 's'}.",
     }
     assert r.header("x-ratelimit-remaining") == "0"
     assert r.header("content-type") == "application/json"

@@ -2,14 +2,17 @@
 change made with the CLI reaches the running Envoy without a restart."""
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import signal
+import subprocess
 import threading
 
 import pytest
 
-from tests.harness import ROUTES, SYNC_SECRET, keygate, request, Sidecar, wait_until
+from tests.harness import KEYGATE, ROUTES, SYNC_SECRET, keygate, request, Sidecar, wait_until
 from tests.test_rate_limit import worker_connections
 
 CONFIG = {"routes": ROUTES, "rate_limit": {"requests": 1000, "window_secs": 60}}
@@ -22,7 +25,9 @@ def rig(envoy_factory, tmp_path):
     with envoy_factory(CONFIG) as envoy:
         with Sidecar(store, [f"http://127.0.0.1:{envoy.sync_port}"], workdir=tmp_path) as sidecar:
             yield envoy, store, sidecar
-            assert "secret" not in sidecar.log().lower().replace("sync secret", "")
+            # The store's path may contain the test's name; nothing else may say "secret".
+            log = sidecar.log().lower().replace(str(store).lower(), "").replace("sync secret", "")
+            assert "secret" not in log
 
 
 def status(envoy, headers, method="GET", path="/v1/items"):
@@ -198,8 +203,12 @@ def test_tenant_limits_and_bad_arguments_change_nothing(rig):
         keygate(store, "key", "revoke", "no-such-key", check=False),
     ]
     assert [p.returncode for p in failures] == [1, 1, 1, 2, 1, 1], [p.stderr for p in failures]
-    assert "at most 1 default" in failures[0].stderr or "more than 1 default" in failures[0].stderr
-    assert "5 scoped" in failures[1].stderr
+    errors = [json.loads(p.stderr) for p in failures]
+    assert [e["error"] for e in errors] == ["tenant_limit", "tenant_limit", "bad_input", "usage", "bad_input",
+                                            "no_such_key"], errors
+    # A refusal says what was refused and what to do about it.
+    assert errors[0]["message"].startswith("refused: tenant 'acme' already has 1 default")
+    assert "5 scoped" in errors[1]["message"] and "keygate key revoke" in errors[1]["message"]
     assert json.loads(store.read_text()) == before
 
 
@@ -226,3 +235,83 @@ def test_sync_daemon_refuses_a_short_secret(tmp_path):
                         "http://127.0.0.1:1"], env=proc_env, capture_output=True, text=True, timeout=30)
     assert p.returncode != 0 and "at least 32" in p.stderr
     assert SYNC_SECRET not in p.stderr
+
+
+def test_envoy_keeps_its_store_and_only_takeover_replaces_it(rig, tmp_path):
+    envoy, store_a, sidecar = rig
+    a = create(store_a, "--tenant", "acme", "--scope", "read")
+    becomes(envoy, key_header(a["api_key"]), 200)
+    store_a_id = json.loads(store_a.read_text())["store_id"]
+    state = request(envoy.sync_port, "GET", "/keygate/sync/v1/state").json()
+    assert state["store_id"] == store_a_id
+    sidecar.stop()
+
+    # Another store (here: empty but for one key) must not silently replace A's set.
+    store_b = tmp_path / "other.json"
+    b = create(store_b, "--tenant", "globex", "--scope", "read")
+    endpoint = f"http://127.0.0.1:{envoy.sync_port}"
+    env = {**os.environ, "KEYGATE_SYNC_SECRET": SYNC_SECRET}
+    refused = subprocess.run([str(KEYGATE), "--store", str(store_b), "sync", "--once", "--endpoint", endpoint],
+                             capture_output=True, text=True, timeout=30, env=env)
+    assert refused.returncode == 1
+    assert store_a_id in refused.stderr and "--takeover" in refused.stderr, refused.stderr
+    assert status(envoy, key_header(a["api_key"])) == 200
+    assert status(envoy, key_header(b["api_key"])) == 401
+
+    taken = subprocess.run([str(KEYGATE), "--store", str(store_b), "sync", "--once", "--takeover", "--endpoint",
+                            endpoint], capture_output=True, text=True, timeout=30, env=env)
+    assert taken.returncode == 0, taken.stderr
+    assert status(envoy, key_header(a["api_key"])) == 401
+    assert status(envoy, key_header(b["api_key"])) == 200
+    assert request(envoy.sync_port, "GET", "/keygate/sync/v1/state").json()["store_id"] == \
+        json.loads(store_b.read_text())["store_id"]
+
+
+def test_the_filter_itself_refuses_a_full_push_from_another_store(rig):
+    envoy, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read")
+    becomes(envoy, key_header(k["api_key"]), 200)
+    held = request(envoy.sync_port, "GET", "/keygate/sync/v1/state").json()
+    other = "0123456789abcdef" if held["store_id"] != "0123456789abcdef" else "fedcba9876543210"
+    payload = {"mode": "full", "generation": held["generation"] + 1, "version": 1, "batch": 0, "last": True,
+               "upserts": [], "store_id": other}
+    body = json.dumps(payload).encode()
+    sig = "v1=" + hmac.new(SYNC_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = [("content-type", "application/json"), ("x-keygate-signature", sig)]
+    r = request(envoy.sync_port, "POST", "/keygate/sync/v1/push", headers, body)
+    assert r.status == 409 and "takeover" in r.body.decode(), r
+    assert status(envoy, key_header(k["api_key"])) == 200
+    payload["takeover"] = True
+    body = json.dumps(payload).encode()
+    sig = "v1=" + hmac.new(SYNC_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = [("content-type", "application/json"), ("x-keygate-signature", sig)]
+    assert request(envoy.sync_port, "POST", "/keygate/sync/v1/push", headers, body).status == 200
+    assert status(envoy, key_header(k["api_key"])) == 401
+
+
+def test_a_hung_endpoint_does_not_delay_the_others(envoy_factory, tmp_path):
+    """One endpoint accepts connections and never answers: the live Envoy
+    still gets every change at once (each endpoint has its own thread)."""
+    import socket
+    import time
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    store = tmp_path / "store.json"
+    try:
+        with envoy_factory(CONFIG) as envoy:
+            endpoints = [f"http://127.0.0.1:{hung.getsockname()[1]}", f"http://127.0.0.1:{envoy.sync_port}"]
+            with Sidecar(store, endpoints, workdir=tmp_path):
+                time.sleep(0.5)
+                k = create(store, "--tenant", "acme", "--scope", "read")
+                started = time.monotonic()
+                becomes(envoy, key_header(k["api_key"]), 200, timeout=10)
+                # A serial sync would wait out the hung endpoint's 5 s timeout first.
+                assert time.monotonic() - started < 2.0
+                keygate(store, "key", "revoke", k["key_id"])
+                started = time.monotonic()
+                becomes(envoy, key_header(k["api_key"]), 401, timeout=10)
+                assert time.monotonic() - started < 2.0
+    finally:
+        hung.close()

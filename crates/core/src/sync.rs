@@ -41,6 +41,44 @@ pub struct Pending {
     pub next_batch: u32,
 }
 
+/// Which store a set of credentials came from: random, made when the store
+/// is created, written as 16 hex digits. Envoy keeps the id of the store its
+/// committed set came from, so a sidecar pointed at another store cannot
+/// silently replace it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StoreId(pub u64);
+
+impl core::fmt::Display for StoreId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl core::str::FromStr for StoreId {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<StoreId, Self::Err> {
+        if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("a store id is 16 hex digits");
+        }
+        u64::from_str_radix(s, 16)
+            .map(StoreId)
+            .map_err(|_| "a store id is 16 hex digits")
+    }
+}
+
+impl Serialize for StoreId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StoreId, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// What Envoy holds. All zero: nothing pushed since Envoy started.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +87,10 @@ pub struct SyncState {
     pub version: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Pending>,
+    /// The store the committed set came from (none: nothing pushed, or an
+    /// anonymous push).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<StoreId>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +124,12 @@ pub struct Push {
     /// Sessions whose tokens issued up to `revoked_at_ms` are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_sessions: Vec<RevokedSession>,
+    /// The store this push comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<StoreId>,
+    /// Full: replace a set that came from another store.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub takeover: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -246,12 +294,22 @@ pub fn plan(
     })
 }
 
+/// A committed set from an identified store, and a push from another one.
+pub fn is_foreign(push: &Push, state: &SyncState) -> bool {
+    state.generation > 0 && state.store_id.is_some() && push.store_id != state.store_id
+}
+
 /// The state after `push`, if it applies on top of `state`.
 fn check_sequence(push: &Push, state: &SyncState) -> Result<SyncState, SyncError> {
     match push.mode {
         Mode::Incremental => {
             if state.pending.is_some() {
                 return Err(SyncError::Conflict("a full push is in progress".into()));
+            }
+            if push.store_id != state.store_id {
+                return Err(SyncError::Conflict(
+                    "push is from another store than the one Envoy holds".into(),
+                ));
             }
             if push.generation != state.generation || push.base_version != state.version {
                 return Err(SyncError::Conflict(format!(
@@ -290,11 +348,20 @@ fn check_sequence(push: &Push, state: &SyncState) -> Result<SyncState, SyncError
                     push.generation
                 )));
             }
+            if push.batch == 0 && !push.takeover && is_foreign(push, state) {
+                return Err(SyncError::Conflict(format!(
+                    "Envoy holds the credentials of store {}, this push is from store {}; \
+                     refusing to replace them (keygate sync --takeover does)",
+                    state.store_id.map_or("-".into(), |id| id.to_string()),
+                    push.store_id.map_or("-".into(), |id| id.to_string()),
+                )));
+            }
             if push.last {
                 Ok(SyncState {
                     generation: push.generation,
                     version: push.version,
                     pending: None,
+                    store_id: push.store_id,
                 })
             } else {
                 let pending = Pending {
@@ -328,6 +395,8 @@ mod tests {
             upserts: vec![record("k1", "t")],
             deletes: vec![],
             revoked_sessions: vec![],
+            store_id: None,
+            takeover: false,
         }
     }
 
@@ -341,6 +410,7 @@ mod tests {
             generation,
             version,
             pending: None,
+            store_id: None,
         }
     }
 
@@ -406,7 +476,8 @@ mod tests {
                 pending: Some(Pending {
                     generation: 2,
                     next_batch: 1
-                })
+                }),
+                store_id: None,
             }
         );
         // Out of order and incremental pushes wait for the full push.
@@ -439,6 +510,7 @@ mod tests {
                 generation: 3,
                 next_batch: 4,
             }),
+            store_id: None,
         };
         assert!(run(&push(Mode::Full, 4, 0, 9), &s).is_ok());
         assert!(matches!(
@@ -541,11 +613,70 @@ mod tests {
                 generation: 4,
                 next_batch: 1,
             }),
+            store_id: Some(StoreId(0xfeed)),
         };
         assert_eq!(decode_state(Some(&encode_state(&s))), s);
         let h = [7u8; 32];
         assert!(decode_entry(b"", &h).is_none());
         assert!(decode_entry(b"x\n{}", &h).is_none());
         assert!(decode_entry(b"1\n{}", &h).is_none());
+    }
+
+    #[test]
+    fn a_full_push_from_another_store_is_refused_unless_it_takes_over() {
+        let mine = Push {
+            store_id: Some(StoreId(1)),
+            ..push(Mode::Full, 1, 0, 7)
+        };
+        let state = run(&mine, &SyncState::default()).unwrap().state;
+        assert_eq!(state.store_id, Some(StoreId(1)));
+        let other = Push {
+            store_id: Some(StoreId(2)),
+            ..push(Mode::Full, 2, 0, 3)
+        };
+        let err = run(&other, &state).unwrap_err();
+        assert!(
+            matches!(&err, SyncError::Conflict(m) if m.contains("0000000000000001") && m.contains("--takeover")),
+            "{err:?}"
+        );
+        // An anonymous push does not replace an identified set either.
+        assert!(run(&push(Mode::Full, 2, 0, 3), &state).is_err());
+        let taken = run(
+            &Push {
+                takeover: true,
+                ..other.clone()
+            },
+            &state,
+        )
+        .unwrap()
+        .state;
+        assert_eq!((taken.generation, taken.store_id), (2, Some(StoreId(2))));
+        // The same store may always replace its own set (e.g. after a sidecar restart).
+        assert!(run(
+            &Push {
+                generation: 2,
+                ..mine.clone()
+            },
+            &state
+        )
+        .is_ok());
+        // An incremental push from another store does not apply either.
+        let inc = Push {
+            store_id: Some(StoreId(2)),
+            ..push(Mode::Incremental, 1, 7, 8)
+        };
+        assert!(matches!(run(&inc, &state), Err(SyncError::Conflict(_))));
+    }
+
+    #[test]
+    fn store_ids_are_sixteen_hex_digits_on_the_wire() {
+        assert_eq!(
+            serde_json::to_string(&StoreId(0xab)).unwrap(),
+            "\"00000000000000ab\""
+        );
+        assert_eq!("00000000000000AB".parse::<StoreId>(), Ok(StoreId(0xab)));
+        for bad in ["", "ab", "00000000000000zz", "+000000000000000"] {
+            assert!(bad.parse::<StoreId>().is_err(), "{bad}");
+        }
     }
 }

@@ -225,6 +225,7 @@ proptest! {
             generation: 1,
             version: 1,
             pending: None,
+            store_id: None,
         };
         // Correctly signed, so the fuzzing reaches the parser and validation.
         let sig = sign(SYNC_SECRET, &v);

@@ -1,331 +1,243 @@
 //! `keygate sync`: keeps every Envoy's credentials equal to the store.
 //!
-//! Watches the store (a cheap stat every few milliseconds) and, on a change,
-//! pushes the difference to each endpoint as an incremental push on top of
-//! the version that endpoint holds. Every `reconcile` interval it asks each
-//! endpoint what it holds; anything it cannot account for (an Envoy restart,
-//! its own restart, a refused push) triggers a full push under a new
-//! generation. If the store becomes unreadable it keeps the last good state
-//! and says so; Envoy keeps enforcing its last good set whatever happens here.
+//! The main thread sleeps until the store says it changed (a filesystem
+//! notification for the file store, a PostgreSQL NOTIFY for the shared one;
+//! plus a cheap version check every second in case a wake was lost), then
+//! hands the new snapshot to one thread per endpoint. Each endpoint thread
+//! pushes the difference as an incremental push on top of what that Envoy
+//! holds, asks it every `reconcile` interval what it holds (a full push under
+//! a new generation if anything is unaccounted for: an Envoy restart, a
+//! refused push), and backs off on its own when its Envoy fails, so a slow
+//! or dead Envoy delays nobody else. Envoy keeps enforcing its last good set
+//! whatever happens here.
 
-use crate::http;
-use crate::store::{Snapshot, Store};
-use keygate_core::sync::{
-    sign, Mode, Push, RevokedSession, SyncState, MAX_PUSH_BYTES, MAX_PUSH_ITEMS, PUSH_PATH,
-    SIGNATURE_HEADER, STATE_PATH,
-};
-use keygate_core::CredentialRecord;
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant, SystemTime};
+use crate::endpoint::{log, Endpoint};
+use keygate_control::store::{Snapshot, Store};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// Target size of one batch body; well under the filter's limit.
-const BATCH_BYTES: usize = MAX_PUSH_BYTES / 2;
-const BATCH_ITEMS: usize = MAX_PUSH_ITEMS / 2;
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// Without a wake, the store's change token is still compared this often.
+const CATCH_UP: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub struct Options {
     pub endpoints: Vec<String>,
     pub secret: Vec<u8>,
-    pub poll: Duration,
     pub reconcile: Duration,
     pub once: bool,
+    pub takeover: bool,
 }
 
-/// What we know an endpoint holds because we pushed it and it said so.
-struct Held {
-    generation: u64,
-    version: u64,
-    set: BTreeMap<String, CredentialRecord>,
-    revoked: BTreeSet<RevokedSession>,
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Endpoint(#[from] crate::endpoint::Error),
+    #[error(transparent)]
+    Store(#[from] keygate_control::Error),
+    #[error("{failed} of {total} endpoint(s) could not be synced (see the messages above)")]
+    NotSynced { failed: usize, total: usize },
 }
 
-struct Endpoint {
-    addr: String,
-    held: Option<Held>,
-    last_error: Option<String>,
-}
-
-pub fn log(msg: &str) {
-    eprintln!(
-        "{} keygate sync: {msg}",
-        humantime::format_rfc3339_millis(SystemTime::now())
-    );
-}
-
-fn as_set(snap: &Snapshot) -> BTreeMap<String, CredentialRecord> {
-    snap.keys
-        .iter()
-        .map(|k| (k.record.key_hash.clone(), k.record.clone()))
-        .collect()
-}
-
-fn revocations(snap: &Snapshot) -> BTreeSet<RevokedSession> {
-    snap.revoked_sessions.iter().cloned().collect()
-}
-
-impl Endpoint {
-    fn state(&self) -> Result<SyncState, String> {
-        let r = http::request(&self.addr, "GET", STATE_PATH, &[], b"", TIMEOUT)?;
-        if r.status != 200 {
-            return Err(format!("state request answered {}", r.status));
-        }
-        serde_json::from_slice(&r.body).map_err(|e| format!("bad state from Envoy: {e}"))
-    }
-
-    fn send(&self, push: &Push, secret: &[u8]) -> Result<SyncState, (u16, String)> {
-        let body = serde_json::to_vec(push).map_err(|e| (0, e.to_string()))?;
-        let sig = sign(secret, &body);
-        let headers = [
-            ("content-type", "application/json"),
-            (SIGNATURE_HEADER, sig.as_str()),
-        ];
-        let r = http::request(&self.addr, "POST", PUSH_PATH, &headers, &body, TIMEOUT)
-            .map_err(|e| (0, e))?;
-        if r.status != 200 {
-            return Err((r.status, String::from_utf8_lossy(&r.body).into_owned()));
-        }
-        serde_json::from_slice(&r.body).map_err(|e| (r.status, format!("bad reply: {e}")))
-    }
-
-    /// The whole set under a generation newer than anything the endpoint has seen.
-    fn full_push(
-        &mut self,
-        snap: &Snapshot,
-        state: &SyncState,
-        secret: &[u8],
-    ) -> Result<(), String> {
-        let started = Instant::now();
-        let generation = state
-            .generation
-            .max(state.pending.map_or(0, |p| p.generation))
-            + 1;
-        let set = as_set(snap);
-        let mut batches: Vec<Vec<CredentialRecord>> = vec![Vec::new()];
-        let mut bytes = 0;
-        for r in set.values() {
-            let size = serde_json::to_vec(r).map_or(0, |v| v.len()) + 1;
-            let current = batches.last().map_or(0, Vec::len);
-            if current > 0 && (current >= BATCH_ITEMS || bytes + size > BATCH_BYTES) {
-                batches.push(Vec::new());
-                bytes = 0;
-            }
-            bytes += size;
-            if let Some(b) = batches.last_mut() {
-                b.push(r.clone());
-            }
-        }
-        let n = batches.len();
-        for (i, upserts) in batches.into_iter().enumerate() {
-            let push = Push {
-                mode: Mode::Full,
-                generation,
-                base_version: 0,
-                version: snap.version,
-                batch: u32::try_from(i).map_err(|_| "too many batches")?,
-                last: i + 1 == n,
-                upserts,
-                deletes: vec![],
-                // Revocations are few and bounded; they ride on the last batch.
-                revoked_sessions: if i + 1 == n {
-                    snap.revoked_sessions.clone()
-                } else {
-                    vec![]
-                },
-            };
-            self.send(&push, secret)
-                .map_err(|(status, m)| format!("full push batch {i} refused ({status}): {m}"))?;
-        }
-        log(&format!(
-            "{}: full push of {} credentials in {n} batches, generation {generation} version {} ({:.1} ms)",
-            self.addr,
-            set.len(),
-            snap.version,
-            started.elapsed().as_secs_f64() * 1e3
-        ));
-        self.held = Some(Held {
-            generation,
-            version: snap.version,
-            set,
-            revoked: revocations(snap),
-        });
-        Ok(())
-    }
-
-    /// Only what changed since what the endpoint holds. Returns false when it
-    /// cannot apply (too large, or the endpoint moved): the caller goes full.
-    fn incremental_push(&mut self, snap: &Snapshot, secret: &[u8]) -> Result<bool, String> {
-        let Some(held) = &self.held else {
-            return Ok(false);
-        };
-        let started = Instant::now();
-        let set = as_set(snap);
-        let upserts: Vec<CredentialRecord> = set
-            .iter()
-            .filter(|(h, r)| held.set.get(*h) != Some(r))
-            .map(|(_, r)| r.clone())
-            .collect();
-        let deletes: Vec<String> = held
-            .set
-            .keys()
-            .filter(|h| !set.contains_key(*h))
-            .cloned()
-            .collect();
-        let revoked = revocations(snap);
-        let new_revocations: Vec<RevokedSession> =
-            revoked.difference(&held.revoked).cloned().collect();
-        if upserts.len() + deletes.len() + new_revocations.len() > BATCH_ITEMS
-            || snap.version <= held.version
-        {
-            return Ok(false);
-        }
-        let push = Push {
-            mode: Mode::Incremental,
-            generation: held.generation,
-            base_version: held.version,
-            version: snap.version,
-            batch: 0,
-            last: true,
-            upserts,
-            deletes,
-            revoked_sessions: new_revocations,
-        };
-        match self.send(&push, secret) {
-            Ok(_) => {
-                log(&format!(
-                    "{}: pushed {} upserts, {} deletes, {} session revocations, version {} -> {} ({:.1} ms)",
-                    self.addr,
-                    push.upserts.len(),
-                    push.deletes.len(),
-                    push.revoked_sessions.len(),
-                    push.base_version,
-                    push.version,
-                    started.elapsed().as_secs_f64() * 1e3
-                ));
-                self.held = Some(Held {
-                    generation: held.generation,
-                    version: snap.version,
-                    set,
-                    revoked,
-                });
-                Ok(true)
-            }
-            Err((409, m)) => {
-                log(&format!(
-                    "{}: incremental push refused ({m}); doing a full push",
-                    self.addr
-                ));
-                Ok(false)
-            }
-            Err((status, m)) => Err(format!("push refused ({status}): {m}")),
-        }
-    }
-
-    /// Brings the endpoint to `snap`. `check` asks Envoy what it holds first.
-    fn sync(&mut self, snap: &Snapshot, check: bool, secret: &[u8]) -> Result<(), String> {
-        let mut state = None;
-        if check || self.held.is_none() {
-            let s = self.state()?;
-            let matches = self.held.as_ref().is_some_and(|h| {
-                s.pending.is_none() && s.generation == h.generation && s.version == h.version
-            });
-            if !matches {
-                if self.held.is_some() {
-                    log(&format!(
-                        "{}: holds generation {} version {}, not what was pushed (Envoy restarted?)",
-                        self.addr, s.generation, s.version
-                    ));
-                }
-                self.held = None;
-            }
-            state = Some(s);
-        }
-        if self
-            .held
-            .as_ref()
-            .is_some_and(|h| h.version == snap.version)
-        {
-            return Ok(());
-        }
-        if self.held.is_some() && self.incremental_push(snap, secret)? {
-            return Ok(());
-        }
-        let state = match state {
-            Some(s) => s,
-            None => self.state()?,
-        };
-        self.full_push(snap, &state, secret)
-    }
-}
-
-pub fn run(store: &impl Store, opts: Options) -> Result<(), String> {
-    let mut endpoints: Vec<Endpoint> = opts
+pub fn run(store: &dyn Store, opts: Options) -> Result<(), Error> {
+    let endpoints = opts
         .endpoints
         .iter()
-        .map(|e| {
-            Ok(Endpoint {
-                addr: http::host_port(e)?,
-                held: None,
-                last_error: None,
-            })
-        })
-        .collect::<Result<_, String>>()?;
-    let mut snap: Option<Snapshot> = None;
-    let mut token = None;
-    let mut last_check = Instant::now() - opts.reconcile;
+        .map(|e| Endpoint::new(e, opts.takeover))
+        .collect::<Result<Vec<_>, _>>()?;
+    let secret: Arc<[u8]> = opts.secret.into();
+    if opts.once {
+        return once(store, endpoints, &secret);
+    }
+    // Watch first, then read: a change in between is not missed.
+    let (wake_tx, wake_rx) = mpsc::channel();
+    let _watch = store.watch(wake_tx)?;
+    let (mut token, mut snap) = first_read(store)?;
+    let workers: Vec<Sender<Arc<Snapshot>>> = endpoints
+        .into_iter()
+        .map(|ep| spawn(ep, Arc::clone(&snap), Arc::clone(&secret), opts.reconcile))
+        .collect::<Result<_, _>>()?;
     log(&format!(
-        "watching the store, {} endpoint(s)",
-        endpoints.len()
+        "watching {}, {} endpoint(s)",
+        store.describe(),
+        workers.len()
     ));
+    let mut store_error: Option<String> = None;
     loop {
-        let new_token = store.change_token();
-        if new_token != token || snap.is_none() {
-            match store.load() {
-                Ok(s) => {
-                    snap = Some(s);
-                    token = new_token;
+        match wake_rx.recv_timeout(CATCH_UP) {
+            Ok(()) => while wake_rx.try_recv().is_ok() {},
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                // The watcher died: keep going on the periodic check alone.
+                std::thread::sleep(CATCH_UP);
+            }
+        }
+        let result = store.change_token().and_then(|t| {
+            if t == token {
+                Ok(None)
+            } else {
+                read(store).map(Some)
+            }
+        });
+        match result {
+            Ok(None) => {}
+            Ok(Some((t, s))) => {
+                token = t;
+                if s.version != snap.version || s.store_id != snap.store_id {
+                    snap = s;
+                    for w in &workers {
+                        // A worker only ends if its thread panicked; the rest go on.
+                        let _ = w.send(Arc::clone(&snap));
+                    }
                 }
-                Err(e) => {
+                if store_error.take().is_some() {
+                    log("the store is readable again");
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if store_error.as_deref() != Some(e.as_str()) {
                     log(&format!(
                         "cannot use the store: {e}; Envoy keeps the last good set"
                     ));
-                    token = new_token;
-                    if opts.once {
-                        return Err(e);
-                    }
                 }
+                store_error = Some(e);
             }
         }
-        let check = last_check.elapsed() >= opts.reconcile;
-        if check {
-            last_check = Instant::now();
+    }
+}
+
+/// The first snapshot. An unreachable database is waited for (it may be
+/// starting too); a store that is missing, uninitialised or corrupt is an
+/// operator error and ends the daemon.
+fn first_read(store: &dyn Store) -> Result<(String, Arc<Snapshot>), keygate_control::Error> {
+    let mut said = false;
+    loop {
+        match read(store) {
+            Err(e @ keygate_control::Error::Postgres { .. }) => {
+                if !said {
+                    log(&format!("{e}; waiting for it"));
+                    said = true;
+                }
+                std::thread::sleep(CATCH_UP);
+            }
+            other => return other,
         }
-        let mut failed = false;
-        if let Some(snap) = &snap {
-            for ep in &mut endpoints {
-                match ep.sync(snap, check, &opts.secret) {
-                    Ok(()) => {
-                        if ep.last_error.take().is_some() {
-                            log(&format!("{}: in sync again", ep.addr));
-                        }
-                    }
+    }
+}
+
+fn read(store: &dyn Store) -> Result<(String, Arc<Snapshot>), keygate_control::Error> {
+    // Token first: a change during the load shows up as a new token next time.
+    let token = store.change_token()?;
+    Ok((token, Arc::new(store.load()?)))
+}
+
+/// Every endpoint at once, each on its own thread; fails if any failed.
+fn once(store: &dyn Store, endpoints: Vec<Endpoint>, secret: &[u8]) -> Result<(), Error> {
+    let snap = store.load()?;
+    let total = endpoints.len();
+    let failed = std::thread::scope(|s| {
+        let handles: Vec<_> = endpoints
+            .into_iter()
+            .map(|mut ep| {
+                let snap = &snap;
+                s.spawn(move || match ep.sync(snap, true, secret) {
+                    Ok(()) => true,
                     Err(e) => {
-                        failed = true;
-                        ep.held = None;
-                        if ep.last_error.as_deref() != Some(e.as_str()) {
-                            log(&format!("{}: {e}", ep.addr));
-                        }
-                        ep.last_error = Some(e);
+                        log(&format!("{}: {e}", ep.addr));
+                        false
                     }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join())
+            .filter(|r| !matches!(r, Ok(true)))
+            .count()
+    });
+    match failed {
+        0 => Ok(()),
+        _ => Err(Error::NotSynced { failed, total }),
+    }
+}
+
+fn spawn(
+    ep: Endpoint,
+    snap: Arc<Snapshot>,
+    secret: Arc<[u8]>,
+    reconcile: Duration,
+) -> Result<Sender<Arc<Snapshot>>, Error> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("sync {}", ep.addr))
+        .spawn(move || worker(ep, snap, &secret, reconcile, rx))
+        .map_err(|e| keygate_control::Error::Other(format!("cannot start a sync thread: {e}")))?;
+    Ok(tx)
+}
+
+/// One endpoint's loop: push on every new snapshot, check on every
+/// reconcile tick, retry failures with its own exponential backoff.
+fn worker(
+    mut ep: Endpoint,
+    mut snap: Arc<Snapshot>,
+    secret: &[u8],
+    reconcile: Duration,
+    rx: Receiver<Arc<Snapshot>>,
+) {
+    let mut last_check: Option<Instant> = None;
+    let mut backoff: Option<Duration> = None;
+    let mut last_error: Option<String> = None;
+    let mut dirty = true;
+    loop {
+        if dirty || backoff.is_some() || last_check.is_none_or(|t| t.elapsed() >= reconcile) {
+            let check = backoff.is_some() || last_check.is_none_or(|t| t.elapsed() >= reconcile);
+            if check {
+                last_check = Some(Instant::now());
+            }
+            match ep.sync(&snap, check, secret) {
+                Ok(()) => {
+                    dirty = false;
+                    backoff = None;
+                    if last_error.take().is_some() {
+                        let m = ep.metrics;
+                        log(&format!(
+                            "{}: in sync again ({} full, {} incremental pushes, {} failures so far)",
+                            ep.addr, m.full_pushes, m.incremental_pushes, m.failures
+                        ));
+                    }
+                }
+                Err(e) => {
+                    ep.metrics.failures += 1;
+                    ep.forget();
+                    let e = e.to_string();
+                    if last_error.as_deref() != Some(e.as_str()) {
+                        log(&format!("{}: {e}", ep.addr));
+                    }
+                    last_error = Some(e);
+                    backoff = Some(backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX)));
                 }
             }
         }
-        if opts.once {
-            return if failed {
-                Err("some endpoints could not be synced".into())
-            } else {
-                Ok(())
-            };
+        let wait = match (backoff, last_check) {
+            (Some(b), _) => b,
+            (None, Some(t)) => reconcile.saturating_sub(t.elapsed()),
+            (None, None) => Duration::ZERO,
+        };
+        match rx.recv_timeout(wait) {
+            Ok(s) => {
+                snap = s;
+                // Only the newest snapshot matters.
+                while let Ok(s) = rx.try_recv() {
+                    snap = s;
+                }
+                dirty = true;
+                // A new snapshot is worth an immediate try, even while backing off.
+                backoff = backoff.map(|_| BACKOFF_MIN);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
         }
-        std::thread::sleep(opts.poll);
     }
 }

@@ -102,14 +102,16 @@ pub fn since(d: Duration) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
-pub fn print_table(records: &[Record]) {
+pub fn print_table(w: &mut impl std::io::Write, records: &[Record]) -> std::io::Result<()> {
     let s = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    println!(
+    writeln!(
+        w,
         "{:<24} {:<22} {:<7} {:<32} {:<16} {:<6} REASON",
         "TIME", "KEY ID", "METHOD", "PATH", "CLIENT IP", "STATUS"
-    );
+    )?;
     for r in records {
-        println!(
+        writeln!(
+            w,
             "{:<24} {:<22} {:<7} {:<32} {:<16} {:<6} {}",
             s(&r.time),
             s(&r.key_id),
@@ -118,8 +120,9 @@ pub fn print_table(records: &[Record]) {
             s(&r.client_ip),
             r.status.map_or("-".into(), |v| v.to_string()),
             r.reason.clone().unwrap_or_default()
-        );
+        )?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,196 +1,53 @@
-//! `keygate`: manage API keys in the local store and push them into running
-//! Envoys. See `keygate --help`.
+//! `keygate`: manage API keys in a store and push them into running Envoys.
+//! A thin door onto the service layer (`keygate-control`): `cli` parses,
+//! the service validates and changes the store, `output` prints, `daemon`
+//! keeps Envoys in step. See `keygate --help`.
 
+mod cli;
 mod daemon;
-mod http;
-mod keys;
+mod endpoint;
 mod logs;
-mod store;
-mod store_pg;
+mod output;
 
-use clap::{Args, Parser, Subcommand};
-use keygate_core::credential::{Kind, Status};
-use std::path::PathBuf;
+use clap::Parser;
+use cli::{AllowIpCommand, Cli, Command, KeyCommand, ScopeCommand, SessionCommand, StoreCommand};
+use keygate_control::service::NewKey;
+use keygate_control::store::pg::PgStore;
+use keygate_control::Service;
+use keygate_core::credential::Status;
+use output::Out;
+use serde_json::json;
+use std::io::{self, Write};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use store::{FileStore, Snapshot, Store, StoredKey};
-use store_pg::PgStore;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-#[derive(Parser)]
-#[command(
-    name = "keygate",
-    version = env!("KEYGATE_LONG_VERSION"),
-    about = "API keys for the keygate Envoy filter: manage them, push them live"
-)]
-struct Cli {
-    /// Store: a JSON file, or postgres://user@host:port/db for a shared
-    /// store feeding a fleet (also KEYGATE_STORE).
-    #[arg(
-        long,
-        global = true,
-        env = "KEYGATE_STORE",
-        default_value = "keygate-store.json"
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(
+        "no store given: pass --store PATH (or a postgres:// URL) or set KEYGATE_STORE; \
+         create a store with `keygate --store PATH store init`"
     )]
-    store: String,
-    /// Machine-readable JSON output.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
+    NoStore,
+    #[error(transparent)]
+    Control(#[from] keygate_control::Error),
+    #[error(transparent)]
+    Sync(#[from] daemon::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] io::Error),
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Create, inspect and change keys.
-    #[command(subcommand)]
-    Key(KeyCommand),
-    /// Push the store into Envoy sync endpoints and keep them in step.
-    Sync(SyncArgs),
-    /// The store itself.
-    #[command(subcommand)]
-    Store(StoreCommand),
-    /// Requests made with credentials, from Envoy's JSON access log.
-    Logs(LogsArgs),
-    /// Token sessions (tokens issued by POST /auth/login).
-    #[command(subcommand)]
-    Session(SessionCommand),
-}
-
-#[derive(Subcommand)]
-enum StoreCommand {
-    /// Create or upgrade the PostgreSQL schema (idempotent).
-    Migrate,
-}
-
-#[derive(Subcommand)]
-enum SessionCommand {
-    /// Refuse every token issued so far for this key and session (401).
-    Revoke {
-        #[arg(long = "key")]
-        key_id: String,
-        /// The session_id given at login; "" for logins without one.
-        #[arg(long)]
-        session: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum KeyCommand {
-    /// Create a key; the key (and secret) are shown once, only hashes are stored.
-    Create(CreateArgs),
-    /// List keys (never secrets).
-    List {
-        #[arg(long)]
-        tenant: Option<String>,
-    },
-    /// Show one key.
-    Show { key_id: String },
-    /// Replace a key's secret; with --grace the old one works until then.
-    RotateSecret {
-        key_id: String,
-        /// e.g. 10m, 1h; default 0 (old secret refused at once).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        grace: Option<Duration>,
-    },
-    /// Remove a key: refused (401) as soon as the sidecar pushes.
-    Revoke { key_id: String },
-    /// Allow a deactivated key again.
-    Activate { key_id: String },
-    /// Refuse a key with 403 without deleting it.
-    Deactivate { key_id: String },
-    /// Change a key's IP allowlist.
-    #[command(subcommand)]
-    AllowIp(AllowIpCommand),
-    /// Change a key's scopes.
-    #[command(subcommand)]
-    Scope(ScopeCommand),
-}
-
-#[derive(Subcommand)]
-enum AllowIpCommand {
-    Add { key_id: String, cidr: String },
-    Remove { key_id: String, cidr: String },
-}
-
-#[derive(Subcommand)]
-enum ScopeCommand {
-    /// Replace the key's scopes.
-    Set {
-        key_id: String,
-        #[arg(required = true)]
-        scopes: Vec<String>,
-    },
-}
-
-#[derive(Args)]
-struct CreateArgs {
-    #[arg(long)]
-    tenant: String,
-    #[arg(long = "env", default_value = "live")]
-    environment: String,
-    #[arg(long, value_parser = parse_kind, default_value = "scoped")]
-    kind: Kind,
-    /// Repeatable: --scope read --scope write.
-    #[arg(long = "scope")]
-    scopes: Vec<String>,
-    /// Repeatable CIDR or address; none means any address.
-    #[arg(long = "allow-ip")]
-    allow_ips: Vec<String>,
-    /// e.g. 100/60s, 100/min, 5000/1h; default: the filter's default.
-    #[arg(long, value_parser = keys::parse_rate)]
-    rate: Option<keygate_core::rate_limit::RateLimit>,
-    /// RFC 3339, e.g. 2027-01-01T00:00:00Z.
-    #[arg(long, value_parser = humantime::parse_rfc3339)]
-    expires: Option<SystemTime>,
-    /// Also generate a secret (for Authorization: Basic key:secret).
-    #[arg(long)]
-    with_secret: bool,
-    /// Key id; default <tenant>-<random>.
-    #[arg(long)]
-    id: Option<String>,
-}
-
-#[derive(Args)]
-struct LogsArgs {
-    /// Envoy's JSON access log (also KEYGATE_ACCESS_LOG); - for stdin.
-    #[arg(long, env = "KEYGATE_ACCESS_LOG", default_value = "-")]
-    file: PathBuf,
-    #[arg(long = "key")]
-    key_id: Option<String>,
-    #[arg(long)]
-    tenant: Option<String>,
-    /// e.g. 10m, 2h.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    since: Option<Duration>,
-    /// e.g. 4xx, 429.
-    #[arg(long, value_parser = logs::parse_status_filter)]
-    status: Option<String>,
-}
-
-#[derive(Args)]
-struct SyncArgs {
-    /// Envoy sync listener, repeatable (e.g. http://127.0.0.1:10001).
-    #[arg(long = "endpoint", required = true)]
-    endpoints: Vec<String>,
-    /// File holding the shared sync secret (else KEYGATE_SYNC_SECRET).
-    #[arg(long)]
-    secret_file: Option<PathBuf>,
-    /// How often Envoy's held version is checked (restart detection).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
-    reconcile: Duration,
-    /// How often the store is checked for changes.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10ms")]
-    poll: Duration,
-    /// Sync once and exit (non-zero if an endpoint could not be synced).
-    #[arg(long)]
-    once: bool,
-}
-
-fn parse_kind(s: &str) -> Result<Kind, String> {
-    match s {
-        "default" => Ok(Kind::Default),
-        "scoped" => Ok(Kind::Scoped),
-        _ => Err("expected 'default' or 'scoped'".into()),
+impl CliError {
+    fn code(&self) -> &'static str {
+        match self {
+            CliError::NoStore => "store_missing",
+            CliError::Control(e) => e.code(),
+            CliError::Sync(daemon::Error::Store(e)) => e.code(),
+            CliError::Sync(_) => "sync",
+            CliError::Usage(_) => "usage",
+            CliError::Output(_) => "io",
+        }
     }
 }
 
@@ -200,117 +57,15 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn epoch(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+fn open(store: Option<&str>) -> Result<Service, CliError> {
+    Ok(Service::open(store.ok_or(CliError::NoStore)?)?)
 }
 
-fn rfc3339(secs: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
-}
-
-fn kind_str(k: Kind) -> &'static str {
-    match k {
-        Kind::Default => "default",
-        Kind::Scoped => "scoped",
-    }
-}
-
-fn status_str(s: Status) -> &'static str {
-    match s {
-        Status::Active => "active",
-        Status::Inactive => "inactive",
-    }
-}
-
-/// A key as the CLI shows it: no key hash, no secret hash.
-fn public_view(k: &StoredKey) -> serde_json::Value {
-    let r = &k.record;
-    serde_json::json!({
-        "key_id": r.key_id,
-        "tenant": r.tenant,
-        "environment": r.environment,
-        "kind": kind_str(r.kind),
-        "status": status_str(r.status),
-        "scopes": r.scopes,
-        "allowed_ips": r.allowed_ips,
-        "rate_limit": r.rate_limit.map(|l| format!("{}/{}s", l.requests, l.window_secs)),
-        "has_secret": r.secret_hash.is_some(),
-        "previous_secret_until": r.previous_secret_expires_at.map(rfc3339),
-        "expires_at": r.expires_at.map(rfc3339),
-        "created_at": rfc3339(k.created_at),
-        "updated_at": rfc3339(k.updated_at),
-    })
-}
-
-fn print_table(keys: &[&StoredKey]) {
-    println!(
-        "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} ALLOWED IPS",
-        "KEY ID", "TENANT", "ENV", "KIND", "STATUS", "SCOPES", "RATE"
-    );
-    for k in keys {
-        let r = &k.record;
-        let scopes = if r.kind == Kind::Default {
-            "(all)".to_owned()
-        } else {
-            r.scopes.join(",")
-        };
-        let rate = r.rate_limit.map_or("default".to_owned(), |l| {
-            format!("{}/{}s", l.requests, l.window_secs)
-        });
-        let ips = if r.allowed_ips.is_empty() {
-            "any".to_owned()
-        } else {
-            r.allowed_ips.join(",")
-        };
-        println!(
-            "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} {ips}",
-            r.key_id,
-            r.tenant,
-            r.environment,
-            kind_str(r.kind),
-            status_str(r.status),
-            scopes,
-            rate
-        );
-    }
-}
-
-fn print_value(json: bool, value: &serde_json::Value, human: impl FnOnce()) {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).unwrap_or_default()
-        );
-    } else {
-        human();
-    }
-}
-
-fn show_one(json: bool, snap: &Snapshot, key_id: &str) -> Result<(), String> {
-    let k = snap
-        .find(key_id)
-        .ok_or_else(|| format!("no key with id '{key_id}'"))?;
-    let v = public_view(k);
-    print_value(json, &v, || {
-        if let Some(map) = v.as_object() {
-            for (name, value) in map {
-                let shown = match value {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Null => "-".into(),
-                    other => other.to_string(),
-                };
-                println!("{name:<22} {shown}");
-            }
-        }
-    });
-    Ok(())
-}
-
-fn key_command(store: &AnyStore, json: bool, cmd: KeyCommand) -> Result<(), String> {
+fn key_command<W: Write>(svc: &Service, out: &mut Out<W>, cmd: KeyCommand) -> Result<(), CliError> {
     let t = now();
     match cmd {
         KeyCommand::Create(a) => {
-            let new = keys::NewKey {
+            let new = NewKey {
                 key_id: a.id,
                 tenant: a.tenant,
                 environment: a.environment,
@@ -318,121 +73,71 @@ fn key_command(store: &AnyStore, json: bool, cmd: KeyCommand) -> Result<(), Stri
                 scopes: a.scopes,
                 allowed_ips: a.allow_ips,
                 rate_limit: a.rate,
-                expires_at: a.expires.map(epoch),
+                expires_at: a
+                    .expires
+                    .map(|e| e.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())),
                 with_secret: a.with_secret,
+                key_value: a.key_value,
+                secret_value: a.secret_value,
             };
-            let created = store.update(|s| keys::create(s, new, t))?;
-            let v = serde_json::to_value(&created).map_err(|e| e.to_string())?;
-            print_value(json, &v, || {
-                let scopes = if created.kind == Kind::Default {
-                    "all".to_owned()
-                } else {
-                    created.scopes.join(", ")
-                };
-                println!(
-                    "Created key {} (tenant {}, env {}, {} scopes: {})",
-                    created.key_id,
-                    created.tenant,
-                    created.environment,
-                    kind_str(created.kind),
-                    scopes
-                );
-                println!("  API key:  {}", created.api_key);
-                if let (Some(secret), Some(basic)) = (&created.secret, &created.authorization_basic)
-                {
-                    println!("  Secret:   {secret}");
-                    println!("  Header:   Authorization: {basic}");
-                }
-                println!("Store it now: keygate keeps only its hash and cannot show it again.");
-            });
+            out.created(&svc.create_key(new, t)?)?;
         }
-        KeyCommand::List { tenant } => {
-            let snap = store.load()?;
-            let keys: Vec<&StoredKey> = snap
-                .keys
-                .iter()
-                .filter(|k| tenant.as_ref().is_none_or(|t| &k.record.tenant == t))
-                .collect();
-            let v = serde_json::Value::Array(keys.iter().map(|k| public_view(k)).collect());
-            print_value(json, &v, || print_table(&keys));
-        }
-        KeyCommand::Show { key_id } => show_one(json, &store.load()?, &key_id)?,
+        KeyCommand::List { tenant } => out.keys(&svc.list_keys(tenant.as_deref())?)?,
+        KeyCommand::Show { key_id } => out.key(&svc.show_key(&key_id)?)?,
         KeyCommand::RotateSecret { key_id, grace } => {
             let grace = grace.map_or(0, |d| d.as_secs());
-            let secret = store.update(|s| keys::rotate_secret(s, &key_id, grace, t))?;
-            let v = serde_json::json!({"key_id": key_id, "secret": secret,
-                "previous_secret_until": (grace > 0).then(|| rfc3339(t + grace))});
-            print_value(json, &v, || {
-                println!("New secret for {key_id}: {secret}");
-                if grace > 0 {
-                    println!(
-                        "The previous secret keeps working until {}.",
-                        rfc3339(t + grace)
-                    );
-                } else {
-                    println!("The previous secret is refused from the next push on.");
-                }
-                println!("Store it now: keygate keeps only its hash.");
-            });
+            let secret = svc.rotate_secret(&key_id, grace, t)?;
+            out.rotated(&key_id, &secret, (grace > 0).then_some(t + grace))?;
         }
         KeyCommand::Revoke { key_id } => {
-            store.update(|s| keys::revoke(s, &key_id))?;
-            print_value(
-                json,
-                &serde_json::json!({"key_id": key_id, "revoked": true}),
-                || println!("Revoked {key_id}."),
-            );
+            svc.revoke_key(&key_id)?;
+            out.done(
+                json!({"key_id": key_id, "revoked": true}),
+                &format!("Revoked {key_id}."),
+            )?;
         }
         KeyCommand::Activate { key_id } => {
-            store.update(|s| keys::set_status(s, &key_id, Status::Active, t))?;
-            show_one(json, &store.load()?, &key_id)?;
+            out.key(&svc.set_status(&key_id, Status::Active, t)?)?
         }
         KeyCommand::Deactivate { key_id } => {
-            store.update(|s| keys::set_status(s, &key_id, Status::Inactive, t))?;
-            show_one(json, &store.load()?, &key_id)?;
+            out.key(&svc.set_status(&key_id, Status::Inactive, t)?)?
         }
         KeyCommand::AllowIp(AllowIpCommand::Add { key_id, cidr }) => {
-            store.update(|s| keys::allow_ip(s, &key_id, &cidr, true, t))?;
-            show_one(json, &store.load()?, &key_id)?;
+            out.key(&svc.allow_ip(&key_id, &cidr, true, t)?)?
         }
         KeyCommand::AllowIp(AllowIpCommand::Remove { key_id, cidr }) => {
-            store.update(|s| keys::allow_ip(s, &key_id, &cidr, false, t))?;
-            show_one(json, &store.load()?, &key_id)?;
+            out.key(&svc.allow_ip(&key_id, &cidr, false, t)?)?
         }
         KeyCommand::Scope(ScopeCommand::Set { key_id, scopes }) => {
-            store.update(|s| keys::set_scopes(s, &key_id, scopes, t))?;
-            show_one(json, &store.load()?, &key_id)?;
+            out.key(&svc.set_scopes(&key_id, &scopes, t)?)?
         }
     }
     Ok(())
 }
 
-fn sync_command(store: &AnyStore, args: SyncArgs) -> Result<(), String> {
+fn sync_secret(args: &cli::SyncArgs) -> Result<Vec<u8>, CliError> {
     let secret = match &args.secret_file {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            CliError::Usage(format!("--secret-file: cannot read {}: {e}", path.display()))
+        })?,
         None => std::env::var(keygate_core::config::SYNC_SECRET_ENV).map_err(|_| {
-            "no sync secret: pass --secret-file or set KEYGATE_SYNC_SECRET".to_owned()
+            CliError::Usage(
+                "no sync secret: pass --secret-file or set KEYGATE_SYNC_SECRET (the value Envoy was started with)"
+                    .into(),
+            )
         })?,
     };
     let secret = secret.trim().as_bytes().to_vec();
     if secret.len() < keygate_core::sync::MIN_SECRET_LEN {
-        return Err(format!(
+        return Err(CliError::Usage(format!(
             "the sync secret must be at least {} characters",
             keygate_core::sync::MIN_SECRET_LEN
-        ));
+        )));
     }
-    let opts = daemon::Options {
-        endpoints: args.endpoints,
-        secret,
-        poll: args.poll,
-        reconcile: args.reconcile,
-        once: args.once,
-    };
-    daemon::run(store, opts)
+    Ok(secret)
 }
 
-fn logs_command(json: bool, a: LogsArgs) -> Result<(), String> {
+fn logs_command<W: Write>(out: &mut Out<W>, a: cli::LogsArgs) -> Result<(), CliError> {
     let filter = logs::Filter {
         key: a.key_id,
         tenant: a.tenant,
@@ -440,91 +145,135 @@ fn logs_command(json: bool, a: LogsArgs) -> Result<(), String> {
         status: a.status,
     };
     let records = if a.file.as_os_str() == "-" {
-        logs::read(std::io::stdin().lock(), &filter)
+        logs::read(io::stdin().lock(), &filter)
     } else {
-        let f = std::fs::File::open(&a.file)
-            .map_err(|e| format!("cannot read {}: {e}", a.file.display()))?;
-        logs::read(std::io::BufReader::new(f), &filter)
+        let f = std::fs::File::open(&a.file).map_err(|e| {
+            CliError::Usage(format!(
+                "--file: cannot read {}: {e} (Envoy's access log; `make run` writes .keygate/access.log)",
+                a.file.display()
+            ))
+        })?;
+        logs::read(io::BufReader::new(f), &filter)
     };
-    if json {
+    if out.json {
         for r in &records {
-            println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+            let line = serde_json::to_string(r).map_err(io::Error::other)?;
+            writeln!(out.w, "{line}")?;
         }
     } else {
-        logs::print_table(&records);
+        logs::print_table(&mut out.w, &records)?;
     }
     Ok(())
 }
 
-/// The embedded file store or the shared PostgreSQL one, behind one `Store`.
-enum AnyStore {
-    File(FileStore),
-    Pg(Box<PgStore>),
-}
-
-impl AnyStore {
-    fn open(spec: &str) -> AnyStore {
-        if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-            AnyStore::Pg(Box::new(PgStore::new(spec)))
-        } else {
-            AnyStore::File(FileStore::new(spec))
+fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
+    let store = cli.store.as_deref();
+    match cli.command {
+        Command::Key(cmd) => key_command(&open(store)?, out, cmd),
+        Command::Sync(args) => {
+            let secret = sync_secret(&args)?;
+            let svc = open(store)?;
+            let opts = daemon::Options {
+                endpoints: args.endpoints,
+                secret,
+                reconcile: args.reconcile,
+                once: args.once,
+                takeover: args.takeover,
+            };
+            Ok(daemon::run(svc.store(), opts)?)
         }
-    }
-}
-
-impl Store for AnyStore {
-    fn load(&self) -> Result<Snapshot, String> {
-        match self {
-            AnyStore::File(s) => s.load(),
-            AnyStore::Pg(s) => s.load(),
+        Command::Logs(a) => logs_command(out, a),
+        Command::Store(StoreCommand::Init { if_missing }) => {
+            let svc = open(store)?;
+            let snap = match svc.init_store() {
+                Err(keygate_control::Error::StoreExists { path, store_id }) if if_missing => {
+                    out.done(
+                        json!({"store": path, "store_id": store_id, "created": false}),
+                        &format!("Store {path} already exists (id {store_id}); left as it is."),
+                    )?;
+                    return Ok(());
+                }
+                other => other?,
+            };
+            let id = snap.store_id.map(|i| i.to_string()).unwrap_or_default();
+            let where_ = svc.store().describe();
+            out.done(
+                json!({"store": where_, "store_id": id, "keys": snap.keys.len()}),
+                &format!(
+                    "Store {where_} is ready (id {id}, {} keys).",
+                    snap.keys.len()
+                ),
+            )?;
+            Ok(())
         }
-    }
-
-    fn update<T>(
-        &self,
-        change: impl FnOnce(&mut Snapshot) -> Result<T, String>,
-    ) -> Result<T, String> {
-        match self {
-            AnyStore::File(s) => s.update(change),
-            AnyStore::Pg(s) => s.update(change),
+        Command::Store(StoreCommand::Migrate) => {
+            let spec = store.ok_or(CliError::NoStore)?;
+            if !(spec.starts_with("postgres://") || spec.starts_with("postgresql://")) {
+                return Err(CliError::Usage(
+                    "the file store needs no migration (create one with `keygate store init`)"
+                        .into(),
+                ));
+            }
+            let (schema, id, _) = PgStore::new(spec)?.migrate()?;
+            out.done(
+                json!({"store_id": id.to_string(), "schema_version": schema}),
+                &format!("Store schema is at version {schema} (store id {id})."),
+            )?;
+            Ok(())
         }
-    }
-
-    fn change_token(&self) -> Option<String> {
-        match self {
-            AnyStore::File(s) => s.change_token(),
-            AnyStore::Pg(s) => s.change_token(),
-        }
-    }
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let store = AnyStore::open(&cli.store);
-    let result = match cli.command {
-        Command::Key(cmd) => key_command(&store, cli.json, cmd),
-        Command::Sync(args) => sync_command(&store, args),
-        Command::Logs(a) => logs_command(cli.json, a),
-        Command::Store(StoreCommand::Migrate) => match &store {
-            AnyStore::Pg(pg) => pg
-                .migrate()
-                .map(|v| println!("Store schema is at version {v}.")),
-            AnyStore::File(_) => Err("the file store needs no migration".into()),
-        },
         Command::Session(SessionCommand::Revoke { key_id, session }) => {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            store.update(|s| keys::revoke_session(s, &key_id, &session, now_ms)).map(|_| {
-                let v = serde_json::json!({"key_id": key_id, "session_id": session, "revoked": true});
-                print_value(cli.json, &v, || println!("Revoked session '{session}' of {key_id}: its tokens are refused."));
-            })
+            open(store)?.revoke_session(&key_id, &session, now_ms)?;
+            out.done(
+                json!({"key_id": key_id, "session_id": session, "revoked": true}),
+                &format!("Revoked session '{session}' of {key_id}: its tokens are refused."),
+            )?;
+            Ok(())
         }
+    }
+}
+
+/// Errors on stderr: a sentence, or with `--json` one JSON object.
+fn report(json: bool, code: &str, message: &str) {
+    let text = if json {
+        json!({"error": code, "message": message}).to_string()
+    } else {
+        format!("keygate: {message}")
     };
+    // Nothing better to do if stderr is gone too.
+    let _ = writeln!(io::stderr(), "{text}");
+}
+
+/// What a shell reports for a program killed by SIGPIPE.
+const BROKEN_PIPE_EXIT: u8 = 128 + 13;
+
+fn main() -> ExitCode {
+    let json = std::env::args_os().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if json && e.use_stderr() => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            report(true, "usage", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
+    let mut out = Out {
+        json: cli.json,
+        w: io::stdout().lock(),
+    };
+    let result = run(cli, &mut out).and_then(|()| Ok(out.w.flush()?));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `keygate … | head -1`: stop quietly, like other Unix tools.
+        Err(CliError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+            ExitCode::from(BROKEN_PIPE_EXIT)
+        }
         Err(e) => {
-            eprintln!("keygate: {e}");
+            report(json, e.code(), &e.to_string());
             ExitCode::FAILURE
         }
     }

@@ -317,10 +317,10 @@ pub(super) fn check_credential(
         Some(limit) => {
             let status = acquire(host.counters(), &counter_key(&cred.key_id), limit, now_ns);
             if !status.allowed {
-                let message = format!(
-                    "Rate limit exceeded. Try again in {} seconds.",
-                    status.retry_after_secs()
-                );
+                let message = match status.retry_after_secs() {
+                    1 => "Rate limit exceeded. Try again in 1 second.".to_owned(),
+                    n => format!("Rate limit exceeded. Try again in {n} seconds."),
+                };
                 let denial = Denial {
                     rate: Some(status),
                     ..Denial::new(Reason::RateLimited, message)
@@ -615,6 +615,26 @@ mod tests {
             &mut MemoryHost::default(),
         );
         assert!(matches!(d.outcome, Outcome::Allowed { .. }));
+    }
+
+    #[test]
+    fn a_one_second_wait_is_said_in_the_singular() {
+        let mut r = rec("k1", "key-one");
+        r.rate_limit = Some(crate::rate_limit::RateLimit {
+            requests: 1,
+            window_secs: 1,
+        });
+        let p = policy(vec![r], "");
+        let mut host = MemoryHost::default();
+        let h = req("GET", "/v1", &[("x-api-key", "key-one")]);
+        run(&p, &h, &mut host);
+        assert_eq!(
+            denied(&run(&p, &h, &mut host)),
+            Some((
+                Reason::RateLimited,
+                "Rate limit exceeded. Try again in 1 second."
+            ))
+        );
     }
 
     #[test]

@@ -1,0 +1,417 @@
+//! The service layer: every change to keys and sessions goes through here.
+//! It validates input (naming the option at fault), enforces the per-tenant
+//! limits with refusals that say what to do, generates keys and secrets
+//! (shown once by the caller; only SHA-256 hashes are stored) and applies
+//! the change atomically through the [`Store`], whose change wakes every
+//! `keygate sync` watching it.
+
+use crate::error::{Error, Result};
+use crate::store::{self, Snapshot, Store, StoredKey};
+use base64::Engine as _;
+use keygate_core::credential::{Kind, Status, MAX_DEFAULT_PER_TENANT, MAX_SCOPED_PER_TENANT};
+use keygate_core::hash::{sha256, to_hex};
+use keygate_core::ip_rules::parse_allowed;
+use keygate_core::rate_limit::RateLimit;
+use keygate_core::CredentialRecord;
+use serde::Serialize;
+
+/// Shortest key or secret accepted from the operator (`--key-value`).
+pub const MIN_GIVEN_SECRET_LEN: usize = 16;
+
+pub struct NewKey {
+    pub key_id: Option<String>,
+    pub tenant: String,
+    pub environment: String,
+    pub kind: Kind,
+    pub scopes: Vec<String>,
+    pub allowed_ips: Vec<String>,
+    pub rate_limit: Option<RateLimit>,
+    pub expires_at: Option<u64>,
+    pub with_secret: bool,
+    /// A given key value instead of a random one (demo stores, migrations).
+    pub key_value: Option<String>,
+    /// A given secret instead of a random one; implies a secret.
+    pub secret_value: Option<String>,
+}
+
+/// What `key create` shows, exactly once.
+#[derive(Serialize, Debug)]
+pub struct Created {
+    pub key_id: String,
+    pub tenant: String,
+    pub environment: String,
+    pub kind: Kind,
+    pub scopes: Vec<String>,
+    pub api_key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization_basic: Option<String>,
+}
+
+pub struct Service {
+    store: Box<dyn Store>,
+}
+
+/// 32 bytes from the OS CSPRNG as 64 lowercase hex digits.
+pub fn random_hex32() -> Result<String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(hex::encode(b))
+}
+
+fn random_suffix() -> Result<String> {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(hex::encode(b))
+}
+
+pub fn basic_header(key: &str, secret: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{key}:{secret}"))
+    )
+}
+
+fn check_name(field: &str, value: &str) -> Result<()> {
+    keygate_core::credential::check_name(field, value).map_err(|e| Error::Other(e.to_string()))
+}
+
+fn check_scopes(scopes: &[String]) -> Result<()> {
+    scopes.iter().try_for_each(|s| {
+        keygate_core::scope::check_scope_name(s).map_err(|m| Error::bad("--scope", m))
+    })
+}
+
+fn check_ips(field: &str, ips: &[String]) -> Result<()> {
+    ips.iter().try_for_each(|s| {
+        parse_allowed(s)
+            .map(|_| ())
+            .map_err(|m| Error::bad(field, m))
+    })
+}
+
+fn check_given(field: &str, value: &str) -> Result<()> {
+    if value.len() < MIN_GIVEN_SECRET_LEN || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::bad(
+            field,
+            format!("must be at least {MIN_GIVEN_SECRET_LEN} printable characters without spaces"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a key the tenant has no room for, before the store would.
+fn check_room(snap: &Snapshot, tenant: &str, kind: Kind) -> Result<()> {
+    let count = snap
+        .keys
+        .iter()
+        .filter(|k| k.record.tenant == tenant && k.record.kind == kind)
+        .count();
+    let (limit, name) = match kind {
+        Kind::Default => (MAX_DEFAULT_PER_TENANT, "default"),
+        Kind::Scoped => (MAX_SCOPED_PER_TENANT, "scoped"),
+    };
+    if count >= limit {
+        return Err(Error::TenantLimit {
+            tenant: tenant.to_owned(),
+            kind: name,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+impl Service {
+    pub fn new(store: Box<dyn Store>) -> Service {
+        Service { store }
+    }
+
+    /// Opens the store named by `spec` (a path or a postgres:// URL).
+    pub fn open(spec: &str) -> Result<Service> {
+        Ok(Service::new(store::open(spec)?))
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    fn update<T>(&self, mut change: impl FnMut(&mut Snapshot) -> Result<T>) -> Result<T> {
+        let mut out = None;
+        self.store.update(&mut |s| {
+            out = Some(change(s)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| Error::Other("the change produced no result".into()))
+    }
+
+    pub fn init_store(&self) -> Result<Snapshot> {
+        self.store.init()
+    }
+
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        self.store.load()
+    }
+
+    pub fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<StoredKey>> {
+        Ok(self
+            .store
+            .load()?
+            .keys
+            .into_iter()
+            .filter(|k| tenant.is_none_or(|t| k.record.tenant == t))
+            .collect())
+    }
+
+    pub fn show_key(&self, key_id: &str) -> Result<StoredKey> {
+        self.store
+            .load()?
+            .find(key_id)
+            .cloned()
+            .ok_or_else(|| Error::NoSuchKey(key_id.to_owned()))
+    }
+
+    pub fn create_key(&self, new: NewKey, now: u64) -> Result<Created> {
+        check_name("--tenant", &new.tenant)?;
+        check_name("--env", &new.environment)?;
+        if let Some(id) = &new.key_id {
+            check_name("--id", id)?;
+        }
+        check_scopes(&new.scopes)?;
+        check_ips("--allow-ip", &new.allowed_ips)?;
+        match (new.kind, new.scopes.is_empty()) {
+            (Kind::Scoped, true) => return Err(Error::bad(
+                "--scope",
+                "a scoped key needs at least one --scope (or use --kind default for full access)",
+            )),
+            (Kind::Default, false) => {
+                return Err(Error::bad(
+                    "--scope",
+                    "a default key has every scope; drop --scope, or use --kind scoped",
+                ))
+            }
+            _ => {}
+        }
+        if new.expires_at.is_some_and(|t| t <= now) {
+            return Err(Error::bad("--expires", "is in the past"));
+        }
+        if let Some(v) = &new.key_value {
+            check_given("--key-value", v)?;
+        }
+        if let Some(v) = &new.secret_value {
+            check_given("--secret-value", v)?;
+        }
+        // Generated outside the transaction: the randomness cannot fail inside it.
+        let api_key = match &new.key_value {
+            Some(v) => v.clone(),
+            None => random_hex32()?,
+        };
+        let secret = match &new.secret_value {
+            Some(v) => Some(v.clone()),
+            None => new.with_secret.then(random_hex32).transpose()?,
+        };
+        let key_id = match &new.key_id {
+            Some(id) => id.clone(),
+            None => format!("{}-{}", new.tenant, random_suffix()?),
+        };
+        let record = CredentialRecord {
+            key_id: key_id.clone(),
+            key_hash: to_hex(&sha256(api_key.as_bytes())),
+            secret_hash: secret.as_ref().map(|s| to_hex(&sha256(s.as_bytes()))),
+            previous_secret_hash: None,
+            previous_secret_expires_at: None,
+            kind: new.kind,
+            tenant: new.tenant.clone(),
+            environment: new.environment.clone(),
+            scopes: new.scopes.clone(),
+            allowed_ips: new.allowed_ips.clone(),
+            rate_limit: new.rate_limit,
+            status: Status::Active,
+            expires_at: new.expires_at,
+        };
+        keygate_core::Credential::try_from(&record).map_err(|e| Error::Other(e.to_string()))?;
+        self.update(|snap| {
+            if snap.find(&key_id).is_some() {
+                return Err(Error::KeyExists(key_id.clone()));
+            }
+            if snap
+                .keys
+                .iter()
+                .any(|k| k.record.key_hash == record.key_hash)
+            {
+                return Err(Error::bad(
+                    "--key-value",
+                    "another key already has this value; choose another",
+                ));
+            }
+            check_room(snap, &new.tenant, new.kind)?;
+            snap.keys.push(StoredKey {
+                created_at: now,
+                updated_at: now,
+                record: record.clone(),
+            });
+            Ok(())
+        })?;
+        Ok(Created {
+            authorization_basic: secret.as_ref().map(|s| basic_header(&api_key, s)),
+            key_id,
+            tenant: new.tenant,
+            environment: new.environment,
+            kind: new.kind,
+            scopes: new.scopes,
+            api_key,
+            secret,
+        })
+    }
+
+    /// Replaces the secret; with a grace period the old one keeps working until then.
+    pub fn rotate_secret(&self, key_id: &str, grace_secs: u64, now: u64) -> Result<String> {
+        let secret = random_hex32()?;
+        let hash = to_hex(&sha256(secret.as_bytes()));
+        self.update(|snap| {
+            let k = snap.find_mut(key_id)?;
+            let Some(old) = k.record.secret_hash.clone() else {
+                return Err(Error::Other(format!(
+                    "key '{key_id}' has no secret to rotate (create keys with --with-secret to have one)"
+                )));
+            };
+            k.record.secret_hash = Some(hash.clone());
+            if grace_secs > 0 {
+                k.record.previous_secret_hash = Some(old);
+                k.record.previous_secret_expires_at = Some(now + grace_secs);
+            } else {
+                k.record.previous_secret_hash = None;
+                k.record.previous_secret_expires_at = None;
+            }
+            k.updated_at = now;
+            Ok(())
+        })?;
+        Ok(secret)
+    }
+
+    /// Removes the key: from the next push on, it is unknown (401).
+    pub fn revoke_key(&self, key_id: &str) -> Result<StoredKey> {
+        self.update(|snap| {
+            let i = snap
+                .keys
+                .iter()
+                .position(|k| k.record.key_id == key_id)
+                .ok_or_else(|| Error::NoSuchKey(key_id.to_owned()))?;
+            Ok(snap.keys.remove(i))
+        })
+    }
+
+    pub fn set_status(&self, key_id: &str, status: Status, now: u64) -> Result<StoredKey> {
+        self.update(|snap| {
+            let k = snap.find_mut(key_id)?;
+            k.record.status = status;
+            k.updated_at = now;
+            Ok(k.clone())
+        })
+    }
+
+    pub fn allow_ip(&self, key_id: &str, cidr: &str, add: bool, now: u64) -> Result<StoredKey> {
+        let net = parse_allowed(cidr)
+            .map_err(|m| Error::bad("CIDR", m))?
+            .to_string();
+        let same =
+            |s: &String| parse_allowed(s).map(|n| n.to_string()).as_deref() == Ok(net.as_str());
+        self.update(|snap| {
+            let k = snap.find_mut(key_id)?;
+            let ips = &mut k.record.allowed_ips;
+            let present = ips.iter().any(same);
+            match (add, present) {
+                (true, true) => {
+                    return Err(Error::Other(format!(
+                        "{net} is already allowed for '{key_id}'"
+                    )))
+                }
+                (true, false) => ips.push(net.clone()),
+                (false, false) => {
+                    return Err(Error::Other(format!(
+                        "{net} is not in the allowlist of '{key_id}'"
+                    )))
+                }
+                (false, true) => ips.retain(|s| !same(s)),
+            }
+            k.updated_at = now;
+            Ok(k.clone())
+        })
+    }
+
+    pub fn set_scopes(&self, key_id: &str, scopes: &[String], now: u64) -> Result<StoredKey> {
+        check_scopes(scopes)?;
+        self.update(|snap| {
+            let k = snap.find_mut(key_id)?;
+            if k.record.kind == Kind::Default {
+                return Err(Error::bad(
+                    "scopes",
+                    "a default key has every scope; scopes apply to scoped keys only",
+                ));
+            }
+            if scopes.is_empty() {
+                return Err(Error::bad(
+                    "scopes",
+                    "a scoped key needs at least one scope",
+                ));
+            }
+            k.record.scopes = scopes.to_vec();
+            k.updated_at = now;
+            Ok(k.clone())
+        })
+    }
+
+    /// Refuses the session's tokens issued until now; revocations older than
+    /// any token can live are dropped on the way.
+    pub fn revoke_session(&self, key_id: &str, session_id: &str, now_ms: u64) -> Result<()> {
+        if !session_id.is_empty() {
+            check_name("--session", session_id)?;
+        }
+        self.update(|snap| {
+            snap.find(key_id)
+                .ok_or_else(|| Error::NoSuchKey(key_id.to_owned()))?;
+            let horizon = now_ms.saturating_sub(keygate_core::token::MAX_LIFETIME_SECS * 1000);
+            snap.revoked_sessions.retain(|r| {
+                r.revoked_at_ms >= horizon && !(r.key_id == key_id && r.session_id == session_id)
+            });
+            snap.revoked_sessions
+                .push(keygate_core::sync::RevokedSession {
+                    key_id: key_id.to_owned(),
+                    session_id: session_id.to_owned(),
+                    revoked_at_ms: now_ms,
+                });
+            Ok(())
+        })
+    }
+}
+
+/// `100/60s`, `100/min`, `5000/1h`, `10/sec`.
+pub fn parse_rate(s: &str) -> std::result::Result<RateLimit, String> {
+    const FORMS: &str =
+        "use REQUESTS/WINDOW, e.g. 100/60s, 100/min, 5000/1h, 10/sec (windows: s, sec, min, h, hour, d, day, or a duration like 90s)";
+    let (n, per) = s
+        .split_once('/')
+        .ok_or_else(|| format!("'{s}' is not a rate; {FORMS}"))?;
+    let requests: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{n}' is not a whole number of requests; {FORMS}"))?;
+    let window_secs = match per.trim() {
+        "s" | "sec" | "second" => 1,
+        "m" | "min" | "minute" => 60,
+        "h" | "hour" => 3600,
+        "d" | "day" => 86_400,
+        d => humantime::parse_duration(d)
+            .map_err(|_| format!("'{d}' is not a window; {FORMS}"))?
+            .as_secs(),
+    };
+    let limit = RateLimit {
+        requests,
+        window_secs: u32::try_from(window_secs).unwrap_or(u32::MAX),
+    };
+    limit.validate().map_err(|e| format!("rate '{s}': {e}"))?;
+    Ok(limit)
+}
+
+#[cfg(test)]
+mod tests;

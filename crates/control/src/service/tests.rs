@@ -1,0 +1,299 @@
+use super::*;
+use crate::store::file::FileStore;
+
+struct Fixture {
+    dir: std::path::PathBuf,
+    svc: Service,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture() -> Fixture {
+    let dir = std::env::temp_dir().join(format!("keygate-svc-{}", random_suffix().unwrap()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svc = Service::new(Box::new(FileStore::new(dir.join("store.json"))));
+    svc.init_store().unwrap();
+    Fixture { dir, svc }
+}
+
+fn new_key(tenant: &str, kind: Kind) -> NewKey {
+    NewKey {
+        key_id: None,
+        tenant: tenant.into(),
+        environment: "live".into(),
+        kind,
+        scopes: if kind == Kind::Scoped {
+            vec!["read".into()]
+        } else {
+            vec![]
+        },
+        allowed_ips: vec![],
+        rate_limit: None,
+        expires_at: None,
+        with_secret: false,
+        key_value: None,
+        secret_value: None,
+    }
+}
+
+#[test]
+fn created_key_is_random_hex_and_only_its_hash_is_stored() {
+    let f = fixture();
+    let a = f.svc.create_key(new_key("acme", Kind::Scoped), 10).unwrap();
+    let b = f.svc.create_key(new_key("acme", Kind::Scoped), 10).unwrap();
+    assert_ne!(a.api_key, b.api_key);
+    assert!(keygate_core::hash::is_hex64(a.api_key.as_bytes()));
+    let stored = serde_json::to_string(&f.svc.snapshot().unwrap()).unwrap();
+    assert!(!stored.contains(&a.api_key));
+    assert!(stored.contains(&to_hex(&sha256(a.api_key.as_bytes()))));
+    assert!(a.key_id.starts_with("acme-"));
+}
+
+#[test]
+fn with_secret_gives_a_basic_header_and_stores_the_secret_hash() {
+    let f = fixture();
+    let c = f
+        .svc
+        .create_key(
+            NewKey {
+                with_secret: true,
+                ..new_key("acme", Kind::Scoped)
+            },
+            10,
+        )
+        .unwrap();
+    let secret = c.secret.clone().unwrap();
+    assert_eq!(
+        c.authorization_basic.unwrap(),
+        basic_header(&c.api_key, &secret)
+    );
+    assert!(!serde_json::to_string(&f.svc.snapshot().unwrap())
+        .unwrap()
+        .contains(&secret));
+}
+
+#[test]
+fn bad_arguments_name_the_option_and_change_nothing() {
+    let f = fixture();
+    let bad = [
+        (
+            NewKey {
+                scopes: vec!["Bad Scope".into()],
+                ..new_key("t", Kind::Scoped)
+            },
+            "--scope",
+        ),
+        (
+            NewKey {
+                allowed_ips: vec!["10.0.0/8".into()],
+                ..new_key("t", Kind::Scoped)
+            },
+            "--allow-ip",
+        ),
+        (
+            NewKey {
+                scopes: vec![],
+                ..new_key("t", Kind::Scoped)
+            },
+            "--scope",
+        ),
+        (
+            NewKey {
+                scopes: vec!["read".into()],
+                ..new_key("t", Kind::Default)
+            },
+            "--scope",
+        ),
+        (
+            NewKey {
+                expires_at: Some(5),
+                ..new_key("t", Kind::Scoped)
+            },
+            "--expires",
+        ),
+        (
+            NewKey {
+                tenant: "bad tenant".into(),
+                ..new_key("t", Kind::Scoped)
+            },
+            "--tenant",
+        ),
+        (
+            NewKey {
+                environment: "no way".into(),
+                ..new_key("t", Kind::Scoped)
+            },
+            "--env",
+        ),
+        (
+            NewKey {
+                key_value: Some("short".into()),
+                ..new_key("t", Kind::Scoped)
+            },
+            "--key-value",
+        ),
+    ];
+    for (k, field) in bad {
+        let err = f.svc.create_key(k, 10).unwrap_err().to_string();
+        assert!(err.starts_with(field), "{err} should name {field}");
+        assert!(!err.contains("key_id"), "{err}");
+    }
+    assert!(f.svc.snapshot().unwrap().keys.is_empty());
+}
+
+#[test]
+fn a_given_key_value_is_used_and_must_be_unique() {
+    let f = fixture();
+    let given = NewKey {
+        key_id: Some("acme-read".into()),
+        key_value: Some("demo-acme-read-key".into()),
+        ..new_key("acme", Kind::Scoped)
+    };
+    let c = f.svc.create_key(given, 10).unwrap();
+    assert_eq!(c.api_key, "demo-acme-read-key");
+    let again = NewKey {
+        key_value: Some("demo-acme-read-key".into()),
+        ..new_key("acme", Kind::Scoped)
+    };
+    let err = f.svc.create_key(again, 10).unwrap_err().to_string();
+    assert!(err.starts_with("--key-value"), "{err}");
+}
+
+#[test]
+fn tenant_limits_refuse_with_what_to_do() {
+    let f = fixture();
+    f.svc
+        .create_key(new_key("acme", Kind::Default), 10)
+        .unwrap();
+    let err = f
+        .svc
+        .create_key(new_key("acme", Kind::Default), 10)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("refused: tenant 'acme' already has 1 default"),
+        "{err}"
+    );
+    assert!(err.contains("keygate key revoke"), "{err}");
+    for _ in 0..5 {
+        f.svc.create_key(new_key("acme", Kind::Scoped), 10).unwrap();
+    }
+    let err = f
+        .svc
+        .create_key(new_key("acme", Kind::Scoped), 10)
+        .unwrap_err();
+    assert!(matches!(err, Error::TenantLimit { limit: 5, .. }), "{err}");
+    assert_eq!(f.svc.snapshot().unwrap().keys.len(), 6);
+}
+
+#[test]
+fn rotation_keeps_the_old_secret_only_with_grace() {
+    let f = fixture();
+    let c = f
+        .svc
+        .create_key(
+            NewKey {
+                with_secret: true,
+                ..new_key("t", Kind::Scoped)
+            },
+            10,
+        )
+        .unwrap();
+    let old_hash = f.svc.show_key(&c.key_id).unwrap().record.secret_hash;
+    f.svc.rotate_secret(&c.key_id, 600, 100).unwrap();
+    let r = f.svc.show_key(&c.key_id).unwrap().record;
+    assert_eq!(
+        (r.previous_secret_hash, r.previous_secret_expires_at),
+        (old_hash, Some(700))
+    );
+    f.svc.rotate_secret(&c.key_id, 0, 200).unwrap();
+    assert!(f
+        .svc
+        .show_key(&c.key_id)
+        .unwrap()
+        .record
+        .previous_secret_hash
+        .is_none());
+    let plain = f.svc.create_key(new_key("u", Kind::Scoped), 10).unwrap();
+    assert!(f
+        .svc
+        .rotate_secret(&plain.key_id, 0, 1)
+        .unwrap_err()
+        .to_string()
+        .contains("no secret"));
+}
+
+#[test]
+fn allowlist_add_and_remove_normalise_addresses() {
+    let f = fixture();
+    let c = f.svc.create_key(new_key("t", Kind::Scoped), 10).unwrap();
+    f.svc.allow_ip(&c.key_id, "10.0.0.0/8", true, 11).unwrap();
+    f.svc.allow_ip(&c.key_id, "192.0.2.7", true, 11).unwrap();
+    assert!(f.svc.allow_ip(&c.key_id, "10.0.0.0/8", true, 11).is_err());
+    let k = f
+        .svc
+        .allow_ip(&c.key_id, "192.0.2.7/32", false, 12)
+        .unwrap();
+    assert_eq!(k.record.allowed_ips, vec!["10.0.0.0/8"]);
+    assert!(f.svc.allow_ip(&c.key_id, "10.1.0.0/16", false, 12).is_err());
+    assert!(matches!(
+        f.svc.allow_ip("nope", "10.0.0.0/8", true, 12),
+        Err(Error::NoSuchKey(_))
+    ));
+}
+
+#[test]
+fn session_revocation_needs_a_known_key_and_replaces_older_entries() {
+    let f = fixture();
+    let c = f.svc.create_key(new_key("t", Kind::Scoped), 10).unwrap();
+    assert!(f.svc.revoke_session("nope", "s1", 5).is_err());
+    assert!(f.svc.revoke_session(&c.key_id, "bad id", 5).is_err());
+    f.svc.revoke_session(&c.key_id, "s1", 5).unwrap();
+    f.svc.revoke_session(&c.key_id, "s1", 9).unwrap();
+    let snap = f.svc.snapshot().unwrap();
+    assert_eq!(snap.revoked_sessions.len(), 1);
+    assert_eq!(snap.revoked_sessions[0].revoked_at_ms, 9);
+    // Past the longest token lifetime an entry is useless and dropped.
+    let week_later = 9 + keygate_core::token::MAX_LIFETIME_SECS * 1000 + 1;
+    f.svc.revoke_session(&c.key_id, "s2", week_later).unwrap();
+    assert_eq!(f.svc.snapshot().unwrap().revoked_sessions.len(), 1);
+}
+
+#[test]
+fn rates_parse_in_several_spellings_and_errors_list_the_forms() {
+    let r = |requests, window_secs| RateLimit {
+        requests,
+        window_secs,
+    };
+    assert_eq!(parse_rate("100/60s").unwrap(), r(100, 60));
+    assert_eq!(parse_rate("100/min").unwrap(), r(100, 60));
+    assert_eq!(parse_rate("5000/1h").unwrap(), r(5000, 3600));
+    assert!(parse_rate("0/min").is_err());
+    assert!(parse_rate("1/2d").is_err());
+    for bad in ["100", "x/min", "5/fortnight"] {
+        let e = parse_rate(bad).unwrap_err();
+        assert!(
+            e.contains("100/min") && !e.contains("expected number"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn scopes_cannot_be_set_on_a_default_key_or_emptied_on_a_scoped_one() {
+    let f = fixture();
+    let d = f.svc.create_key(new_key("a", Kind::Default), 10).unwrap();
+    let err = f
+        .svc
+        .set_scopes(&d.key_id, &["read".into()], 11)
+        .unwrap_err();
+    assert!(err.to_string().contains("every scope"), "{err}");
+    let s = f.svc.create_key(new_key("b", Kind::Scoped), 10).unwrap();
+    assert!(f.svc.set_scopes(&s.key_id, &[], 11).is_err());
+    let k = f.svc.set_scopes(&s.key_id, &["write".into()], 11).unwrap();
+    assert_eq!(k.record.scopes, vec!["write"]);
+}

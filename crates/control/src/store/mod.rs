@@ -1,0 +1,112 @@
+//! Where credentials live: [`file::FileStore`] (one JSON file, the embedded
+//! default) or [`pg::PgStore`] (PostgreSQL, shared by a fleet), behind one
+//! object-safe [`Store`] trait. Only the service layer changes a store.
+
+pub mod file;
+pub mod pg;
+
+use crate::error::{Error, Result};
+use keygate_core::sync::{RevokedSession, StoreId};
+use keygate_core::CredentialRecord;
+use serde::{Deserialize, Serialize};
+use std::sync::mpsc::Sender;
+
+/// A credential as stored: the wire record plus bookkeeping. Hashes only.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoredKey {
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub record: CredentialRecord,
+}
+
+/// The whole store. `version` grows by one with every change.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Made at `store init`; pushed to Envoy so it knows where its set came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<StoreId>,
+    pub version: u64,
+    pub keys: Vec<StoredKey>,
+    /// Token sessions revoked within the longest token lifetime.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_sessions: Vec<RevokedSession>,
+}
+
+impl Snapshot {
+    pub fn find(&self, key_id: &str) -> Option<&StoredKey> {
+        self.keys.iter().find(|k| k.record.key_id == key_id)
+    }
+
+    pub fn find_mut(&mut self, key_id: &str) -> Result<&mut StoredKey> {
+        self.keys
+            .iter_mut()
+            .find(|k| k.record.key_id == key_id)
+            .ok_or_else(|| Error::NoSuchKey(key_id.to_owned()))
+    }
+
+    /// Checks every invariant a stored snapshot must hold.
+    pub fn validate(&self) -> Result<()> {
+        let mut ids = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for k in &self.keys {
+            let r = &k.record;
+            keygate_core::Credential::try_from(r)
+                .map_err(|e| Error::Invalid(format!("key '{}': {e}", r.key_id)))?;
+            if !ids.insert(&r.key_id) {
+                return Err(Error::Invalid(format!(
+                    "key id '{}' appears twice",
+                    r.key_id
+                )));
+            }
+            if !hashes.insert(&r.key_hash) {
+                return Err(Error::Invalid(format!(
+                    "key '{}' reuses another key's hash",
+                    r.key_id
+                )));
+            }
+        }
+        keygate_core::credential::check_tenant_limits(self.keys.iter().map(|k| &k.record))
+            .map_err(Error::Invalid)
+    }
+}
+
+/// A change applied by [`Store::update`]; its error aborts the update.
+pub type Change<'a> = &'a mut dyn FnMut(&mut Snapshot) -> Result<()>;
+
+pub trait Store: Send {
+    /// Where the store is, for messages (never a password).
+    fn describe(&self) -> String;
+    /// Creates an empty store with a new identity; refuses an existing one
+    /// (an existing store without identity gets one and keeps its keys).
+    fn init(&self) -> Result<Snapshot>;
+    /// A consistent read of the whole store; refuses a store that does not exist.
+    fn load(&self) -> Result<Snapshot>;
+    /// Applies `change` atomically: under a lock, on the latest snapshot; the
+    /// result is validated and stored with the version bumped, or nothing
+    /// changes if `change` or validation fails. Returns the stored snapshot.
+    fn update(&self, change: Change<'_>) -> Result<Snapshot>;
+    /// A cheap token that changes whenever the store may have changed.
+    fn change_token(&self) -> Result<String>;
+    /// Sends on `wake` (soon) after the store may have changed, until the
+    /// returned guard is dropped. Spurious wakes are allowed; callers compare
+    /// [`Store::change_token`].
+    fn watch(&self, wake: Sender<()>) -> Result<Box<dyn Send>>;
+}
+
+/// `postgres://…` selects PostgreSQL, anything else is a file path.
+pub fn open(spec: &str) -> Result<Box<dyn Store>> {
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        Ok(Box::new(pg::PgStore::new(spec)?))
+    } else {
+        Ok(Box::new(file::FileStore::new(spec)))
+    }
+}
+
+/// A fresh random store identity.
+pub fn new_store_id() -> Result<StoreId> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(StoreId(u64::from_be_bytes(b)))
+}

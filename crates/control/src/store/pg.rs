@@ -1,0 +1,414 @@
+//! The shared store for a fleet: PostgreSQL, selected with
+//! `--store postgres://…`. Same contract as the file store: every change is
+//! one transaction that serialises on the version row, validates the whole
+//! result and bumps the version; only hashes are stored. Each change also
+//! sends `NOTIFY keygate_changes`, which [`Store::watch`] turns into a wake
+//! by blocking on a LISTEN connection (no polling).
+
+use super::{new_store_id, Change, Snapshot, Store, StoredKey};
+use crate::error::{Error, Result};
+use keygate_core::sync::{RevokedSession, StoreId};
+use keygate_core::CredentialRecord;
+use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, Config, NoTls};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+pub const CHANNEL: &str = "keygate_changes";
+const SCHEMA_VERSION: i32 = 2;
+const RECONNECT_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How long the LISTEN connection sits silent before it is probed; a dead
+/// peer that sent no FIN is noticed this late at worst (the daemon's
+/// periodic version check covers the gap).
+const LISTEN_PROBE: Duration = Duration::from_secs(30);
+
+/// Versioned, idempotent steps; `schema_version` records the last applied.
+const MIGRATIONS: [&str; 2] = [
+    "
+CREATE TABLE IF NOT EXISTS keygate_meta (
+    id integer PRIMARY KEY CHECK (id = 1),
+    version bigint NOT NULL,
+    schema_version integer NOT NULL
+);
+INSERT INTO keygate_meta (id, version, schema_version) VALUES (1, 0, 1) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS keygate_keys (
+    key_id text PRIMARY KEY,
+    key_hash text NOT NULL UNIQUE,
+    tenant text NOT NULL,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL,
+    record text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keygate_revoked_sessions (
+    key_id text NOT NULL,
+    session_id text NOT NULL,
+    revoked_at_ms bigint NOT NULL,
+    PRIMARY KEY (key_id, session_id)
+);
+",
+    "ALTER TABLE keygate_meta ADD COLUMN IF NOT EXISTS store_id text;
+     UPDATE keygate_meta SET schema_version = 2 WHERE id = 1 AND schema_version < 2;",
+];
+
+pub struct PgStore {
+    config: Config,
+    host: String,
+    port: u16,
+    client: RefCell<Option<Client>>,
+}
+
+impl PgStore {
+    pub fn new(url: &str) -> Result<PgStore> {
+        let config = Config::from_str(url).map_err(|e| {
+            Error::bad(
+                "--store",
+                format!("not a PostgreSQL URL ({e}); expected postgres://user@host:port/db"),
+            )
+        })?;
+        let host = match config.get_hosts().first() {
+            Some(postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        Ok(PgStore {
+            config,
+            host,
+            port,
+            client: RefCell::new(None),
+        })
+    }
+
+    fn err(&self) -> impl Fn(postgres::Error) -> Error + '_ {
+        // The error text never contains the URL (and so no password).
+        move |e| Error::Postgres {
+            host: self.host.clone(),
+            port: self.port,
+            detail: e.to_string(),
+        }
+    }
+
+    fn connect(&self) -> Result<Client> {
+        self.config.connect(NoTls).map_err(self.err())
+    }
+
+    /// Runs `f` on the connection, reconnecting once if it was lost.
+    fn with_client<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
+        let mut slot = self.client.borrow_mut();
+        let client = match &mut *slot {
+            Some(c) if !c.is_closed() => c,
+            other => other.insert(self.connect()?),
+        };
+        match f(client) {
+            Err(e) if client.is_closed() => {
+                let fresh = slot.insert(self.connect().map_err(|_| e)?);
+                f(fresh)
+            }
+            other => other,
+        }
+    }
+
+    /// Applies pending migrations and gives the store an identity if it has
+    /// none. Returns the schema version, the identity and whether it was made now.
+    pub fn migrate(&self) -> Result<(i32, StoreId, bool)> {
+        self.with_client(|c| {
+            let mut tx = c.transaction().map_err(self.err())?;
+            // Serialises concurrent migrations.
+            tx.batch_execute("SELECT pg_advisory_xact_lock(7131)")
+                .map_err(self.err())?;
+            for step in MIGRATIONS {
+                tx.batch_execute(step).map_err(self.err())?;
+            }
+            let row = tx
+                .query_one(
+                    "SELECT schema_version, store_id FROM keygate_meta WHERE id = 1",
+                    &[],
+                )
+                .map_err(self.err())?;
+            let found: i32 = row.get(0);
+            if found > SCHEMA_VERSION {
+                return Err(Error::SchemaTooNew {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            let existing: Option<String> = row.get(1);
+            let (id, created) = match existing {
+                Some(s) => (parse_id(&s)?, false),
+                None => {
+                    let id = new_store_id()?;
+                    tx.execute(
+                        "UPDATE keygate_meta SET store_id = $1 WHERE id = 1",
+                        &[&id.to_string()],
+                    )
+                    .map_err(self.err())?;
+                    (id, true)
+                }
+            };
+            tx.commit().map_err(self.err())?;
+            Ok((found, id, created))
+        })
+    }
+
+    fn read(&self, tx: &mut impl postgres::GenericClient, lock: bool) -> Result<Snapshot> {
+        let sql = if lock {
+            "SELECT version, store_id FROM keygate_meta WHERE id = 1 FOR UPDATE"
+        } else {
+            "SELECT version, store_id FROM keygate_meta WHERE id = 1"
+        };
+        let row = match tx.query_opt(sql, &[]) {
+            Ok(Some(row)) => row,
+            // No table, no row or no store_id column: not (fully) initialised.
+            Ok(None) => return Err(Error::PgNotInitialised),
+            Err(e)
+                if e.code() == Some(&SqlState::UNDEFINED_TABLE)
+                    || e.code() == Some(&SqlState::UNDEFINED_COLUMN) =>
+            {
+                return Err(Error::PgNotInitialised)
+            }
+            Err(e) => return Err(self.err()(e)),
+        };
+        let version: i64 = row.get(0);
+        let store_id: Option<String> = row.get(1);
+        let store_id = Some(parse_id(&store_id.ok_or(Error::PgNotInitialised)?)?);
+        let mut keys = Vec::new();
+        for r in tx
+            .query(
+                "SELECT created_at, updated_at, record FROM keygate_keys ORDER BY key_id",
+                &[],
+            )
+            .map_err(self.err())?
+        {
+            let record: CredentialRecord =
+                serde_json::from_str(r.get::<_, &str>(2)).map_err(|e| Error::Corrupt {
+                    path: self.describe(),
+                    detail: format!("a stored key: {e}"),
+                })?;
+            keys.push(StoredKey {
+                created_at: r.get::<_, i64>(0) as u64,
+                updated_at: r.get::<_, i64>(1) as u64,
+                record,
+            });
+        }
+        let revoked_sessions = tx
+            .query(
+                "SELECT key_id, session_id, revoked_at_ms FROM keygate_revoked_sessions ORDER BY 1, 2",
+                &[],
+            )
+            .map_err(self.err())?
+            .iter()
+            .map(|r| RevokedSession {
+                key_id: r.get(0),
+                session_id: r.get(1),
+                revoked_at_ms: r.get::<_, i64>(2) as u64,
+            })
+            .collect();
+        let snap = Snapshot {
+            store_id,
+            version: version as u64,
+            keys,
+            revoked_sessions,
+        };
+        snap.validate()?;
+        Ok(snap)
+    }
+
+    /// Writes the difference between `before` and `after` inside `tx`.
+    fn write(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        before: &Snapshot,
+        after: &Snapshot,
+    ) -> Result<()> {
+        let old: BTreeMap<&str, &StoredKey> = before
+            .keys
+            .iter()
+            .map(|k| (k.record.key_id.as_str(), k))
+            .collect();
+        let new: BTreeMap<&str, &StoredKey> = after
+            .keys
+            .iter()
+            .map(|k| (k.record.key_id.as_str(), k))
+            .collect();
+        for id in old.keys().filter(|id| !new.contains_key(*id)) {
+            tx.execute("DELETE FROM keygate_keys WHERE key_id = $1", &[id])
+                .map_err(self.err())?;
+        }
+        for (id, k) in &new {
+            if old.get(id) == Some(k) {
+                continue;
+            }
+            let record =
+                serde_json::to_string(&k.record).map_err(|e| Error::Other(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO keygate_keys (key_id, key_hash, tenant, created_at, updated_at, record)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (key_id) DO UPDATE SET key_hash = $2, tenant = $3, updated_at = $5, record = $6",
+                &[id, &k.record.key_hash, &k.record.tenant, &(k.created_at as i64), &(k.updated_at as i64), &record],
+            )
+            .map_err(self.err())?;
+        }
+        if before.revoked_sessions != after.revoked_sessions {
+            tx.execute("DELETE FROM keygate_revoked_sessions", &[])
+                .map_err(self.err())?;
+            for r in &after.revoked_sessions {
+                tx.execute(
+                    "INSERT INTO keygate_revoked_sessions (key_id, session_id, revoked_at_ms) VALUES ($1, $2, $3)",
+                    &[&r.key_id, &r.session_id, &(r.revoked_at_ms as i64)],
+                )
+                .map_err(self.err())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_id(s: &str) -> Result<StoreId> {
+    s.parse()
+        .map_err(|e: &str| Error::Invalid(format!("store id '{s}': {e}")))
+}
+
+impl Store for PgStore {
+    fn describe(&self) -> String {
+        format!("PostgreSQL at {}:{}", self.host, self.port)
+    }
+
+    fn init(&self) -> Result<Snapshot> {
+        let (_, id, created) = self.migrate()?;
+        if !created {
+            return Err(Error::StoreExists {
+                path: self.describe(),
+                store_id: id.to_string(),
+            });
+        }
+        self.load()
+    }
+
+    fn load(&self) -> Result<Snapshot> {
+        self.with_client(|c| {
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(self.err())?;
+            let snap = self.read(&mut tx, false)?;
+            tx.commit().map_err(self.err())?;
+            Ok(snap)
+        })
+    }
+
+    fn update(&self, change: Change<'_>) -> Result<Snapshot> {
+        let mut slot = self.client.borrow_mut();
+        let client = match &mut *slot {
+            Some(c) if !c.is_closed() => c,
+            other => other.insert(self.connect()?),
+        };
+        let mut tx = client.transaction().map_err(self.err())?;
+        // FOR UPDATE on the version row: concurrent changes wait their turn.
+        let before = self.read(&mut tx, true)?;
+        let mut after = before.clone();
+        change(&mut after)?;
+        after.validate()?;
+        after.version = before.version + 1;
+        self.write(&mut tx, &before, &after)?;
+        tx.execute(
+            "UPDATE keygate_meta SET version = $1 WHERE id = 1",
+            &[&(after.version as i64)],
+        )
+        .map_err(self.err())?;
+        tx.execute(&format!("NOTIFY {CHANNEL}, '{}'", after.version), &[])
+            .map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        Ok(after)
+    }
+
+    fn change_token(&self) -> Result<String> {
+        self.with_client(|c| {
+            let row = c
+                .query_opt(
+                    "SELECT version, store_id FROM keygate_meta WHERE id = 1",
+                    &[],
+                )
+                .map_err(self.err())?
+                .ok_or(Error::PgNotInitialised)?;
+            Ok(format!(
+                "{}:{}",
+                row.get::<_, i64>(0),
+                row.get::<_, Option<String>>(1).unwrap_or_default()
+            ))
+        })
+    }
+
+    /// A thread holding its own LISTEN connection, blocked on it until a
+    /// notification arrives. Every (re)connection also wakes, since
+    /// notifications sent while disconnected are lost.
+    fn watch(&self, wake: Sender<()>) -> Result<Box<dyn Send>> {
+        let config = self.config.clone();
+        let (host, port) = (self.host.clone(), self.port);
+        std::thread::Builder::new()
+            .name("keygate-pg-listen".into())
+            .spawn(move || {
+                let mut backoff = RECONNECT_MIN;
+                // Said once per outage, not on every retry.
+                let mut said = false;
+                loop {
+                    let listening = config.connect(NoTls).and_then(|mut c| {
+                        c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+                        Ok(c)
+                    });
+                    match listening {
+                        Ok(mut client) => {
+                            backoff = RECONNECT_MIN;
+                            said = false;
+                            if wake.send(()).is_err() {
+                                return;
+                            }
+                            if !listen(&mut client, &wake) {
+                                return;
+                            }
+                        }
+                        Err(e) if !said => {
+                            said = true;
+                            eprintln!(
+                                "keygate: PostgreSQL at {host}:{port}: cannot LISTEN for changes ({e}); retrying"
+                            );
+                        }
+                        Err(_) => {}
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                }
+            })
+            .map_err(|e| Error::Other(format!("cannot start the LISTEN thread: {e}")))?;
+        // The thread ends by itself once the receiver is gone.
+        Ok(Box::new(()))
+    }
+}
+
+/// Forwards notifications until the connection fails (true: reconnect) or
+/// nobody listens any more (false).
+fn listen(client: &mut Client, wake: &Sender<()>) -> bool {
+    loop {
+        let next = client.notifications().timeout_iter(LISTEN_PROBE).next();
+        match next {
+            Ok(Some(_)) => {
+                if wake.send(()).is_err() {
+                    return false;
+                }
+            }
+            Ok(None) => {
+                // Quiet for a while: make sure the connection is still alive.
+                if client.simple_query("SELECT 1").is_err() {
+                    return true;
+                }
+            }
+            Err(_) => return true,
+        }
+    }
+}

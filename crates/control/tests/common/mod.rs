@@ -1,0 +1,565 @@
+//! Ingestion and query scenarios run against both databases: each takes a
+//! fresh database and a fresh directory for the access log.
+
+#![allow(dead_code)]
+
+use keygate_control::db::{Conn, Db};
+use keygate_control::ingest::Ingester;
+use keygate_control::logs::{query_logs, LogQuery, Pruner, StatusFilter};
+use keygate_control::usage::{query_usage, Bucket, UsageQuery};
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+/// 2026-11-24T10:00:00Z
+pub const T0: i64 = 1_795_514_400_000;
+const HOUR: i64 = 3_600_000;
+
+pub fn rfc3339(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+pub struct Rec<'a> {
+    pub ms: i64,
+    pub key: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub decision: &'a str,
+    pub status: u16,
+    pub path: &'a str,
+    pub id: String,
+}
+
+pub fn rec(ms: i64, id: impl Into<String>) -> Rec<'static> {
+    Rec {
+        ms,
+        key: Some("k1"),
+        tenant: Some("acme"),
+        decision: "allowed",
+        status: 200,
+        path: "/v1/items",
+        id: id.into(),
+    }
+}
+
+/// One line as envoy/envoy.yaml's json_format writes it.
+pub fn line(r: &Rec) -> String {
+    serde_json::json!({
+        "time": rfc3339(r.ms),
+        "method": "GET",
+        "path": r.path,
+        "status": r.status,
+        "client_ip": "127.0.0.1",
+        "duration_ms": 1,
+        "request_id": r.id,
+        "decision": r.decision,
+        "reason": if r.decision == "denied" { Some("rate_limited") } else { None },
+        "key_id": r.key,
+        "tenant": r.tenant,
+        "environment": r.key.map(|_| "live"),
+        "scope_required": null,
+        "rate_remaining": null,
+    })
+    .to_string()
+        + "\n"
+}
+
+pub fn append(path: &Path, text: &str) {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Lines for request ids `prefix0..prefixN`, one second apart from `start`.
+pub fn lines(prefix: &str, n: usize, start: i64) -> String {
+    (0..n)
+        .map(|i| line(&rec(start + i as i64 * 1000, format!("{prefix}{i}"))))
+        .collect()
+}
+
+pub fn ids(prefix: &str, n: usize) -> BTreeSet<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+pub fn exec(db: &Db, sql: &str) {
+    match db.open().unwrap() {
+        Conn::Sqlite(c) => c.execute_batch(sql).unwrap(),
+        Conn::Postgres(mut c) => c.batch_execute(sql).unwrap(),
+    }
+}
+
+pub fn int(db: &Db, sql: &str) -> Option<i64> {
+    match db.open().unwrap() {
+        Conn::Sqlite(c) => c.query_row(sql, [], |r| r.get(0)).unwrap(),
+        Conn::Postgres(mut c) => c.query_one(sql, &[]).unwrap().get(0),
+    }
+}
+
+/// Every stored request id, failing on a duplicate.
+pub fn stored_ids(db: &Db) -> BTreeSet<String> {
+    let all: Vec<String> = match db.open().unwrap() {
+        Conn::Sqlite(c) => {
+            let mut st = c.prepare("SELECT request_id FROM request_logs").unwrap();
+            let v = st
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            v
+        }
+        Conn::Postgres(mut c) => c
+            .query("SELECT request_id FROM request_logs", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+    };
+    let set: BTreeSet<String> = all.iter().cloned().collect();
+    assert_eq!(set.len(), all.len(), "duplicate records stored");
+    set
+}
+
+pub fn ingester(db: &Db, log: &Path) -> Ingester {
+    Ingester::new(db, log).unwrap().with_source("test-node")
+}
+
+pub fn partial_last_line_waits_for_its_newline(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    let third = line(&rec(T0 + 2000, "r2"));
+    let (start, end) = third.split_at(40);
+    append(&log, &lines("r", 2, T0));
+    append(&log, start);
+    let mut ing = ingester(db, &log);
+    let r = ing.poll_once().unwrap();
+    assert_eq!((r.records, r.malformed), (2, 0));
+    assert_eq!(ing.poll_once().unwrap().records, 0);
+    append(&log, end);
+    assert_eq!(ing.poll_once().unwrap().records, 1);
+    assert_eq!(stored_ids(db), ids("r", 3));
+    assert_eq!(ing.stats().lag(T0 + 3000).bytes_behind, 0);
+    assert_eq!(ing.stats().lag(T0 + 3000).seconds, Some(1.0));
+}
+
+pub fn malformed_lines_are_skipped_and_counted(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    append(&log, &line(&rec(T0, "good0")));
+    append(&log, "not json at all\n");
+    append(&log, "{\"no_time\": 1}\n");
+    append(&log, "{\"time\": \"yesterday\"}\n");
+    append(&log, "\n");
+    append(&log, "[1, 2]\n");
+    append(&log, &line(&rec(T0 + 1, "good1")));
+    let mut ing = ingester(db, &log);
+    let r = ing.poll_once().unwrap();
+    assert_eq!((r.records, r.malformed), (2, 4));
+    assert_eq!(
+        ing.stats()
+            .malformed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    assert_eq!(stored_ids(db), ids("good", 2));
+}
+
+pub fn over_long_line_is_skipped_and_counted_once(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    append(&log, &line(&rec(T0, "a0")));
+    // 9 MB without a newline: more than two read buffers.
+    append(&log, &"x".repeat(9 << 20));
+    let mut ing = ingester(db, &log);
+    let mut malformed = 0;
+    for _ in 0..5 {
+        malformed += ing.poll_once().unwrap().malformed;
+    }
+    append(&log, &format!("\n{}", line(&rec(T0 + 1, "a1"))));
+    let r = ing.poll_once().unwrap();
+    assert_eq!((r.records, malformed + r.malformed), (1, 1));
+    assert_eq!(stored_ids(db), ids("a", 2));
+}
+
+pub fn restart_resumes_without_duplicates_or_gaps(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    append(&log, &lines("a", 5, T0));
+    {
+        let mut ing = ingester(db, &log);
+        assert_eq!(ing.poll_once().unwrap().records, 5);
+    }
+    append(&log, &lines("b", 3, T0 + 10_000));
+    let mut ing = ingester(db, &log);
+    assert_eq!(ing.poll_once().unwrap().records, 3);
+    let mut want = ids("a", 5);
+    want.extend(ids("b", 3));
+    assert_eq!(stored_ids(db), want);
+    assert_eq!(
+        ing.last_record_id(),
+        int(db, "SELECT max(id) FROM request_logs")
+    );
+}
+
+pub fn rotation_finishes_the_old_file_before_switching(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    let old = dir.join("access.log.1");
+    append(&log, &lines("a", 3, T0));
+    let mut ing = ingester(db, &log);
+    assert_eq!(ing.poll_once().unwrap().records, 3);
+    std::fs::rename(&log, &old).unwrap();
+    // The writer has not reopened yet: it still appends to the old file.
+    append(&old, &lines("b", 2, T0 + 10_000));
+    File::create(&log).unwrap();
+    let r = ing.poll_once().unwrap();
+    assert_eq!((r.records, r.rotations), (2, 1));
+    let rotations = ing
+        .stats()
+        .rotations
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(rotations, 1);
+    append(&old, &lines("c", 1, T0 + 20_000));
+    // Now it has reopened: new records go to the new file.
+    append(&log, &lines("d", 2, T0 + 30_000));
+    assert_eq!(ing.poll_once().unwrap().records, 3);
+    append(&log, &lines("e", 1, T0 + 40_000));
+    assert_eq!(ing.poll_once().unwrap().records, 1);
+    let mut want = ids("a", 3);
+    for (p, n) in [("b", 2), ("c", 1), ("d", 2), ("e", 1)] {
+        want.extend(ids(p, n));
+    }
+    assert_eq!(stored_ids(db), want);
+}
+
+pub fn restart_after_rotation_finishes_the_rotated_file(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    let old = dir.join("access.log.1");
+    append(&log, &lines("a", 3, T0));
+    {
+        let mut ing = ingester(db, &log);
+        assert_eq!(ing.poll_once().unwrap().records, 3);
+    }
+    // While the server is down: more records, rotation, records in the new file.
+    append(&log, &lines("b", 2, T0 + 10_000));
+    std::fs::rename(&log, &old).unwrap();
+    append(&log, &lines("c", 2, T0 + 20_000));
+    let mut ing = ingester(db, &log);
+    let mut total = 0;
+    for _ in 0..3 {
+        total += ing.poll_once().unwrap().records;
+    }
+    assert_eq!(total, 4);
+    let mut want = ids("a", 3);
+    want.extend(ids("b", 2));
+    want.extend(ids("c", 2));
+    assert_eq!(stored_ids(db), want);
+}
+
+pub fn truncation_starts_again_from_the_top(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    append(&log, &lines("a", 4, T0));
+    let mut ing = ingester(db, &log);
+    assert_eq!(ing.poll_once().unwrap().records, 4);
+    // copytruncate: same file, emptied, then fewer bytes than we had read.
+    File::create(&log).unwrap();
+    append(&log, &lines("b", 2, T0 + 10_000));
+    let r = ing.poll_once().unwrap();
+    assert_eq!((r.records, r.truncations), (2, 1));
+    let mut want = ids("a", 4);
+    want.extend(ids("b", 2));
+    assert_eq!(stored_ids(db), want);
+}
+
+pub fn truncated_and_regrown_file_is_still_read_from_the_top(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    append(&log, &lines("a", 2, T0));
+    let mut ing = ingester(db, &log);
+    assert_eq!(ing.poll_once().unwrap().records, 2);
+    // Truncated and written past the old offset before the next poll: the
+    // size alone cannot tell; the file's first bytes do.
+    File::create(&log).unwrap();
+    append(&log, &lines("b", 5, T0 + 10_000));
+    let r = ing.poll_once().unwrap();
+    assert_eq!((r.records, r.truncations), (5, 1));
+    drop(ing);
+    // And after a restart too.
+    File::create(&log).unwrap();
+    append(&log, &lines("c", 7, T0 + 20_000));
+    let mut ing = ingester(db, &log);
+    assert_eq!(ing.poll_once().unwrap().records, 7);
+    let mut want = ids("a", 2);
+    want.extend(ids("b", 5));
+    want.extend(ids("c", 7));
+    assert_eq!(stored_ids(db), want);
+}
+
+pub fn retention_prunes_old_records_and_usage(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    let day = 24 * HOUR;
+    append(&log, &lines("old", 3, T0 - 40 * day));
+    append(&log, &lines("new", 2, T0 - day));
+    let mut ing = ingester(db, &log);
+    assert_eq!(ing.poll_once().unwrap().records, 5);
+    assert_eq!(int(db, "SELECT count(*) FROM usage_hourly"), Some(2));
+    let pruner = Pruner::new(db, Duration::from_secs(30 * 24 * 3600));
+    let mut conn = db.open().unwrap();
+    assert_eq!(pruner.prune_once(&mut conn, T0).unwrap(), 3);
+    assert_eq!(stored_ids(db), ids("new", 2));
+    assert_eq!(int(db, "SELECT count(*) FROM usage_hourly"), Some(1));
+    assert_eq!(pruner.prune_once(&mut conn, T0).unwrap(), 0);
+}
+
+fn seed_queries(db: &Db, dir: &Path) {
+    exec(
+        db,
+        "INSERT INTO keys (key_id, tenant, name, kind, key_hash, created_at, updated_at) \
+         VALUES ('k1', 'acme', 'Checkout', 'default', 'h1', 0, 0), \
+                ('k2', 'acme', 'Reports', 'scoped', 'h2', 0, 0)",
+    );
+    let log = dir.join("access.log");
+    let mut text = String::new();
+    // 30 records for acme over 3 hours: k1 and k2 alternating, every third
+    // denied with 429; 5 for another tenant; 2 public ones.
+    for i in 0..30i64 {
+        let mut r = rec(T0 + i * 6 * 60_000, format!("q{i}"));
+        r.key = Some(if i % 2 == 0 { "k1" } else { "k2" });
+        r.path = if i % 5 == 0 { "/admin/x" } else { "/v1/items" };
+        if i % 3 == 0 {
+            r.decision = "denied";
+            r.status = 429;
+        }
+        text += &line(&r);
+    }
+    for i in 0..5i64 {
+        let mut r = rec(T0 + i, format!("o{i}"));
+        r.key = Some("other-key");
+        r.tenant = Some("other");
+        text += &line(&r);
+    }
+    for i in 0..2i64 {
+        let mut r = rec(T0 + i, format!("p{i}"));
+        r.key = None;
+        r.tenant = None;
+        r.decision = "public";
+        text += &line(&r);
+    }
+    append(&log, &text);
+    let mut ing = ingester(db, &log);
+    assert_eq!(ing.poll_once().unwrap().records, 37);
+}
+
+pub fn log_queries_filter_and_page_newest_first(db: &Db, dir: &Path) {
+    seed_queries(db, dir);
+    let mut conn = db.open().unwrap();
+    let acme = |q: LogQuery| LogQuery {
+        tenant: Some("acme".into()),
+        ..q
+    };
+    // Pages of 7 cover the tenant's 30 records once each, newest first.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    for _ in 0..10 {
+        let page = query_logs(
+            &mut conn,
+            &acme(LogQuery {
+                limit: Some(7),
+                cursor: cursor.clone(),
+                ..LogQuery::default()
+            }),
+        )
+        .unwrap();
+        assert!(page.records.len() <= 7);
+        seen.extend(page.records);
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 30);
+    let want: Vec<String> = (0..30).rev().map(|i| format!("q{i}")).collect();
+    let got: Vec<String> = seen.iter().filter_map(|r| r.request_id.clone()).collect();
+    assert_eq!(got, want);
+    assert_eq!(seen[0].key_name.as_deref(), Some("Reports"));
+    assert_eq!(seen[1].key_name.as_deref(), Some("Checkout"));
+    assert_eq!(seen[0].time, rfc3339(T0 + 29 * 6 * 60_000));
+
+    let count = |conn: &mut Conn, q: LogQuery| {
+        query_logs(
+            conn,
+            &LogQuery {
+                limit: Some(1000),
+                ..q
+            },
+        )
+        .unwrap()
+        .records
+        .len()
+    };
+    let q = |f: fn(&mut LogQuery)| {
+        let mut q = acme(LogQuery::default());
+        f(&mut q);
+        q
+    };
+    assert_eq!(count(&mut conn, q(|q| q.key_id = Some("k1".into()))), 15);
+    assert_eq!(
+        count(&mut conn, q(|q| q.status = Some(StatusFilter::Class(4)))),
+        10
+    );
+    assert_eq!(
+        count(&mut conn, q(|q| q.status = Some(StatusFilter::Exact(200)))),
+        20
+    );
+    assert_eq!(
+        count(&mut conn, q(|q| q.decision = Some("denied".into()))),
+        10
+    );
+    assert_eq!(
+        count(&mut conn, q(|q| q.path_prefix = Some("/admin".into()))),
+        6
+    );
+    assert_eq!(
+        count(&mut conn, q(|q| q.path_prefix = Some("/ADMIN".into()))),
+        0
+    );
+    assert_eq!(
+        count(&mut conn, q(|q| q.path_prefix = Some("/v1/%".into()))),
+        0
+    );
+    assert_eq!(
+        count(&mut conn, q(|q| q.client_ip = Some("127.0.0.1".into()))),
+        30
+    );
+    assert_eq!(
+        count(&mut conn, q(|q| q.client_ip = Some("10.0.0.1".into()))),
+        0
+    );
+    assert_eq!(
+        count(
+            &mut conn,
+            q(|q| {
+                q.since_ms = Some(T0 + 60 * 60_000);
+                q.until_ms = Some(T0 + 120 * 60_000);
+            })
+        ),
+        10
+    );
+    // Another tenant's records never show; no tenant (an operator) sees all.
+    assert_eq!(
+        count(&mut conn, q(|q| q.key_id = Some("other-key".into()))),
+        0
+    );
+    assert_eq!(count(&mut conn, LogQuery::default()), 37);
+}
+
+pub fn usage_counts_per_bucket_and_key(db: &Db, dir: &Path) {
+    seed_queries(db, dir);
+    let mut conn = db.open().unwrap();
+    let base = UsageQuery {
+        tenant: "acme".into(),
+        key_id: None,
+        per_key: false,
+        bucket: Bucket::Hour,
+        since_ms: T0,
+        until_ms: T0 + 24 * HOUR,
+    };
+    let hours = query_usage(&mut conn, &base).unwrap();
+    // 10 records per hour; denied are i % 3 == 0.
+    let got: Vec<(i64, i64, i64)> = hours
+        .iter()
+        .map(|p| (p.start_ms, p.allowed, p.denied))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(T0, 6, 4), (T0 + HOUR, 7, 3), (T0 + 2 * HOUR, 7, 3)]
+    );
+    let day = query_usage(
+        &mut conn,
+        &UsageQuery {
+            bucket: Bucket::Day,
+            ..base.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(day.len(), 1);
+    assert_eq!((day[0].allowed, day[0].denied), (20, 10));
+    assert_eq!(day[0].start_ms % (24 * HOUR), 0);
+    let per_key = query_usage(
+        &mut conn,
+        &UsageQuery {
+            bucket: Bucket::Day,
+            per_key: true,
+            ..base.clone()
+        },
+    )
+    .unwrap();
+    let got: Vec<(Option<String>, i64, i64)> = per_key
+        .iter()
+        .map(|p| (p.key_id.clone(), p.allowed, p.denied))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(Some("k1".into()), 10, 5), (Some("k2".into()), 10, 5)]
+    );
+    let one_key = query_usage(
+        &mut conn,
+        &UsageQuery {
+            bucket: Bucket::Day,
+            key_id: Some("k2".into()),
+            ..base.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!((one_key[0].allowed, one_key[0].denied), (10, 5));
+    assert!(query_usage(
+        &mut conn,
+        &UsageQuery {
+            until_ms: T0 - HOUR,
+            ..base
+        }
+    )
+    .is_err());
+}
+
+pub fn last_used_at_follows_the_newest_request(db: &Db, dir: &Path) {
+    seed_queries(db, dir);
+    // k1's newest is q28, k2's q29 (seconds).
+    assert_eq!(
+        int(db, "SELECT last_used_at FROM keys WHERE key_id = 'k1'"),
+        Some((T0 + 28 * 6 * 60_000) / 1000)
+    );
+    assert_eq!(
+        int(db, "SELECT last_used_at FROM keys WHERE key_id = 'k2'"),
+        Some((T0 + 29 * 6 * 60_000) / 1000)
+    );
+    // An older record ingested later does not move it back.
+    let log = dir.join("access.log");
+    append(&log, &line(&rec(T0 - HOUR, "late")));
+    ingester(db, &log).poll_once().unwrap();
+    assert_eq!(
+        int(db, "SELECT last_used_at FROM keys WHERE key_id = 'k1'"),
+        Some((T0 + 28 * 6 * 60_000) / 1000)
+    );
+}
+
+/// Every scenario, for a test that has one database server for them all.
+pub type Scenario = fn(&Db, &Path);
+pub const ALL: &[(&str, Scenario)] = &[
+    ("partial_last_line", partial_last_line_waits_for_its_newline),
+    ("malformed", malformed_lines_are_skipped_and_counted),
+    ("over_long", over_long_line_is_skipped_and_counted_once),
+    ("restart", restart_resumes_without_duplicates_or_gaps),
+    ("rotation", rotation_finishes_the_old_file_before_switching),
+    (
+        "restart_rotation",
+        restart_after_rotation_finishes_the_rotated_file,
+    ),
+    ("truncation", truncation_starts_again_from_the_top),
+    (
+        "regrown",
+        truncated_and_regrown_file_is_still_read_from_the_top,
+    ),
+    ("retention", retention_prunes_old_records_and_usage),
+    ("logs", log_queries_filter_and_page_newest_first),
+    ("usage", usage_counts_per_bucket_and_key),
+    ("last_used", last_used_at_follows_the_newest_request),
+];

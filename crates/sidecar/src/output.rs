@@ -1,0 +1,176 @@
+//! What the CLI prints: human tables and sentences, or JSON with `--json`.
+//! Every function returns the write error so a closed pipe (`| head`) ends
+//! the program quietly instead of panicking.
+
+use keygate_control::service::Created;
+use keygate_control::store::StoredKey;
+use keygate_core::credential::{Kind, Status};
+use serde_json::{json, Value};
+use std::io::{self, Write};
+use std::time::{Duration, UNIX_EPOCH};
+
+pub struct Out<W: Write> {
+    pub json: bool,
+    pub w: W,
+}
+
+pub fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+fn kind_str(k: Kind) -> &'static str {
+    match k {
+        Kind::Default => "default",
+        Kind::Scoped => "scoped",
+    }
+}
+
+fn status_str(s: Status) -> &'static str {
+    match s {
+        Status::Active => "active",
+        Status::Inactive => "inactive",
+    }
+}
+
+/// A key as the CLI shows it: no key hash, no secret hash.
+pub fn public_view(k: &StoredKey) -> Value {
+    let r = &k.record;
+    json!({
+        "key_id": r.key_id,
+        "tenant": r.tenant,
+        "environment": r.environment,
+        "kind": kind_str(r.kind),
+        "status": status_str(r.status),
+        "scopes": r.scopes,
+        "allowed_ips": r.allowed_ips,
+        "rate_limit": r.rate_limit.map(|l| format!("{}/{}s", l.requests, l.window_secs)),
+        "has_secret": r.secret_hash.is_some(),
+        "previous_secret_until": r.previous_secret_expires_at.map(rfc3339),
+        "expires_at": r.expires_at.map(rfc3339),
+        "created_at": rfc3339(k.created_at),
+        "updated_at": rfc3339(k.updated_at),
+    })
+}
+
+impl<W: Write> Out<W> {
+    fn value(&mut self, v: &Value) -> io::Result<()> {
+        let text = serde_json::to_string_pretty(v).map_err(io::Error::other)?;
+        writeln!(self.w, "{text}")
+    }
+
+    /// JSON `v` with `--json`, else the human form.
+    pub fn either(
+        &mut self,
+        v: &Value,
+        human: impl FnOnce(&mut W) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if self.json {
+            self.value(v)
+        } else {
+            human(&mut self.w)
+        }
+    }
+
+    pub fn key(&mut self, k: &StoredKey) -> io::Result<()> {
+        let v = public_view(k);
+        self.either(&v, |w| {
+            if let Some(map) = v.as_object() {
+                for (name, value) in map {
+                    let shown = match value {
+                        Value::String(s) => s.clone(),
+                        Value::Null => "-".into(),
+                        other => other.to_string(),
+                    };
+                    writeln!(w, "{name:<22} {shown}")?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn keys(&mut self, keys: &[StoredKey]) -> io::Result<()> {
+        let v = Value::Array(keys.iter().map(public_view).collect());
+        self.either(&v, |w| {
+            writeln!(
+                w,
+                "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} ALLOWED IPS",
+                "KEY ID", "TENANT", "ENV", "KIND", "STATUS", "SCOPES", "RATE"
+            )?;
+            for k in keys {
+                let r = &k.record;
+                let scopes = if r.kind == Kind::Default {
+                    "(all)".to_owned()
+                } else {
+                    r.scopes.join(",")
+                };
+                let rate = r.rate_limit.map_or("default".to_owned(), |l| {
+                    format!("{}/{}s", l.requests, l.window_secs)
+                });
+                let ips = if r.allowed_ips.is_empty() {
+                    "any".to_owned()
+                } else {
+                    r.allowed_ips.join(",")
+                };
+                writeln!(
+                    w,
+                    "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} {ips}",
+                    r.key_id,
+                    r.tenant,
+                    r.environment,
+                    kind_str(r.kind),
+                    status_str(r.status),
+                    scopes,
+                    rate
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn created(&mut self, c: &Created) -> io::Result<()> {
+        let v = serde_json::to_value(c).map_err(io::Error::other)?;
+        self.either(&v, |w| {
+            let scopes = if c.kind == Kind::Default {
+                "all".to_owned()
+            } else {
+                c.scopes.join(", ")
+            };
+            writeln!(
+                w,
+                "Created key {} (tenant {}, env {}, {} scopes: {})",
+                c.key_id,
+                c.tenant,
+                c.environment,
+                kind_str(c.kind),
+                scopes
+            )?;
+            writeln!(w, "  API key:  {}", c.api_key)?;
+            if let (Some(secret), Some(basic)) = (&c.secret, &c.authorization_basic) {
+                writeln!(w, "  Secret:   {secret}")?;
+                writeln!(w, "  Header:   Authorization: {basic}")?;
+            }
+            writeln!(
+                w,
+                "Store it now: keygate keeps only its hash and cannot show it again."
+            )
+        })
+    }
+
+    pub fn rotated(&mut self, key_id: &str, secret: &str, until: Option<u64>) -> io::Result<()> {
+        let v = json!({"key_id": key_id, "secret": secret,
+            "previous_secret_until": until.map(rfc3339)});
+        self.either(&v, |w| {
+            writeln!(w, "New secret for {key_id}: {secret}")?;
+            match until {
+                Some(t) => writeln!(w, "The previous secret keeps working until {}.", rfc3339(t))?,
+                None => writeln!(w, "The previous secret is refused from the next push on.")?,
+            }
+            writeln!(w, "Store it now: keygate keeps only its hash.")
+        })
+    }
+
+    /// A one-line confirmation, or `v` as JSON.
+    pub fn done(&mut self, v: Value, sentence: &str) -> io::Result<()> {
+        self.either(&v, |w| writeln!(w, "{sentence}"))
+    }
+}
