@@ -180,7 +180,8 @@ def load_through_sync(envoy, n, secret_of_0=None):
     store = WORK / f"store-{n}.json"
     started = time.monotonic()
     with open(store, "w") as f:
-        f.write('{"version":1,"keys":[')
+        # A store has an identity (keygate store init); any fixed one will do.
+        f.write('{"store_id":"0123456789abcdef","version":1,"keys":[')
         for i in range(n):
             if i:
                 f.write(",")
@@ -215,6 +216,20 @@ def wrk(envoy, header):
     return {"rps": requests / seconds, "p50": p50, "p99": p99}
 
 
+# Another keygate .wasm (e.g. main's) measured beside this one in the same
+# run: before/after ratios without run-to-run noise.
+BASELINE_WASM = os.environ.get("BENCH_BASELINE_WASM")
+
+
+def baseline_config(plugin):
+    config = keygate_config(plugin, login=True)
+    for f in gate_filters(config):
+        if f["name"] == "keygate":
+            f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = BASELINE_WASM
+    config["static_resources"]["listeners"] = config["static_resources"]["listeners"][:1]
+    return config
+
+
 def keygate_native_config(plugin):
     """Slot for the native build (crates/native, another helper's work): returns
     None until that build provides a config for the same plugin, and the row
@@ -246,6 +261,9 @@ def main():
         *[(f"keygate-{n // 1000}k", keygate_config({"routes": ROUTES, "tokens": tokens}, login=True), n)
           for n in SIZES],
     ]
+    if BASELINE_WASM:
+        envoy_setups.append(("baseline-1k", baseline_config({"routes": ROUTES, "credentials": creds_1k,
+                                                            "tokens": tokens}), None))
     native_1k = keygate_native_config({"routes": ROUTES, "credentials": creds_1k, "tokens": tokens})
     if native_1k is not None:
         envoy_setups.append(("keygate-native-1k", native_1k, None))
@@ -261,6 +279,10 @@ def main():
         rows += [(f"keygate wasm, {n // 1000}k keys{via} (X-API-Key)", name, api_key),
                  (f"keygate wasm, {n // 1000}k keys{via} (Basic key:secret)", name, basic),
                  (f"keygate wasm, {n // 1000}k keys{via} (issued bearer token)", name, "token")]
+    if BASELINE_WASM:
+        rows += [("baseline wasm (BENCH_BASELINE_WASM), 1k keys (X-API-Key)", "baseline-1k", api_key),
+                 ("baseline wasm (BENCH_BASELINE_WASM), 1k keys (Basic key:secret)", "baseline-1k", basic),
+                 ("baseline wasm (BENCH_BASELINE_WASM), 1k keys (issued bearer token)", "baseline-1k", "token")]
     rows.append(("keygate native, 1k keys (X-API-Key)", "keygate-native-1k", api_key))
     only = os.environ.get("BENCH_ROWS")
     if only:
