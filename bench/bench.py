@@ -155,9 +155,9 @@ def rss_kib(pid):
     return 0
 
 
-def start(name, config):
+def start(name, config, build=None):
     envoy = Envoy(config, concurrency=1, workdir=WORK / name, log_level="warn",
-                  extra_args=[])
+                  extra_args=[], build=build)
     (WORK / name).mkdir(parents=True, exist_ok=True)
     envoy.start()
     subprocess.run(["taskset", "-acp", "0", str(envoy.proc.pid)], capture_output=True, check=False)
@@ -201,7 +201,14 @@ def load_through_sync(envoy, n, secret_of_0=None):
     return {"load_s": loaded - written, "bytes_per_credential": (rss_after - rss_before) * 1024 / n}
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(envoy, header):
+    cpu_before = cpu_seconds(envoy.proc.pid)
     lua = WORK / "bench.lua"
     lua.write_text(WRK_LUA)
     out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s", "-s", str(lua),
@@ -213,7 +220,9 @@ def wrk(envoy, header):
     requests, seconds, p50, p99, bad = int(m[1]), float(m[2]), float(m[3]), float(m[4]), int(m[5])
     if bad:
         raise RuntimeError(f"{bad} non-2xx responses under load")
-    return {"rps": requests / seconds, "p50": p50, "p99": p99}
+    # Envoy's CPU time per request: unlike rps, barely moved by other load on the machine.
+    cpu_us = (cpu_seconds(envoy.proc.pid) - cpu_before) / max(requests, 1) * 1e6
+    return {"rps": requests / seconds, "p50": p50, "p99": p99, "cpu_us": cpu_us}
 
 
 # Another keygate .wasm (e.g. main's) measured beside this one in the same
@@ -230,13 +239,6 @@ def baseline_config(plugin):
     return config
 
 
-def keygate_native_config(plugin):
-    """Slot for the native build (crates/native, another helper's work): returns
-    None until that build provides a config for the same plugin, and the row
-    is then reported as not measured."""
-    return None
-
-
 def login(envoy, key):
     r = request(envoy.port, "POST", "/auth/login", [], json.dumps({"api_key": key}).encode())
     if r.status != 200:
@@ -251,7 +253,8 @@ def main():
     api_key = ("x-api-key", "bench-key-1")
     creds_1k = [record(0, secret_hash=sha(SECRET))] + [record(i) for i in range(1, 1000)]
     tokens = {"lifetime_secs": 86400}
-    # (envoy name, config, credentials to load through sync or None)
+    plugin_1k = {"routes": ROUTES, "credentials": creds_1k, "tokens": tokens}
+    # (envoy name, config, credentials to load through sync or None[, build])
     envoy_setups = [
         ("bare", bare_config(), None),
         ("noop", noop_config(), None),
@@ -264,37 +267,40 @@ def main():
     if BASELINE_WASM:
         envoy_setups.append(("baseline-1k", baseline_config({"routes": ROUTES, "credentials": creds_1k,
                                                             "tokens": tokens}), None))
-    native_1k = keygate_native_config({"routes": ROUTES, "credentials": creds_1k, "tokens": tokens})
-    if native_1k is not None:
-        envoy_setups.append(("keygate-native-1k", native_1k, None))
+    # The same keygate as an Envoy dynamic module (crates/native, `make native`).
+    envoy_setups += [("native-1k", keygate_config(plugin_1k, login=True), None, "native"),
+                     *[(f"native-{n // 1000}k", keygate_config({"routes": ROUTES, "tokens": tokens}, login=True), n,
+                        "native") for n in SIZES]]
     # (row name, envoy name, header or "token")
     rows = [
         ("bare Envoy", "bare", api_key),
         ("no-op proxy-wasm filter (reference)", "noop", api_key),
         ("native api_key_auth + rbac + local_ratelimit, 1k keys", "native", ("x-api-key", "bench-key-1")),
     ]
-    for n in [1000] + SIZES:
-        name = f"keygate-{n // 1000}k"
-        via = "" if n == 1000 else " via sync"
-        rows += [(f"keygate wasm, {n // 1000}k keys{via} (X-API-Key)", name, api_key),
-                 (f"keygate wasm, {n // 1000}k keys{via} (Basic key:secret)", name, basic),
-                 (f"keygate wasm, {n // 1000}k keys{via} (issued bearer token)", name, "token")]
+    for build, prefix in (("wasm", "keygate"), ("native", "native")):
+        for n in [1000] + SIZES:
+            name = f"{prefix}-{n // 1000}k"
+            via = "" if n == 1000 else " via sync"
+            rows += [(f"keygate {build}, {n // 1000}k keys{via} (X-API-Key)", name, api_key),
+                     (f"keygate {build}, {n // 1000}k keys{via} (Basic key:secret)", name, basic),
+                     (f"keygate {build}, {n // 1000}k keys{via} (issued bearer token)", name, "token")]
     if BASELINE_WASM:
         rows += [("baseline wasm (BENCH_BASELINE_WASM), 1k keys (X-API-Key)", "baseline-1k", api_key),
                  ("baseline wasm (BENCH_BASELINE_WASM), 1k keys (Basic key:secret)", "baseline-1k", basic),
                  ("baseline wasm (BENCH_BASELINE_WASM), 1k keys (issued bearer token)", "baseline-1k", "token")]
-    rows.append(("keygate native, 1k keys (X-API-Key)", "keygate-native-1k", api_key))
     only = os.environ.get("BENCH_ROWS")
     if only:
         rows = [r for r in rows if any(part in r[0] for part in only.split(","))]
+    if ONLY:
+        rows = [r for r in rows if r[0] == "bare Envoy" or re.search(ONLY, r[0])]
     wanted = {e for _, e, _ in rows}
     envoys, headers, loads = {}, {}, {}
     try:
-        for name, config, n in envoy_setups:
+        for name, config, n, *build in envoy_setups:
             if name not in wanted:
                 continue
             print(f"starting: {name}", flush=True)
-            envoys[name] = start(name, config)
+            envoys[name] = start(name, config, *build)
             if n:
                 loads[name] = load_through_sync(envoys[name], n, secret_of_0=sha(SECRET))
                 print(f"  loaded {n} credentials in {loads[name]['load_s']:.1f} s, "
@@ -313,18 +319,23 @@ def main():
         for e in envoys.values():
             e.stop()
 
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")} for n, rs in results.items()}
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "cpu_us")}
+           for n, rs in results.items()}
     bare = med.get("bare Envoy", {}).get("rps")
     noop = med.get("no-op proxy-wasm filter (reference)", {}).get("rps")
-    ratio = lambda v, ref: f"{v / ref:.2f}" if ref else "-"
-    lines = ["| config | rps | ratio to bare | ratio to no-op wasm | p50 | p99 | Envoy RSS |",
-             "|---|---|---|---|---|---|---|"]
+    noop_cpu = med.get("no-op proxy-wasm filter (reference)", {}).get("cpu_us")
+    ratio = lambda v, ref: f"{v / ref:.2f}" if ref and v else "-"
+    # CPU ratio: the no-op filter's Envoy CPU per request over this row's,
+    # the issue's measure with less of the machine's noise than rps.
+    lines = ["| config | rps | ratio to bare | ratio to no-op wasm | Envoy CPU/request | CPU ratio (no-op/this) "
+             "| p50 | p99 | Envoy RSS |", "|---|---|---|---|---|---|---|---|---|"]
     for row, name, _ in rows:
         if row not in med:
-            lines.append(f"| {row} | not measured (no build) | | | | | |")
+            lines.append(f"| {row} | not measured | | | | | | | |")
             continue
         m = med[row]
         lines.append(f"| {row} | {m['rps']:.0f} | {ratio(m['rps'], bare)} | {ratio(m['rps'], noop)} "
+                     f"| {m['cpu_us']:.1f} µs | {ratio(noop_cpu, m['cpu_us'])} "
                      f"| {m['p50']:.2f} ms | {m['p99']:.2f} ms | {rss[name] / 1024:.0f} MiB |")
     print("\n" + "\n".join(lines))
     if loads:

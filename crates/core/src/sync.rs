@@ -221,6 +221,15 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> bool {
     mac.verify_slice(&tag).is_ok()
 }
 
+/// The entry of a record at `generation` (as a push plans it), rate-limit
+/// state unused; empty — read back as deleted — for an invalid record, which
+/// a push refuses before it gets here.
+pub fn encode_entry(generation: u64, record: &CredentialRecord) -> Vec<u8> {
+    Credential::try_from(record)
+        .map(|c| entry::encode(generation, &c))
+        .unwrap_or_default()
+}
+
 /// The generation and credential of the entry stored under `hash`; None for
 /// a deleted or corrupt one.
 pub fn decode_entry(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
