@@ -33,6 +33,7 @@ DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1000000").split(",") if s]
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+ONLY = os.environ.get("BENCH_ONLY")
 WORK = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
 
 ROUTES = [{"methods": ["GET"], "path_prefix": "/v1", "scope": "read"}]
