@@ -20,6 +20,8 @@ pub const MIN_GIVEN_SECRET_LEN: usize = 16;
 
 pub struct NewKey {
     pub key_id: Option<String>,
+    /// A label for people; "" for none.
+    pub name: String,
     pub tenant: String,
     pub environment: String,
     pub kind: Kind,
@@ -89,6 +91,19 @@ fn check_ips(field: &str, ips: &[String]) -> Result<()> {
             .map(|_| ())
             .map_err(|m| Error::bad(field, m))
     })
+}
+
+/// Longest key name accepted.
+pub const MAX_KEY_NAME_LEN: usize = 100;
+
+pub fn check_key_name(name: &str) -> Result<()> {
+    if name.chars().count() > MAX_KEY_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(Error::bad(
+            "name",
+            format!("at most {MAX_KEY_NAME_LEN} characters, no control characters"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_given(field: &str, value: &str) -> Result<()> {
@@ -177,6 +192,7 @@ impl Service {
         if let Some(id) = &new.key_id {
             check_name("--id", id)?;
         }
+        check_key_name(&new.name)?;
         check_scopes(&new.scopes)?;
         check_ips("--allow-ip", &new.allowed_ips)?;
         match (new.kind, new.scopes.is_empty()) {
@@ -246,6 +262,7 @@ impl Service {
             }
             check_room(snap, &new.tenant, new.kind)?;
             snap.keys.push(StoredKey {
+                name: new.name.clone(),
                 created_at: now,
                 updated_at: now,
                 record: record.clone(),

@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime};
     about = "API keys for the keygate Envoy filter: manage them, push them live"
 )]
 pub struct Cli {
-    /// Store: a JSON file made by `keygate store init`, or
+    /// Store: a SQLite file (`*.db` or sqlite:PATH) or a JSON file made by
+    /// `keygate store init`, or
     /// postgres://user@host:port/db for a shared store feeding a fleet.
     /// Required, here or in KEYGATE_STORE.
     #[arg(long, global = true, env = "KEYGATE_STORE", value_name = "PATH|URL")]
@@ -53,6 +54,11 @@ pub enum StoreCommand {
     },
     /// PostgreSQL: apply schema upgrades (idempotent).
     Migrate,
+    /// Copy a JSON store's keys (and identity) into a new, empty SQLite store.
+    Import {
+        /// The JSON store file to read (left unchanged).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,6 +147,9 @@ pub struct CreateArgs {
     /// Also generate a secret (for Authorization: Basic key:secret).
     #[arg(long)]
     pub with_secret: bool,
+    /// A label for people, shown in listings and logs.
+    #[arg(long)]
+    pub name: Option<String>,
     /// Key id; default <tenant>-<random>.
     #[arg(long)]
     pub id: Option<String>,

@@ -12,7 +12,10 @@ mod output;
 use clap::Parser;
 use cli::{AllowIpCommand, Cli, Command, KeyCommand, ScopeCommand, SessionCommand, StoreCommand};
 use keygate_control::service::NewKey;
+use keygate_control::store::file::FileStore;
 use keygate_control::store::pg::PgStore;
+use keygate_control::store::sqlite::SqliteStore;
+use keygate_control::store::Store as _;
 use keygate_control::Service;
 use keygate_core::credential::Status;
 use output::Out;
@@ -67,6 +70,7 @@ fn key_command<W: Write>(svc: &Service, out: &mut Out<W>, cmd: KeyCommand) -> Re
         KeyCommand::Create(a) => {
             let new = NewKey {
                 key_id: a.id,
+                name: a.name.unwrap_or_default(),
                 tenant: a.tenant,
                 environment: a.environment,
                 kind: a.kind,
@@ -202,6 +206,31 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
                 &format!(
                     "Store {where_} is ready (id {id}, {} keys).",
                     snap.keys.len()
+                ),
+            )?;
+            Ok(())
+        }
+        Command::Store(StoreCommand::Import { file }) => {
+            let spec = store.ok_or(CliError::NoStore)?;
+            let path = keygate_control::store::sqlite_path(spec).ok_or_else(|| {
+                CliError::Usage(
+                    "--store: import needs a SQLite store (a *.db path or sqlite:PATH)".into(),
+                )
+            })?;
+            let from = FileStore::new(&file).load()?;
+            let target = SqliteStore::new(path);
+            match target.init() {
+                Ok(_) | Err(keygate_control::Error::StoreExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let snap = target.import(&from)?;
+            let id = snap.store_id.map(|i| i.to_string()).unwrap_or_default();
+            out.done(
+                json!({"store": path, "store_id": id, "keys": snap.keys.len(), "from": file}),
+                &format!(
+                    "Imported {} key(s) from {} into {path} (store id {id}).",
+                    snap.keys.len(),
+                    file.display()
                 ),
             )?;
             Ok(())
