@@ -74,7 +74,7 @@ install: sidecar
 	@echo "installed $(PREFIX)/bin/keygate"
 
 unit:
-	$(CARGO) test -p keygate-core -p keygate-control -p keygate-sidecar
+	$(CARGO) test -p keygate-core -p keygate-control -p keygate-sidecar -p keygate-server
 
 e2e: wasm sidecar envoy
 	$(VPY) -m pytest -q tests
@@ -97,7 +97,7 @@ soak: wasm sidecar envoy
 lint:
 	$(CARGO) fmt --all -- --check
 	$(PYTHON) scripts/check_cycles.py
-	$(CARGO) clippy -p keygate-core -p keygate-control -p keygate-sidecar --all-targets -- -D warnings
+	$(CARGO) clippy -p keygate-core -p keygate-control -p keygate-sidecar -p keygate-server --all-targets -- -D warnings
 	$(CARGO) clippy -p keygate-filter --target $(WASM_TARGET) -- -D warnings
 
 fmt:

@@ -41,6 +41,74 @@ pub enum Command {
     /// Token sessions (tokens issued by POST /auth/login).
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Management API tokens (shown once, stored hashed).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The management server: REST API, /healthz, /metrics, with the sync
+    /// daemon, the access-log ingester and the retention pruner in one process.
+    Serve(ServeArgs),
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Make a token: --operator (every tenant) or --tenant T (one tenant).
+    Create {
+        #[arg(long, conflicts_with = "tenant", required_unless_present = "tenant")]
+        operator: bool,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Lifetime, e.g. 30d, 12h; default: until revoked.
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<Duration>,
+        /// Management database (default: the store, if SQLite or PostgreSQL).
+        #[arg(long, env = "KEYGATE_DB", value_name = "PATH|URL")]
+        db: Option<String>,
+    },
+    /// List tokens (never the tokens themselves).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, env = "KEYGATE_DB", value_name = "PATH|URL")]
+        db: Option<String>,
+    },
+    /// Revoke a token by its id: refused (401) at once.
+    Revoke {
+        token_id: String,
+        #[arg(long, env = "KEYGATE_DB", value_name = "PATH|URL")]
+        db: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address of the API (loopback unless you put TLS in front).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Management database: tokens, tenants, audit, request logs
+    /// (default: the store, if SQLite or PostgreSQL).
+    #[arg(long, env = "KEYGATE_DB", value_name = "PATH|URL")]
+    pub db: Option<String>,
+    /// Envoy sync listener, repeatable: runs the sync daemon in this process,
+    /// so an API change is pushed at once.
+    #[arg(long = "endpoint")]
+    pub endpoints: Vec<String>,
+    /// File holding the shared sync secret (else KEYGATE_SYNC_SECRET).
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub reconcile: Duration,
+    #[arg(long)]
+    pub takeover: bool,
+    /// Envoy's JSON access log to ingest into the request-log tables.
+    #[arg(long, env = "KEYGATE_ACCESS_LOG")]
+    pub access_log: Option<PathBuf>,
+    /// How long request logs are kept.
+    #[arg(long, value_parser = parse_duration, default_value = "30d")]
+    pub retention: Duration,
+    /// Failed authentications allowed per client address, e.g. 10/min;
+    /// more answer 429 until the window ends.
+    #[arg(long, value_parser = keygate_control::service::parse_rate, default_value = "10/min")]
+    pub auth_failures: keygate_core::rate_limit::RateLimit,
 }
 
 #[derive(Subcommand)]

@@ -8,9 +8,13 @@ mod daemon;
 mod endpoint;
 mod logs;
 mod output;
+mod serve;
 
 use clap::Parser;
-use cli::{AllowIpCommand, Cli, Command, KeyCommand, ScopeCommand, SessionCommand, StoreCommand};
+use cli::{
+    AllowIpCommand, Cli, Command, KeyCommand, ScopeCommand, SessionCommand, StoreCommand,
+    TokenCommand,
+};
 use keygate_control::service::NewKey;
 use keygate_control::store::file::FileStore;
 use keygate_control::store::pg::PgStore;
@@ -25,7 +29,7 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
-enum CliError {
+pub(crate) enum CliError {
     #[error(
         "no store given: pass --store PATH (or a postgres:// URL) or set KEYGATE_STORE; \
          create a store with `keygate --store PATH store init`"
@@ -35,6 +39,8 @@ enum CliError {
     Control(#[from] keygate_control::Error),
     #[error(transparent)]
     Sync(#[from] daemon::Error),
+    #[error(transparent)]
+    Db(#[from] keygate_control::DbError),
     #[error("{0}")]
     Usage(String),
     #[error("cannot write the output: {0}")]
@@ -48,6 +54,8 @@ impl CliError {
             CliError::Control(e) => e.code(),
             CliError::Sync(daemon::Error::Store(e)) => e.code(),
             CliError::Sync(_) => "sync",
+            CliError::Db(keygate_control::DbError::BadInput { .. }) => "bad_input",
+            CliError::Db(_) => "database",
             CliError::Usage(_) => "usage",
             CliError::Output(_) => "io",
         }
@@ -120,7 +128,11 @@ fn key_command<W: Write>(svc: &Service, out: &mut Out<W>, cmd: KeyCommand) -> Re
 }
 
 fn sync_secret(args: &cli::SyncArgs) -> Result<Vec<u8>, CliError> {
-    let secret = match &args.secret_file {
+    read_sync_secret(args.secret_file.as_deref())
+}
+
+pub(crate) fn read_sync_secret(file: Option<&std::path::Path>) -> Result<Vec<u8>, CliError> {
+    let secret = match file {
         Some(path) => std::fs::read_to_string(path).map_err(|e| {
             CliError::Usage(format!("--secret-file: cannot read {}: {e}", path.display()))
         })?,
@@ -250,6 +262,8 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
             )?;
             Ok(())
         }
+        Command::Token(cmd) => token_command(store, out, cmd),
+        Command::Serve(args) => serve::run(store.ok_or(CliError::NoStore)?, args),
         Command::Session(SessionCommand::Revoke { key_id, session }) => {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -262,6 +276,112 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// The management database: `--db`, else the store when it is SQLite or
+/// PostgreSQL (a JSON store has nowhere to keep tokens and logs).
+pub(crate) fn management_db(
+    store: Option<&str>,
+    db: Option<&str>,
+) -> Result<keygate_control::Db, CliError> {
+    let spec =
+        match (db, store) {
+            (Some(d), _) => d,
+            (None, Some(s)) if s.starts_with("postgres://") || s.starts_with("postgresql://") => s,
+            (None, Some(s)) if keygate_control::store::sqlite_path(s).is_some() => s,
+            _ => return Err(CliError::Usage(
+                "no management database: pass --db PATH.db (or set KEYGATE_DB), or use a SQLite \
+                 store (--store PATH.db)"
+                    .into(),
+            )),
+        };
+    Ok(match keygate_control::store::sqlite_path(spec) {
+        Some(p) if !spec.starts_with("postgres") => keygate_control::Db::sqlite(p),
+        _ => keygate_control::Db::parse(spec),
+    })
+}
+
+fn token_command<W: Write>(
+    store: Option<&str>,
+    out: &mut Out<W>,
+    cmd: TokenCommand,
+) -> Result<(), CliError> {
+    use keygate_control::mgmt::{self, Role};
+    match cmd {
+        TokenCommand::Create {
+            operator,
+            tenant,
+            expires,
+            db,
+        } => {
+            let mut conn = management_db(store, db.as_deref())?.open()?;
+            let role = if operator {
+                Role::Operator
+            } else {
+                Role::Tenant
+            };
+            let t = now();
+            let tok = mgmt::create_token(
+                &mut conn,
+                role,
+                tenant.as_deref(),
+                expires.map(|d| t + d.as_secs()),
+                t,
+            )?;
+            let who = tok
+                .tenant
+                .as_deref()
+                .map_or("operator".to_owned(), |t| format!("tenant {t}"));
+            out.done(
+                serde_json::to_value(&tok).map_err(io::Error::other)?,
+                &format!(
+                    "Token {} ({who}); shown once, only its hash is kept:\n{}",
+                    tok.token_id, tok.token
+                ),
+            )?;
+        }
+        TokenCommand::List { tenant, db } => {
+            let mut conn = management_db(store, db.as_deref())?.open()?;
+            let list = mgmt::list_tokens(&mut conn, tenant.as_deref())?;
+            let text = list
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{}  {:8}  {:12}  {}",
+                        t.token_id,
+                        match t.role {
+                            Role::Operator => "operator",
+                            Role::Tenant => "tenant",
+                        },
+                        t.tenant.as_deref().unwrap_or("-"),
+                        if t.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            out.done(
+                serde_json::to_value(&list).map_err(io::Error::other)?,
+                &text,
+            )?;
+        }
+        TokenCommand::Revoke { token_id, db } => {
+            let mut conn = management_db(store, db.as_deref())?.open()?;
+            if !mgmt::revoke_token(&mut conn, &token_id, None, now())? {
+                return Err(CliError::Usage(format!(
+                    "no active token with id '{token_id}' (see `keygate token list`)"
+                )));
+            }
+            out.done(
+                json!({"token_id": token_id, "revoked": true}),
+                &format!("Revoked token {token_id}."),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Errors on stderr: a sentence, or with `--json` one JSON object.
