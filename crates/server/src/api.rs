@@ -890,6 +890,7 @@ async fn create_token(
     who: Auth,
     JsonOrEmpty(body): JsonOrEmpty<CreateToken>,
 ) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
     who.operator()?;
     check_tenant_name(&tenant)?;
     let expires_at = body
@@ -924,6 +925,7 @@ async fn list_tokens(
     Path(tenant): Path<String>,
     who: Auth,
 ) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
     who.operator()?;
     let out = blocking(&st, move |_, db| Ok(mgmt::list_tokens(db, Some(&tenant))?)).await?;
     Ok(axum::Json(json!({"tokens": out})).into_response())
@@ -934,6 +936,7 @@ async fn revoke_token(
     Path((tenant, token_id)): Path<(String, String)>,
     who: Auth,
 ) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
     who.operator()?;
     blocking(&st, move |_, db| {
         if !mgmt::revoke_token(db, &token_id, Some(&tenant), now())? {
