@@ -5,7 +5,7 @@
 use crate::error::ApiError;
 use crate::AppState;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::{header, request::Parts, StatusCode};
 use keygate_control::mgmt::{self, Principal, Role};
 use serde::de::DeserializeOwned;
@@ -190,6 +190,14 @@ impl FromRequestParts<Arc<AppState>> for Auth {
         if let Some(slot) = parts.extensions.get::<TokenSlot>() {
             if let Ok(mut s) = slot.0.lock() {
                 *s = Some(principal.token_id.clone());
+            }
+        }
+        // Before the body is read: another tenant's path answers 404 whatever
+        // the body holds, so a body error cannot tell that the path exists.
+        if let Ok(params) = RawPathParams::from_request_parts(parts, state).await {
+            let tenant = params.iter().find(|(k, _)| *k == "tenant").map(|(_, v)| v);
+            if tenant.is_some_and(|t| !principal.may_access(t)) {
+                return Err(ApiError::not_found("tenant"));
             }
         }
         Ok(Auth { principal, ip })
