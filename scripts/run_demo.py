@@ -20,6 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# `python scripts/run_demo.py` (as the demo test runs it) as well as
+# `python -m scripts.run_demo`: the repository root is the import root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness import (DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, demo_plugin_config, free_port,
                            render)
