@@ -18,7 +18,7 @@ def start_demo(store, ports):
            "KEYGATE_API_PORT": str(free_port())}
     store.parent.mkdir(parents=True, exist_ok=True)
     out = store.parent / "demo.out"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_demo.py")], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.run_demo"], env=env, cwd=ROOT,
                             stdout=out.open("w"), stderr=subprocess.STDOUT)
     assert wait_until(lambda: "Ctrl-C stops" in out.read_text() or proc.poll() is not None, timeout=60)
     assert proc.poll() is None, out.read_text()
