@@ -88,8 +88,9 @@ pub fn basic_header(key: &str, secret: &str) -> String {
     )
 }
 
+/// Bad names are bad input naming the field, so an API answers 422 with it.
 fn check_name(field: &str, value: &str) -> Result<()> {
-    keygate_core::credential::check_name(field, value).map_err(|e| Error::Other(e.to_string()))
+    keygate_core::credential::check_name(field, value).map_err(|e| Error::bad(&e.field, e.message))
 }
 
 fn check_scopes(scopes: &[String]) -> Result<()> {
