@@ -16,7 +16,8 @@ import pytest
 
 from tests.harness import KEYGATE, ROUTES, SYNC_SECRET, Managed, free_port, keygate, request, wait_until
 
-CONFIG = {"routes": ROUTES, "rate_limit": {"requests": 1000, "window_secs": 60}}
+CONFIG = {"routes": ROUTES, "rate_limit": {"requests": 1000, "window_secs": 60},
+          "tokens": {"login_path": "/auth/login", "lifetime_secs": 7200}}
 
 
 class Server(Managed):
@@ -225,6 +226,30 @@ def test_rotate_secret_keeps_the_old_one_for_the_grace_period(rig):
     assert s == 200 and v["secret"] != k["secret"] and v["previous_secret_valid_until"]
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", basic(v["secret"])).status == 200, timeout=2)
     assert request(envoy.port, "GET", "/v1/items", basic(k["secret"])).status == 200
+
+
+def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
+    srv, tok, envoy = rig["server"], rig["acme"], rig["envoy"]
+    k = create_key(rig, "acme", tok, name="sessions")
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 200,
+                      timeout=5)
+
+    def login(session):
+        r = request(envoy.port, "POST", "/auth/login", [("content-type", "application/json")],
+                    json.dumps({"api_key": k["api_key"], "session_id": session}).encode())
+        assert r.status == 200, r
+        return [("authorization", f"Bearer {r.json()['access_token']}")]
+
+    a, b = login("phone"), login("laptop")
+    assert request(envoy.port, "GET", "/v1/items", a).status == 200
+    s, _ = call(srv, "DELETE", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions/phone", tok)
+    assert s == 204
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", a).status == 401, timeout=2)
+    assert request(envoy.port, "GET", "/v1/items", b).status == 200
+    s, v = call(srv, "GET", "/api/v1/tenants/acme/sessions", tok)
+    assert s == 200 and {(x["key_id"], x["session_id"], x["revoked"]) for x in v["sessions"]} >= \
+        {(k["key_id"], "phone", True)}
+    assert call(srv, "GET", "/api/v1/tenants/acme/sessions", rig["globex"])[0] == 404
 
 
 def test_every_documented_operation_is_routed(rig):

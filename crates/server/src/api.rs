@@ -53,6 +53,11 @@ pub fn routes() -> Vec<Route> {
             post(rotate_secret),
         ),
         (
+            "/api/v1/tenants/{tenant}/sessions",
+            Method::GET,
+            get(list_tenant_sessions),
+        ),
+        (
             "/api/v1/tenants/{tenant}/keys/{key_id}/sessions",
             Method::GET,
             get(list_sessions),
@@ -608,14 +613,40 @@ async fn list_sessions(
     let out = blocking(&st, move |svc, db| {
         svc.tenant_key(&tenant, &key_id)?;
         let s = mgmt::list_sessions(db, &key_id)?;
-        Ok(json!({"sessions": s.iter().map(|s| json!({
-            "key_id": s.key_id,
-            "session_id": s.session_id,
-            "created_at": rfc3339(s.created_at),
-            "expires_at": rfc3339(s.expires_at),
-            "last_seen_at": s.last_seen_at.map(rfc3339),
-            "revoked": s.revoked_at_ms.is_some(),
-        })).collect::<Vec<_>>()}))
+        Ok(json!({"sessions": s.iter().map(session_view).collect::<Vec<_>>()}))
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+fn session_view(s: &mgmt::SessionInfo) -> Value {
+    json!({
+        "key_id": s.key_id,
+        "session_id": s.session_id,
+        "created_at": rfc3339(s.created_at),
+        "expires_at": rfc3339(s.expires_at),
+        "last_seen_at": s.last_seen_at.map(rfc3339),
+        "revoked": s.revoked_at_ms.is_some(),
+    })
+}
+
+/// Every session recorded for the tenant's keys.
+async fn list_tenant_sessions(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let out = blocking(&st, move |svc, db| {
+        let mut all = Vec::new();
+        for k in svc.list_keys(Some(&tenant))? {
+            all.extend(
+                mgmt::list_sessions(db, &k.record.key_id)?
+                    .iter()
+                    .map(session_view),
+            );
+        }
+        Ok(json!({ "sessions": all }))
     })
     .await?;
     Ok(axum::Json(out).into_response())
