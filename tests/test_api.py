@@ -133,11 +133,16 @@ def test_a_key_created_through_the_api_works_through_envoy_at_least_as_fast_as_a
         return time.monotonic() - t0, k
 
     api_s, k = live_after(lambda: create_key(rig, "initech", rig["op"]))
-    cli_s, _ = live_after(lambda: keygate(rig["store"], "key", "create", "--tenant", "initech", "--scope", "read"))
+    cli_s, by_cli = live_after(lambda: keygate(rig["store"], "key", "create", "--tenant", "initech", "--scope", "read"))
     # The API wakes the in-process daemon at once; the CLI (another process)
     # is seen at the daemon's once-a-second check.
     assert api_s < 1.0, api_s
     assert api_s <= cli_s + 0.25, (api_s, cli_s)
+    # Both changes are in the audit trail: the API's with its token id, the CLI's as the CLI's.
+    recs = call(srv, "GET", "/api/v1/tenants/initech/audit", rig["op"])[1]["records"]
+    by = {r["object"]: r for r in recs if r["action"] == "key.create"}
+    assert by[k["key_id"]]["actor_token_id"].startswith("tok_")
+    assert by[by_cli["key_id"]]["detail"] == {"via": "cli"} and by[by_cli["key_id"]]["actor_token_id"] is None
     s, _ = call(srv, "DELETE", f"/api/v1/tenants/initech/keys/{k['key_id']}", rig["op"])
     assert s == 204
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 401,

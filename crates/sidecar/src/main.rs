@@ -20,6 +20,7 @@ use keygate_control::store::file::FileStore;
 use keygate_control::store::pg::PgStore;
 use keygate_control::store::sqlite::SqliteStore;
 use keygate_control::store::Store as _;
+use keygate_control::store::StoredKey;
 use keygate_control::Service;
 use keygate_core::credential::Status;
 use output::Out;
@@ -72,9 +73,18 @@ fn open(store: Option<&str>) -> Result<Service, CliError> {
     Ok(Service::open(store.ok_or(CliError::NoStore)?)?)
 }
 
-fn key_command<W: Write>(svc: &Service, out: &mut Out<W>, cmd: KeyCommand) -> Result<(), CliError> {
+/// A change the CLI made, for the audit trail: (action, key id, tenant).
+type Change = (&'static str, String, String);
+
+fn key_command<W: Write>(
+    svc: &Service,
+    out: &mut Out<W>,
+    cmd: KeyCommand,
+) -> Result<Option<Change>, CliError> {
     let t = now();
-    match cmd {
+    let changed =
+        |action, k: &StoredKey| Some((action, k.record.key_id.clone(), k.record.tenant.clone()));
+    let change = match cmd {
         KeyCommand::Create(a) => {
             let new = NewKey {
                 key_id: a.id,
@@ -92,39 +102,88 @@ fn key_command<W: Write>(svc: &Service, out: &mut Out<W>, cmd: KeyCommand) -> Re
                 key_value: a.key_value,
                 secret_value: a.secret_value,
             };
-            out.created(&svc.create_key(new, t)?)?;
+            let c = svc.create_key(new, t)?;
+            out.created(&c)?;
+            Some(("key.create", c.key_id, c.tenant))
         }
-        KeyCommand::List { tenant } => out.keys(&svc.list_keys(tenant.as_deref())?)?,
-        KeyCommand::Show { key_id } => out.key(&svc.show_key(&key_id)?)?,
+        KeyCommand::List { tenant } => {
+            out.keys(&svc.list_keys(tenant.as_deref())?)?;
+            None
+        }
+        KeyCommand::Show { key_id } => {
+            out.key(&svc.show_key(&key_id)?)?;
+            None
+        }
         KeyCommand::RotateSecret { key_id, grace } => {
             let grace = grace.map_or(0, |d| d.as_secs());
             let secret = svc.rotate_secret(&key_id, grace, t)?;
             out.rotated(&key_id, &secret, (grace > 0).then_some(t + grace))?;
+            svc.show_key(&key_id)
+                .ok()
+                .and_then(|k| changed("key.rotate_secret", &k))
         }
         KeyCommand::Revoke { key_id } => {
-            svc.revoke_key(&key_id)?;
+            let k = svc.revoke_key(&key_id)?;
             out.done(
                 json!({"key_id": key_id, "revoked": true}),
                 &format!("Revoked {key_id}."),
             )?;
+            changed("key.delete", &k)
         }
         KeyCommand::Activate { key_id } => {
-            out.key(&svc.set_status(&key_id, Status::Active, t)?)?
+            let k = svc.set_status(&key_id, Status::Active, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
         KeyCommand::Deactivate { key_id } => {
-            out.key(&svc.set_status(&key_id, Status::Inactive, t)?)?
+            let k = svc.set_status(&key_id, Status::Inactive, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
         KeyCommand::AllowIp(AllowIpCommand::Add { key_id, cidr }) => {
-            out.key(&svc.allow_ip(&key_id, &cidr, true, t)?)?
+            let k = svc.allow_ip(&key_id, &cidr, true, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
         KeyCommand::AllowIp(AllowIpCommand::Remove { key_id, cidr }) => {
-            out.key(&svc.allow_ip(&key_id, &cidr, false, t)?)?
+            let k = svc.allow_ip(&key_id, &cidr, false, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
         KeyCommand::Scope(ScopeCommand::Set { key_id, scopes }) => {
-            out.key(&svc.set_scopes(&key_id, &scopes, t)?)?
+            let k = svc.set_scopes(&key_id, &scopes, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
+    };
+    Ok(change)
+}
+
+/// Records a CLI change in the audit trail (actor "cli"), when there is a
+/// management database: a SQLite or PostgreSQL store, or KEYGATE_DB. The
+/// change is made either way; a record that cannot be written is reported.
+fn cli_audit(store: Option<&str>, (action, key_id, tenant): Change) {
+    let db = std::env::var("KEYGATE_DB").ok();
+    let Ok(db) = management_db(store, db.as_deref()) else {
+        return;
+    };
+    let entry = keygate_control::mgmt::AuditEntry {
+        actor_token_id: None,
+        actor_ip: None,
+        tenant: Some(&tenant),
+        action,
+        object: Some(&key_id),
+        detail: Some(json!({"via": "cli"})),
+    };
+    if let Err(e) = db
+        .open()
+        .and_then(|mut c| keygate_control::mgmt::record(&mut c, &entry))
+    {
+        let _ = writeln!(
+            io::stderr(),
+            "keygate: warning: the audit record was not written: {e}"
+        );
     }
-    Ok(())
 }
 
 fn sync_secret(args: &cli::SyncArgs) -> Result<Vec<u8>, CliError> {
@@ -185,7 +244,12 @@ fn logs_command<W: Write>(out: &mut Out<W>, a: cli::LogsArgs) -> Result<(), CliE
 fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
     let store = cli.store.as_deref();
     match cli.command {
-        Command::Key(cmd) => key_command(&open(store)?, out, cmd),
+        Command::Key(cmd) => {
+            if let Some(change) = key_command(&open(store)?, out, cmd)? {
+                cli_audit(store, change);
+            }
+            Ok(())
+        }
         Command::Sync(args) => {
             let secret = sync_secret(&args)?;
             let svc = open(store)?;
@@ -268,11 +332,15 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            open(store)?.revoke_session(&key_id, &session, now_ms)?;
+            let svc = open(store)?;
+            svc.revoke_session(&key_id, &session, now_ms)?;
             out.done(
                 json!({"key_id": key_id, "session_id": session, "revoked": true}),
                 &format!("Revoked session '{session}' of {key_id}: its tokens are refused."),
             )?;
+            if let Ok(k) = svc.show_key(&key_id) {
+                cli_audit(store, ("session.revoke", key_id, k.record.tenant));
+            }
             Ok(())
         }
     }
