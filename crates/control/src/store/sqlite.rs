@@ -10,8 +10,10 @@
 //! Wakes: SQLite has no notifications across processes. Changes made by
 //! this process (the API in `keygate serve`) wake every watcher of the same
 //! file through an in-process registry at once; changes made by another
-//! process (the CLI) are seen by the sync daemon's once-a-second
-//! [`Store::change_token`] check.
+//! process (the CLI) are noticed by a filesystem watch on the database and
+//! its write-ahead log (every commit writes the WAL), with the sync daemon's
+//! once-a-second [`Store::change_token`] check behind both. A wake from a
+//! write that changed no key (log ingestion) costs one version query.
 
 use super::{Change, Snapshot, Store, StoredKey};
 use crate::db::{Conn, Db, DbError};
@@ -410,6 +412,48 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Wakes on writes to the database file or its WAL by any process.
+    fn watch_files(&self, wake: Sender<()>) -> Result<notify::RecommendedWatcher> {
+        use notify::Watcher as _;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        let mut wal = name.clone();
+        wal.push("-wal");
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            let relevant = match &ev {
+                Ok(ev) => {
+                    matches!(
+                        ev.kind,
+                        notify::EventKind::Modify(_) | notify::EventKind::Create(_)
+                    ) && ev
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().is_some_and(|n| n == name || n == wal))
+                }
+                // A watcher error (e.g. queue overflow): re-check to be safe.
+                Err(_) => true,
+            };
+            if relevant {
+                // The receiver gone means the daemon is stopping.
+                let _ = wake.send(());
+            }
+        })
+        .map_err(|e| Error::Other(format!("cannot watch {}: {e}", dir.display())))?;
+        watcher
+            .watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|e| Error::Other(format!("cannot watch {}: {e}", dir.display())))?;
+        Ok(watcher)
+    }
+}
+
 impl Store for SqliteStore {
     fn describe(&self) -> String {
         self.path.display().to_string()
@@ -492,13 +536,14 @@ impl Store for SqliteStore {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = key_of(&self.path);
+        let fs_watch = self.watch_files(wake.clone())?;
         watchers()
             .lock()
             .map_err(|_| Error::Other("the watcher registry is poisoned".into()))?
             .entry(path.clone())
             .or_default()
             .push((id, wake));
-        Ok(Box::new(WatchGuard { path, id }))
+        Ok(Box::new((WatchGuard { path, id }, fs_watch)))
     }
 }
 
@@ -590,8 +635,29 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(2)).unwrap();
         assert_ne!(watcher.change_token().unwrap(), before);
         drop(guard);
+        // Wakes of the first change still on their way (the filesystem's too).
+        std::thread::sleep(Duration::from_millis(100));
+        while rx.try_recv().is_ok() {}
         svc.create_key(new_key("acme", ""), 10).unwrap();
         assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+    }
+
+    #[test]
+    fn a_commit_through_another_connection_wakes_a_watcher_through_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        SqliteStore::new(&path).init().unwrap();
+        let watcher = SqliteStore::new(&path);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _guard = watcher.watch(tx).unwrap();
+        while rx.try_recv().is_ok() {}
+        // A raw connection stands for another process: no in-process wake.
+        let Conn::Sqlite(raw) = Db::sqlite(&path).open().unwrap() else {
+            panic!("sqlite")
+        };
+        raw.execute("UPDATE store_meta SET version = version + 1", [])
+            .unwrap();
+        rx.recv_timeout(Duration::from_secs(2)).unwrap();
     }
 
     #[test]
