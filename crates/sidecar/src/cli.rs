@@ -120,7 +120,7 @@ pub enum StoreCommand {
         #[arg(long)]
         if_missing: bool,
     },
-    /// PostgreSQL: apply schema upgrades (idempotent).
+    /// PostgreSQL or SQLite: apply schema upgrades (idempotent).
     Migrate,
     /// Copy a JSON store's keys (and identity) into a new, empty SQLite store.
     Import {
