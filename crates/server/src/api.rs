@@ -835,11 +835,9 @@ async fn usage(
                 "last_used_at": used.get(&k.record.key_id).copied().map(rfc3339),
             }))
             .collect();
-        if let Some(id) = &q.key_id {
-            if keys.is_empty() {
-                return Err(ApiError::not_found("key"));
-            }
-            let _ = id;
+        // Another tenant's key (or none) answers 404, not an empty series.
+        if q.key_id.is_some() && keys.is_empty() {
+            return Err(ApiError::not_found("key"));
         }
         Ok(json!({
             "tenant": tenant,
