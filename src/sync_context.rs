@@ -4,8 +4,9 @@
 //! (`keygate_core::sync::plan`) before the first write.
 
 use crate::host::{self, HostError, HostResult, Written};
-use crate::shared_store::{ensure_counter, SharedCounters};
+use crate::shared_store::SharedCounters;
 use keygate_core::config::SyncSecret;
+use keygate_core::entry;
 use keygate_core::shared_data::{
     credential_key, key_id_key, revocations_key, update, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
@@ -61,11 +62,8 @@ impl SyncContext {
         let plan = plan(&self.secret.0, body, self.signature.as_deref(), &state)?;
         let (config_ids, _) = host::shared_get(CONFIG_IDS_KEY).map_err(host_error)?;
         check_config_ids(&plan, config_ids.as_deref())?;
-        for key in &plan.counters {
-            ensure_counter(key).map_err(host_error)?;
-        }
-        for (hash, entry) in &plan.upserts {
-            host::shared_set(&credential_key(hash), entry, None).map_err(host_error)?;
+        for (hash, fresh) in &plan.upserts {
+            upsert(&credential_key(hash), fresh)?;
         }
         // Tokens name their key by id: the id → hash index (a stale entry
         // is harmless, the gate checks the credential it leads to).
@@ -95,6 +93,25 @@ impl SyncContext {
         );
         Ok(plan.state)
     }
+}
+
+/// Writes a credential entry, keeping the rate-limit state the entry held
+/// (an update must not hand a key a fresh budget), with CAS: gate workers
+/// update that state concurrently.
+fn upsert(name: &str, fresh: &[u8]) -> Result<(), SyncError> {
+    let mut cell = SharedCounters::default();
+    let written = update(&mut cell, name, |old| {
+        let kept = old.and_then(entry::tat).flatten();
+        let bytes = kept
+            .and_then(|tat| entry::with_tat(fresh, tat))
+            .unwrap_or_else(|| fresh.to_vec());
+        Step::Write(bytes, ())
+    });
+    if let Some(e) = cell.error {
+        return Err(SyncError::Host(e.to_string()));
+    }
+    written
+        .map_err(|_| SyncError::Conflict("a credential entry kept changing during the push".into()))
 }
 
 /// Merges session revocations into each key's `rs:` entry, with CAS: gate

@@ -4,8 +4,9 @@
 //!
 //! Envoy holds, in shared data:
 //! - `sync:state`: the [`SyncState`] (generation, version, pending full push);
-//! - `c:<key hash>`: one entry per credential, `<generation>\n<record JSON>`,
-//!   or empty once deleted.
+//! - `c:<key hash prefix>`: one entry per credential, a binary record with
+//!   its generation and rate-limit state ([`crate::entry`]), or empty once
+//!   deleted.
 //!
 //! An incremental push applies on top of exactly the version Envoy holds
 //! (`base_version`), so a stale or replayed push is refused. A full push
@@ -16,10 +17,10 @@
 //! push and those absent from the new set disappear at commit.
 
 use crate::credential::{Credential, CredentialRecord};
+use crate::entry;
 use crate::error::ConfigError;
 use crate::hash::{parse_hex_digest, Digest};
 use crate::names::check_name;
-use crate::shared_data::counter_key;
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -182,9 +183,8 @@ impl SyncError {
 /// The writes a valid push turns into, in the order to apply them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Plan {
-    /// Rate-counter keys to create (if absent) before the credential appears.
-    pub counters: Vec<String>,
-    /// `c:<hash>` entries to write.
+    /// Credential entries to write, rate-limit state unused: the sync role
+    /// keeps the state an existing entry already holds.
     pub upserts: Vec<(Digest, Vec<u8>)>,
     /// The key-id index entries (`k:<key id>` → hash) of the upserts.
     pub key_ids: Vec<(String, Digest)>,
@@ -223,27 +223,19 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> bool {
     mac.verify_slice(&tag).is_ok()
 }
 
-/// `<generation>\n<record JSON>`, without the key hash: the entry's name is it.
+/// The entry of a record at `generation` (as a push plans it), rate-limit
+/// state unused; empty — read back as deleted — for an invalid record, which
+/// a push refuses before it gets here.
 pub fn encode_entry(generation: u64, record: &CredentialRecord) -> Vec<u8> {
-    let mut out = format!("{generation}\n").into_bytes();
-    let record = CredentialRecord {
-        key_hash: String::new(),
-        ..record.clone()
-    };
-    // Serializing a plain struct of strings and numbers cannot fail.
-    out.extend(serde_json::to_vec(&record).unwrap_or_default());
-    out
+    Credential::try_from(record)
+        .map(|c| entry::encode(generation, &c))
+        .unwrap_or_default()
 }
 
 /// The generation and credential of the entry stored under `hash`; None for
 /// a deleted or corrupt one.
 pub fn decode_entry(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
-    let mut parts = bytes.splitn(2, |&b| b == b'\n');
-    let generation = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
-    let mut record: CredentialRecord = serde_json::from_slice(parts.next()?).ok()?;
-    record.key_hash = hex::encode(hash);
-    let cred = Credential::try_from(&record).ok()?;
-    Some((generation, cred))
+    entry::decode(bytes, hash)
 }
 
 /// Entries older than the committed generation were left out of the last full set.
@@ -280,15 +272,13 @@ pub fn plan(
         return Err(SyncError::TooLarge);
     }
     let next = check_sequence(&push, state)?;
-    let mut counters = Vec::with_capacity(push.upserts.len());
     let mut upserts = Vec::with_capacity(push.upserts.len());
     let mut key_ids = Vec::with_capacity(push.upserts.len());
     for (i, r) in push.upserts.iter().enumerate() {
         let c = Credential::try_from(r)
             .map_err(|e| SyncError::Invalid(e.under(&format!("upserts[{i}]")).to_string()))?;
-        counters.push(counter_key(&c.key_id));
         key_ids.push((c.key_id.clone(), c.key_hash));
-        upserts.push((c.key_hash, encode_entry(push.generation, r)));
+        upserts.push((c.key_hash, entry::encode(push.generation, &c)));
     }
     let deletes = push
         .deletes
@@ -310,7 +300,6 @@ pub fn plan(
         }
     }
     Ok(Plan {
-        counters,
         upserts,
         key_ids,
         deletes,
@@ -501,12 +490,8 @@ mod tests {
         let plan = run(&push(Mode::Full, 1, 0, 7), &SyncState::default()).unwrap();
         assert_eq!(plan.state, held(1, 7));
         assert_eq!(plan.upserts.len(), 1);
-        assert_eq!(plan.counters, vec!["r:id-k1"]);
         let (hash, entry) = &plan.upserts[0];
-        assert!(
-            !String::from_utf8_lossy(entry).contains(&hex::encode(hash)),
-            "the hash is the entry's name"
-        );
+        assert_eq!(crate::entry::tat(entry), Some(None), "counter unused");
         let (generation, cred) = decode_entry(entry, hash).unwrap();
         assert_eq!((generation, cred.key_id.as_str()), (1, "id-k1"));
     }
