@@ -8,7 +8,7 @@ the bench's "keygate native, 1k keys (X-API-Key)" configuration under wrk
 module's workers log them (`keygate-profile:` lines, one per 100k requests).
 The timer itself (two clock reads per step, ~20-40 ns) is inside each figure.
 
-Env: BENCH_DURATION (s, default 10)."""
+Env: BENCH_DURATION (s, default 20: a report needs 100k requests)."""
 
 import os
 import re
@@ -29,6 +29,7 @@ def build():
 
 def main():
     os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(build())
+    os.environ.setdefault("BENCH_DURATION", "20")
     from bench.bench import KEY, ROUTES, keygate_config, record, start, wrk, check_enforces
 
     name = "keygate native, 1k keys (X-API-Key)"
@@ -43,7 +44,8 @@ def main():
         envoy.stop()
     lines = [line for line in log.splitlines() if "keygate-profile:" in line]
     if not lines:
-        raise RuntimeError("no keygate-profile lines: was the module built with --features profile?")
+        raise RuntimeError(f"no keygate-profile line after {result['rps']:.0f} rps: a report needs 100k "
+                           "requests (raise BENCH_DURATION)")
     steps = dict(re.findall(r" ([^=;]+?)=(\d+)ns/", lines[-1]))
     steps = {k.strip(): int(v) for k, v in steps.items()}
     # decide's lap includes the two host parts timed inside it.
