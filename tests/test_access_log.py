@@ -126,6 +126,8 @@ def test_keygate_logs_filters_by_key_tenant_and_status(logged):
     log = logged["log"]
     by_key = keygate_logs(log, "--key", "log-limited")
     assert [r["status"] for r in by_key] == [200, 429]
+    # Envoy logs the field as a string; keygate logs gives it as a number.
+    assert [r["rate_remaining"] for r in by_key] == [0, 0]
     assert {r["key_id"] for r in keygate_logs(log)} == {"log-read", "log-inactive", "log-ip", "log-limited", "log-basic"}
     assert [r["key_id"] for r in keygate_logs(log, "--tenant", "c")] == ["log-ip"]
     assert sorted(r["status"] for r in keygate_logs(log, "--status", "4xx")) == [403, 403, 403, 429]
