@@ -64,7 +64,8 @@ pub fn revocations_key(key_id: &str) -> String {
 }
 
 /// Shared-data key of the key-id index of store credentials: tokens name
-/// their key by id. Holds the [`NAME_HASH_BYTES`]-byte hash prefix that
+/// their key by id. In Envoy shared data (the wasm filter's sync role) it
+/// holds the [`NAME_HASH_BYTES`]-byte hash prefix that
 /// names the credential's entry: 15 bytes fit in Envoy's string without a
 /// heap block (a 32-byte hash did not), and the rest of the hash is in the
 /// entry, so the prefix is all a lookup needs.
