@@ -8,7 +8,8 @@ use crate::shared_store::SharedCounters;
 use keygate_core::config::SyncSecret;
 use keygate_core::entry;
 use keygate_core::shared_data::{
-    credential_key, key_id_key, revocations_key, update, Step, CONFIG_IDS_KEY, STATE_KEY,
+    credential_key, key_id_key, name_prefix, revocations_key, update, Step, CONFIG_IDS_KEY,
+    STATE_KEY,
 };
 use keygate_core::sync::{
     check_config_ids, decode_state, encode_state, plan, SyncError, SyncState, MAX_PUSH_BYTES,
@@ -65,10 +66,11 @@ impl SyncContext {
         for (hash, fresh) in &plan.upserts {
             upsert(&credential_key(hash), fresh)?;
         }
-        // Tokens name their key by id: the id → hash index (a stale entry
-        // is harmless, the gate checks the credential it leads to).
+        // Tokens name their key by id: the id → entry-name prefix index (a
+        // stale entry is harmless, the gate checks the credential it leads
+        // to). The prefix, not the hash: 15 bytes need no heap block in Envoy.
         for (key_id, hash) in &plan.key_ids {
-            host::shared_set(&key_id_key(key_id), hash, None).map_err(host_error)?;
+            host::shared_set(&key_id_key(key_id), name_prefix(hash), None).map_err(host_error)?;
         }
         for hash in &plan.deletes {
             host::shared_set(&credential_key(hash), &[], None).map_err(host_error)?;
