@@ -343,42 +343,49 @@ def test_kill_9_mid_ingest_and_mid_write_loses_nothing_committed_and_duplicates_
     keygate(store, "store", "init")
     op = token(store, "--operator")
     server = Server(store, tmp_path, "--access-log", str(log), "--auth-failures", "100000/min")
-    written, acked, stop = [0], [], threading.Event()
+    written, acked, tried = [0], [], [0]
+    stop_writing, stop_creating = threading.Event(), threading.Event()
 
     def append():
+        # Until told, at a few thousand records a second (bounded by count).
         with open(log, "a") as f:
-            while not stop.is_set() and written[0] < 20_000:
-                f.write("".join(log_line(written[0] + i) for i in range(50)))
+            while not stop_writing.is_set() and written[0] < 200_000:
+                f.write("".join(log_line(written[0] + i) for i in range(20)))
                 f.flush()
-                written[0] += 50
+                written[0] += 20
                 time.sleep(0.005)
 
     def create():
-        n = 0
-        while not stop.is_set() and n < 5_000:
-            # The tenant's limits allow 5 default keys: one tenant per key.
+        while not stop_creating.is_set() and tried[0] < 5_000:
+            # One tenant per key: no tenant limit in the way.
+            n = tried[0]
+            tried[0] += 1
             s, v = call(server, "POST", f"/api/v1/tenants/t{n}/keys", op, {"name": f"k{n}", "scopes": ["read"]})
             if s == 201:
                 acked.append((f"t{n}", v["key_id"]))
-            n += 1
 
     server.start()
     try:
         writer = threading.Thread(target=append)
         writer.start()
         for kill in range(2):
+            stop_creating.clear()
             creator = threading.Thread(target=create)
             creator.start()
+            acked_before = len(acked)
+
+            def busy():
+                h = call(server, "GET", "/healthz")[1]
+                return h and h["ingest"]["records"] > 500 and len(acked) > acked_before + 3
             # Killed while records and keys are flowing in.
-            assert wait_until(lambda: call(server, "GET", "/healthz")[1]["ingest"]["records"] > 500 and len(acked) > 3,
-                              timeout=20), server.log()
+            assert wait_until(busy, timeout=30), (written[0], len(acked), server.log()[-2000:])
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(10)
-            stop.set()
+            stop_creating.set()
             creator.join(30)
             if kill == 0:
-                stop.clear()
                 server.start()
+        stop_writing.set()
         writer.join(30)
         assert not writer.is_alive() and not creator.is_alive()
         server.start()
@@ -403,5 +410,6 @@ def test_kill_9_mid_ingest_and_mid_write_loses_nothing_committed_and_duplicates_
             s, _ = call(server, "GET", f"/api/v1/tenants/{tenant}/keys/{kid}", op)
             assert s == 200, f"key {kid} answered 201, then lost"
     finally:
-        stop.set()
+        stop_writing.set()
+        stop_creating.set()
         server.stop()
