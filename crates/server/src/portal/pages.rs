@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::{now, AppState};
 use askama::Template;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use keygate_control::logs::{query_logs, LogQuery};
@@ -141,12 +141,17 @@ struct Opened<'a> {
 
 /// Opens a one-time link: revokes it (so a second use fails) and starts a
 /// browser session with a fresh tenant token in the cookie.
-pub async fn open(
-    State(st): St,
-    headers: HeaderMap,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
-    Query(q): Query<OpenParams>,
-) -> Result<Response, PortalError> {
+pub async fn open(State(st): St, req: axum::extract::Request) -> Result<Response, PortalError> {
+    let headers = req.headers().clone();
+    let ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |c| {
+            c.0.ip()
+        });
+    let q = Query::<OpenParams>::try_from_uri(req.uri())
+        .map(|Query(q)| q)
+        .unwrap_or(OpenParams { link: None });
     let gone = || {
         PortalError::new(
             StatusCode::GONE,
@@ -156,7 +161,6 @@ pub async fn open(
     let Some(link) = q.link.filter(|l| !l.is_empty()) else {
         return Err(gone());
     };
-    let ip = peer.ip();
     if st.limiter.blocked(ip).is_some() {
         return Err(PortalError::new(
             StatusCode::TOO_MANY_REQUESTS,
