@@ -156,6 +156,7 @@ def test_a_bad_cidr_is_shown_next_to_the_field(rig, browser):
     drv.get(link(rig, "acme"))
     assert wait_until(lambda: drv.current_url.endswith("/portal/keys"), timeout=10)
     fill(drv, "name", "cidr test")
+    fill(drv, "scopes", "read")
     drv.find_element(By.CSS_SELECTOR, "form[action='/portal/keys'] button[type=submit]").click()
     drv.find_element(By.LINK_TEXT, "Go to the key").click()
     fill(drv, "allowed_ips", "10.0.0.0/33")
@@ -219,7 +220,7 @@ def test_a_form_without_its_csrf_token_or_from_another_origin_is_refused(rig):
     _, _, page = http(f"{base}/portal/keys", cookie=cookie)
     assert "csrf-less" not in page
     csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', page).group(1)
-    form = urllib.parse.urlencode({"csrf": csrf, "name": "cross-site"}).encode()
+    form = urllib.parse.urlencode({"csrf": csrf, "name": "cross-site", "scopes": "read"}).encode()
     s, _, _ = http(f"{base}/portal/keys", cookie=cookie, data=form,
                    headers=[("Content-Type", "application/x-www-form-urlencoded"), ("Origin", "http://evil.example")])
     assert s == 403
