@@ -603,7 +603,7 @@ pub async fn rotate(
         csrf: s.csrf.clone(),
     };
     let kid = key_id.clone();
-    let (secret, api_key_hint) = blocking(&st, move |svc, db| {
+    let secret = blocking(&st, move |svc, db| {
         // Regenerating replaces the secret at once (no grace period): the
         // portal's button is for a secret that may have leaked.
         let secret = svc.rotate_secret_of(&tenant, &kid, 0, now())?;
@@ -613,10 +613,9 @@ pub async fn rotate(
             &kid,
             json!({"grace_seconds": 0, "via": "portal"}),
         );
-        Ok((secret, ()))
+        Ok(secret)
     })
     .await?;
-    let _ = api_key_hint;
     Ok(render(
         StatusCode::OK,
         &CreatedPage {
