@@ -5,7 +5,7 @@
 use crate::host::{self, HostError, HostResult, Written};
 use keygate_core::hash::Digest;
 use keygate_core::shared_data::{credential_key, CounterCell, STATE_KEY};
-use keygate_core::sync::{decode_entry, decode_state, is_visible, SyncState};
+use keygate_core::sync::{decode_record, decode_slots, decode_state, visible, Slot, SyncState};
 use keygate_core::token::VerifiedTokens;
 use keygate_core::Credential;
 use std::collections::HashMap;
@@ -20,9 +20,12 @@ const CACHE_CAPACITY: usize = 16_384;
 /// a revocation takes effect on the very next request. The sync state is
 /// cached the same way. Also holds the VM's verified tokens, lent to each
 /// decision: the policy itself stays immutable.
+/// The parsed slots of one entry.
+type Slots = Rc<[Slot<Rc<Credential>>]>;
+
 #[derive(Default)]
 pub struct CredentialCache {
-    entries: HashMap<Digest, (u32, u64, Rc<Credential>)>,
+    entries: HashMap<Digest, (u32, Slots)>,
     state: Option<(u32, SyncState)>,
     pub verified_tokens: VerifiedTokens,
 }
@@ -51,22 +54,29 @@ impl CredentialCache {
         };
         let cas = cas.unwrap_or(0);
         let state = self.sync_state()?;
-        if let Some((cached_cas, generation, cred)) = self.entries.get(hash) {
+        if let Some((cached_cas, slots)) = self.entries.get(hash) {
             if *cached_cas == cas {
-                return Ok(is_visible(*generation, &state).then(|| cred.clone()));
+                return Ok(visible(slots, &state).cloned());
             }
         }
-        // A corrupt entry is treated as absent: the sync role validates
-        // before writing, so this only guards against the unexpected.
-        let Some((generation, cred)) = decode_entry(&bytes, hash) else {
+        // A corrupt entry or record is treated as absent: the sync role
+        // validates before writing, so this only guards against the unexpected.
+        let Some(raw) = decode_slots(&bytes) else {
             return Ok(None);
         };
-        let cred = Rc::new(cred);
+        let slots: Slots = raw
+            .into_iter()
+            .map(|s| Slot {
+                stamp: s.stamp,
+                generation: s.generation,
+                record: s.record.and_then(|r| decode_record(r, hash)).map(Rc::new),
+            })
+            .collect();
         if self.entries.len() >= CACHE_CAPACITY {
             self.entries.clear();
         }
-        self.entries.insert(*hash, (cas, generation, cred.clone()));
-        Ok(is_visible(generation, &state).then_some(cred))
+        self.entries.insert(*hash, (cas, slots.clone()));
+        Ok(visible(&slots, &state).cloned())
     }
 }
 

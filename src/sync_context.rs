@@ -8,7 +8,7 @@ use crate::shared_store::{ensure_counter, SharedCounters};
 use keygate_core::config::SyncSecret;
 use keygate_core::shared_data::{credential_key, revocations_key, update, Step, STATE_KEY};
 use keygate_core::sync::{
-    decode_state, encode_state, plan, SyncError, SyncState, MAX_PUSH_BYTES, PUSH_PATH,
+    decode_state, encode_state, plan, stage, SyncError, SyncState, MAX_PUSH_BYTES, PUSH_PATH,
     SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
@@ -53,38 +53,65 @@ impl SyncContext {
         Ok((decode_state(bytes.as_deref()), cas))
     }
 
+    /// Claims the batch (CAS on the state), stages its writes, then, on the
+    /// last batch, commits the push with one more state write: readers see
+    /// the whole push switch at once, or nothing of it.
     fn apply(&self, body: &[u8]) -> Result<SyncState, SyncError> {
         let host_error = |e: HostError| SyncError::Host(e.to_string());
         let (state, cas) = Self::held_state().map_err(host_error)?;
         let plan = plan(&self.secret.0, body, self.signature.as_deref(), &state)?;
+        write_state(&plan.claim, cas)?;
         for key in &plan.counters {
             ensure_counter(key).map_err(host_error)?;
         }
-        for (hash, entry) in &plan.upserts {
-            host::shared_set(&credential_key(hash), entry, None).map_err(host_error)?;
-        }
-        for hash in &plan.deletes {
-            host::shared_set(&credential_key(hash), &[], None).map_err(host_error)?;
+        let staged = plan
+            .upserts
+            .iter()
+            .map(|(hash, record)| (hash, Some(record.as_slice())))
+            .chain(plan.deletes.iter().map(|hash| (hash, None)));
+        for (hash, record) in staged {
+            let key = credential_key(hash);
+            let (current, _) = host::shared_get(&key).map_err(host_error)?;
+            let entry = stage(current.as_deref(), &state, &plan, record);
+            host::shared_set(&key, &entry, None).map_err(host_error)?;
         }
         apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
-        // The state is written last and only if nobody else moved it meanwhile.
-        match host::shared_set(STATE_KEY, &encode_state(&plan.state), cas) {
-            Ok(Written::Yes) => {}
-            Ok(Written::CasMismatch) => {
+        if let Some(commit) = &plan.commit {
+            // Only if the claim still stands: a push that superseded this
+            // one meanwhile keeps its own state.
+            let (now, cas) = Self::held_state().map_err(host_error)?;
+            if now != plan.claim {
                 return Err(SyncError::Conflict(
                     "another push changed the state concurrently".into(),
-                ))
+                ));
             }
-            Err(e) => return Err(host_error(e)),
+            write_state(commit, cas)?;
         }
         info!(
-            "applied {} upserts, {} deletes; generation {} version {}",
+            "staged {} upserts, {} deletes, {} session revocations; generation {} version {}{}",
             plan.upserts.len(),
             plan.deletes.len(),
-            plan.state.generation,
-            plan.state.version
+            plan.revoked_sessions.len(),
+            plan.generation,
+            plan.result().version,
+            if plan.commit.is_some() {
+                " committed"
+            } else {
+                ""
+            }
         );
-        Ok(plan.state)
+        Ok(plan.result())
+    }
+}
+
+/// Writes the sync state if nobody moved it since `cas` was read.
+fn write_state(state: &SyncState, cas: Option<u32>) -> Result<(), SyncError> {
+    match host::shared_set(STATE_KEY, &encode_state(state), cas) {
+        Ok(Written::Yes) => Ok(()),
+        Ok(Written::CasMismatch) => Err(SyncError::Conflict(
+            "another push changed the state concurrently".into(),
+        )),
+        Err(e) => Err(SyncError::Host(e.to_string())),
     }
 }
 
