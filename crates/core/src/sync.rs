@@ -573,7 +573,7 @@ fn check_sequence(
         }),
         ..*state
     };
-    let commit = push.last.then(|| SyncState {
+    let commit = push.last.then_some(SyncState {
         generation: push.generation,
         version: push.version,
         stamp,

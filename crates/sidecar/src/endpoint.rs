@@ -38,6 +38,18 @@ pub enum Error {
     ForeignStore { held: String, ours: String },
 }
 
+impl Error {
+    /// Envoy refused the push itself (invalid, too large, wrong secret, a
+    /// foreign store): sending it again unchanged would be refused again.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::Refused { status, .. } => (400..500).contains(status) && *status != 409,
+            Error::ForeignStore { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 /// What we know an endpoint holds because we pushed it and it said so.
 struct Held {
     generation: u64,
@@ -47,7 +59,7 @@ struct Held {
 }
 
 /// Counters of one endpoint, shown in its log lines and status.
-#[derive(Default, Debug, Clone, Copy, serde::Serialize)]
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Metrics {
     pub full_pushes: u64,
     pub incremental_pushes: u64,
@@ -189,6 +201,11 @@ impl Endpoint {
             takeover,
             token_lifetime: Duration::from_secs(keygate_core::token::MAX_LIFETIME_SECS),
         })
+    }
+
+    /// The version Envoy acknowledged last, if we know it.
+    pub fn held_version(&self) -> Option<u64> {
+        self.held.as_ref().map(|h| h.version)
     }
 
     /// Forget what we believe it holds: the next sync asks Envoy first.
