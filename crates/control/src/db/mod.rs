@@ -133,7 +133,9 @@ impl Db {
                 Ok(Conn::Sqlite(conn))
             }
             Db::Postgres(url) => {
-                let client = postgres::Client::connect(url, postgres::NoTls)?;
+                // The same sslmode/sslrootcert handling as the key store.
+                let target = crate::pg_tls::parse(url).map_err(DbError::Postgres)?;
+                let client = target.config.connect(target.tls)?;
                 Ok(Conn::Postgres(Box::new(client)))
             }
         }
