@@ -267,3 +267,95 @@ def test_the_sidecar_pushes_a_large_change_as_one_atomic_multi_batch_push(envoy_
         m = re.search(r"pushed 2500 upserts, 0 deletes, 0 session revocations in (\d+) batches", log)
         assert m and int(m.group(1)) >= 3, log[-2000:]
         assert "doing a full push" not in log
+
+
+# --- item 6: TLS to the PostgreSQL store ------------------------------------------
+
+def make_ca_and_server_cert(directory):
+    """With `openssl`: a CA, a server certificate it signs for DNS name
+    `localhost` only, and an unrelated CA; PEM files in `directory`."""
+    import subprocess
+
+    def run(*args):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60, cwd=directory)
+
+    for ca in ("ca", "other-ca"):
+        run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+            "-subj", f"/CN=keygate test {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=localhost",
+        "-keyout", "server.key", "-out", "server.csr")
+    (directory / "server.ext").write_text("subjectAltName=DNS:localhost\nbasicConstraints=critical,CA:FALSE\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-extfile", "server.ext", "-out", "server.crt")
+    return directory / "ca.pem", directory / "other-ca.pem"
+
+
+@pytest.fixture(scope="module")
+def tls_postgres(tmp_path_factory):
+    import os
+    import shutil
+
+    from tests.harness import Postgres, pg_bindir
+
+    if pg_bindir() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server not installed: .ci/run installs it, so CI must run these tests")
+        pytest.skip("PostgreSQL server not installed (apt-get install postgresql); CI runs these tests")
+    certs = tmp_path_factory.mktemp("pki")
+    ca, other_ca = make_ca_and_server_cert(certs)
+    pg = Postgres(tmp_path_factory.mktemp("pg-tls")).init()
+    try:
+        for f in ("server.crt", "server.key"):
+            shutil.copyfile(certs / f, pg.dir / f)
+            (pg.dir / f).chmod(0o600)
+            if os.geteuid() == 0:
+                shutil.chown(pg.dir / f, "postgres")
+        with open(pg.dir / "postgresql.conf", "a") as conf:
+            conf.write("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+        # Only TLS connections get in: a plain one is rejected by the server.
+        (pg.dir / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "hostssl all all 127.0.0.1/32 trust\n"
+            "hostssl all all ::1/128 trust\n"
+            "hostnossl all all all reject\n")
+        pg.start().create_db()
+        yield pg, ca, other_ca
+    finally:
+        pg.remove()
+
+
+def tls_url(pg, host="localhost", **params):
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"postgres://postgres@{host}:{pg.port}/keygate?{query}"
+
+
+def test_the_postgres_store_speaks_tls_and_verifies_the_server_as_asked(tls_postgres, envoy_factory, tmp_path, proto):
+    pg, ca, other_ca = tls_postgres
+    migrated = keygate(tls_url(pg, sslmode="require"), "store", "migrate", json_out=False, check=False)
+    assert migrated.returncode == 0, migrated.stderr
+    keygate(tls_url(pg, sslmode="require"), "store", "init", "--if-missing", json_out=False)
+    # verify-full with the right CA and the certificate's name: in.
+    full = tls_url(pg, sslmode="verify-full", sslrootcert=ca)
+    k = keygate(full, "key", "create", "--tenant", f"tls-{proto}", "--scope", "read")
+    # verify-ca checks the chain only, so the IP address is fine.
+    assert keygate(tls_url(pg, host="127.0.0.1", sslmode="verify-ca", sslrootcert=ca), "key", "list",
+                   json_out=False, check=False).returncode == 0
+    refused = {
+        "wrong CA": tls_url(pg, sslmode="verify-full", sslrootcert=other_ca),
+        "name mismatch": tls_url(pg, host="127.0.0.1", sslmode="verify-full", sslrootcert=ca),
+        "plain": tls_url(pg, host="127.0.0.1", sslmode="disable"),
+    }
+    for why, url in refused.items():
+        r = keygate(url, "key", "list", json_out=False, check=False)
+        assert r.returncode != 0, why
+        assert "postgres@" not in r.stderr, "the URL is never echoed"
+        if why == "wrong CA":
+            assert "UnknownIssuer" in r.stderr or "certificate" in r.stderr, r.stderr
+        if why == "name mismatch":
+            assert "NotValidForName" in r.stderr or "name" in r.stderr, r.stderr
+    # The sidecar reads the store over verify-full TLS and Envoy enforces the key.
+    with envoy_factory({"routes": ROUTES}) as envoy:
+        with Sidecar(full, [f"http://127.0.0.1:{envoy.sync_port}"], workdir=tmp_path):
+            assert wait_until(lambda: status(envoy, k["api_key"], proto) == 200, timeout=15)
+        assert status(envoy, "not-a-key", proto) == 401

@@ -88,7 +88,7 @@ impl PgStore {
         move |e| Error::Postgres {
             host: self.host.clone(),
             port: self.port,
-            detail: e.to_string(),
+            detail: crate::db::pg_message(&e),
         }
     }
 
