@@ -461,6 +461,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn any_number_of_items_is_split_into_batches_the_filter_accepts() {
+        let revoked: Vec<RevokedSession> = (0..50_000)
+            .map(|i| RevokedSession {
+                key_id: format!("key-{}", i % 10),
+                session_id: format!("flood-{i:05}"),
+                revoked_at_ms: 1,
+            })
+            .collect();
+        let deletes: Vec<String> = (0..1500).map(|i| format!("{i:064x}")).collect();
+        let parts = batches(vec![], deletes, revoked);
+        assert_eq!(parts.iter().map(Batch::len).sum::<usize>(), 51_500);
+        assert!(parts.len() >= 52);
+        for p in &parts {
+            assert!(p.len() <= BATCH_ITEMS);
+            let body = serde_json::to_vec(&Push {
+                deletes: p.deletes.clone(),
+                revoked_sessions: p.revoked.clone(),
+                ..Push::default()
+            })
+            .unwrap();
+            assert!(body.len() <= MAX_PUSH_BYTES);
+        }
+        // Nothing to push is still one (empty) batch that commits the version.
+        assert_eq!(batches(vec![], vec![], vec![]).len(), 1);
+    }
+
+    #[test]
     fn endpoints_parse_with_or_without_scheme() {
         assert_eq!(
             host_port("http://127.0.0.1:10001/").unwrap(),
