@@ -1,11 +1,12 @@
 # keygate — build, run, test and benchmark the Envoy API-key gate.
 #
 #   make run     build, then Envoy on 127.0.0.1:10000 with demo keys (Ctrl-C stops)
-#   make test    unit tests + the .wasm + end-to-end tests through a real Envoy
+#   make test    unit tests + end-to-end tests through a real Envoy, for the wasm and native builds
 #   make bench   load benchmark against bare Envoy and Envoy's native filters
 #   make soak    5 minutes of load with key churn: no 5xx, no wrong verdict, flat RSS
 #   make dist    release artifacts in dist/: .wasm, keygate, configs, OCI layouts, SHA256SUMS
 #   make install the keygate CLI into ~/.local/bin (or PREFIX=/usr/local)
+#   make native  the Envoy dynamic module; KEYGATE_BUILD=native make run uses it
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -27,7 +28,11 @@ PREFIX ?= $(HOME)/.local
 WITH_TMP = tmp=$$(mktemp -d -t keygate-XXXXXX) && chmod 755 "$$tmp" && \
 	trap 'rc=$$?; if [ $$rc -eq 0 ]; then rm -rf "$$tmp"; else echo "logs kept in $$tmp"; fi' EXIT && export TMPDIR="$$tmp" &&
 
-.PHONY: all run test unit e2e wasm sidecar envoy lint fmt bench soak clean install dist version
+NATIVE := target/release/libkeygate_native.so
+# Which build `make run` puts into Envoy: wasm (default) or native.
+KEYGATE_BUILD ?= wasm
+
+.PHONY: all run test unit e2e e2e-native wasm native sidecar envoy lint fmt bench soak clean install dist version
 
 all: wasm
 
@@ -45,6 +50,13 @@ wasm:
 	KEYGATE_GIT_HASH=$(GIT_HASH) $(CARGO) build --release --target $(WASM_TARGET) -p keygate-filter
 	@ls -l $(WASM) | awk '{print "wasm size: " $$5 " bytes"}'
 
+# The dynamic module for the pinned Envoy only (its C ABI is version-bound).
+# It catches every panic at its exported hooks, which needs unwinding: the
+# workspace's release profile aborts, as the wasm build wants.
+native:
+	KEYGATE_GIT_HASH=$(GIT_HASH) $(CARGO) build --release -p keygate-native --config 'profile.release.panic="unwind"'
+	@ls -l $(NATIVE) | awk '{print "native module size: " $$5 " bytes"}'
+
 sidecar:
 	KEYGATE_GIT_HASH=$(GIT_HASH) $(CARGO) build --release -p keygate-sidecar
 
@@ -53,13 +65,11 @@ version:
 
 # Release artifacts. The OCI layouts are written without a Docker engine and
 # are reproducible (same .wasm, same digests); see README "Distribution".
-# Hook: once crates/native builds, its libkeygate_native.so joins dist/ here.
-NATIVE_SO := target/release/libkeygate_native.so
-dist: wasm sidecar
+dist: wasm native sidecar
 	rm -rf $(DIST) && mkdir -p $(DIST)/examples
 	cp $(WASM) $(DIST)/keygate.wasm
 	cp $(SIDECAR) $(DIST)/keygate
-	@if [ -f $(NATIVE_SO) ]; then cp $(NATIVE_SO) $(DIST)/; fi
+	cp $(NATIVE) $(DIST)/libkeygate_native.so
 	cp envoy/envoy.yaml envoy/envoy-remote.yaml envoy/fleet-ratelimit.yaml $(DIST)/examples/
 	cp -r deploy $(DIST)/examples/deploy
 	$(PYTHON) scripts/oci_layout.py --wasm $(DIST)/keygate.wasm --out $(DIST) --version $(VERSION) --revision $(GIT_HASH) \
@@ -74,17 +84,21 @@ install: sidecar
 	@echo "installed $(PREFIX)/bin/keygate"
 
 unit:
-	$(CARGO) test -p keygate-core -p keygate-control -p keygate-sidecar
+	$(CARGO) test -p keygate-core -p keygate-control -p keygate-sidecar -p keygate-native
 
-e2e: wasm sidecar envoy
+e2e: wasm native sidecar envoy
 	$(VPY) -m pytest -q tests
 
-test: unit e2e
+# The same e2e suite against the native module (tests/harness.py switches on KEYGATE_BUILD).
+e2e-native: native sidecar envoy
+	KEYGATE_BUILD=native $(VPY) -m pytest -q tests
 
-run: wasm sidecar envoy
-	@$(WITH_TMP) $(VPY) -m scripts.run_demo
+test: unit e2e e2e-native
 
-bench: wasm sidecar envoy
+run: $(if $(filter native,$(KEYGATE_BUILD)),native,wasm) sidecar envoy
+	@$(WITH_TMP) KEYGATE_BUILD=$(KEYGATE_BUILD) $(VPY) -m scripts.run_demo
+
+bench: wasm native sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@$(WITH_TMP) $(VPY) -m bench.bench && $(VPY) -m bench.propagation && $(VPY) -m bench.fleet_propagation
 	$(CARGO) run --release -p keygate-control --example bench_logs
@@ -97,7 +111,7 @@ soak: wasm sidecar envoy
 lint:
 	$(CARGO) fmt --all -- --check
 	$(PYTHON) scripts/check_cycles.py
-	$(CARGO) clippy -p keygate-core -p keygate-control -p keygate-sidecar --all-targets -- -D warnings
+	$(CARGO) clippy -p keygate-core -p keygate-control -p keygate-sidecar -p keygate-native --all-targets -- -D warnings
 	$(CARGO) clippy -p keygate-filter --target $(WASM_TARGET) -- -D warnings
 
 fmt:

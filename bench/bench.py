@@ -11,7 +11,8 @@ worthless.
 
 Env: BENCH_DURATION (s per run, default 5), BENCH_ROUNDS (default 3),
 BENCH_SIZES (credential counts loaded through the sync path, default
-"100000,1000000"), BENCH_CONNECTIONS (default 32)."""
+"100000,1000000"), BENCH_CONNECTIONS (default 32), BENCH_ONLY (a regex:
+only the configurations whose name matches, plus bare Envoy)."""
 
 import base64
 import copy
@@ -33,6 +34,7 @@ DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "100000,1000000").split(",") if s]
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+ONLY = os.environ.get("BENCH_ONLY")
 WORK = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
 
 ROUTES = [{"methods": ["GET"], "path_prefix": "/v1", "scope": "read"}]
@@ -155,9 +157,9 @@ def rss_kib(pid):
     return 0
 
 
-def start(name, config):
+def start(name, config, build=None):
     envoy = Envoy(config, concurrency=1, workdir=WORK / name, log_level="warn",
-                  extra_args=[])
+                  extra_args=[], build=build)
     (WORK / name).mkdir(parents=True, exist_ok=True)
     envoy.start()
     subprocess.run(["taskset", "-acp", "0", str(envoy.proc.pid)], capture_output=True, check=False)
@@ -199,9 +201,16 @@ def load_through_sync(envoy, n):
     return {"load_s": loaded - written, "bytes_per_credential": (rss_after - rss_before) * 1024 / n}
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(envoy, header):
     lua = WORK / "bench.lua"
     lua.write_text(WRK_LUA)
+    cpu_before = cpu_seconds(envoy.proc.pid)
     out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s", "-s", str(lua),
                           f"http://127.0.0.1:{envoy.port}", "--", header[0], header[1]],
                          capture_output=True, text=True, timeout=DURATION + 60).stdout
@@ -211,7 +220,9 @@ def wrk(envoy, header):
     requests, seconds, p50, p99, bad = int(m[1]), float(m[2]), float(m[3]), float(m[4]), int(m[5])
     if bad:
         raise RuntimeError(f"{bad} non-2xx responses under load")
-    return {"rps": requests / seconds, "p50": p50, "p99": p99}
+    # Envoy's CPU time per request: unlike rps, barely moved by other load on the machine.
+    cpu_us = (cpu_seconds(envoy.proc.pid) - cpu_before) / max(requests, 1) * 1e6
+    return {"rps": requests / seconds, "p50": p50, "p99": p99, "cpu_us": cpu_us}
 
 
 def main():
@@ -233,12 +244,20 @@ def main():
           for n in SIZES],
         ("keygate, 1k keys (Basic key:secret)", keygate_config(plugin_basic), ("authorization", basic), None),
         ("keygate, 1k keys (issued bearer token)", keygate_config(plugin_tokens, login=True), None, None),
+        # The same keygate as an Envoy dynamic module (crates/native, `make native`).
+        ("keygate native, 1k keys (X-API-Key)", keygate_config(plugin_1k), api_key, None, "native"),
+        *[(f"keygate native, {n // 1000}k keys via sync (X-API-Key)", keygate_config({"routes": ROUTES}), api_key, n,
+           "native") for n in SIZES],
+        ("keygate native, 1k keys (issued bearer token)", keygate_config(plugin_tokens, login=True), None, None,
+         "native"),
     ]
+    if ONLY:
+        setups = [s for s in setups if s[0] == "bare Envoy" or re.search(ONLY, s[0])]
     envoys, headers, loads = {}, {}, {}
     try:
-        for name, config, header, n in setups:
+        for name, config, header, n, *build in setups:
             print(f"starting: {name}", flush=True)
-            envoys[name] = start(name.replace(" ", "_").replace("/", ""), config)
+            envoys[name] = start(name.replace(" ", "_").replace("/", ""), config, *build)
             if n:
                 loads[name] = load_through_sync(envoys[name], n)
                 print(f"  loaded {n} credentials in {loads[name]['load_s']:.1f} s, "
@@ -258,12 +277,16 @@ def main():
         for e in envoys.values():
             e.stop()
 
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")} for n, rs in results.items()}
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "cpu_us")}
+           for n, rs in results.items()}
     bare = med["bare Envoy"]["rps"]
-    lines = ["| config | rps | ratio to bare | p50 | p99 | Envoy RSS |", "|---|---|---|---|---|---|"]
+    bare_cpu = med["bare Envoy"]["cpu_us"]
+    lines = ["| config | rps | ratio to bare | Envoy CPU/request | CPU ratio (bare/this) | p50 | p99 | Envoy RSS |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in envoys:
         m = med[name]
-        lines.append(f"| {name} | {m['rps']:.0f} | {m['rps'] / bare:.2f} | {m['p50']:.2f} ms | {m['p99']:.2f} ms "
+        lines.append(f"| {name} | {m['rps']:.0f} | {m['rps'] / bare:.2f} | {m['cpu_us']:.1f} µs "
+                     f"| {bare_cpu / m['cpu_us']:.2f} | {m['p50']:.2f} ms | {m['p99']:.2f} ms "
                      f"| {rss[name] / 1024:.0f} MiB |")
     print("\n" + "\n".join(lines))
     if loads:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from tests.harness import (DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, Sidecar, demo_plugin_config, free_port,
+from tests.harness import (BUILD, DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, Sidecar, demo_plugin_config, free_port,
                            render)
 
 GATE_PORT = int(os.environ.get("KEYGATE_PORT", "10000"))
@@ -62,7 +62,7 @@ def banner(port, admin_port):
     base = f"http://127.0.0.1:{port}"
     partner = DEMO_KEYS["acme-partner"]
     print(f"""
-keygate is running: Envoy {base} -> echo upstream (admin http://127.0.0.1:{admin_port})
+keygate ({BUILD} build) is running: Envoy {base} -> echo upstream (admin http://127.0.0.1:{admin_port})
 
 Demo credentials (tenant acme; demo only) live in the demo store {STORE}:
 the CLI below can show, deactivate, revoke and rotate them.
@@ -129,7 +129,7 @@ def main():
             banner(GATE_PORT, ADMIN_PORT)
             print(f"Envoy log:   {envoy.log_path}\nSidecar log: {sidecar.log_path}\nAccess log:  {access_log}\n"
                   f"Requests of a key: {KEYGATE} logs --file {access_log} --key acme-read\n"
-                  f"Metrics:     curl -s http://127.0.0.1:{ADMIN_PORT}/stats/prometheus | grep ^keygate_", flush=True)
+                  f"Metrics:     curl -s http://127.0.0.1:{ADMIN_PORT}/stats/prometheus | grep keygate_requests_total", flush=True)
             while not stop and envoy.proc.poll() is None and sidecar.proc.poll() is None:
                 time.sleep(0.2)
             if sidecar.proc.poll() is not None:

@@ -8,13 +8,17 @@ import shutil
 import pytest
 
 from tests.harness import (
-    PROTOCOLS, WASM, EchoServer, Envoy, FileServer, assert_no_wasm_panic, free_port, render, render_remote,
+    BUILD, NATIVE_DIR, NATIVE_MODULE, PROTOCOLS, WASM, EchoServer, Envoy, FileServer, assert_no_wasm_panic, free_port, render, render_remote,
 )
 
 
 @pytest.fixture(scope="session", autouse=True)
 def built_wasm():
-    if not WASM.exists():
+    if BUILD == "native":
+        module = NATIVE_DIR / f"lib{NATIVE_MODULE}.so"
+        if not module.exists():
+            pytest.exit(f"{module} is missing: run `make native`", returncode=2)
+    elif not WASM.exists():
         pytest.exit(f"{WASM} is missing: run `make wasm` (make test does it)", returncode=2)
 
 

@@ -222,8 +222,9 @@ class Envoy(Managed):
     """A real Envoy process. Always stopped on exit, even on failure."""
 
     def __init__(self, config, *, concurrency=2, workdir=None, log_level="info", extra_args=(),
-                 sync_secret=SYNC_SECRET, token_keys=TOKEN_KEYS):
+                 sync_secret=SYNC_SECRET, token_keys=TOKEN_KEYS, build=None):
         self.config = config
+        self.build = build or BUILD  # "wasm" or "native" (KEYGATE_BUILD by default)
         self.sync_secret = sync_secret
         self.token_keys = token_keys
         self.concurrency = concurrency
@@ -253,7 +254,7 @@ class Envoy(Managed):
 
     def start(self, wait=True, timeout=60):
         path = self.dir / "envoy.json"
-        path.write_text(json.dumps(self.config, indent=1))
+        path.write_text(json.dumps(native_config(self.config) if self.build == "native" else self.config, indent=1))
         self._spawn([envoy_binary(), "-c", path, "--concurrency", self.concurrency, "--disable-hot-restart",
                      "--log-level", self.log_level, "--file-flush-interval-msec", "100", *self.extra_args],
                     env={**os.environ, "KEYGATE_SYNC_SECRET": self.sync_secret, "KEYGATE_TOKEN_KEYS": self.token_keys})
@@ -468,8 +469,42 @@ def wait_until(predicate, timeout=10.0, interval=0.05):
 def assert_no_wasm_panic(envoy):
     """A panic kills the worker's VM: every e2e test checks none happened."""
     log = envoy.log()
-    for marker in ("panicked at", "Uncaught RuntimeError", "wasm VM failed"):
+    for marker in ("panicked at", "Uncaught RuntimeError", "wasm VM failed", "keygate: internal error"):
         assert marker not in log, f"wasm failure in {envoy.log_path}: {marker}"
+
+
+# --- native build (Envoy dynamic module) ----------------------------------------
+
+# KEYGATE_BUILD=native runs every Envoy of the harness with the native module
+# (crates/native, `make native`) in place of the .wasm; the config is the same.
+BUILD = os.environ.get("KEYGATE_BUILD", "wasm")
+NATIVE_DIR = Path(os.environ.get("KEYGATE_NATIVE_DIR", ROOT / "target/release"))
+NATIVE_MODULE = "keygate_native"  # Envoy loads lib<name>.so from the search path
+
+
+def native_config(config):
+    """A copy of `config` with each keygate wasm filter replaced by the
+    native module, given the same plugin JSON, plus the stats tag rule for
+    the module's counter names."""
+    config = copy.deepcopy(config)
+    for lst in config["static_resources"]["listeners"]:
+        for f in _hcm(lst)["http_filters"]:
+            if f["name"] == "keygate" and f["typed_config"]["@type"].endswith(".wasm.v3.Wasm"):
+                f["typed_config"] = {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                    "dynamic_module_config": {"name": NATIVE_MODULE},
+                    "filter_name": "keygate",
+                    "filter_config": f["typed_config"]["config"]["configuration"],
+                }
+    # Module counters are named dynamicmodulescustom.keygate.requests_total.<outcome>;
+    # Envoy strips only wasm's namespace in /stats/prometheus, so these show as
+    # envoy_dynamicmodulescustom_keygate_requests_total{outcome="..."}.
+    rule = {"tag_name": "outcome", "regex": r"^dynamicmodulescustom\.keygate\.requests_total(\.(\w+))$"}
+    tags = config.setdefault("stats_config", {}).setdefault("stats_tags", [])
+    if rule not in tags:
+        tags.append(rule)
+    os.environ.setdefault("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", str(NATIVE_DIR))
+    return config
 
 
 # --- sidecar -----------------------------------------------------------------

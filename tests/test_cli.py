@@ -163,3 +163,21 @@ def test_sync_waits_for_an_unreachable_postgres_naming_it(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_store_init_if_missing_keeps_an_existing_store_and_its_identity(store):
+    before = json.loads(run("--json", "key", "create", "--tenant", "acme", "--scope", "read", store=store).stdout)
+    again = run("--json", "store", "init", store=store)
+    assert again.returncode == 1 and "store_exists" in again.stderr, again.stderr
+    kept = run("--json", "store", "init", "--if-missing", store=store)
+    assert kept.returncode == 0, kept.stderr
+    assert json.loads(kept.stdout)["created"] is False
+    listed = json.loads(run("--json", "key", "list", store=store).stdout)
+    assert [k["key_id"] for k in listed] == [before["key_id"]]
+
+
+def test_store_init_if_missing_creates_a_new_store(tmp_path):
+    path = tmp_path / "new.json"
+    p = run("--json", "store", "init", "--if-missing", store=path)
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["store_id"]) == 16

@@ -17,7 +17,7 @@ def start_demo(store, ports):
            "KEYGATE_ADMIN_PORT": str(ports[1]), "KEYGATE_SYNC_PORT": str(ports[2])}
     store.parent.mkdir(parents=True, exist_ok=True)
     out = store.parent / "demo.out"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_demo.py")], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.run_demo"], env=env, cwd=ROOT,
                             stdout=out.open("w"), stderr=subprocess.STDOUT)
     assert wait_until(lambda: "Ctrl-C stops" in out.read_text() or proc.poll() is not None, timeout=60)
     assert proc.poll() is None, out.read_text()

@@ -99,7 +99,7 @@ def test_plugin_config_in_manifest_is_accepted_by_the_filter(envoy_factory, wher
     # The JSON Istio and Envoy Gateway hand the filter; starting fails if
     # on_configure refuses it.
     with envoy_factory(raw=json.dumps(config)) as envoy:
-        assert "wasm log keygate: configured: role Gate" in envoy.log()
+        assert "configured: role Gate" in envoy.log()
         assert request(envoy.port, "GET", "/health").status == 200
         assert request(envoy.port, "GET", "/v1/items").status == 401
 

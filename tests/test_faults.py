@@ -55,7 +55,11 @@ def test_envoy_restarted_under_load_is_resynced_without_wrong_verdicts(rig):
     good = keygate(store, "key", "create", "--tenant", "acme", "--scope", "read")
     gone = keygate(store, "key", "create", "--tenant", "beta", "--scope", "read")
     keygate(store, "key", "revoke", gone["key_id"])
-    assert wait_until(lambda: status(envoy, good["api_key"]) == 200)
+    # Load starts once Envoy holds the whole store (the revocation included):
+    # before that, the revoked key may still pass, as it did before the CLI ran.
+    version = json.loads(store.read_text())["version"]
+    assert wait_until(lambda: sync_state(envoy)["version"] == version)
+    assert status(envoy, good["api_key"]) == 200
     seen = {"good": [], "gone": []}
     stop = threading.Event()
 

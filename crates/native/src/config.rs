@@ -1,0 +1,118 @@
+//! The filter configuration: validated once on Envoy's main thread, then
+//! used by every worker at once. The core's compiled [`Policy`] holds `Rc`s
+//! (it is built per wasm VM), so the shared object keeps the validated JSON
+//! and each worker compiles its own `Policy` on first use.
+
+use crate::abi;
+use crate::envoy::{log, ConfigHandle};
+use crate::state::tables;
+use keygate_core::access_log::outcomes;
+use keygate_core::config::Role;
+use keygate_core::shared_data::counter_key;
+use keygate_core::Policy;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One `filter_config` as Envoy loaded it. Read-only once built.
+pub struct FilterConfig {
+    id: u64,
+    json: Vec<u8>,
+    pub role: Role,
+    /// Counter ids by metric outcome (gate role only).
+    counters: HashMap<String, usize>,
+}
+
+/// Secrets come from Envoy's own environment (the wasm build reads the same
+/// names through `vm_config.environment_variables`).
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn compile(json: &[u8]) -> Result<Policy, keygate_core::ConfigError> {
+    let json: &[u8] = if json.is_empty() { b"{}" } else { json };
+    Policy::from_json_with_env(json, &env)
+}
+
+impl FilterConfig {
+    /// Validates the plugin JSON exactly as the wasm build does; an error is
+    /// logged naming the field and Envoy refuses the configuration.
+    pub fn new(handle: &ConfigHandle, json: &[u8]) -> Option<FilterConfig> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let policy = match compile(json) {
+            Ok(p) => p,
+            Err(e) => {
+                log(
+                    abi::LOG_ERROR,
+                    &format!("keygate: invalid plugin configuration: {e}"),
+                );
+                return None;
+            }
+        };
+        let mut counters = HashMap::new();
+        if policy.role == Role::Gate {
+            for outcome in outcomes() {
+                let name = format!("keygate.requests_total.{outcome}");
+                let Some(id) = handle.define_counter(&name) else {
+                    log(
+                        abi::LOG_ERROR,
+                        &format!("keygate: cannot define metric {name}"),
+                    );
+                    return None;
+                };
+                counters.insert(outcome, id);
+            }
+        }
+        let keys: Vec<String> = policy
+            .credentials
+            .values()
+            .map(|c| counter_key(&c.key_id))
+            .collect();
+        tables().ensure_counters(keys.iter().map(String::as_str));
+        // Counts and role only: the policy holds credential hashes.
+        log(
+            abi::LOG_INFO,
+            &format!(
+                "keygate {} (native) configured: role {:?}, {} credentials from config, {} route rules",
+                keygate_core::VERSION,
+                policy.role,
+                policy.credentials.len(),
+                policy.routes.len()
+            ),
+        );
+        Some(FilterConfig {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            json: json.to_vec(),
+            role: policy.role,
+            counters,
+        })
+    }
+
+    /// This worker's compiled policy; compiled on first use. The JSON was
+    /// validated when the config was created, so compiling cannot fail short
+    /// of a changed environment, which then fails closed (`None`).
+    pub fn policy(&self) -> Option<Rc<Policy>> {
+        // A few configs per worker at most (gate, sync, reloads): a short list.
+        const MAX_CONFIGS_PER_WORKER: usize = 16;
+        thread_local! {
+            static POLICIES: RefCell<Vec<(u64, Rc<Policy>)>> = const { RefCell::new(Vec::new()) };
+        }
+        POLICIES.with(|cell| {
+            let mut list = cell.try_borrow_mut().ok()?;
+            if let Some((_, p)) = list.iter().find(|(id, _)| *id == self.id) {
+                return Some(p.clone());
+            }
+            let policy = Rc::new(compile(&self.json).ok()?);
+            if list.len() >= MAX_CONFIGS_PER_WORKER {
+                list.remove(0);
+            }
+            list.push((self.id, policy.clone()));
+            Some(policy)
+        })
+    }
+
+    pub fn counter(&self, outcome: &str) -> Option<usize> {
+        self.counters.get(outcome).copied()
+    }
+}

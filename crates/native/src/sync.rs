@@ -1,0 +1,191 @@
+//! The sync role per stream: the sidecar's loopback listener protocol, as in
+//! the wasm build (`src/sync_context.rs`): read the held state, or push a
+//! signed batch that is validated in full (`keygate_core::sync::plan`) before
+//! it is applied — here to the process-wide tables, in one atomic swap.
+
+use crate::abi;
+use crate::config::FilterConfig;
+use crate::envoy::{log, Stream};
+use crate::state::{tables, Entry, Snapshot};
+use keygate_core::shared_data::revocations_key;
+use keygate_core::sync::{
+    decode_entry, plan, RevokedSession, SyncError, SyncState, MAX_PUSH_BYTES, PUSH_PATH,
+    SIGNATURE_HEADER, STATE_PATH,
+};
+use keygate_core::token::merge_revocations;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub struct SyncFilter {
+    config: Arc<FilterConfig>,
+    receiving: bool,
+    signature: Option<Vec<u8>>,
+}
+
+enum Body {
+    State(SyncState),
+    Error(String),
+}
+
+fn render(body: &Body) -> Vec<u8> {
+    let value = match body {
+        Body::State(s) => serde_json::to_value(s).unwrap_or_default(),
+        Body::Error(m) => serde_json::json!({ "error": m }),
+    };
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+fn reply(stream: Stream, status: u16, body: &Body) {
+    stream.send_response(
+        status,
+        &[("content-type", "application/json")],
+        &render(body),
+        "keygate_sync",
+    );
+}
+
+/// Applies a push: plan against the held state, then write the new table
+/// and state in one store. A refused push changes nothing.
+fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
+    let t = tables();
+    let (state, upserts, deletes, revoked) = t.update(|current: &Snapshot| {
+        let plan = plan(secret, body, signature, &current.state)?;
+        let mut next = current.clone();
+        for (hash, bytes) in &plan.upserts {
+            // `plan` validated each record; an entry that does not decode
+            // would be a core bug: refuse the push rather than half-apply.
+            let (generation, _) = decode_entry(bytes, hash)
+                .ok_or_else(|| SyncError::Invalid("unreadable credential entry".into()))?;
+            let bytes = bytes.clone().into_boxed_slice();
+            next.credentials
+                .insert(*hash, Arc::new(Entry { generation, bytes }));
+        }
+        for hash in &plan.deletes {
+            next.credentials.remove(hash);
+        }
+        next.state = plan.state;
+        let out = (
+            plan.state,
+            plan.upserts.len(),
+            plan.deletes.len(),
+            plan.revoked_sessions,
+        );
+        Ok((next, out))
+    })?;
+    // Rate counters of pushed keys are created at their first request (under
+    // the writer lock, so never twice): unused keys cost no counter memory.
+    apply_revocations(&revoked);
+    log(
+        abi::LOG_INFO,
+        &format!(
+            "keygate sync: applied {upserts} upserts, {deletes} deletes; generation {} version {}",
+            state.generation, state.version
+        ),
+    );
+    Ok(state)
+}
+
+/// Merges session revocations into each key's revocation counter, which the
+/// gate reads on every token use.
+fn apply_revocations(revoked: &[RevokedSession]) {
+    let mut by_key: BTreeMap<&str, Vec<(&str, u64)>> = BTreeMap::new();
+    for r in revoked {
+        by_key
+            .entry(&r.key_id)
+            .or_default()
+            .push((&r.session_id, r.revoked_at_ms));
+    }
+    for (key_id, sessions) in by_key {
+        tables().modify(&revocations_key(key_id), |current| {
+            merge_revocations(current, &sessions)
+        });
+    }
+}
+
+impl SyncFilter {
+    pub fn new(config: Arc<FilterConfig>) -> SyncFilter {
+        SyncFilter {
+            config,
+            receiving: false,
+            signature: None,
+        }
+    }
+
+    pub fn on_request_headers(&mut self, stream: Stream, end_of_stream: bool) -> u32 {
+        let method = stream.request_header(":method").unwrap_or_default();
+        let path = stream.request_header(":path").unwrap_or_default();
+        match (method.as_slice(), path.as_slice()) {
+            (b"GET", p) if p == STATE_PATH.as_bytes() => {
+                reply(stream, 200, &Body::State(tables().snapshot().state));
+            }
+            (b"POST", p) if p == PUSH_PATH.as_bytes() => {
+                let too_long = stream
+                    .request_header("content-length")
+                    .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<usize>().ok())
+                    .is_some_and(|n| n > MAX_PUSH_BYTES);
+                if too_long {
+                    reply(stream, 413, &Body::Error(SyncError::TooLarge.message()));
+                } else if end_of_stream {
+                    reply(stream, 400, &Body::Error("push without a body".into()));
+                } else {
+                    // Held here until the whole body is in and answered.
+                    self.receiving = true;
+                    self.signature = stream.request_header(SIGNATURE_HEADER);
+                }
+            }
+            _ => reply(stream, 404, &Body::Error("not found".into())),
+        }
+        abi::HEADERS_STOP_ITERATION
+    }
+
+    pub fn on_request_body(&mut self, stream: Stream, end_of_stream: bool) -> u32 {
+        if !self.receiving {
+            return abi::BODY_STOP_ITERATION_NO_BUFFER;
+        }
+        if stream.request_body_size() > MAX_PUSH_BYTES {
+            self.receiving = false;
+            reply(stream, 413, &Body::Error(SyncError::TooLarge.message()));
+            return abi::BODY_STOP_ITERATION_NO_BUFFER;
+        }
+        if !end_of_stream {
+            return abi::BODY_STOP_ITERATION_AND_BUFFER;
+        }
+        self.finish(stream);
+        abi::BODY_STOP_ITERATION_NO_BUFFER
+    }
+
+    /// Trailers end the body too: answer with what arrived.
+    pub fn on_request_trailers(&mut self, stream: Stream) -> u32 {
+        if self.receiving {
+            self.finish(stream);
+        }
+        abi::TRAILERS_STOP_ITERATION
+    }
+
+    fn finish(&mut self, stream: Stream) {
+        self.receiving = false;
+        let Some(secret) = self
+            .config
+            .policy()
+            .and_then(|p| p.sync_secret.as_ref().map(|s| s.0.clone()))
+        else {
+            reply(stream, 503, &Body::Error("sync is not configured".into()));
+            return;
+        };
+        let body = stream.request_body();
+        match apply(&secret, &body, self.signature.as_deref()) {
+            Ok(state) => reply(stream, 200, &Body::State(state)),
+            Err(e) => {
+                log(
+                    abi::LOG_WARN,
+                    &format!(
+                        "keygate sync: refused push ({}): {}",
+                        e.status(),
+                        e.message()
+                    ),
+                );
+                reply(stream, e.status(), &Body::Error(e.message()));
+            }
+        }
+    }
+}
