@@ -295,6 +295,13 @@ impl<R> Slot<R> {
     }
 }
 
+/// An entry stamped with `entry_generation` belongs to the committed full
+/// set (the native build keeps committed entries in a map of its own and
+/// needs only this rule).
+pub fn is_visible(entry_generation: u64, state: &SyncState) -> bool {
+    entry_generation >= state.generation
+}
+
 /// The slot readers use: the newest committed one, if it holds a record
 /// that the last full set did not leave out.
 pub fn visible<'a, R>(slots: &'a [Slot<R>], state: &SyncState) -> Option<&'a R> {
@@ -302,7 +309,7 @@ pub fn visible<'a, R>(slots: &'a [Slot<R>], state: &SyncState) -> Option<&'a R> 
         .iter()
         .filter(|s| s.committed(state))
         .max_by_key(|s| s.stamp)?;
-    if slot.generation < state.generation {
+    if !is_visible(slot.generation, state) {
         return None;
     }
     slot.record.as_ref()
