@@ -216,6 +216,18 @@ mod tests {
     }
 
     #[test]
+    fn the_log_database_takes_the_key_stores_tls_options() {
+        // Refused before any connection is tried, naming the option and not the password.
+        let err = Db::parse("postgres://u:hunter2@127.0.0.1:1/keygate?sslmode=verify-full")
+            .connect()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("sslrootcert"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn opening_a_new_sqlite_file_creates_the_schema_in_wal_mode() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::sqlite(dir.path().join("k.db"));
