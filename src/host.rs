@@ -78,6 +78,15 @@ pub fn request_header(name: &str) -> HostResult<Option<Vec<u8>>> {
     )
 }
 
+/// The names of all request headers (values are fetched but dropped).
+pub fn request_header_names() -> HostResult<Vec<String>> {
+    let map = named(
+        "get_request_headers",
+        hostcalls::get_map_bytes(MapType::HttpRequestHeaders),
+    )?;
+    Ok(map.into_iter().map(|(name, _)| name).collect())
+}
+
 /// Sets (Some) or removes (None) a request header.
 pub fn set_request_header(name: &str, value: Option<&str>) -> HostResult<()> {
     named(

@@ -12,7 +12,8 @@ use keygate_core::rate_limit::RateStatus;
 use keygate_core::shared_data::CounterCell;
 use keygate_core::token::{VerifiedTokens, MAX_LOGIN_BODY};
 use keygate_core::verdict::{
-    decide, is_login, login, rate_limit_headers, Decision, Headers, Host, Login, Outcome,
+    decide, identity_spellings, is_login, login, rate_limit_headers, Decision, Headers, Host,
+    Login, Outcome,
 };
 use keygate_core::{Credential, Denial, Policy};
 use log::{error, info, warn};
@@ -30,9 +31,22 @@ pub struct GateContext {
     /// Rate status to report on the upstream's response.
     rate: Option<RateStatus>,
     now_ns: u64,
-    /// Request headers of a login, kept for when its body is complete.
-    login_headers: Option<Vec<(String, Vec<u8>)>>,
+    stage: Stage,
     metrics: Rc<Metrics>,
+}
+
+/// Where a request stands. Every callback that can end a request (headers,
+/// body, trailers) consults it, so none lets an undecided request through.
+enum Stage {
+    /// The request headers have not been seen yet.
+    Headers,
+    /// A token login waiting for its body (and trailers): it is always
+    /// answered locally. Keeps the request headers the login needs.
+    Login(Vec<(String, Vec<u8>)>),
+    /// Decided and allowed (or public): the rest of the request follows.
+    Forwarded,
+    /// Answered locally (or refused): nothing more goes anywhere.
+    Answered,
 }
 
 impl GateContext {
@@ -46,7 +60,7 @@ impl GateContext {
             cache,
             rate: None,
             now_ns: 0,
-            login_headers: None,
+            stage: Stage::Headers,
             metrics,
         }
     }
@@ -108,7 +122,8 @@ impl GateContext {
 
     /// Fail closed: a host call failed, so the request is refused with a
     /// 500 and the failure logged; the access log shows `internal_error`.
-    fn fail(&self, e: HostError, policy: Option<&Policy>) -> Action {
+    fn fail(&mut self, e: HostError, policy: Option<&Policy>) -> Action {
+        self.stage = Stage::Answered;
         error!("refusing a request: {e}");
         let denial = Denial::new(Reason::Internal, INTERNAL_MESSAGE);
         if let Some(policy) = policy {
@@ -207,6 +222,14 @@ impl Host for EnvoyHost<'_> {
         })
     }
 
+    fn lookup_key_id(&mut self, key_id: &str) -> Option<Rc<Credential>> {
+        let found = self.borrowed.as_deref_mut()?.lookup_key_id(key_id);
+        found.unwrap_or_else(|e| {
+            self.keep(e);
+            None
+        })
+    }
+
     fn peer_address(&mut self) -> Option<String> {
         match host::property(&["source", "address"]) {
             Ok(bytes) => String::from_utf8(bytes?).ok(),
@@ -228,6 +251,7 @@ impl Host for EnvoyHost<'_> {
 
 impl GateContext {
     fn answer_login(&mut self, policy: &Policy, headers: &[(String, Vec<u8>)], body: &[u8]) {
+        self.stage = Stage::Answered;
         let (outcome, failure) = {
             let mut host = EnvoyHost::new(&self.cache);
             let outcome = login(policy, &headers, body, &mut host, self.now_ns);
@@ -257,6 +281,9 @@ impl GateContext {
         headers: &RequestHeaders,
     ) -> Result<(), HostError> {
         let edits = decision.upstream_headers(policy, headers);
+        if !matches!(decision.outcome, Outcome::Denied { .. }) {
+            Self::strip_identity_spellings(policy)?;
+        }
         for name in &edits.remove {
             host::set_request_header(name, None)?;
         }
@@ -265,6 +292,48 @@ impl GateContext {
         }
         Ok(())
     }
+
+    /// Identity headers spelled another way (`x_keygate_tenant`): many
+    /// upstream frameworks read them as the real one. The shipped Envoy
+    /// configs reject such requests outright (`headers_with_underscores_action:
+    /// REJECT_REQUEST`); this covers configs that do not.
+    fn strip_identity_spellings(policy: &Policy) -> Result<(), HostError> {
+        let names = host::request_header_names()?;
+        for name in identity_spellings(policy, names.iter().map(String::as_str)) {
+            host::set_request_header(name, None)?;
+        }
+        Ok(())
+    }
+
+    /// A login never goes upstream, but the buffer filter after keygate
+    /// sees its headers: no client-sent identity reaches anything.
+    fn strip_all_identity(policy: &Policy) -> Result<(), HostError> {
+        Self::strip_identity_spellings(policy)?;
+        for name in policy.headers.all() {
+            host::set_request_header(name, None)?;
+        }
+        Ok(())
+    }
+
+    /// The login body as buffered so far, at most one byte over the limit.
+    fn login_body(&mut self, policy: &Policy, body_size: usize) -> Option<Vec<u8>> {
+        if body_size > MAX_LOGIN_BODY {
+            let denial = Denial::new(
+                Reason::BadRequest,
+                format!("Request body over {MAX_LOGIN_BODY} bytes"),
+            );
+            self.stage = Stage::Answered;
+            self.reply(&denial, Some(policy));
+            return None;
+        }
+        match host::request_body(body_size) {
+            Ok(body) => Some(body.unwrap_or_default()),
+            Err(e) => {
+                self.fail(e, Some(policy));
+                None
+            }
+        }
+    }
 }
 
 impl Context for GateContext {}
@@ -272,6 +341,7 @@ impl Context for GateContext {}
 impl HttpContext for GateContext {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
+            self.stage = Stage::Answered;
             let denial = Denial::new(Reason::Unavailable, "keygate is not configured");
             self.reply(&denial, None);
             return Action::Pause;
@@ -292,14 +362,19 @@ impl HttpContext for GateContext {
             if let Some(e) = headers.error() {
                 return self.fail(e, Some(&policy));
             }
+            if let Err(e) = Self::strip_all_identity(&policy) {
+                return self.fail(e, Some(&policy));
+            }
             if end_of_stream {
                 self.answer_login(&policy, &kept, b"");
                 return Action::Pause;
             }
-            // The body follows; Envoy's buffer filter (enabled on the login
-            // route) holds the request back from the router meanwhile.
-            // Pausing here would keep the body from this filter as well.
-            self.login_headers = Some(kept);
+            // The body follows. Pausing the headers would keep the body
+            // from this filter too (Envoy turns a paused header callback
+            // into StopAllIteration), so the headers continue, and Envoy's
+            // buffer filter, enabled on the login route, holds the request
+            // back from the router until keygate has answered it.
+            self.stage = Stage::Login(kept);
             return Action::Continue;
         }
         let (decision, failure) = {
@@ -318,38 +393,61 @@ impl HttpContext for GateContext {
         self.record(&AccessRecord::of_decision(&decision), &policy);
         match &decision.outcome {
             Outcome::Denied { denial, .. } => {
+                self.stage = Stage::Answered;
                 self.reply(denial, Some(&policy));
                 Action::Pause
             }
             Outcome::Allowed { rate, .. } => {
+                self.stage = Stage::Forwarded;
                 self.rate = *rate;
                 Action::Continue
             }
-            Outcome::Public => Action::Continue,
+            Outcome::Public => {
+                self.stage = Stage::Forwarded;
+                Action::Continue
+            }
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let (Some(headers), Some(policy)) = (self.login_headers.take(), self.policy.clone()) else {
-            return Action::Continue;
+        let Stage::Login(headers) = &self.stage else {
+            return self.undecided_or_continue();
         };
-        if body_size > MAX_LOGIN_BODY {
-            let denial = Denial::new(
-                Reason::BadRequest,
-                format!("Request body over {MAX_LOGIN_BODY} bytes"),
-            );
-            self.reply(&denial, Some(&policy));
+        let headers = headers.clone();
+        let Some(policy) = self.policy.clone() else {
             return Action::Pause;
-        }
+        };
         if !end_of_stream {
-            self.login_headers = Some(headers);
+            if body_size > MAX_LOGIN_BODY {
+                self.login_body(&policy, body_size);
+            }
+            // Buffered here until the end of the stream (or its trailers).
             return Action::Pause;
         }
-        let body = match host::request_body(body_size) {
-            Ok(body) => body.unwrap_or_default(),
-            Err(e) => return self.fail(e, Some(&policy)),
+        if let Some(body) = self.login_body(&policy, body_size) {
+            self.answer_login(&policy, &headers, &body);
+        }
+        Action::Pause
+    }
+
+    /// A request that ends with trailers (HTTP/2, or chunked HTTP/1.1 when
+    /// Envoy is told to keep trailers) ends here: a pending login is
+    /// answered from the body buffered so far, exactly as at the end of
+    /// its body; it never continues.
+    fn on_http_request_trailers(&mut self, _: usize) -> Action {
+        let Stage::Login(headers) = &self.stage else {
+            return self.undecided_or_continue();
         };
-        self.answer_login(&policy, &headers, &body);
+        let headers = headers.clone();
+        let Some(policy) = self.policy.clone() else {
+            return Action::Pause;
+        };
+        // The whole buffered body, and one byte more: the login refuses an
+        // oversized body itself.
+        match host::request_body(MAX_LOGIN_BODY + 1) {
+            Ok(body) => self.answer_login(&policy, &headers, &body.unwrap_or_default()),
+            Err(e) => return self.fail(e, Some(&policy)),
+        }
         Action::Pause
     }
 
@@ -365,5 +463,16 @@ impl HttpContext for GateContext {
             }
         }
         Action::Continue
+    }
+}
+
+impl GateContext {
+    /// Body or trailers of a request that is not a pending login: only a
+    /// request decided and allowed goes on; anything else stays held.
+    fn undecided_or_continue(&self) -> Action {
+        match self.stage {
+            Stage::Forwarded => Action::Continue,
+            Stage::Headers | Stage::Login(_) | Stage::Answered => Action::Pause,
+        }
     }
 }

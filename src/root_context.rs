@@ -4,7 +4,7 @@
 use crate::host;
 use crate::http_context::GateContext;
 use crate::metrics::Metrics;
-use crate::shared_store::{ensure_counter, CredentialCache};
+use crate::shared_store::{claim_config_key_ids, ensure_counter, CredentialCache};
 use crate::sync_context::SyncContext;
 use keygate_core::config::{Role, SyncSecret};
 use keygate_core::shared_data::counter_key;
@@ -59,6 +59,10 @@ impl RootContext for KeygateRoot {
                     policy.routes.len()
                 );
                 if policy.role == Role::Gate {
+                    if let Err(e) = claim_config_key_ids(&policy, &mut self.cache.borrow_mut()) {
+                        error!("invalid plugin configuration: {e}");
+                        return false;
+                    }
                     match Metrics::define() {
                         Ok(m) => self.metrics = Rc::new(m),
                         Err(e) => {

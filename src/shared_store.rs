@@ -3,11 +3,14 @@
 //! counters. Key layouts: `keygate_core::shared_data`.
 
 use crate::host::{self, HostError, HostResult, Written};
+use keygate_core::config::{check_store_ids, merge_config_ids};
 use keygate_core::hash::Digest;
-use keygate_core::shared_data::{credential_key, CounterCell, STATE_KEY};
+use keygate_core::shared_data::{
+    credential_key, key_id_key, update, CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
+};
 use keygate_core::sync::{decode_record, decode_slots, decode_state, visible, Slot, SyncState};
 use keygate_core::token::VerifiedTokens;
-use keygate_core::Credential;
+use keygate_core::{Credential, Policy};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -77,6 +80,38 @@ impl CredentialCache {
         }
         self.entries.insert(*hash, (cas, slots.clone()));
         Ok(visible(&slots, &state).cloned())
+    }
+}
+
+impl CredentialCache {
+    /// The live store credential with `key_id`, through the key-id index
+    /// the sync role writes; an index entry that leads elsewhere is absent.
+    pub fn lookup_key_id(&mut self, key_id: &str) -> HostResult<Option<Rc<Credential>>> {
+        let (bytes, _) = host::shared_get(&key_id_key(key_id))?;
+        let Some(hash) = bytes.and_then(|b| Digest::try_from(b.as_slice()).ok()) else {
+            return Ok(None);
+        };
+        Ok(self.lookup(&hash)?.filter(|c| c.key_id == key_id))
+    }
+}
+
+/// Records the key ids plugin config defines (merged with those of other
+/// gate configs sharing the VM), so the sync role refuses store keys that
+/// reuse one; and refuses a config whose key id the store already holds for
+/// another key. Both errors name the two places.
+pub fn claim_config_key_ids(policy: &Policy, cache: &mut CredentialCache) -> Result<(), String> {
+    let held = |key_id: &str| cache.lookup_key_id(key_id).map(|c| c.map(|c| c.key_hash));
+    check_store_ids(policy, held)
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut cell = SharedCounters::default();
+    let merged = update(&mut cell, CONFIG_IDS_KEY, |bytes| {
+        Step::Write(merge_config_ids(bytes, policy), ())
+    });
+    match (cell.error, merged) {
+        (Some(e), _) => Err(e.to_string()),
+        (None, Err(_)) => Err("cannot record the config's key ids: contention".into()),
+        (None, Ok(())) => Ok(()),
     }
 }
 

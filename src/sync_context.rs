@@ -6,10 +6,12 @@
 use crate::host::{self, HostError, HostResult, Written};
 use crate::shared_store::{ensure_counter, SharedCounters};
 use keygate_core::config::SyncSecret;
-use keygate_core::shared_data::{credential_key, revocations_key, update, Step, STATE_KEY};
+use keygate_core::shared_data::{
+    credential_key, key_id_key, revocations_key, update, Step, CONFIG_IDS_KEY, STATE_KEY,
+};
 use keygate_core::sync::{
-    decode_state, encode_state, plan, stage, SyncError, SyncState, MAX_PUSH_BYTES, PUSH_PATH,
-    SIGNATURE_HEADER, STATE_PATH,
+    check_config_ids, decode_state, encode_state, plan, stage, SyncError, SyncState,
+    MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use log::{error, info, warn};
@@ -60,6 +62,8 @@ impl SyncContext {
         let host_error = |e: HostError| SyncError::Host(e.to_string());
         let (state, cas) = Self::held_state().map_err(host_error)?;
         let plan = plan(&self.secret.0, body, self.signature.as_deref(), &state)?;
+        let (config_ids, _) = host::shared_get(CONFIG_IDS_KEY).map_err(host_error)?;
+        check_config_ids(&plan, config_ids.as_deref())?;
         write_state(&plan.claim, cas)?;
         for key in &plan.counters {
             ensure_counter(key).map_err(host_error)?;
@@ -74,6 +78,12 @@ impl SyncContext {
             let (current, _) = host::shared_get(&key).map_err(host_error)?;
             let entry = stage(current.as_deref(), &state, &plan, record);
             host::shared_set(&key, &entry, None).map_err(host_error)?;
+        }
+        // Tokens name their key by id: the id → hash index. Written before
+        // the commit, which is harmless: the gate checks the credential it
+        // leads to, and a staged one is not served yet.
+        for (key_id, hash) in &plan.key_ids {
+            host::shared_set(&key_id_key(key_id), hash, None).map_err(host_error)?;
         }
         apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
         if let Some(commit) = &plan.commit {
@@ -118,6 +128,11 @@ fn write_state(state: &SyncState, cas: Option<u32>) -> Result<(), SyncError> {
 /// Merges session revocations into each key's `rs:` entry, with CAS: gate
 /// workers read these entries on every token use.
 fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) -> HostResult<()> {
+    if revoked.is_empty() {
+        return Ok(());
+    }
+    // Envoy's clock, the one tokens are issued by.
+    let now_ms = host::now_ns()? / 1_000_000;
     let mut by_key: std::collections::BTreeMap<&str, Vec<(&str, u64)>> = Default::default();
     for r in revoked {
         by_key
@@ -130,7 +145,7 @@ fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) -> HostResu
         // Endless contention leaves this key's revocations for the next
         // push (as before); a host error fails the push.
         let _ = update(&mut cell, &revocations_key(key_id), |bytes| {
-            Step::Write(merge_revocations(bytes, &sessions), ())
+            Step::Write(merge_revocations(bytes, &sessions, now_ms), ())
         });
         if let Some(e) = cell.error {
             return Err(e);

@@ -25,8 +25,8 @@ def gate(envoy_factory):
         yield envoy
 
 
-def status(gate, headers, path="/v1/items", method="GET"):
-    return request(gate.port, method, path, headers).status
+def status(gate, headers, path="/v1/items", method="GET", proto="http1"):
+    return request(gate.port, method, path, headers, proto=proto).status
 
 
 def test_huge_authorization_header(gate):
@@ -79,17 +79,18 @@ def test_keys_of_the_wrong_length_are_refused_before_lookup(gate):
         ("/admin%2fusers", 400),
         ("/v1/..%2fadmin", 400),
         ("/v1/items#frag", 400),  # Envoy refuses a fragment in the request target
-        # Paths are case-sensitive, like most upstreams: /ADMIN is not /admin.
-        ("/ADMIN/users", 200),
+        # Paths are case-sensitive, like most upstreams: /ADMIN is not /admin,
+        # but no rule matches it, so it needs the strictest scope.
+        ("/ADMIN/users", 403),
     ],
 )
-def test_path_tricks_against_scope_rules(gate, path, expected):
-    assert status(gate, [("x-api-key", HEX_KEY)], path=path) == expected
+def test_path_tricks_against_scope_rules(gate, path, expected, proto):
+    assert status(gate, [("x-api-key", HEX_KEY)], path=path, proto=proto) == expected
 
 
-def test_forwarded_for_and_identity_spoofing(gate):
+def test_forwarded_for_and_identity_spoofing(gate, proto):
     r = request(gate.port, "GET", "/v1/items", [("x-api-key", HEX_KEY), ("x-keygate-key-id", "root"),
-                                                ("x-forwarded-for", "10.0.0.1")])
+                                                ("x-forwarded-for", "10.0.0.1")], proto=proto)
     assert ("x-keygate-key-id", "hex-read") in r.upstream_headers()
     assert ("x-keygate-key-id", "root") not in r.upstream_headers()
 

@@ -115,7 +115,7 @@ def test_header_styles_are_switchable(envoy_factory):
 
 
 def test_keys_without_any_limit_get_no_rate_headers(envoy_factory):
-    config = {"credentials": [cred("free", "free-key")]}
+    config = {"unmatched": "any_key", "credentials": [cred("free", "free-key")]}
     with envoy_factory(config, concurrency=1) as envoy:
         r = get(envoy, "free-key")
         assert r.status == 200 and r.header("x-ratelimit-limit") is None and r.header("ratelimit") is None

@@ -110,9 +110,13 @@ pub struct PluginConfig {
     pub credentials: Vec<CredentialRecord>,
     #[serde(default)]
     pub routes: Vec<RouteRuleConfig>,
-    /// Scope required when no route matches; absent = authentication only.
+    /// Scope required when no route matches; absent: see `unmatched`.
     #[serde(default)]
     pub default_scope: Option<String>,
+    /// Without `default_scope`: "strictest" (default) needs the strongest
+    /// scope of `scope_hierarchy` where no rule matches; "any_key" any valid key.
+    #[serde(default)]
+    pub unmatched: Option<crate::scope::Unmatched>,
     /// Strongest first; each scope implies those after it. Empty disables implication.
     #[serde(default = "default_hierarchy")]
     pub scope_hierarchy: Vec<String>,
@@ -172,6 +176,10 @@ pub struct Policy {
     /// credentials live in Envoy shared data, a second source the filter
     /// consults when a hash is not here.
     pub credentials: HashMap<Digest, Rc<Credential>>,
+    /// The same credentials by key id (tokens name their key by id).
+    pub by_key_id: HashMap<String, Digest>,
+    /// Each key id's index in `credentials`, for error messages.
+    key_id_index: HashMap<String, usize>,
     pub routes: Routes,
     pub headers: HeaderNames,
     pub trusted_xff_hops: u32,
@@ -187,6 +195,13 @@ pub struct Policy {
 const MAX_XFF_HOPS: u32 = 16;
 
 impl Policy {
+    /// Where plugin config defines `key_id` (`credentials[i]`), for errors.
+    pub fn key_id_source(&self, key_id: &str) -> String {
+        self.key_id_index
+            .get(key_id)
+            .map_or_else(|| "credentials".into(), |i| format!("credentials[{i}]"))
+    }
+
     /// Parses and validates plugin configuration JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
         Policy::from_json_with_env(bytes, &|_| None)
@@ -217,6 +232,39 @@ impl Policy {
         policy.tokens = tokens;
         Ok(policy)
     }
+}
+
+/// The `cfg:ids` entry with `policy`'s key ids merged in (other gate configs
+/// sharing the VM keep theirs; an unreadable entry is replaced).
+pub fn merge_config_ids(current: Option<&[u8]>, policy: &Policy) -> Vec<u8> {
+    let mut all: std::collections::BTreeMap<String, String> = current
+        .filter(|b| !b.is_empty())
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default();
+    for key_id in policy.by_key_id.keys() {
+        all.insert(key_id.clone(), policy.key_id_source(key_id));
+    }
+    serde_json::to_vec(&all).unwrap_or_default()
+}
+
+/// Refuses a plugin config defining a key id that the store holds for
+/// another key (`held`: the store's live credential hash for an id), naming
+/// both. Checked in a stable order, so the error is the same on every run.
+pub fn check_store_ids<E>(
+    policy: &Policy,
+    mut held: impl FnMut(&str) -> Result<Option<Digest>, E>,
+) -> Result<Result<(), ConfigError>, E> {
+    let mut ids: Vec<(&String, &Digest)> = policy.by_key_id.iter().collect();
+    ids.sort();
+    for (key_id, hash) in ids {
+        if held(key_id)?.is_some_and(|h| h != *hash) {
+            return Ok(Err(ConfigError::new(
+                &format!("{}.key_id", policy.key_id_source(key_id)),
+                format!("'{key_id}' is also a key in the credential store (pushed by the sidecar); key ids must be unique across plugin config and store"),
+            )));
+        }
+    }
+    Ok(Ok(()))
 }
 
 impl TryFrom<PluginConfig> for Policy {
@@ -266,17 +314,18 @@ impl TryFrom<PluginConfig> for Policy {
             (Role::Sync, Some(s)) => Some(SyncSecret(s.into_bytes())),
             (Role::Gate, _) => None,
         };
-        let routes = Routes::compile(
+        let routes = Routes::compile_with(
             &raw.routes,
             raw.default_scope.as_deref(),
+            raw.unmatched,
             &raw.scope_hierarchy,
         )?;
         let mut credentials = HashMap::with_capacity(raw.credentials.len());
-        let mut ids = std::collections::HashSet::new();
+        let mut ids = HashMap::with_capacity(raw.credentials.len());
         for (i, r) in raw.credentials.iter().enumerate() {
             let at = format!("credentials[{i}]");
             let c = Credential::try_from(r).map_err(|e| e.under(&at))?;
-            if !ids.insert(c.key_id.clone()) {
+            if ids.insert(c.key_id.clone(), c.key_hash).is_some() {
                 return Err(ConfigError::new(
                     &format!("{at}.key_id"),
                     format!("'{}' is used twice", c.key_id),
@@ -295,6 +344,13 @@ impl TryFrom<PluginConfig> for Policy {
             key_format: raw.key_format,
             api_key_header: raw.api_key_header,
             credentials,
+            key_id_index: raw
+                .credentials
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.key_id.clone(), i))
+                .collect(),
+            by_key_id: ids,
             routes,
             headers: raw.headers,
             trusted_xff_hops: raw.trusted_xff_hops,
@@ -315,6 +371,32 @@ mod tests {
 
     fn err(json: &str) -> ConfigError {
         Policy::from_json(json.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn config_key_ids_are_recorded_and_checked_against_the_store() {
+        let h = "a".repeat(64);
+        let p = Policy::from_json(
+            format!(r#"{{"credentials":[{{"key_id":"x","key_hash":"{h}","tenant":"t"}},{{"key_id":"cfg","key_hash":"{}","tenant":"t"}}]}}"#, "b".repeat(64)).as_bytes(),
+        )
+        .unwrap();
+        let merged = merge_config_ids(Some(br#"{"other":"credentials[0]"}"#), &p);
+        let ids: std::collections::BTreeMap<String, String> =
+            serde_json::from_slice(&merged).unwrap();
+        assert_eq!(ids["cfg"], "credentials[1]");
+        assert_eq!(ids["other"], "credentials[0]");
+        let none = |_: &str| Ok::<_, ()>(None);
+        assert!(check_store_ids(&p, none).unwrap().is_ok());
+        let same = |id: &str| Ok::<_, ()>((id == "x").then_some([0xaa; 32]));
+        assert!(
+            check_store_ids(&p, same).unwrap().is_ok(),
+            "the same key is no conflict"
+        );
+        let other = |id: &str| Ok::<_, ()>((id == "cfg").then_some([1; 32]));
+        let e = check_store_ids(&p, other).unwrap().unwrap_err();
+        assert_eq!(e.field, "credentials[1].key_id");
+        assert!(e.message.contains("'cfg'") && e.message.contains("credential store"));
+        assert_eq!(check_store_ids(&p, |_| Err("host")).unwrap_err(), "host");
     }
 
     #[test]

@@ -59,8 +59,21 @@ fn is_token(s: &[u8]) -> bool {
     !s.is_empty() && s.iter().all(|b| (0x21..=0x7e).contains(b))
 }
 
+/// Strips optional whitespace (RFC 9110 OWS: space and tab) around a
+/// credential, wherever it came from (header or login body). Keys are
+/// hashed as trimmed: `keygate` (the CLI) must trim a key the same way
+/// before hashing one it is given.
+pub fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|b| !matches!(b, b' ' | b'\t'));
+    let end = v.iter().rposition(|b| !matches!(b, b' ' | b'\t'));
+    match (start, end) {
+        (Some(s), Some(e)) => v.get(s..=e).unwrap_or_default(),
+        _ => &[],
+    }
+}
+
 fn trim(v: &[u8]) -> &[u8] {
-    v.trim_ascii()
+    trim_ows(v)
 }
 
 fn token(v: &[u8]) -> Result<String, ExtractError> {

@@ -2,9 +2,13 @@
 //!
 //! Rules match the path an upstream would act on, so tricks such as
 //! `/read/../admin`, `//admin`, `/%61dmin` or `/admin?x` cannot dodge a rule:
-//! the query and fragment are dropped, percent-escapes decoded, repeated
-//! slashes merged and dot segments resolved. An encoded slash, backslash or
-//! control byte is ambiguous between servers and is refused instead.
+//! the query and fragment are dropped, percent-escapes decoded (once),
+//! repeated slashes merged and dot segments resolved. What servers read in
+//! different ways is refused instead: an encoded slash or backslash, a
+//! control byte, an escape that decodes to `%` (a second decoding upstream
+//! would see another path), and path parameters (`;`, raw or `%3B`), which
+//! many servers strip (`/admin;x/users` is `/admin/users` to Tomcat or
+//! Spring) while the rules would see another segment.
 
 /// Why a path was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,13 +37,13 @@ pub fn normalize(raw: &[u8]) -> Result<String, PathError> {
                 .ok()
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or(PathError::BadEscape)?;
-            if matches!(v, b'/' | b'\\') || v < 0x20 || v == 0x7f {
+            if matches!(v, b'/' | b'\\' | b'%' | b';') || v < 0x20 || v == 0x7f {
                 return Err(PathError::AmbiguousByte);
             }
             decoded.push(v);
             i += 3;
         } else {
-            if b == b'\\' || b < 0x20 || b == 0x7f {
+            if b == b'\\' || b == b';' || b < 0x20 || b == 0x7f {
                 return Err(PathError::AmbiguousByte);
             }
             decoded.push(b);
@@ -115,5 +119,22 @@ mod tests {
         assert_eq!(n("/a%zz"), Err(PathError::BadEscape));
         assert_eq!(n("admin"), Err(PathError::NotAbsolute));
         assert_eq!(n("*"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn path_parameters_and_double_escapes_are_refused() {
+        for p in [
+            "/admin;x=1/users",
+            "/v1;/../admin",
+            "/admin%3bx",
+            "/admin%3B",
+            "/v1/items;jsessionid=1",
+            "/v1/%252e%252e/admin",
+            "/%2561dmin",
+        ] {
+            assert_eq!(n(p), Err(PathError::AmbiguousByte), "{p}");
+        }
+        // In the query a ';' is the upstream's business, not a path's.
+        assert_eq!(n("/v1/items?a=1;b=2").unwrap(), "/v1/items");
     }
 }

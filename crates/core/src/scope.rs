@@ -28,6 +28,19 @@ pub struct RouteRuleConfig {
     pub public: bool,
 }
 
+/// What a request no rule matches needs, when `default_scope` is not set.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// The strongest scope of `scope_hierarchy` (any valid key if the
+    /// hierarchy is empty): an unusual method or path gets no weaker
+    /// treatment than the strictest rule.
+    #[default]
+    Strictest,
+    /// Any valid key, whatever its scopes (the behaviour before 0.3).
+    AnyKey,
+}
+
 /// What a request needs, after route matching.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Access {
@@ -110,6 +123,17 @@ impl Routes {
         default_scope: Option<&str>,
         hierarchy: &[String],
     ) -> Result<Routes, ConfigError> {
+        Routes::compile_with(rules, default_scope, None, hierarchy)
+    }
+
+    /// As [`Routes::compile`], with what an unmatched request needs when
+    /// `default_scope` is absent (None: [`Unmatched::Strictest`]).
+    pub fn compile_with(
+        rules: &[RouteRuleConfig],
+        default_scope: Option<&str>,
+        unmatched: Option<Unmatched>,
+        hierarchy: &[String],
+    ) -> Result<Routes, ConfigError> {
         let mut compiled = Vec::with_capacity(rules.len());
         for (i, r) in rules.iter().enumerate() {
             let at = |f: &str| format!("routes[{i}].{f}");
@@ -159,9 +183,18 @@ impl Routes {
                 access,
             });
         }
-        let default = match default_scope {
-            None => Access::Authenticated,
-            Some(s) => {
+        let default = match (default_scope, unmatched, hierarchy.first()) {
+            (None, None | Some(Unmatched::Strictest), Some(strongest)) => {
+                Access::Scope(required(strongest, hierarchy))
+            }
+            (None, _, _) => Access::Authenticated,
+            (Some(_), Some(Unmatched::AnyKey), _) => {
+                return Err(ConfigError::new(
+                    "unmatched",
+                    "'any_key' contradicts default_scope: give one of them",
+                ))
+            }
+            (Some(s), _, _) => {
                 check_scope_name(s).map_err(|e| ConfigError::new("default_scope", e))?;
                 Access::Scope(required(s, hierarchy))
             }
@@ -247,11 +280,28 @@ mod tests {
             scope_of(routes.access("GET", "/admin/users")),
             Some("admin")
         );
-        assert_eq!(
-            routes.access("GET", "/administrator"),
-            &Access::Authenticated
-        );
-        assert_eq!(routes.access("PUT", "/v1/items"), &Access::Authenticated);
+        // Unmatched: the strictest scope, whatever the method's spelling.
+        for (method, path) in [
+            ("GET", "/administrator"),
+            ("get", "/v1/items"),
+            ("PROPFIND", "/v1/items"),
+            ("PUT", "/v1/items"),
+        ] {
+            assert_eq!(scope_of(routes.access(method, path)), Some("admin"));
+        }
+    }
+
+    #[test]
+    fn unmatched_requests_need_what_the_config_says() {
+        let rules = [rule(&["GET"], "/v1", Some("read"), false)];
+        let any = Routes::compile_with(&rules, None, Some(Unmatched::AnyKey), &h()).unwrap();
+        assert_eq!(any.access("POST", "/v1"), &Access::Authenticated);
+        let flat = Routes::compile_with(&rules, None, None, &[]).unwrap();
+        assert_eq!(flat.access("POST", "/v1"), &Access::Authenticated);
+        let write = Routes::compile_with(&rules, Some("write"), None, &h()).unwrap();
+        assert_eq!(scope_of(write.access("POST", "/v1")), Some("write"));
+        let both = Routes::compile_with(&rules, Some("write"), Some(Unmatched::AnyKey), &h());
+        assert_eq!(both.unwrap_err().field, "unmatched");
     }
 
     #[test]

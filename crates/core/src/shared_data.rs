@@ -10,6 +10,8 @@
 //! | `r:<key id>`         | rate-limit state (theoretical arrival time, LE)   |
 //! | `tok:<key id>`       | tokens issued per session (JSON)                  |
 //! | `rs:<key id>`        | session revocations `{session: revoked_at_ms}`    |
+//! | `k:<key id>`         | the key hash of the store credential with this id |
+//! | `cfg:ids`            | key ids plugin config defines `{id: "credentials[i]"}` |
 
 use crate::hash::Digest;
 
@@ -44,6 +46,16 @@ pub fn sessions_key(key_id: &str) -> String {
 pub fn revocations_key(key_id: &str) -> String {
     format!("rs:{key_id}")
 }
+
+/// Shared-data key of the key-id index of store credentials: tokens name
+/// their key by id. Holds the 32-byte key hash.
+pub fn key_id_key(key_id: &str) -> String {
+    format!("k:{key_id}")
+}
+
+/// Key ids the gate's plugin config defines, so that the sync role refuses
+/// a store credential reusing one: JSON `{key_id: "credentials[i]"}`.
+pub const CONFIG_IDS_KEY: &str = "cfg:ids";
 
 /// A shared cell the host provides (Envoy shared data in the filter).
 pub trait CounterCell {
@@ -101,6 +113,8 @@ mod tests {
             counter_key("k1"),
             sessions_key("k1"),
             revocations_key("k1"),
+            key_id_key("k1"),
+            CONFIG_IDS_KEY.to_owned(),
         ];
         for (i, a) in keys.iter().enumerate() {
             for b in keys.iter().skip(i + 1) {

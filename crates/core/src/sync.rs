@@ -210,6 +210,8 @@ pub struct Plan {
     pub counters: Vec<String>,
     /// Records to stage, encoded by [`encode_record`].
     pub upserts: Vec<(Digest, Vec<u8>)>,
+    /// The key-id index entries (`k:<key id>` → hash) of the upserts.
+    pub key_ids: Vec<(String, Digest)>,
     pub deletes: Vec<Digest>,
     pub revoked_sessions: Vec<RevokedSession>,
     /// Written first (with CAS): claims this batch, so a concurrent push
@@ -428,10 +430,12 @@ pub fn plan(
     let (claim, commit, stamp) = check_sequence(&push, state)?;
     let mut counters = Vec::with_capacity(push.upserts.len());
     let mut upserts = Vec::with_capacity(push.upserts.len());
+    let mut key_ids = Vec::with_capacity(push.upserts.len());
     for (i, r) in push.upserts.iter().enumerate() {
         let c = Credential::try_from(r)
             .map_err(|e| SyncError::Invalid(e.under(&format!("upserts[{i}]")).to_string()))?;
         counters.push(counter_key(&c.key_id));
+        key_ids.push((c.key_id.clone(), c.key_hash));
         upserts.push((c.key_hash, encode_record(r)));
     }
     let deletes = push
@@ -456,6 +460,7 @@ pub fn plan(
     Ok(Plan {
         counters,
         upserts,
+        key_ids,
         deletes,
         revoked_sessions: push.revoked_sessions.clone(),
         claim,
@@ -464,6 +469,25 @@ pub fn plan(
         generation: push.generation,
         full: push.mode == Mode::Full,
     })
+}
+
+/// Refuses a push whose upserts reuse a key id the gate's plugin config
+/// defines (`config_ids`: the `cfg:ids` entry), naming both: a token names
+/// its key by id, and one id must mean one credential.
+pub fn check_config_ids(plan: &Plan, config_ids: Option<&[u8]>) -> Result<(), SyncError> {
+    let ids: std::collections::BTreeMap<String, String> = match config_ids {
+        None | Some([]) => return Ok(()),
+        Some(b) => serde_json::from_slice(b)
+            .map_err(|_| SyncError::Host("the plugin config's key ids are unreadable".into()))?,
+    };
+    for (i, (key_id, _)) in plan.key_ids.iter().enumerate() {
+        if let Some(at) = ids.get(key_id) {
+            return Err(SyncError::Invalid(format!(
+                "upserts[{i}].key_id: '{key_id}' is already defined in the plugin config ({at}); key ids must be unique across plugin config and store"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A committed set from an identified store, and a push from another one.
@@ -671,6 +695,29 @@ mod tests {
         assert!(!verify(SECRET, b"body", None));
         assert!(!verify(SECRET, b"body", Some(b"v1=zz")));
         assert!(!verify(SECRET, b"body", Some(&sig.as_bytes()[3..])));
+    }
+
+    #[test]
+    fn a_store_key_reusing_a_config_key_id_is_refused_naming_both() {
+        let plan = run(&push(Mode::Full, 1, 0, 7), &SyncState::default()).unwrap();
+        assert_eq!(plan.key_ids.len(), 1);
+        assert_eq!(plan.key_ids[0].0, "id-k1");
+        assert!(check_config_ids(&plan, None).is_ok());
+        assert!(check_config_ids(&plan, Some(br#"{"other":"credentials[0]"}"#)).is_ok());
+        let err = check_config_ids(&plan, Some(br#"{"id-k1":"credentials[2]"}"#)).unwrap_err();
+        assert_eq!(err.status(), 400);
+        let message = err.message();
+        assert!(
+            message.contains("upserts[0].key_id")
+                && message.contains("'id-k1'")
+                && message.contains("plugin config (credentials[2])"),
+            "{message}"
+        );
+        // Unreadable: refused as a host failure, never let through.
+        assert_eq!(
+            check_config_ids(&plan, Some(b"{")).unwrap_err().status(),
+            500
+        );
     }
 
     #[test]

@@ -63,6 +63,9 @@ impl Host for MemoryHost {
     fn lookup(&mut self, h: &Digest) -> Option<Rc<Credential>> {
         self.dynamic.get(h).cloned()
     }
+    fn lookup_key_id(&mut self, key_id: &str) -> Option<Rc<Credential>> {
+        self.dynamic.values().find(|c| c.key_id == key_id).cloned()
+    }
     fn peer_address(&mut self) -> Option<String> {
         self.peer_asked = true;
         self.peer.clone()

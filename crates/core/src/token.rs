@@ -2,13 +2,18 @@
 //! short-lived bearer token, accepted wherever the key is.
 //!
 //! Format: `kg1.<signing key id>.<base64url claims JSON>.<base64url HMAC-SHA256>`,
-//! the MAC over everything before the last dot. The claims name the key by
-//! its hash, so every use re-checks the live credential: a revoked or
-//! deactivated key stops its tokens at once. Several signing keys may be
+//! the MAC over everything before the last dot. The claims ([`Claims`]) name
+//! the key by its id and bind the token to exactly one credential with an
+//! opaque reference (`cref`, see [`Tokens::credential_ref`]): a keyed MAC of
+//! the key's hash and the secret it was issued under, so neither the key's
+//! hash nor anything else about the key is in the token. Every use looks the
+//! credential up by id and recomputes the reference: another key with the
+//! same id, a deleted, deactivated or re-created key, or a secret rotated
+//! past its grace window stops the token. Several signing keys may be
 //! configured: the first signs, all verify (rotation without breaking tokens).
 
 use crate::error::ConfigError;
-use crate::hash::{parse_hex_digest, Digest};
+use crate::hash::Digest;
 use crate::names::check_name;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -194,6 +199,32 @@ impl Tokens {
         Some(mac)
     }
 
+    /// The id of the key that signs new tokens.
+    pub fn signer(&self) -> Option<&str> {
+        self.keys.first().map(|k| k.id.as_str())
+    }
+
+    /// The credential reference a token signed by `signer` carries: the
+    /// first 16 bytes of HMAC-SHA256(signing secret, domain ‖ key hash ‖
+    /// secret hash), base64url. Keyed, so it reveals nothing about the key
+    /// and cannot be forged for another credential; it changes with the
+    /// key's hash and with its secret (a rotation is a new generation).
+    pub fn credential_ref(
+        &self,
+        signer: &str,
+        key_hash: &Digest,
+        secret_hash: Option<&Digest>,
+    ) -> Option<String> {
+        let key = self.keys.iter().find(|k| k.id == signer)?;
+        let mut mac = self.mac(key, b"keygate-cref-v1\0")?;
+        mac.update(key_hash);
+        if let Some(secret) = secret_hash {
+            mac.update(secret);
+        }
+        let tag = mac.finalize().into_bytes();
+        Some(URL_SAFE_NO_PAD.encode(tag.get(..16)?))
+    }
+
     /// Signs `claims` with the first signing key.
     pub fn issue(&self, claims: &Claims) -> Option<String> {
         let key = self.keys.first()?;
@@ -254,11 +285,12 @@ impl Tokens {
             )
             .ok_or(TokenError::Invalid)?;
         mac.verify_slice(&tag).map_err(|_| TokenError::Invalid)?;
-        let claims: Claims = URL_SAFE_NO_PAD
+        let mut claims: Claims = URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(TokenError::Invalid)?;
+        claims.signer = key.id.clone();
         if now_ms >= claims.exp_ms {
             return Err(TokenError::Expired);
         }
@@ -272,26 +304,25 @@ pub enum TokenError {
     Expired,
 }
 
-/// What a token says. Never carries the key or a secret.
+/// What a token says (all of it: the README lists these fields). Never
+/// carries the key, its hash or a secret.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Claims {
-    /// Key id.
+    /// Key id: the live credential is looked up by it.
     pub kid: String,
-    /// Hex SHA-256 of the API key: the live credential is looked up by it.
-    pub kh: String,
+    /// Credential reference ([`Tokens::credential_ref`]): binds the token
+    /// to the one credential (key hash and secret generation) it was issued for.
+    pub cref: String,
     pub tenant: String,
     pub env: String,
     pub scopes: Vec<String>,
     pub sid: String,
     pub iat_ms: u64,
     pub exp_ms: u64,
-}
-
-impl Claims {
-    pub fn key_hash(&self) -> Option<Digest> {
-        parse_hex_digest(&self.kh).ok()
-    }
+    /// The signing key that verified the token (not part of the payload).
+    #[serde(skip)]
+    pub signer: String,
 }
 
 /// `POST /auth/login` body.
@@ -338,6 +369,9 @@ pub struct IssuedToken {
     pub token: String,
     pub iat_ms: u64,
     pub exp_ms: u64,
+    /// The credential reference it carries: reused only for the same one.
+    #[serde(default)]
+    pub cref: String,
 }
 
 impl SessionTokens {
@@ -351,16 +385,18 @@ impl SessionTokens {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// A live token for `session` not issued before `revoked_at_ms`.
+    /// A live token for `session`, bound to `cref`, not issued before
+    /// `revoked_at_ms`.
     pub fn live(
         &self,
         session: &str,
+        cref: &str,
         now_ms: u64,
         revoked_at_ms: Option<u64>,
     ) -> Option<&IssuedToken> {
-        self.sessions
-            .get(session)
-            .filter(|t| t.exp_ms > now_ms && revoked_at_ms.is_none_or(|r| t.iat_ms > r))
+        self.sessions.get(session).filter(|t| {
+            t.cref == cref && t.exp_ms > now_ms && revoked_at_ms.is_none_or(|r| t.iat_ms > r)
+        })
     }
 
     /// Records a token, dropping expired sessions and then the oldest beyond `cap`.
@@ -381,20 +417,56 @@ impl SessionTokens {
     }
 }
 
-pub fn decode_revocations(bytes: Option<&[u8]>) -> BTreeMap<String, u64> {
-    bytes
-        .and_then(|b| serde_json::from_slice(b).ok())
-        .unwrap_or_default()
+/// A key's session revocations as the sync role keeps them (`rs:<key id>`).
+/// `at` is when each session was revoked *by Envoy's clock*, the clock
+/// tokens are issued by (`iat_ms`): comparing a token with a time from the
+/// sidecar's clock would let a skew between the two machines revoke too
+/// little (or keep refusing fresh logins). `pushed` is the sidecar's own
+/// time for the revocation, to recognise a re-sent one.
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Revocations {
+    pub at: BTreeMap<String, u64>,
+    pub pushed: BTreeMap<String, u64>,
 }
 
-/// Merges revocations into a key's map, keeping the latest per session.
-pub fn merge_revocations(current: Option<&[u8]>, new: &[(&str, u64)]) -> Vec<u8> {
-    let mut map = decode_revocations(current);
-    for (session, at) in new {
-        let e = map.entry((*session).to_owned()).or_insert(0);
-        *e = (*e).max(*at);
+/// When each session of a key was revoked (Envoy's clock). Absent or
+/// empty: none. Unreadable: an error, which the gate answers by refusing
+/// the request (fail closed): a revocation list it cannot read might
+/// revoke this very token.
+pub fn decode_revocations(
+    bytes: Option<&[u8]>,
+) -> Result<BTreeMap<String, u64>, UnreadableRevocations> {
+    match bytes {
+        None | Some([]) => Ok(BTreeMap::new()),
+        Some(b) => serde_json::from_slice::<Revocations>(b)
+            .map(|r| r.at)
+            .map_err(|_| UnreadableRevocations),
     }
-    serde_json::to_vec(&map).unwrap_or_default()
+}
+
+/// A revocation list that is present but cannot be parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnreadableRevocations;
+
+/// Merges pushed revocations (`(session, sidecar time)`) into a key's list,
+/// stamping each new one with Envoy's `now_ms`: every token issued up to
+/// now for that session is refused. A revocation sent again (same or older
+/// sidecar time, e.g. in a full push) keeps its first stamp, so tokens
+/// issued since stay valid. An unreadable list is replaced.
+pub fn merge_revocations(current: Option<&[u8]>, new: &[(&str, u64)], now_ms: u64) -> Vec<u8> {
+    let mut list: Revocations = current
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default();
+    for (session, pushed) in new {
+        if list.pushed.get(*session).is_some_and(|p| p >= pushed) {
+            continue;
+        }
+        list.pushed.insert((*session).to_owned(), *pushed);
+        let at = list.at.entry((*session).to_owned()).or_insert(0);
+        *at = (*at).max(now_ms);
+    }
+    serde_json::to_vec(&list).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -424,13 +496,21 @@ mod tests {
     fn claims(exp_ms: u64) -> Claims {
         Claims {
             kid: "k1".into(),
-            kh: "ab".repeat(32),
+            cref: "c".into(),
             tenant: "acme".into(),
             env: "live".into(),
             scopes: vec!["read".into()],
             sid: "s1".into(),
             iat_ms: 1,
             exp_ms,
+            signer: String::new(),
+        }
+    }
+
+    fn signed_by(signer: &str, exp_ms: u64) -> Claims {
+        Claims {
+            signer: signer.into(),
+            ..claims(exp_ms)
         }
     }
 
@@ -439,7 +519,7 @@ mod tests {
         let t = tokens(&[("a", A)]);
         let tok = t.issue(&claims(1000)).unwrap();
         assert!(tok.starts_with("kg1.a."));
-        assert_eq!(t.verify(&tok, 999).unwrap(), claims(1000));
+        assert_eq!(t.verify(&tok, 999).unwrap(), signed_by("a", 1000));
         assert_eq!(t.verify(&tok, 1000), Err(TokenError::Expired));
     }
 
@@ -475,7 +555,10 @@ mod tests {
         let tok = t.issue(&claims(1000)).unwrap();
         assert!(t.verify_cached(&tok, 10, &mut cache).is_ok());
         assert_eq!(cache.len(), 1);
-        assert_eq!(t.verify_cached(&tok, 20, &mut cache).unwrap(), claims(1000));
+        assert_eq!(
+            t.verify_cached(&tok, 20, &mut cache).unwrap(),
+            signed_by("a", 1000)
+        );
         assert_eq!(
             t.verify_cached(&tok, 1000, &mut cache),
             Err(TokenError::Expired)
@@ -487,6 +570,21 @@ mod tests {
             Err(TokenError::Invalid)
         );
         assert_eq!(cache.len(), 1, "failures are not remembered");
+    }
+
+    #[test]
+    fn credential_refs_differ_by_key_secret_and_signer_and_hide_the_hash() {
+        let t = tokens(&[("a", A), ("b", B)]);
+        let (k1, k2, s1, s2) = ([1u8; 32], [2u8; 32], [3u8; 32], [4u8; 32]);
+        let r = |signer, k, s: Option<&Digest>| t.credential_ref(signer, k, s).unwrap();
+        let base = r("a", &k1, None);
+        assert_eq!(base, r("a", &k1, None), "deterministic");
+        for other in [r("a", &k2, None), r("a", &k1, Some(&s1)), r("b", &k1, None)] {
+            assert_ne!(base, other);
+        }
+        assert_ne!(r("a", &k1, Some(&s1)), r("a", &k1, Some(&s2)));
+        assert_eq!(base.len(), 22);
+        assert!(t.credential_ref("nope", &k1, None).is_none());
     }
 
     #[test]
@@ -576,18 +674,41 @@ mod tests {
     }
 
     #[test]
+    fn revocations_are_stamped_by_envoys_clock_once() {
+        let first = merge_revocations(None, &[("s1", 5_000)], 100);
+        assert_eq!(decode_revocations(Some(&first)).unwrap()["s1"], 100);
+        // Sent again (a full push): the first stamp stands.
+        let again = merge_revocations(Some(&first), &[("s1", 5_000)], 900);
+        assert_eq!(decode_revocations(Some(&again)).unwrap()["s1"], 100);
+        // Revoked anew by the operator: stamped anew.
+        let anew = merge_revocations(Some(&again), &[("s1", 6_000), ("s2", 1)], 950);
+        let map = decode_revocations(Some(&anew)).unwrap();
+        assert_eq!((map["s1"], map["s2"]), (950, 950));
+        assert!(decode_revocations(Some(b"{")).is_err());
+        assert!(decode_revocations(Some(b"")).unwrap().is_empty());
+    }
+
+    #[test]
     fn sessions_reuse_live_tokens_and_stay_bounded() {
         let mut s = SessionTokens::default();
         let tok = |iat, exp| IssuedToken {
             token: format!("t{iat}"),
             iat_ms: iat,
             exp_ms: exp,
+            cref: "c".into(),
         };
         s.insert("a", tok(1, 100), 0, 3);
-        assert_eq!(s.live("a", 50, None).unwrap().token, "t1");
-        assert!(s.live("a", 100, None).is_none());
-        assert!(s.live("a", 50, Some(1)).is_none(), "revoked after issue");
-        assert!(s.live("b", 50, None).is_none());
+        assert_eq!(s.live("a", "c", 50, None).unwrap().token, "t1");
+        assert!(
+            s.live("a", "other", 50, None).is_none(),
+            "another credential"
+        );
+        assert!(s.live("a", "c", 100, None).is_none());
+        assert!(
+            s.live("a", "c", 50, Some(1)).is_none(),
+            "revoked after issue"
+        );
+        assert!(s.live("b", "c", 50, None).is_none());
         for (i, sid) in ["b", "c", "d"].iter().enumerate() {
             s.insert(sid, tok(10 + i as u64, 1000), 5, 3);
         }

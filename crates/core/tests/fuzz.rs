@@ -134,18 +134,22 @@ fn policy() -> Policy {
 
 /// A token the fuzz policy issued, valid forever.
 fn good_token() -> String {
+    let policy = policy();
+    let tokens = policy.tokens.as_ref().expect("tokens configured");
+    let signer = tokens.signer().expect("a signing key");
     let claims = keygate_core::token::Claims {
         kid: "k1".into(),
-        kh: "0".repeat(64),
+        cref: tokens
+            .credential_ref(signer, &[0u8; 32], None)
+            .expect("cref"),
         tenant: "t".into(),
         env: "live".into(),
         scopes: vec!["read".into()],
         sid: String::new(),
         iat_ms: 0,
         exp_ms: u64::MAX,
+        signer: String::new(),
     };
-    let policy = policy();
-    let tokens = policy.tokens.as_ref().expect("tokens configured");
     tokens.issue(&claims).expect("issue")
 }
 

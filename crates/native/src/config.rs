@@ -7,8 +7,8 @@ use crate::abi;
 use crate::envoy::{log, ConfigHandle};
 use crate::state::tables;
 use keygate_core::access_log::outcomes;
-use keygate_core::config::Role;
-use keygate_core::shared_data::counter_key;
+use keygate_core::config::{check_store_ids, merge_config_ids, Role};
+use keygate_core::shared_data::{counter_key, CONFIG_IDS_KEY};
 use keygate_core::Policy;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -63,6 +63,21 @@ impl FilterConfig {
                 };
                 counters.insert(outcome, id);
             }
+        }
+        if policy.role == Role::Gate {
+            // Key ids are unique across plugin config and store: refuse a
+            // config reusing one the store holds for another key, and record
+            // ours so the sync role refuses store keys reusing them.
+            let held =
+                |key_id: &str| Ok::<_, ()>(crate::state::lookup_key_id(key_id).map(|c| c.key_hash));
+            if let Ok(Err(e)) = check_store_ids(&policy, held) {
+                log(
+                    abi::LOG_ERROR,
+                    &format!("keygate: invalid plugin configuration: {e}"),
+                );
+                return None;
+            }
+            tables().modify(CONFIG_IDS_KEY, |current| merge_config_ids(current, &policy));
         }
         let keys: Vec<String> = policy
             .credentials

@@ -12,7 +12,9 @@ use keygate_core::hash::Digest;
 use keygate_core::rate_limit::RateStatus;
 use keygate_core::shared_data::CounterCell;
 use keygate_core::token::MAX_LOGIN_BODY;
-use keygate_core::verdict::{is_login, login, rate_limit_headers, Headers, Login};
+use keygate_core::verdict::{
+    identity_spellings, is_login, login, rate_limit_headers, Headers, Login,
+};
 use keygate_core::{decide, Credential, Denial, Host, Outcome, Policy};
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -62,6 +64,20 @@ impl RequestHeaders {
     fn has(&self, name: &str) -> bool {
         self.values(name).next().is_some()
     }
+
+    /// Names sent that spell an identity header another way
+    /// (`x_keygate_tenant`): removed like the identity headers themselves.
+    fn identity_spellings(&self, policy: &Policy) -> Vec<String> {
+        let names = self.views.iter().map(|h| {
+            // SAFETY: views are valid while `self` lives (see `fetch`).
+            let key = unsafe { view(h.key_ptr, h.key_length) };
+            std::str::from_utf8(key).unwrap_or_default()
+        });
+        identity_spellings(policy, names)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// A slice of Envoy's memory; a null pointer is an empty slice.
@@ -101,6 +117,10 @@ struct NativeHost {
 impl Host for NativeHost {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>> {
         lookup(key_hash)
+    }
+
+    fn lookup_key_id(&mut self, key_id: &str) -> Option<Rc<Credential>> {
+        crate::state::lookup_key_id(key_id)
     }
 
     fn peer_address(&mut self) -> Option<String> {
@@ -261,6 +281,16 @@ impl Gate {
                 .iter()
                 .filter_map(|n| headers.get(n).map(|v| ((*n).to_owned(), v)))
                 .collect();
+            // No client-sent identity, in any spelling, stays on a login.
+            let spellings = headers.identity_spellings(&policy);
+            drop(headers);
+            for name in spellings
+                .iter()
+                .map(String::as_str)
+                .chain(policy.headers.all())
+            {
+                stream.set_request_header(name, None);
+            }
             if end_of_stream {
                 self.answer_login(stream, &policy, &kept, b"");
             } else {
@@ -292,8 +322,15 @@ impl Gate {
             .iter()
             .map(|&(n, v)| (n, v, headers.has(n)))
             .collect();
+        let spellings = match decision.outcome {
+            Outcome::Denied { .. } => Vec::new(),
+            _ => headers.identity_spellings(&policy),
+        };
         drop(headers);
-        for name in remove {
+        for name in remove
+            .into_iter()
+            .chain(spellings.iter().map(String::as_str))
+        {
             stream.set_request_header(name, None);
         }
         for (name, value, sent) in set {

@@ -14,7 +14,7 @@
 
 use arc_swap::ArcSwap;
 use keygate_core::hash::Digest;
-use keygate_core::shared_data::CounterCell;
+use keygate_core::shared_data::{key_id_key, CounterCell};
 use keygate_core::sync::{decode_record, is_visible, SyncState};
 use keygate_core::Credential;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex};
@@ -115,6 +115,15 @@ impl Tables {
         self.counters.store(Arc::new(next));
     }
 
+    /// A counter's bytes, without creating its slot (so a lookup by a name
+    /// that comes from a request never grows the table).
+    pub fn read(&self, key: &str) -> Option<Vec<u8>> {
+        let counters = self.counters.load();
+        let slot = counters.get(key)?;
+        let value = slot.lock().value.clone();
+        value
+    }
+
     /// Read-modify-write of one counter outside a decision (sync role).
     pub fn modify(&self, key: &str, f: impl FnOnce(Option<&[u8]>) -> Vec<u8>) {
         let slot = self.slot(key);
@@ -191,6 +200,15 @@ pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
         cache.insert(*hash, (entry.clone(), cred.clone()));
         Some(cred)
     })
+}
+
+/// The pushed credential with `key_id` (tokens name their key by id),
+/// through the id → hash index the sync role keeps; an index entry that
+/// leads elsewhere is absent.
+pub fn lookup_key_id(key_id: &str) -> Option<Rc<Credential>> {
+    let bytes = tables().read(&key_id_key(key_id))?;
+    let hash = Digest::try_from(bytes.as_slice()).ok()?;
+    lookup(&hash).filter(|c| c.key_id == key_id)
 }
 
 #[cfg(test)]

@@ -8,14 +8,15 @@ use crate::abi;
 use crate::config::FilterConfig;
 use crate::envoy::{log, Stream};
 use crate::state::{tables, Entry, Snapshot};
-use keygate_core::shared_data::revocations_key;
+use keygate_core::shared_data::{key_id_key, revocations_key, CONFIG_IDS_KEY};
 use keygate_core::sync::{
-    decode_record, plan, RevokedSession, SyncError, SyncState, MAX_PUSH_BYTES, PUSH_PATH,
-    SIGNATURE_HEADER, STATE_PATH,
+    check_config_ids, decode_record, plan, RevokedSession, SyncError, SyncState, MAX_PUSH_BYTES,
+    PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub struct SyncFilter {
     config: Arc<FilterConfig>,
@@ -51,8 +52,9 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 /// batch changes nothing; a push that never commits is never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked) = t.update(|current: &Snapshot| {
+    let (state, upserts, deletes, revoked, key_ids) = t.update(|current: &Snapshot| {
         let plan = plan(secret, body, signature, &current.state)?;
+        check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
         let mut next = current.clone();
         if current.state.pending.map(|p| p.stamp) != Some(plan.stamp) {
             // A new push: whatever an abandoned one staged goes.
@@ -90,9 +92,15 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
             plan.upserts.len(),
             plan.deletes.len(),
             plan.revoked_sessions,
+            plan.key_ids,
         );
         Ok((next, out))
     })?;
+    // Tokens name their key by id: the id → hash index (a stale entry is
+    // harmless, the gate checks the credential it leads to).
+    for (key_id, hash) in &key_ids {
+        t.modify(&key_id_key(key_id), |_| hash.to_vec());
+    }
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
@@ -109,6 +117,10 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
 /// Merges session revocations into each key's revocation counter, which the
 /// gate reads on every token use.
 fn apply_revocations(revoked: &[RevokedSession]) {
+    // The clock tokens are issued by (the gate's, this process's).
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let mut by_key: BTreeMap<&str, Vec<(&str, u64)>> = BTreeMap::new();
     for r in revoked {
         by_key
@@ -118,7 +130,7 @@ fn apply_revocations(revoked: &[RevokedSession]) {
     }
     for (key_id, sessions) in by_key {
         tables().modify(&revocations_key(key_id), |current| {
-            merge_revocations(current, &sessions)
+            merge_revocations(current, &sessions, now_ms)
         });
     }
 }

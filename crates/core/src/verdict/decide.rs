@@ -12,7 +12,7 @@ use crate::path::normalize;
 use crate::rate_limit::{acquire, RateStatus};
 use crate::scope::{grants, Access};
 use crate::shared_data::{counter_key, revocations_key, CounterCell};
-use crate::token::{self, TokenError, Tokens, VerifiedTokens};
+use crate::token::{self, Claims, TokenError, Tokens, VerifiedTokens};
 use std::rc::Rc;
 
 /// What the decision needs from its surroundings (Envoy, or a test double).
@@ -21,6 +21,11 @@ pub trait Host {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>>;
     /// The peer address as Envoy reports it (`ip:port`); asked only when needed.
     fn peer_address(&mut self) -> Option<String>;
+    /// A credential from the dynamic source by key id (the token path: a
+    /// token names its key by id, not by hash).
+    fn lookup_key_id(&mut self, _key_id: &str) -> Option<Rc<Credential>> {
+        None
+    }
     /// Where rate-limit state lives, shared by every worker.
     fn counters(&mut self) -> &mut dyn CounterCell;
     /// Tokens already verified on this VM, if the host keeps them: the
@@ -227,8 +232,34 @@ fn find(policy: &Policy, host: &mut dyn Host, key_hash: &Digest) -> Option<Rc<Cr
     found.filter(|c| ct_eq(&c.key_hash, key_hash))
 }
 
+/// The credential with `key_id`: plugin config first, then the store.
+fn find_by_key_id(policy: &Policy, host: &mut dyn Host, key_id: &str) -> Option<Rc<Credential>> {
+    let found = match policy.by_key_id.get(key_id) {
+        Some(hash) => policy.credentials.get(hash).cloned(),
+        None => host.lookup_key_id(key_id),
+    };
+    found.filter(|c| c.key_id == key_id)
+}
+
+/// Whether `claims` were issued for exactly `cred`: its key hash and the
+/// secret current now, or the previous secret while its grace window lasts
+/// (a token issued under a rotated secret ends with that window).
+pub(super) fn is_bound(tokens: &Tokens, claims: &Claims, cred: &Credential, now_secs: u64) -> bool {
+    let matches = |secret: Option<&Digest>| {
+        tokens
+            .credential_ref(&claims.signer, &cred.key_hash, secret)
+            .is_some_and(|r| ct_eq(&sha256(r.as_bytes()), &sha256(claims.cref.as_bytes())))
+    };
+    let current = matches(cred.secret_hash.as_ref());
+    let previous = cred
+        .previous_secret
+        .is_some_and(|(h, until)| now_secs < until && matches(Some(&h)));
+    current || previous
+}
+
 /// A token is only as good as the key behind it: the credential is looked up
-/// live, so revoking or deactivating the key stops its tokens at once.
+/// live and the token's reference recomputed, so revoking, deactivating,
+/// re-creating or re-secreting the key stops its tokens at once.
 fn authenticate_token(
     policy: &Policy,
     tokens: &Tokens,
@@ -246,17 +277,17 @@ fn authenticate_token(
         Err(TokenError::Expired) => return Err(deny(Reason::Expired, "Token has expired", None)),
         Err(TokenError::Invalid) => return Err(deny(Reason::UnknownKey, "Invalid token", None)),
     };
-    let cred = claims
-        .key_hash()
-        .and_then(|h| find(policy, host, &h))
-        .filter(|c| c.key_id == claims.kid)
+    let cred = find_by_key_id(policy, host, &claims.kid)
+        .filter(|c| is_bound(tokens, &claims, c, now_ns / 1_000_000_000))
         .ok_or_else(|| deny(Reason::UnknownKey, "Invalid token", None))?;
-    let revocations = token::decode_revocations(
+    let Ok(revocations) = token::decode_revocations(
         host.counters()
             .load(&revocations_key(&cred.key_id))
             .0
             .as_deref(),
-    );
+    ) else {
+        return Err(unreadable_revocations(&cred));
+    };
     if revocations
         .get(&claims.sid)
         .is_some_and(|&at| claims.iat_ms <= at)
@@ -268,6 +299,15 @@ fn authenticate_token(
         ));
     }
     Ok(cred)
+}
+
+/// Fail closed: a revocation list that cannot be read refuses the request.
+pub(super) fn unreadable_revocations(cred: &Rc<Credential>) -> Outcome {
+    deny(
+        Reason::Internal,
+        "The gateway could not process this request",
+        Some(cred),
+    )
 }
 
 /// What any credential must pass, however it was presented.

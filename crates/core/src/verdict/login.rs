@@ -5,8 +5,8 @@ use super::decide::{authenticate, check_credential, deny, Headers, Host, Outcome
 use crate::config::Policy;
 use crate::credential::Credential;
 use crate::denial::{Denial, Reason};
-use crate::extract::{Presented, Scheme};
-use crate::hash::to_hex;
+use crate::extract::{trim_ows, Presented, Scheme};
+use crate::hash::sha256;
 use crate::path::normalize;
 use crate::rate_limit::RateStatus;
 use crate::scope::Access;
@@ -76,9 +76,11 @@ pub fn login(
         Ok(r) => r,
         Err(message) => return denied(deny(Reason::BadRequest, message, None)),
     };
+    // Trimmed like a header value, so a key works the same in both places.
+    let ows = |s: &str| String::from_utf8_lossy(trim_ows(s.as_bytes())).into_owned();
     let presented = Presented {
-        key: request.api_key,
-        secret: request.api_secret,
+        key: ows(&request.api_key),
+        secret: request.api_secret.as_deref().map(ows),
         scheme: Scheme::ApiKeyHeader,
     };
     let cred = match authenticate(policy, &presented, host, now_ns, false) {
@@ -90,9 +92,25 @@ pub fn login(
             Outcome::Allowed { credential, rate } => (credential, rate),
             other => return denied(other),
         };
+    // The secret this login proved (current, or previous within its grace
+    // window): the token lives only as long as that secret does.
+    let generation = cred
+        .secret_hash
+        .and(presented.secret.as_deref())
+        .map(|s| sha256(s.as_bytes()));
     let session = request.session_id.unwrap_or_default();
-    let Some(issued) = session_token(tokens, &cred, &session, host.counters(), now_ns / 1_000_000)
-    else {
+    let issued = tokens.signer().and_then(|signer| {
+        let cref = tokens.credential_ref(signer, &cred.key_hash, generation.as_ref())?;
+        session_token(
+            tokens,
+            &cred,
+            &cref,
+            &session,
+            host.counters(),
+            now_ns / 1_000_000,
+        )
+    });
+    let Some(issued) = issued else {
         return Login::Denied {
             denial: Denial::new(Reason::Unavailable, "Could not issue a token"),
             credential: Some(cred),
@@ -115,28 +133,31 @@ pub fn login(
 fn session_token(
     tokens: &Tokens,
     cred: &Credential,
+    cref: &str,
     session: &str,
     cell: &mut dyn CounterCell,
     now_ms: u64,
 ) -> Option<IssuedToken> {
     let key = sessions_key(&cred.key_id);
     let revoked = token::decode_revocations(cell.load(&revocations_key(&cred.key_id)).0.as_deref())
+        .ok()?
         .get(session)
         .copied();
     let issue = |bytes: Option<&[u8]>| {
         let mut sessions = SessionTokens::decode(bytes);
-        if let Some(live) = sessions.live(session, now_ms, revoked) {
+        if let Some(live) = sessions.live(session, cref, now_ms, revoked) {
             return Step::Done(Some(live.clone()));
         }
         let claims = Claims {
             kid: cred.key_id.clone(),
-            kh: to_hex(&cred.key_hash),
+            cref: cref.to_owned(),
             tenant: cred.tenant.clone(),
             env: cred.environment.clone(),
             scopes: cred.scopes.clone(),
             sid: session.to_owned(),
             iat_ms: now_ms,
             exp_ms: now_ms + tokens.lifetime_secs * 1000,
+            signer: String::new(),
         };
         let Some(token) = tokens.issue(&claims) else {
             return Step::Done(None);
@@ -145,6 +166,7 @@ fn session_token(
             token,
             iat_ms: claims.iat_ms,
             exp_ms: claims.exp_ms,
+            cref: cref.to_owned(),
         };
         sessions.insert(session, issued.clone(), now_ms, tokens.max_sessions_per_key);
         Step::Write(sessions.encode(), Some(issued))
@@ -311,7 +333,7 @@ mod tests {
         let revoked_at = NOW / 1_000_000 + 1;
         host.counters.insert(
             crate::shared_data::revocations_key("k1"),
-            format!(r#"{{"s1":{revoked_at}}}"#).into_bytes(),
+            crate::token::merge_revocations(None, &[("s1", 1)], revoked_at),
         );
         let later = NOW + 5_000_000;
         assert_eq!(
@@ -327,6 +349,107 @@ mod tests {
             use_token(&p, &mut host, &fresh, "GET", later).outcome,
             Outcome::Allowed { .. }
         ));
+    }
+
+    #[test]
+    fn token_of_a_store_key_reusing_a_config_key_id_is_not_that_key() {
+        let mut admin = rec("k1", "config-key");
+        admin.kind = crate::credential::Kind::Default;
+        let p = token_policy(vec![admin]);
+        let mut host = MemoryHost::default();
+        // A store credential created with the config key's id.
+        let c = Credential::try_from(&rec("k1", "store-key")).unwrap();
+        host.dynamic.insert(c.key_hash, Rc::new(c));
+        let token = issue(&p, &mut host, r#"{"api_key":"store-key"}"#, NOW).unwrap()
+            ["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            denied(&use_token(&p, &mut host, &token, "DELETE", NOW)),
+            Some((Reason::UnknownKey, "Invalid token"))
+        );
+        let claims = p
+            .tokens
+            .as_ref()
+            .unwrap()
+            .verify(&token, NOW / 1_000_000)
+            .unwrap();
+        assert!(!token.contains(&crate::hash::to_hex(&crate::hash::sha256(b"store-key"))));
+        assert!(!format!("{claims:?}").contains("key_hash"));
+    }
+
+    #[test]
+    fn tokens_end_with_the_secret_they_were_issued_under() {
+        use crate::hash::{sha256, to_hex};
+        let mut r = rec("k1", "key-one");
+        r.secret_hash = Some(to_hex(&sha256(b"old")));
+        let p = token_policy(vec![r.clone()]);
+        let mut host = MemoryHost::default();
+        let body = r#"{"api_key":"key-one","api_secret":"old","session_id":"s"}"#;
+        let token = issue(&p, &mut host, body, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let now_secs = NOW / 1_000_000_000;
+        // Rotated: the old secret stays valid for 10 s of grace.
+        r.secret_hash = Some(to_hex(&sha256(b"new")));
+        r.previous_secret_hash = Some(to_hex(&sha256(b"old")));
+        r.previous_secret_expires_at = Some(now_secs + 10);
+        let rotated = token_policy(vec![r.clone()]);
+        let in_grace = NOW + 5_000_000_000;
+        assert!(matches!(
+            use_token(&rotated, &mut host, &token, "GET", in_grace).outcome,
+            Outcome::Allowed { .. }
+        ));
+        let after = NOW + 10_000_000_000;
+        assert_eq!(
+            denied(&use_token(&rotated, &mut host, &token, "GET", after)),
+            Some((Reason::UnknownKey, "Invalid token"))
+        );
+        // A login with the new secret gets a new token, valid after the window;
+        // the session's old token is not handed out again.
+        let fresh = issue(
+            &rotated,
+            &mut host,
+            r#"{"api_key":"key-one","api_secret":"new","session_id":"s"}"#,
+            in_grace,
+        )
+        .unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(fresh, token);
+        assert!(matches!(
+            use_token(&rotated, &mut host, &fresh, "GET", after).outcome,
+            Outcome::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn unreadable_revocations_refuse_the_token_and_the_login() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = MemoryHost::default();
+        let body = r#"{"api_key":"key-one","session_id":"s1"}"#;
+        let token = issue(&p, &mut host, body, NOW).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        host.counters.insert(
+            crate::shared_data::revocations_key("k1"),
+            b"{not json".to_vec(),
+        );
+        assert_eq!(
+            denied(&use_token(&p, &mut host, &token, "GET", NOW)).map(|d| d.0),
+            Some(Reason::Internal)
+        );
+        assert!(issue(
+            &p,
+            &mut host,
+            r#"{"api_key":"key-one","session_id":"s2"}"#,
+            NOW
+        )
+        .is_err());
     }
 
     #[test]
@@ -355,6 +478,8 @@ mod tests {
                 .0,
             Reason::Inactive
         );
+        // Surrounding OWS is trimmed, as in a header value.
+        assert!(issue(&p, &mut host, "{\"api_key\":\" \\tkey-one \"}", NOW).is_ok());
         // A token cannot be exchanged for another token.
         let t = issue(&p, &mut host, r#"{"api_key":"key-one"}"#, NOW).unwrap()["access_token"]
             .as_str()

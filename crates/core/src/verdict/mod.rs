@@ -9,4 +9,4 @@ pub mod reply;
 
 pub use self::decide::{decide, Decision, Headers, Host, Outcome};
 pub use self::login::{is_login, login, Login};
-pub use self::reply::{rate_limit_headers, UpstreamHeaders};
+pub use self::reply::{identity_spellings, rate_limit_headers, UpstreamHeaders};

@@ -44,6 +44,30 @@ impl Decision {
     }
 }
 
+/// Request header names that are an identity header spelled another way:
+/// `_` for `-` (which CGI, WSGI, Rack and others fold into the same
+/// variable) or another case. The exact names are removed or overwritten
+/// by [`Decision::upstream_headers`]; these must go as well.
+pub fn identity_spellings<'n>(
+    policy: &Policy,
+    names: impl IntoIterator<Item = &'n str>,
+) -> Vec<&'n str> {
+    let identity = policy.headers.all();
+    names
+        .into_iter()
+        .filter(|name| {
+            !identity.contains(name)
+                && identity.iter().any(|id| {
+                    id.len() == name.len()
+                        && id
+                            .bytes()
+                            .zip(name.bytes())
+                            .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'))
+                })
+        })
+        .collect()
+}
+
 /// Rate-limit response headers, in the enabled styles.
 pub fn rate_limit_headers(
     status: &RateStatus,
@@ -80,6 +104,23 @@ pub fn rate_limit_headers(
 mod tests {
     use super::*;
     use crate::testing::NOW;
+
+    #[test]
+    fn identity_headers_spelled_with_underscores_or_case_are_found() {
+        let p = crate::testing::policy(vec![], "");
+        let names = [
+            "x_keygate_tenant",
+            "x-keygate_key-id",
+            "X-Keygate-Scopes",
+            "x-keygate-tenant",
+            "x_api_key",
+            "x-keygate-tenants",
+        ];
+        assert_eq!(
+            identity_spellings(&p, names),
+            vec!["x_keygate_tenant", "x-keygate_key-id", "X-Keygate-Scopes"]
+        );
+    }
 
     #[test]
     fn rate_headers_report_both_styles_truthfully() {
