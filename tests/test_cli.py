@@ -156,7 +156,8 @@ def test_sync_waits_for_an_unreachable_postgres_naming_it(tmp_path):
                                  "--endpoint", f"http://127.0.0.1:{free_port()}"], stderr=f, env=env)
     try:
         deadline = time.monotonic() + 10
-        while f"127.0.0.1:{port}" not in log.read_text() and time.monotonic() < deadline:
+        # The LISTEN thread may say so first: wait for the main thread's line too.
+        while "waiting" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert f"127.0.0.1:{port}" in log.read_text() and "waiting" in log.read_text(), log.read_text()
         assert proc.poll() is None, "the daemon waits for the database instead of exiting"
