@@ -11,8 +11,7 @@ worthless.
 
 Env: BENCH_DURATION (s per run, default 5), BENCH_ROUNDS (default 3),
 BENCH_SIZES (credential counts loaded through the sync path, default
-"100000,1000000"), BENCH_CONNECTIONS (default 32), BENCH_ONLY (a regex:
-only the configurations whose name matches, plus bare Envoy)."""
+"100000,1000000"), BENCH_CONNECTIONS (default 32)."""
 
 import base64
 import copy
@@ -32,7 +31,7 @@ from tests.harness import KEYGATE, WASM, Envoy, free_port, keygate, render, requ
 
 DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "100000,1000000").split(",") if s]
+SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1000000").split(",") if s]
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 ONLY = os.environ.get("BENCH_ONLY")
 WORK = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
@@ -177,16 +176,18 @@ def check_enforces(name, envoy, header):
         raise RuntimeError(f"{name}: a valid request got {ok.status}")
 
 
-def load_through_sync(envoy, n):
+def load_through_sync(envoy, n, secret_of_0=None):
     """Loads n credentials the way production does: a store, then `keygate sync`."""
     store = WORK / f"store-{n}.json"
     started = time.monotonic()
     with open(store, "w") as f:
-        f.write('{"version":1,"keys":[')
+        # A store has an identity (keygate store init); any fixed one will do.
+        f.write('{"store_id":"0123456789abcdef","version":1,"keys":[')
         for i in range(n):
             if i:
                 f.write(",")
-            f.write(json.dumps({"created_at": 0, "updated_at": 0, "record": record(i)}, separators=(",", ":")))
+            rec = record(i, secret_hash=secret_of_0) if i == 0 and secret_of_0 else record(i)
+            f.write(json.dumps({"created_at": 0, "updated_at": 0, "record": rec}, separators=(",", ":")))
         f.write("]}")
     written = time.monotonic()
     rss_before = rss_kib(envoy.proc.pid)
@@ -208,9 +209,9 @@ def cpu_seconds(pid):
 
 
 def wrk(envoy, header):
+    cpu_before = cpu_seconds(envoy.proc.pid)
     lua = WORK / "bench.lua"
     lua.write_text(WRK_LUA)
-    cpu_before = cpu_seconds(envoy.proc.pid)
     out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s", "-s", str(lua),
                           f"http://127.0.0.1:{envoy.port}", "--", header[0], header[1]],
                          capture_output=True, text=True, timeout=DURATION + 60).stdout
@@ -225,53 +226,95 @@ def wrk(envoy, header):
     return {"rps": requests / seconds, "p50": p50, "p99": p99, "cpu_us": cpu_us}
 
 
+# Another keygate .wasm (e.g. main's) measured beside this one in the same
+# run: before/after ratios without run-to-run noise.
+BASELINE_WASM = os.environ.get("BENCH_BASELINE_WASM")
+
+
+def baseline_config(plugin):
+    config = keygate_config(plugin, login=True)
+    for f in gate_filters(config):
+        if f["name"] == "keygate":
+            f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = BASELINE_WASM
+    config["static_resources"]["listeners"] = config["static_resources"]["listeners"][:1]
+    return config
+
+
+def login(envoy, key):
+    r = request(envoy.port, "POST", "/auth/login", [], json.dumps({"api_key": key}).encode())
+    if r.status != 200:
+        raise RuntimeError(f"login failed: {r.status}")
+    return ("authorization", "Bearer " + r.json()["access_token"])
+
+
 def main():
     begun = time.monotonic()
-    basic = "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()
-    api_key = ("x-api-key", KEY)
-    plugin_1k = {"routes": ROUTES, "credentials": [record(i) for i in range(1000)]}
-    plugin_basic = {"routes": ROUTES, "credentials": [record(0, secret_hash=sha(SECRET))]
-                    + [record(i) for i in range(1, 1000)]}
-    plugin_tokens = {**plugin_1k, "tokens": {"lifetime_secs": 86400}}
-    setups = [
-        ("bare Envoy", bare_config(), api_key, None),
-        ("no-op proxy-wasm filter (reference)", noop_config(), api_key, None),
-        ("native api_key_auth + rbac + local_ratelimit, 1k keys", native_config(1000), api_key, None),
-        ("keygate, 1k keys (X-API-Key)", keygate_config(plugin_1k), api_key, None),
-        ("keygate, 1k keys, access-log fields off", keygate_config({**plugin_1k, "access_log_fields": False}), api_key,
+    basic = ("authorization", "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode())
+    # Key 0 has a secret (the Basic rows); key 1 is a plain key (X-API-Key and token rows).
+    api_key = ("x-api-key", "bench-key-1")
+    creds_1k = [record(0, secret_hash=sha(SECRET))] + [record(i) for i in range(1, 1000)]
+    tokens = {"lifetime_secs": 86400}
+    plugin_1k = {"routes": ROUTES, "credentials": creds_1k, "tokens": tokens}
+    # (envoy name, config, credentials to load through sync or None[, build])
+    envoy_setups = [
+        ("bare", bare_config(), None),
+        ("noop", noop_config(), None),
+        ("native", native_config(1000), None),
+        ("keygate-1k", keygate_config({"routes": ROUTES, "credentials": creds_1k, "tokens": tokens}, login=True),
          None),
-        *[(f"keygate, {n // 1000}k keys via sync (X-API-Key)", keygate_config({"routes": ROUTES}), api_key, n)
+        *[(f"keygate-{n // 1000}k", keygate_config({"routes": ROUTES, "tokens": tokens}, login=True), n)
           for n in SIZES],
-        ("keygate, 1k keys (Basic key:secret)", keygate_config(plugin_basic), ("authorization", basic), None),
-        ("keygate, 1k keys (issued bearer token)", keygate_config(plugin_tokens, login=True), None, None),
-        # The same keygate as an Envoy dynamic module (crates/native, `make native`).
-        ("keygate native, 1k keys (X-API-Key)", keygate_config(plugin_1k), api_key, None, "native"),
-        *[(f"keygate native, {n // 1000}k keys via sync (X-API-Key)", keygate_config({"routes": ROUTES}), api_key, n,
-           "native") for n in SIZES],
-        ("keygate native, 1k keys (issued bearer token)", keygate_config(plugin_tokens, login=True), None, None,
-         "native"),
     ]
+    if BASELINE_WASM:
+        envoy_setups.append(("baseline-1k", baseline_config({"routes": ROUTES, "credentials": creds_1k,
+                                                            "tokens": tokens}), None))
+    # The same keygate as an Envoy dynamic module (crates/native, `make native`).
+    envoy_setups += [("native-1k", keygate_config(plugin_1k, login=True), None, "native"),
+                     *[(f"native-{n // 1000}k", keygate_config({"routes": ROUTES, "tokens": tokens}, login=True), n,
+                        "native") for n in SIZES]]
+    # (row name, envoy name, header or "token")
+    rows = [
+        ("bare Envoy", "bare", api_key),
+        ("no-op proxy-wasm filter (reference)", "noop", api_key),
+        ("native api_key_auth + rbac + local_ratelimit, 1k keys", "native", ("x-api-key", "bench-key-1")),
+    ]
+    for build, prefix in (("wasm", "keygate"), ("native", "native")):
+        for n in [1000] + SIZES:
+            name = f"{prefix}-{n // 1000}k"
+            via = "" if n == 1000 else " via sync"
+            rows += [(f"keygate {build}, {n // 1000}k keys{via} (X-API-Key)", name, api_key),
+                     (f"keygate {build}, {n // 1000}k keys{via} (Basic key:secret)", name, basic),
+                     (f"keygate {build}, {n // 1000}k keys{via} (issued bearer token)", name, "token")]
+    if BASELINE_WASM:
+        rows += [("baseline wasm (BENCH_BASELINE_WASM), 1k keys (X-API-Key)", "baseline-1k", api_key),
+                 ("baseline wasm (BENCH_BASELINE_WASM), 1k keys (Basic key:secret)", "baseline-1k", basic),
+                 ("baseline wasm (BENCH_BASELINE_WASM), 1k keys (issued bearer token)", "baseline-1k", "token")]
+    only = os.environ.get("BENCH_ROWS")
+    if only:
+        rows = [r for r in rows if any(part in r[0] for part in only.split(","))]
     if ONLY:
-        setups = [s for s in setups if s[0] == "bare Envoy" or re.search(ONLY, s[0])]
+        rows = [r for r in rows if r[0] == "bare Envoy" or re.search(ONLY, r[0])]
+    wanted = {e for _, e, _ in rows}
     envoys, headers, loads = {}, {}, {}
     try:
-        for name, config, header, n, *build in setups:
+        for name, config, n, *build in envoy_setups:
+            if name not in wanted:
+                continue
             print(f"starting: {name}", flush=True)
-            envoys[name] = start(name.replace(" ", "_").replace("/", ""), config, *build)
+            envoys[name] = start(name, config, *build)
             if n:
-                loads[name] = load_through_sync(envoys[name], n)
+                loads[name] = load_through_sync(envoys[name], n, secret_of_0=sha(SECRET))
                 print(f"  loaded {n} credentials in {loads[name]['load_s']:.1f} s, "
                       f"{loads[name]['bytes_per_credential']:.0f} B RSS each", flush=True)
-            if header is None:
-                r = request(envoys[name].port, "POST", "/auth/login", [], json.dumps({"api_key": KEY}).encode())
-                header = ("authorization", "Bearer " + r.json()["access_token"])
-            headers[name] = header
-            check_enforces(name, envoys[name], header)
-        results = {name: [] for name in envoys}
+        measured = [r for r in rows if r[1] in envoys]
+        for row, name, header in measured:
+            headers[row] = login(envoys[name], "bench-key-1") if header == "token" else header
+            check_enforces(row, envoys[name], headers[row])
+        results = {row: [] for row, _, _ in measured}
         for rnd in range(ROUNDS):
-            for name in envoys:
-                results[name].append(wrk(envoys[name], headers[name]))
-                print(f"  round {rnd + 1}/{ROUNDS} {name}: {results[name][-1]['rps']:.0f} rps", flush=True)
+            for row, name, _ in measured:
+                results[row].append(wrk(envoys[name], headers[row]))
+                print(f"  round {rnd + 1}/{ROUNDS} {row}: {results[row][-1]['rps']:.0f} rps", flush=True)
         rss = {name: rss_kib(e.proc.pid) for name, e in envoys.items()}
     finally:
         for e in envoys.values():
@@ -279,15 +322,22 @@ def main():
 
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "cpu_us")}
            for n, rs in results.items()}
-    bare = med["bare Envoy"]["rps"]
-    bare_cpu = med["bare Envoy"]["cpu_us"]
-    lines = ["| config | rps | ratio to bare | Envoy CPU/request | CPU ratio (bare/this) | p50 | p99 | Envoy RSS |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name in envoys:
-        m = med[name]
-        lines.append(f"| {name} | {m['rps']:.0f} | {m['rps'] / bare:.2f} | {m['cpu_us']:.1f} µs "
-                     f"| {bare_cpu / m['cpu_us']:.2f} | {m['p50']:.2f} ms | {m['p99']:.2f} ms "
-                     f"| {rss[name] / 1024:.0f} MiB |")
+    bare = med.get("bare Envoy", {}).get("rps")
+    noop = med.get("no-op proxy-wasm filter (reference)", {}).get("rps")
+    noop_cpu = med.get("no-op proxy-wasm filter (reference)", {}).get("cpu_us")
+    ratio = lambda v, ref: f"{v / ref:.2f}" if ref and v else "-"
+    # CPU ratio: the no-op filter's Envoy CPU per request over this row's,
+    # the issue's measure with less of the machine's noise than rps.
+    lines = ["| config | rps | ratio to bare | ratio to no-op wasm | Envoy CPU/request | CPU ratio (no-op/this) "
+             "| p50 | p99 | Envoy RSS |", "|---|---|---|---|---|---|---|---|---|"]
+    for row, name, _ in rows:
+        if row not in med:
+            lines.append(f"| {row} | not measured | | | | | | | |")
+            continue
+        m = med[row]
+        lines.append(f"| {row} | {m['rps']:.0f} | {ratio(m['rps'], bare)} | {ratio(m['rps'], noop)} "
+                     f"| {m['cpu_us']:.1f} µs | {ratio(noop_cpu, m['cpu_us'])} "
+                     f"| {m['p50']:.2f} ms | {m['p99']:.2f} ms | {rss[name] / 1024:.0f} MiB |")
     print("\n" + "\n".join(lines))
     if loads:
         print("\n| credentials loaded through `keygate sync` | load time | Envoy RSS per credential |\n|---|---|---|")

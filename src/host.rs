@@ -95,11 +95,12 @@ pub fn set_request_header(name: &str, value: Option<&str>) -> HostResult<()> {
     )
 }
 
-/// Sets (Some) or removes (None) a response header.
-pub fn set_response_header(name: &str, value: Option<&str>) -> HostResult<()> {
+/// Adds a response header. Cheaper than replacing one, which makes Envoy
+/// look for and remove existing values first.
+pub fn add_response_header(name: &str, value: &str) -> HostResult<()> {
     named(
-        "set_response_header",
-        hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value),
+        "add_response_header",
+        hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value),
     )
 }
 
@@ -151,8 +152,14 @@ pub fn define_counter(name: &str) -> HostResult<u32> {
     )
 }
 
-pub fn increment_counter(id: u32) -> HostResult<()> {
-    named("increment_metric", hostcalls::increment_metric(id, 1))
+pub fn increment_counter(id: u32, by: u64) -> HostResult<()> {
+    let by = i64::try_from(by).unwrap_or(i64::MAX);
+    named("increment_metric", hostcalls::increment_metric(id, by))
+}
+
+/// Calls the root context's `on_tick` every `period`.
+pub fn set_tick_period(period: std::time::Duration) -> HostResult<()> {
+    named("set_tick_period", hostcalls::set_tick_period(period))
 }
 
 /// Logs a panic's message at error level before the VM traps. Replaces the

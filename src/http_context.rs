@@ -215,19 +215,33 @@ impl<'a> EnvoyHost<'a> {
 
 impl Host for EnvoyHost<'_> {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>> {
-        let found = self.borrowed.as_deref_mut()?.lookup(key_hash);
-        found.unwrap_or_else(|e| {
-            self.keep(e);
-            None
-        })
+        match self.borrowed.as_deref_mut()?.lookup(key_hash) {
+            Ok(Some((cred, entry))) => {
+                // Its rate-limit state is counted in the entry just read.
+                self.counters.entry = Some(entry);
+                Some(cred)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.keep(e);
+                None
+            }
+        }
     }
 
     fn lookup_key_id(&mut self, key_id: &str) -> Option<Rc<Credential>> {
-        let found = self.borrowed.as_deref_mut()?.lookup_key_id(key_id);
-        found.unwrap_or_else(|e| {
-            self.keep(e);
-            None
-        })
+        match self.borrowed.as_deref_mut()?.lookup_key_id(key_id) {
+            Ok(Some((cred, entry))) => {
+                // A token's requests count in its key's entry too.
+                self.counters.entry = Some(entry);
+                Some(cred)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.keep(e);
+                None
+            }
+        }
     }
 
     fn peer_address(&mut self) -> Option<String> {
@@ -453,10 +467,12 @@ impl HttpContext for GateContext {
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
         if let (Some(rate), Some(policy)) = (&self.rate, &self.policy) {
+            // Added, not replaced: keygate owns these names, and replacing
+            // makes Envoy search and remove before it adds.
             for (name, value) in rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns) {
                 // The upstream already answered: missing headers are logged,
                 // the response still goes out.
-                if let Err(e) = host::set_response_header(name, Some(&value)) {
+                if let Err(e) = host::add_response_header(name, &value) {
                     warn!("rate-limit headers incomplete: {e}");
                     break;
                 }

@@ -3,7 +3,7 @@
 
 use crate::host;
 use crate::http_context::GateContext;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, FLUSH_PERIOD};
 use crate::shared_store::{claim_config_key_ids, ensure_counter, CredentialCache};
 use crate::sync_context::SyncContext;
 use keygate_core::config::{Role, SyncSecret};
@@ -70,6 +70,10 @@ impl RootContext for KeygateRoot {
                             return false;
                         }
                     }
+                    if let Err(e) = host::set_tick_period(FLUSH_PERIOD) {
+                        error!("cannot schedule the metric flush: {e}");
+                        return false;
+                    }
                 }
                 self.sync_secret = policy.sync_secret.clone().map(Rc::new);
                 self.policy = Some(Rc::new(policy));
@@ -80,6 +84,10 @@ impl RootContext for KeygateRoot {
                 false
             }
         }
+    }
+
+    fn on_tick(&mut self) {
+        self.metrics.flush();
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {

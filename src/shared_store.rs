@@ -1,14 +1,19 @@
 //! Envoy shared data as keygate's dynamic state: credentials pushed by the
-//! sidecar (one entry per key hash, see `keygate_core::sync`) and rate-limit
-//! counters. Key layouts: `keygate_core::shared_data`.
+//! sidecar (one entry per key hash, holding its rate-limit state too, see
+//! `keygate_core::entry`) and the rate-limit counters of credentials from the
+//! plugin config. Key layouts: `keygate_core::shared_data`.
 
 use crate::host::{self, HostError, HostResult, Written};
 use keygate_core::config::{check_store_ids, merge_config_ids};
+use keygate_core::entry;
 use keygate_core::hash::Digest;
+use keygate_core::rate_limit::{decode_tat, encode_tat};
 use keygate_core::shared_data::{
-    credential_key, key_id_key, update, CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
+    counter_key, credential_key, key_id_key, update, CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
-use keygate_core::sync::{decode_record, decode_slots, decode_state, visible, Slot, SyncState};
+use keygate_core::sync::{
+    decode_entry, decode_state, is_visible, update_visible_record, visible_record, SyncState,
+};
 use keygate_core::token::VerifiedTokens;
 use keygate_core::{Credential, Policy};
 use std::collections::HashMap;
@@ -19,16 +24,14 @@ use std::rc::Rc;
 const CACHE_CAPACITY: usize = 16_384;
 
 /// Per-worker cache of parsed credentials, keyed by hash and validated by the
-/// entry's CAS token: a changed entry has a new token and is parsed again, so
-/// a revocation takes effect on the very next request. The sync state is
-/// cached the same way. Also holds the VM's verified tokens, lent to each
-/// decision: the policy itself stays immutable.
-/// The parsed slots of one entry.
-type Slots = Rc<[Slot<Rc<Credential>>]>;
-
+/// entry's record bytes (everything but its rate-limit state, which changes
+/// on every request): a changed record is parsed again, so a revocation takes
+/// effect on the very next request. The sync state is cached by its CAS
+/// token. Also holds the VM's verified tokens, lent to each decision: the
+/// policy itself stays immutable.
 #[derive(Default)]
 pub struct CredentialCache {
-    entries: HashMap<Digest, (u32, Slots)>,
+    entries: HashMap<Digest, (Vec<u8>, u64, Rc<Credential>)>,
     state: Option<(u32, SyncState)>,
     pub verified_tokens: VerifiedTokens,
 }
@@ -48,50 +51,123 @@ impl CredentialCache {
         })
     }
 
-    /// The live credential stored under `hash`; an error reading shared
-    /// data is the caller's to refuse the request over.
-    pub fn lookup(&mut self, hash: &Digest) -> HostResult<Option<Rc<Credential>>> {
-        let (bytes, cas) = host::shared_get(&credential_key(hash))?;
+    /// The live credential stored under `hash`, with its entry as read (the
+    /// rate-limit step starts from it); an error reading shared data is the
+    /// caller's to refuse the request over.
+    pub fn lookup(&mut self, hash: &Digest) -> HostResult<Option<(Rc<Credential>, EntryCounter)>> {
+        let name = credential_key(hash);
+        let (bytes, cas) = host::shared_get(&name)?;
         let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
             return Ok(None);
         };
-        let cas = cas.unwrap_or(0);
         let state = self.sync_state()?;
-        if let Some((cached_cas, slots)) = self.entries.get(hash) {
-            if *cached_cas == cas {
-                return Ok(visible(slots, &state).cloned());
-            }
-        }
-        // A corrupt entry or record is treated as absent: the sync role
-        // validates before writing, so this only guards against the unexpected.
-        let Some(raw) = decode_slots(&bytes) else {
+        // The value served now: the newest committed slot (see `sync`).
+        let Some(served) = visible_record(&bytes, &state) else {
             return Ok(None);
         };
-        let slots: Slots = raw
-            .into_iter()
-            .map(|s| Slot {
-                stamp: s.stamp,
-                generation: s.generation,
-                record: s.record.and_then(|r| decode_record(r, hash)).map(Rc::new),
-            })
-            .collect();
-        if self.entries.len() >= CACHE_CAPACITY {
-            self.entries.clear();
+        let Some((head, record)) = entry::record_bytes(served) else {
+            return Ok(None);
+        };
+        let cached = self.entries.get(hash).filter(|(kept, _, _)| {
+            kept.get(..head.len()) == Some(head) && kept.get(head.len()..) == Some(record)
+        });
+        let (generation, cred) = match cached {
+            Some((_, generation, cred)) => (*generation, cred.clone()),
+            None => {
+                // A corrupt or foreign entry is treated as absent: the sync
+                // role validates before writing, so this only guards against
+                // the unexpected.
+                let Some((generation, cred)) = decode_entry(served, hash) else {
+                    return Ok(None);
+                };
+                let cred = Rc::new(cred);
+                if self.entries.len() >= CACHE_CAPACITY {
+                    self.entries.clear();
+                }
+                let kept = [head, record].concat();
+                self.entries.insert(*hash, (kept, generation, cred.clone()));
+                (generation, cred)
+            }
+        };
+        if !is_visible(generation, &state) {
+            return Ok(None);
         }
-        self.entries.insert(*hash, (cas, slots.clone()));
-        Ok(visible(&slots, &state).cloned())
+        let counter = EntryCounter {
+            counter_key: counter_key(&cred.key_id),
+            name,
+            bytes: Some(bytes),
+            cas,
+            fresh: true,
+            state,
+        };
+        Ok(Some((cred, counter)))
+    }
+}
+
+/// The rate-limit state inside a credential entry, as a counter cell: the
+/// decision asks for `r:<key id>` and gets the entry's state instead. The
+/// first read reuses the bytes of the lookup (no host call); after a CAS
+/// conflict the entry is read again. A deleted entry is never written back:
+/// the update then gives up and the request is refused.
+pub struct EntryCounter {
+    counter_key: String,
+    name: String,
+    /// The entry as last read; None once it turned out deleted or foreign.
+    bytes: Option<Vec<u8>>,
+    cas: Option<u32>,
+    /// `bytes` comes from the lookup and was not handed out yet.
+    fresh: bool,
+    /// Which of the entry's slots is served.
+    state: SyncState,
+}
+
+impl EntryCounter {
+    fn load(&mut self) -> HostResult<(Option<Vec<u8>>, Option<u32>)> {
+        if !self.fresh && self.bytes.is_some() {
+            let (bytes, cas) = host::shared_get(&self.name)?;
+            self.bytes = bytes;
+            self.cas = cas;
+        }
+        self.fresh = false;
+        let state = self.state;
+        let served = self
+            .bytes
+            .as_deref()
+            .and_then(|b| visible_record(b, &state));
+        match served.and_then(entry::tat) {
+            Some(tat) => Ok((tat.map(|t| encode_tat(t).to_vec()), self.cas)),
+            None => {
+                self.bytes = None;
+                Ok((None, None))
+            }
+        }
+    }
+
+    fn store(&mut self, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
+        let (Some(bytes), Some(tat), Some(cas)) = (&self.bytes, decode_tat(Some(value)), cas)
+        else {
+            return Ok(false);
+        };
+        let Some(updated) = update_visible_record(bytes, &self.state, |r| entry::with_tat(r, tat))
+        else {
+            return Ok(false);
+        };
+        Ok(host::shared_set(&self.name, &updated, Some(cas))? == Written::Yes)
     }
 }
 
 impl CredentialCache {
     /// The live store credential with `key_id`, through the key-id index
     /// the sync role writes; an index entry that leads elsewhere is absent.
-    pub fn lookup_key_id(&mut self, key_id: &str) -> HostResult<Option<Rc<Credential>>> {
+    pub fn lookup_key_id(
+        &mut self,
+        key_id: &str,
+    ) -> HostResult<Option<(Rc<Credential>, EntryCounter)>> {
         let (bytes, _) = host::shared_get(&key_id_key(key_id))?;
         let Some(hash) = bytes.and_then(|b| Digest::try_from(b.as_slice()).ok()) else {
             return Ok(None);
         };
-        Ok(self.lookup(&hash)?.filter(|c| c.key_id == key_id))
+        Ok(self.lookup(&hash)?.filter(|(c, _)| c.key_id == key_id))
     }
 }
 
@@ -100,7 +176,11 @@ impl CredentialCache {
 /// reuse one; and refuses a config whose key id the store already holds for
 /// another key. Both errors name the two places.
 pub fn claim_config_key_ids(policy: &Policy, cache: &mut CredentialCache) -> Result<(), String> {
-    let held = |key_id: &str| cache.lookup_key_id(key_id).map(|c| c.map(|c| c.key_hash));
+    let held = |key_id: &str| {
+        cache
+            .lookup_key_id(key_id)
+            .map(|c| c.map(|(c, _)| c.key_hash))
+    };
     check_store_ids(policy, held)
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
@@ -117,15 +197,27 @@ pub fn claim_config_key_ids(policy: &Policy, cache: &mut CredentialCache) -> Res
 
 /// Shared data as a counter cell, with Envoy's CAS semantics. The first host
 /// error is kept and stops further writes: a counter that could not be read
-/// must not be overwritten as if fresh, and the request gets a 500.
+/// must not be overwritten as if fresh, and the request gets a 500. The
+/// counter of a credential found in shared data lives in its entry.
 #[derive(Default)]
 pub struct SharedCounters {
     pub error: Option<HostError>,
+    pub entry: Option<EntryCounter>,
+}
+
+impl SharedCounters {
+    fn entry_for(&mut self, key: &str) -> Option<&mut EntryCounter> {
+        self.entry.as_mut().filter(|e| e.counter_key == key)
+    }
 }
 
 impl CounterCell for SharedCounters {
     fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        match host::shared_get(key) {
+        let read = match self.entry_for(key) {
+            Some(entry) => entry.load(),
+            None => host::shared_get(key),
+        };
+        match read {
             Ok(entry) => entry,
             Err(e) => {
                 self.error.get_or_insert(e);
@@ -138,6 +230,15 @@ impl CounterCell for SharedCounters {
         if self.error.is_some() {
             return false;
         }
+        if let Some(entry) = self.entry_for(key) {
+            return match entry.store(value, cas) {
+                Ok(written) => written,
+                Err(e) => {
+                    self.error.get_or_insert(e);
+                    false
+                }
+            };
+        }
         match host::shared_set(key, value, cas) {
             Ok(Written::Yes) => true,
             Ok(Written::CasMismatch) => false,
@@ -149,10 +250,11 @@ impl CounterCell for SharedCounters {
     }
 }
 
-/// Makes sure a counter entry exists before traffic uses it. Envoy creates a
-/// missing key unconditionally whatever the CAS token, so two workers racing
-/// on a brand-new counter could both "win"; an entry that already exists is
-/// always updated with a CAS check.
+/// Makes sure the counter of a credential from the plugin config exists
+/// before traffic uses it. Envoy creates a missing key unconditionally
+/// whatever the CAS token, so two workers racing on a brand-new counter could
+/// both "win"; an entry that already exists is always updated with a CAS
+/// check. (Credentials pushed by sync keep theirs in their own entry.)
 pub fn ensure_counter(key: &str) -> HostResult<()> {
     // An empty value may come back as no bytes; the CAS token tells presence.
     if let (_, None) = host::shared_get(key)? {

@@ -4,13 +4,14 @@
 //! (`keygate_core::sync::plan`) before the first write.
 
 use crate::host::{self, HostError, HostResult, Written};
-use crate::shared_store::{ensure_counter, SharedCounters};
+use crate::shared_store::SharedCounters;
 use keygate_core::config::SyncSecret;
+use keygate_core::hash::Digest;
 use keygate_core::shared_data::{
     credential_key, key_id_key, revocations_key, update, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
 use keygate_core::sync::{
-    check_config_ids, decode_state, encode_state, plan, stage, SyncError, SyncState,
+    check_config_ids, decode_state, encode_state, plan, stage, Plan, SyncError, SyncState,
     MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
@@ -65,19 +66,13 @@ impl SyncContext {
         let (config_ids, _) = host::shared_get(CONFIG_IDS_KEY).map_err(host_error)?;
         check_config_ids(&plan, config_ids.as_deref())?;
         write_state(&plan.claim, cas)?;
-        for key in &plan.counters {
-            ensure_counter(key).map_err(host_error)?;
-        }
         let staged = plan
             .upserts
             .iter()
             .map(|(hash, record)| (hash, Some(record.as_slice())))
             .chain(plan.deletes.iter().map(|hash| (hash, None)));
         for (hash, record) in staged {
-            let key = credential_key(hash);
-            let (current, _) = host::shared_get(&key).map_err(host_error)?;
-            let entry = stage(current.as_deref(), &state, &plan, record);
-            host::shared_set(&key, &entry, None).map_err(host_error)?;
+            stage_entry(&state, &plan, hash, record)?;
         }
         // Tokens name their key by id: the id → hash index. Written before
         // the commit, which is harmless: the gate checks the credential it
@@ -123,6 +118,26 @@ fn write_state(state: &SyncState, cas: Option<u32>) -> Result<(), SyncError> {
         )),
         Err(e) => Err(SyncError::Host(e.to_string())),
     }
+}
+
+/// Stages a credential entry's new value (None: a delete) beside the one
+/// served, keeping the rate-limit state it held (an update must not hand a
+/// key a fresh budget), with CAS: gate workers update that state concurrently.
+fn stage_entry(
+    held: &SyncState,
+    plan: &Plan,
+    hash: &Digest,
+    record: Option<&[u8]>,
+) -> Result<(), SyncError> {
+    let mut cell = SharedCounters::default();
+    let written = update(&mut cell, &credential_key(hash), |old| {
+        Step::Write(stage(old, held, plan, hash, record), ())
+    });
+    if let Some(e) = cell.error {
+        return Err(SyncError::Host(e.to_string()));
+    }
+    written
+        .map_err(|_| SyncError::Conflict("a credential entry kept changing during the push".into()))
 }
 
 /// Merges session revocations into each key's `rs:` entry, with CAS: gate

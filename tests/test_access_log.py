@@ -59,7 +59,9 @@ def logged(envoy_factory, tmp_path_factory):
             path = "/health" if case == "public" else f"/v1/items/{case}"
             responses[case] = request(envoy.port, method, path + "?api_key=leaked-in-query", headers)
         login = request(envoy.port, "POST", "/auth/login", [], json.dumps({"api_key": SECRETS["read"]}).encode())
-        after = counters(envoy)
+        # Counts reach Envoy on the filter's flush tick (every 0.5 s).
+        after = wait_until(lambda: (c := counters(envoy)) and sum(c.values()) - sum(before.values()) >= len(CASES) + 1
+                           and c)
         records = wait_until(lambda: [json.loads(l) for l in log.read_text().splitlines()]
                              if log.exists() and len(log.read_text().splitlines()) >= len(CASES) + 1 else None)
         yield {"responses": responses, "records": records, "before": before, "after": after, "log": log,
@@ -124,6 +126,8 @@ def test_keygate_logs_filters_by_key_tenant_and_status(logged):
     log = logged["log"]
     by_key = keygate_logs(log, "--key", "log-limited")
     assert [r["status"] for r in by_key] == [200, 429]
+    # Envoy logs the field as a string; keygate logs gives it as a number.
+    assert [r["rate_remaining"] for r in by_key] == [0, 0]
     assert {r["key_id"] for r in keygate_logs(log)} == {"log-read", "log-inactive", "log-ip", "log-limited", "log-basic"}
     assert [r["key_id"] for r in keygate_logs(log, "--tenant", "c")] == ["log-ip"]
     assert sorted(r["status"] for r in keygate_logs(log, "--status", "4xx")) == [403, 403, 403, 429]

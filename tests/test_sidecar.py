@@ -8,10 +8,12 @@ import json
 import os
 import signal
 import subprocess
+import threading
 
 import pytest
 
 from tests.harness import KEYGATE, ROUTES, SYNC_SECRET, keygate, request, Sidecar, wait_until
+from tests.test_rate_limit import worker_connections
 
 CONFIG = {"routes": ROUTES, "rate_limit": {"requests": 1000, "window_secs": 60}}
 
@@ -106,6 +108,46 @@ def test_per_key_rate_limit_from_the_cli(rig):
     h = key_header(k["api_key"])
     becomes(envoy, h, 200)
     assert [status(envoy, h) for _ in range(3)] == [200, 200, 429]
+
+
+def test_synced_key_first_use_on_two_workers_admits_exactly_the_limit(rig):
+    """A synced key's counter lives in its credential entry, so its first use
+    on two workers at once is still counted exactly (no counter entry that
+    Envoy would create without a CAS check)."""
+    envoy, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read", "--rate", "20/min")
+    h = key_header(k["api_key"])
+    # POST is refused by scope before the budget is touched: the key is
+    # known to Envoy, its counter still unused.
+    becomes(envoy, h, 403, method="POST")
+    statuses, lock, start = [], threading.Lock(), threading.Barrier(6)
+
+    def client():
+        start.wait(10)
+        for _ in range(10):
+            s = status(envoy, h)
+            with lock:
+                statuses.append(s)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert (len(statuses), statuses.count(200), statuses.count(429)) == (60, 20, 40), sorted(statuses)
+    per_worker = worker_connections(envoy)
+    assert len(per_worker) == 2 and all(n > 0 for n in per_worker), per_worker
+
+
+def test_a_synced_key_keeps_its_spent_budget_across_updates(rig):
+    envoy, store, _ = rig
+    k = create(store, "--tenant", "acme", "--scope", "read", "--rate", "3/min")
+    h = key_header(k["api_key"])
+    becomes(envoy, h, 403, method="POST")
+    assert [status(envoy, h) for _ in range(2)] == [200, 200]
+    keygate(store, "key", "scope", "set", k["key_id"], "read", "write")
+    becomes(envoy, h, 200, method="POST")  # the update is live: spends the third
+    assert [status(envoy, h) for _ in range(2)] == [429, 429]
 
 
 def test_envoy_restart_is_resynced(rig, envoy_factory):

@@ -6,8 +6,8 @@
 //!
 //! Imports point one way (`make lint` checks it with scripts/check_cycles.py):
 //! shared pieces (`error`, `names`, `hash`, `shared_data`) → parsing and
-//! model (`path`, `extract`, `ip_rules`, `rate_limit`, `credential`, `scope`,
-//! `token`, `sync`) → policy (`config`) → decision (`verdict`, `denial`,
+//! model (`path`, `extract`, `ip_rules`, `rate_limit`, `credential`, `entry`,
+//! `scope`, `token`, `sync`) → policy (`config`) → decision (`verdict`, `denial`,
 //! `access_log`).
 
 // A panic in the filter kills the Envoy worker's VM: none in non-test code.
@@ -25,6 +25,7 @@ pub mod access_log;
 pub mod config;
 pub mod credential;
 pub mod denial;
+pub mod entry;
 pub mod error;
 pub mod extract;
 pub mod hash;

@@ -6,8 +6,8 @@
 //! | key                  | value                                             |
 //! |----------------------|---------------------------------------------------|
 //! | `sync:state`         | the sync state (generation, version, pending)     |
-//! | `c:<b64url hash>`    | one credential: `<generation>\n<record JSON>`     |
-//! | `r:<key id>`         | rate-limit state (theoretical arrival time, LE)   |
+//! | `c:<b64url hash[..15]>` | one credential pushed by sync and its rate-limit state, binary (`crate::entry`) |
+//! | `r:<key id>`         | rate-limit state of a credential from the plugin config (theoretical arrival time, LE) |
 //! | `tok:<key id>`       | tokens issued per session (JSON)                  |
 //! | `rs:<key id>`        | session revocations `{session: revoked_at_ms}`    |
 //! | `k:<key id>`         | the key hash of the store credential with this id |
@@ -21,13 +21,19 @@ pub const STATE_KEY: &str = "sync:state";
 /// Most attempts of one compare-and-swap update before giving up.
 pub const MAX_CAS_ATTEMPTS: u32 = 64;
 
-/// `c:<base64url of the key hash>`: shorter than hex, so a million entries
-/// cost less in Envoy's map.
+/// Key-hash bytes in a credential entry's name: 15 bytes are 20 base64url
+/// characters, and `c:` + 20 = 22 bytes still fit in a libc++ string without
+/// a heap block (Envoy's map key). The other 17 bytes are inside the entry
+/// and checked on every read (`crate::entry`).
+pub const NAME_HASH_BYTES: usize = 15;
+
+/// `c:<base64url of the first 15 bytes of the key hash>`.
 pub fn credential_key(hash: &Digest) -> String {
     use base64::Engine as _;
+    let prefix = hash.get(..NAME_HASH_BYTES).unwrap_or_default();
     format!(
         "c:{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash)
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(prefix)
     )
 }
 
@@ -106,7 +112,7 @@ mod tests {
     #[test]
     fn key_layouts_are_short_and_distinct() {
         let h = [7u8; 32];
-        assert_eq!(credential_key(&h).len(), 2 + 43);
+        assert_eq!(credential_key(&h).len(), 22);
         let keys = [
             STATE_KEY.to_owned(),
             credential_key(&h),

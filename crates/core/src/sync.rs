@@ -5,8 +5,9 @@
 //! Envoy holds, in shared data:
 //! - `sync:state`: the [`SyncState`] (generation, version, committed stamp,
 //!   pending push);
-//! - `c:<key hash>`: one entry per credential: up to two [`Slot`]s, the
-//!   committed value and one staged by the push in progress.
+//! - `c:<key hash prefix>`: one entry per credential: up to two [`Slot`]s,
+//!   the committed value and one staged by the push in progress, each a
+//!   binary record with its generation and rate-limit state ([`crate::entry`]).
 //!
 //! Every push, incremental or full, may span any number of batches and
 //! becomes visible all at once: its batches stage their writes under a new
@@ -27,10 +28,10 @@
 //! already holds them.
 
 use crate::credential::{Credential, CredentialRecord};
+use crate::entry;
 use crate::error::ConfigError;
 use crate::hash::{parse_hex_digest, Digest};
 use crate::names::check_name;
-use crate::shared_data::counter_key;
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -206,9 +207,8 @@ impl SyncError {
 /// The writes a valid push turns into, in the order to apply them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Plan {
-    /// Rate-counter keys to create (if absent) before the credential appears.
-    pub counters: Vec<String>,
-    /// Records to stage, encoded by [`encode_record`].
+    /// Entries to stage, each a binary record ([`crate::entry`]); the sync
+    /// role carries over the rate-limit state the served value holds.
     pub upserts: Vec<(Digest, Vec<u8>)>,
     /// The key-id index entries (`k:<key id>` → hash) of the upserts.
     pub key_ids: Vec<(String, Digest)>,
@@ -263,21 +263,24 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> bool {
     mac.verify_slice(&tag).is_ok()
 }
 
-/// A record as stored in a slot, without the key hash: the entry's name is it.
-pub fn encode_record(record: &CredentialRecord) -> Vec<u8> {
-    let record = CredentialRecord {
-        key_hash: String::new(),
-        ..record.clone()
-    };
-    // Serializing a plain struct of strings and numbers cannot fail.
-    serde_json::to_vec(&record).unwrap_or_default()
+/// The entry of a record at `generation` (as a push plans it), rate-limit
+/// state unused; empty — read back as deleted — for an invalid record, which
+/// a push refuses before it gets here.
+pub fn encode_entry(generation: u64, record: &CredentialRecord) -> Vec<u8> {
+    Credential::try_from(record)
+        .map(|c| entry::encode(generation, &c))
+        .unwrap_or_default()
 }
 
-/// The credential a slot's record bytes hold; None for corrupt ones.
+/// The generation and credential of the entry stored under `hash`; None for
+/// a deleted or corrupt one.
+pub fn decode_entry(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
+    entry::decode(bytes, hash)
+}
+
+/// The credential a slot's record (an entry) holds; None for a corrupt one.
 pub fn decode_record(bytes: &[u8], hash: &Digest) -> Option<Credential> {
-    let mut record: CredentialRecord = serde_json::from_slice(bytes).ok()?;
-    record.key_hash = hex::encode(hash);
-    Credential::try_from(&record).ok()
+    entry::decode(bytes, hash).map(|(_, c)| c)
 }
 
 /// One value of an entry, written by the push with `stamp`.
@@ -315,6 +318,37 @@ pub fn visible<'a, R>(slots: &'a [Slot<R>], state: &SyncState) -> Option<&'a R> 
         return None;
     }
     slot.record.as_ref()
+}
+
+/// The record the reader of an entry's bytes is served, if any.
+pub fn visible_record<'a>(entry: &'a [u8], state: &SyncState) -> Option<&'a [u8]> {
+    let slots = decode_slots(entry)?;
+    visible(&slots, state).copied()
+}
+
+/// The entry with its served record replaced by `f` of it (the gate's
+/// rate-limit step updates the state inside it); None when nothing is served.
+pub fn update_visible_record(
+    entry: &[u8],
+    state: &SyncState,
+    f: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let slots = decode_slots(entry)?;
+    let served = visible(&slots, state)?.as_ptr();
+    let mut f = Some(f);
+    let mut out = Vec::with_capacity(slots.len());
+    for s in &slots {
+        let record = match s.record {
+            Some(r) if r.as_ptr() == served => Some((f.take()?)(r)?),
+            other => other.map(<[u8]>::to_vec),
+        };
+        out.push(Slot {
+            stamp: s.stamp,
+            generation: s.generation,
+            record,
+        });
+    }
+    Some(encode_slots(&out))
 }
 
 const SLOT_HEADER: usize = 8 + 8 + 4;
@@ -367,6 +401,7 @@ pub fn stage(
     current: Option<&[u8]>,
     held: &SyncState,
     plan: &Plan,
+    hash: &Digest,
     record: Option<&[u8]>,
 ) -> Vec<u8> {
     let slots = current.and_then(decode_slots).unwrap_or_default();
@@ -375,15 +410,30 @@ pub fn stage(
         .filter(|s| s.committed(held))
         .max_by_key(|s| s.stamp)
         .filter(|s| s.record.is_some() && s.generation >= held.generation);
+    let served_record = served.and_then(|s| s.record);
+    // The key's rate-limit state goes on with its new value.
+    let record = record.map(|r| {
+        served_record
+            .and_then(entry::tat)
+            .flatten()
+            .and_then(|tat| entry::with_tat(r, tat))
+            .unwrap_or_else(|| r.to_vec())
+    });
+    let unchanged = plan.full
+        && served_record.and_then(|s| decode_record(s, hash)).is_some()
+        && served_record.and_then(|s| decode_record(s, hash))
+            == record.as_deref().and_then(|r| decode_record(r, hash));
     let staged = Slot {
         stamp: plan.stamp,
         generation: plan.generation,
-        record: record.map(<[u8]>::to_vec),
+        record,
     };
     let out = match served {
-        Some(s) if plan.full && s.record == record => vec![Slot {
-            generation: plan.generation,
-            ..staged_from(s)
+        // The same credential re-tagged with the new generation, kept at its
+        // committed stamp: served identically before and after the commit.
+        Some(s) if unchanged => vec![Slot {
+            stamp: s.stamp,
+            ..staged
         }],
         Some(s) => vec![staged_from(s), staged],
         None => vec![staged],
@@ -428,15 +478,13 @@ pub fn plan(
         return Err(SyncError::TooLarge);
     }
     let (claim, commit, stamp) = check_sequence(&push, state)?;
-    let mut counters = Vec::with_capacity(push.upserts.len());
     let mut upserts = Vec::with_capacity(push.upserts.len());
     let mut key_ids = Vec::with_capacity(push.upserts.len());
     for (i, r) in push.upserts.iter().enumerate() {
         let c = Credential::try_from(r)
             .map_err(|e| SyncError::Invalid(e.under(&format!("upserts[{i}]")).to_string()))?;
-        counters.push(counter_key(&c.key_id));
         key_ids.push((c.key_id.clone(), c.key_hash));
-        upserts.push((c.key_hash, encode_record(r)));
+        upserts.push((c.key_hash, entry::encode(push.generation, &c)));
     }
     let deletes = push
         .deletes
@@ -458,7 +506,6 @@ pub fn plan(
         }
     }
     Ok(Plan {
-        counters,
         upserts,
         key_ids,
         deletes,
@@ -662,11 +709,17 @@ mod tests {
     /// Applies a plan to an in-memory entry map as the sync role does.
     fn apply(entries: &mut std::collections::HashMap<Digest, Vec<u8>>, held: &SyncState, p: &Plan) {
         for (hash, record) in &p.upserts {
-            let e = stage(entries.get(hash).map(Vec::as_slice), held, p, Some(record));
+            let e = stage(
+                entries.get(hash).map(Vec::as_slice),
+                held,
+                p,
+                hash,
+                Some(record),
+            );
             entries.insert(*hash, e);
         }
         for hash in &p.deletes {
-            let e = stage(entries.get(hash).map(Vec::as_slice), held, p, None);
+            let e = stage(entries.get(hash).map(Vec::as_slice), held, p, hash, None);
             entries.insert(*hash, e);
         }
     }
@@ -727,13 +780,10 @@ mod tests {
         assert!(committed(&state, 1, 7), "{state:?}");
         assert_eq!(state.stamp, 1);
         assert_eq!(plan.upserts.len(), 1);
-        assert_eq!(plan.counters, vec!["r:id-k1"]);
-        let (hash, record) = &plan.upserts[0];
-        assert!(
-            !String::from_utf8_lossy(record).contains(&hex::encode(hash)),
-            "the hash is the entry's name"
-        );
-        assert_eq!(decode_record(record, hash).unwrap().key_id, "id-k1");
+        let (hash, entry) = &plan.upserts[0];
+        assert_eq!(crate::entry::tat(entry), Some(None), "counter unused");
+        let (generation, cred) = decode_entry(entry, hash).unwrap();
+        assert_eq!((generation, cred.key_id.as_str()), (1, "id-k1"));
     }
 
     #[test]
@@ -973,6 +1023,36 @@ mod tests {
         // An unchanged record kept its one slot instead of gaining a copy.
         let k2 = decode_slots(&entries[&crate::hash::sha256(b"k2")]).unwrap();
         assert_eq!(k2.len(), 1);
+    }
+
+    #[test]
+    fn the_served_slot_carries_the_rate_limit_state_and_a_staged_update_keeps_it() {
+        let mut entries = Default::default();
+        let p0 = run(&push(Mode::Full, 1, 0, 1), &SyncState::default()).unwrap();
+        apply(&mut entries, &SyncState::default(), &p0);
+        let s0 = p0.result();
+        let h = crate::hash::sha256(b"k1");
+        // The gate counts a request in the served record.
+        let counted =
+            update_visible_record(&entries[&h], &s0, |r| crate::entry::with_tat(r, 42)).unwrap();
+        entries.insert(h, counted);
+        let tat = |e: &std::collections::HashMap<Digest, Vec<u8>>, s: &SyncState| {
+            visible_record(&e[&h], s).and_then(crate::entry::tat)
+        };
+        assert_eq!(tat(&entries, &s0), Some(Some(42)));
+        // A change of k1 is staged, then committed: its budget goes on.
+        let mut change = push(Mode::Incremental, 1, 1, 2);
+        change.upserts = vec![record("k1", "other")];
+        let p1 = run(&change, &s0).unwrap();
+        apply(&mut entries, &s0, &p1);
+        assert_eq!(
+            tat(&entries, &s0),
+            Some(Some(42)),
+            "served before the commit"
+        );
+        let s1 = p1.result();
+        assert_eq!(tat(&entries, &s1), Some(Some(42)), "kept by the new value");
+        assert_eq!(served(&entries, &s1, "k1").as_deref(), Some("id-k1"));
     }
 
     #[test]

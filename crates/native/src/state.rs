@@ -24,7 +24,7 @@ use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 
 /// One pushed credential, kept as the push carried it (the record, see
-/// `keygate_core::sync::encode_record`, and its generation): a few hundred bytes
+/// `keygate_core::sync::encode_entry`, and its generation): a few hundred bytes
 /// instead of a parsed record's many allocations. Each worker parses it once
 /// into its cache.
 pub struct Entry {
@@ -216,7 +216,7 @@ mod tests {
     use super::*;
     use keygate_core::credential::CredentialRecord;
     use keygate_core::rate_limit::{acquire, RateLimit};
-    use keygate_core::sync::{encode_record, SyncState};
+    use keygate_core::sync::{encode_entry, SyncState};
 
     const NOW: u64 = 1_700_000_000_000_000_000;
 
@@ -229,7 +229,7 @@ mod tests {
         };
         Arc::new(Entry {
             generation,
-            bytes: encode_record(&record).into_boxed_slice(),
+            bytes: encode_entry(generation, &record).into_boxed_slice(),
         })
     }
 

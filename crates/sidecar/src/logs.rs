@@ -26,6 +26,22 @@ pub struct Record {
     pub decision: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// A number here even though Envoy's access log can only print the
+    /// filter's field as a string ("4"): filter state has no numeric type
+    /// that Envoy's JSON formatter writes as a bare number.
+    #[serde(default, deserialize_with = "number_or_numeric_string")]
+    pub rate_remaining: Option<u64>,
+}
+
+fn number_or_numeric_string<'de, D>(d: D) -> Result<Option<u64>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    })
 }
 
 pub struct Filter {
@@ -191,6 +207,26 @@ not json at all
             }),
             vec![Some(429)]
         );
+    }
+
+    #[test]
+    fn rate_remaining_is_a_number_whether_logged_as_string_or_number() {
+        let log = concat!(
+            r#"{"key_id":"k1","status":200,"rate_remaining":"4"}"#,
+            "\n",
+            r#"{"key_id":"k1","status":200,"rate_remaining":3}"#,
+            "\n",
+            r#"{"key_id":"k1","status":401,"rate_remaining":null}"#,
+            "\n",
+            r#"{"key_id":"k1","status":401,"rate_remaining":"-"}"#
+        );
+        let got: Vec<_> = read(log.as_bytes(), &none())
+            .iter()
+            .map(|r| r.rate_remaining)
+            .collect();
+        assert_eq!(got, vec![Some(4), Some(3), None, None]);
+        let json = serde_json::to_value(&read(log.as_bytes(), &none())[0]).unwrap();
+        assert_eq!(json["rate_remaining"], serde_json::json!(4));
     }
 
     #[test]

@@ -326,12 +326,15 @@ pub(super) fn check_credential(
         return deny(Reason::Inactive, "API key is inactive", Some(&cred));
     }
     if !cred.allowed_ips.is_empty() {
-        let peer = host.peer_address();
-        let ip = client_ip(
-            peer.as_deref(),
-            headers.get("x-forwarded-for").as_deref(),
-            policy.trusted_xff_hops,
-        );
+        // Each fact is a host call on the request path: the peer address
+        // only when no hops are trusted, X-Forwarded-For only when some are.
+        let peer = (policy.trusted_xff_hops == 0)
+            .then(|| host.peer_address())
+            .flatten();
+        let xff = (policy.trusted_xff_hops > 0)
+            .then(|| headers.get("x-forwarded-for"))
+            .flatten();
+        let ip = client_ip(peer.as_deref(), xff.as_deref(), policy.trusted_xff_hops);
         if !is_allowed(&cred.allowed_ips, ip) {
             return deny(
                 Reason::IpNotAllowed,
@@ -726,5 +729,37 @@ mod tests {
             &mut host,
         );
         assert!(host.counters.is_empty());
+    }
+
+    #[test]
+    fn client_address_facts_are_read_only_when_the_hop_setting_needs_them() {
+        /// Records every header the decision asks for.
+        struct Asked<'a>(&'a [(String, Vec<u8>)], std::cell::RefCell<Vec<String>>);
+        impl Headers for Asked<'_> {
+            fn get(&self, name: &str) -> Option<Vec<u8>> {
+                self.1.borrow_mut().push(name.to_owned());
+                Headers::get(self.0, name)
+            }
+        }
+        let mut r = rec("k1", "key-one");
+        r.allowed_ips = vec!["127.0.0.0/8".into()];
+        let h = req(
+            "GET",
+            "/v1",
+            &[("x-api-key", "key-one"), ("x-forwarded-for", "127.0.0.9")],
+        );
+        let asked_xff = |a: &Asked| a.1.borrow().iter().any(|n| n == "x-forwarded-for");
+        for (extra, want_peer) in [("", true), (r#","trusted_xff_hops":1"#, false)] {
+            let p = policy(vec![r.clone()], extra);
+            let asked = Asked(&h, Default::default());
+            let mut host = MemoryHost {
+                peer: Some("127.0.0.1:5000".into()),
+                ..Default::default()
+            };
+            let d = decide(&p, &asked, &mut host, NOW);
+            assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{extra}");
+            assert_eq!(host.peer_asked, want_peer, "{extra}");
+            assert_eq!(asked_xff(&asked), !want_peer, "{extra}");
+        }
     }
 }

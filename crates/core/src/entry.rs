@@ -1,0 +1,359 @@
+//! A credential's shared-data entry: a compact binary record that also holds
+//! the key's rate-limit state.
+//!
+//! Why binary and why the counter inside: at a million credentials every
+//! byte of an entry is paid a million times in Envoy's memory. The JSON
+//! record plus a separate `r:<key id>` counter entry cost ~417 B of Envoy RSS
+//! per credential; one binary entry costs ~180 B.
+//!
+//! Why the counter inside is exact: Envoy creates a missing shared-data key
+//! whatever CAS token the write carries, so a counter entry created on first
+//! use could be created by two workers at once, each admitting "the first"
+//! request. The credential entry always exists before a request can use it
+//! (the sync role writes it; a deletion leaves an empty entry, never a
+//! missing key), so every rate-limit update is a CAS write on an existing
+//! entry: two workers never both admit on the same old state. A counter
+//! starts as 0 (never used) and costs nothing until then.
+//!
+//! Layout (little endian):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 1 | format, [`FORMAT`] |
+//! | 8 | rate-limit state: GCRA theoretical arrival time, 0 = unused |
+//! | 17 | the key hash bytes the entry's name leaves out (`shared_data::credential_key`) |
+//! | varint | generation |
+//! | 1 | flags: default kind, inactive, secret, previous secret, rate limit, expiry |
+//! | 32 / 40 / 8 / 8 | secret hash, previous secret hash + until, limit (requests, window), expires at — each only when flagged |
+//! | str × 3 | key id, tenant, environment (empty = `live`), each a length byte and UTF-8 |
+//! | list × 2 | scopes, allowed IPs: a count byte (IPs: two bytes), then strings |
+
+use crate::credential::{Credential, CredentialRecord, Kind, Status};
+use crate::hash::Digest;
+use crate::rate_limit::RateLimit;
+use crate::shared_data::NAME_HASH_BYTES;
+use subtle::ConstantTimeEq;
+
+/// Version byte of the layout above.
+pub const FORMAT: u8 = 1;
+const TAT_AT: usize = 1;
+const SUFFIX_AT: usize = 9;
+const HEAD: usize = SUFFIX_AT + 32 - NAME_HASH_BYTES;
+
+const F_DEFAULT: u8 = 1;
+const F_INACTIVE: u8 = 2;
+const F_SECRET: u8 = 4;
+const F_PREVIOUS: u8 = 8;
+const F_LIMIT: u8 = 16;
+const F_EXPIRES: u8 = 32;
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Names are checked to at most 64 bytes (`check_name`), scopes and IPs
+    // are short too; a longer string is cut rather than corrupting the layout
+    // (and then fails validation on the way back).
+    let bytes = s.as_bytes();
+    let len = bytes.len().min(255);
+    out.push(len as u8);
+    out.extend_from_slice(bytes.get(..len).unwrap_or_default());
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The entry for a validated credential at `generation`, counter unused.
+pub fn encode(generation: u64, c: &Credential) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    out.push(FORMAT);
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(c.key_hash.get(NAME_HASH_BYTES..).unwrap_or_default());
+    put_varint(&mut out, generation);
+    let mut flags = 0;
+    if c.kind == Kind::Default {
+        flags |= F_DEFAULT;
+    }
+    if !c.active {
+        flags |= F_INACTIVE;
+    }
+    flags |= [
+        (c.secret_hash.is_some(), F_SECRET),
+        (c.previous_secret.is_some(), F_PREVIOUS),
+        (c.rate_limit.is_some(), F_LIMIT),
+        (c.expires_at.is_some(), F_EXPIRES),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .fold(0, |acc, (_, f)| acc | f);
+    out.push(flags);
+    if let Some(h) = &c.secret_hash {
+        out.extend_from_slice(h);
+    }
+    if let Some((h, until)) = &c.previous_secret {
+        out.extend_from_slice(h);
+        out.extend_from_slice(&until.to_le_bytes());
+    }
+    if let Some(l) = &c.rate_limit {
+        out.extend_from_slice(&l.requests.to_le_bytes());
+        out.extend_from_slice(&l.window_secs.to_le_bytes());
+    }
+    if let Some(at) = c.expires_at {
+        out.extend_from_slice(&at.to_le_bytes());
+    }
+    put_str(&mut out, &c.key_id);
+    put_str(&mut out, &c.tenant);
+    put_str(
+        &mut out,
+        if c.environment == "live" {
+            ""
+        } else {
+            &c.environment
+        },
+    );
+    out.push(c.scopes.len().min(255) as u8);
+    for s in c.scopes.iter().take(255) {
+        put_str(&mut out, s);
+    }
+    let ips = c.allowed_ips.len().min(u16::MAX as usize);
+    out.extend_from_slice(&(ips as u16).to_le_bytes());
+    for ip in c.allowed_ips.iter().take(ips) {
+        put_str(&mut out, &ip.to_string());
+    }
+    out
+}
+
+/// Reads the layout; every read is bounds-checked (entries come from the
+/// host).
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = rest;
+        Some(head)
+    }
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1)?.first().copied()
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_le_bytes)
+    }
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f).checked_shl(shift)?;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    fn string(&mut self) -> Option<String> {
+        let len = usize::from(self.byte()?);
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+}
+
+/// The generation and credential stored in `bytes` under the name of
+/// `hash`; None for a deleted, corrupt or foreign entry (one whose other
+/// hash bytes differ: two keys sharing a 15-byte prefix).
+pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
+    let mut r = Reader(bytes);
+    if r.byte()? != FORMAT {
+        return None;
+    }
+    r.take(8)?;
+    let suffix = r.take(32 - NAME_HASH_BYTES)?;
+    if !bool::from(suffix.ct_eq(hash.get(NAME_HASH_BYTES..)?)) {
+        return None;
+    }
+    let generation = r.varint()?;
+    let flags = r.byte()?;
+    let on = |f: u8| flags & f != 0;
+    let secret_hash = if on(F_SECRET) {
+        Some(hex::encode(r.take(32)?))
+    } else {
+        None
+    };
+    let (previous_secret_hash, previous_secret_expires_at) = if on(F_PREVIOUS) {
+        (Some(hex::encode(r.take(32)?)), Some(r.u64()?))
+    } else {
+        (None, None)
+    };
+    let rate_limit = if on(F_LIMIT) {
+        Some(RateLimit {
+            requests: r.u32()?,
+            window_secs: r.u32()?,
+        })
+    } else {
+        None
+    };
+    let expires_at = if on(F_EXPIRES) { Some(r.u64()?) } else { None };
+    let key_id = r.string()?;
+    let tenant = r.string()?;
+    let environment = Some(r.string()?)
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| "live".to_owned());
+    let scopes = (0..r.byte()?)
+        .map(|_| r.string())
+        .collect::<Option<Vec<_>>>()?;
+    let ips = u16::from_le_bytes(r.array()?);
+    let allowed_ips = (0..ips).map(|_| r.string()).collect::<Option<Vec<_>>>()?;
+    if !r.0.is_empty() {
+        return None;
+    }
+    let record = CredentialRecord {
+        key_id,
+        key_hash: hex::encode(hash),
+        secret_hash,
+        previous_secret_hash,
+        previous_secret_expires_at,
+        kind: if on(F_DEFAULT) {
+            Kind::Default
+        } else {
+            Kind::Scoped
+        },
+        tenant,
+        environment,
+        scopes,
+        allowed_ips,
+        rate_limit,
+        status: if on(F_INACTIVE) {
+            Status::Inactive
+        } else {
+            Status::Active
+        },
+        expires_at,
+    };
+    // Validated again: the entry came from the host.
+    let cred = Credential::try_from(&record).ok()?;
+    Some((generation, cred))
+}
+
+/// The rate-limit state an entry holds: None for a deleted or foreign one,
+/// Some(None) for a counter not used yet.
+pub fn tat(bytes: &[u8]) -> Option<Option<u64>> {
+    if bytes.first() != Some(&FORMAT) {
+        return None;
+    }
+    let tat = u64::from_le_bytes(bytes.get(TAT_AT..SUFFIX_AT)?.try_into().ok()?);
+    Some((tat != 0).then_some(tat))
+}
+
+/// `bytes` with its rate-limit state replaced (None when it is no entry).
+pub fn with_tat(bytes: &[u8], tat: u64) -> Option<Vec<u8>> {
+    if bytes.first() != Some(&FORMAT) || bytes.len() < HEAD {
+        return None;
+    }
+    let mut out = bytes.to_vec();
+    out.get_mut(TAT_AT..SUFFIX_AT)?
+        .copy_from_slice(&tat.max(1).to_le_bytes());
+    Some(out)
+}
+
+/// Everything but the rate-limit state: what a parsed copy depends on.
+pub fn record_bytes(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    Some((bytes.get(..TAT_AT)?, bytes.get(SUFFIX_AT..)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::sha256;
+
+    fn record(extra: impl FnOnce(&mut CredentialRecord)) -> CredentialRecord {
+        let mut r = CredentialRecord {
+            key_id: "bench-0000001".into(),
+            key_hash: hex::encode(sha256(b"bench-key-1")),
+            secret_hash: None,
+            previous_secret_hash: None,
+            previous_secret_expires_at: None,
+            kind: Kind::Scoped,
+            tenant: "t0".into(),
+            environment: "live".into(),
+            scopes: vec!["read".into()],
+            allowed_ips: vec!["127.0.0.0/8".into()],
+            rate_limit: Some(RateLimit {
+                requests: 1_000_000_000,
+                window_secs: 60,
+            }),
+            status: Status::Active,
+            expires_at: None,
+        };
+        extra(&mut r);
+        r
+    }
+
+    #[test]
+    fn every_field_round_trips() {
+        let full = record(|r| {
+            r.secret_hash = Some(hex::encode(sha256(b"s")));
+            r.previous_secret_hash = Some(hex::encode(sha256(b"old")));
+            r.previous_secret_expires_at = Some(1_800_000_000);
+            r.kind = Kind::Default;
+            r.environment = "test".into();
+            r.scopes = vec!["read".into(), "write".into()];
+            r.allowed_ips = vec!["10.0.0.0/8".into(), "2001:db8::/32".into()];
+            r.status = Status::Inactive;
+            r.expires_at = Some(1_900_000_000);
+        });
+        for r in [record(|_| {}), full, record(|r| r.rate_limit = None)] {
+            let c = Credential::try_from(&r).unwrap();
+            let bytes = encode(7, &c);
+            assert_eq!(decode(&bytes, &c.key_hash), Some((7, c)));
+        }
+    }
+
+    #[test]
+    fn a_typical_entry_is_small_and_its_name_fits_a_short_string() {
+        let c = Credential::try_from(&record(|_| {})).unwrap();
+        assert!(encode(1, &c).len() <= 80, "{}", encode(1, &c).len());
+        assert_eq!(crate::shared_data::credential_key(&c.key_hash).len(), 22);
+    }
+
+    #[test]
+    fn a_key_sharing_the_name_prefix_is_not_found() {
+        let c = Credential::try_from(&record(|_| {})).unwrap();
+        let bytes = encode(1, &c);
+        let mut other = c.key_hash;
+        other[31] ^= 1;
+        let name = crate::shared_data::credential_key;
+        assert_eq!(name(&other), name(&c.key_hash));
+        assert_eq!(decode(&bytes, &other), None);
+    }
+
+    #[test]
+    fn the_counter_starts_unused_and_survives_in_place() {
+        let c = Credential::try_from(&record(|_| {})).unwrap();
+        let bytes = encode(3, &c);
+        assert_eq!(tat(&bytes), Some(None));
+        let used = with_tat(&bytes, 42).unwrap();
+        assert_eq!(tat(&used), Some(Some(42)));
+        assert_eq!(record_bytes(&used), record_bytes(&bytes));
+        assert_eq!(decode(&used, &c.key_hash), Some((3, c)));
+        assert_eq!(tat(b""), None);
+        assert_eq!(with_tat(b"", 1), None);
+    }
+
+    #[test]
+    fn truncated_or_padded_entries_are_refused() {
+        let c = Credential::try_from(&record(|_| {})).unwrap();
+        let bytes = encode(1, &c);
+        for n in 0..bytes.len() {
+            assert_eq!(decode(bytes.get(..n).unwrap(), &c.key_hash), None);
+        }
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert_eq!(decode(&padded, &c.key_hash), None);
+    }
+}
