@@ -84,7 +84,7 @@ install: sidecar
 	@echo "installed $(PREFIX)/bin/keygate"
 
 unit:
-	$(CARGO) test -p keygate-core -p keygate-control -p keygate-sidecar -p keygate-native
+	$(CARGO) test -p keygate-core -p keygate-control -p keygate-sidecar -p keygate-native -p keygate-server
 
 e2e: wasm native sidecar envoy
 	$(VPY) -m pytest -q tests
@@ -100,7 +100,7 @@ run: $(if $(filter native,$(KEYGATE_BUILD)),native,wasm) sidecar envoy
 
 bench: wasm native sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	@$(WITH_TMP) $(VPY) -m bench.bench && $(VPY) -m bench.propagation && $(VPY) -m bench.fleet_propagation
+	@$(WITH_TMP) $(VPY) -m bench.bench && $(VPY) -m bench.propagation && $(VPY) -m bench.fleet_propagation && $(VPY) -m bench.api
 	$(CARGO) run --release -p keygate-control --example bench_logs
 
 # Minutes of mixed load with key churn (SOAK_SECONDS, default 300); not in make test.
@@ -111,7 +111,7 @@ soak: wasm sidecar envoy
 lint:
 	$(CARGO) fmt --all -- --check
 	$(PYTHON) scripts/check_cycles.py
-	$(CARGO) clippy -p keygate-core -p keygate-control -p keygate-sidecar -p keygate-native --all-targets -- -D warnings
+	$(CARGO) clippy -p keygate-core -p keygate-control -p keygate-sidecar -p keygate-native -p keygate-server --all-targets -- -D warnings
 	$(CARGO) clippy -p keygate-filter --target $(WASM_TARGET) -- -D warnings
 
 fmt:

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """`make run`: Envoy with keygate on 127.0.0.1:10000 in front of the echo
-upstream, configured from envoy/envoy.yaml, and `keygate sync` feeding it
-from the demo store (.keygate/demo-store.json). The first run creates the
-store (`keygate store init`) and puts the demo tenant's keys in it with fixed,
-well-known values, so the CLI can show, deactivate, revoke and rotate them;
-later runs keep whatever the store holds. Ctrl-C stops everything."""
+upstream, configured from envoy/envoy.yaml, and `keygate serve` (the
+management API on 127.0.0.1:8080, the sync daemon feeding Envoy, the
+access-log ingester) on the demo store (.keygate/demo.db, SQLite). The first
+run creates the store (`keygate store init`) and puts the demo tenant's keys
+in it with fixed, well-known values, so the CLI and the API can show,
+deactivate, revoke and rotate them; later runs keep whatever the store holds.
+Each run makes a fresh operator token for the API (the previous run's is
+revoked), saved 0600 in .keygate/api-token. Ctrl-C stops everything."""
 
+import json
 import os
 import secrets
 import shutil
@@ -17,13 +21,18 @@ import time
 from pathlib import Path
 
 
-from tests.harness import (BUILD, DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, Sidecar, demo_plugin_config, free_port,
+from tests.harness import (BUILD, DEMO_KEYS, KEYGATE, ROOT, EchoServer, Envoy, demo_plugin_config, free_port,
                            render)
+from tests.test_api import Server
 
 GATE_PORT = int(os.environ.get("KEYGATE_PORT", "10000"))
 ADMIN_PORT = int(os.environ.get("KEYGATE_ADMIN_PORT", "9901"))
 SYNC_PORT = int(os.environ.get("KEYGATE_SYNC_PORT", "10001"))
-STORE = Path(os.environ.get("KEYGATE_STORE", ROOT / ".keygate" / "demo-store.json"))
+API_PORT = int(os.environ.get("KEYGATE_API_PORT", "8080"))
+STORE = Path(os.environ.get("KEYGATE_STORE", ROOT / ".keygate" / "demo.db"))
+# Tokens, tenants, audit and request logs: the store itself when it is SQLite.
+DB = STORE if STORE.suffix in (".db", ".sqlite", ".sqlite3") else STORE.parent / "keygate.db"
+API_TOKEN = STORE.parent / "api-token"
 # CLI exit to the first request that sees the change, measured by
 # bench/propagation.py on the project's 2-core machine.
 PROPAGATION = "p50 ~1 ms, p99 ~12 ms"
@@ -58,8 +67,26 @@ def prepare_store():
     return True
 
 
-def banner(port, admin_port):
+def fresh_api_token():
+    """A new operator token for this run, saved 0600; the previous run's is revoked."""
+    id_file = API_TOKEN.with_name("api-token.id")
+    if id_file.exists():
+        # Already revoked or from an older database: nothing to undo.
+        subprocess.run([str(KEYGATE), "token", "revoke", id_file.read_text().strip(), "--db", str(DB)],
+                       capture_output=True, timeout=30)
+    out = cli("--json", "token", "create", "--operator", "--db", str(DB))
+    tok = json.loads(out)
+    fd = os.open(API_TOKEN, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(tok["token"] + "\n")
+    os.chmod(API_TOKEN, 0o600)
+    id_file.write_text(tok["token_id"] + "\n")
+    return tok["token"]
+
+
+def banner(port, admin_port, api_token=None):
     base = f"http://127.0.0.1:{port}"
+    api = f"http://127.0.0.1:{API_PORT}"
     partner = DEMO_KEYS["acme-partner"]
     print(f"""
 keygate ({BUILD} build) is running: Envoy {base} -> echo upstream (admin http://127.0.0.1:{admin_port})
@@ -93,10 +120,18 @@ Manage keys live: the sidecar pushes every change into Envoy, no restart
   {KEYGATE} session revoke --key acme-default --session demo   # its tokens: 401
   {KEYGATE} key revoke <key-id>          # then 401
 
+Management API (keygate serve; OpenAPI at {api}/api/v1/openapi.json):
+  export KEYGATE_API_URL={api}
+  export KEYGATE_API_TOKEN={api_token}    # operator token of this run, also in {API_TOKEN}
+  curl -s $KEYGATE_API_URL/api/v1/tenants/acme/keys -H "Authorization: Bearer $KEYGATE_API_TOKEN"
+  curl -s -X POST $KEYGATE_API_URL/api/v1/tenants/acme/keys -H "Authorization: Bearer $KEYGATE_API_TOKEN" \\
+       -H 'Content-Type: application/json' -d '{{"name": "from the API", "scopes": ["read"]}}'
+  curl -s "$KEYGATE_API_URL/api/v1/tenants/acme/logs?limit=5" -H "Authorization: Bearer $KEYGATE_API_TOKEN"
+
 The store keeps its keys across `make run` restarts; to start fresh:
   rm -rf {STORE.parent}
 
-Ctrl-C stops Envoy, the sidecar and the upstream.
+Ctrl-C stops Envoy, the sidecar (keygate serve) and the upstream.
 """, flush=True)
 
 
@@ -122,11 +157,16 @@ def main():
                         sync_port=SYNC_PORT, access_log=access_log)
         envoy = Envoy(config, concurrency=2, workdir=workdir, sync_secret=sync_secret,
                       token_keys=f"demo:{secrets.token_hex(32)}")
-        sidecar = Sidecar(STORE, [f"http://127.0.0.1:{SYNC_PORT}"], workdir=STORE.parent, secret=sync_secret)
+        # `keygate serve` is the sidecar: it syncs Envoy (an API change is
+        # pushed at once), ingests the access log and answers the API.
+        sidecar = Server(str(STORE), STORE.parent, "--listen", f"127.0.0.1:{API_PORT}", "--db", str(DB),
+                         "--endpoint", f"http://127.0.0.1:{SYNC_PORT}", "--access-log", str(access_log),
+                         secret=sync_secret, log_name="sidecar.log")
         try:
+            api_token = fresh_api_token()
             envoy.start()
             sidecar.start()
-            banner(GATE_PORT, ADMIN_PORT)
+            banner(GATE_PORT, ADMIN_PORT, api_token)
             print(f"Envoy log:   {envoy.log_path}\nSidecar log: {sidecar.log_path}\nAccess log:  {access_log}\n"
                   f"Requests of a key: {KEYGATE} logs --file {access_log} --key acme-read\n"
                   f"Metrics:     curl -s http://127.0.0.1:{ADMIN_PORT}/stats/prometheus | grep keygate_requests_total", flush=True)

@@ -14,7 +14,8 @@ from tests.harness import KEYGATE, ROOT, free_port, request, wait_until
 
 def start_demo(store, ports):
     env = {**os.environ, "KEYGATE_STORE": str(store), "KEYGATE_PORT": str(ports[0]),
-           "KEYGATE_ADMIN_PORT": str(ports[1]), "KEYGATE_SYNC_PORT": str(ports[2])}
+           "KEYGATE_ADMIN_PORT": str(ports[1]), "KEYGATE_SYNC_PORT": str(ports[2]),
+           "KEYGATE_API_PORT": str(free_port())}
     store.parent.mkdir(parents=True, exist_ok=True)
     out = store.parent / "demo.out"
     proc = subprocess.Popen([sys.executable, "-m", "scripts.run_demo"], env=env, cwd=ROOT,

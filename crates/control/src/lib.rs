@@ -10,6 +10,7 @@ pub mod db;
 pub mod error;
 pub mod ingest;
 pub mod logs;
+pub mod mgmt;
 pub mod pg_tls;
 pub mod service;
 pub mod store;

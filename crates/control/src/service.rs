@@ -20,6 +20,8 @@ pub const MIN_GIVEN_SECRET_LEN: usize = 16;
 
 pub struct NewKey {
     pub key_id: Option<String>,
+    /// A label for people; "" for none.
+    pub name: String,
     pub tenant: String,
     pub environment: String,
     pub kind: Kind,
@@ -32,6 +34,19 @@ pub struct NewKey {
     pub key_value: Option<String>,
     /// A given secret instead of a random one; implies a secret.
     pub secret_value: Option<String>,
+}
+
+/// A partial change to a key (API PATCH); `None` leaves a field as it is.
+#[derive(Default, Debug, Clone)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub allowed_ips: Option<Vec<String>>,
+    /// `Some(None)` clears the key's own limit (the filter's default applies).
+    pub rate_limit: Option<Option<RateLimit>>,
+    pub status: Option<Status>,
+    /// `Some(None)` removes the expiry.
+    pub expires_at: Option<Option<u64>>,
 }
 
 /// What `key create` shows, exactly once.
@@ -73,8 +88,9 @@ pub fn basic_header(key: &str, secret: &str) -> String {
     )
 }
 
+/// Bad names are bad input naming the field, so an API answers 422 with it.
 fn check_name(field: &str, value: &str) -> Result<()> {
-    keygate_core::credential::check_name(field, value).map_err(|e| Error::Other(e.to_string()))
+    keygate_core::credential::check_name(field, value).map_err(|e| Error::bad(&e.field, e.message))
 }
 
 fn check_scopes(scopes: &[String]) -> Result<()> {
@@ -89,6 +105,36 @@ fn check_ips(field: &str, ips: &[String]) -> Result<()> {
             .map(|_| ())
             .map_err(|m| Error::bad(field, m))
     })
+}
+
+/// Longest key name accepted.
+pub const MAX_KEY_NAME_LEN: usize = 100;
+
+pub fn check_key_name(name: &str) -> Result<()> {
+    if name.chars().count() > MAX_KEY_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(Error::bad(
+            "name",
+            format!("at most {MAX_KEY_NAME_LEN} characters, no control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// The key if it belongs to `tenant`, else "no such key" (never revealing
+/// that another tenant has it).
+fn owned(k: StoredKey, tenant: &str, key_id: &str) -> Result<StoredKey> {
+    if k.record.tenant == tenant {
+        Ok(k)
+    } else {
+        Err(Error::NoSuchKey(key_id.to_owned()))
+    }
+}
+
+fn rename_field(e: Error, field: &str) -> Error {
+    match e {
+        Error::BadInput { message, .. } => Error::bad(field, message),
+        other => other,
+    }
 }
 
 fn check_given(field: &str, value: &str) -> Result<()> {
@@ -177,6 +223,7 @@ impl Service {
         if let Some(id) = &new.key_id {
             check_name("--id", id)?;
         }
+        check_key_name(&new.name)?;
         check_scopes(&new.scopes)?;
         check_ips("--allow-ip", &new.allowed_ips)?;
         match (new.kind, new.scopes.is_empty()) {
@@ -246,6 +293,7 @@ impl Service {
             }
             check_room(snap, &new.tenant, new.kind)?;
             snap.keys.push(StoredKey {
+                name: new.name.clone(),
                 created_at: now,
                 updated_at: now,
                 record: record.clone(),
@@ -266,10 +314,34 @@ impl Service {
 
     /// Replaces the secret; with a grace period the old one keeps working until then.
     pub fn rotate_secret(&self, key_id: &str, grace_secs: u64, now: u64) -> Result<String> {
+        self.rotate(None, key_id, grace_secs, now)
+    }
+
+    /// [`Service::rotate_secret`] for one key of `tenant`.
+    pub fn rotate_secret_of(
+        &self,
+        tenant: &str,
+        key_id: &str,
+        grace_secs: u64,
+        now: u64,
+    ) -> Result<String> {
+        self.rotate(Some(tenant), key_id, grace_secs, now)
+    }
+
+    fn rotate(
+        &self,
+        tenant: Option<&str>,
+        key_id: &str,
+        grace_secs: u64,
+        now: u64,
+    ) -> Result<String> {
         let secret = random_hex32()?;
         let hash = to_hex(&sha256(secret.as_bytes()));
         self.update(|snap| {
             let k = snap.find_mut(key_id)?;
+            if tenant.is_some_and(|t| t != k.record.tenant) {
+                return Err(Error::NoSuchKey(key_id.to_owned()));
+            }
             let Some(old) = k.record.secret_hash.clone() else {
                 return Err(Error::Other(format!(
                     "key '{key_id}' has no secret to rotate (create keys with --with-secret to have one)"
@@ -287,6 +359,83 @@ impl Service {
             Ok(())
         })?;
         Ok(secret)
+    }
+
+    /// One key of `tenant`; another tenant's key is "no such key".
+    pub fn tenant_key(&self, tenant: &str, key_id: &str) -> Result<StoredKey> {
+        self.show_key(key_id).and_then(|k| owned(k, tenant, key_id))
+    }
+
+    /// Applies `patch` to one key of `tenant`, all or nothing.
+    pub fn patch_key(
+        &self,
+        tenant: &str,
+        key_id: &str,
+        patch: &KeyPatch,
+        now: u64,
+    ) -> Result<StoredKey> {
+        if let Some(n) = &patch.name {
+            check_key_name(n)?;
+        }
+        if let Some(s) = &patch.scopes {
+            check_scopes(s).map_err(|e| rename_field(e, "scopes"))?;
+        }
+        if let Some(ips) = &patch.allowed_ips {
+            check_ips("allowed_ips", ips)?;
+        }
+        if patch.expires_at.flatten().is_some_and(|t| t <= now) {
+            return Err(Error::bad("expires_at", "is in the past"));
+        }
+        self.update(|snap| {
+            let k = snap.find_mut(key_id)?;
+            if k.record.tenant != tenant {
+                return Err(Error::NoSuchKey(key_id.to_owned()));
+            }
+            if let Some(n) = &patch.name {
+                k.name = n.clone();
+            }
+            if let Some(s) = &patch.scopes {
+                if k.record.kind == Kind::Default {
+                    return Err(Error::bad(
+                        "scopes",
+                        "a default key has every scope; scopes apply to scoped keys only",
+                    ));
+                }
+                if s.is_empty() {
+                    return Err(Error::bad(
+                        "scopes",
+                        "a scoped key needs at least one scope",
+                    ));
+                }
+                k.record.scopes = s.clone();
+            }
+            if let Some(ips) = &patch.allowed_ips {
+                k.record.allowed_ips = ips.clone();
+            }
+            if let Some(r) = patch.rate_limit {
+                k.record.rate_limit = r;
+            }
+            if let Some(s) = patch.status {
+                k.record.status = s;
+            }
+            if let Some(e) = patch.expires_at {
+                k.record.expires_at = e;
+            }
+            k.updated_at = now;
+            Ok(k.clone())
+        })
+    }
+
+    /// Removes one key of `tenant`.
+    pub fn delete_key(&self, tenant: &str, key_id: &str) -> Result<StoredKey> {
+        self.update(|snap| {
+            let i = snap
+                .keys
+                .iter()
+                .position(|k| k.record.key_id == key_id && k.record.tenant == tenant)
+                .ok_or_else(|| Error::NoSuchKey(key_id.to_owned()))?;
+            Ok(snap.keys.remove(i))
+        })
     }
 
     /// Removes the key: from the next push on, it is unknown (401).

@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime};
     about = "API keys for the keygate Envoy filter: manage them, push them live"
 )]
 pub struct Cli {
-    /// Store: a JSON file made by `keygate store init`, or
+    /// Store: a SQLite file (`*.db` or sqlite:PATH) or a JSON file made by
+    /// `keygate store init`, or
     /// postgres://user@host:port/db for a shared store feeding a fleet.
     /// Required, here or in KEYGATE_STORE.
     #[arg(long, global = true, env = "KEYGATE_STORE", value_name = "PATH|URL")]
@@ -40,6 +41,74 @@ pub enum Command {
     /// Token sessions (tokens issued by POST /auth/login).
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Management API tokens (shown once, stored hashed).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The management server: REST API, /healthz, /metrics, with the sync
+    /// daemon, the access-log ingester and the retention pruner in one process.
+    Serve(ServeArgs),
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Make a token: --operator (every tenant) or --tenant T (one tenant).
+    Create {
+        #[arg(long, conflicts_with = "tenant", required_unless_present = "tenant")]
+        operator: bool,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Lifetime, e.g. 30d, 12h; default: until revoked.
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<Duration>,
+        /// Management database (default: the store, if SQLite or PostgreSQL).
+        #[arg(long, env = "KEYGATE_DB", value_name = "PATH|URL")]
+        db: Option<String>,
+    },
+    /// List tokens (never the tokens themselves).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, env = "KEYGATE_DB", value_name = "PATH|URL")]
+        db: Option<String>,
+    },
+    /// Revoke a token by its id: refused (401) at once.
+    Revoke {
+        token_id: String,
+        #[arg(long, env = "KEYGATE_DB", value_name = "PATH|URL")]
+        db: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address of the API (loopback unless you put TLS in front).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Management database: tokens, tenants, audit, request logs
+    /// (default: the store, if SQLite or PostgreSQL).
+    #[arg(long, env = "KEYGATE_DB", value_name = "PATH|URL")]
+    pub db: Option<String>,
+    /// Envoy sync listener, repeatable: runs the sync daemon in this process,
+    /// so an API change is pushed at once.
+    #[arg(long = "endpoint")]
+    pub endpoints: Vec<String>,
+    /// File holding the shared sync secret (else KEYGATE_SYNC_SECRET).
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub reconcile: Duration,
+    #[arg(long)]
+    pub takeover: bool,
+    /// Envoy's JSON access log to ingest into the request-log tables.
+    #[arg(long, env = "KEYGATE_ACCESS_LOG")]
+    pub access_log: Option<PathBuf>,
+    /// How long request logs are kept.
+    #[arg(long, value_parser = parse_duration, default_value = "30d")]
+    pub retention: Duration,
+    /// Failed authentications allowed per client address, e.g. 10/min;
+    /// more answer 429 until the window ends.
+    #[arg(long, value_parser = keygate_control::service::parse_rate, default_value = "10/min")]
+    pub auth_failures: keygate_core::rate_limit::RateLimit,
 }
 
 #[derive(Subcommand)]
@@ -51,8 +120,13 @@ pub enum StoreCommand {
         #[arg(long)]
         if_missing: bool,
     },
-    /// PostgreSQL: apply schema upgrades (idempotent).
+    /// PostgreSQL or SQLite: apply schema upgrades (idempotent).
     Migrate,
+    /// Copy a JSON store's keys (and identity) into a new, empty SQLite store.
+    Import {
+        /// The JSON store file to read (left unchanged).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,6 +215,9 @@ pub struct CreateArgs {
     /// Also generate a secret (for Authorization: Basic key:secret).
     #[arg(long)]
     pub with_secret: bool,
+    /// A label for people, shown in listings and logs.
+    #[arg(long)]
+    pub name: Option<String>,
     /// Key id; default <tenant>-<random>.
     #[arg(long)]
     pub id: Option<String>,

@@ -23,8 +23,36 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Each endpoint's last sync outcome, for `keygate serve`'s /healthz.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointState {
+    pub in_sync: bool,
+    pub store_version: Option<u64>,
+    pub last_error: Option<String>,
+    pub failures: u64,
+}
+
+fn states() -> &'static Mutex<BTreeMap<String, EndpointState>> {
+    static S: OnceLock<Mutex<BTreeMap<String, EndpointState>>> = OnceLock::new();
+    S.get_or_init(|| Mutex::new(BTreeMap::new()))
+}
+
+/// The state of every endpoint this process syncs.
+pub fn endpoint_states() -> Vec<(String, EndpointState)> {
+    states()
+        .lock()
+        .map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
+fn set_state(addr: &str, st: EndpointState) {
+    if let Ok(mut s) = states().lock() {
+        s.insert(addr.to_owned(), st);
+    }
+}
 
 /// Without a wake, the store's change token is still compared this often.
 const CATCH_UP: Duration = Duration::from_secs(1);
@@ -396,6 +424,15 @@ fn report(
             }
         }
     };
+    set_state(
+        &ep.addr,
+        EndpointState {
+            in_sync: result.is_ok(),
+            store_version: result.is_ok().then_some(snap.version),
+            last_error: result.as_ref().err().map(ToString::to_string),
+            failures: ep.metrics.failures + ep.metrics.refused_pushes,
+        },
+    );
     health.set(
         &ep.addr,
         EndpointStatus {

@@ -8,11 +8,19 @@ mod daemon;
 mod endpoint;
 mod logs;
 mod output;
+mod serve;
 
 use clap::Parser;
-use cli::{AllowIpCommand, Cli, Command, KeyCommand, ScopeCommand, SessionCommand, StoreCommand};
+use cli::{
+    AllowIpCommand, Cli, Command, KeyCommand, ScopeCommand, SessionCommand, StoreCommand,
+    TokenCommand,
+};
 use keygate_control::service::NewKey;
+use keygate_control::store::file::FileStore;
 use keygate_control::store::pg::PgStore;
+use keygate_control::store::sqlite::SqliteStore;
+use keygate_control::store::Store as _;
+use keygate_control::store::StoredKey;
 use keygate_control::Service;
 use keygate_core::credential::Status;
 use output::Out;
@@ -22,7 +30,7 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
-enum CliError {
+pub(crate) enum CliError {
     #[error(
         "no store given: pass --store PATH (or a postgres:// URL) or set KEYGATE_STORE; \
          create a store with `keygate --store PATH store init`"
@@ -32,6 +40,8 @@ enum CliError {
     Control(#[from] keygate_control::Error),
     #[error(transparent)]
     Sync(#[from] daemon::Error),
+    #[error(transparent)]
+    Db(#[from] keygate_control::DbError),
     #[error("{0}")]
     Usage(String),
     #[error("cannot write the output: {0}")]
@@ -45,6 +55,8 @@ impl CliError {
             CliError::Control(e) => e.code(),
             CliError::Sync(daemon::Error::Store(e)) => e.code(),
             CliError::Sync(_) => "sync",
+            CliError::Db(keygate_control::DbError::BadInput { .. }) => "bad_input",
+            CliError::Db(_) => "database",
             CliError::Usage(_) => "usage",
             CliError::Output(_) => "io",
         }
@@ -61,12 +73,22 @@ fn open(store: Option<&str>) -> Result<Service, CliError> {
     Ok(Service::open(store.ok_or(CliError::NoStore)?)?)
 }
 
-fn key_command<W: Write>(svc: &Service, out: &mut Out<W>, cmd: KeyCommand) -> Result<(), CliError> {
+/// A change the CLI made, for the audit trail: (action, key id, tenant).
+type Change = (&'static str, String, String);
+
+fn key_command<W: Write>(
+    svc: &Service,
+    out: &mut Out<W>,
+    cmd: KeyCommand,
+) -> Result<Option<Change>, CliError> {
     let t = now();
-    match cmd {
+    let changed =
+        |action, k: &StoredKey| Some((action, k.record.key_id.clone(), k.record.tenant.clone()));
+    let change = match cmd {
         KeyCommand::Create(a) => {
             let new = NewKey {
                 key_id: a.id,
+                name: a.name.unwrap_or_default(),
                 tenant: a.tenant,
                 environment: a.environment,
                 kind: a.kind,
@@ -80,43 +102,96 @@ fn key_command<W: Write>(svc: &Service, out: &mut Out<W>, cmd: KeyCommand) -> Re
                 key_value: a.key_value,
                 secret_value: a.secret_value,
             };
-            out.created(&svc.create_key(new, t)?)?;
+            let c = svc.create_key(new, t)?;
+            out.created(&c)?;
+            Some(("key.create", c.key_id, c.tenant))
         }
-        KeyCommand::List { tenant } => out.keys(&svc.list_keys(tenant.as_deref())?)?,
-        KeyCommand::Show { key_id } => out.key(&svc.show_key(&key_id)?)?,
+        KeyCommand::List { tenant } => {
+            out.keys(&svc.list_keys(tenant.as_deref())?)?;
+            None
+        }
+        KeyCommand::Show { key_id } => {
+            out.key(&svc.show_key(&key_id)?)?;
+            None
+        }
         KeyCommand::RotateSecret { key_id, grace } => {
             let grace = grace.map_or(0, |d| d.as_secs());
             let secret = svc.rotate_secret(&key_id, grace, t)?;
             out.rotated(&key_id, &secret, (grace > 0).then_some(t + grace))?;
+            svc.show_key(&key_id)
+                .ok()
+                .and_then(|k| changed("key.rotate_secret", &k))
         }
         KeyCommand::Revoke { key_id } => {
-            svc.revoke_key(&key_id)?;
+            let k = svc.revoke_key(&key_id)?;
             out.done(
                 json!({"key_id": key_id, "revoked": true}),
                 &format!("Revoked {key_id}."),
             )?;
+            changed("key.delete", &k)
         }
         KeyCommand::Activate { key_id } => {
-            out.key(&svc.set_status(&key_id, Status::Active, t)?)?
+            let k = svc.set_status(&key_id, Status::Active, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
         KeyCommand::Deactivate { key_id } => {
-            out.key(&svc.set_status(&key_id, Status::Inactive, t)?)?
+            let k = svc.set_status(&key_id, Status::Inactive, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
         KeyCommand::AllowIp(AllowIpCommand::Add { key_id, cidr }) => {
-            out.key(&svc.allow_ip(&key_id, &cidr, true, t)?)?
+            let k = svc.allow_ip(&key_id, &cidr, true, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
         KeyCommand::AllowIp(AllowIpCommand::Remove { key_id, cidr }) => {
-            out.key(&svc.allow_ip(&key_id, &cidr, false, t)?)?
+            let k = svc.allow_ip(&key_id, &cidr, false, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
         KeyCommand::Scope(ScopeCommand::Set { key_id, scopes }) => {
-            out.key(&svc.set_scopes(&key_id, &scopes, t)?)?
+            let k = svc.set_scopes(&key_id, &scopes, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
+    };
+    Ok(change)
+}
+
+/// Records a CLI change in the audit trail (actor "cli"), when there is a
+/// management database: a SQLite or PostgreSQL store, or KEYGATE_DB. The
+/// change is made either way; a record that cannot be written is reported.
+fn cli_audit(store: Option<&str>, (action, key_id, tenant): Change) {
+    let db = std::env::var("KEYGATE_DB").ok();
+    let Ok(db) = management_db(store, db.as_deref()) else {
+        return;
+    };
+    let entry = keygate_control::mgmt::AuditEntry {
+        actor_token_id: None,
+        actor_ip: None,
+        tenant: Some(&tenant),
+        action,
+        object: Some(&key_id),
+        detail: Some(json!({"via": "cli"})),
+    };
+    if let Err(e) = db
+        .open()
+        .and_then(|mut c| keygate_control::mgmt::record(&mut c, &entry))
+    {
+        let _ = writeln!(
+            io::stderr(),
+            "keygate: warning: the audit record was not written: {e}"
+        );
     }
-    Ok(())
 }
 
 fn sync_secret(args: &cli::SyncArgs) -> Result<Vec<u8>, CliError> {
-    let secret = match &args.secret_file {
+    read_sync_secret(args.secret_file.as_deref())
+}
+
+pub(crate) fn read_sync_secret(file: Option<&std::path::Path>) -> Result<Vec<u8>, CliError> {
+    let secret = match file {
         Some(path) => std::fs::read_to_string(path).map_err(|e| {
             CliError::Usage(format!("--secret-file: cannot read {}: {e}", path.display()))
         })?,
@@ -169,7 +244,12 @@ fn logs_command<W: Write>(out: &mut Out<W>, a: cli::LogsArgs) -> Result<(), CliE
 fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
     let store = cli.store.as_deref();
     match cli.command {
-        Command::Key(cmd) => key_command(&open(store)?, out, cmd),
+        Command::Key(cmd) => {
+            if let Some(change) = key_command(&open(store)?, out, cmd)? {
+                cli_audit(store, change);
+            }
+            Ok(())
+        }
         Command::Sync(args) => {
             let secret = sync_secret(&args)?;
             let svc = open(store)?;
@@ -208,8 +288,43 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
             )?;
             Ok(())
         }
+        Command::Store(StoreCommand::Import { file }) => {
+            let spec = store.ok_or(CliError::NoStore)?;
+            let path = keygate_control::store::sqlite_path(spec).ok_or_else(|| {
+                CliError::Usage(
+                    "--store: import needs a SQLite store (a *.db path or sqlite:PATH)".into(),
+                )
+            })?;
+            let from = FileStore::new(&file).load()?;
+            let target = SqliteStore::new(path);
+            match target.init() {
+                Ok(_) | Err(keygate_control::Error::StoreExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let snap = target.import(&from)?;
+            let id = snap.store_id.map(|i| i.to_string()).unwrap_or_default();
+            out.done(
+                json!({"store": path, "store_id": id, "keys": snap.keys.len(), "from": file}),
+                &format!(
+                    "Imported {} key(s) from {} into {path} (store id {id}).",
+                    snap.keys.len(),
+                    file.display()
+                ),
+            )?;
+            Ok(())
+        }
         Command::Store(StoreCommand::Migrate) => {
             let spec = store.ok_or(CliError::NoStore)?;
+            if let Some(path) = keygate_control::store::sqlite_path(spec) {
+                // Opening applies the pending migrations.
+                keygate_control::Db::sqlite(path).open()?;
+                let schema = keygate_control::db::SCHEMA_VERSION;
+                out.done(
+                    json!({"store": path, "schema_version": schema}),
+                    &format!("Database {path} is at schema version {schema}."),
+                )?;
+                return Ok(());
+            }
             if !(spec.starts_with("postgres://") || spec.starts_with("postgresql://")) {
                 return Err(CliError::Usage(
                     "the file store needs no migration (create one with `keygate store init`)"
@@ -223,18 +338,130 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
             )?;
             Ok(())
         }
+        Command::Token(cmd) => token_command(store, out, cmd),
+        Command::Serve(args) => serve::run(store.ok_or(CliError::NoStore)?, args),
         Command::Session(SessionCommand::Revoke { key_id, session }) => {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            open(store)?.revoke_session(&key_id, &session, now_ms)?;
+            let svc = open(store)?;
+            svc.revoke_session(&key_id, &session, now_ms)?;
             out.done(
                 json!({"key_id": key_id, "session_id": session, "revoked": true}),
                 &format!("Revoked session '{session}' of {key_id}: its tokens are refused."),
             )?;
+            if let Ok(k) = svc.show_key(&key_id) {
+                cli_audit(store, ("session.revoke", key_id, k.record.tenant));
+            }
             Ok(())
         }
     }
+}
+
+/// The management database: `--db`, else the store when it is SQLite or
+/// PostgreSQL (a JSON store has nowhere to keep tokens and logs).
+pub(crate) fn management_db(
+    store: Option<&str>,
+    db: Option<&str>,
+) -> Result<keygate_control::Db, CliError> {
+    let spec =
+        match (db, store) {
+            (Some(d), _) => d,
+            (None, Some(s)) if s.starts_with("postgres://") || s.starts_with("postgresql://") => s,
+            (None, Some(s)) if keygate_control::store::sqlite_path(s).is_some() => s,
+            _ => return Err(CliError::Usage(
+                "no management database: pass --db PATH.db (or set KEYGATE_DB), or use a SQLite \
+                 store (--store PATH.db)"
+                    .into(),
+            )),
+        };
+    Ok(match keygate_control::store::sqlite_path(spec) {
+        Some(p) if !spec.starts_with("postgres") => keygate_control::Db::sqlite(p),
+        _ => keygate_control::Db::parse(spec),
+    })
+}
+
+fn token_command<W: Write>(
+    store: Option<&str>,
+    out: &mut Out<W>,
+    cmd: TokenCommand,
+) -> Result<(), CliError> {
+    use keygate_control::mgmt::{self, Role};
+    match cmd {
+        TokenCommand::Create {
+            operator,
+            tenant,
+            expires,
+            db,
+        } => {
+            let mut conn = management_db(store, db.as_deref())?.open()?;
+            let role = if operator {
+                Role::Operator
+            } else {
+                Role::Tenant
+            };
+            let t = now();
+            let tok = mgmt::create_token(
+                &mut conn,
+                role,
+                tenant.as_deref(),
+                expires.map(|d| t + d.as_secs()),
+                t,
+            )?;
+            let who = tok
+                .tenant
+                .as_deref()
+                .map_or("operator".to_owned(), |t| format!("tenant {t}"));
+            out.done(
+                serde_json::to_value(&tok).map_err(io::Error::other)?,
+                &format!(
+                    "Token {} ({who}); shown once, only its hash is kept:\n{}",
+                    tok.token_id, tok.token
+                ),
+            )?;
+        }
+        TokenCommand::List { tenant, db } => {
+            let mut conn = management_db(store, db.as_deref())?.open()?;
+            let list = mgmt::list_tokens(&mut conn, tenant.as_deref())?;
+            let text = list
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{}  {:8}  {:12}  {}",
+                        t.token_id,
+                        match t.role {
+                            Role::Operator => "operator",
+                            Role::Tenant => "tenant",
+                        },
+                        t.tenant.as_deref().unwrap_or("-"),
+                        if t.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            out.done(
+                serde_json::to_value(&list).map_err(io::Error::other)?,
+                &text,
+            )?;
+        }
+        TokenCommand::Revoke { token_id, db } => {
+            let mut conn = management_db(store, db.as_deref())?.open()?;
+            if !mgmt::revoke_token(&mut conn, &token_id, None, now())? {
+                return Err(CliError::Usage(format!(
+                    "no active token with id '{token_id}' (see `keygate token list`)"
+                )));
+            }
+            out.done(
+                json!({"token_id": token_id, "revoked": true}),
+                &format!("Revoked token {token_id}."),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Errors on stderr: a sentence, or with `--json` one JSON object.

@@ -23,6 +23,7 @@ fn fixture() -> Fixture {
 fn new_key(tenant: &str, kind: Kind) -> NewKey {
     NewKey {
         key_id: None,
+        name: String::new(),
         tenant: tenant.into(),
         environment: "live".into(),
         kind,

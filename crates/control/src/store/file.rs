@@ -294,6 +294,7 @@ mod tests {
 
     fn key(id: &str, tenant: &str, kind: Kind) -> StoredKey {
         StoredKey {
+            name: String::new(),
             created_at: 1,
             updated_at: 1,
             record: CredentialRecord {

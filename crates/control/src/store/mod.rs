@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod pg;
+pub mod sqlite;
 
 use crate::error::{Error, Result};
 use keygate_core::sync::{RevokedSession, StoreId};
@@ -15,6 +16,9 @@ use std::sync::mpsc::Sender;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StoredKey {
+    /// A label for people (API `name`); stores made before it load with "".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
     pub created_at: u64,
     pub updated_at: u64,
     pub record: CredentialRecord,
@@ -95,13 +99,28 @@ pub trait Store: Send {
     fn watch(&self, wake: Sender<()>) -> Result<Box<dyn Send>>;
 }
 
-/// `postgres://…` selects PostgreSQL, anything else is a file path.
+/// `postgres://…` selects PostgreSQL, `sqlite:PATH` or a path ending in
+/// `.db`, `.sqlite` or `.sqlite3` the SQLite store, anything else is a JSON
+/// file path.
 pub fn open(spec: &str) -> Result<Box<dyn Store>> {
     if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         Ok(Box::new(pg::PgStore::new(spec)?))
+    } else if let Some(path) = sqlite_path(spec) {
+        Ok(Box::new(sqlite::SqliteStore::new(path)))
     } else {
         Ok(Box::new(file::FileStore::new(spec)))
     }
+}
+
+/// The SQLite file a store spec names, if it names one.
+pub fn sqlite_path(spec: &str) -> Option<&str> {
+    if let Some(p) = spec.strip_prefix("sqlite:") {
+        return Some(p.strip_prefix("//").unwrap_or(p));
+    }
+    [".db", ".sqlite", ".sqlite3"]
+        .iter()
+        .any(|ext| spec.ends_with(ext))
+        .then_some(spec)
 }
 
 /// A fresh random store identity.

@@ -189,6 +189,7 @@ impl PgStore {
                     detail: format!("a stored key: {e}"),
                 })?;
             keys.push(StoredKey {
+                name: String::new(),
                 created_at: r.get::<_, i64>(0) as u64,
                 updated_at: r.get::<_, i64>(1) as u64,
                 record,

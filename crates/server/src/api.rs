@@ -1,0 +1,986 @@
+//! The `/api/v1` handlers: each checks the caller's role and tenant, calls
+//! the service layer or `mgmt` on the blocking pool, records the change in
+//! the audit trail and answers JSON. Another tenant's objects answer 404.
+
+use crate::error::ApiError;
+use crate::extract::{Auth, Json, JsonOrEmpty};
+use crate::{now, AppState};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, patch, post, put, MethodRouter};
+use keygate_control::logs::{query_logs, LogQuery};
+use keygate_control::mgmt::{self, AuditEntry, Role};
+use keygate_control::service::{parse_rate, KeyPatch, NewKey};
+use keygate_control::store::StoredKey;
+use keygate_control::usage::{query_usage, Bucket, UsageQuery};
+use keygate_control::{Conn, Service};
+use keygate_core::credential::{Kind, Status};
+use keygate_core::rate_limit::RateLimit;
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+type St = State<Arc<AppState>>;
+type Route = (&'static str, Method, MethodRouter<Arc<AppState>>);
+
+const T: &str = "/api/v1/tenants/{tenant}";
+const K: &str = "/api/v1/tenants/{tenant}/keys/{key_id}";
+
+/// Every API route: the router is built from this table, and a test
+/// checks it against the OpenAPI document.
+pub fn routes() -> Vec<Route> {
+    vec![
+        ("/api/v1/openapi.json", Method::GET, get(openapi)),
+        ("/api/v1/tenants", Method::GET, get(list_tenants)),
+        (T, Method::PUT, put(put_tenant)),
+        (T, Method::GET, get(get_tenant)),
+        ("/api/v1/tenants/{tenant}/keys", Method::GET, get(list_keys)),
+        (
+            "/api/v1/tenants/{tenant}/keys",
+            Method::POST,
+            post(create_key),
+        ),
+        (K, Method::GET, get(get_key)),
+        (K, Method::PATCH, patch(update_key)),
+        (K, Method::DELETE, delete(delete_key)),
+        (
+            "/api/v1/tenants/{tenant}/keys/{key_id}/rotate-secret",
+            Method::POST,
+            post(rotate_secret),
+        ),
+        (
+            "/api/v1/tenants/{tenant}/sessions",
+            Method::GET,
+            get(list_tenant_sessions),
+        ),
+        (
+            "/api/v1/tenants/{tenant}/keys/{key_id}/sessions",
+            Method::GET,
+            get(list_sessions),
+        ),
+        (
+            "/api/v1/tenants/{tenant}/keys/{key_id}/sessions",
+            Method::DELETE,
+            delete(revoke_all_sessions),
+        ),
+        (
+            "/api/v1/tenants/{tenant}/keys/{key_id}/sessions/{session_id}",
+            Method::DELETE,
+            delete(revoke_session),
+        ),
+        ("/api/v1/tenants/{tenant}/logs", Method::GET, get(logs)),
+        ("/api/v1/tenants/{tenant}/usage", Method::GET, get(usage)),
+        (
+            "/api/v1/tenants/{tenant}/audit",
+            Method::GET,
+            get(tenant_audit),
+        ),
+        ("/api/v1/audit", Method::GET, get(all_audit)),
+        (
+            "/api/v1/tenants/{tenant}/tokens",
+            Method::GET,
+            get(list_tokens),
+        ),
+        (
+            "/api/v1/tenants/{tenant}/tokens",
+            Method::POST,
+            post(create_token),
+        ),
+        (
+            "/api/v1/tenants/{tenant}/tokens/{token_id}",
+            Method::DELETE,
+            delete(revoke_token),
+        ),
+    ]
+}
+
+/// Runs `f` on the blocking pool with the service and the database.
+async fn blocking<R: Send + 'static>(
+    st: &Arc<AppState>,
+    f: impl FnOnce(&Service, &mut Conn) -> Result<R, ApiError> + Send + 'static,
+) -> Result<R, ApiError> {
+    let st = Arc::clone(st);
+    tokio::task::spawn_blocking(move || {
+        let svc = st.svc.lock().map_err(|_| ApiError::internal())?;
+        let mut db = st.db.lock().map_err(|_| ApiError::internal())?;
+        f(&svc, &mut db)
+    })
+    .await
+    .map_err(|_| ApiError::internal())?
+}
+
+fn audit(
+    db: &mut Conn,
+    who: &Auth,
+    tenant: Option<&str>,
+    action: &str,
+    object: &str,
+    detail: Value,
+) {
+    let ip = who.ip.to_string();
+    let entry = AuditEntry {
+        actor_token_id: Some(&who.principal.token_id),
+        actor_ip: Some(&ip),
+        tenant,
+        action,
+        object: Some(object),
+        detail: (!detail.is_null()).then_some(detail),
+    };
+    // The change is made; a lost audit record is reported, not turned into
+    // a failure the client would retry (and so repeat the change).
+    if let Err(e) = mgmt::record(db, &entry) {
+        eprintln!(
+            "{}",
+            json!({"level": "error", "message": format!("audit record lost: {e}")})
+        );
+    }
+}
+
+fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+fn parse_time(field: &str, s: &str) -> Result<u64, ApiError> {
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .ok_or_else(|| {
+            ApiError::invalid(field, "not a time; use RFC 3339, e.g. 2027-01-01T00:00:00Z")
+        })
+}
+
+fn rate_text(r: &RateLimit) -> String {
+    format!("{}/{}s", r.requests, r.window_secs)
+}
+
+fn check_tenant_name(tenant: &str) -> Result<(), ApiError> {
+    keygate_core::credential::check_name("tenant", tenant)
+        .map_err(|e| ApiError::invalid("tenant", e.to_string()))
+}
+
+fn query<Q>(q: Result<Query<Q>, QueryRejection>) -> Result<Q, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::invalid("query", e.body_text()))
+}
+
+/// A key as the API shows it: never a secret or a hash.
+fn key_view(k: &StoredKey, last_used: Option<u64>) -> Value {
+    let r = &k.record;
+    json!({
+        "key_id": r.key_id,
+        "name": k.name,
+        "tenant": r.tenant,
+        "environment": r.environment,
+        "kind": r.kind,
+        "scopes": r.scopes,
+        "allowed_ips": r.allowed_ips,
+        "rate_limit": r.rate_limit.as_ref().map(rate_text),
+        "status": match r.status { Status::Active => "active", Status::Inactive => "inactive" },
+        "has_secret": r.secret_hash.is_some(),
+        "previous_secret_valid_until": r.previous_secret_expires_at.map(rfc3339),
+        "expires_at": r.expires_at.map(rfc3339),
+        "created_at": rfc3339(k.created_at),
+        "updated_at": rfc3339(k.updated_at),
+        "last_used_at": last_used.map(rfc3339),
+    })
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], crate::OPENAPI).into_response()
+}
+
+// ---- tenants ----
+
+async fn list_tenants(State(st): St, who: Auth) -> Result<Response, ApiError> {
+    let mine = who.principal.tenant.clone();
+    let role = who.principal.role;
+    let out = blocking(&st, move |svc, db| {
+        let mut all: BTreeMap<String, Value> = BTreeMap::new();
+        for t in mgmt::list_tenants(db)? {
+            all.insert(t.tenant.clone(), json!({"tenant": t.tenant, "display_name": t.display_name, "created_at": rfc3339(t.created_at)}));
+        }
+        // Tenants made by the CLI have keys but no row.
+        for k in svc.list_keys(None)? {
+            all.entry(k.record.tenant.clone())
+                .or_insert_with(|| json!({"tenant": k.record.tenant, "display_name": null, "created_at": null}));
+        }
+        if role == Role::Tenant {
+            all.retain(|t, _| Some(t) == mine.as_ref());
+        }
+        Ok(all.into_values().collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(axum::Json(json!({"tenants": out})).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PutTenant {
+    display_name: Option<String>,
+}
+
+async fn put_tenant(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+    JsonOrEmpty(body): JsonOrEmpty<PutTenant>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    check_tenant_name(&tenant)?;
+    if let Some(n) = &body.display_name {
+        if n.chars().count() > 200 || n.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "display_name",
+                "at most 200 characters, no control characters",
+            ));
+        }
+    }
+    let (t, created) = blocking(&st, move |_, db| {
+        let (t, created) = mgmt::put_tenant(db, &tenant, body.display_name.as_deref(), now())?;
+        audit(
+            db,
+            &who,
+            Some(&tenant),
+            if created {
+                "tenant.create"
+            } else {
+                "tenant.update"
+            },
+            &tenant,
+            json!({"display_name": t.display_name}),
+        );
+        Ok((t, created))
+    })
+    .await?;
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, axum::Json(json!({"tenant": t.tenant, "display_name": t.display_name, "created_at": rfc3339(t.created_at)}))).into_response())
+}
+
+async fn get_tenant(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let out = blocking(&st, move |svc, db| {
+        let keys = svc.list_keys(Some(&tenant))?.len();
+        match mgmt::get_tenant(db, &tenant)? {
+            Some(t) => Ok(json!({"tenant": t.tenant, "display_name": t.display_name, "created_at": rfc3339(t.created_at), "keys": keys})),
+            None if keys > 0 => Ok(json!({"tenant": tenant, "display_name": null, "created_at": null, "keys": keys})),
+            None => Err(ApiError::not_found("tenant")),
+        }
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+// ---- keys ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+const MAX_PAGE: u32 = 500;
+
+async fn list_keys(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ));
+    }
+    // The cursor is the last key id of the previous page, hex-encoded.
+    let after = match &q.cursor {
+        Some(c) => Some(
+            hex::decode(c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor from a previous page"))?,
+        ),
+        None => None,
+    };
+    let out = blocking(&st, move |svc, db| {
+        let mut keys = svc.list_keys(Some(&tenant))?;
+        keys.sort_by(|a, b| a.record.key_id.cmp(&b.record.key_id));
+        let used: BTreeMap<String, u64> = mgmt::last_used(db, &tenant)?.into_iter().collect();
+        let page: Vec<&StoredKey> = keys
+            .iter()
+            .filter(|k| after.as_ref().is_none_or(|a| k.record.key_id.as_str() > a.as_str()))
+            .take(limit as usize + 1)
+            .collect();
+        let more = page.len() > limit as usize;
+        let page = &page[..page.len().min(limit as usize)];
+        let next = if more {
+            page.last().map(|k| hex::encode(k.record.key_id.as_bytes()))
+        } else {
+            None
+        };
+        Ok(json!({
+            "keys": page.iter().map(|k| key_view(k, used.get(&k.record.key_id).copied())).collect::<Vec<_>>(),
+            "next_cursor": next,
+        }))
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+#[derive(Deserialize, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+enum KindIn {
+    Default,
+    #[default]
+    Scoped,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    #[serde(default)]
+    kind: KindIn,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
+    rate_limit: Option<String>,
+    environment: Option<String>,
+    #[serde(default)]
+    with_secret: bool,
+    expires_at: Option<String>,
+}
+
+async fn create_key(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+    Json(body): Json<CreateKey>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    check_tenant_name(&tenant)?;
+    if body.name.trim().is_empty() {
+        return Err(ApiError::invalid("name", "is required"));
+    }
+    let rate_limit = body
+        .rate_limit
+        .as_deref()
+        .map(parse_rate)
+        .transpose()
+        .map_err(|m| ApiError::invalid("rate_limit", m))?;
+    let expires_at = body
+        .expires_at
+        .as_deref()
+        .map(|s| parse_time("expires_at", s))
+        .transpose()?;
+    let new = NewKey {
+        key_id: None,
+        name: body.name,
+        tenant: tenant.clone(),
+        environment: body.environment.unwrap_or_else(|| "live".into()),
+        kind: match body.kind {
+            KindIn::Default => Kind::Default,
+            KindIn::Scoped => Kind::Scoped,
+        },
+        scopes: body.scopes,
+        allowed_ips: body.allowed_ips,
+        rate_limit,
+        expires_at,
+        with_secret: body.with_secret,
+        key_value: None,
+        secret_value: None,
+    };
+    let out = blocking(&st, move |svc, db| {
+        let c = svc.create_key(new, now())?;
+        let k = svc.tenant_key(&tenant, &c.key_id)?;
+        if mgmt::get_tenant(db, &tenant)?.is_none() {
+            mgmt::put_tenant(db, &tenant, None, now())?;
+        }
+        audit(
+            db,
+            &who,
+            Some(&tenant),
+            "key.create",
+            &c.key_id,
+            json!({"kind": c.kind, "scopes": c.scopes, "with_secret": c.secret.is_some()}),
+        );
+        let mut v = json!({"key_id": c.key_id, "api_key": c.api_key, "key": key_view(&k, None)});
+        if let Some(s) = c.secret {
+            v["secret"] = json!(s);
+        }
+        Ok(v)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+}
+
+async fn get_key(
+    State(st): St,
+    Path((tenant, key_id)): Path<(String, String)>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let out = blocking(&st, move |svc, db| {
+        let k = svc.tenant_key(&tenant, &key_id)?;
+        let used = mgmt::last_used(db, &tenant)?
+            .into_iter()
+            .find(|(id, _)| *id == key_id)
+            .map(|(_, t)| t);
+        Ok(key_view(&k, used))
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+/// `Some(value)` when the field is present, even as `null`.
+fn present<'de, D: Deserializer<'de>, V: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<V>>, D::Error> {
+    Option::<V>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum StatusIn {
+    Active,
+    Inactive,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKey {
+    name: Option<String>,
+    scopes: Option<Vec<String>>,
+    allowed_ips: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    rate_limit: Option<Option<String>>,
+    status: Option<StatusIn>,
+    #[serde(default, deserialize_with = "present")]
+    expires_at: Option<Option<String>>,
+}
+
+async fn update_key(
+    State(st): St,
+    Path((tenant, key_id)): Path<(String, String)>,
+    who: Auth,
+    Json(body): Json<UpdateKey>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let mut changed = Vec::new();
+    let mut p = KeyPatch::default();
+    if let Some(n) = body.name {
+        if n.trim().is_empty() {
+            return Err(ApiError::invalid("name", "must not be empty"));
+        }
+        changed.push("name");
+        p.name = Some(n);
+    }
+    if let Some(s) = body.scopes {
+        changed.push("scopes");
+        p.scopes = Some(s);
+    }
+    if let Some(ips) = body.allowed_ips {
+        changed.push("allowed_ips");
+        p.allowed_ips = Some(ips);
+    }
+    if let Some(r) = body.rate_limit {
+        changed.push("rate_limit");
+        p.rate_limit = Some(
+            r.as_deref()
+                .map(parse_rate)
+                .transpose()
+                .map_err(|m| ApiError::invalid("rate_limit", m))?,
+        );
+    }
+    if let Some(s) = body.status {
+        changed.push("status");
+        p.status = Some(match s {
+            StatusIn::Active => Status::Active,
+            StatusIn::Inactive => Status::Inactive,
+        });
+    }
+    if let Some(e) = body.expires_at {
+        changed.push("expires_at");
+        p.expires_at = Some(
+            e.as_deref()
+                .map(|s| parse_time("expires_at", s))
+                .transpose()?,
+        );
+    }
+    let out = blocking(&st, move |svc, db| {
+        let k = svc.patch_key(&tenant, &key_id, &p, now())?;
+        audit(
+            db,
+            &who,
+            Some(&tenant),
+            "key.update",
+            &key_id,
+            json!({"fields": changed}),
+        );
+        Ok(key_view(&k, None))
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+async fn delete_key(
+    State(st): St,
+    Path((tenant, key_id)): Path<(String, String)>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    blocking(&st, move |svc, db| {
+        svc.delete_key(&tenant, &key_id)?;
+        audit(db, &who, Some(&tenant), "key.delete", &key_id, Value::Null);
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Rotate {
+    /// Seconds the old secret keeps working.
+    #[serde(default)]
+    grace_seconds: u64,
+}
+
+/// Longest grace period for an old secret.
+const MAX_GRACE: u64 = 30 * 86_400;
+
+async fn rotate_secret(
+    State(st): St,
+    Path((tenant, key_id)): Path<(String, String)>,
+    who: Auth,
+    JsonOrEmpty(body): JsonOrEmpty<Rotate>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    if body.grace_seconds > MAX_GRACE {
+        return Err(ApiError::invalid(
+            "grace_seconds",
+            format!("at most {MAX_GRACE} (30 days)"),
+        ));
+    }
+    let grace = body.grace_seconds;
+    let out = blocking(&st, move |svc, db| {
+        let t = now();
+        let secret = svc.rotate_secret_of(&tenant, &key_id, grace, t)?;
+        audit(
+            db,
+            &who,
+            Some(&tenant),
+            "key.rotate_secret",
+            &key_id,
+            json!({"grace_seconds": grace}),
+        );
+        Ok(json!({
+            "key_id": key_id,
+            "secret": secret,
+            "previous_secret_valid_until": (grace > 0).then(|| rfc3339(t + grace)),
+        }))
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+// ---- sessions ----
+
+async fn list_sessions(
+    State(st): St,
+    Path((tenant, key_id)): Path<(String, String)>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let out = blocking(&st, move |svc, db| {
+        svc.tenant_key(&tenant, &key_id)?;
+        let s = mgmt::list_sessions(db, &key_id)?;
+        Ok(json!({"sessions": s.iter().map(session_view).collect::<Vec<_>>()}))
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+fn session_view(s: &mgmt::SessionInfo) -> Value {
+    json!({
+        "key_id": s.key_id,
+        "session_id": s.session_id,
+        "created_at": rfc3339(s.created_at),
+        "expires_at": rfc3339(s.expires_at),
+        "last_seen_at": s.last_seen_at.map(rfc3339),
+        "revoked": s.revoked_at_ms.is_some(),
+    })
+}
+
+/// Every session recorded for the tenant's keys.
+async fn list_tenant_sessions(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let out = blocking(&st, move |svc, db| {
+        let mut all = Vec::new();
+        for k in svc.list_keys(Some(&tenant))? {
+            all.extend(
+                mgmt::list_sessions(db, &k.record.key_id)?
+                    .iter()
+                    .map(session_view),
+            );
+        }
+        Ok(json!({ "sessions": all }))
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+async fn revoke_session(
+    State(st): St,
+    Path((tenant, key_id, session_id)): Path<(String, String, String)>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    blocking(&st, move |svc, db| {
+        svc.tenant_key(&tenant, &key_id)?;
+        svc.revoke_session(&key_id, &session_id, now_ms())
+            .map_err(|e| match e {
+                keygate_control::Error::BadInput { message, .. } => {
+                    ApiError::invalid("session_id", message)
+                }
+                other => other.into(),
+            })?;
+        audit(
+            db,
+            &who,
+            Some(&tenant),
+            "session.revoke",
+            &key_id,
+            json!({"session_id": session_id}),
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Revokes every session the store knows for the key, and logins made
+/// without a session id.
+async fn revoke_all_sessions(
+    State(st): St,
+    Path((tenant, key_id)): Path<(String, String)>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let n = blocking(&st, move |svc, db| {
+        svc.tenant_key(&tenant, &key_id)?;
+        let mut ids: Vec<String> = mgmt::list_sessions(db, &key_id)?
+            .into_iter()
+            .map(|s| s.session_id)
+            .collect();
+        if !ids.iter().any(String::is_empty) {
+            ids.push(String::new());
+        }
+        for id in &ids {
+            svc.revoke_session(&key_id, id, now_ms())?;
+        }
+        audit(
+            db,
+            &who,
+            Some(&tenant),
+            "session.revoke_all",
+            &key_id,
+            json!({"sessions": ids.len()}),
+        );
+        Ok(ids.len())
+    })
+    .await?;
+    Ok(axum::Json(json!({"revoked": n})).into_response())
+}
+
+// ---- logs, usage, audit ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogParams {
+    key_id: Option<String>,
+    status: Option<String>,
+    decision: Option<String>,
+    path: Option<String>,
+    client_ip: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+fn time_ms(field: &str, s: &Option<String>) -> Result<Option<i64>, ApiError> {
+    s.as_deref()
+        .map(|v| {
+            parse_time(field, v).map(|t| i64::try_from(t).unwrap_or(i64::MAX).saturating_mul(1000))
+        })
+        .transpose()
+}
+
+async fn logs(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+    q: Result<Query<LogParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let q = query(q)?;
+    let lq = LogQuery {
+        tenant: Some(tenant),
+        key_id: q.key_id,
+        status: q.status.as_deref().map(str::parse).transpose()?,
+        decision: q.decision,
+        path_prefix: q.path,
+        client_ip: q.client_ip,
+        since_ms: time_ms("since", &q.since)?,
+        until_ms: time_ms("until", &q.until)?,
+        limit: q.limit,
+        cursor: q.cursor,
+    };
+    let page = blocking(&st, move |_, db| Ok(query_logs(db, &lq)?)).await?;
+    Ok(axum::Json(json!({
+        "records": page.records.iter().map(|r| json!({
+            "time": r.time,
+            "key_id": r.key_id,
+            "key_name": r.key_name,
+            "method": r.method,
+            "path": r.path,
+            "client_ip": r.client_ip,
+            "status": r.status,
+            "decision": r.decision,
+            "reason": r.reason,
+            "request_id": r.request_id,
+        })).collect::<Vec<_>>(),
+        "next_cursor": page.next_cursor,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageParams {
+    key_id: Option<String>,
+    granularity: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+async fn usage(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+    q: Result<Query<UsageParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    let q = query(q)?;
+    let bucket: Bucket = q
+        .granularity
+        .as_deref()
+        .unwrap_or("hour")
+        .parse()
+        .map_err(|_| ApiError::invalid("granularity", "must be hour or day"))?;
+    let now_ms = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+    let span: i64 = match bucket {
+        Bucket::Hour => 24 * 3_600_000,
+        Bucket::Day => 30 * 86_400_000,
+    };
+    let until = time_ms("until", &q.until)?.unwrap_or(now_ms);
+    let since = time_ms("since", &q.since)?.unwrap_or(until - span);
+    let uq = UsageQuery {
+        tenant: tenant.clone(),
+        key_id: q.key_id.clone(),
+        per_key: true,
+        bucket,
+        since_ms: since,
+        until_ms: until,
+    };
+    let out = blocking(&st, move |svc, db| {
+        let points = query_usage(db, &uq)?;
+        let used: BTreeMap<String, u64> = mgmt::last_used(db, &tenant)?.into_iter().collect();
+        let keys: Vec<Value> = svc
+            .list_keys(Some(&tenant))?
+            .iter()
+            .filter(|k| q.key_id.as_ref().is_none_or(|id| *id == k.record.key_id))
+            .map(|k| json!({
+                "key_id": k.record.key_id,
+                "name": k.name,
+                "last_used_at": used.get(&k.record.key_id).copied().map(rfc3339),
+            }))
+            .collect();
+        // Another tenant's key (or none) answers 404, not an empty series.
+        if q.key_id.is_some() && keys.is_empty() {
+            return Err(ApiError::not_found("key"));
+        }
+        Ok(json!({
+            "tenant": tenant,
+            "granularity": bucket,
+            "points": points.iter().map(|p| json!({
+                "start": humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(u64::try_from(p.start_ms).unwrap_or(0))).to_string(),
+                "key_id": p.key_id,
+                "allowed": p.allowed,
+                "denied": p.denied,
+            })).collect::<Vec<_>>(),
+            "keys": keys,
+        }))
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn audit_page(
+    st: &Arc<AppState>,
+    tenant: Option<String>,
+    q: AuditParams,
+) -> Result<Response, ApiError> {
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| ApiError::invalid("cursor", "not a cursor from a previous page"))
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(100);
+    let recs = blocking(st, move |_, db| {
+        Ok(mgmt::list_audit(db, tenant.as_deref(), limit, before)?)
+    })
+    .await?;
+    let next = (recs.len() == limit as usize)
+        .then(|| recs.last().map(|r| r.id.to_string()))
+        .flatten();
+    Ok(axum::Json(json!({"records": recs, "next_cursor": next})).into_response())
+}
+
+async fn all_audit(
+    State(st): St,
+    who: Auth,
+    q: Result<Query<AuditParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    who.operator()?;
+    audit_page(&st, None, query(q)?).await
+}
+
+async fn tenant_audit(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+    q: Result<Query<AuditParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    audit_page(&st, Some(tenant), query(q)?).await
+}
+
+// ---- tokens ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    expires_at: Option<String>,
+}
+
+async fn create_token(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+    JsonOrEmpty(body): JsonOrEmpty<CreateToken>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    who.operator()?;
+    check_tenant_name(&tenant)?;
+    let expires_at = body
+        .expires_at
+        .as_deref()
+        .map(|s| parse_time("expires_at", s))
+        .transpose()?;
+    let out = blocking(&st, move |_, db| {
+        let t = mgmt::create_token(db, Role::Tenant, Some(&tenant), expires_at, now())?;
+        audit(
+            db,
+            &who,
+            Some(&tenant),
+            "token.create",
+            &t.token_id,
+            Value::Null,
+        );
+        Ok(json!({
+            "token_id": t.token_id,
+            "token": t.token,
+            "role": t.role,
+            "tenant": t.tenant,
+            "expires_at": t.expires_at.map(rfc3339),
+        }))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+}
+
+async fn list_tokens(
+    State(st): St,
+    Path(tenant): Path<String>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    who.operator()?;
+    let out = blocking(&st, move |_, db| Ok(mgmt::list_tokens(db, Some(&tenant))?)).await?;
+    Ok(axum::Json(json!({"tokens": out})).into_response())
+}
+
+async fn revoke_token(
+    State(st): St,
+    Path((tenant, token_id)): Path<(String, String)>,
+    who: Auth,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    who.operator()?;
+    blocking(&st, move |_, db| {
+        if !mgmt::revoke_token(db, &token_id, Some(&tenant), now())? {
+            return Err(ApiError::not_found("token"));
+        }
+        audit(
+            db,
+            &who,
+            Some(&tenant),
+            "token.revoke",
+            &token_id,
+            Value::Null,
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

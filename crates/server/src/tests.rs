@@ -1,0 +1,339 @@
+use super::*;
+use axum::body::Body;
+use axum::http::Request as HttpRequest;
+use http_body_util::BodyExt;
+use keygate_control::mgmt::{self, Role};
+use keygate_control::store::sqlite::SqliteStore;
+use keygate_control::Db;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use tower::ServiceExt;
+
+struct Fx {
+    _dir: tempfile::TempDir,
+    app: Router,
+    operator: String,
+    acme: String,
+}
+
+fn fixture() -> Fx {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.db");
+    let svc = Service::new(Box::new(SqliteStore::new(&path)));
+    svc.init_store().unwrap();
+    let mut db = Db::sqlite(&path).open().unwrap();
+    let operator = mgmt::create_token(&mut db, Role::Operator, None, None, now())
+        .unwrap()
+        .token;
+    let acme = mgmt::create_token(&mut db, Role::Tenant, Some("acme"), None, now())
+        .unwrap()
+        .token;
+    let state = Arc::new(AppState::new(
+        svc,
+        db,
+        FailLimiter::new(3, Duration::from_secs(60)),
+    ));
+    Fx {
+        _dir: dir,
+        app: router(state),
+        operator,
+        acme,
+    }
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut b = HttpRequest::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    let req = b
+        .body(body.map_or_else(Body::empty, |s| Body::from(s.to_owned())))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn every_route_is_in_the_openapi_document_and_nothing_else() {
+    let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut documented = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for m in ops.as_object().unwrap().keys() {
+            documented.insert((m.to_uppercase(), path.clone()));
+        }
+    }
+    let routed: BTreeSet<(String, String)> = api_operations()
+        .into_iter()
+        .map(|(m, p)| (m.as_str().to_owned(), p.to_owned()))
+        .collect();
+    assert_eq!(routed, documented);
+}
+
+#[tokio::test]
+async fn a_tenant_token_gets_404_for_another_tenants_objects() {
+    let f = fixture();
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/other/keys",
+        Some(&f.operator),
+        Some(r#"{"name":"x","scopes":["read"]}"#),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["key_id"].as_str().unwrap().to_owned();
+    for (m, u) in [
+        ("GET", format!("/api/v1/tenants/other/keys/{id}")),
+        ("DELETE", format!("/api/v1/tenants/other/keys/{id}")),
+        ("GET", "/api/v1/tenants/other/keys".into()),
+        ("GET", format!("/api/v1/tenants/acme/keys/{id}")),
+        ("DELETE", format!("/api/v1/tenants/acme/keys/{id}")),
+    ] {
+        let (s, v) = call(&f.app, m, &u, Some(&f.acme), None).await;
+        assert_eq!(s, 404, "{m} {u}: {v}");
+        assert_eq!(v["error"], "not_found");
+    }
+    let (s, _) = call(
+        &f.app,
+        "GET",
+        &format!("/api/v1/tenants/other/keys/{id}"),
+        Some(&f.operator),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
+async fn the_sixth_scoped_key_is_refused_with_409_saying_why() {
+    let f = fixture();
+    for _ in 0..5 {
+        let (s, _) = call(
+            &f.app,
+            "POST",
+            "/api/v1/tenants/acme/keys",
+            Some(&f.acme),
+            Some(r#"{"name":"k","scopes":["read"]}"#),
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some(r#"{"name":"k","scopes":["read"]}"#),
+    )
+    .await;
+    assert_eq!(s, 409);
+    assert!(v["message"].as_str().unwrap().contains("5 scoped"), "{v}");
+}
+
+#[tokio::test]
+async fn bad_input_names_the_field_and_unknown_fields_are_refused() {
+    let f = fixture();
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some(r#"{"name":"k","scopes":["read"],"colour":1}"#),
+    )
+    .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("colour"), "{v}");
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some(r#"{"name":"k","scopes":[7]}"#),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (422, Some("scopes[0]")), "{v}");
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some(r#"{"name":"k","scopes":["read"],"rate_limit":"lots"}"#),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (422, Some("rate_limit")), "{v}");
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some("{nope"),
+    )
+    .await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("malformed_json")));
+    let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(MAX_BODY));
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some(&big),
+    )
+    .await;
+    assert_eq!((s, v["error"].as_str()), (413, Some("body_too_large")));
+}
+
+#[tokio::test]
+async fn keys_never_show_secrets_after_creation_and_patch_changes_them() {
+    let f = fixture();
+    let (_, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some(r#"{"name":"k","scopes":["read"],"with_secret":true}"#),
+    )
+    .await;
+    let id = v["key_id"].as_str().unwrap().to_owned();
+    let secret = v["secret"].as_str().unwrap().to_owned();
+    let api_key = v["api_key"].as_str().unwrap().to_owned();
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &format!("/api/v1/tenants/acme/keys/{id}"),
+        Some(&f.acme),
+        Some(r#"{"status":"inactive","rate_limit":"100/min","name":"renamed"}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["status"].as_str(),
+            v["rate_limit"].as_str(),
+            v["name"].as_str()
+        ),
+        (Some("inactive"), Some("100/60s"), Some("renamed"))
+    );
+    let (_, list) = call(
+        &f.app,
+        "GET",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        None,
+    )
+    .await;
+    let text = list.to_string();
+    assert!(
+        !text.contains(&secret) && !text.contains(&api_key) && !text.contains("hash"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn roles_and_tokens_are_enforced() {
+    let f = fixture();
+    assert_eq!(
+        call(&f.app, "GET", "/api/v1/tenants", None, None).await.0,
+        401
+    );
+    assert_eq!(
+        call(&f.app, "GET", "/api/v1/audit", Some(&f.acme), None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call(
+            &f.app,
+            "POST",
+            "/api/v1/tenants/acme/tokens",
+            Some(&f.acme),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/tokens",
+        Some(&f.operator),
+        None,
+    )
+    .await;
+    assert_eq!(s, 201);
+    let token = v["token"].as_str().unwrap().to_owned();
+    let token_id = v["token_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(
+            &f.app,
+            "GET",
+            "/api/v1/tenants/acme/keys",
+            Some(&token),
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        call(
+            &f.app,
+            "DELETE",
+            &format!("/api/v1/tenants/acme/tokens/{token_id}"),
+            Some(&f.operator),
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    assert_eq!(
+        call(
+            &f.app,
+            "GET",
+            "/api/v1/tenants/acme/keys",
+            Some(&token),
+            None
+        )
+        .await
+        .0,
+        401
+    );
+    let (_, a) = call(&f.app, "GET", "/api/v1/audit", Some(&f.operator), None).await;
+    let text = a.to_string();
+    assert!(
+        text.contains("token.revoke") && !text.contains(&token),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn repeated_bad_tokens_get_429() {
+    let f = fixture();
+    for _ in 0..3 {
+        assert_eq!(
+            call(&f.app, "GET", "/api/v1/tenants", Some("kgt_wrong"), None)
+                .await
+                .0,
+            401
+        );
+    }
+    let (s, v) = call(&f.app, "GET", "/api/v1/tenants", Some("kgt_wrong"), None).await;
+    assert_eq!((s, v["error"].as_str()), (429, Some("too_many_failures")));
+}

@@ -1,0 +1,305 @@
+"""End-to-end: the management API of a real `keygate serve` (SQLite store,
+sync daemon and access-log ingester in the same process) in front of a real
+Envoy. Tenant isolation on every route, token brute force slowed, bad bodies
+refused, API changes live in Envoy, Envoy's requests in the API's logs, and
+the OpenAPI document matching the routes the server answers."""
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.harness import KEYGATE, ROUTES, SYNC_SECRET, Managed, free_port, keygate, request, wait_until
+
+CONFIG = {"routes": ROUTES, "rate_limit": {"requests": 1000, "window_secs": 60},
+          "tokens": {"login_path": "/auth/login", "lifetime_secs": 7200}}
+
+
+class Server(Managed):
+    """`keygate serve` on a free loopback port."""
+
+    def __init__(self, store, workdir, *extra, secret=SYNC_SECRET, log_name=None):
+        listen = extra[extra.index("--listen") + 1] if "--listen" in extra else f"127.0.0.1:{free_port()}"
+        self.port = int(listen.rsplit(":", 1)[1])
+        self.store = store
+        self.secret = secret
+        self.log_path = Path(workdir) / (log_name or f"serve-{self.port}.log")
+        self.args = [KEYGATE, "--store", store, "serve", *(() if "--listen" in extra else ("--listen", listen)),
+                     *extra]
+
+    def start(self):
+        self._spawn(self.args, env={**os.environ, "KEYGATE_SYNC_SECRET": self.secret})
+        ok = wait_until(lambda: self.proc.poll() is not None or call(self, "GET", "/healthz")[0] == 200, timeout=20)
+        if not ok or self.proc.poll() is not None:
+            raise RuntimeError(f"keygate serve did not start: {self.log()}")
+        return self
+
+
+def call(server, method, path, token=None, body=None, *, raw=None, content_type="application/json"):
+    """(status, parsed JSON or None) of one request to the API."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None and content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read()
+            return r.status, (json.loads(text) if text and r.headers.get_content_type() == "application/json" else None)
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, None
+    except (urllib.error.URLError, ConnectionError):
+        return 0, None
+
+
+def token(store, *args):
+    return keygate(store, "token", "create", *args)["token"]
+
+
+@pytest.fixture(scope="module")
+def rig(envoy_factory, tmp_path_factory):
+    """Envoy (writing its access log) + `keygate serve` syncing it and
+    ingesting that log, over a new SQLite store; an operator token and two
+    tenant tokens."""
+    tmp = tmp_path_factory.mktemp("api")
+    store = str(tmp / "keygate.db")
+    keygate(store, "store", "init")
+    log = tmp / "access.log"
+    with envoy_factory(CONFIG, access_log=log) as envoy:
+        with Server(store, tmp, "--endpoint", f"http://127.0.0.1:{envoy.sync_port}", "--access-log", str(log),
+                    "--auth-failures", "1000/min") as server:
+            yield {
+                "envoy": envoy, "server": server, "store": store, "log": log,
+                "op": token(store, "--operator"),
+                "acme": token(store, "--tenant", "acme"),
+                "globex": token(store, "--tenant", "globex"),
+            }
+            assert "kgt_" not in server.log(), "a token reached the server's log"
+
+
+def create_key(rig, tenant, tok, **fields):
+    body = {"name": "k", "scopes": ["read"], **fields}
+    s, v = call(rig["server"], "POST", f"/api/v1/tenants/{tenant}/keys", tok, body)
+    assert s == 201, v
+    return v
+
+
+def test_a_tenant_token_never_reads_or_changes_another_tenants_objects(rig):
+    srv, acme, globex = rig["server"], rig["acme"], rig["globex"]
+    theirs = create_key(rig, "acme", acme, with_secret=True)
+    kid = theirs["key_id"]
+    doc = call(srv, "GET", "/api/v1/openapi.json")[1]
+    probed = 0
+    for path, ops in doc["paths"].items():
+        if "{tenant}" not in path:
+            continue
+        for method in ops:
+            body = {} if method in ("post", "put", "patch") else None
+            # acme's objects under acme's path, and acme's key under globex's own path.
+            for tenant in ("acme", "globex"):
+                if tenant == "globex" and "{key_id}" not in path:
+                    continue
+                url = path.replace("{tenant}", tenant).replace("{key_id}", kid) \
+                    .replace("{session_id}", "s1").replace("{token_id}", "tok_0000000000000000")
+                s, v = call(srv, method.upper(), url, globex, body)
+                assert s == 404 and v["error"] == "not_found", (method, url, s, v)
+                probed += 1
+    assert probed >= 20
+    # Nothing changed: acme still sees its key, unchanged and usable.
+    s, v = call(srv, "GET", f"/api/v1/tenants/acme/keys/{kid}", acme)
+    assert s == 200 and v["status"] == "active"
+    s, v = call(srv, "GET", "/api/v1/tenants", globex)
+    assert [t["tenant"] for t in v["tenants"]] in ([], ["globex"])
+    assert call(srv, "GET", "/api/v1/audit", acme)[0] == 403
+
+
+def test_a_key_created_through_the_api_works_through_envoy_at_least_as_fast_as_a_cli_change(rig):
+    envoy, srv = rig["envoy"], rig["server"]
+
+    def live_after(make):
+        k, t0 = make(), time.monotonic()
+        assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status
+                          == 200, timeout=10), k["key_id"]
+        return time.monotonic() - t0, k
+
+    api_s, k = live_after(lambda: create_key(rig, "initech", rig["op"]))
+    cli_s, by_cli = live_after(lambda: keygate(rig["store"], "key", "create", "--tenant", "initech", "--scope", "read"))
+    # The API wakes the in-process daemon at once; the CLI (another process)
+    # is seen at the daemon's once-a-second check.
+    assert api_s < 1.0, api_s
+    assert api_s <= cli_s + 0.25, (api_s, cli_s)
+    # Both changes are in the audit trail: the API's with its token id, the CLI's as the CLI's.
+    recs = call(srv, "GET", "/api/v1/tenants/initech/audit", rig["op"])[1]["records"]
+    by = {r["object"]: r for r in recs if r["action"] == "key.create"}
+    assert by[k["key_id"]]["actor_token_id"].startswith("tok_")
+    assert by[by_cli["key_id"]]["detail"] == {"via": "cli"} and by[by_cli["key_id"]]["actor_token_id"] is None
+    s, _ = call(srv, "DELETE", f"/api/v1/tenants/initech/keys/{k['key_id']}", rig["op"])
+    assert s == 204
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 401,
+                      timeout=2)
+
+
+def test_a_request_through_envoy_shows_in_the_api_logs_within_2_seconds(rig):
+    envoy, srv = rig["envoy"], rig["server"]
+    k = create_key(rig, "acme", rig["acme"], name="logged key")
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 200,
+                      timeout=5)
+    t0 = time.monotonic()
+    r = request(envoy.port, "GET", "/v1/items/find-me", [("x-api-key", k["api_key"])])
+    assert r.status == 200
+
+    def found():
+        s, v = call(srv, "GET", f"/api/v1/tenants/acme/logs?key_id={k['key_id']}&path=/v1/items/find-me",
+                    rig["acme"])
+        return v["records"] if s == 200 and v["records"] else None
+
+    recs = wait_until(found, timeout=5, interval=0.05)
+    took = time.monotonic() - t0
+    assert recs, "the request never showed up"
+    assert took < 2.0, took
+    rec = recs[0]
+    assert (rec["key_id"], rec["key_name"], rec["method"], rec["status"], rec["decision"]) == \
+        (k["key_id"], "logged key", "GET", 200, "allowed")
+    assert rec["time"] and rec["client_ip"] and "request_id" in rec
+    # Another tenant sees none of it, even naming the key.
+    s, v = call(srv, "GET", f"/api/v1/tenants/globex/logs?key_id={k['key_id']}", rig["globex"])
+    assert s == 200 and v["records"] == []
+    s, v = call(srv, "GET", "/api/v1/tenants/acme/usage?granularity=hour", rig["acme"])
+    assert s == 200
+    used = {x["key_id"]: x["last_used_at"] for x in v["keys"]}
+    assert wait_until(lambda: call(srv, "GET", "/api/v1/tenants/acme/usage", rig["acme"])[1]["points"], timeout=3)
+    assert k["key_id"] in used
+
+
+def test_oversize_and_malformed_bodies_are_refused_in_the_error_shape(rig):
+    srv, tok = rig["server"], rig["acme"]
+    url = "/api/v1/tenants/acme/keys"
+    s, v = call(srv, "POST", url, tok, raw=b'{"name": "' + b"x" * 70_000 + b'"}')
+    assert (s, v["error"]) == (413, "body_too_large")
+    s, v = call(srv, "POST", url, tok, raw=b'{"name": ')
+    assert (s, v["error"]) == (400, "malformed_json")
+    s, v = call(srv, "POST", url, tok, {"name": "k", "scopes": ["read"], "admin": True})
+    assert s == 422 and "admin" in v["message"]
+    s, v = call(srv, "POST", url, tok, {"name": "k", "scopes": ["read"], "allowed_ips": ["300.1.1.1"]})
+    assert (s, v["field"]) == (422, "allowed_ips")
+    s, v = call(srv, "POST", url, tok, {"scopes": ["read"]})
+    assert s == 422 and "name" in v["message"]
+    s, v = call(srv, "POST", url, tok, raw=b'{"name":"k"}', content_type="text/plain")
+    assert (s, v["error"]) == (415, "unsupported_media_type")
+
+
+def test_the_sixth_scoped_key_gets_409_and_the_api_flow_works_end_to_end(rig):
+    srv, tok, envoy = rig["server"], rig["op"], rig["envoy"]
+    s, v = call(srv, "PUT", "/api/v1/tenants/hooli", tok, {"display_name": "Hooli"})
+    assert s == 201, v
+    keys = [create_key(rig, "hooli", tok, name=f"k{i}") for i in range(5)]
+    s, v = call(srv, "POST", "/api/v1/tenants/hooli/keys", tok, {"name": "k6", "scopes": ["read"]})
+    assert s == 409 and "5 scoped" in v["message"], v
+    first = call(srv, "GET", "/api/v1/tenants/hooli/keys?limit=2", tok)[1]
+    rest = call(srv, "GET", f"/api/v1/tenants/hooli/keys?limit=10&cursor={first['next_cursor']}", tok)[1]
+    assert sorted(k["key_id"] for k in first["keys"] + rest["keys"]) == sorted(k["key_id"] for k in keys)
+    k = keys[0]
+    h = [("x-api-key", k["api_key"])]
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", h).status == 200, timeout=5)
+    s, v = call(srv, "PATCH", f"/api/v1/tenants/hooli/keys/{k['key_id']}", tok, {"status": "inactive"})
+    assert s == 200 and v["status"] == "inactive"
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", h).status == 403, timeout=2)
+    s, v = call(srv, "GET", "/api/v1/tenants/hooli/audit", tok)
+    actions = [r["action"] for r in v["records"]]
+    assert actions[0] == "key.update" and "tenant.create" in actions
+    assert all(r["actor_token_id"].startswith("tok_") and r["actor_ip"] == "127.0.0.1" for r in v["records"])
+
+
+def test_rotate_secret_keeps_the_old_one_for_the_grace_period(rig):
+    srv, tok, envoy = rig["server"], rig["op"], rig["envoy"]
+    k = create_key(rig, "umbrella", tok, with_secret=True)
+    import base64
+    basic = lambda s: [("authorization", "Basic " + base64.b64encode(f"{k['api_key']}:{s}".encode()).decode())]
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", basic(k["secret"])).status == 200, timeout=5)
+    s, v = call(srv, "POST", f"/api/v1/tenants/umbrella/keys/{k['key_id']}/rotate-secret", tok,
+                {"grace_seconds": 600})
+    assert s == 200 and v["secret"] != k["secret"] and v["previous_secret_valid_until"]
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", basic(v["secret"])).status == 200, timeout=2)
+    assert request(envoy.port, "GET", "/v1/items", basic(k["secret"])).status == 200
+
+
+def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
+    srv, tok, envoy = rig["server"], rig["acme"], rig["envoy"]
+    k = create_key(rig, "acme", tok, name="sessions")
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 200,
+                      timeout=5)
+
+    def login(session):
+        r = request(envoy.port, "POST", "/auth/login", [("content-type", "application/json")],
+                    json.dumps({"api_key": k["api_key"], "session_id": session}).encode())
+        assert r.status == 200, r
+        return [("authorization", f"Bearer {r.json()['access_token']}")]
+
+    a, b = login("phone"), login("laptop")
+    assert request(envoy.port, "GET", "/v1/items", a).status == 200
+    s, _ = call(srv, "DELETE", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions/phone", tok)
+    assert s == 204
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", a).status == 401, timeout=2)
+    assert request(envoy.port, "GET", "/v1/items", b).status == 200
+    s, v = call(srv, "GET", "/api/v1/tenants/acme/sessions", tok)
+    assert s == 200 and {(x["key_id"], x["session_id"], x["revoked"]) for x in v["sessions"]} >= \
+        {(k["key_id"], "phone", True)}
+    assert call(srv, "GET", "/api/v1/tenants/acme/sessions", rig["globex"])[0] == 404
+
+
+def test_every_documented_operation_is_routed(rig):
+    srv, tok = rig["server"], rig["op"]
+    doc = call(srv, "GET", "/api/v1/openapi.json")[1]
+    assert doc["openapi"].startswith("3.1")
+    for path, ops in doc["paths"].items():
+        url = path.replace("{tenant}", "nobody").replace("{key_id}", "k").replace("{session_id}", "s") \
+            .replace("{token_id}", "t")
+        for method in ops:
+            s, v = call(srv, method.upper(), url, tok, {} if method in ("post", "put", "patch") else None)
+            assert s != 405, (method, path)
+            assert not (s == 404 and v and v["message"] == "no such route"), (method, path)
+    s, v = call(srv, "GET", "/api/v1/no-such-thing", tok)
+    assert (s, v["message"]) == (404, "no such route")
+
+
+def test_healthz_reports_the_store_each_envoy_and_ingest_lag(rig):
+    s, v = call(rig["server"], "GET", "/healthz")
+    assert s == 200 and v["store"]["reachable"]
+    assert [e["in_sync"] for e in v["sync"]] == [True], v
+    assert v["ingest"] is not None and "lag_seconds" in v["ingest"]
+
+
+def test_repeated_bad_tokens_from_one_address_get_429(tmp_path):
+    store = str(tmp_path / "k.db")
+    keygate(store, "store", "init")
+    good = token(store, "--operator")
+    with Server(store, tmp_path, "--auth-failures", "5/min") as srv:
+        for _ in range(5):
+            assert call(srv, "GET", "/api/v1/tenants", "kgt_" + "0" * 64)[0] == 401
+        s, v = call(srv, "GET", "/api/v1/tenants", "kgt_" + "1" * 64)
+        assert (s, v["error"]) == (429, "too_many_failures")
+        # Even the right token waits: guessing must not learn anything meanwhile.
+        assert call(srv, "GET", "/api/v1/tenants", good)[0] == 429
+        assert call(srv, "GET", "/api/v1/tenants")[0] == 429
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path):
+    store = str(tmp_path / "k.db")
+    keygate(store, "store", "init")
+    srv = Server(store, tmp_path).start()
+    try:
+        os.killpg(srv.proc.pid, signal.SIGTERM)
+        assert srv.proc.wait(10) == 0
+        assert '"stopped"' in srv.log()
+    finally:
+        srv.stop()
