@@ -8,8 +8,9 @@ use crate::envoy::{log, ConfigHandle};
 use crate::state::tables;
 use keygate_core::access_log::outcomes;
 use keygate_core::config::{check_store_ids, merge_config_ids, Role};
+use keygate_core::denial::Reason;
 use keygate_core::shared_data::{counter_key, CONFIG_IDS_KEY};
-use keygate_core::Policy;
+use keygate_core::{Decision, Outcome, Policy};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -22,6 +23,9 @@ pub struct FilterConfig {
     pub role: Role,
     /// Counter ids by metric outcome (gate role only).
     counters: HashMap<String, usize>,
+    /// The same ids for decisions, by [`decision_slot`]: no name is built
+    /// or hashed per request.
+    decision_counters: Vec<Option<usize>>,
 }
 
 /// Secrets come from Envoy's own environment (the wasm build reads the same
@@ -79,6 +83,9 @@ impl FilterConfig {
             }
             tables().modify(CONFIG_IDS_KEY, |current| merge_config_ids(current, &policy));
         }
+        let decision_counters = (0..DECISION_SLOTS)
+            .map(|slot| counters.get(&decision_outcome(slot)).copied())
+            .collect();
         let keys: Vec<String> = policy
             .credentials
             .values()
@@ -101,6 +108,7 @@ impl FilterConfig {
             json: json.to_vec(),
             role: policy.role,
             counters,
+            decision_counters,
         })
     }
 
@@ -129,5 +137,40 @@ impl FilterConfig {
 
     pub fn counter(&self, outcome: &str) -> Option<usize> {
         self.counters.get(outcome).copied()
+    }
+
+    /// The counter of a decision's outcome (`AccessRecord::outcome`).
+    pub fn decision_counter(&self, decision: &Decision) -> Option<usize> {
+        self.decision_counters
+            .get(decision_slot(&decision.outcome))
+            .copied()
+            .flatten()
+    }
+}
+
+/// Allowed, public, then one per refusal reason.
+const DECISION_SLOTS: usize = 2 + Reason::ALL.len();
+
+pub(crate) fn decision_slot(outcome: &Outcome) -> usize {
+    match outcome {
+        Outcome::Allowed { .. } => 0,
+        Outcome::Public => 1,
+        Outcome::Denied { denial, .. } => {
+            2 + Reason::ALL
+                .iter()
+                .position(|r| *r == denial.reason)
+                .unwrap_or(Reason::ALL.len())
+        }
+    }
+}
+
+/// The metric outcome name of a slot, as `AccessRecord::outcome` spells it.
+pub(crate) fn decision_outcome(slot: usize) -> String {
+    match slot {
+        0 => "allowed".to_owned(),
+        1 => "public".to_owned(),
+        n => Reason::ALL
+            .get(n - 2)
+            .map_or_else(String::new, |r| format!("denied_{}", r.as_str())),
     }
 }

@@ -22,6 +22,33 @@ unsafe fn copy_out(buf: EnvoyBuffer) -> Option<Vec<u8>> {
     Some(std::slice::from_raw_parts(buf.ptr.cast::<u8>(), buf.length).to_vec())
 }
 
+/// Header views of one map: on the stack for a usual request (no
+/// allocation per hook), on the heap past [`INLINE_VIEWS`] headers.
+// The inline variant is meant to be large: it lives in one hook's frame.
+#[allow(clippy::large_enum_variant)]
+pub enum HeaderViewList {
+    Inline([EnvoyHttpHeader; INLINE_VIEWS], usize),
+    Heap(Vec<EnvoyHttpHeader>),
+}
+
+pub const INLINE_VIEWS: usize = 16;
+
+const NO_HEADER: EnvoyHttpHeader = EnvoyHttpHeader {
+    key_ptr: std::ptr::null(),
+    key_length: 0,
+    value_ptr: std::ptr::null(),
+    value_length: 0,
+};
+
+impl HeaderViewList {
+    pub fn as_slice(&self) -> &[EnvoyHttpHeader] {
+        match self {
+            HeaderViewList::Inline(views, n) => views.get(..*n).unwrap_or(&[]),
+            HeaderViewList::Heap(views) => views,
+        }
+    }
+}
+
 /// The filter configuration as Envoy knows it, only usable while Envoy is
 /// creating it (`on_http_filter_config_new`, main thread).
 pub struct ConfigHandle(pub abi::FilterConfigEnvoyPtr);
@@ -102,38 +129,53 @@ impl Stream {
     /// The views are valid until the current hook returns or a request
     /// header is changed, whichever comes first; the caller reads them only
     /// before either.
-    pub unsafe fn request_header_views(&self) -> Vec<EnvoyHttpHeader> {
-        let n =
-            abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, abi::REQUEST_HEADER);
-        let mut views = vec![
-            EnvoyHttpHeader {
-                key_ptr: std::ptr::null(),
-                key_length: 0,
-                value_ptr: std::ptr::null(),
-                value_length: 0,
-            };
-            n
-        ];
-        if n == 0
-            || !abi::envoy_dynamic_module_callback_http_get_headers(
-                self.0,
-                abi::REQUEST_HEADER,
-                views.as_mut_ptr(),
-            )
-        {
-            return Vec::new();
+    pub unsafe fn request_header_views(&self) -> HeaderViewList {
+        self.header_views(abi::REQUEST_HEADER)
+    }
+
+    /// [`Stream::request_header_views`] for the response headers.
+    ///
+    /// # Safety
+    /// As there, for response headers.
+    pub unsafe fn response_header_views(&self) -> HeaderViewList {
+        self.header_views(abi::RESPONSE_HEADER)
+    }
+
+    unsafe fn header_views(&self, kind: abi::HeaderType) -> HeaderViewList {
+        let n = abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, kind);
+        let mut list = if n <= INLINE_VIEWS {
+            HeaderViewList::Inline([NO_HEADER; INLINE_VIEWS], n)
+        } else {
+            HeaderViewList::Heap(vec![NO_HEADER; n])
+        };
+        let out = match &mut list {
+            HeaderViewList::Inline(views, _) => views.as_mut_ptr(),
+            HeaderViewList::Heap(views) => views.as_mut_ptr(),
+        };
+        // `out` has room for the `n` headers Envoy just counted.
+        if n == 0 || !abi::envoy_dynamic_module_callback_http_get_headers(self.0, kind, out) {
+            return HeaderViewList::Inline([NO_HEADER; INLINE_VIEWS], 0);
         }
-        views
+        list
     }
 
     /// Adds a request header known to be absent: cheaper than `set`, which
     /// first looks for copies to replace. False for an empty value.
     pub fn add_request_header(&self, name: &str, value: &str) -> bool {
+        self.add_header(abi::REQUEST_HEADER, name, value)
+    }
+
+    /// [`Stream::add_request_header`] for the response.
+    pub fn add_response_header(&self, name: &str, value: &str) -> bool {
+        self.add_header(abi::RESPONSE_HEADER, name, value)
+    }
+
+    fn add_header(&self, kind: abi::HeaderType, name: &str, value: &str) -> bool {
         // SAFETY: stream pointer of the current hook; buffers outlive the call.
         unsafe {
             abi::envoy_dynamic_module_callback_http_add_header(
                 self.0,
-                abi::REQUEST_HEADER,
+                kind,
                 ModuleBuffer::of(name.as_bytes()),
                 ModuleBuffer::of(value.as_bytes()),
             )

@@ -2,11 +2,13 @@
 //! the verdict — the same steps, answers, headers and access-log fields as
 //! the wasm filter (`src/http_context.rs`).
 
-use crate::abi::{self, EnvoyHttpHeader};
+use crate::abi;
 use crate::config::FilterConfig;
-use crate::envoy::{log, Stream};
+use crate::envoy::{log, HeaderViewList, Stream};
+use crate::profile::{self, Step};
 use crate::state::{lookup, Counters};
 use keygate_core::access_log::AccessRecord;
+use keygate_core::config::RateLimitHeaders;
 use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::RateStatus;
@@ -15,7 +17,7 @@ use keygate_core::token::MAX_LOGIN_BODY;
 use keygate_core::verdict::{
     identity_spellings, is_login, login, rate_limit_headers, Headers, Login,
 };
-use keygate_core::{decide, Credential, Denial, Host, Outcome, Policy};
+use keygate_core::{decide, Credential, Decision, Denial, Host, Outcome, Policy};
 use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -33,27 +35,38 @@ pub struct Gate {
 /// The request headers of one hook, fetched from Envoy in a single call
 /// (views, no copies): the decision's reads then cost no host call, and the
 /// header edits know which headers the client actually sent.
-struct RequestHeaders {
-    views: Vec<EnvoyHttpHeader>,
+struct HeaderViews {
+    views: HeaderViewList,
     /// X-Forwarded-For only counts with `trusted_xff_hops` > 0 (the core
     /// then takes the client address from it, else from Envoy).
     xff_trusted: bool,
 }
 
-impl RequestHeaders {
+impl HeaderViews {
     /// # Safety
     /// The result must be dropped before any request header is changed and
     /// before the hook returns (its views point into Envoy's header map).
-    unsafe fn fetch(stream: Stream, policy: &Policy) -> RequestHeaders {
-        RequestHeaders {
+    unsafe fn fetch(stream: Stream, policy: &Policy) -> HeaderViews {
+        HeaderViews {
             views: stream.request_header_views(),
             xff_trusted: policy.trusted_xff_hops > 0,
         }
     }
 
+    /// The response headers, the same way (only `has` is used on them).
+    ///
+    /// # Safety
+    /// As [`HeaderViews::fetch`], for response headers.
+    unsafe fn fetch_response(stream: Stream) -> HeaderViews {
+        HeaderViews {
+            views: stream.response_header_views(),
+            xff_trusted: false,
+        }
+    }
+
     /// Values of `name` (Envoy keeps names lowercase, as the core asks).
     fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.views.iter().filter_map(move |h| {
+        self.views.as_slice().iter().filter_map(move |h| {
             // SAFETY: views are valid while `self` lives (see `fetch`).
             let key = unsafe { view(h.key_ptr, h.key_length) };
             // SAFETY: as above.
@@ -68,16 +81,24 @@ impl RequestHeaders {
     /// Names sent that spell an identity header another way
     /// (`x_keygate_tenant`): removed like the identity headers themselves.
     fn identity_spellings(&self, policy: &Policy) -> Vec<String> {
-        let names = self.views.iter().map(|h| {
+        let names = self.views.as_slice().iter().map(|h| {
             // SAFETY: views are valid while `self` lives (see `fetch`).
             let key = unsafe { view(h.key_ptr, h.key_length) };
             std::str::from_utf8(key).unwrap_or_default()
         });
-        identity_spellings(policy, names)
+        identity_spellings(policy, names.filter(|n| may_respell(n)))
             .into_iter()
             .map(str::to_owned)
             .collect()
     }
+}
+
+/// Whether `name` could be another spelling of an identity header: only a
+/// name with a `_` or an uppercase letter can (without either, a match is the
+/// exact name, which `identity_spellings` leaves out). Envoy hands names in
+/// lowercase with `-`, so this usually skips every header in one scan.
+fn may_respell(name: &str) -> bool {
+    name.bytes().any(|b| b == b'_' || b.is_ascii_uppercase())
 }
 
 /// A slice of Envoy's memory; a null pointer is an empty slice.
@@ -91,7 +112,7 @@ unsafe fn view<'a>(ptr: *const std::ffi::c_char, len: usize) -> &'a [u8] {
     std::slice::from_raw_parts(ptr.cast::<u8>(), len)
 }
 
-impl Headers for RequestHeaders {
+impl Headers for HeaderViews {
     /// Repeated values joined with ',', as Envoy joins inline headers.
     fn get(&self, name: &str) -> Option<Vec<u8>> {
         if name == "x-forwarded-for" && !self.xff_trusted {
@@ -124,7 +145,7 @@ impl Host for NativeHost {
     }
 
     fn peer_address(&mut self) -> Option<String> {
-        self.stream.source_address()
+        profile::within(Step::PeerAddress, || self.stream.source_address())
     }
 
     fn counters(&mut self) -> &mut dyn CounterCell {
@@ -145,6 +166,119 @@ fn filter_state_key(field: &'static str) -> Cow<'static, str> {
         "keygate_rate_remaining" => "wasm.keygate_rate_remaining",
         other => return Cow::Owned(format!("wasm.{other}")),
     })
+}
+
+/// The access-log fields of a decision, as `AccessRecord::fields` names
+/// and renders them (`access_fields_match_the_core_record` checks it), handed
+/// to `f` without building the record: no copies of the credential's
+/// strings, no vector. Absent fields are skipped, as there.
+fn decision_fields(d: &Decision, mut f: impl FnMut(&'static str, &str)) {
+    let (decision, reason, credential, rate) = match &d.outcome {
+        Outcome::Public => ("public", None, None, None),
+        Outcome::Allowed { credential, rate } => ("allowed", None, Some(&**credential), *rate),
+        Outcome::Denied { denial, credential } => (
+            "denied",
+            Some(denial.reason.as_str()),
+            credential.as_deref(),
+            denial.rate,
+        ),
+    };
+    f("wasm.keygate_decision", decision);
+    if let Some(reason) = reason {
+        f("wasm.keygate_reason", reason);
+    }
+    if let Some(c) = credential {
+        f("wasm.keygate_key_id", &c.key_id);
+        f("wasm.keygate_tenant", &c.tenant);
+        f("wasm.keygate_environment", &c.environment);
+    }
+    if let Some(scope) = &d.required_scope {
+        f("wasm.keygate_scope_required", scope);
+    }
+    if let Some(rate) = rate {
+        let mut buf = [0u8; 10];
+        f(
+            "wasm.keygate_rate_remaining",
+            decimal(rate.remaining, &mut buf),
+        );
+    }
+}
+
+/// `n` in decimal, written into `buf` (a u32 has at most 10 digits).
+fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &str {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        // `n % 10` < 10: the cast cannot truncate.
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits only.
+    std::str::from_utf8(&buf[start..]).unwrap_or("0")
+}
+
+/// Every name [`rate_headers`] may set.
+const RATE_HEADER_NAMES: [&str; 5] = [
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "ratelimit-policy",
+    "ratelimit",
+];
+
+/// The response headers of `rate_limit_headers` (same names, values and
+/// order; `rate_headers_match_the_core` checks it), each rendered into a
+/// stack buffer and handed to `f`: no string per header.
+fn rate_headers(
+    rate: &RateStatus,
+    styles: RateLimitHeaders,
+    now_ns: u64,
+    mut f: impl FnMut(&'static str, &str),
+) {
+    let mut buf = [0u8; 64];
+    let mut put = |name: &'static str, args: std::fmt::Arguments| {
+        if let Some(value) = render(&mut buf, args) {
+            f(name, value);
+        }
+    };
+    if styles.x_ratelimit {
+        put("x-ratelimit-limit", format_args!("{}", rate.limit.requests));
+        put("x-ratelimit-remaining", format_args!("{}", rate.remaining));
+        put(
+            "x-ratelimit-reset",
+            format_args!("{}", rate.reset_epoch_secs()),
+        );
+    }
+    if styles.ietf {
+        put(
+            "ratelimit-policy",
+            format_args!(
+                "\"default\";q={};w={}",
+                rate.limit.requests, rate.limit.window_secs
+            ),
+        );
+        put(
+            "ratelimit",
+            format_args!(
+                "\"default\";r={};t={}",
+                rate.remaining,
+                rate.reset_in_secs(now_ns)
+            ),
+        );
+    }
+}
+
+/// `args` written into `buf`; None if it does not fit (never for the
+/// numbers above: the longest value is under 50 bytes).
+fn render<'b>(buf: &'b mut [u8; 64], args: std::fmt::Arguments) -> Option<&'b str> {
+    use std::io::Write;
+    let mut rest = &mut buf[..];
+    rest.write_fmt(args).ok()?;
+    let used = 64 - rest.len();
+    std::str::from_utf8(buf.get(..used)?).ok()
 }
 
 /// No policy on this worker (its compilation failed after the main thread
@@ -189,6 +323,25 @@ impl Gate {
         }
         if policy.log_decisions {
             if let Ok(line) = serde_json::to_string(record) {
+                log(abi::LOG_INFO, &format!("keygate: decision {line}"));
+            }
+        }
+    }
+
+    /// [`Gate::record`] for a decision, without building its record unless
+    /// the decision log line asks for one.
+    fn record_decision(&self, stream: Stream, decision: &Decision, policy: &Policy) {
+        if policy.access_log_fields {
+            profile::within(Step::FilterState, || {
+                decision_fields(decision, |key, value| stream.set_filter_state(key, value));
+            });
+        }
+        if let Some(id) = self.config.decision_counter(decision) {
+            profile::within(Step::Metric, || stream.increment_counter(id));
+        }
+        if policy.log_decisions {
+            let record = AccessRecord::of_decision(decision);
+            if let Ok(line) = serde_json::to_string(&record) {
                 log(abi::LOG_INFO, &format!("keygate: decision {line}"));
             }
         }
@@ -267,13 +420,16 @@ impl Gate {
     }
 
     pub fn on_request_headers(&mut self, stream: Stream, end_of_stream: bool) -> u32 {
+        let mut timer = profile::Timer::start();
         let Some(policy) = self.config.policy() else {
             unavailable(stream);
             return abi::HEADERS_STOP_ITERATION;
         };
         self.now_ns = now_ns();
+        timer.lap(Step::Policy);
         // SAFETY: dropped below before the first header change.
-        let headers = unsafe { RequestHeaders::fetch(stream, &policy) };
+        let headers = unsafe { HeaderViews::fetch(stream, &policy) };
+        timer.lap(Step::Headers);
         if is_login(&policy, &headers) {
             // The client address may come from X-Forwarded-For: keep it for
             // when the body is complete.
@@ -307,40 +463,52 @@ impl Gate {
             };
             decide(&policy, &headers, &mut host, self.now_ns)
         };
-        self.record(stream, &AccessRecord::of_decision(&decision), &policy);
+        timer.lap(Step::Decide);
+        self.record_decision(stream, &decision, &policy);
+        timer.reset();
         // Only headers the client sent need a removal or a replacing set;
-        // the others are added, one cheap call each.
+        // the others are added, one cheap call each. Which were sent is
+        // noted on the stack (the views die at the first change); past
+        // `MAX_EDITS` an edit is assumed sent, which only costs a lookup.
+        const MAX_EDITS: usize = 16;
         let edits = decision.upstream_headers(&policy, &headers);
-        let remove: Vec<&str> = edits
-            .remove
-            .iter()
-            .copied()
-            .filter(|n| headers.has(n))
-            .collect();
-        let set: Vec<(&str, &str, bool)> = edits
-            .set
-            .iter()
-            .map(|&(n, v)| (n, v, headers.has(n)))
-            .collect();
+        let mut remove_sent = [true; MAX_EDITS];
+        for (sent, name) in remove_sent.iter_mut().zip(&edits.remove) {
+            *sent = headers.has(name);
+        }
+        let mut set_sent = [true; MAX_EDITS];
+        for (sent, (name, _)) in set_sent.iter_mut().zip(&edits.set) {
+            *sent = headers.has(name);
+        }
+        // Usually none: no allocation then.
         let spellings = match decision.outcome {
             Outcome::Denied { .. } => Vec::new(),
             _ => headers.identity_spellings(&policy),
         };
         drop(headers);
-        for name in remove
-            .into_iter()
-            .chain(spellings.iter().map(String::as_str))
-        {
+        timer.lap(Step::EditPlan);
+        let remove_sent = remove_sent.iter().chain(std::iter::repeat(&true));
+        let remove = edits
+            .remove
+            .iter()
+            .zip(remove_sent)
+            .filter(|(_, s)| **s)
+            .map(|(name, _)| *name);
+        for name in remove.chain(spellings.iter().map(String::as_str)) {
             stream.set_request_header(name, None);
         }
-        for (name, value, sent) in set {
+        let set_sent = set_sent.iter().chain(std::iter::repeat(&true));
+        for (&(name, value), &sent) in edits.set.iter().zip(set_sent) {
             if sent {
                 stream.set_request_header(name, Some(value));
-            } else {
-                // Refused for an empty value: the header stays absent.
+            } else if !value.is_empty() {
+                // Envoy refuses to add an empty value: the header stays
+                // absent either way, so the call is skipped.
                 stream.add_request_header(name, value);
             }
         }
+        timer.lap(Step::EditCalls);
+        profile::request_done();
         match &decision.outcome {
             Outcome::Denied { denial, .. } => {
                 self.reply(stream, denial, &policy);
@@ -404,11 +572,170 @@ impl Gate {
     }
 
     pub fn on_response_headers(&mut self, stream: Stream) -> u32 {
+        let mut timer = profile::Timer::start();
         if let (Some(rate), Some(policy)) = (&self.rate, self.config.policy()) {
-            for (name, value) in rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns) {
-                stream.set_response_header(name, Some(&value));
-            }
+            // As on the request: a header the upstream sent is replaced, the
+            // others are added, which costs Envoy less than a replacing set.
+            let sent: Vec<&'static str> = {
+                // SAFETY: dropped before the first response header change.
+                let present = unsafe { HeaderViews::fetch_response(stream) };
+                RATE_HEADER_NAMES
+                    .into_iter()
+                    .filter(|n| present.has(n))
+                    .collect()
+            };
+            timer.lap(Step::ResponsePlan);
+            rate_headers(
+                rate,
+                policy.rate_limit_headers,
+                self.now_ns,
+                |name, value| {
+                    if sent.contains(&name) || !stream.add_response_header(name, value) {
+                        stream.set_response_header(name, Some(value));
+                    }
+                },
+            );
+            timer.lap(Step::ResponseHeaders);
         }
         abi::HEADERS_CONTINUE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_core::testing::{MemoryHost, NOW};
+
+    const KEY: &str = "native-test-key";
+
+    fn policy() -> Policy {
+        let hash = keygate_core::hash::to_hex(&keygate_core::hash::sha256(KEY.as_bytes()));
+        let json = format!(
+            r#"{{"credentials":[{{"key_id":"k1","key_hash":"{hash}","tenant":"acme",
+                "environment":"test","scopes":["read"],
+                "rate_limit":{{"requests":2,"window_secs":60}}}}],
+              "routes":[{{"path_prefix":"/health","public":true}},
+                {{"methods":["GET"],"path_prefix":"/v1","scope":"read"}},
+                {{"path_prefix":"/admin","scope":"admin"}}]}}"#
+        );
+        Policy::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn request(method: &str, path: &str, key: Option<&str>) -> Vec<(String, Vec<u8>)> {
+        let mut h = vec![
+            (":method".to_owned(), method.as_bytes().to_vec()),
+            (":path".to_owned(), path.as_bytes().to_vec()),
+        ];
+        if let Some(key) = key {
+            h.push(("x-api-key".to_owned(), key.as_bytes().to_vec()));
+        }
+        h
+    }
+
+    /// Allowed (with rate), public, unknown key, missing key, wrong scope
+    /// (with credential), rate-limited (with rate and credential).
+    fn decisions() -> Vec<Decision> {
+        let p = policy();
+        let mut host = MemoryHost::default();
+        [
+            ("GET", "/v1/items", Some(KEY)),
+            ("GET", "/health", None),
+            ("GET", "/v1/items", Some("nope")),
+            ("GET", "/v1/items", None),
+            ("GET", "/admin/x", Some(KEY)),
+            ("GET", "/v1/items", Some(KEY)),
+            ("GET", "/v1/items", Some(KEY)),
+        ]
+        .iter()
+        .map(|(m, path, key)| decide(&p, &request(m, path, *key), &mut host, NOW))
+        .collect()
+    }
+
+    #[test]
+    fn access_fields_match_the_core_record() {
+        let decisions = decisions();
+        assert!(decisions
+            .iter()
+            .any(|d| matches!(&d.outcome, Outcome::Denied { denial, .. } if denial.reason == Reason::RateLimited)));
+        for d in &decisions {
+            let mut written = Vec::new();
+            decision_fields(d, |k, v| written.push((k.to_owned(), v.to_owned())));
+            let expected: Vec<(String, String)> = AccessRecord::of_decision(d)
+                .fields()
+                .into_iter()
+                .map(|(k, v)| (format!("wasm.{k}"), v))
+                .collect();
+            assert_eq!(written, expected, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn decision_counters_are_the_core_outcome_names() {
+        for d in decisions() {
+            let slot = crate::config::decision_slot(&d.outcome);
+            assert_eq!(
+                crate::config::decision_outcome(slot),
+                AccessRecord::of_decision(&d).outcome()
+            );
+        }
+    }
+
+    #[test]
+    fn rate_headers_match_the_core() {
+        use keygate_core::rate_limit::RateLimit;
+        let statuses = [
+            (3, 60, 2, NOW + 1),
+            (u32::MAX, u32::MAX, u32::MAX, u64::MAX),
+        ];
+        for (requests, window_secs, remaining, reset_at_ns) in statuses {
+            let rate = RateStatus {
+                allowed: true,
+                limit: RateLimit {
+                    requests,
+                    window_secs,
+                },
+                remaining,
+                reset_at_ns,
+                retry_after_ns: 0,
+            };
+            for (x_ratelimit, ietf) in [(true, true), (true, false), (false, true), (false, false)]
+            {
+                let styles = RateLimitHeaders { x_ratelimit, ietf };
+                let mut ours = Vec::new();
+                rate_headers(&rate, styles, NOW, |n, v| ours.push((n, v.to_owned())));
+                assert_eq!(ours, rate_limit_headers(&rate, styles, NOW));
+                assert!(ours.iter().all(|(n, _)| RATE_HEADER_NAMES.contains(n)));
+            }
+        }
+    }
+
+    #[test]
+    fn prefiltered_identity_spellings_are_the_core_ones() {
+        let p = policy();
+        let names = [
+            ":path",
+            "x-api-key",
+            "x-keygate-tenant",
+            "x_keygate_tenant",
+            "X-Keygate-Key-Id",
+            "x_keygate-scopes",
+            "x-keygate-tenant_",
+            "user_agent",
+            "X-Other",
+        ];
+        let all = identity_spellings(&p, names);
+        assert!(all.len() >= 3, "{all:?}");
+        assert_eq!(
+            identity_spellings(&p, names.into_iter().filter(|n| may_respell(n))),
+            all
+        );
+    }
+
+    #[test]
+    fn decimal_renders_like_to_string() {
+        for n in [0, 7, 10, 99, 1000, 4_294_967_295] {
+            let mut buf = [0u8; 10];
+            assert_eq!(decimal(n, &mut buf), n.to_string());
+        }
     }
 }

@@ -24,6 +24,7 @@ mod envoy;
 mod gate;
 #[cfg(test)]
 mod host_stub;
+mod profile;
 mod state;
 mod sync;
 

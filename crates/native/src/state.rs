@@ -46,8 +46,18 @@ pub struct Snapshot {
 /// A counter's bytes and its compare-and-swap token.
 #[derive(Default)]
 struct Slot {
+    /// The slot's own key, so a held guard knows what it locks without a
+    /// per-decision copy of the key.
+    key: Box<str>,
     value: Option<Vec<u8>>,
     cas: u32,
+}
+
+fn new_slot(key: &str) -> SlotRef {
+    Arc::new(Mutex::new(Slot {
+        key: key.into(),
+        ..Slot::default()
+    }))
 }
 
 type SlotRef = Arc<Mutex<Slot>>;
@@ -96,7 +106,7 @@ impl Tables {
         if let Some(slot) = current.get(key) {
             return slot.clone();
         }
-        let slot = SlotRef::default();
+        let slot = new_slot(key);
         let mut next = (*current).clone();
         next.insert(key.to_owned(), slot.clone());
         self.counters.store(Arc::new(next));
@@ -109,7 +119,7 @@ impl Tables {
         let mut next = (*self.counters.load_full()).clone();
         for key in keys {
             if !next.contains_key(key) {
-                next.insert(key.to_owned(), SlotRef::default());
+                next.insert(key.to_owned(), new_slot(key));
             }
         }
         self.counters.store(Arc::new(next));
@@ -140,27 +150,46 @@ impl Tables {
 /// writer. At most one slot is held at a time: no lock-order deadlocks.
 #[derive(Default)]
 pub struct Counters {
-    held: Option<(String, ArcMutexGuard<RawMutex, Slot>)>,
+    held: Option<ArcMutexGuard<RawMutex, Slot>>,
 }
 
 impl CounterCell for Counters {
     fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        self.held = None;
-        let guard = tables().slot(key).lock_arc();
-        let out = (guard.value.clone(), Some(guard.cas));
-        self.held = Some((key.to_owned(), guard));
-        out
+        crate::profile::within(crate::profile::Step::RateCounter, || self.load_slot(key))
     }
 
     fn store(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        crate::profile::within(crate::profile::Step::RateCounter, || {
+            self.store_slot(key, value, cas)
+        })
+    }
+}
+
+impl Counters {
+    fn load_slot(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.held = None;
+        let guard = tables().slot(key).lock_arc();
+        let out = (guard.value.clone(), Some(guard.cas));
+        self.held = Some(guard);
+        out
+    }
+
+    fn store_slot(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
         let mut guard = match self.held.take() {
-            Some((held_key, guard)) if held_key == key => guard,
+            Some(guard) if &*guard.key == key => guard,
             _ => tables().slot(key).lock_arc(),
         };
         if cas.is_some_and(|c| c != guard.cas) {
             return false;
         }
-        guard.value = Some(value.to_vec());
+        // The slot's buffer is reused: a counter keeps its size.
+        match &mut guard.value {
+            Some(held) => {
+                held.clear();
+                held.extend_from_slice(value);
+            }
+            None => guard.value = Some(value.to_vec()),
+        }
         guard.cas = guard.cas.wrapping_add(1);
         true
     }
