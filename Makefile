@@ -100,7 +100,7 @@ run: $(if $(filter native,$(KEYGATE_BUILD)),native,wasm) sidecar envoy
 
 bench: wasm native sidecar envoy
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	@$(WITH_TMP) $(VPY) -m bench.bench && $(VPY) -m bench.propagation && $(VPY) -m bench.fleet_propagation && $(VPY) -m bench.api
+	@$(WITH_TMP) $(VPY) -m bench.bench && $(VPY) -m bench.propagation && $(VPY) -m bench.fleet_propagation && $(VPY) -m bench.api && $(VPY) -m bench.ingest_lag
 	$(CARGO) run --release -p keygate-control --example bench_logs
 
 # Minutes of mixed load with key churn (SOAK_SECONDS, default 300); not in make test.

@@ -133,6 +133,7 @@ impl GateContext {
                     credential: None,
                 },
                 required_scope: None,
+                session: None,
             };
             self.record(&AccessRecord::of_decision(&decision), policy);
         }

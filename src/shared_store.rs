@@ -9,7 +9,8 @@ use keygate_core::entry;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::{decode_tat, encode_tat};
 use keygate_core::shared_data::{
-    counter_key, credential_key, key_id_key, update, CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
+    counter_key, credential_key, credential_key_of_prefix, key_id_key, update, CounterCell, Step,
+    CONFIG_IDS_KEY, NAME_HASH_BYTES, STATE_KEY,
 };
 use keygate_core::sync::{
     decode_entry, decode_state, is_visible, update_visible_record, visible_record, SyncState,
@@ -60,6 +61,17 @@ impl CredentialCache {
         let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
             return Ok(None);
         };
+        self.parsed(hash, name, bytes, cas)
+    }
+
+    /// The live credential of the entry `name` read as `bytes` under `hash`.
+    fn parsed(
+        &mut self,
+        hash: &Digest,
+        name: String,
+        bytes: Vec<u8>,
+        cas: Option<u32>,
+    ) -> HostResult<Option<(Rc<Credential>, EntryCounter)>> {
         let state = self.sync_state()?;
         // The value served now: the newest committed slot (see `sync`).
         let Some(served) = visible_record(&bytes, &state) else {
@@ -163,11 +175,25 @@ impl CredentialCache {
         &mut self,
         key_id: &str,
     ) -> HostResult<Option<(Rc<Credential>, EntryCounter)>> {
-        let (bytes, _) = host::shared_get(&key_id_key(key_id))?;
-        let Some(hash) = bytes.and_then(|b| Digest::try_from(b.as_slice()).ok()) else {
+        let (prefix, _) = host::shared_get(&key_id_key(key_id))?;
+        let Some(prefix) = prefix.filter(|p| p.len() == NAME_HASH_BYTES) else {
             return Ok(None);
         };
-        Ok(self.lookup(&hash)?.filter(|(c, _)| c.key_id == key_id))
+        let name = credential_key_of_prefix(&prefix);
+        let (bytes, cas) = host::shared_get(&name)?;
+        let state = self.sync_state()?;
+        // The served record holds the rest of the hash; with the name's
+        // bytes that is the hash the entry is then parsed and checked under,
+        // as by key.
+        let Some((bytes, hash)) = bytes.and_then(|b| {
+            let hash = entry::full_hash(&prefix, visible_record(&b, &state)?)?;
+            Some((b, hash))
+        }) else {
+            return Ok(None);
+        };
+        Ok(self
+            .parsed(&hash, name, bytes, cas)?
+            .filter(|(c, _)| c.key_id == key_id))
     }
 }
 

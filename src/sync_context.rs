@@ -8,7 +8,8 @@ use crate::shared_store::SharedCounters;
 use keygate_core::config::SyncSecret;
 use keygate_core::hash::Digest;
 use keygate_core::shared_data::{
-    credential_key, key_id_key, revocations_key, update, Step, CONFIG_IDS_KEY, STATE_KEY,
+    credential_key, key_id_key, name_prefix, revocations_key, update, Step, CONFIG_IDS_KEY,
+    STATE_KEY,
 };
 use keygate_core::sync::{
     check_config_ids, decode_state, encode_state, plan, stage, Plan, SyncError, SyncState,
@@ -74,11 +75,12 @@ impl SyncContext {
         for (hash, record) in staged {
             stage_entry(&state, &plan, hash, record)?;
         }
-        // Tokens name their key by id: the id → hash index. Written before
-        // the commit, which is harmless: the gate checks the credential it
-        // leads to, and a staged one is not served yet.
+        // Tokens name their key by id: the id → entry-name prefix index.
+        // Written before the commit, which is harmless: the gate checks the
+        // credential it leads to, and a staged one is not served yet. The
+        // prefix, not the hash: 15 bytes need no heap block in Envoy.
         for (key_id, hash) in &plan.key_ids {
-            host::shared_set(&key_id_key(key_id), hash, None).map_err(host_error)?;
+            host::shared_set(&key_id_key(key_id), name_prefix(hash), None).map_err(host_error)?;
         }
         apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
         if let Some(commit) = &plan.commit {

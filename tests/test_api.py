@@ -4,9 +4,11 @@ Envoy. Tenant isolation on every route, token brute force slowed, bad bodies
 refused, API changes live in Envoy, Envoy's requests in the API's logs, and
 the OpenAPI document matching the routes the server answers."""
 
+import datetime
 import json
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -247,13 +249,32 @@ def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
 
     a, b = login("phone"), login("laptop")
     assert request(envoy.port, "GET", "/v1/items", a).status == 200
+    used = time.time()
+
+    def listed():
+        s, v = call(srv, "GET", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions", tok)
+        assert s == 200, v
+        return {x["session_id"]: x for x in v["sessions"]}
+
+    # Live sessions come from Envoy's access log (the login answers and the
+    # token's use), within the ingester's poll.
+    assert wait_until(lambda: {"phone", "laptop"} <= listed().keys() and listed()["phone"]["last_seen_at"],
+                      timeout=5), listed()
+    phone = listed()["phone"]
+    seen = datetime.datetime.fromisoformat(phone["last_seen_at"].replace("Z", "+00:00")).timestamp()
+    assert abs(seen - used) <= 2, (phone, used)
+    assert not phone["revoked"] and phone["created_at"] <= phone["last_seen_at"] < phone["expires_at"]
     s, _ = call(srv, "DELETE", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions/phone", tok)
     assert s == 204
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", a).status == 401, timeout=2)
     assert request(envoy.port, "GET", "/v1/items", b).status == 200
     s, v = call(srv, "GET", "/api/v1/tenants/acme/sessions", tok)
     assert s == 200 and {(x["key_id"], x["session_id"], x["revoked"]) for x in v["sessions"]} >= \
-        {(k["key_id"], "phone", True)}
+        {(k["key_id"], "phone", True), (k["key_id"], "laptop", False)}
+    # The revoked session keeps what the log showed of it.
+    assert {x["session_id"]: x for x in v["sessions"]}["phone"]["last_seen_at"] == phone["last_seen_at"]
+    tokens = [h[0][1].split()[1] for h in (a, b)]
+    assert not any(t in rig["log"].read_text() for t in tokens), "a token reached the access log"
     assert call(srv, "GET", "/api/v1/tenants/acme/sessions", rig["globex"])[0] == 404
 
 
@@ -303,3 +324,92 @@ def test_sigterm_stops_the_server_cleanly(tmp_path):
         assert '"stopped"' in srv.log()
     finally:
         srv.stop()
+
+
+def log_line(i):
+    """One access-log record as envoy/envoy.yaml writes it, request id r<i>."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    return json.dumps({"time": stamp, "method": "GET", "path": "/v1/items", "status": 200, "client_ip": "127.0.0.1",
+                       "duration_ms": 1, "request_id": f"r{i}", "decision": "allowed", "reason": None,
+                       "key_id": "crash-key", "tenant": "crash", "environment": "live"}) + "\n"
+
+
+def test_kill_9_mid_ingest_and_mid_write_loses_nothing_committed_and_duplicates_nothing(tmp_path):
+    """SIGKILL of `keygate serve` while it ingests a growing access log and
+    answers key creations: after a restart every record is in the API's logs
+    exactly once and every key answered 201 is there."""
+    store, log = str(tmp_path / "keygate.db"), tmp_path / "access.log"
+    keygate(store, "store", "init")
+    op = token(store, "--operator")
+    server = Server(store, tmp_path, "--access-log", str(log), "--auth-failures", "100000/min")
+    written, acked, tried = [0], [], [0]
+    stop_writing, stop_creating = threading.Event(), threading.Event()
+
+    def append():
+        # Until told, at a few thousand records a second (bounded by count).
+        with open(log, "a") as f:
+            while not stop_writing.is_set() and written[0] < 200_000:
+                f.write("".join(log_line(written[0] + i) for i in range(20)))
+                f.flush()
+                written[0] += 20
+                time.sleep(0.005)
+
+    def create():
+        while not stop_creating.is_set() and tried[0] < 5_000:
+            # One tenant per key: no tenant limit in the way.
+            n = tried[0]
+            tried[0] += 1
+            s, v = call(server, "POST", f"/api/v1/tenants/t{n}/keys", op, {"name": f"k{n}", "scopes": ["read"]})
+            if s == 201:
+                acked.append((f"t{n}", v["key_id"]))
+
+    server.start()
+    try:
+        writer = threading.Thread(target=append)
+        writer.start()
+        for kill in range(2):
+            stop_creating.clear()
+            creator = threading.Thread(target=create)
+            creator.start()
+            acked_before = len(acked)
+
+            def busy():
+                h = call(server, "GET", "/healthz")[1]
+                return h and h["ingest"]["records"] > 500 and len(acked) > acked_before + 3
+            # Killed while records and keys are flowing in.
+            assert wait_until(busy, timeout=30), (written[0], len(acked), server.log()[-2000:])
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(10)
+            stop_creating.set()
+            creator.join(30)
+            if kill == 0:
+                server.start()
+        stop_writing.set()
+        writer.join(30)
+        assert not writer.is_alive() and not creator.is_alive()
+        server.start()
+        total = written[0]
+
+        def ingested():
+            h = call(server, "GET", "/healthz")[1]
+            return h and h["ingest"]["bytes_behind"] == 0
+        assert wait_until(ingested, timeout=60), call(server, "GET", "/healthz")
+        ids, cursor = [], None
+        for _ in range(total // 1000 + 5):
+            q = "/api/v1/tenants/crash/logs?limit=1000" + (f"&cursor={cursor}" if cursor else "")
+            s, page = call(server, "GET", q, op)
+            assert s == 200, page
+            ids += [r["request_id"] for r in page["records"]]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} records stored twice"
+        assert set(ids) == {f"r{i}" for i in range(total)}, f"{total - len(set(ids))} records lost"
+        for tenant, kid in acked:
+            s, _ = call(server, "GET", f"/api/v1/tenants/{tenant}/keys/{kid}", op)
+            assert s == 200, f"key {kid} answered 201, then lost"
+    finally:
+        stop_writing.set()
+        stop_creating.set()
+        server.stop()

@@ -155,9 +155,13 @@ def test_sync_waits_for_an_unreachable_postgres_naming_it(tmp_path):
         proc = subprocess.Popen([str(KEYGATE), "--store", f"postgres://nobody@127.0.0.1:{port}/keygate", "sync",
                                  "--endpoint", f"http://127.0.0.1:{free_port()}"], stderr=f, env=env)
     try:
-        deadline = time.monotonic() + 10
-        # The LISTEN thread may say so first: wait for the main thread's line too.
-        while "waiting" not in log.read_text() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 20
+
+        def said():
+            text = log.read_text()
+            return f"127.0.0.1:{port}" in text and "waiting" in text
+
+        while not said() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert f"127.0.0.1:{port}" in log.read_text() and "waiting" in log.read_text(), log.read_text()
         assert proc.poll() is None, "the daemon waits for the database instead of exiting"

@@ -35,7 +35,7 @@ def fleet(postgres, envoy_factory, tmp_path):
                     "DROP TABLE IF EXISTS keygate_meta, keygate_keys, keygate_revoked_sessions"],
                    check=True, capture_output=True, timeout=30)
     migrated = keygate(postgres.url, "store", "migrate", json_out=False)
-    assert "version 2" in migrated.stdout
+    assert "version 3" in migrated.stdout
     with (
         envoy_factory(CONFIG) as a,
         envoy_factory(CONFIG) as b,
@@ -76,6 +76,29 @@ def test_the_shared_store_enforces_tenant_limits_in_a_transaction(fleet):
              for i in range(8)]
     assert all(p.wait(60) == 0 for p in procs)
     assert len(keygate(pg.url, "key", "list")) == 9
+
+
+def psql(pg, sql):
+    subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "keygate", "-c", sql],
+                   check=True, capture_output=True, timeout=30)
+
+
+def test_a_key_name_set_through_the_cli_round_trips_and_an_old_schema_is_migrated(fleet):
+    pg, envoys, _ = fleet
+    k = keygate(pg.url, "key", "create", "--tenant", "acme", "--scope", "read", "--name", "billing job")
+    other = keygate(pg.url, "key", "create", "--tenant", "acme", "--scope", "read")
+    names = {x["key_id"]: x["name"] for x in keygate(pg.url, "key", "list")}
+    assert names[k["key_id"]] == "billing job" and names[other["key_id"]] in ("", None), names
+    on_both(envoys, k["api_key"], 200)
+    # A store written by the previous schema (no name column): refused with
+    # the remedy until `store migrate`, which keeps every key (names empty).
+    psql(pg, "ALTER TABLE keygate_keys DROP COLUMN name; UPDATE keygate_meta SET schema_version = 2")
+    refused = keygate(pg.url, "key", "list", check=False)
+    assert refused.returncode != 0 and "store migrate" in refused.stdout + refused.stderr
+    assert "version 3" in keygate(pg.url, "store", "migrate", json_out=False).stdout
+    listed = {x["key_id"]: x["name"] for x in keygate(pg.url, "key", "list")}
+    assert listed.keys() == names.keys() and all(n in ("", None) for n in listed.values()), listed
+    on_both(envoys, k["api_key"], 200)
 
 
 def test_postgres_restart_sidecars_reconnect_and_catch_up(fleet):

@@ -48,6 +48,11 @@ pub enum Error {
     PgNotInitialised,
 
     #[error(
+        "the PostgreSQL store's schema is older than this keygate: run `keygate store migrate`"
+    )]
+    PgNeedsMigration,
+
+    #[error(
         "the database schema ({found}) is newer than this keygate ({supported}): upgrade keygate"
     )]
     SchemaTooNew { found: i32, supported: i32 },
@@ -98,6 +103,7 @@ impl Error {
             Error::Io { .. } => "io",
             Error::Postgres { .. } => "postgres",
             Error::PgNotInitialised => "store_not_initialised",
+            Error::PgNeedsMigration => "store_needs_migration",
             Error::SchemaTooNew { .. } => "schema_too_new",
             Error::NoSuchKey(_) => "no_such_key",
             Error::KeyExists(_) => "key_exists",

@@ -65,9 +65,16 @@ struct Line<'a> {
     reason: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     request_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(default, deserialize_with = "status_code")]
+    session_issued_ms: Option<i64>,
+    #[serde(default, deserialize_with = "status_code")]
+    session_expires_ms: Option<i64>,
 }
 
-/// Envoy writes `%RESPONSE_CODE%` as a number; accept a numeric string too.
+/// Envoy writes `%RESPONSE_CODE%` as a number; accept a numeric string too
+/// (the filter's own numbers come as strings: filter state is text).
 fn status_code<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -96,6 +103,18 @@ pub struct Row {
     pub decision: Option<String>,
     pub reason: Option<String>,
     pub request_id: Option<String>,
+    /// The issued token's session, for a login answer or a request a token
+    /// got through (never the token).
+    pub session: Option<SeenSession>,
+}
+
+/// A token session as one access record shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenSession {
+    /// Empty for a login without a `session_id`.
+    pub id: String,
+    pub issued_ms: i64,
+    pub expires_ms: i64,
 }
 
 fn cut(v: Option<Cow<'_, str>>, max: usize) -> Option<String> {
@@ -126,7 +145,18 @@ fn parse_time_ms(t: &str) -> Option<i64> {
 pub fn parse_line(line: &[u8]) -> Option<Row> {
     let l: Line = serde_json::from_slice(line).ok()?;
     let time_ms = parse_time_ms(l.time.as_deref()?)?;
+    // The expiry marks a token's record; the id may be empty (Envoy may
+    // then print "" or "-"), which is the login-without-session_id session.
+    let session = match (l.session_issued_ms, l.session_expires_ms) {
+        (Some(issued_ms), Some(expires_ms)) => Some(SeenSession {
+            id: cut(l.session_id, MAX_FIELD_LEN).unwrap_or_default(),
+            issued_ms,
+            expires_ms,
+        }),
+        _ => None,
+    };
     Some(Row {
+        session,
         time_ms,
         key_id: cut(l.key_id, MAX_FIELD_LEN),
         tenant: cut(l.tenant, MAX_FIELD_LEN),
@@ -749,6 +779,69 @@ fn rollup(rows: &[Row]) -> (Rollup<'_>, BTreeMap<&str, i64>) {
     (usage, last_used)
 }
 
+/// Per (key, session): earliest and newest token issue, latest expiry and
+/// last use (ms), in a fixed order as the usage rollup.
+type SessionRollup<'a> = BTreeMap<(&'a str, &'a str), [i64; 4]>;
+
+fn session_rollup(rows: &[Row]) -> SessionRollup<'_> {
+    let mut out = SessionRollup::new();
+    for r in rows {
+        let (Some(key), Some(s)) = (r.key_id.as_deref(), r.session.as_ref()) else {
+            continue;
+        };
+        let e = out.entry((key, s.id.as_str())).or_insert([
+            s.issued_ms,
+            s.issued_ms,
+            s.expires_ms,
+            r.time_ms,
+        ]);
+        e[0] = e[0].min(s.issued_ms);
+        e[1] = e[1].max(s.issued_ms);
+        e[2] = e[2].max(s.expires_ms);
+        e[3] = e[3].max(r.time_ms);
+    }
+    out
+}
+
+/// The parameters of [`UPSERT_SESSION_SQLITE`] / [`UPSERT_SESSION_PG`]:
+/// key, session, created (s), expires (s), last seen (s), newest issue (ms),
+/// newest issue (s).
+fn session_params<'a>(key: &'a str, id: &'a str, v: &[i64; 4]) -> (&'a str, &'a str, [i64; 5]) {
+    let secs = |ms: i64| ms.div_euclid(1000);
+    (
+        key,
+        id,
+        [secs(v[0]), secs(v[2]), secs(v[3]), v[1], secs(v[1])],
+    )
+}
+
+// A session is created by its first record (or its token's issue time);
+// a token issued after the session's revocation (a new login with the same
+// session id) makes it live again, created anew. Times in seconds, as the
+// rest of the table; `revoked_at` is in ms, as the store writes it.
+const UPSERT_SESSION_SQLITE: &str = "INSERT INTO sessions \
+     (key_id, session_id, created_at, expires_at, last_seen_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+     ON CONFLICT (key_id, session_id) DO UPDATE SET \
+     created_at = CASE WHEN sessions.revoked_at IS NOT NULL AND ?6 > sessions.revoked_at THEN ?7 \
+       WHEN sessions.last_seen_at IS NULL THEN excluded.created_at \
+       ELSE min(sessions.created_at, excluded.created_at) END, \
+     expires_at = CASE WHEN sessions.last_seen_at IS NULL \
+       OR (sessions.revoked_at IS NOT NULL AND ?6 > sessions.revoked_at) THEN excluded.expires_at \
+       ELSE max(sessions.expires_at, excluded.expires_at) END, \
+     last_seen_at = max(coalesce(sessions.last_seen_at, 0), excluded.last_seen_at), \
+     revoked_at = CASE WHEN ?6 > sessions.revoked_at THEN NULL ELSE sessions.revoked_at END";
+const UPSERT_SESSION_PG: &str = "INSERT INTO sessions \
+     (key_id, session_id, created_at, expires_at, last_seen_at) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (key_id, session_id) DO UPDATE SET \
+     created_at = CASE WHEN sessions.revoked_at IS NOT NULL AND $6 > sessions.revoked_at THEN $7 \
+       WHEN sessions.last_seen_at IS NULL THEN excluded.created_at \
+       ELSE LEAST(sessions.created_at, excluded.created_at) END, \
+     expires_at = CASE WHEN sessions.last_seen_at IS NULL \
+       OR (sessions.revoked_at IS NOT NULL AND $6 > sessions.revoked_at) THEN excluded.expires_at \
+       ELSE GREATEST(sessions.expires_at, excluded.expires_at) END, \
+     last_seen_at = GREATEST(coalesce(sessions.last_seen_at, 0), excluded.last_seen_at), \
+     revoked_at = CASE WHEN $6 > sessions.revoked_at THEN NULL ELSE sessions.revoked_at END";
+
 const INSERT_COLUMNS: &str = "time_ms, key_id, tenant, environment, method, path, client_ip, \
      status, decision, reason, request_id";
 const UPSERT_USAGE: &str = "INSERT INTO usage_hourly (tenant, hour_ms, key_id, allowed, denied) \
@@ -808,6 +901,11 @@ fn commit_sqlite(
         for (key, ms) in last_used {
             let secs = ms.div_euclid(1000);
             lu.execute(rusqlite::params![secs, key, secs])?;
+        }
+        let mut ss = tx.prepare_cached(UPSERT_SESSION_SQLITE)?;
+        for ((key, id), v) in &session_rollup(rows) {
+            let (key, id, [c, e, l, newest_ms, newest]) = session_params(key, id, v);
+            ss.execute(rusqlite::params![key, id, c, e, l, newest_ms, newest])?;
         }
     }
     tx.prepare_cached(UPSERT_STATE)?.execute(rusqlite::params![
@@ -892,6 +990,11 @@ fn commit_pg(
             let secs = ms.div_euclid(1000);
             tx.execute(&lu, &[&secs, &key, &secs])?;
         }
+        let ss = tx.prepare(UPSERT_SESSION_PG)?;
+        for ((key, id), v) in &session_rollup(rows) {
+            let (key, id, [c, e, l, newest_ms, newest]) = session_params(key, id, v);
+            tx.execute(&ss, &[&key, &id, &c, &e, &l, &newest_ms, &newest])?;
+        }
     }
     tx.execute(
         &pg_placeholders(UPSERT_STATE),
@@ -970,6 +1073,7 @@ mod tests {
             decision: Some(decision.into()),
             reason: None,
             request_id: None,
+            session: None,
         };
         let rows = [
             row(HOUR_MS + 5, "a", "allowed"),

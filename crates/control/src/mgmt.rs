@@ -518,12 +518,17 @@ pub struct SessionInfo {
     pub revoked_at_ms: Option<u64>,
 }
 
+/// Expired sessions are left out: their tokens no longer work anyway (a
+/// revocation is kept, and listed, for the longest token lifetime).
 pub fn list_sessions(conn: &mut Conn, key_id: &str) -> Result<Vec<SessionInfo>, DbError> {
     Ok(rows(
         conn,
         "SELECT key_id, session_id, created_at, expires_at, last_seen_at, revoked_at \
-         FROM sessions WHERE key_id = ? ORDER BY created_at, session_id",
-        &[text(key_id)],
+         FROM sessions WHERE key_id = ? AND expires_at > ? ORDER BY created_at, session_id",
+        &[
+            text(key_id),
+            Param::Int(crate::db::now_ms().div_euclid(1000)),
+        ],
     )?
     .iter()
     .map(|r| {

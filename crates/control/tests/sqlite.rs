@@ -19,6 +19,11 @@ fn partial_last_line_is_ingested_only_once_complete() {
 }
 
 #[test]
+fn token_sessions_are_recorded_and_revived() {
+    run(common::token_sessions_are_recorded_and_revived);
+}
+
+#[test]
 fn malformed_lines_are_skipped_and_counted() {
     run(common::malformed_lines_are_skipped_and_counted);
 }

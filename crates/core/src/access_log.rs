@@ -4,7 +4,7 @@
 
 use crate::credential::Credential;
 use crate::denial::{Denial, Reason};
-use crate::verdict::decide::{Decision, Outcome};
+use crate::verdict::decide::{Decision, Outcome, TokenSession};
 use crate::verdict::login::Login;
 use serde::Serialize;
 
@@ -25,6 +25,15 @@ pub struct AccessRecord {
     pub scope_required: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_remaining: Option<u32>,
+    /// The issued token's session (a login's answer, or a request the token
+    /// got through): its id, never the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// When that token was issued and expires, Unix milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_issued_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_expires_ms: Option<u64>,
 }
 
 /// Every metric outcome, for defining the counters once at start.
@@ -44,6 +53,15 @@ impl AccessRecord {
             self.key_id = Some(c.key_id.clone());
             self.tenant = Some(c.tenant.clone());
             self.environment = Some(c.environment.clone());
+        }
+        self
+    }
+
+    fn with_session(mut self, s: Option<&TokenSession>) -> AccessRecord {
+        if let Some(s) = s {
+            self.session_id = Some(s.id.clone());
+            self.session_issued_ms = Some(s.issued_ms);
+            self.session_expires_ms = Some(s.expires_ms);
         }
         self
     }
@@ -78,19 +96,24 @@ impl AccessRecord {
             scope_required: d.required_scope.clone(),
             ..record
         }
+        .with_session(d.session.as_ref())
     }
 
     pub fn of_login(l: &Login) -> AccessRecord {
         match l {
             Login::Issued {
-                credential, rate, ..
+                credential,
+                rate,
+                session,
+                ..
             } => AccessRecord {
                 decision: "allowed",
                 reason: Some("login"),
                 rate_remaining: rate.map(|r| r.remaining),
                 ..AccessRecord::default()
             }
-            .with_credential(Some(credential)),
+            .with_credential(Some(credential))
+            .with_session(Some(session)),
             Login::Denied { denial, credential } => {
                 AccessRecord::denied(denial, credential.as_deref())
             }
@@ -121,6 +144,15 @@ impl AccessRecord {
                 "keygate_rate_remaining",
                 self.rate_remaining.map(|r| r.to_string()),
             ),
+            ("keygate_session_id", self.session_id.clone()),
+            (
+                "keygate_session_issued_ms",
+                self.session_issued_ms.map(|v| v.to_string()),
+            ),
+            (
+                "keygate_session_expires_ms",
+                self.session_expires_ms.map(|v| v.to_string()),
+            ),
         ];
         f.extend(opt.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
         f
@@ -145,6 +177,7 @@ mod tests {
                 rate: None,
             },
             required_scope: Some("read".into()),
+            session: None,
         };
         let r = AccessRecord::of_decision(&d);
         assert_eq!(r.outcome(), "allowed");
@@ -157,6 +190,30 @@ mod tests {
     }
 
     #[test]
+    fn a_token_request_records_its_session_but_never_the_token() {
+        let d = Decision {
+            outcome: Outcome::Allowed {
+                credential: cred(),
+                rate: None,
+            },
+            required_scope: None,
+            session: Some(TokenSession {
+                id: "phone".into(),
+                issued_ms: 1_000,
+                expires_ms: 61_000,
+            }),
+        };
+        let f = AccessRecord::of_decision(&d).fields();
+        for field in [
+            ("keygate_session_id", "phone"),
+            ("keygate_session_issued_ms", "1000"),
+            ("keygate_session_expires_ms", "61000"),
+        ] {
+            assert!(f.contains(&(field.0, field.1.into())), "{field:?} in {f:?}");
+        }
+    }
+
+    #[test]
     fn denial_records_carry_the_reason_and_metric_outcome() {
         let denial = Denial::new(Reason::IpNotAllowed, "x");
         let d = Decision {
@@ -165,6 +222,7 @@ mod tests {
                 credential: Some(cred()),
             },
             required_scope: None,
+            session: None,
         };
         let r = AccessRecord::of_decision(&d);
         assert_eq!(
@@ -178,6 +236,7 @@ mod tests {
                 credential: None,
             },
             required_scope: None,
+            session: None,
         };
         assert_eq!(
             AccessRecord::of_decision(&anon).fields(),

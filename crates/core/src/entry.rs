@@ -261,6 +261,19 @@ pub fn with_tat(bytes: &[u8], tat: u64) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The full key hash of the entry named by `prefix`: the name's bytes and
+/// the rest the entry holds. None for a deleted or corrupt entry.
+pub fn full_hash(prefix: &[u8], bytes: &[u8]) -> Option<Digest> {
+    if prefix.len() != NAME_HASH_BYTES || bytes.first() != Some(&FORMAT) {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    hash.get_mut(..NAME_HASH_BYTES)?.copy_from_slice(prefix);
+    hash.get_mut(NAME_HASH_BYTES..)?
+        .copy_from_slice(bytes.get(SUFFIX_AT..HEAD)?);
+    Some(hash)
+}
+
 /// Everything but the rate-limit state: what a parsed copy depends on.
 pub fn record_bytes(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((bytes.get(..TAT_AT)?, bytes.get(SUFFIX_AT..)?))
@@ -330,6 +343,17 @@ mod tests {
         let name = crate::shared_data::credential_key;
         assert_eq!(name(&other), name(&c.key_hash));
         assert_eq!(decode(&bytes, &other), None);
+    }
+
+    #[test]
+    fn the_name_prefix_and_the_entry_give_back_the_full_hash() {
+        let c = Credential::try_from(&record(|_| {})).unwrap();
+        let bytes = with_tat(&encode(1, &c), 9).unwrap();
+        let prefix = crate::shared_data::name_prefix(&c.key_hash);
+        assert_eq!(full_hash(prefix, &bytes), Some(c.key_hash));
+        assert_eq!(full_hash(prefix, b""), None);
+        assert_eq!(full_hash(&c.key_hash, &bytes), None);
+        assert_eq!(full_hash(prefix, bytes.get(..20).unwrap()), None);
     }
 
     #[test]

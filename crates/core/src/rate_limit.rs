@@ -80,6 +80,10 @@ impl RateStatus {
     }
 }
 
+/// How far behind another worker's update a retried admission's clock may
+/// be without lowering the remaining count it reports.
+const CLOCK_SKEW_TOLERANCE_NS: u64 = 50_000_000;
+
 /// Pure GCRA step: given the stored TAT (if any) and now, the status and the
 /// TAT to store (None when refused: nothing changes).
 pub fn check(limit: RateLimit, stored_tat: Option<u64>, now_ns: u64) -> (RateStatus, Option<u64>) {
@@ -98,7 +102,12 @@ pub fn check(limit: RateLimit, stored_tat: Option<u64>, now_ns: u64) -> (RateSta
         };
         return (status, None);
     }
-    let remaining = ((window - used) / interval).min(u64::from(limit.requests)) as u32;
+    // A worker that read the clock before losing a CAS race to another one
+    // retries with a `now` slightly older than the state it builds on; the
+    // tolerance keeps that from costing a whole request in the count it
+    // reports, so concurrent admissions report distinct counts.
+    let skew = (interval / 2).min(CLOCK_SKEW_TOLERANCE_NS);
+    let remaining = ((window - used + skew) / interval).min(u64::from(limit.requests)) as u32;
     let status = RateStatus {
         allowed: true,
         limit,
@@ -177,6 +186,21 @@ mod tests {
         assert!(!refused.allowed);
         assert_eq!(refused.retry_after_secs(), 12);
         assert_eq!(refused.reset_in_secs(T0), 60);
+    }
+
+    #[test]
+    fn an_admission_with_a_slightly_older_clock_reports_the_next_count() {
+        // Worker B admits at T0; worker A read the clock 1 ms earlier and
+        // lands its retried update on B's state: it must report 3, not 2.
+        let l = RateLimit {
+            requests: 5,
+            window_secs: 60,
+        };
+        let (first, tat) = check(l, None, T0);
+        assert_eq!(first.remaining, 4);
+        let (second, _) = check(l, tat, T0 - 1_000_000);
+        assert!(second.allowed);
+        assert_eq!(second.remaining, 3);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! | `r:<key id>`         | rate-limit state of a credential from the plugin config (theoretical arrival time, LE) |
 //! | `tok:<key id>`       | tokens issued per session (JSON)                  |
 //! | `rs:<key id>`        | session revocations `{session: revoked_at_ms}`    |
-//! | `k:<key id>`         | the key hash of the store credential with this id |
+//! | `k:<key id>`         | the 15-byte hash prefix naming the `c:` entry of the store credential with this id, binary |
 //! | `cfg:ids`            | key ids plugin config defines `{id: "credentials[i]"}` |
 
 use crate::hash::Digest;
@@ -29,12 +29,22 @@ pub const NAME_HASH_BYTES: usize = 15;
 
 /// `c:<base64url of the first 15 bytes of the key hash>`.
 pub fn credential_key(hash: &Digest) -> String {
+    credential_key_of_prefix(name_prefix(hash))
+}
+
+/// The key-hash bytes a credential entry's name carries.
+pub fn name_prefix(hash: &Digest) -> &[u8] {
+    hash.get(..NAME_HASH_BYTES).unwrap_or_default()
+}
+
+/// `c:<base64url of prefix>`: the entry name from the prefix alone (what
+/// the key-id index stores).
+pub fn credential_key_of_prefix(prefix: &[u8]) -> String {
     use base64::Engine as _;
-    let prefix = hash.get(..NAME_HASH_BYTES).unwrap_or_default();
-    format!(
-        "c:{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(prefix)
-    )
+    let mut name = String::with_capacity(2 + 20);
+    name.push_str("c:");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(prefix, &mut name);
+    name
 }
 
 /// Shared-data key of a credential's rate-limit state. Short on purpose:
@@ -54,7 +64,11 @@ pub fn revocations_key(key_id: &str) -> String {
 }
 
 /// Shared-data key of the key-id index of store credentials: tokens name
-/// their key by id. Holds the 32-byte key hash.
+/// their key by id. In Envoy shared data (the wasm filter's sync role) it
+/// holds the [`NAME_HASH_BYTES`]-byte hash prefix that
+/// names the credential's entry: 15 bytes fit in Envoy's string without a
+/// heap block (a 32-byte hash did not), and the rest of the hash is in the
+/// entry, so the prefix is all a lookup needs.
 pub fn key_id_key(key_id: &str) -> String {
     format!("k:{key_id}")
 }
@@ -128,6 +142,11 @@ mod tests {
             }
         }
         assert!(counter_key("k1").len() <= 15);
+        assert_eq!(
+            credential_key_of_prefix(name_prefix(&h)),
+            credential_key(&h)
+        );
+        assert_eq!(name_prefix(&h).len(), NAME_HASH_BYTES);
     }
 
     #[test]

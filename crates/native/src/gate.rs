@@ -164,6 +164,9 @@ fn filter_state_key(field: &'static str) -> Cow<'static, str> {
         "keygate_environment" => "wasm.keygate_environment",
         "keygate_scope_required" => "wasm.keygate_scope_required",
         "keygate_rate_remaining" => "wasm.keygate_rate_remaining",
+        "keygate_session_id" => "wasm.keygate_session_id",
+        "keygate_session_issued_ms" => "wasm.keygate_session_issued_ms",
+        "keygate_session_expires_ms" => "wasm.keygate_session_expires_ms",
         other => return Cow::Owned(format!("wasm.{other}")),
     })
 }

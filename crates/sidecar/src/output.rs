@@ -37,6 +37,7 @@ pub fn public_view(k: &StoredKey) -> Value {
     let r = &k.record;
     json!({
         "key_id": r.key_id,
+        "name": k.name,
         "tenant": r.tenant,
         "environment": r.environment,
         "kind": kind_str(r.kind),

@@ -19,7 +19,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 pub const CHANNEL: &str = "keygate_changes";
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How long the LISTEN connection sits silent before it is probed; a dead
@@ -28,7 +28,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const LISTEN_PROBE: Duration = Duration::from_secs(30);
 
 /// Versioned, idempotent steps; `schema_version` records the last applied.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     "
 CREATE TABLE IF NOT EXISTS keygate_meta (
     id integer PRIMARY KEY CHECK (id = 1),
@@ -53,6 +53,9 @@ CREATE TABLE IF NOT EXISTS keygate_revoked_sessions (
 ",
     "ALTER TABLE keygate_meta ADD COLUMN IF NOT EXISTS store_id text;
      UPDATE keygate_meta SET schema_version = 2 WHERE id = 1 AND schema_version < 2;",
+    // Key names (the record holds none): existing keys get "".
+    "ALTER TABLE keygate_keys ADD COLUMN IF NOT EXISTS name text NOT NULL DEFAULT '';
+     UPDATE keygate_meta SET schema_version = 3 WHERE id = 1 AND schema_version < 3;",
 ];
 
 pub struct PgStore {
@@ -176,20 +179,25 @@ impl PgStore {
         let store_id: Option<String> = row.get(1);
         let store_id = Some(parse_id(&store_id.ok_or(Error::PgNotInitialised)?)?);
         let mut keys = Vec::new();
-        for r in tx
-            .query(
-                "SELECT created_at, updated_at, record FROM keygate_keys ORDER BY key_id",
-                &[],
-            )
-            .map_err(self.err())?
-        {
+        let rows = match tx.query(
+            "SELECT created_at, updated_at, record, name FROM keygate_keys ORDER BY key_id",
+            &[],
+        ) {
+            Ok(rows) => rows,
+            // A store made by an older keygate, before `store migrate`.
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_COLUMN) => {
+                return Err(Error::PgNeedsMigration)
+            }
+            Err(e) => return Err(self.err()(e)),
+        };
+        for r in rows {
             let record: CredentialRecord =
                 serde_json::from_str(r.get::<_, &str>(2)).map_err(|e| Error::Corrupt {
                     path: self.describe(),
                     detail: format!("a stored key: {e}"),
                 })?;
             keys.push(StoredKey {
-                name: String::new(),
+                name: r.get(3),
                 created_at: r.get::<_, i64>(0) as u64,
                 updated_at: r.get::<_, i64>(1) as u64,
                 record,
@@ -246,10 +254,10 @@ impl PgStore {
             let record =
                 serde_json::to_string(&k.record).map_err(|e| Error::Other(e.to_string()))?;
             tx.execute(
-                "INSERT INTO keygate_keys (key_id, key_hash, tenant, created_at, updated_at, record)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (key_id) DO UPDATE SET key_hash = $2, tenant = $3, updated_at = $5, record = $6",
-                &[id, &k.record.key_hash, &k.record.tenant, &(k.created_at as i64), &(k.updated_at as i64), &record],
+                "INSERT INTO keygate_keys (key_id, key_hash, tenant, created_at, updated_at, record, name)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (key_id) DO UPDATE SET key_hash = $2, tenant = $3, updated_at = $5, record = $6, name = $7",
+                &[id, &k.record.key_hash, &k.record.tenant, &(k.created_at as i64), &(k.updated_at as i64), &record, &k.name],
             )
             .map_err(self.err())?;
         }

@@ -347,15 +347,24 @@ impl SqliteStore {
                 .map_err(&e)?;
         }
         if old.revoked_sessions != new.revoked_sessions {
-            tx.execute("DELETE FROM sessions WHERE revoked_at IS NOT NULL", [])
-                .map_err(&e)?;
+            // Sessions the access log showed keep their row (created, last
+            // seen) and lose only their mark; the others were marks alone.
+            tx.execute_batch(
+                "UPDATE sessions SET revoked_at = NULL \
+                 WHERE revoked_at IS NOT NULL AND last_seen_at IS NOT NULL; \
+                 DELETE FROM sessions WHERE revoked_at IS NOT NULL;",
+            )
+            .map_err(&e)?;
             let horizon = keygate_core::token::MAX_LIFETIME_SECS;
+            // A session logged in again after its revocation (a newer
+            // token, recorded by the ingester) is not marked again.
             for s in &new.revoked_sessions {
                 let at = to_i64(s.revoked_at_ms / 1000);
                 tx.execute(
                     "INSERT INTO sessions (key_id, session_id, created_at, expires_at, revoked_at) \
                      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (key_id, session_id) \
-                     DO UPDATE SET revoked_at = excluded.revoked_at",
+                     DO UPDATE SET revoked_at = excluded.revoked_at \
+                     WHERE sessions.created_at * 1000 <= excluded.revoked_at",
                     params![
                         s.key_id,
                         s.session_id,

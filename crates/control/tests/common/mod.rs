@@ -543,6 +543,73 @@ pub fn last_used_at_follows_the_newest_request(db: &Db, dir: &Path) {
 
 /// Every scenario, for a test that has one database server for them all.
 pub type Scenario = fn(&Db, &Path);
+/// A token's record: the session fields the filter adds (numbers as text,
+/// as Envoy prints filter state).
+fn session_line(ms: i64, id: &str, session: &str, iat: i64, exp: i64) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&line(&rec(ms, id))).unwrap();
+    v["session_id"] = session.into();
+    v["session_issued_ms"] = iat.to_string().into();
+    v["session_expires_ms"] = exp.to_string().into();
+    v.to_string() + "\n"
+}
+
+fn session_row(db: &Db, session: &str) -> (i64, i64, Option<i64>, Option<i64>) {
+    let q = |col: &str| {
+        int(
+            db,
+            &format!("SELECT {col} FROM sessions WHERE key_id = 'k1' AND session_id = '{session}'"),
+        )
+    };
+    (
+        q("created_at").unwrap(),
+        q("expires_at").unwrap(),
+        q("last_seen_at"),
+        q("revoked_at"),
+    )
+}
+
+/// Token records upsert their session in the batch: created at the token's
+/// issue, last seen at the newest use; a revoked session stays revoked for
+/// its old token and comes back with a token issued after the revocation.
+pub fn token_sessions_are_recorded_and_revived(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    let mut ing = ingester(db, &log);
+    let exp = T0 + 3_600_000;
+    append(
+        &log,
+        &(session_line(T0 + 500, "a", "phone", T0, exp)
+            + &session_line(T0 + 9_000, "b", "phone", T0, exp)
+            + &session_line(T0 + 2_000, "c", "", T0 + 2_000, exp + 2_000)
+            + &line(&rec(T0 + 3_000, "d"))),
+    );
+    ing.poll_once().unwrap();
+    let s = T0 / 1000;
+    assert_eq!(session_row(db, "phone"), (s, exp / 1000, Some(s + 9), None));
+    assert_eq!(session_row(db, "").0, s + 2, "login without a session id");
+    assert_eq!(int(db, "SELECT count(*) FROM sessions"), Some(2));
+
+    // Revoked (as the store marks it); a late record of the old token
+    // leaves it revoked, a token issued later makes it live again.
+    let revoked_ms = T0 + 10_000;
+    exec(
+        db,
+        &format!("UPDATE sessions SET revoked_at = {revoked_ms} WHERE session_id = 'phone'"),
+    );
+    append(&log, &session_line(T0 + 9_500, "e", "phone", T0, exp));
+    ing.poll_once().unwrap();
+    assert_eq!(session_row(db, "phone").3, Some(revoked_ms));
+    let iat = T0 + 20_000;
+    append(
+        &log,
+        &session_line(T0 + 21_000, "f", "phone", iat, iat + 60_000),
+    );
+    ing.poll_once().unwrap();
+    assert_eq!(
+        session_row(db, "phone"),
+        (iat / 1000, (iat + 60_000) / 1000, Some(s + 21), None)
+    );
+}
+
 pub const ALL: &[(&str, Scenario)] = &[
     ("partial_last_line", partial_last_line_waits_for_its_newline),
     ("malformed", malformed_lines_are_skipped_and_counted),
@@ -562,4 +629,5 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("logs", log_queries_filter_and_page_newest_first),
     ("usage", usage_counts_per_bucket_and_key),
     ("last_used", last_used_at_follows_the_newest_request),
+    ("sessions", token_sessions_are_recorded_and_revived),
 ];

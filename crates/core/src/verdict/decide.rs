@@ -54,6 +54,28 @@ pub struct Decision {
     pub outcome: Outcome,
     /// The scope the route required, for the access log.
     pub required_scope: Option<String>,
+    /// The session of the issued token an allowed request presented, for
+    /// the access log (the management plane lists sessions from it).
+    pub session: Option<TokenSession>,
+}
+
+/// An issued token's session as the access log shows it: never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSession {
+    /// The login's `session_id` (empty for a login without one).
+    pub id: String,
+    pub issued_ms: u64,
+    pub expires_ms: u64,
+}
+
+impl TokenSession {
+    fn of(claims: &Claims) -> TokenSession {
+        TokenSession {
+            id: claims.sid.clone(),
+            issued_ms: claims.iat_ms,
+            expires_ms: claims.exp_ms,
+        }
+    }
 }
 
 impl Decision {
@@ -130,6 +152,7 @@ pub fn decide(
             return Decision {
                 outcome: deny(Reason::BadPath, "Malformed request path", None),
                 required_scope: None,
+                session: None,
             }
         }
     };
@@ -138,13 +161,16 @@ pub fn decide(
         Access::Scope(s) => Some(s.name.clone()),
         _ => None,
     };
-    let outcome = match access {
-        Access::Public => Outcome::Public,
+    let (outcome, session) = match access {
+        Access::Public => (Outcome::Public, None),
         _ => authorize(policy, headers, access, host, now_ns),
     };
+    // Only a request the token got through counts as the session's use.
+    let session = session.filter(|_| matches!(outcome, Outcome::Allowed { .. }));
     Decision {
         outcome,
         required_scope,
+        session,
     }
 }
 
@@ -154,38 +180,45 @@ fn authorize(
     access: &Access,
     host: &mut dyn Host,
     now_ns: u64,
-) -> Outcome {
+) -> (Outcome, Option<TokenSession>) {
     let authorization = headers.get("authorization");
     let api_key = headers.get(&policy.api_key_header);
     let presented = match extract(authorization.as_deref(), api_key.as_deref()) {
         Ok(p) => p,
         Err(ExtractError::Missing) => {
-            return deny(
-                Reason::MissingCredential,
-                ExtractError::Missing.message(),
+            return (
+                deny(
+                    Reason::MissingCredential,
+                    ExtractError::Missing.message(),
+                    None,
+                ),
                 None,
             )
         }
-        Err(e) => return deny(Reason::MalformedCredential, e.message(), None),
+        Err(e) => return (deny(Reason::MalformedCredential, e.message(), None), None),
     };
     match authenticate(policy, &presented, host, now_ns, true) {
-        Ok(cred) => check_credential(policy, headers, access, cred, host, now_ns),
-        Err(outcome) => outcome,
+        Ok((cred, session)) => (
+            check_credential(policy, headers, access, cred, host, now_ns),
+            session,
+        ),
+        Err(outcome) => (outcome, None),
     }
 }
 
 /// Who is calling: the live credential behind an API key (and secret) or,
-/// when `allow_tokens`, behind an issued bearer token.
+/// when `allow_tokens`, behind an issued bearer token (then with its session).
 pub(super) fn authenticate(
     policy: &Policy,
     presented: &Presented,
     host: &mut dyn Host,
     now_ns: u64,
     allow_tokens: bool,
-) -> Result<Rc<Credential>, Outcome> {
+) -> Result<(Rc<Credential>, Option<TokenSession>), Outcome> {
     if let Some(tokens) = policy.tokens.as_ref().filter(|_| allow_tokens) {
         if presented.scheme == Scheme::Bearer && presented.key.starts_with(token::PREFIX) {
-            return authenticate_token(policy, tokens, &presented.key, host, now_ns);
+            return authenticate_token(policy, tokens, &presented.key, host, now_ns)
+                .map(|(cred, session)| (cred, Some(session)));
         }
     }
     let key_hash = match policy.key_format {
@@ -206,9 +239,9 @@ pub(super) fn authenticate(
     };
     let now_secs = now_ns / 1_000_000_000;
     match (&cred.secret_hash, &presented.secret) {
-        (None, None) => Ok(cred),
+        (None, None) => Ok((cred, None)),
         (Some(_), Some(secret)) if cred.secret_matches(&sha256(secret.as_bytes()), now_secs) => {
-            Ok(cred)
+            Ok((cred, None))
         }
         (Some(_), None) => Err(deny(
             Reason::WrongSecret,
@@ -266,7 +299,7 @@ fn authenticate_token(
     presented: &str,
     host: &mut dyn Host,
     now_ns: u64,
-) -> Result<Rc<Credential>, Outcome> {
+) -> Result<(Rc<Credential>, TokenSession), Outcome> {
     let now_ms = now_ns / 1_000_000;
     let verified = match host.verified_tokens() {
         Some(cache) => tokens.verify_cached(presented, now_ms, cache),
@@ -298,7 +331,7 @@ fn authenticate_token(
             Some(&cred),
         ));
     }
-    Ok(cred)
+    Ok((cred, TokenSession::of(&claims)))
 }
 
 /// Fail closed: a revocation list that cannot be read refuses the request.

@@ -1,7 +1,7 @@
 //! The login exchange: `POST <login_path>` trades an API key for a
 //! short-lived bearer token, after every check a request would pass.
 
-use super::decide::{authenticate, check_credential, deny, Headers, Host, Outcome};
+use super::decide::{authenticate, check_credential, deny, Headers, Host, Outcome, TokenSession};
 use crate::config::Policy;
 use crate::credential::Credential;
 use crate::denial::{Denial, Reason};
@@ -33,6 +33,8 @@ pub enum Login {
         credential: Rc<Credential>,
         body: Vec<u8>,
         rate: Option<RateStatus>,
+        /// The issued (or reused) token's session, for the access log.
+        session: TokenSession,
     },
     Denied {
         denial: Denial,
@@ -84,7 +86,7 @@ pub fn login(
         scheme: Scheme::ApiKeyHeader,
     };
     let cred = match authenticate(policy, &presented, host, now_ns, false) {
-        Ok(c) => c,
+        Ok((c, _)) => c,
         Err(outcome) => return denied(outcome),
     };
     let (cred, rate) =
@@ -125,6 +127,11 @@ pub fn login(
         body: serde_json::to_vec(&body).unwrap_or_default(),
         credential: cred,
         rate,
+        session: TokenSession {
+            id: session,
+            issued_ms: issued.iat_ms,
+            expires_ms: issued.exp_ms,
+        },
     }
 }
 
@@ -245,6 +252,38 @@ mod tests {
             denied(&use_token(&p, &mut host, token, "POST", NOW)).map(|d| d.0),
             Some(Reason::InsufficientScope)
         );
+    }
+
+    #[test]
+    fn login_and_token_requests_name_the_session_for_the_access_log() {
+        let p = token_policy(vec![rec("k1", "key-one")]);
+        let mut host = MemoryHost::default();
+        let answer = login(
+            &p,
+            &req("POST", "/auth/login", &[]),
+            br#"{"api_key":"key-one","session_id":"phone"}"#,
+            &mut host,
+            NOW,
+        );
+        let Login::Issued { body, session, .. } = answer else {
+            panic!("login refused")
+        };
+        let now_ms = NOW / 1_000_000;
+        assert_eq!(
+            session,
+            TokenSession {
+                id: "phone".into(),
+                issued_ms: now_ms,
+                expires_ms: now_ms + 60_000
+            }
+        );
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let token = body["access_token"].as_str().unwrap();
+        let used = use_token(&p, &mut host, token, "GET", NOW + 1_000_000_000);
+        assert_eq!(used.session, Some(session));
+        // A refused use is no use of the session.
+        let refused = use_token(&p, &mut host, token, "POST", NOW);
+        assert_eq!(refused.session, None);
     }
 
     #[test]

@@ -7,6 +7,6 @@ pub mod decide;
 pub mod login;
 pub mod reply;
 
-pub use self::decide::{decide, Decision, Headers, Host, Outcome};
+pub use self::decide::{decide, Decision, Headers, Host, Outcome, TokenSession};
 pub use self::login::{is_login, login, Login};
 pub use self::reply::{identity_spellings, rate_limit_headers, UpstreamHeaders};
