@@ -84,6 +84,16 @@ def fresh_api_token():
     return tok["token"]
 
 
+def portal_link():
+    """A one-time developer-portal link for tenant acme (works once, 10 minutes)."""
+    try:
+        out = cli("--json", "portal", "link", "--tenant", "acme", "--db", str(DB),
+                  "--base-url", f"http://127.0.0.1:{API_PORT}")
+        return json.loads(out)["url"]
+    except Exception as e:  # the demo runs without a link; say why
+        return f"(no portal link: {e})"
+
+
 def banner(port, admin_port, api_token=None):
     base = f"http://127.0.0.1:{port}"
     api = f"http://127.0.0.1:{API_PORT}"
@@ -127,6 +137,10 @@ Management API (keygate serve; OpenAPI at {api}/api/v1/openapi.json):
   curl -s -X POST $KEYGATE_API_URL/api/v1/tenants/acme/keys -H "Authorization: Bearer $KEYGATE_API_TOKEN" \\
        -H 'Content-Type: application/json' -d '{{"name": "from the API", "scopes": ["read"]}}'
   curl -s "$KEYGATE_API_URL/api/v1/tenants/acme/logs?limit=5" -H "Authorization: Bearer $KEYGATE_API_TOKEN"
+
+Developer portal for tenant acme (one-time link, valid 10 minutes; make another with
+`{KEYGATE} portal link --tenant acme --db {DB} --base-url {api}`):
+  {portal_link()}
 
 The store keeps its keys across `make run` restarts; to start fresh:
   rm -rf {STORE.parent}

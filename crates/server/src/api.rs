@@ -72,6 +72,11 @@ pub fn routes() -> Vec<Route> {
             Method::DELETE,
             delete(revoke_session),
         ),
+        (
+            "/api/v1/tenants/{tenant}/portal-sessions",
+            Method::POST,
+            post(crate::portal::create_link),
+        ),
         ("/api/v1/tenants/{tenant}/logs", Method::GET, get(logs)),
         ("/api/v1/tenants/{tenant}/usage", Method::GET, get(usage)),
         (

@@ -10,6 +10,7 @@ mod error;
 mod extract;
 mod limiter;
 mod metrics;
+pub mod portal;
 
 pub use error::ApiError;
 pub use limiter::FailLimiter;
@@ -87,7 +88,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     for (path, mr) in by_path {
         r = r.route(path, mr);
     }
-    r.route("/healthz", axum::routing::get(healthz))
+    r.merge(portal::router())
+        .route("/healthz", axum::routing::get(healthz))
         .route("/metrics", axum::routing::get(metrics::render))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {

@@ -44,9 +44,30 @@ pub enum Command {
     /// Management API tokens (shown once, stored hashed).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The developer portal (pages at /portal of `keygate serve`).
+    #[command(subcommand)]
+    Portal(PortalCommand),
     /// The management server: REST API, /healthz, /metrics, with the sync
     /// daemon, the access-log ingester and the retention pruner in one process.
     Serve(ServeArgs),
+}
+
+#[derive(Subcommand)]
+pub enum PortalCommand {
+    /// Mint a one-time sign-in link for one tenant (only its hash is kept).
+    Link {
+        #[arg(long)]
+        tenant: String,
+        /// How long the link may wait to be opened (it works once).
+        #[arg(long, value_parser = parse_duration, default_value = "10m")]
+        expires: Duration,
+        /// Where `keygate serve` is reached, for the printed URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
+        base_url: String,
+        /// Management database (default: the store, if SQLite or PostgreSQL).
+        #[arg(long, env = "KEYGATE_DB", value_name = "PATH|URL")]
+        db: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -339,6 +339,43 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
             Ok(())
         }
         Command::Token(cmd) => token_command(store, out, cmd),
+        Command::Portal(cli::PortalCommand::Link {
+            tenant,
+            expires,
+            base_url,
+            db,
+        }) => {
+            let mut conn = management_db(store, db.as_deref())?.open()?;
+            let secs = expires.as_secs();
+            if !(60..=86_400).contains(&secs) {
+                return Err(CliError::Usage("--expires: between 1m and 24h".into()));
+            }
+            let t = now();
+            let tok = keygate_control::mgmt::create_token(
+                &mut conn,
+                keygate_control::mgmt::Role::Tenant,
+                Some(&tenant),
+                Some(t + secs),
+                t,
+            )?;
+            let url = format!(
+                "{}{}",
+                base_url.trim_end_matches('/'),
+                keygate_server::portal::link_path(&tok.token)
+            );
+            let expires_at = humantime::format_rfc3339_seconds(
+                UNIX_EPOCH + expires + std::time::Duration::from_secs(t),
+            )
+            .to_string();
+            out.done(
+                json!({"url": url, "expires_at": expires_at, "tenant": tenant}),
+                &format!(
+                    "Portal link for tenant {tenant} (works once, until {expires_at}):\n{url}"
+                ),
+            )?;
+            cli_audit(store, ("portal.link_create", tok.token_id, tenant));
+            Ok(())
+        }
         Command::Serve(args) => serve::run(store.ok_or(CliError::NoStore)?, args),
         Command::Session(SessionCommand::Revoke { key_id, session }) => {
             let now_ms = SystemTime::now()

@@ -115,6 +115,10 @@ impl Db {
         match self {
             Db::Sqlite(path) => {
                 let conn = rusqlite::Connection::open(path)?;
+                // First, so every statement below waits for a lock too: the
+                // journal-mode pragma needs one while another process (a
+                // CLI, a restarted server) recovers or checkpoints the WAL.
+                conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
                 // WAL: readers never block the writer nor it them; NORMAL
                 // sync in WAL mode loses no committed transaction when the
                 // process dies (only on power loss may the last ones go).
@@ -129,7 +133,6 @@ impl Db {
                 // every ~32 MB of WAL rather than every 4 MB: one ingest
                 // batch alone writes several MB.
                 conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
-                conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
                 Ok(Conn::Sqlite(conn))
             }
             Db::Postgres(url) => {

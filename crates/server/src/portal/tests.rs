@@ -1,0 +1,243 @@
+use crate::portal::{mint_link, COOKIE};
+use crate::{now, router, AppState, FailLimiter};
+use axum::body::Body;
+use axum::http::Request;
+use axum::Router;
+use http_body_util::BodyExt;
+use keygate_control::mgmt::{self, Role};
+use keygate_control::store::sqlite::SqliteStore;
+use keygate_control::{Db, Service};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceExt;
+
+struct Fx {
+    _dir: tempfile::TempDir,
+    app: Router,
+    state: Arc<AppState>,
+}
+
+fn fixture() -> Fx {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.db");
+    let svc = Service::new(Box::new(SqliteStore::new(&path)));
+    svc.init_store().unwrap();
+    let db = Db::sqlite(&path).open().unwrap();
+    let state = Arc::new(AppState::new(
+        svc,
+        db,
+        FailLimiter::new(100, Duration::from_secs(60)),
+    ));
+    Fx {
+        _dir: dir,
+        app: router(Arc::clone(&state)),
+        state,
+    }
+}
+
+async fn send(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+) -> (u16, axum::http::HeaderMap, String) {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "portal.test");
+    if let Some(c) = cookie {
+        b = b.header("cookie", c);
+    }
+    if form.is_some() {
+        b = b.header("content-type", "application/x-www-form-urlencoded");
+    }
+    let req = b
+        .body(form.map_or_else(Body::empty, |s| Body::from(s.to_owned())))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+fn link(fx: &Fx, tenant: &str) -> String {
+    let mut db = fx.state.db.lock().unwrap();
+    let (token, _) = mint_link(&mut db, tenant, None, now()).unwrap();
+    crate::portal::link_path(&token)
+}
+
+/// Opens a link and returns the session cookie (`name=value`) and a CSRF token.
+async fn sign_in(fx: &Fx, tenant: &str) -> (String, String) {
+    let (s, h, _) = send(&fx.app, "GET", &link(fx, tenant), None, None).await;
+    assert_eq!(s, 200);
+    let cookie = h["set-cookie"].to_str().unwrap();
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let (_, _, page) = send(&fx.app, "GET", "/portal/keys", Some(&pair), None).await;
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    (pair, csrf)
+}
+
+#[tokio::test]
+async fn a_link_opens_one_session_with_a_strict_cookie_and_works_only_once() {
+    let fx = fixture();
+    let url = link(&fx, "acme");
+    let (s, h, _) = send(&fx.app, "GET", &url, None, None).await;
+    assert_eq!(s, 200);
+    let c = h["set-cookie"].to_str().unwrap();
+    assert!(c.starts_with(&format!("{COOKIE}=kgt_")));
+    for flag in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Max-Age=28800",
+        "Path=/portal",
+    ] {
+        assert!(c.contains(flag), "{c}");
+    }
+    assert!(!c.contains("Secure"));
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert!(h["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("script-src 'self'"));
+    let (again, _, body) = send(&fx.app, "GET", &url, None, None).await;
+    assert_eq!(again, 410);
+    assert!(body.contains("already been used"));
+}
+
+#[tokio::test]
+async fn the_cookie_is_secure_when_the_request_came_over_tls() {
+    let fx = fixture();
+    let req = Request::builder()
+        .uri(link(&fx, "acme"))
+        .header("x-forwarded-proto", "https")
+        .body(Body::empty())
+        .unwrap();
+    let resp = fx.app.clone().oneshot(req).await.unwrap();
+    assert!(resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("; Secure"));
+}
+
+#[tokio::test]
+async fn pages_need_a_session_and_an_operator_token_is_not_one() {
+    let fx = fixture();
+    let (s, _, _) = send(&fx.app, "GET", "/portal/keys", None, None).await;
+    assert_eq!(s, 401);
+    let op = {
+        let mut db = fx.state.db.lock().unwrap();
+        mgmt::create_token(&mut db, Role::Operator, None, None, now())
+            .unwrap()
+            .token
+    };
+    let (s, _, _) = send(
+        &fx.app,
+        "GET",
+        "/portal/keys",
+        Some(&format!("{COOKIE}={op}")),
+        None,
+    )
+    .await;
+    assert_eq!(s, 401);
+}
+
+#[tokio::test]
+async fn a_form_without_the_csrf_token_is_refused_and_html_in_a_name_is_text() {
+    let fx = fixture();
+    let (cookie, csrf) = sign_in(&fx, "acme").await;
+    let (s, _, _) = send(
+        &fx.app,
+        "POST",
+        "/portal/keys",
+        Some(&cookie),
+        Some("name=x"),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let form =
+        format!("csrf={csrf}&name=%3Cscript%3Ealert(1)%3C%2Fscript%3E&scopes=read&with_secret=on");
+    let (s, _, page) = send(&fx.app, "POST", "/portal/keys", Some(&cookie), Some(&form)).await;
+    assert_eq!(s, 201, "{page}");
+    assert!(page.contains("id=\"secret\""));
+    let (_, _, list) = send(&fx.app, "GET", "/portal/keys", Some(&cookie), None).await;
+    assert!(list.contains("&#60;script&#62;alert(1)&#60;/script&#62;"));
+    assert!(!list.contains("<script>alert"));
+}
+
+#[tokio::test]
+async fn another_tenants_key_answers_404_and_a_bad_cidr_is_shown_at_its_field() {
+    let fx = fixture();
+    let (acme, acme_csrf) = sign_in(&fx, "acme").await;
+    let (globex, csrf) = sign_in(&fx, "globex").await;
+    let form = format!("csrf={csrf}&name=theirs&scopes=read");
+    let (s, _, page) = send(&fx.app, "POST", "/portal/keys", Some(&globex), Some(&form)).await;
+    assert_eq!(s, 201);
+    let kid = page
+        .split("href=\"/portal/keys/")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (s, _, _) = send(
+        &fx.app,
+        "GET",
+        &format!("/portal/keys/{kid}"),
+        Some(&acme),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let del = format!("csrf={acme_csrf}");
+    let (s, _, _) = send(
+        &fx.app,
+        "POST",
+        &format!("/portal/keys/{kid}/delete"),
+        Some(&acme),
+        Some(&del),
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, _, _) = send(
+        &fx.app,
+        "GET",
+        &format!("/portal/keys/{kid}"),
+        Some(&globex),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let bad = format!("csrf={csrf}&allowed_ips=10.0.0.0%2F33");
+    let (s, _, page) = send(
+        &fx.app,
+        "POST",
+        &format!("/portal/keys/{kid}/ips"),
+        Some(&globex),
+        Some(&bad),
+    )
+    .await;
+    assert_eq!(s, 422, "{page}");
+    assert!(page.contains("id=\"allowed_ips-error\""));
+    assert!(page.contains("10.0.0.0/33"));
+}
+
+#[test]
+fn the_usage_chart_has_one_bar_per_bucket_and_keeps_the_totals() {
+    let (a, d, n) = super::pages::chart_for_test(&[(0, 3, 1), (25, 2, 0), (99, 5, 5)]);
+    // The point at 99 is outside the three 10 ms buckets starting at 0.
+    assert_eq!((a, d, n), (5, 1, 3));
+}

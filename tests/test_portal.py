@@ -1,0 +1,269 @@
+"""Browser tests of the developer portal (`/portal` of `keygate serve`):
+headless Chromium (Debian's chromium + chromium-driver) driven by Selenium,
+against a real `keygate serve` syncing a real Envoy. The flows a tenant
+needs: open a one-time link, create a scoped key, use it through Envoy, see
+the request in Logs, regenerate the secret (old one refused), delete it
+(refused); plus the refusals: a used link, a form without its CSRF token,
+another tenant's key id, HTML in a key name shown as text. Screenshots of
+each page go to docs/screenshots/."""
+
+import base64
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.harness import keygate, request, wait_until
+from tests.test_api import CONFIG, Server, call, token
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+if not Path(CHROMEDRIVER).exists():
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"{CHROMEDRIVER} is missing under CI: install chromium and chromium-driver")
+    pytest.skip(f"{CHROMEDRIVER} not found: apt-get install chromium chromium-driver to run the portal tests",
+                allow_module_level=True)
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium==4.51.0")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+HTML_NAME = '<img src=x id=pwned><script>document.title="pwned"</script>'
+
+
+@pytest.fixture(scope="module")
+def rig(envoy_factory, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("portal")
+    store = str(tmp / "keygate.db")
+    keygate(store, "store", "init")
+    log = tmp / "access.log"
+    with envoy_factory(CONFIG, access_log=log) as envoy:
+        with Server(store, tmp, "--endpoint", f"http://127.0.0.1:{envoy.sync_port}", "--access-log", str(log),
+                    "--auth-failures", "1000/min") as server:
+            yield {"envoy": envoy, "server": server, "store": store, "op": token(store, "--operator")}
+            assert "kgt_" not in server.log(), "a token reached the server's log"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    drv.set_window_size(1280, 900)
+    drv.set_page_load_timeout(20)
+    yield drv
+    drv.quit()
+
+
+def link(rig, tenant):
+    s, v = call(rig["server"], "POST", f"/api/v1/tenants/{tenant}/portal-sessions", rig["op"], {})
+    assert s == 201, v
+    assert v["url"].startswith(f"http://127.0.0.1:{rig['server'].port}/portal/open?link=")
+    return v["url"]
+
+
+def shot(drv, name):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    drv.save_screenshot(str(SHOTS / f"{name}.png"))
+
+
+def text(drv):
+    return drv.find_element(By.TAG_NAME, "body").text
+
+
+def fill(drv, field, value):
+    el = drv.find_element(By.ID, field)
+    el.clear()
+    el.send_keys(value)
+
+
+def basic(key, secret):
+    return [("authorization", "Basic " + base64.b64encode(f"{key}:{secret}".encode()).decode())]
+
+
+def envoy_status(rig, headers, path="/v1/items"):
+    return request(rig["envoy"].port, "GET", path, headers).status
+
+
+def test_a_tenant_manages_a_key_end_to_end_in_the_browser(rig, browser):
+    drv = browser
+    drv.get(link(rig, "acme"))
+    assert wait_until(lambda: drv.current_url.endswith("/portal/keys"), timeout=10)
+    assert "API keys" in text(drv) and "acme" in text(drv)
+
+    fill(drv, "name", HTML_NAME)
+    fill(drv, "scopes", "read")
+    drv.find_element(By.CSS_SELECTOR, "form[action='/portal/keys'] button[type=submit]").click()
+    api_key = drv.find_element(By.ID, "api-key").text
+    secret = drv.find_element(By.ID, "secret").text
+    assert api_key and re.fullmatch(r"[0-9a-f]{64}", secret), (api_key, secret)
+    assert drv.find_element(By.CSS_SELECTOR, "button.copy[data-copy=secret]").is_displayed()
+    shot(drv, "portal-new-key")
+
+    # The HTML name is text, never markup.
+    drv.get(f"http://127.0.0.1:{rig['server'].port}/portal/keys")
+    assert HTML_NAME in text(drv)
+    assert not drv.find_elements(By.ID, "pwned") and drv.title != "pwned"
+    shot(drv, "portal-keys")
+
+    old = basic(api_key, secret)
+    assert wait_until(lambda: envoy_status(rig, old) == 200, timeout=10)
+    assert envoy_status(rig, old, "/v1/items/portal-was-here") == 200
+
+    def in_logs():
+        drv.get(f"http://127.0.0.1:{rig['server'].port}/portal/logs")
+        return "/v1/items/portal-was-here" in text(drv)
+    assert wait_until(in_logs, timeout=10, interval=0.5)
+    shot(drv, "portal-logs")
+
+    drv.find_element(By.LINK_TEXT, "API keys").click()
+    drv.find_element(By.CSS_SELECTOR, "a.key-name").click()
+    key_url = drv.current_url
+    shot(drv, "portal-key")
+    drv.find_element(By.ID, "rotate").click()
+    new_secret = drv.find_element(By.ID, "secret").text
+    assert new_secret and new_secret != secret
+    assert wait_until(lambda: envoy_status(rig, old) == 401, timeout=10)
+    assert envoy_status(rig, basic(api_key, new_secret)) == 200
+
+    drv.get(f"http://127.0.0.1:{rig['server'].port}/portal/usage")
+    assert "allowed" in text(drv) and drv.find_elements(By.CSS_SELECTOR, "svg rect.allowed")
+    shot(drv, "portal-usage")
+
+    drv.get(key_url)
+    drv.find_element(By.ID, "delete").click()
+    shot(drv, "portal-confirm-delete")
+    drv.find_element(By.ID, "confirm-delete").click()
+    assert drv.current_url.endswith("/portal/keys")
+    assert HTML_NAME not in text(drv)
+    assert wait_until(lambda: envoy_status(rig, basic(api_key, new_secret)) == 401, timeout=10)
+
+    drv.set_window_size(390, 900)
+    drv.get(f"http://127.0.0.1:{rig['server'].port}/portal/keys")
+    shot(drv, "portal-keys-phone")
+    drv.set_window_size(1280, 900)
+
+
+def test_a_bad_cidr_is_shown_next_to_the_field(rig, browser):
+    drv = browser
+    drv.get(link(rig, "acme"))
+    assert wait_until(lambda: drv.current_url.endswith("/portal/keys"), timeout=10)
+    fill(drv, "name", "cidr test")
+    fill(drv, "scopes", "read")
+    drv.find_element(By.CSS_SELECTOR, "form[action='/portal/keys'] button[type=submit]").click()
+    drv.find_element(By.LINK_TEXT, "Go to the key").click()
+    fill(drv, "allowed_ips", "10.0.0.0/33")
+    drv.find_element(By.CSS_SELECTOR, "form[action$='/ips'] button[type=submit]").click()
+    err = drv.find_element(By.ID, "allowed_ips-error")
+    assert "10.0.0.0/33" in err.text or "CIDR" in err.text or "prefix" in err.text.lower(), err.text
+    fill(drv, "allowed_ips", "10.0.0.0/8")
+    drv.find_element(By.CSS_SELECTOR, "form[action$='/ips'] button[type=submit]").click()
+    assert "10.0.0.0/8" in drv.find_element(By.ID, "allowed_ips").get_attribute("value")
+
+
+def opener():
+    """A plain HTTP client that neither follows redirects nor raises on 4xx."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **k):
+            return None
+    return urllib.request.build_opener(NoRedirect)
+
+
+def http(url, *, cookie=None, data=None, headers=()):
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if cookie:
+        req.add_header("Cookie", cookie)
+    for k, v in headers:
+        req.add_header(k, v)
+    try:
+        with opener().open(req, timeout=10) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+def session(url):
+    s, h, body = http(url)
+    assert s == 200, body
+    cookie = h["Set-Cookie"].split(";")[0]
+    flags = h["Set-Cookie"]
+    assert "HttpOnly" in flags and "SameSite=Strict" in flags and "Max-Age=28800" in flags
+    assert h["Content-Security-Policy"].startswith("default-src 'self'; script-src 'self'")
+    assert h["X-Frame-Options"] == "DENY" and h["Referrer-Policy"] == "no-referrer"
+    return cookie
+
+
+def test_a_used_link_is_refused(rig, browser):
+    url = link(rig, "acme")
+    session(url)
+    s, _, body = http(url)
+    assert s == 410 and "already been used" in body
+    browser.get(url)
+    assert "already been used" in text(browser)
+    shot(browser, "portal-used-link")
+
+
+def test_a_form_without_its_csrf_token_or_from_another_origin_is_refused(rig):
+    base = f"http://127.0.0.1:{rig['server'].port}"
+    cookie = session(link(rig, "acme"))
+    form = urllib.parse.urlencode({"name": "csrf-less", "scopes": "read"}).encode()
+    s, _, _ = http(f"{base}/portal/keys", cookie=cookie, data=form,
+                   headers=[("Content-Type", "application/x-www-form-urlencoded")])
+    assert s == 403
+    _, _, page = http(f"{base}/portal/keys", cookie=cookie)
+    assert "csrf-less" not in page
+    csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', page).group(1)
+    form = urllib.parse.urlencode({"csrf": csrf, "name": "cross-site", "scopes": "read"}).encode()
+    s, _, _ = http(f"{base}/portal/keys", cookie=cookie, data=form,
+                   headers=[("Content-Type", "application/x-www-form-urlencoded"), ("Origin", "http://evil.example")])
+    assert s == 403
+    s, _, _ = http(f"{base}/portal/keys", cookie=cookie, data=form,
+                   headers=[("Content-Type", "application/x-www-form-urlencoded")])
+    assert s == 201
+
+
+def test_another_tenants_key_id_answers_404(rig):
+    base = f"http://127.0.0.1:{rig['server'].port}"
+    s, v = call(rig["server"], "POST", "/api/v1/tenants/globex/keys", rig["op"], {"name": "theirs", "scopes": ["read"]})
+    assert s == 201, v
+    theirs = v["key_id"]
+    cookie = session(link(rig, "acme"))
+    _, _, page = http(f"{base}/portal/keys", cookie=cookie)
+    csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', page).group(1)
+    assert http(f"{base}/portal/keys/{theirs}", cookie=cookie)[0] == 404
+    assert http(f"{base}/portal/keys/{theirs}/delete", cookie=cookie)[0] == 404
+    form = urllib.parse.urlencode({"csrf": csrf}).encode()
+    ct = [("Content-Type", "application/x-www-form-urlencoded")]
+    assert http(f"{base}/portal/keys/{theirs}/delete", cookie=cookie, data=form, headers=ct)[0] == 404
+    assert http(f"{base}/portal/keys/{theirs}/rotate", cookie=cookie, data=form, headers=ct)[0] == 404
+    s, v = call(rig["server"], "GET", f"/api/v1/tenants/globex/keys/{theirs}", rig["op"])
+    assert s == 200 and v["name"] == "theirs"
+
+
+def test_logout_ends_the_session_and_portal_links_need_an_operator(rig):
+    base = f"http://127.0.0.1:{rig['server'].port}"
+    cookie = session(link(rig, "acme"))
+    _, _, page = http(f"{base}/portal/keys", cookie=cookie)
+    csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', page).group(1)
+    ct = [("Content-Type", "application/x-www-form-urlencoded")]
+    assert http(f"{base}/portal/logout", cookie=cookie, data=urllib.parse.urlencode({"csrf": csrf}).encode(),
+                headers=ct)[0] == 200
+    assert http(f"{base}/portal/keys", cookie=cookie)[0] == 401
+    tenant_tok = token(rig["store"], "--tenant", "acme")
+    assert call(rig["server"], "POST", "/api/v1/tenants/acme/portal-sessions", tenant_tok, {})[0] == 403
+    s, v = call(rig["server"], "GET", "/api/v1/tenants/acme/audit", rig["op"])
+    actions = {e["action"] for e in v["records"]} if s == 200 and "records" in v else set()
+    assert {"portal.link_create", "portal.login", "portal.logout", "key.create"} <= actions, v
+
+
+def test_the_cli_mints_a_link_that_works_once(rig):
+    v = keygate(rig["store"], "portal", "link", "--tenant", "acme",
+                "--base-url", f"http://127.0.0.1:{rig['server'].port}")
+    session(v["url"])
+    assert http(v["url"])[0] == 410
