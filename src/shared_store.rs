@@ -12,7 +12,9 @@ use keygate_core::shared_data::{
     counter_key, credential_key, credential_key_of_prefix, key_id_key, update, CounterCell, Step,
     CONFIG_IDS_KEY, NAME_HASH_BYTES, STATE_KEY,
 };
-use keygate_core::sync::{decode_entry, decode_state, is_visible, SyncState};
+use keygate_core::sync::{
+    decode_entry, decode_state, is_visible, update_visible_record, visible_record, SyncState,
+};
 use keygate_core::token::VerifiedTokens;
 use keygate_core::{Credential, Policy};
 use std::collections::HashMap;
@@ -70,10 +72,14 @@ impl CredentialCache {
         bytes: Vec<u8>,
         cas: Option<u32>,
     ) -> HostResult<Option<(Rc<Credential>, EntryCounter)>> {
-        let Some((head, record)) = entry::record_bytes(&bytes) else {
+        let state = self.sync_state()?;
+        // The value served now: the newest committed slot (see `sync`).
+        let Some(served) = visible_record(&bytes, &state) else {
             return Ok(None);
         };
-        let state = self.sync_state()?;
+        let Some((head, record)) = entry::record_bytes(served) else {
+            return Ok(None);
+        };
         let cached = self.entries.get(hash).filter(|(kept, _, _)| {
             kept.get(..head.len()) == Some(head) && kept.get(head.len()..) == Some(record)
         });
@@ -83,7 +89,7 @@ impl CredentialCache {
                 // A corrupt or foreign entry is treated as absent: the sync
                 // role validates before writing, so this only guards against
                 // the unexpected.
-                let Some((generation, cred)) = decode_entry(&bytes, hash) else {
+                let Some((generation, cred)) = decode_entry(served, hash) else {
                     return Ok(None);
                 };
                 let cred = Rc::new(cred);
@@ -104,6 +110,7 @@ impl CredentialCache {
             bytes: Some(bytes),
             cas,
             fresh: true,
+            state,
         };
         Ok(Some((cred, counter)))
     }
@@ -122,6 +129,8 @@ pub struct EntryCounter {
     cas: Option<u32>,
     /// `bytes` comes from the lookup and was not handed out yet.
     fresh: bool,
+    /// Which of the entry's slots is served.
+    state: SyncState,
 }
 
 impl EntryCounter {
@@ -132,7 +141,12 @@ impl EntryCounter {
             self.cas = cas;
         }
         self.fresh = false;
-        match self.bytes.as_deref().and_then(entry::tat) {
+        let state = self.state;
+        let served = self
+            .bytes
+            .as_deref()
+            .and_then(|b| visible_record(b, &state));
+        match served.and_then(entry::tat) {
             Some(tat) => Ok((tat.map(|t| encode_tat(t).to_vec()), self.cas)),
             None => {
                 self.bytes = None;
@@ -146,7 +160,8 @@ impl EntryCounter {
         else {
             return Ok(false);
         };
-        let Some(updated) = entry::with_tat(bytes, tat) else {
+        let Some(updated) = update_visible_record(bytes, &self.state, |r| entry::with_tat(r, tat))
+        else {
             return Ok(false);
         };
         Ok(host::shared_set(&self.name, &updated, Some(cas))? == Written::Yes)
@@ -166,10 +181,14 @@ impl CredentialCache {
         };
         let name = credential_key_of_prefix(&prefix);
         let (bytes, cas) = host::shared_get(&name)?;
-        // The entry holds the rest of the hash; with the name's bytes that is
-        // the hash the entry is then parsed and checked under, as by key.
-        let Some((bytes, hash)) = bytes.and_then(|b| entry::full_hash(&prefix, &b).map(|h| (b, h)))
-        else {
+        let state = self.sync_state()?;
+        // The served record holds the rest of the hash; with the name's
+        // bytes that is the hash the entry is then parsed and checked under,
+        // as by key.
+        let Some((bytes, hash)) = bytes.and_then(|b| {
+            let hash = entry::full_hash(&prefix, visible_record(&b, &state)?)?;
+            Some((b, hash))
+        }) else {
             return Ok(None);
         };
         Ok(self

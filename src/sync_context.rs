@@ -6,14 +6,14 @@
 use crate::host::{self, HostError, HostResult, Written};
 use crate::shared_store::SharedCounters;
 use keygate_core::config::SyncSecret;
-use keygate_core::entry;
+use keygate_core::hash::Digest;
 use keygate_core::shared_data::{
     credential_key, key_id_key, name_prefix, revocations_key, update, Step, CONFIG_IDS_KEY,
     STATE_KEY,
 };
 use keygate_core::sync::{
-    check_config_ids, decode_state, encode_state, plan, SyncError, SyncState, MAX_PUSH_BYTES,
-    PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    check_config_ids, decode_state, encode_state, plan, stage, Plan, SyncError, SyncState,
+    MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use log::{error, info, warn};
@@ -57,57 +57,83 @@ impl SyncContext {
         Ok((decode_state(bytes.as_deref()), cas))
     }
 
+    /// Claims the batch (CAS on the state), stages its writes, then, on the
+    /// last batch, commits the push with one more state write: readers see
+    /// the whole push switch at once, or nothing of it.
     fn apply(&self, body: &[u8]) -> Result<SyncState, SyncError> {
         let host_error = |e: HostError| SyncError::Host(e.to_string());
         let (state, cas) = Self::held_state().map_err(host_error)?;
         let plan = plan(&self.secret.0, body, self.signature.as_deref(), &state)?;
         let (config_ids, _) = host::shared_get(CONFIG_IDS_KEY).map_err(host_error)?;
         check_config_ids(&plan, config_ids.as_deref())?;
-        for (hash, fresh) in &plan.upserts {
-            upsert(&credential_key(hash), fresh)?;
+        write_state(&plan.claim, cas)?;
+        let staged = plan
+            .upserts
+            .iter()
+            .map(|(hash, record)| (hash, Some(record.as_slice())))
+            .chain(plan.deletes.iter().map(|hash| (hash, None)));
+        for (hash, record) in staged {
+            stage_entry(&state, &plan, hash, record)?;
         }
-        // Tokens name their key by id: the id → entry-name prefix index (a
-        // stale entry is harmless, the gate checks the credential it leads
-        // to). The prefix, not the hash: 15 bytes need no heap block in Envoy.
+        // Tokens name their key by id: the id → entry-name prefix index.
+        // Written before the commit, which is harmless: the gate checks the
+        // credential it leads to, and a staged one is not served yet. The
+        // prefix, not the hash: 15 bytes need no heap block in Envoy.
         for (key_id, hash) in &plan.key_ids {
             host::shared_set(&key_id_key(key_id), name_prefix(hash), None).map_err(host_error)?;
         }
-        for hash in &plan.deletes {
-            host::shared_set(&credential_key(hash), &[], None).map_err(host_error)?;
-        }
         apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
-        // The state is written last and only if nobody else moved it meanwhile.
-        match host::shared_set(STATE_KEY, &encode_state(&plan.state), cas) {
-            Ok(Written::Yes) => {}
-            Ok(Written::CasMismatch) => {
+        if let Some(commit) = &plan.commit {
+            // Only if the claim still stands: a push that superseded this
+            // one meanwhile keeps its own state.
+            let (now, cas) = Self::held_state().map_err(host_error)?;
+            if now != plan.claim {
                 return Err(SyncError::Conflict(
                     "another push changed the state concurrently".into(),
-                ))
+                ));
             }
-            Err(e) => return Err(host_error(e)),
+            write_state(commit, cas)?;
         }
         info!(
-            "applied {} upserts, {} deletes; generation {} version {}",
+            "staged {} upserts, {} deletes, {} session revocations; generation {} version {}{}",
             plan.upserts.len(),
             plan.deletes.len(),
-            plan.state.generation,
-            plan.state.version
+            plan.revoked_sessions.len(),
+            plan.generation,
+            plan.result().version,
+            if plan.commit.is_some() {
+                " committed"
+            } else {
+                ""
+            }
         );
-        Ok(plan.state)
+        Ok(plan.result())
     }
 }
 
-/// Writes a credential entry, keeping the rate-limit state the entry held
-/// (an update must not hand a key a fresh budget), with CAS: gate workers
-/// update that state concurrently.
-fn upsert(name: &str, fresh: &[u8]) -> Result<(), SyncError> {
+/// Writes the sync state if nobody moved it since `cas` was read.
+fn write_state(state: &SyncState, cas: Option<u32>) -> Result<(), SyncError> {
+    match host::shared_set(STATE_KEY, &encode_state(state), cas) {
+        Ok(Written::Yes) => Ok(()),
+        Ok(Written::CasMismatch) => Err(SyncError::Conflict(
+            "another push changed the state concurrently".into(),
+        )),
+        Err(e) => Err(SyncError::Host(e.to_string())),
+    }
+}
+
+/// Stages a credential entry's new value (None: a delete) beside the one
+/// served, keeping the rate-limit state it held (an update must not hand a
+/// key a fresh budget), with CAS: gate workers update that state concurrently.
+fn stage_entry(
+    held: &SyncState,
+    plan: &Plan,
+    hash: &Digest,
+    record: Option<&[u8]>,
+) -> Result<(), SyncError> {
     let mut cell = SharedCounters::default();
-    let written = update(&mut cell, name, |old| {
-        let kept = old.and_then(entry::tat).flatten();
-        let bytes = kept
-            .and_then(|tat| entry::with_tat(fresh, tat))
-            .unwrap_or_else(|| fresh.to_vec());
-        Step::Write(bytes, ())
+    let written = update(&mut cell, &credential_key(hash), |old| {
+        Step::Write(stage(old, held, plan, hash, record), ())
     });
     if let Some(e) = cell.error {
         return Err(SyncError::Host(e.to_string()));

@@ -45,7 +45,7 @@ def test_sync_push_reusing_a_config_key_id_is_refused_naming_both(envoy, proto):
     assert r.status == 400, r
     message = r.json()["error"]
     assert "upserts[0].key_id" in message and "'cfg-admin'" in message and "credentials[0]" in message
-    assert state(envoy) == {"generation": 0, "version": 0}, "nothing applied"
+    assert state(envoy) == {"generation": 0, "version": 0, "stamp": 0}, "nothing applied"
     assert login(envoy, {"api_key": "impostor-key"}, proto).status == 401
 
 

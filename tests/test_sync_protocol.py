@@ -37,7 +37,7 @@ def full(generation, version, upserts, batch=0, last=True):
 
 def incr(generation, base, version, upserts=(), deletes=()):
     return {"mode": "incremental", "generation": generation, "base_version": base, "version": version,
-            "upserts": list(upserts), "deletes": list(deletes)}
+            "last": True, "upserts": list(upserts), "deletes": list(deletes)}
 
 
 def status_of(envoy, key):
@@ -51,15 +51,15 @@ def envoy(envoy_factory):
 
 
 def test_fresh_envoy_holds_nothing(envoy):
-    assert state(envoy) == {"generation": 0, "version": 0}
+    assert state(envoy) == {"generation": 0, "version": 0, "stamp": 0}
     assert status_of(envoy, "k1") == 401
 
 
 def test_pushed_credential_is_enforced_by_every_worker(envoy):
     r = push(envoy, full(1, 5, [cred("k1", "key-1", scopes=["read"])]))
     assert r.status == 200, r
-    assert r.json() == {"generation": 1, "version": 5}
-    assert state(envoy) == {"generation": 1, "version": 5}
+    assert r.json() == {"generation": 1, "version": 5, "stamp": 1}
+    assert state(envoy) == {"generation": 1, "version": 5, "stamp": 1}
     assert all(status_of(envoy, "key-1") == 200 for _ in range(8))
 
 
@@ -81,7 +81,7 @@ def test_forged_malformed_replayed_and_oversized_pushes_are_refused(envoy):
         "bad-record": 400, "oversized": 413,
     }
     assert "upserts[1].allowed_ips[0]" in refused["bad-record"].json()["error"]
-    assert state(envoy) == {"generation": 1, "version": 1}
+    assert state(envoy) == {"generation": 1, "version": 1, "stamp": 1}
     assert status_of(envoy, "key-1") == 200  # still the last good set
     assert status_of(envoy, "key-2") == 401  # nothing of the bad batch applied
 
@@ -101,11 +101,12 @@ def test_full_push_in_batches_keeps_old_keys_until_commit_then_drops_absent_ones
     assert push(envoy, full(1, 1, [cred("old", "old-key", scopes=["read"]),
                                    cred("kept", "kept-key", scopes=["read"])])).status == 200
     assert push(envoy, full(2, 2, [cred("kept", "kept-key", scopes=["read"])], batch=0, last=False)).status == 200
-    assert state(envoy)["pending"] == {"generation": 2, "next_batch": 1}
+    assert state(envoy)["pending"] == {"mode": "full", "generation": 2, "next_batch": 1, "stamp": 2,
+                                       "base_version": 0, "version": 2}
     assert status_of(envoy, "old-key") == 200  # during the full push nothing disappears
     assert push(envoy, full(2, 2, [cred("new", "new-key", scopes=["read"])], batch=2, last=True)).status == 409
     assert push(envoy, full(2, 2, [cred("new", "new-key", scopes=["read"])], batch=1, last=True)).status == 200
-    assert state(envoy) == {"generation": 2, "version": 2}
+    assert state(envoy) == {"generation": 2, "version": 2, "stamp": 2}
     assert [status_of(envoy, k) for k in ("old-key", "kept-key", "new-key")] == [401, 200, 200]
 
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod ingest;
 pub mod logs;
 pub mod mgmt;
+pub mod pg_tls;
 pub mod service;
 pub mod store;
 pub mod usage;

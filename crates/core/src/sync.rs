@@ -3,18 +3,29 @@
 //! holds before anything is written.
 //!
 //! Envoy holds, in shared data:
-//! - `sync:state`: the [`SyncState`] (generation, version, pending full push);
-//! - `c:<key hash prefix>`: one entry per credential, a binary record with
-//!   its generation and rate-limit state ([`crate::entry`]), or empty once
-//!   deleted.
+//! - `sync:state`: the [`SyncState`] (generation, version, committed stamp,
+//!   pending push);
+//! - `c:<key hash prefix>`: one entry per credential: up to two [`Slot`]s,
+//!   the committed value and one staged by the push in progress, each a
+//!   binary record with its generation and rate-limit state ([`crate::entry`]).
+//!
+//! Every push, incremental or full, may span any number of batches and
+//! becomes visible all at once: its batches stage their writes under a new
+//! stamp (a slot beside the committed one), and its last batch commits by
+//! writing the state with that stamp; one shared-data write switches every
+//! entry. Readers take, per entry, the newest slot whose stamp is committed.
+//! A push left half-delivered never commits, so nothing it staged is served.
 //!
 //! An incremental push applies on top of exactly the version Envoy holds
 //! (`base_version`), so a stale or replayed push is refused. A full push
 //! (after an Envoy restart, or whenever the sidecar cannot prove what Envoy
-//! holds) writes the whole set under a new, higher generation in batches; the
-//! last batch commits it. An entry is visible while its generation is not
-//! older than the committed one, so credentials keep working during a full
-//! push and those absent from the new set disappear at commit.
+//! holds) writes the whole set under a new, higher generation; once it
+//! commits, an entry whose slot carries an older generation was left out of
+//! the set and is gone. A deleted entry's slot carries no record.
+//!
+//! Session revocations are the one exception to staging: they apply as soon
+//! as their batch arrives, because they only ever refuse more and the store
+//! already holds them.
 
 use crate::credential::{Credential, CredentialRecord};
 use crate::entry;
@@ -34,11 +45,20 @@ pub const MAX_PUSH_BYTES: usize = 768 * 1024;
 pub const MAX_PUSH_ITEMS: usize = 2_000;
 pub const MIN_SECRET_LEN: usize = 32;
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// A push whose batches are arriving: what the next batch must continue.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Pending {
+    pub mode: Mode,
     pub generation: u64,
     pub next_batch: u32,
+    /// The stamp its writes are staged under.
+    pub stamp: u64,
+    /// Incremental: the version it builds on.
+    #[serde(default)]
+    pub base_version: u64,
+    /// The version it commits.
+    pub version: u64,
 }
 
 /// Which store a set of credentials came from: random, made when the store
@@ -85,6 +105,9 @@ impl<'de> Deserialize<'de> for StoreId {
 pub struct SyncState {
     pub generation: u64,
     pub version: u64,
+    /// The stamp of the last committed push: staged slots above it are not served.
+    #[serde(default)]
+    pub stamp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Pending>,
     /// The store the committed set came from (none: nothing pushed, or an
@@ -93,14 +116,15 @@ pub struct SyncState {
     pub store_id: Option<StoreId>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    #[default]
     Incremental,
     Full,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Push {
     pub mode: Mode,
@@ -110,10 +134,10 @@ pub struct Push {
     pub base_version: u64,
     /// The store version Envoy holds once this push (or, full, its last batch) applies.
     pub version: u64,
-    /// Full: 0-based batch index.
+    /// 0-based batch index.
     #[serde(default)]
     pub batch: u32,
-    /// Full: this batch commits the generation.
+    /// This batch commits the push.
     #[serde(default)]
     pub last: bool,
     #[serde(default)]
@@ -183,15 +207,31 @@ impl SyncError {
 /// The writes a valid push turns into, in the order to apply them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Plan {
-    /// Credential entries to write, rate-limit state unused: the sync role
-    /// keeps the state an existing entry already holds.
+    /// Entries to stage, each a binary record ([`crate::entry`]); the sync
+    /// role carries over the rate-limit state the served value holds.
     pub upserts: Vec<(Digest, Vec<u8>)>,
     /// The key-id index entries (`k:<key id>` → hash) of the upserts.
     pub key_ids: Vec<(String, Digest)>,
     pub deletes: Vec<Digest>,
     pub revoked_sessions: Vec<RevokedSession>,
-    /// Written last: commits the push.
-    pub state: SyncState,
+    /// Written first (with CAS): claims this batch, so a concurrent push
+    /// conflicts instead of interleaving.
+    pub claim: SyncState,
+    /// Written last, on the last batch: commits the push.
+    pub commit: Option<SyncState>,
+    /// The stamp and generation the writes are staged under.
+    pub stamp: u64,
+    pub generation: u64,
+    /// Full push: an unchanged record keeps its committed slot (re-tagged
+    /// with the new generation) instead of staging a copy.
+    pub full: bool,
+}
+
+impl Plan {
+    /// What Envoy holds once the batch applies.
+    pub fn result(&self) -> SyncState {
+        self.commit.unwrap_or(self.claim)
+    }
 }
 
 type HmacSha256 = hmac::Hmac<Sha256>;
@@ -238,9 +278,175 @@ pub fn decode_entry(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
     entry::decode(bytes, hash)
 }
 
-/// Entries older than the committed generation were left out of the last full set.
+/// The credential a slot's record (an entry) holds; None for a corrupt one.
+pub fn decode_record(bytes: &[u8], hash: &Digest) -> Option<Credential> {
+    entry::decode(bytes, hash).map(|(_, c)| c)
+}
+
+/// One value of an entry, written by the push with `stamp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot<R> {
+    pub stamp: u64,
+    pub generation: u64,
+    /// None: deleted.
+    pub record: Option<R>,
+}
+
+impl<R> Slot<R> {
+    /// Committed (`stamp` not above the held one) and current (not left out
+    /// of the last full set).
+    fn committed(&self, state: &SyncState) -> bool {
+        self.stamp <= state.stamp
+    }
+}
+
+/// An entry stamped with `entry_generation` belongs to the committed full
+/// set (the native build keeps committed entries in a map of its own and
+/// needs only this rule).
 pub fn is_visible(entry_generation: u64, state: &SyncState) -> bool {
     entry_generation >= state.generation
+}
+
+/// The slot readers use: the newest committed one, if it holds a record
+/// that the last full set did not leave out.
+pub fn visible<'a, R>(slots: &'a [Slot<R>], state: &SyncState) -> Option<&'a R> {
+    let slot = slots
+        .iter()
+        .filter(|s| s.committed(state))
+        .max_by_key(|s| s.stamp)?;
+    if !is_visible(slot.generation, state) {
+        return None;
+    }
+    slot.record.as_ref()
+}
+
+/// The record the reader of an entry's bytes is served, if any.
+pub fn visible_record<'a>(entry: &'a [u8], state: &SyncState) -> Option<&'a [u8]> {
+    let slots = decode_slots(entry)?;
+    visible(&slots, state).copied()
+}
+
+/// The entry with its served record replaced by `f` of it (the gate's
+/// rate-limit step updates the state inside it); None when nothing is served.
+pub fn update_visible_record(
+    entry: &[u8],
+    state: &SyncState,
+    f: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let slots = decode_slots(entry)?;
+    let served = visible(&slots, state)?.as_ptr();
+    let mut f = Some(f);
+    let mut out = Vec::with_capacity(slots.len());
+    for s in &slots {
+        let record = match s.record {
+            Some(r) if r.as_ptr() == served => Some((f.take()?)(r)?),
+            other => other.map(<[u8]>::to_vec),
+        };
+        out.push(Slot {
+            stamp: s.stamp,
+            generation: s.generation,
+            record,
+        });
+    }
+    Some(encode_slots(&out))
+}
+
+const SLOT_HEADER: usize = 8 + 8 + 4;
+
+/// Slots as bytes: per slot, stamp and generation (u64 LE), record length
+/// (u32 LE, 0 for deleted) and the record.
+pub fn encode_slots(slots: &[Slot<Vec<u8>>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        slots
+            .iter()
+            .map(|s| SLOT_HEADER + s.record.as_ref().map_or(0, Vec::len))
+            .sum(),
+    );
+    for s in slots {
+        let record = s.record.as_deref().unwrap_or_default();
+        out.extend_from_slice(&s.stamp.to_le_bytes());
+        out.extend_from_slice(&s.generation.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(record.len()).unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(record);
+    }
+    out
+}
+
+/// The slots of an entry; None for a malformed one (treated as absent).
+pub fn decode_slots(mut bytes: &[u8]) -> Option<Vec<Slot<&[u8]>>> {
+    let mut slots = Vec::with_capacity(2);
+    while !bytes.is_empty() {
+        let header = bytes.get(..SLOT_HEADER)?;
+        let stamp = u64::from_le_bytes(header.get(..8)?.try_into().ok()?);
+        let generation = u64::from_le_bytes(header.get(8..16)?.try_into().ok()?);
+        let len = u32::from_le_bytes(header.get(16..20)?.try_into().ok()?) as usize;
+        let record = bytes.get(SLOT_HEADER..SLOT_HEADER + len)?;
+        slots.push(Slot {
+            stamp,
+            generation,
+            record: (len > 0).then_some(record),
+        });
+        bytes = bytes.get(SLOT_HEADER + len..)?;
+    }
+    Some(slots)
+}
+
+/// The entry after staging `record` (None: a delete) into `current` under
+/// the plan's stamp. Keeps only the slot readers use today; drops slots of
+/// abandoned pushes and older committed ones. In a full push an unchanged
+/// record keeps its slot, only re-tagged with the new generation: readers
+/// see the same record before and after the commit, and a set without it
+/// still removes it.
+pub fn stage(
+    current: Option<&[u8]>,
+    held: &SyncState,
+    plan: &Plan,
+    hash: &Digest,
+    record: Option<&[u8]>,
+) -> Vec<u8> {
+    let slots = current.and_then(decode_slots).unwrap_or_default();
+    let served = slots
+        .iter()
+        .filter(|s| s.committed(held))
+        .max_by_key(|s| s.stamp)
+        .filter(|s| s.record.is_some() && s.generation >= held.generation);
+    let served_record = served.and_then(|s| s.record);
+    // The key's rate-limit state goes on with its new value.
+    let record = record.map(|r| {
+        served_record
+            .and_then(entry::tat)
+            .flatten()
+            .and_then(|tat| entry::with_tat(r, tat))
+            .unwrap_or_else(|| r.to_vec())
+    });
+    let unchanged = plan.full
+        && served_record.and_then(|s| decode_record(s, hash)).is_some()
+        && served_record.and_then(|s| decode_record(s, hash))
+            == record.as_deref().and_then(|r| decode_record(r, hash));
+    let staged = Slot {
+        stamp: plan.stamp,
+        generation: plan.generation,
+        record,
+    };
+    let out = match served {
+        // The same credential re-tagged with the new generation, kept at its
+        // committed stamp: served identically before and after the commit.
+        Some(s) if unchanged => vec![Slot {
+            stamp: s.stamp,
+            ..staged
+        }],
+        Some(s) => vec![staged_from(s), staged],
+        None => vec![staged],
+    };
+    encode_slots(&out)
+}
+
+fn staged_from(s: &Slot<&[u8]>) -> Slot<Vec<u8>> {
+    Slot {
+        stamp: s.stamp,
+        generation: s.generation,
+        record: s.record.map(<[u8]>::to_vec),
+    }
 }
 
 pub fn decode_state(bytes: Option<&[u8]>) -> SyncState {
@@ -271,7 +477,7 @@ pub fn plan(
     if push.upserts.len() + push.deletes.len() + push.revoked_sessions.len() > MAX_PUSH_ITEMS {
         return Err(SyncError::TooLarge);
     }
-    let next = check_sequence(&push, state)?;
+    let (claim, commit, stamp) = check_sequence(&push, state)?;
     let mut upserts = Vec::with_capacity(push.upserts.len());
     let mut key_ids = Vec::with_capacity(push.upserts.len());
     for (i, r) in push.upserts.iter().enumerate() {
@@ -304,7 +510,11 @@ pub fn plan(
         key_ids,
         deletes,
         revoked_sessions: push.revoked_sessions.clone(),
-        state: next,
+        claim,
+        commit,
+        stamp,
+        generation: push.generation,
+        full: push.mode == Mode::Full,
     })
 }
 
@@ -332,13 +542,18 @@ pub fn is_foreign(push: &Push, state: &SyncState) -> bool {
     state.generation > 0 && state.store_id.is_some() && push.store_id != state.store_id
 }
 
-/// The state after `push`, if it applies on top of `state`.
-fn check_sequence(push: &Push, state: &SyncState) -> Result<SyncState, SyncError> {
-    match push.mode {
+/// The state claiming this batch, the state committing the push (last
+/// batch only) and the stamp its writes are staged under, if `push` applies
+/// on top of `state`.
+fn check_sequence(
+    push: &Push,
+    state: &SyncState,
+) -> Result<(SyncState, Option<SyncState>, u64), SyncError> {
+    // Stamps are never reused: an abandoned push's slots stay above every
+    // stamp until a newer full set leaves them out by generation.
+    let fresh_stamp = state.stamp.max(state.pending.map_or(0, |p| p.stamp)) + 1;
+    let (stamp, pending) = match push.mode {
         Mode::Incremental => {
-            if state.pending.is_some() {
-                return Err(SyncError::Conflict("a full push is in progress".into()));
-            }
             if push.store_id != state.store_id {
                 return Err(SyncError::Conflict(
                     "push is from another store than the one Envoy holds".into(),
@@ -356,58 +571,97 @@ fn check_sequence(push: &Push, state: &SyncState) -> Result<SyncState, SyncError
                     push.version, state.version
                 )));
             }
-            Ok(SyncState {
-                version: push.version,
-                ..*state
-            })
+            match state.pending {
+                None if push.batch == 0 => (fresh_stamp, None),
+                Some(p)
+                    if p.mode == Mode::Incremental
+                        && p.generation == push.generation
+                        && p.base_version == push.base_version
+                        && p.version == push.version
+                        && p.next_batch == push.batch =>
+                {
+                    (p.stamp, Some(p))
+                }
+                Some(p) if p.mode == Mode::Full => {
+                    return Err(SyncError::Conflict("a full push is in progress".into()))
+                }
+                Some(p) => {
+                    return Err(SyncError::Conflict(format!(
+                        "expected batch {} of the push to version {}, got batch {} to version {}",
+                        p.next_batch, p.version, push.batch, push.version
+                    )))
+                }
+                None => {
+                    return Err(SyncError::Conflict(format!(
+                        "expected batch 0, got {}",
+                        push.batch
+                    )))
+                }
+            }
         }
         Mode::Full => {
-            let expected = match state.pending {
-                Some(p) if p.generation == push.generation => p.next_batch,
-                _ => 0,
-            };
+            let continued = state
+                .pending
+                .filter(|p| p.mode == Mode::Full && p.generation == push.generation);
+            let expected = continued.map_or(0, |p| p.next_batch);
             if push.batch != expected {
                 return Err(SyncError::Conflict(format!(
                     "expected batch {expected}, got {}",
                     push.batch
                 )));
             }
-            let floor = state
-                .pending
-                .map_or(state.generation, |p| p.generation.max(state.generation));
-            if push.batch == 0 && push.generation <= floor {
-                return Err(SyncError::Conflict(format!(
-                    "generation {} is not newer than {floor}",
-                    push.generation
-                )));
-            }
-            if push.batch == 0 && !push.takeover && is_foreign(push, state) {
-                return Err(SyncError::Conflict(format!(
-                    "Envoy holds the credentials of store {}, this push is from store {}; \
-                     refusing to replace them (keygate sync --takeover does)",
-                    state.store_id.map_or("-".into(), |id| id.to_string()),
-                    push.store_id.map_or("-".into(), |id| id.to_string()),
-                )));
-            }
-            if push.last {
-                Ok(SyncState {
-                    generation: push.generation,
-                    version: push.version,
-                    pending: None,
-                    store_id: push.store_id,
-                })
+            if let Some(p) = continued.filter(|_| push.batch > 0) {
+                if p.version != push.version {
+                    return Err(SyncError::Conflict(format!(
+                        "batch {} is for version {}, the push in progress for {}",
+                        push.batch, push.version, p.version
+                    )));
+                }
+                (p.stamp, Some(p))
             } else {
-                let pending = Pending {
-                    generation: push.generation,
-                    next_batch: push.batch + 1,
-                };
-                Ok(SyncState {
-                    pending: Some(pending),
-                    ..*state
-                })
+                let floor = state
+                    .pending
+                    .map_or(state.generation, |p| p.generation.max(state.generation));
+                if push.generation <= floor {
+                    return Err(SyncError::Conflict(format!(
+                        "generation {} is not newer than {floor}",
+                        push.generation
+                    )));
+                }
+                if !push.takeover && is_foreign(push, state) {
+                    return Err(SyncError::Conflict(format!(
+                        "Envoy holds the credentials of store {}, this push is from store {}; \
+                         refusing to replace them (keygate sync --takeover does)",
+                        state.store_id.map_or("-".into(), |id| id.to_string()),
+                        push.store_id.map_or("-".into(), |id| id.to_string()),
+                    )));
+                }
+                (fresh_stamp, None)
             }
         }
-    }
+    };
+    let claim = SyncState {
+        pending: Some(Pending {
+            mode: push.mode,
+            generation: push.generation,
+            next_batch: push.batch.saturating_add(1),
+            stamp,
+            base_version: pending.map_or(push.base_version, |p| p.base_version),
+            version: push.version,
+        }),
+        ..*state
+    };
+    let commit = push.last.then_some(SyncState {
+        generation: push.generation,
+        version: push.version,
+        stamp,
+        pending: None,
+        store_id: match push.mode {
+            Mode::Full => push.store_id,
+            Mode::Incremental => state.store_id,
+        },
+    });
+    Ok((claim, commit, stamp))
 }
 
 #[cfg(test)]
@@ -442,9 +696,43 @@ mod tests {
         SyncState {
             generation,
             version,
+            stamp: generation + version,
             pending: None,
             store_id: None,
         }
+    }
+
+    fn committed(state: &SyncState, generation: u64, version: u64) -> bool {
+        state.generation == generation && state.version == version && state.pending.is_none()
+    }
+
+    /// Applies a plan to an in-memory entry map as the sync role does.
+    fn apply(entries: &mut std::collections::HashMap<Digest, Vec<u8>>, held: &SyncState, p: &Plan) {
+        for (hash, record) in &p.upserts {
+            let e = stage(
+                entries.get(hash).map(Vec::as_slice),
+                held,
+                p,
+                hash,
+                Some(record),
+            );
+            entries.insert(*hash, e);
+        }
+        for hash in &p.deletes {
+            let e = stage(entries.get(hash).map(Vec::as_slice), held, p, hash, None);
+            entries.insert(*hash, e);
+        }
+    }
+
+    fn served(
+        entries: &std::collections::HashMap<Digest, Vec<u8>>,
+        state: &SyncState,
+        key: &str,
+    ) -> Option<String> {
+        let hash = crate::hash::sha256(key.as_bytes());
+        let slots = decode_slots(entries.get(&hash)?)?;
+        let record = visible(&slots, state)?;
+        decode_record(record, &hash).map(|c| c.key_id)
     }
 
     #[test]
@@ -488,7 +776,9 @@ mod tests {
     #[test]
     fn first_full_push_commits_generation_and_version() {
         let plan = run(&push(Mode::Full, 1, 0, 7), &SyncState::default()).unwrap();
-        assert_eq!(plan.state, held(1, 7));
+        let state = plan.result();
+        assert!(committed(&state, 1, 7), "{state:?}");
+        assert_eq!(state.stamp, 1);
         assert_eq!(plan.upserts.len(), 1);
         let (hash, entry) = &plan.upserts[0];
         assert_eq!(crate::entry::tat(entry), Some(None), "counter unused");
@@ -498,12 +788,11 @@ mod tests {
 
     #[test]
     fn incremental_push_must_build_on_the_held_version() {
-        assert_eq!(
-            run(&push(Mode::Incremental, 1, 7, 8), &held(1, 7))
-                .unwrap()
-                .state,
-            held(1, 8)
-        );
+        let next = run(&push(Mode::Incremental, 1, 7, 8), &held(1, 7))
+            .unwrap()
+            .result();
+        assert!(committed(&next, 1, 8), "{next:?}");
+        assert!(next.stamp > held(1, 7).stamp);
         // Replayed (already applied) and out-of-order pushes are refused.
         assert!(matches!(
             run(&push(Mode::Incremental, 1, 6, 7), &held(1, 7)),
@@ -523,18 +812,18 @@ mod tests {
     fn full_push_in_batches_commits_on_the_last() {
         let mut p = push(Mode::Full, 2, 0, 9);
         p.last = false;
-        let s1 = run(&p, &held(1, 7)).unwrap().state;
+        let s1 = run(&p, &held(1, 7)).unwrap().result();
+        assert_eq!((s1.generation, s1.version, s1.stamp), (1, 7, 8));
         assert_eq!(
-            s1,
-            SyncState {
-                generation: 1,
-                version: 7,
-                pending: Some(Pending {
-                    generation: 2,
-                    next_batch: 1
-                }),
-                store_id: None,
-            }
+            s1.pending,
+            Some(Pending {
+                mode: Mode::Full,
+                generation: 2,
+                next_batch: 1,
+                stamp: 9,
+                base_version: 0,
+                version: 9,
+            })
         );
         // Out of order and incremental pushes wait for the full push.
         p.batch = 2;
@@ -545,7 +834,9 @@ mod tests {
         ));
         p.batch = 1;
         p.last = true;
-        assert_eq!(run(&p, &s1).unwrap().state, held(2, 9));
+        let s2 = run(&p, &s1).unwrap().result();
+        assert!(committed(&s2, 2, 9), "{s2:?}");
+        assert_eq!(s2.stamp, 9);
     }
 
     #[test]
@@ -562,9 +853,14 @@ mod tests {
         let s = SyncState {
             generation: 1,
             version: 7,
+            stamp: 2,
             pending: Some(Pending {
+                mode: Mode::Full,
                 generation: 3,
                 next_batch: 4,
+                stamp: 3,
+                base_version: 0,
+                version: 9,
             }),
             store_id: None,
         };
@@ -652,10 +948,148 @@ mod tests {
     }
 
     #[test]
-    fn visibility_hides_entries_older_than_the_committed_generation() {
-        assert!(is_visible(2, &held(2, 0)));
-        assert!(is_visible(3, &held(2, 0)));
-        assert!(!is_visible(1, &held(2, 0)));
+    fn a_multi_batch_incremental_push_switches_at_its_last_batch() {
+        let mut entries = Default::default();
+        let p0 = run(&push(Mode::Full, 1, 0, 1), &SyncState::default()).unwrap();
+        apply(&mut entries, &SyncState::default(), &p0);
+        let s0 = p0.result();
+        assert_eq!(served(&entries, &s0, "k1").as_deref(), Some("id-k1"));
+        // Batch 0 adds k2, batch 1 deletes k1: neither shows until batch 1 commits.
+        let mut b0 = push(Mode::Incremental, 1, 1, 2);
+        b0.upserts = vec![record("k2", "t")];
+        b0.last = false;
+        let p1 = run(&b0, &s0).unwrap();
+        apply(&mut entries, &s0, &p1);
+        let s1 = p1.result();
+        assert!(s1.pending.is_some() && s1.version == 1);
+        assert_eq!(served(&entries, &s1, "k2"), None, "staged, not served");
+        // Another push cannot start meanwhile; batches must come in order.
+        assert!(run(&push(Mode::Incremental, 1, 1, 3), &s1).is_err());
+        let mut b1 = push(Mode::Incremental, 1, 1, 2);
+        b1.upserts = vec![];
+        b1.deletes = vec![hex::encode(crate::hash::sha256(b"k1"))];
+        b1.batch = 2;
+        assert!(run(&b1, &s1).is_err());
+        b1.batch = 1;
+        let p2 = run(&b1, &s1).unwrap();
+        apply(&mut entries, &s1, &p2);
+        assert_eq!(
+            served(&entries, &s1, "k1").as_deref(),
+            Some("id-k1"),
+            "until the commit"
+        );
+        let s2 = p2.result();
+        assert!(committed(&s2, 1, 2), "{s2:?}");
+        assert_eq!(served(&entries, &s2, "k1"), None, "deleted at the commit");
+        assert_eq!(served(&entries, &s2, "k2").as_deref(), Some("id-k2"));
+    }
+
+    #[test]
+    fn an_abandoned_push_is_never_served_and_a_full_set_drops_absent_entries() {
+        let mut entries = Default::default();
+        let mut first = push(Mode::Full, 1, 0, 1);
+        first.upserts = vec![record("k1", "t"), record("k2", "t")];
+        let p0 = run(&first, &SyncState::default()).unwrap();
+        apply(&mut entries, &SyncState::default(), &p0);
+        let s0 = p0.result();
+        // A full push that never finishes: changes k1, adds k3.
+        let mut half = push(Mode::Full, 2, 0, 5);
+        half.upserts = vec![record("k1", "other"), record("k3", "t")];
+        half.last = false;
+        let p1 = run(&half, &s0).unwrap();
+        apply(&mut entries, &s0, &p1);
+        let s1 = p1.result();
+        assert_eq!(served(&entries, &s1, "k3"), None);
+        let slots = decode_slots(&entries[&crate::hash::sha256(b"k1")]).unwrap();
+        assert_eq!(
+            decode_record(visible(&slots, &s1).unwrap(), &crate::hash::sha256(b"k1"))
+                .unwrap()
+                .tenant,
+            "t",
+            "the committed value still answers"
+        );
+        // The next full push supersedes it with only k2: k1, k3 and the
+        // abandoned slots are gone once it commits.
+        let mut next = push(Mode::Full, 3, 0, 6);
+        next.upserts = vec![record("k2", "t")];
+        let p2 = run(&next, &s1).unwrap();
+        assert!(p2.stamp > p1.stamp, "stamps are never reused");
+        apply(&mut entries, &s1, &p2);
+        let s2 = p2.result();
+        assert!(committed(&s2, 3, 6));
+        assert_eq!(served(&entries, &s2, "k1"), None);
+        assert_eq!(served(&entries, &s2, "k3"), None);
+        assert_eq!(served(&entries, &s2, "k2").as_deref(), Some("id-k2"));
+        // An unchanged record kept its one slot instead of gaining a copy.
+        let k2 = decode_slots(&entries[&crate::hash::sha256(b"k2")]).unwrap();
+        assert_eq!(k2.len(), 1);
+    }
+
+    #[test]
+    fn the_served_slot_carries_the_rate_limit_state_and_a_staged_update_keeps_it() {
+        let mut entries = Default::default();
+        let p0 = run(&push(Mode::Full, 1, 0, 1), &SyncState::default()).unwrap();
+        apply(&mut entries, &SyncState::default(), &p0);
+        let s0 = p0.result();
+        let h = crate::hash::sha256(b"k1");
+        // The gate counts a request in the served record.
+        let counted =
+            update_visible_record(&entries[&h], &s0, |r| crate::entry::with_tat(r, 42)).unwrap();
+        entries.insert(h, counted);
+        let tat = |e: &std::collections::HashMap<Digest, Vec<u8>>, s: &SyncState| {
+            visible_record(&e[&h], s).and_then(crate::entry::tat)
+        };
+        assert_eq!(tat(&entries, &s0), Some(Some(42)));
+        // A change of k1 is staged, then committed: its budget goes on.
+        let mut change = push(Mode::Incremental, 1, 1, 2);
+        change.upserts = vec![record("k1", "other")];
+        let p1 = run(&change, &s0).unwrap();
+        apply(&mut entries, &s0, &p1);
+        assert_eq!(
+            tat(&entries, &s0),
+            Some(Some(42)),
+            "served before the commit"
+        );
+        let s1 = p1.result();
+        assert_eq!(tat(&entries, &s1), Some(Some(42)), "kept by the new value");
+        assert_eq!(served(&entries, &s1, "k1").as_deref(), Some("id-k1"));
+    }
+
+    #[test]
+    fn slots_round_trip_and_malformed_entries_are_absent() {
+        let slots = vec![
+            Slot {
+                stamp: 1,
+                generation: 2,
+                record: Some(b"{}".to_vec()),
+            },
+            Slot {
+                stamp: 3,
+                generation: 2,
+                record: None,
+            },
+        ];
+        let bytes = encode_slots(&slots);
+        let back = decode_slots(&bytes).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!((back[0].stamp, back[0].record), (1, Some(&b"{}"[..])));
+        assert_eq!((back[1].stamp, back[1].record), (3, None));
+        assert!(decode_slots(&bytes[..bytes.len() - 1]).is_none());
+        assert!(decode_slots(b"short").is_none());
+        // A delete committed at stamp 3 hides the record of stamp 1.
+        let state = SyncState {
+            generation: 2,
+            stamp: 3,
+            ..SyncState::default()
+        };
+        assert_eq!(visible(&back, &state), None);
+        let before = SyncState { stamp: 2, ..state };
+        assert!(visible(&back, &before).is_some());
+        let newer_set = SyncState {
+            generation: 3,
+            ..before
+        };
+        assert_eq!(visible(&back, &newer_set), None);
     }
 
     #[test]
@@ -665,17 +1099,21 @@ mod tests {
         let s = SyncState {
             generation: 3,
             version: 9,
+            stamp: 5,
             pending: Some(Pending {
+                mode: Mode::Incremental,
                 generation: 4,
                 next_batch: 1,
+                stamp: 6,
+                base_version: 9,
+                version: 10,
             }),
             store_id: Some(StoreId(0xfeed)),
         };
         assert_eq!(decode_state(Some(&encode_state(&s))), s);
         let h = [7u8; 32];
-        assert!(decode_entry(b"", &h).is_none());
-        assert!(decode_entry(b"x\n{}", &h).is_none());
-        assert!(decode_entry(b"1\n{}", &h).is_none());
+        assert!(decode_record(b"", &h).is_none());
+        assert!(decode_record(b"{}", &h).is_none());
     }
 
     #[test]
@@ -684,7 +1122,7 @@ mod tests {
             store_id: Some(StoreId(1)),
             ..push(Mode::Full, 1, 0, 7)
         };
-        let state = run(&mine, &SyncState::default()).unwrap().state;
+        let state = run(&mine, &SyncState::default()).unwrap().result();
         assert_eq!(state.store_id, Some(StoreId(1)));
         let other = Push {
             store_id: Some(StoreId(2)),
@@ -705,7 +1143,7 @@ mod tests {
             &state,
         )
         .unwrap()
-        .state;
+        .result();
         assert_eq!((taken.generation, taken.store_id), (2, Some(StoreId(2))));
         // The same store may always replace its own set (e.g. after a sidecar restart).
         assert!(run(

@@ -228,13 +228,16 @@ proptest! {
         let held = SyncState {
             generation: 1,
             version: 1,
+            stamp: 1,
             pending: None,
             store_id: None,
         };
         // Correctly signed, so the fuzzing reaches the parser and validation.
         let sig = sign(SYNC_SECRET, &v);
         if let Ok(p) = plan(SYNC_SECRET, &v, Some(sig.as_bytes()), &held) {
-            prop_assert!(p.state.version >= held.version || p.state.pending.is_some());
+            let next = p.result();
+            prop_assert!(next.version >= held.version || next.pending.is_some());
+            prop_assert!(p.stamp > held.stamp, "a push never stages under a committed stamp");
         }
         prop_assert!(plan(SYNC_SECRET, &v, Some(b"v1=00"), &held).is_err());
     }

@@ -15,7 +15,7 @@
 use arc_swap::ArcSwap;
 use keygate_core::hash::Digest;
 use keygate_core::shared_data::{key_id_key, CounterCell};
-use keygate_core::sync::{decode_entry, is_visible, SyncState};
+use keygate_core::sync::{decode_record, is_visible, SyncState};
 use keygate_core::Credential;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex};
 use std::cell::RefCell;
@@ -23,8 +23,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 
-/// One pushed credential, kept as the push carried it (`<generation>\n<record
-/// JSON>`, see `keygate_core::sync::encode_entry`): a few hundred bytes
+/// One pushed credential, kept as the push carried it (the record, see
+/// `keygate_core::sync::encode_entry`, and its generation): a few hundred bytes
 /// instead of a parsed record's many allocations. Each worker parses it once
 /// into its cache.
 pub struct Entry {
@@ -35,7 +35,11 @@ pub struct Entry {
 /// What the sync role has applied: read by the gate as one snapshot.
 #[derive(Clone, Default)]
 pub struct Snapshot {
+    /// The committed set: the only one the gate reads.
     pub credentials: imbl::HashMap<Digest, Arc<Entry>>,
+    /// Writes of the push in progress (None: a delete), applied to
+    /// `credentials` when its last batch commits.
+    pub staged: imbl::HashMap<Digest, Option<Arc<Entry>>>,
     pub state: SyncState,
 }
 
@@ -217,7 +221,7 @@ pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
             }
         }
         // Validated when the push was applied; a failure here fails closed.
-        let (_, cred) = decode_entry(&entry.bytes, hash)?;
+        let cred = decode_record(&entry.bytes, hash)?;
         let cred = Rc::new(cred);
         if cache.len() >= CACHE_CAPACITY {
             cache.clear();
@@ -305,6 +309,7 @@ mod tests {
             next.state = SyncState {
                 generation: 1,
                 version: 1,
+                stamp: 1,
                 pending: None,
                 store_id: None,
             };

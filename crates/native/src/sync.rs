@@ -1,7 +1,8 @@
 //! The sync role per stream: the sidecar's loopback listener protocol, as in
 //! the wasm build (`src/sync_context.rs`): read the held state, or push a
 //! signed batch that is validated in full (`keygate_core::sync::plan`) before
-//! it is applied — here to the process-wide tables, in one atomic swap.
+//! it is applied — here to the process-wide tables: batches are staged, and
+//! the last one switches the committed set with one atomic swap.
 
 use crate::abi;
 use crate::config::FilterConfig;
@@ -9,7 +10,7 @@ use crate::envoy::{log, Stream};
 use crate::state::{tables, Entry, Snapshot};
 use keygate_core::shared_data::{key_id_key, revocations_key, CONFIG_IDS_KEY};
 use keygate_core::sync::{
-    check_config_ids, decode_entry, plan, RevokedSession, SyncError, SyncState, MAX_PUSH_BYTES,
+    check_config_ids, decode_record, plan, RevokedSession, SyncError, SyncState, MAX_PUSH_BYTES,
     PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
@@ -45,29 +46,49 @@ fn reply(stream: Stream, status: u16, body: &Body) {
     );
 }
 
-/// Applies a push: plan against the held state, then write the new table
-/// and state in one store. A refused push changes nothing.
+/// Applies a batch: plan against the held state, stage its writes, and on
+/// the last batch move everything staged into the committed set (a full
+/// set drops what it left out) with the new state, in one store. A refused
+/// batch changes nothing; a push that never commits is never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
     let (state, upserts, deletes, revoked, key_ids) = t.update(|current: &Snapshot| {
         let plan = plan(secret, body, signature, &current.state)?;
         check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
         let mut next = current.clone();
+        if current.state.pending.map(|p| p.stamp) != Some(plan.stamp) {
+            // A new push: whatever an abandoned one staged goes.
+            next.staged = imbl::HashMap::new();
+        }
         for (hash, bytes) in &plan.upserts {
-            // `plan` validated each record; an entry that does not decode
-            // would be a core bug: refuse the push rather than half-apply.
-            let (generation, _) = decode_entry(bytes, hash)
-                .ok_or_else(|| SyncError::Invalid("unreadable credential entry".into()))?;
-            let bytes = bytes.clone().into_boxed_slice();
-            next.credentials
-                .insert(*hash, Arc::new(Entry { generation, bytes }));
+            // `plan` validated each record; one that does not decode would
+            // be a core bug: refuse the push rather than half-apply.
+            decode_record(bytes, hash)
+                .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
+            let entry = Entry {
+                generation: plan.generation,
+                bytes: bytes.clone().into_boxed_slice(),
+            };
+            next.staged.insert(*hash, Some(Arc::new(entry)));
         }
         for hash in &plan.deletes {
-            next.credentials.remove(hash);
+            next.staged.insert(*hash, None);
         }
-        next.state = plan.state;
+        if let Some(commit) = plan.commit {
+            for (hash, entry) in std::mem::take(&mut next.staged) {
+                match entry {
+                    Some(e) => next.credentials.insert(hash, e),
+                    None => next.credentials.remove(&hash),
+                };
+            }
+            if plan.full {
+                next.credentials
+                    .retain(|_, e| e.generation >= commit.generation);
+            }
+        }
+        next.state = plan.result();
         let out = (
-            plan.state,
+            next.state,
             plan.upserts.len(),
             plan.deletes.len(),
             plan.revoked_sessions,

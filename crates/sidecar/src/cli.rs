@@ -285,6 +285,15 @@ pub struct SyncArgs {
     /// Replace credentials an Envoy holds from another store (refused otherwise).
     #[arg(long)]
     pub takeover: bool,
+    /// The longest token lifetime (`tokens.lifetime_secs`) of the filters
+    /// synced: session revocations older than this are not pushed. The
+    /// default is the longest lifetime a filter accepts.
+    #[arg(long, value_parser = parse_duration, default_value = "7d")]
+    pub token_lifetime: Duration,
+    /// Keep a JSON health report of every endpoint here (rewritten atomically
+    /// when an endpoint's state changes).
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
 }
 
 fn parse_kind(s: &str) -> Result<Kind, String> {

@@ -10,10 +10,18 @@
 //! refused push), and backs off on its own when its Envoy fails, so a slow
 //! or dead Envoy delays nobody else. Envoy keeps enforcing its last good set
 //! whatever happens here.
+//!
+//! A push Envoy refuses as such (invalid, too large, wrong secret) is not
+//! retried in a loop: the endpoint is reported refused (log line, its
+//! `refused_pushes` counter, the status file) and tried again only once the
+//! store changes or Envoy's held state does (e.g. it restarted).
 
-use crate::endpoint::{log, Endpoint};
+use crate::endpoint::{log, Endpoint, Metrics};
 use keygate_control::store::{Snapshot, Store};
+use keygate_core::sync::SyncState;
+use serde::Serialize;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -57,6 +65,64 @@ pub struct Options {
     pub reconcile: Duration,
     pub once: bool,
     pub takeover: bool,
+    /// The longest token lifetime the filters are configured with: older
+    /// session revocations are not pushed.
+    pub token_lifetime: Duration,
+    /// Where to keep a JSON health report of every endpoint.
+    pub status_file: Option<PathBuf>,
+}
+
+/// One endpoint's line in the status file.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+struct EndpointStatus {
+    /// `starting`, `in_sync`, `refused` (Envoy refuses the push; needs an
+    /// operator) or `failing` (unreachable or erroring; retried).
+    state: &'static str,
+    /// The store version Envoy acknowledged.
+    version: Option<u64>,
+    error: Option<String>,
+    metrics: Metrics,
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    healthy: bool,
+    endpoints: &'a BTreeMap<String, EndpointStatus>,
+}
+
+/// Every endpoint's status; rewritten (atomically) whenever one changes.
+#[derive(Clone)]
+struct Health {
+    file: Option<Arc<PathBuf>>,
+    endpoints: Arc<Mutex<BTreeMap<String, EndpointStatus>>>,
+}
+
+impl Health {
+    fn set(&self, addr: &str, status: EndpointStatus) {
+        let Ok(mut all) = self.endpoints.lock() else {
+            return;
+        };
+        if all.get(addr) == Some(&status) {
+            return;
+        }
+        all.insert(addr.to_owned(), status);
+        let Some(file) = &self.file else {
+            return;
+        };
+        let report = Status {
+            healthy: all.values().all(|s| s.state == "in_sync"),
+            endpoints: &all,
+        };
+        let written = serde_json::to_vec_pretty(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|b| keygate_control::store::file::replace_file(file, &b));
+        if let Err(e) = written {
+            log(&format!(
+                "cannot write the status file {}: {e}",
+                file.display()
+            ));
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +139,17 @@ pub fn run(store: &dyn Store, opts: Options) -> Result<(), Error> {
     let endpoints = opts
         .endpoints
         .iter()
-        .map(|e| Endpoint::new(e, opts.takeover))
+        .map(|e| {
+            Endpoint::new(e, opts.takeover).map(|mut ep| {
+                ep.token_lifetime = opts.token_lifetime;
+                ep
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
+    let health = Health {
+        file: opts.status_file.map(Arc::new),
+        endpoints: Arc::default(),
+    };
     let secret: Arc<[u8]> = opts.secret.into();
     if opts.once {
         return once(store, endpoints, &secret);
@@ -85,7 +160,15 @@ pub fn run(store: &dyn Store, opts: Options) -> Result<(), Error> {
     let (mut token, mut snap) = first_read(store)?;
     let workers: Vec<Sender<Arc<Snapshot>>> = endpoints
         .into_iter()
-        .map(|ep| spawn(ep, Arc::clone(&snap), Arc::clone(&secret), opts.reconcile))
+        .map(|ep| {
+            spawn(
+                ep,
+                Arc::clone(&snap),
+                Arc::clone(&secret),
+                opts.reconcile,
+                health.clone(),
+            )
+        })
         .collect::<Result<_, _>>()?;
     log(&format!(
         "watching {}, {} endpoint(s)",
@@ -197,27 +280,46 @@ fn spawn(
     snap: Arc<Snapshot>,
     secret: Arc<[u8]>,
     reconcile: Duration,
+    health: Health,
 ) -> Result<Sender<Arc<Snapshot>>, Error> {
     let (tx, rx) = mpsc::channel();
+    health.set(
+        &ep.addr,
+        EndpointStatus {
+            state: "starting",
+            version: None,
+            error: None,
+            metrics: ep.metrics,
+        },
+    );
     std::thread::Builder::new()
         .name(format!("sync {}", ep.addr))
-        .spawn(move || worker(ep, snap, &secret, reconcile, rx))
+        .spawn(move || worker(ep, snap, &secret, reconcile, rx, &health))
         .map_err(|e| keygate_control::Error::Other(format!("cannot start a sync thread: {e}")))?;
     Ok(tx)
 }
 
+/// A refused push: the snapshot it carried and what Envoy held then.
+struct Refusal {
+    version: u64,
+    held: Option<SyncState>,
+}
+
 /// One endpoint's loop: push on every new snapshot, check on every
-/// reconcile tick, retry failures with its own exponential backoff.
+/// reconcile tick, retry failures with its own exponential backoff; a
+/// refused push waits for a new snapshot or a change in Envoy.
 fn worker(
     mut ep: Endpoint,
     mut snap: Arc<Snapshot>,
     secret: &[u8],
     reconcile: Duration,
     rx: Receiver<Arc<Snapshot>>,
+    health: &Health,
 ) {
     let mut last_check: Option<Instant> = None;
     let mut backoff: Option<Duration> = None;
     let mut last_error: Option<String> = None;
+    let mut refused: Option<Refusal> = None;
     let mut dirty = true;
     loop {
         if dirty || backoff.is_some() || last_check.is_none_or(|t| t.elapsed() >= reconcile) {
@@ -225,37 +327,32 @@ fn worker(
             if check {
                 last_check = Some(Instant::now());
             }
-            let result = ep.sync(&snap, check, secret);
-            set_state(
-                &ep.addr,
-                EndpointState {
-                    in_sync: result.is_ok(),
-                    store_version: result.is_ok().then_some(snap.version),
-                    last_error: result.as_ref().err().map(ToString::to_string),
-                    failures: ep.metrics.failures + u64::from(result.is_err()),
-                },
-            );
-            match result {
-                Ok(()) => {
-                    dirty = false;
-                    backoff = None;
-                    if last_error.take().is_some() {
-                        let m = ep.metrics;
-                        log(&format!(
-                            "{}: in sync again ({} full, {} incremental pushes, {} failures so far)",
-                            ep.addr, m.full_pushes, m.incremental_pushes, m.failures
-                        ));
+            // Same snapshot, same Envoy: the push would be refused again.
+            let unchanged = refused
+                .as_ref()
+                .is_some_and(|r| r.version == snap.version && ep.state().ok() == r.held);
+            if !unchanged {
+                refused = None;
+                let result = ep.sync(&snap, check, secret);
+                report(&mut ep, &snap, &result, &mut last_error, health);
+                match result {
+                    Ok(()) => {
+                        dirty = false;
+                        backoff = None;
                     }
-                }
-                Err(e) => {
-                    ep.metrics.failures += 1;
-                    ep.forget();
-                    let e = e.to_string();
-                    if last_error.as_deref() != Some(e.as_str()) {
-                        log(&format!("{}: {e}", ep.addr));
+                    Err(e) if e.is_refusal() => {
+                        ep.forget();
+                        dirty = false;
+                        backoff = None;
+                        refused = Some(Refusal {
+                            version: snap.version,
+                            held: ep.state().ok(),
+                        });
                     }
-                    last_error = Some(e);
-                    backoff = Some(backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX)));
+                    Err(_) => {
+                        ep.forget();
+                        backoff = Some(backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX)));
+                    }
                 }
             }
         }
@@ -279,4 +376,70 @@ fn worker(
             Err(RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+/// Logs a change of outcome once, counts failures and refusals, and
+/// updates the endpoint's status.
+fn report(
+    ep: &mut Endpoint,
+    snap: &Snapshot,
+    result: &Result<(), crate::endpoint::Error>,
+    last_error: &mut Option<String>,
+    health: &Health,
+) {
+    let state = match result {
+        Ok(()) => {
+            if last_error.take().is_some() {
+                let m = ep.metrics;
+                log(&format!(
+                    "{}: in sync again ({} full, {} incremental pushes, {} failures, {} refused so far)",
+                    ep.addr, m.full_pushes, m.incremental_pushes, m.failures, m.refused_pushes
+                ));
+            }
+            "in_sync"
+        }
+        Err(e) => {
+            let refusal = e.is_refusal();
+            if refusal {
+                ep.metrics.refused_pushes += 1;
+            } else {
+                ep.metrics.failures += 1;
+            }
+            let msg = e.to_string();
+            if last_error.as_deref() != Some(msg.as_str()) {
+                if refusal {
+                    log(&format!(
+                        "{}: {msg}; store version {} not pushed again until the store or Envoy changes",
+                        ep.addr, snap.version
+                    ));
+                } else {
+                    log(&format!("{}: {msg}", ep.addr));
+                }
+            }
+            *last_error = Some(msg);
+            if refusal {
+                "refused"
+            } else {
+                "failing"
+            }
+        }
+    };
+    set_state(
+        &ep.addr,
+        EndpointState {
+            in_sync: result.is_ok(),
+            store_version: result.is_ok().then_some(snap.version),
+            last_error: result.as_ref().err().map(ToString::to_string),
+            failures: ep.metrics.failures + ep.metrics.refused_pushes,
+        },
+    );
+    health.set(
+        &ep.addr,
+        EndpointStatus {
+            state,
+            version: ep.held_version(),
+            error: last_error.clone(),
+            metrics: ep.metrics,
+        },
+    );
 }

@@ -38,6 +38,18 @@ pub enum Error {
     ForeignStore { held: String, ours: String },
 }
 
+impl Error {
+    /// Envoy refused the push itself (invalid, too large, wrong secret, a
+    /// foreign store): sending it again unchanged would be refused again.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::Refused { status, .. } => (400..500).contains(status) && *status != 409,
+            Error::ForeignStore { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 /// What we know an endpoint holds because we pushed it and it said so.
 struct Held {
     generation: u64,
@@ -46,12 +58,70 @@ struct Held {
     revoked: BTreeSet<RevokedSession>,
 }
 
-/// Counters of one endpoint, shown in its log lines.
-#[derive(Default, Debug, Clone, Copy)]
+/// Counters of one endpoint, shown in its log lines and status.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Metrics {
     pub full_pushes: u64,
     pub incremental_pushes: u64,
+    /// Batches sent, over every push.
+    pub batches: u64,
     pub failures: u64,
+    /// Pushes Envoy refused as invalid (not a conflict): not retried in a loop.
+    pub refused_pushes: u64,
+}
+
+/// One push's items, split into batches under the filter's limits.
+#[derive(Default)]
+struct Batch {
+    upserts: Vec<CredentialRecord>,
+    deletes: Vec<String>,
+    revoked: Vec<RevokedSession>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.upserts.len() + self.deletes.len() + self.revoked.len()
+    }
+}
+
+/// Packs items into batches of at most [`BATCH_ITEMS`] items and about
+/// [`BATCH_BYTES`] bytes; always at least one (possibly empty) batch, so
+/// any number of items can be pushed.
+fn batches(
+    upserts: Vec<CredentialRecord>,
+    deletes: Vec<String>,
+    revoked: Vec<RevokedSession>,
+) -> Vec<Batch> {
+    let mut out = vec![Batch::default()];
+    let mut bytes = 0;
+    let mut room = |out: &mut Vec<Batch>, size: usize| {
+        let current = out.last().map_or(0, Batch::len);
+        if current > 0 && (current >= BATCH_ITEMS || bytes + size > BATCH_BYTES) {
+            out.push(Batch::default());
+            bytes = 0;
+        }
+        bytes += size;
+    };
+    let size = |v: Result<Vec<u8>, serde_json::Error>| v.map_or(0, |v| v.len()) + 1;
+    for r in upserts {
+        room(&mut out, size(serde_json::to_vec(&r)));
+        if let Some(b) = out.last_mut() {
+            b.upserts.push(r);
+        }
+    }
+    for d in deletes {
+        room(&mut out, d.len() + 3);
+        if let Some(b) = out.last_mut() {
+            b.deletes.push(d);
+        }
+    }
+    for r in revoked {
+        room(&mut out, size(serde_json::to_vec(&r)));
+        if let Some(b) = out.last_mut() {
+            b.revoked.push(r);
+        }
+    }
+    out
 }
 
 pub struct Endpoint {
@@ -61,6 +131,8 @@ pub struct Endpoint {
     held: Option<Held>,
     pub metrics: Metrics,
     pub takeover: bool,
+    /// Revocations older than this cannot match a live token: not pushed.
+    pub token_lifetime: Duration,
 }
 
 pub fn log(msg: &str) {
@@ -93,8 +165,19 @@ fn as_set(snap: &Snapshot) -> BTreeMap<String, CredentialRecord> {
         .collect()
 }
 
-fn revocations(snap: &Snapshot) -> BTreeSet<RevokedSession> {
-    snap.revoked_sessions.iter().cloned().collect()
+/// The revocations that can still refuse a token: one revoked at `t`
+/// refuses tokens issued up to `t`, and those have all expired by
+/// `t + lifetime`.
+fn revocations(snap: &Snapshot, lifetime: Duration) -> BTreeSet<RevokedSession> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+    snap.revoked_sessions
+        .iter()
+        .filter(|r| r.revoked_at_ms.saturating_add(lifetime_ms) > now_ms)
+        .cloned()
+        .collect()
 }
 
 fn id_str(id: Option<StoreId>) -> String {
@@ -116,7 +199,13 @@ impl Endpoint {
             held: None,
             metrics: Metrics::default(),
             takeover,
+            token_lifetime: Duration::from_secs(keygate_core::token::MAX_LIFETIME_SECS),
         })
+    }
+
+    /// The version Envoy acknowledged last, if we know it.
+    pub fn held_version(&self) -> Option<u64> {
+        self.held.as_ref().map(|h| h.version)
     }
 
     /// Forget what we believe it holds: the next sync asks Envoy first.
@@ -204,41 +293,19 @@ impl Endpoint {
             });
         }
         let set = as_set(snap);
-        let mut batches: Vec<Vec<CredentialRecord>> = vec![Vec::new()];
-        let mut bytes = 0;
-        for r in set.values() {
-            let size = serde_json::to_vec(r).map_or(0, |v| v.len()) + 1;
-            let current = batches.last().map_or(0, Vec::len);
-            if current > 0 && (current >= BATCH_ITEMS || bytes + size > BATCH_BYTES) {
-                batches.push(Vec::new());
-                bytes = 0;
-            }
-            bytes += size;
-            if let Some(b) = batches.last_mut() {
-                b.push(r.clone());
-            }
-        }
-        let n = batches.len();
-        for (i, upserts) in batches.into_iter().enumerate() {
-            let push = Push {
-                batch: u32::try_from(i).unwrap_or(u32::MAX),
-                last: i + 1 == n,
-                upserts,
-                // Revocations are few and bounded; they ride on the last batch.
-                revoked_sessions: if i + 1 == n {
-                    snap.revoked_sessions.clone()
-                } else {
-                    vec![]
-                },
-                ..probe.clone()
-            };
-            self.send(&push, secret)?;
-        }
+        let revoked = revocations(snap, self.token_lifetime);
+        let parts = batches(
+            set.values().cloned().collect(),
+            vec![],
+            revoked.iter().cloned().collect(),
+        );
+        let n = self.send_batches(&probe, parts, secret)?;
         self.metrics.full_pushes += 1;
         log(&format!(
-            "{}: full push of {} credentials in {n} batches, store {} generation {generation} version {} ({:.1} ms)",
+            "{}: full push of {} credentials and {} session revocations in {n} batches, store {} generation {generation} version {} ({:.1} ms)",
             self.addr,
             set.len(),
+            revoked.len(),
             id_str(snap.store_id),
             snap.version,
             started.elapsed().as_secs_f64() * 1e3
@@ -247,9 +314,33 @@ impl Endpoint {
             generation,
             version: snap.version,
             set,
-            revoked: revocations(snap),
+            revoked,
         });
         Ok(())
+    }
+
+    /// Sends `parts` as the batches of one push described by `base`; the
+    /// last commits it. Returns the number of batches.
+    fn send_batches(
+        &mut self,
+        base: &Push,
+        parts: Vec<Batch>,
+        secret: &[u8],
+    ) -> Result<usize, Error> {
+        let n = parts.len();
+        for (i, part) in parts.into_iter().enumerate() {
+            let push = Push {
+                batch: u32::try_from(i).unwrap_or(u32::MAX),
+                last: i + 1 == n,
+                upserts: part.upserts,
+                deletes: part.deletes,
+                revoked_sessions: part.revoked,
+                ..base.clone()
+            };
+            self.send(&push, secret)?;
+            self.metrics.batches += 1;
+        }
+        Ok(n)
     }
 
     /// Only what changed since what the endpoint holds. Returns false when it
@@ -271,42 +362,41 @@ impl Endpoint {
             .filter(|h| !set.contains_key(*h))
             .cloned()
             .collect();
-        let revoked = revocations(snap);
+        let revoked = revocations(snap, self.token_lifetime);
         let new_revocations: Vec<RevokedSession> =
             revoked.difference(&held.revoked).cloned().collect();
-        if upserts.len() + deletes.len() + new_revocations.len() > BATCH_ITEMS
-            || snap.version <= held.version
-        {
+        if snap.version <= held.version {
             return Ok(false);
         }
-        let push = Push {
+        let base = Push {
             mode: Mode::Incremental,
             generation: held.generation,
             base_version: held.version,
             version: snap.version,
             batch: 0,
-            last: true,
-            upserts,
-            deletes,
-            revoked_sessions: new_revocations,
+            last: false,
+            upserts: vec![],
+            deletes: vec![],
+            revoked_sessions: vec![],
             store_id: snap.store_id,
             takeover: false,
         };
-        match self.send(&push, secret) {
-            Ok(_) => {
+        let counts = (upserts.len(), deletes.len(), new_revocations.len());
+        match self.send_batches(&base, batches(upserts, deletes, new_revocations), secret) {
+            Ok(n) => {
                 self.metrics.incremental_pushes += 1;
                 log(&format!(
-                    "{}: pushed {} upserts, {} deletes, {} session revocations, version {} -> {} ({:.1} ms)",
+                    "{}: pushed {} upserts, {} deletes, {} session revocations in {n} batches, version {} -> {} ({:.1} ms)",
                     self.addr,
-                    push.upserts.len(),
-                    push.deletes.len(),
-                    push.revoked_sessions.len(),
-                    push.base_version,
-                    push.version,
+                    counts.0,
+                    counts.1,
+                    counts.2,
+                    base.base_version,
+                    base.version,
                     started.elapsed().as_secs_f64() * 1e3
                 ));
                 self.held = Some(Held {
-                    generation: push.generation,
+                    generation: base.generation,
                     version: snap.version,
                     set,
                     revoked,
@@ -369,6 +459,33 @@ impl Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_number_of_items_is_split_into_batches_the_filter_accepts() {
+        let revoked: Vec<RevokedSession> = (0..50_000)
+            .map(|i| RevokedSession {
+                key_id: format!("key-{}", i % 10),
+                session_id: format!("flood-{i:05}"),
+                revoked_at_ms: 1,
+            })
+            .collect();
+        let deletes: Vec<String> = (0..1500).map(|i| format!("{i:064x}")).collect();
+        let parts = batches(vec![], deletes, revoked);
+        assert_eq!(parts.iter().map(Batch::len).sum::<usize>(), 51_500);
+        assert!(parts.len() >= 52);
+        for p in &parts {
+            assert!(p.len() <= BATCH_ITEMS);
+            let body = serde_json::to_vec(&Push {
+                deletes: p.deletes.clone(),
+                revoked_sessions: p.revoked.clone(),
+                ..Push::default()
+            })
+            .unwrap();
+            assert!(body.len() <= MAX_PUSH_BYTES);
+        }
+        // Nothing to push is still one (empty) batch that commits the version.
+        assert_eq!(batches(vec![], vec![], vec![]).len(), 1);
+    }
 
     #[test]
     fn endpoints_parse_with_or_without_scheme() {

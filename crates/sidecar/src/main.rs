@@ -259,6 +259,8 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
                 reconcile: args.reconcile,
                 once: args.once,
                 takeover: args.takeover,
+                token_lifetime: args.token_lifetime,
+                status_file: args.status_file,
             };
             Ok(daemon::run(svc.store(), opts)?)
         }

@@ -52,6 +52,10 @@ pub fn run(store: &str, args: ServeArgs) -> Result<(), CliError> {
             reconcile: args.reconcile,
             once: false,
             takeover: args.takeover,
+            // The longest lifetime a filter accepts: never drops a revocation
+            // a live token still needs; /healthz reports endpoint health.
+            token_lifetime: Duration::from_secs(keygate_core::token::MAX_LIFETIME_SECS),
+            status_file: None,
         };
         let daemon_store = keygate_control::store::open(store)?;
         // The daemon runs until the process ends; it holds no buffered state.

@@ -136,7 +136,9 @@ impl Db {
                 Ok(Conn::Sqlite(conn))
             }
             Db::Postgres(url) => {
-                let client = postgres::Client::connect(url, postgres::NoTls)?;
+                // The same sslmode/sslrootcert handling as the key store.
+                let target = crate::pg_tls::parse(url).map_err(DbError::Postgres)?;
+                let client = target.config.connect(target.tls)?;
                 Ok(Conn::Postgres(Box::new(client)))
             }
         }
@@ -214,6 +216,18 @@ mod tests {
         let pg = Db::parse("postgres://u:hunter2@db/keygate");
         assert!(matches!(pg, Db::Postgres(_)));
         assert!(!format!("{pg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_log_database_takes_the_key_stores_tls_options() {
+        // Refused before any connection is tried, naming the option and not the password.
+        let err = Db::parse("postgres://u:hunter2@127.0.0.1:1/keygate?sslmode=verify-full")
+            .connect()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("sslrootcert"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -1,17 +1,71 @@
 //! The embedded store: one JSON file, replaced atomically under an exclusive
 //! lock so concurrent CLI calls cannot lose an update. Created only by
 //! `store init`; every other operation refuses a file that does not exist.
+//!
+//! Files are never reached through a symbolic link: a store path (or its
+//! lock file) that is one is refused, so nobody who can plant a link beside
+//! the store can redirect keygate's writes or reads. A replacement is
+//! written to a fresh, exclusively created temporary file beside the target
+//! (random name, mode 0600 until it takes the target's mode), fsynced,
+//! renamed over the target, and the directory fsynced.
 
 use super::{new_store_id, Change, Snapshot, Store};
 use crate::error::{Error, Result};
 use notify::Watcher as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
 pub struct FileStore {
     path: PathBuf,
+}
+
+/// Mode of a file keygate creates: the store holds key hashes.
+pub const NEW_FILE_MODE: u32 = 0o600;
+
+/// Refuses `path` if it is a symbolic link; Ok when it is anything else or absent.
+pub fn refuse_symlink(path: &Path) -> std::io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is a symbolic link; keygate does not follow links for its files (use the real path)",
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces `path` with `bytes` atomically: an exclusively created
+/// temporary file beside it (never a link, never a name an attacker can
+/// pre-create), fsynced, given the target's mode (or [`NEW_FILE_MODE`]),
+/// renamed over it; then the directory is fsynced so the rename survives a
+/// crash. A `path` that is a symbolic link is refused.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    refuse_symlink(path)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mode = match fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => NEW_FILE_MODE,
+        Err(e) => return Err(e),
+    };
+    // O_CREAT | O_EXCL with a random name, mode 0600: fails rather than
+    // follow anything already there.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".keygate-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -54,10 +108,14 @@ impl FileStore {
 
     fn lock(&self) -> Result<File> {
         let lock = self.sibling(".lock");
+        // O_NOFOLLOW: a link planted at the lock's name is refused, not
+        // created or truncated through.
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(NEW_FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&lock)
             .map_err(io("open the lock file", &lock))?;
         f.lock().map_err(io("lock", &lock))?;
@@ -66,6 +124,7 @@ impl FileStore {
 
     /// `None` when the file does not exist.
     fn read_raw(&self) -> Result<Option<Snapshot>> {
+        refuse_symlink(&self.path).map_err(io("read", &self.path))?;
         let bytes = match fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -90,22 +149,9 @@ impl FileStore {
         Ok(snap)
     }
 
-    /// Write to a temporary file, fsync, rename over the store, fsync the directory.
     fn write(&self, snap: &Snapshot) -> Result<()> {
-        let tmp = self.sibling(".tmp");
         let bytes = serde_json::to_vec_pretty(snap).map_err(|e| Error::Other(e.to_string()))?;
-        let mut f = File::create(&tmp).map_err(io("write", &tmp))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(io("write", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io("replace", &self.path))?;
-        if let Some(dir) = self.dir() {
-            if let Ok(d) = File::open(dir) {
-                // Best effort: the rename is already visible to readers.
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        replace_file(&self.path, &bytes).map_err(io("write", &self.path))
     }
 
     fn check_dir(&self) -> Result<()> {
@@ -369,6 +415,82 @@ mod tests {
         }
         let snap = store.load().unwrap();
         assert_eq!((snap.version, snap.keys.len()), (40, 40));
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_new_store_is_private_and_an_update_keeps_the_operators_mode() {
+        let (_d, store) = temp_store();
+        store.init().unwrap();
+        assert_eq!(mode(store.path()), 0o600);
+        fs::set_permissions(store.path(), fs::Permissions::from_mode(0o640)).unwrap();
+        add(&store, key("a", "t", Kind::Scoped)).unwrap();
+        assert_eq!(mode(store.path()), 0o640);
+        assert_eq!(store.load().unwrap().keys.len(), 1);
+    }
+
+    #[test]
+    fn links_at_the_old_fixed_temp_name_and_the_lock_name_are_never_followed() {
+        let (d, store) = temp_store();
+        store.init().unwrap();
+        let victim = d.0.join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        // The fixed temp name earlier releases used: a planted link there
+        // must not receive the store.
+        std::os::unix::fs::symlink(&victim, d.0.join("store.json.tmp")).unwrap();
+        add(&store, key("a", "t", Kind::Scoped)).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(fs::symlink_metadata(d.0.join("store.json.tmp"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // A link at the lock's name refuses the update instead of creating through it.
+        fs::remove_file(d.0.join("store.json.lock")).unwrap();
+        let target = d.0.join("made-through-the-link");
+        std::os::unix::fs::symlink(&target, d.0.join("store.json.lock")).unwrap();
+        assert!(add(&store, key("b", "t", Kind::Scoped)).is_err());
+        assert!(!target.exists());
+        assert_eq!(store.load().unwrap().keys.len(), 1);
+        // No temporary file is left behind.
+        let leftovers: Vec<_> = fs::read_dir(&d.0)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".keygate-"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn a_store_path_that_is_a_symlink_is_refused_and_its_target_untouched() {
+        let (d, real) = temp_store();
+        real.init().unwrap();
+        let before = fs::read(real.path()).unwrap();
+        let link = d.0.join("link.json");
+        std::os::unix::fs::symlink(real.path(), &link).unwrap();
+        let store = FileStore::new(&link);
+        let err = store.load().unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(add(&store, key("a", "t", Kind::Scoped)).is_err());
+        assert!(store.init().is_err());
+        assert_eq!(fs::read(real.path()).unwrap(), before);
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn replace_file_fsyncs_into_place_beside_the_target() {
+        let d = TempDir::new();
+        let p = d.0.join("status.json");
+        replace_file(&p, b"one").unwrap();
+        replace_file(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(mode(&p), NEW_FILE_MODE);
+        assert_eq!(fs::read_dir(&d.0).unwrap().count(), 1);
     }
 
     #[test]

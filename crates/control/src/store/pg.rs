@@ -7,14 +7,14 @@
 
 use super::{new_store_id, Change, Snapshot, Store, StoredKey};
 use crate::error::{Error, Result};
+use crate::pg_tls::{self, MakeRustlsConnect};
 use keygate_core::sync::{RevokedSession, StoreId};
 use keygate_core::CredentialRecord;
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, Config, NoTls};
+use postgres::{Client, Config};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS keygate_revoked_sessions (
 
 pub struct PgStore {
     config: Config,
+    /// TLS per the URL's sslmode/sslrootcert (see `pg_tls`).
+    tls: MakeRustlsConnect,
     host: String,
     port: u16,
     client: RefCell<Option<Client>>,
@@ -67,12 +69,8 @@ pub struct PgStore {
 
 impl PgStore {
     pub fn new(url: &str) -> Result<PgStore> {
-        let config = Config::from_str(url).map_err(|e| {
-            Error::bad(
-                "--store",
-                format!("not a PostgreSQL URL ({e}); expected postgres://user@host:port/db"),
-            )
-        })?;
+        let pg_tls::Target { config, tls, .. } =
+            pg_tls::parse(url).map_err(|e| Error::bad("--store", e))?;
         let host = match config.get_hosts().first() {
             Some(postgres::config::Host::Tcp(h)) => h.clone(),
             Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
@@ -81,6 +79,7 @@ impl PgStore {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         Ok(PgStore {
             config,
+            tls,
             host,
             port,
             client: RefCell::new(None),
@@ -92,12 +91,12 @@ impl PgStore {
         move |e| Error::Postgres {
             host: self.host.clone(),
             port: self.port,
-            detail: e.to_string(),
+            detail: crate::db::pg_message(&e),
         }
     }
 
     fn connect(&self) -> Result<Client> {
-        self.config.connect(NoTls).map_err(self.err())
+        self.config.connect(self.tls.clone()).map_err(self.err())
     }
 
     /// Runs `f` on the connection, reconnecting once if it was lost.
@@ -359,6 +358,7 @@ impl Store for PgStore {
     /// notifications sent while disconnected are lost.
     fn watch(&self, wake: Sender<()>) -> Result<Box<dyn Send>> {
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let (host, port) = (self.host.clone(), self.port);
         std::thread::Builder::new()
             .name("keygate-pg-listen".into())
@@ -367,7 +367,7 @@ impl Store for PgStore {
                 // Said once per outage, not on every retry.
                 let mut said = false;
                 loop {
-                    let listening = config.connect(NoTls).and_then(|mut c| {
+                    let listening = config.connect(tls.clone()).and_then(|mut c| {
                         c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
                         Ok(c)
                     });
