@@ -57,7 +57,7 @@ struct Line<'a> {
     path: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     client_ip: Option<Cow<'a, str>>,
-    #[serde(default, deserialize_with = "status_code")]
+    #[serde(default, deserialize_with = "number_or_numeric_text")]
     status: Option<i64>,
     #[serde(borrow, default)]
     decision: Option<Cow<'a, str>>,
@@ -67,22 +67,27 @@ struct Line<'a> {
     request_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     session_id: Option<Cow<'a, str>>,
-    #[serde(default, deserialize_with = "status_code")]
+    #[serde(default, deserialize_with = "number_or_numeric_text")]
     session_issued_ms: Option<i64>,
-    #[serde(default, deserialize_with = "status_code")]
+    #[serde(default, deserialize_with = "number_or_numeric_text")]
     session_expires_ms: Option<i64>,
 }
 
 /// Envoy writes `%RESPONSE_CODE%` as a number; accept a numeric string too
-/// (the filter's own numbers come as strings: filter state is text).
-fn status_code<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+/// (the filter's own numbers come as strings: filter state is text). Also
+/// what `keygate logs` reads the same records with.
+pub fn number_or_numeric_text<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + std::str::FromStr,
+{
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum Code {
-        Num(i64),
+    enum Code<T> {
+        Num(T),
         Text(String),
     }
-    Ok(match Option::<Code>::deserialize(d)? {
+    Ok(match Option::<Code<T>>::deserialize(d)? {
         Some(Code::Num(n)) => Some(n),
         Some(Code::Text(s)) => s.parse().ok(),
         None => None,

@@ -29,19 +29,11 @@ pub struct Record {
     /// A number here even though Envoy's access log can only print the
     /// filter's field as a string ("4"): filter state has no numeric type
     /// that Envoy's JSON formatter writes as a bare number.
-    #[serde(default, deserialize_with = "number_or_numeric_string")]
+    #[serde(
+        default,
+        deserialize_with = "keygate_control::ingest::number_or_numeric_text"
+    )]
     pub rate_remaining: Option<u64>,
-}
-
-fn number_or_numeric_string<'de, D>(d: D) -> Result<Option<u64>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Number(n) => n.as_u64(),
-        serde_json::Value::String(s) => s.parse().ok(),
-        _ => None,
-    })
 }
 
 pub struct Filter {
