@@ -41,7 +41,12 @@ fn migrate_sqlite(conn: &mut rusqlite::Connection) -> Result<(), DbError> {
         return Ok(());
     }
     let migrations = Migrations::new(MIGRATIONS.iter().map(|m| M::up(m.2)).collect());
-    match migrations.to_latest(conn) {
+    // BEGIN IMMEDIATE: take the write lock up front, waiting for it, rather
+    // than upgrading a read lock that another migrating process also holds.
+    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+    let outcome = migrations.to_latest(conn);
+    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Deferred);
+    match outcome {
         Ok(()) => Ok(()),
         Err(e) => {
             // Another process opening the same new file (a server and a

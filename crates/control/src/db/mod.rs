@@ -63,6 +63,15 @@ pub(crate) fn pg_message(e: &postgres::Error) -> String {
 }
 
 impl DbError {
+    /// SQLite's "database is locked": another connection holds the lock.
+    fn is_sqlite_busy(&self) -> bool {
+        matches!(
+            self,
+            DbError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+        )
+    }
+
     pub(crate) fn bad_input(field: &'static str, message: impl Into<String>) -> Self {
         DbError::BadInput {
             field,
@@ -105,9 +114,24 @@ impl Db {
 
     /// A connection with the schema migrated to this build's version.
     pub fn open(&self) -> Result<Conn, DbError> {
-        let mut conn = self.connect()?;
-        migrate(&mut conn)?;
-        Ok(conn)
+        // Processes opening a new SQLite file together (a server and a CLI,
+        // an ingester restarted after kill -9) race to switch it to WAL and
+        // migrate it. Some of those lock upgrades SQLite refuses at once,
+        // without calling the busy handler (waiting could deadlock), so
+        // such a refusal is retried here until the same busy timeout.
+        let deadline = std::time::Instant::now() + SQLITE_BUSY_TIMEOUT;
+        loop {
+            let attempt = self.connect().and_then(|mut conn| {
+                migrate(&mut conn)?;
+                Ok(conn)
+            });
+            match attempt {
+                Err(e) if e.is_sqlite_busy() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A connection as the database is, without migrating.
@@ -289,16 +313,22 @@ mod tests {
 
     #[test]
     fn processes_opening_a_new_sqlite_file_together_all_succeed() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::sqlite(dir.path().join("k.db"));
-        let opens: Vec<_> = (0..4)
-            .map(|_| {
-                let db = db.clone();
-                std::thread::spawn(move || db.open().map(|_| ()))
-            })
-            .collect();
-        for o in opens {
-            o.join().unwrap().unwrap();
+        // Many rounds: a lost race (a lock upgrade SQLite refuses without
+        // waiting) shows only now and then.
+        for round in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Db::sqlite(dir.path().join("k.db"));
+            let opens: Vec<_> = (0..6)
+                .map(|_| {
+                    let db = db.clone();
+                    std::thread::spawn(move || db.open().map(|_| ()))
+                })
+                .collect();
+            for o in opens {
+                if let Err(e) = o.join().unwrap() {
+                    panic!("round {round}: {e}");
+                }
+            }
         }
     }
 }
