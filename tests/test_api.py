@@ -64,6 +64,41 @@ def call(server, method, path, token=None, body=None, *, raw=None, content_type=
         return 0, None
 
 
+def _no_redirects():
+    """A plain HTTP client that neither follows redirects nor raises on 4xx."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **k):
+            return None
+    return urllib.request.build_opener(NoRedirect)
+
+
+def portal_http(url, *, cookie=None, data=None, headers=()):
+    """(status, headers, body text) of one portal request (a POST with `data`)."""
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if cookie:
+        req.add_header("Cookie", cookie)
+    for k, v in headers:
+        req.add_header(k, v)
+    try:
+        with _no_redirects().open(req, timeout=10) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+def portal_session(url):
+    """Opens a portal link; returns the session cookie (`name=value`), after
+    checking its flags and the page's security headers."""
+    s, h, body = portal_http(url)
+    assert s == 200, body
+    cookie = h["Set-Cookie"].split(";")[0]
+    flags = h["Set-Cookie"]
+    assert "HttpOnly" in flags and "SameSite=Strict" in flags and "Max-Age=28800" in flags
+    assert h["Content-Security-Policy"].startswith("default-src 'self'; script-src 'self'")
+    assert h["X-Frame-Options"] == "DENY" and h["Referrer-Policy"] == "no-referrer"
+    return cookie
+
+
 def token(store, *args):
     return keygate(store, "token", "create", *args)["token"]
 

@@ -12,15 +12,13 @@ import base64
 import os
 import tempfile
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.harness import keygate, request, wait_until
-from tests.test_api import CONFIG, Server, call, token
+from tests.test_api import CONFIG, Server, call, portal_http as http, portal_session as session, token
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 # A test run leaves the committed pictures alone unless asked to refresh them.
@@ -174,38 +172,6 @@ def test_a_bad_cidr_is_shown_next_to_the_field(rig, browser):
     fill(drv, "allowed_ips", "10.0.0.0/8")
     drv.find_element(By.CSS_SELECTOR, "form[action$='/ips'] button[type=submit]").click()
     assert "10.0.0.0/8" in drv.find_element(By.ID, "allowed_ips").get_attribute("value")
-
-
-def opener():
-    """A plain HTTP client that neither follows redirects nor raises on 4xx."""
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *a, **k):
-            return None
-    return urllib.request.build_opener(NoRedirect)
-
-
-def http(url, *, cookie=None, data=None, headers=()):
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if cookie:
-        req.add_header("Cookie", cookie)
-    for k, v in headers:
-        req.add_header(k, v)
-    try:
-        with opener().open(req, timeout=10) as r:
-            return r.status, r.headers, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read().decode()
-
-
-def session(url):
-    s, h, body = http(url)
-    assert s == 200, body
-    cookie = h["Set-Cookie"].split(";")[0]
-    flags = h["Set-Cookie"]
-    assert "HttpOnly" in flags and "SameSite=Strict" in flags and "Max-Age=28800" in flags
-    assert h["Content-Security-Policy"].startswith("default-src 'self'; script-src 'self'")
-    assert h["X-Frame-Options"] == "DENY" and h["Referrer-Policy"] == "no-referrer"
-    return cookie
 
 
 def test_a_used_link_is_refused(rig, browser):

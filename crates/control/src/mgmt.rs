@@ -116,6 +116,26 @@ pub enum Role {
     Tenant,
 }
 
+/// What a token is for. Each is accepted only where it belongs: a portal
+/// cookie is no API bearer token, a link opens the portal once and nothing
+/// else, and only API tokens are listed and revoked through `token`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Api,
+    PortalLink,
+    PortalSession,
+}
+
+impl Purpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Api => "api",
+            Purpose::PortalLink => "portal_link",
+            Purpose::PortalSession => "portal_session",
+        }
+    }
+}
+
 /// Who a valid token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -159,9 +179,41 @@ pub struct TokenInfo {
     pub last_used_at: Option<u64>,
 }
 
-/// Makes a token of 256 random bits; only its SHA-256 is stored.
+/// Makes an API token of 256 random bits; only its SHA-256 is stored.
 pub fn create_token(
     conn: &mut Conn,
+    role: Role,
+    tenant: Option<&str>,
+    expires_at: Option<u64>,
+    now: u64,
+) -> Result<NewToken, DbError> {
+    create(conn, Purpose::Api, role, tenant, expires_at, now)
+}
+
+/// A portal link or session token for one tenant (never an API token).
+pub fn create_portal_token(
+    conn: &mut Conn,
+    purpose: Purpose,
+    tenant: &str,
+    expires_at: u64,
+    now: u64,
+) -> Result<NewToken, DbError> {
+    if purpose == Purpose::Api {
+        return Err(DbError::bad_input("purpose", "not a portal token"));
+    }
+    create(
+        conn,
+        purpose,
+        Role::Tenant,
+        Some(tenant),
+        Some(expires_at),
+        now,
+    )
+}
+
+fn create(
+    conn: &mut Conn,
+    purpose: Purpose,
     role: Role,
     tenant: Option<&str>,
     expires_at: Option<u64>,
@@ -194,8 +246,9 @@ pub fn create_token(
     let token_id = format!("tok_{}", random_hex(8)?);
     exec(
         conn,
-        "INSERT INTO api_tokens (token_id, token_hash, role, tenant, created_at, expires_at) \
-         VALUES (?, ?, ?, NULLIF(?, ''), ?, NULLIF(?, -1))",
+        // CAST: PostgreSQL would otherwise type the NULLIF argument int4.
+        "INSERT INTO api_tokens (token_id, token_hash, role, tenant, created_at, expires_at, purpose) \
+         VALUES (?, ?, ?, NULLIF(?, ''), ?, NULLIF(CAST(? AS bigint), -1), ?)",
         &[
             text(&token_id),
             text(&hash_token(&token)),
@@ -206,6 +259,7 @@ pub fn create_token(
             text(tenant.as_deref().unwrap_or("")),
             opt_int(Some(now)),
             opt_int(expires_at),
+            text(purpose.as_str()),
         ],
     )?;
     Ok(NewToken {
@@ -221,17 +275,28 @@ pub fn hash_token(token: &str) -> String {
     to_hex(&sha256(token.as_bytes()))
 }
 
-/// The principal of a presented token, if it is known, unrevoked and
+/// The principal of a presented API token, if it is known, unrevoked and
 /// unexpired. Looked up by hash, so timing says nothing about the token.
+/// Portal links and sessions are not API tokens.
 pub fn authenticate(conn: &mut Conn, token: &str, now: u64) -> Result<Option<Principal>, DbError> {
+    authenticate_as(conn, Purpose::Api, token, now)
+}
+
+/// [`authenticate`] for a token made for `purpose` only.
+pub fn authenticate_as(
+    conn: &mut Conn,
+    purpose: Purpose,
+    token: &str,
+    now: u64,
+) -> Result<Option<Principal>, DbError> {
     if !token.starts_with(TOKEN_PREFIX) || token.len() > 200 {
         return Ok(None);
     }
     let found = rows(
         conn,
         "SELECT token_id, role, tenant, expires_at, revoked_at, last_used_at FROM api_tokens \
-         WHERE token_hash = ?",
-        &[text(&hash_token(token))],
+         WHERE token_hash = ? AND purpose = ?",
+        &[text(&hash_token(token)), text(purpose.as_str())],
     )?;
     let Some(r) = found.into_iter().next() else {
         return Ok(None);
@@ -282,27 +347,40 @@ fn token_info(r: &[Val]) -> TokenInfo {
 const TOKEN_COLS: &str =
     "SELECT token_id, role, tenant, created_at, expires_at, revoked_at, last_used_at FROM api_tokens";
 
-/// Tokens of one tenant, or every token (`None`), oldest first.
+/// API tokens of one tenant, or every API token (`None`), oldest first.
 pub fn list_tokens(conn: &mut Conn, tenant: Option<&str>) -> Result<Vec<TokenInfo>, DbError> {
     let rs = match tenant {
         Some(t) => rows(
             conn,
-            &format!("{TOKEN_COLS} WHERE tenant = ? ORDER BY created_at, token_id"),
+            &format!(
+                "{TOKEN_COLS} WHERE purpose = 'api' AND tenant = ? ORDER BY created_at, token_id"
+            ),
             &[text(t)],
         )?,
         None => rows(
             conn,
-            &format!("{TOKEN_COLS} ORDER BY created_at, token_id"),
+            &format!("{TOKEN_COLS} WHERE purpose = 'api' ORDER BY created_at, token_id"),
             &[],
         )?,
     };
     Ok(rs.iter().map(|r| token_info(r)).collect())
 }
 
-/// Revokes a token; with `tenant`, only one of that tenant's. False if no
-/// such (unrevoked) token.
+/// Revokes an API token; with `tenant`, only one of that tenant's. False
+/// if no such (unrevoked) token.
 pub fn revoke_token(
     conn: &mut Conn,
+    token_id: &str,
+    tenant: Option<&str>,
+    now: u64,
+) -> Result<bool, DbError> {
+    revoke_as(conn, Purpose::Api, token_id, tenant, now)
+}
+
+/// [`revoke_token`] for a token made for `purpose` only.
+pub fn revoke_as(
+    conn: &mut Conn,
+    purpose: Purpose,
     token_id: &str,
     tenant: Option<&str>,
     now: u64,
@@ -310,10 +388,11 @@ pub fn revoke_token(
     let n = exec(
         conn,
         "UPDATE api_tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL \
-         AND (? = '' OR tenant = ?)",
+         AND purpose = ? AND (? = '' OR tenant = ?)",
         &[
             opt_int(Some(now)),
             text(token_id),
+            text(purpose.as_str()),
             text(tenant.unwrap_or("")),
             text(tenant.unwrap_or("")),
         ],

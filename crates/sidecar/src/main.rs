@@ -351,11 +351,11 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
                 return Err(CliError::Usage("--expires: between 1m and 24h".into()));
             }
             let t = now();
-            let tok = keygate_control::mgmt::create_token(
+            let tok = keygate_control::mgmt::create_portal_token(
                 &mut conn,
-                keygate_control::mgmt::Role::Tenant,
-                Some(&tenant),
-                Some(t + secs),
+                keygate_control::mgmt::Purpose::PortalLink,
+                &tenant,
+                t + secs,
                 t,
             )?;
             let url = format!(

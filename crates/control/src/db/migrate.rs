@@ -8,12 +8,20 @@ use super::{Conn, DbError};
 use rusqlite_migration::{Migrations, M};
 
 /// (number, name, SQLite SQL, PostgreSQL SQL), in order, numbered from 1.
-const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "portal_tokens",
+        include_str!("../../migrations/sqlite/0002_portal_tokens.sql"),
+        include_str!("../../migrations/postgres/0002_portal_tokens.sql"),
+    ),
+];
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

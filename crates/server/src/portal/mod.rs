@@ -3,12 +3,14 @@
 //!
 //! Access: an operator mints a one-time link (API `POST
 //! /api/v1/tenants/{tenant}/portal-sessions`, CLI `keygate portal link`).
-//! Both the link and the browser session are tenant API tokens (`mgmt`
-//! stores only their SHA-256): the link expires in minutes and is revoked
-//! the moment it is opened, which makes it single-use; opening it mints a
-//! fresh tenant token with a fixed 8-hour lifetime, kept in an HttpOnly,
-//! SameSite=Strict cookie (Secure when the request came over TLS, as told
-//! by `X-Forwarded-Proto: https`). Logout revokes that token.
+//! The link and the browser session are tokens of one tenant kept by `mgmt`
+//! (only their SHA-256), each with its own purpose, so neither works as an
+//! API bearer token, nor an API token as either, and `token list` shows
+//! neither: the link expires in minutes and is revoked the moment it is
+//! opened, which makes it single-use; opening it mints a session token with
+//! a fixed 8-hour lifetime, kept in an HttpOnly, SameSite=Strict cookie
+//! (Secure when the request came over TLS, as told by
+//! `X-Forwarded-Proto: https`). Logout revokes that token.
 //!
 //! Every state-changing form carries a CSRF token derived from the
 //! session token (SHA-256 of a fixed label and the token, so it cannot be
@@ -29,7 +31,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use keygate_control::mgmt::{self, AuditEntry, Principal, Role};
+use keygate_control::mgmt::{self, AuditEntry, Principal, Purpose, Role};
 use keygate_control::Conn;
 use keygate_core::hash::{sha256, to_hex};
 use serde_json::{json, Value};
@@ -155,7 +157,7 @@ pub fn mint_link(
     now: u64,
 ) -> Result<(String, u64), ApiError> {
     let expires = now + ttl.unwrap_or(LINK_TTL_SECS).max(1);
-    let t = mgmt::create_token(db, Role::Tenant, Some(tenant), Some(expires), now)?;
+    let t = mgmt::create_portal_token(db, Purpose::PortalLink, tenant, expires, now)?;
     if mgmt::get_tenant(db, tenant)?.is_none() {
         mgmt::put_tenant(db, tenant, None, now)?;
     }
@@ -313,7 +315,8 @@ impl FromRequestParts<Arc<AppState>> for Session {
         let tok = token.clone();
         let found = tokio::task::spawn_blocking(move || {
             let mut db = st.db.lock().map_err(|_| ApiError::internal())?;
-            mgmt::authenticate(&mut db, &tok, now()).map_err(ApiError::from)
+            mgmt::authenticate_as(&mut db, Purpose::PortalSession, &tok, now())
+                .map_err(ApiError::from)
         })
         .await
         .map_err(|_| PortalError::internal())??;
@@ -326,7 +329,7 @@ impl FromRequestParts<Arc<AppState>> for Session {
             .clone()
             .filter(|_| principal.role == Role::Tenant)
         else {
-            // An operator token is not a portal session.
+            // Only tenant tokens are portal sessions.
             return Err(signed_out());
         };
         if let Some(slot) = parts.extensions.get::<crate::extract::TokenSlot>() {

@@ -13,7 +13,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use keygate_control::logs::{query_logs, LogQuery};
-use keygate_control::mgmt::{self, Role};
+use keygate_control::mgmt::{self, Purpose, Role};
 use keygate_control::service::{parse_rate, KeyPatch, NewKey};
 use keygate_control::store::StoredKey;
 use keygate_control::usage::{query_usage, Bucket, UsageQuery};
@@ -170,7 +170,7 @@ pub async fn open(State(st): St, req: axum::extract::Request) -> Result<Response
     let st2 = Arc::clone(&st);
     let out = blocking(&st, move |_, db| {
         let t = now();
-        let Some(p) = mgmt::authenticate(db, &link, t)? else {
+        let Some(p) = mgmt::authenticate_as(db, Purpose::PortalLink, &link, t)? else {
             return Ok(None);
         };
         let tenant = match (p.role, &p.tenant) {
@@ -178,14 +178,14 @@ pub async fn open(State(st): St, req: axum::extract::Request) -> Result<Response
             _ => return Ok(None),
         };
         // The revocation is the single use: only one opener wins it.
-        if !mgmt::revoke_token(db, &p.token_id, Some(&tenant), t)? {
+        if !mgmt::revoke_as(db, Purpose::PortalLink, &p.token_id, Some(&tenant), t)? {
             return Ok(None);
         }
-        let s = mgmt::create_token(
+        let s = mgmt::create_portal_token(
             db,
-            Role::Tenant,
-            Some(&tenant),
-            Some(t + SESSION_TTL_SECS),
+            Purpose::PortalSession,
+            &tenant,
+            t + SESSION_TTL_SECS,
             t,
         )?;
         super::audit(
@@ -252,7 +252,13 @@ pub async fn logout(
     s.check_csrf(&f.csrf)?;
     let tenant = s.tenant.clone();
     blocking(&st, move |_, db| {
-        mgmt::revoke_token(db, &s.principal.token_id, Some(&tenant), now())?;
+        mgmt::revoke_as(
+            db,
+            Purpose::PortalSession,
+            &s.principal.token_id,
+            Some(&tenant),
+            now(),
+        )?;
         s.audit(
             db,
             "portal.logout",

@@ -155,6 +155,50 @@ async fn pages_need_a_session_and_an_operator_token_is_not_one() {
 }
 
 #[tokio::test]
+async fn portal_links_and_sessions_are_no_api_tokens_and_api_tokens_no_portal_sessions() {
+    let fx = fixture();
+    let url = link(&fx, "acme");
+    let link_token = url.split("link=").nth(1).unwrap().to_owned();
+    let (cookie, _) = sign_in(&fx, "acme").await;
+    let session_token = cookie.split_once('=').unwrap().1.to_owned();
+    for t in [&link_token, &session_token] {
+        let req = Request::builder()
+            .uri("/api/v1/tenants/acme/keys")
+            .header("authorization", format!("Bearer {t}"))
+            .body(Body::empty())
+            .unwrap();
+        let resp = fx.app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 401);
+    }
+    let (tenant_token, listed) = {
+        let mut db = fx.state.db.lock().unwrap();
+        let t = mgmt::create_token(&mut db, Role::Tenant, Some("acme"), None, now()).unwrap();
+        (t.token, mgmt::list_tokens(&mut db, Some("acme")).unwrap())
+    };
+    // Only the API token is listed (the link and the session are not).
+    assert_eq!(listed.len(), 1);
+    let (s, _, _) = send(
+        &fx.app,
+        "GET",
+        "/portal/keys",
+        Some(&format!("{COOKIE}={tenant_token}")),
+        None,
+    )
+    .await;
+    assert_eq!(s, 401);
+    // A session token is no link either.
+    let (s, _, _) = send(
+        &fx.app,
+        "GET",
+        &crate::portal::link_path(&session_token),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 410);
+}
+
+#[tokio::test]
 async fn a_form_without_the_csrf_token_is_refused_and_html_in_a_name_is_text() {
     let fx = fixture();
     let (cookie, csrf) = sign_in(&fx, "acme").await;
