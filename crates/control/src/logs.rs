@@ -310,7 +310,26 @@ pub fn prune(conn: &mut Conn, cutoff_ms: i64) -> Result<u64, DbError> {
     Ok(total)
 }
 
-/// Prunes by age in the background, with its own connection.
+/// Deletes session rows nobody can use any more: expired, and either never
+/// revoked or revoked longer ago than any token lives (every token issued
+/// before the revocation has expired, so the store drops the revocation
+/// too). Returns the number deleted.
+pub fn prune_sessions(conn: &mut Conn, now_ms: i64) -> Result<u64, DbError> {
+    const SQL: &str = "DELETE FROM sessions WHERE expires_at < ? \
+         AND (revoked_at IS NULL OR revoked_at < ?)";
+    let max_life_ms = i64::try_from(keygate_core::token::MAX_LIFETIME_SECS)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    let now_s = now_ms.div_euclid(1000);
+    let horizon = now_ms.saturating_sub(max_life_ms);
+    Ok(match conn {
+        Conn::Sqlite(c) => c.execute(SQL, rusqlite::params![now_s, horizon])? as u64,
+        Conn::Postgres(c) => c.execute(&pg_placeholders(SQL), &[&now_s, &horizon])?,
+    })
+}
+
+/// Prunes by age in the background, with its own connection: request
+/// records and usage past the retention, and dead sessions.
 pub struct Pruner {
     db: Db,
     retention: Duration,
@@ -338,6 +357,7 @@ impl Pruner {
         let keep_ms = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
         let n = prune(conn, now_ms.saturating_sub(keep_ms))?;
         self.deleted.fetch_add(n, Ordering::Relaxed);
+        prune_sessions(conn, now_ms)?;
         Ok(n)
     }
 

@@ -219,3 +219,13 @@ fn pruning_in_the_background_does_not_stop_ingestion() {
     }
     assert_eq!(common::stored_ids(&db), want);
 }
+
+#[test]
+fn dead_sessions_are_pruned_and_live_or_recently_revoked_ones_kept() {
+    run(common::dead_sessions_are_pruned_and_live_or_recently_revoked_ones_kept);
+}
+
+#[test]
+fn store_changes_reach_the_tables_logs_and_sessions_are_read_from() {
+    run(common::store_changes_reach_the_tables_logs_and_sessions_are_read_from);
+}

@@ -17,9 +17,9 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
     ),
     (
         2,
-        "portal_tokens",
-        include_str!("../../migrations/sqlite/0002_portal_tokens.sql"),
-        include_str!("../../migrations/postgres/0002_portal_tokens.sql"),
+        "token_purpose",
+        include_str!("../../migrations/sqlite/0002_token_purpose.sql"),
+        include_str!("../../migrations/postgres/0002_token_purpose.sql"),
     ),
 ];
 

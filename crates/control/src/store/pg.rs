@@ -4,6 +4,13 @@
 //! result and bumps the version; only hashes are stored. Each change also
 //! sends `NOTIFY keygate_changes`, which [`Store::watch`] turns into a wake
 //! by blocking on a LISTEN connection (no polling).
+//!
+//! The key store's own tables (`keygate_*`) stay the source of truth. When
+//! the same database also holds the management schema (`keygate serve`'s
+//! migrations: request logs, tokens, audit), each change is mirrored, in
+//! the same transaction, into its `keys` and `sessions` tables, which log
+//! ingestion (`last_used_at`, live sessions), the log queries (a key's
+//! name) and the session listing (revocations) read, as on SQLite.
 
 use super::{new_store_id, Change, Snapshot, Store, StoredKey};
 use crate::error::{Error, Result};
@@ -261,6 +268,7 @@ impl PgStore {
             )
             .map_err(self.err())?;
         }
+        self.mirror(tx, before, after)?;
         if before.revoked_sessions != after.revoked_sessions {
             tx.execute("DELETE FROM keygate_revoked_sessions", &[])
                 .map_err(self.err())?;
@@ -271,6 +279,166 @@ impl PgStore {
                 )
                 .map_err(self.err())?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl PgStore {
+    /// Mirrors the change into the management schema's `keys` and
+    /// `sessions`, if this database has them (see the module note). Only
+    /// what changed is written, keys before sessions (the order log
+    /// ingestion takes its row locks in), and `last_used_at` is left to
+    /// ingestion. A mirror that has drifted (a store whose keys predate the
+    /// management schema) is rewritten whole.
+    fn mirror(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        before: &Snapshot,
+        after: &Snapshot,
+    ) -> Result<()> {
+        let present: bool = tx
+            .query_one(
+                "SELECT to_regclass('keys') IS NOT NULL AND to_regclass('sessions') IS NOT NULL",
+                &[],
+            )
+            .map_err(self.err())?
+            .get(0);
+        if !present {
+            return Ok(());
+        }
+        let mirrored: i64 = tx
+            .query_one("SELECT count(*) FROM keys", &[])
+            .map_err(self.err())?
+            .get(0);
+        let whole = usize::try_from(mirrored).ok() != Some(before.keys.len());
+        let old: BTreeMap<&str, &StoredKey> = before
+            .keys
+            .iter()
+            .map(|k| (k.record.key_id.as_str(), k))
+            .collect();
+        let kept: Vec<String> = after.keys.iter().map(|k| k.record.key_id.clone()).collect();
+        if whole {
+            tx.execute("DELETE FROM keys WHERE NOT (key_id = ANY($1))", &[&kept])
+                .map_err(self.err())?;
+        }
+        // Deletions first: a new key may reuse a deleted key's hash.
+        for id in old.keys().filter(|id| !kept.iter().any(|k| k == *id)) {
+            tx.execute("DELETE FROM keys WHERE key_id = $1", &[id])
+                .map_err(self.err())?;
+            // Revocations stay: they expire on their own.
+            tx.execute(
+                "DELETE FROM sessions WHERE key_id = $1 AND revoked_at IS NULL",
+                &[id],
+            )
+            .map_err(self.err())?;
+        }
+        let upsert = tx
+            .prepare(
+                "INSERT INTO keys (key_id, tenant, name, kind, environment, scopes, allowed_ips, \
+                 rate_limit_requests, rate_limit_window_secs, status, key_hash, secret_hash, \
+                 previous_secret_hash, previous_secret_expires_at, expires_at, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7::text::jsonb, $8, $9, $10, $11, $12, \
+                 $13, $14, $15, $16, $17) \
+                 ON CONFLICT (key_id) DO UPDATE SET tenant = excluded.tenant, name = excluded.name, \
+                 kind = excluded.kind, environment = excluded.environment, scopes = excluded.scopes, \
+                 allowed_ips = excluded.allowed_ips, rate_limit_requests = excluded.rate_limit_requests, \
+                 rate_limit_window_secs = excluded.rate_limit_window_secs, status = excluded.status, \
+                 key_hash = excluded.key_hash, secret_hash = excluded.secret_hash, \
+                 previous_secret_hash = excluded.previous_secret_hash, \
+                 previous_secret_expires_at = excluded.previous_secret_expires_at, \
+                 expires_at = excluded.expires_at, created_at = excluded.created_at, \
+                 updated_at = excluded.updated_at",
+            )
+            .map_err(self.err())?;
+        let mut changed: Vec<&StoredKey> = after
+            .keys
+            .iter()
+            .filter(|k| whole || old.get(k.record.key_id.as_str()) != Some(k))
+            .collect();
+        changed.sort_by(|a, b| a.record.key_id.cmp(&b.record.key_id));
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for k in changed {
+            let r = &k.record;
+            let json =
+                |v: &Vec<String>| serde_json::to_string(v).map_err(|e| Error::Other(e.to_string()));
+            let kind = match r.kind {
+                keygate_core::credential::Kind::Default => "default",
+                keygate_core::credential::Kind::Scoped => "scoped",
+            };
+            let status = match r.status {
+                keygate_core::credential::Status::Active => "active",
+                keygate_core::credential::Status::Inactive => "inactive",
+            };
+            tx.execute(
+                &upsert,
+                &[
+                    &r.key_id,
+                    &r.tenant,
+                    &k.name,
+                    &kind,
+                    &r.environment,
+                    &json(&r.scopes)?,
+                    &json(&r.allowed_ips)?,
+                    &r.rate_limit.map(|l| i64::from(l.requests)),
+                    &r.rate_limit.map(|l| i64::from(l.window_secs)),
+                    &status,
+                    &r.key_hash,
+                    &r.secret_hash,
+                    &r.previous_secret_hash,
+                    &r.previous_secret_expires_at.map(int),
+                    &r.expires_at.map(int),
+                    &int(k.created_at),
+                    &int(k.updated_at),
+                ],
+            )
+            .map_err(self.err())?;
+        }
+        // Revocations: `revoked_at` in ms, as on SQLite. A lifted one (aged
+        // out) leaves a session the log showed, and drops a bare mark.
+        let marked = |r: &RevokedSession, set: &[RevokedSession]| {
+            set.iter()
+                .any(|x| x.key_id == r.key_id && x.session_id == r.session_id)
+        };
+        for r in before
+            .revoked_sessions
+            .iter()
+            .filter(|r| !marked(r, &after.revoked_sessions))
+        {
+            tx.execute(
+                "DELETE FROM sessions WHERE key_id = $1 AND session_id = $2 AND last_seen_at IS NULL",
+                &[&r.key_id, &r.session_id],
+            )
+            .map_err(self.err())?;
+            tx.execute(
+                "UPDATE sessions SET revoked_at = NULL WHERE key_id = $1 AND session_id = $2",
+                &[&r.key_id, &r.session_id],
+            )
+            .map_err(self.err())?;
+        }
+        let horizon = int(keygate_core::token::MAX_LIFETIME_SECS);
+        for r in after
+            .revoked_sessions
+            .iter()
+            .filter(|r| whole || !before.revoked_sessions.contains(r))
+        {
+            let at = int(r.revoked_at_ms / 1000);
+            // A session logged in again after this revocation (a newer
+            // token, recorded by ingestion) is not marked again.
+            tx.execute(
+                "INSERT INTO sessions (key_id, session_id, created_at, expires_at, revoked_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_id, session_id) \
+                 DO UPDATE SET revoked_at = excluded.revoked_at \
+                 WHERE sessions.created_at * 1000 <= excluded.revoked_at",
+                &[
+                    &r.key_id,
+                    &r.session_id,
+                    &at,
+                    &at.saturating_add(horizon),
+                    &int(r.revoked_at_ms),
+                ],
+            )
+            .map_err(self.err())?;
         }
         Ok(())
     }

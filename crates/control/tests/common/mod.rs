@@ -610,6 +610,144 @@ pub fn token_sessions_are_recorded_and_revived(db: &Db, dir: &Path) {
     );
 }
 
+pub fn dead_sessions_are_pruned_and_live_or_recently_revoked_ones_kept(db: &Db, _dir: &Path) {
+    let now_ms = T0;
+    let s = now_ms / 1000;
+    let life = keygate_core::token::MAX_LIFETIME_SECS as i64;
+    let old_revocation = now_ms - (life + 60) * 1000;
+    let recent_revocation = now_ms - 60_000;
+    exec(
+        db,
+        &format!(
+            "INSERT INTO sessions (key_id, session_id, created_at, expires_at, last_seen_at, revoked_at) VALUES \
+             ('k1', 'expired', {a}, {b}, {b}, NULL), \
+             ('k1', 'live', {a}, {c}, {a}, NULL), \
+             ('k1', 'revoked-recently', {a}, {b}, {b}, {recent_revocation}), \
+             ('k1', 'revoked-long-ago', {a}, {b}, NULL, {old_revocation})",
+            a = s - 7200,
+            b = s - 3600,
+            c = s + 3600,
+        ),
+    );
+    let pruner = Pruner::new(db, Duration::from_secs(30 * 24 * 3600));
+    let mut conn = db.open().unwrap();
+    pruner.prune_once(&mut conn, now_ms).unwrap();
+    let left: BTreeSet<String> = match db.open().unwrap() {
+        Conn::Sqlite(c) => {
+            let mut st = c.prepare("SELECT session_id FROM sessions").unwrap();
+            let ids = st
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            ids
+        }
+        Conn::Postgres(mut c) => c
+            .query("SELECT session_id FROM sessions", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+    };
+    assert_eq!(
+        left,
+        ["live", "revoked-recently"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    );
+}
+
+/// The key store over the same database: SQLite's file, or PostgreSQL's
+/// store (whose own tables are mirrored into the management schema).
+fn store_over(db: &Db) -> Box<dyn keygate_control::store::Store> {
+    match db {
+        Db::Sqlite(p) => Box::new(keygate_control::store::sqlite::SqliteStore::new(p)),
+        Db::Postgres(url) => Box::new(keygate_control::store::pg::PgStore::new(url).unwrap()),
+    }
+}
+
+pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, dir: &Path) {
+    use keygate_control::mgmt;
+    use keygate_control::service::{NewKey, Service};
+    use keygate_core::credential::Kind;
+    // Now, not t0: the session listing hides sessions expired by the clock.
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut conn = db.open().unwrap();
+    let svc = Service::new(store_over(db));
+    svc.init_store().unwrap();
+    let new = |name: &str| NewKey {
+        key_id: None,
+        name: name.into(),
+        tenant: "acme".into(),
+        environment: "live".into(),
+        kind: Kind::Scoped,
+        scopes: vec!["read".into()],
+        allowed_ips: vec![],
+        rate_limit: None,
+        expires_at: None,
+        with_secret: false,
+        key_value: None,
+        secret_value: None,
+    };
+    let k = svc.create_key(new("Checkout"), 10).unwrap();
+    let other = svc.create_key(new("Other"), 10).unwrap();
+    // A request and a token session of the key, ingested from the log.
+    let log = dir.join("access.log");
+    let mut r = rec(t0, "m1");
+    r.key = Some(&k.key_id);
+    append(&log, &line(&r));
+    let mut sess: serde_json::Value =
+        serde_json::from_str(session_line(t0 + 10, "m2", "phone", t0, t0 + 3_600_000).trim())
+            .unwrap();
+    sess["key_id"] = k.key_id.clone().into();
+    append(&log, &(sess.to_string() + "\n"));
+    ingester(db, &log).poll_once().unwrap();
+    let page = query_logs(
+        &mut conn,
+        &LogQuery {
+            tenant: Some("acme".into()),
+            ..LogQuery::default()
+        },
+    )
+    .unwrap();
+    assert!(page
+        .records
+        .iter()
+        .all(|x| x.key_name.as_deref() == Some("Checkout")));
+    assert_eq!(page.records.len(), 2);
+    let used = mgmt::last_used(&mut conn, "acme").unwrap();
+    assert_eq!(used, vec![(k.key_id.clone(), (t0 + 10) as u64 / 1000)]);
+
+    // Revoked through the service: listed as revoked, keeping what the log showed.
+    svc.revoke_session(&k.key_id, "phone", (t0 + 20) as u64)
+        .unwrap();
+    svc.revoke_session(&k.key_id, "never-seen", (t0 + 30) as u64)
+        .unwrap();
+    let listed = mgmt::list_sessions(&mut conn, &k.key_id).unwrap();
+    let phone = listed.iter().find(|x| x.session_id == "phone").unwrap();
+    assert_eq!(phone.revoked_at_ms, Some((t0 + 20) as u64));
+    assert_eq!(phone.last_seen_at, Some((t0 + 10) as u64 / 1000));
+    assert!(listed.iter().any(|x| x.session_id == "never-seen"));
+
+    // Deleting a key removes it (and its live sessions) from what the queries read.
+    svc.delete_key("acme", &other.key_id).unwrap();
+    assert_eq!(
+        int(
+            db,
+            &format!(
+                "SELECT count(*) FROM keys WHERE key_id = '{}'",
+                other.key_id
+            )
+        ),
+        Some(0)
+    );
+    assert_eq!(int(db, "SELECT count(*) FROM keys"), Some(1));
+}
+
 pub const ALL: &[(&str, Scenario)] = &[
     ("partial_last_line", partial_last_line_waits_for_its_newline),
     ("malformed", malformed_lines_are_skipped_and_counted),
@@ -630,4 +768,12 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("usage", usage_counts_per_bucket_and_key),
     ("last_used", last_used_at_follows_the_newest_request),
     ("sessions", token_sessions_are_recorded_and_revived),
+    (
+        "session_pruning",
+        dead_sessions_are_pruned_and_live_or_recently_revoked_ones_kept,
+    ),
+    (
+        "store_tables",
+        store_changes_reach_the_tables_logs_and_sessions_are_read_from,
+    ),
 ];
