@@ -114,7 +114,7 @@ def test_a_portal_session_is_no_api_token_and_no_api_token_is_a_portal_session(r
     session_token = cookie.split("=", 1)[1]
     assert portal_http(f"{base}/portal/keys", cookie=cookie)[0] == 200
     s, body = call(rig["server"], "GET", "/api/v1/tenants/acme/keys", session_token)
-    assert (s, body["error"]) == (401, "unauthorized"), body
+    assert (s, body["error"]) == (401, "invalid_token"), body
     listed = call(rig["server"], "GET", "/api/v1/tenants/acme/tokens", rig["op"])[1]["tokens"]
     cli_listed = keygate(rig["store"], "token", "list", "--tenant", "acme")
     api_token_ids = {t["token_id"] for t in listed}
