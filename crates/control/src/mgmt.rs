@@ -496,26 +496,99 @@ pub struct AuditEntry<'a> {
 }
 
 pub fn record(conn: &mut Conn, e: &AuditEntry<'_>) -> Result<(), DbError> {
-    let cast = match conn {
-        Conn::Sqlite(_) => "NULLIF(?, '')",
-        Conn::Postgres(_) => "CAST(NULLIF(?, '') AS jsonb)",
+    let pg = matches!(conn, Conn::Postgres(_));
+    exec(conn, &audit_insert_sql(pg), &audit_params(e))?;
+    Ok(())
+}
+
+/// The statement [`record`] runs (with `?` placeholders), for a store that
+/// writes the record in its own transaction.
+pub(crate) fn audit_insert_sql(postgres: bool) -> String {
+    let cast = if postgres {
+        "CAST(NULLIF(?, '') AS jsonb)"
+    } else {
+        "NULLIF(?, '')"
     };
-    exec(
-        conn,
-        &format!(
-            "INSERT INTO audit (time_ms, actor_token_id, actor_ip, tenant, action, object, detail) \
-             VALUES (?, NULLIF(?, ''), NULLIF(?, ''), NULLIF(?, ''), ?, NULLIF(?, ''), {cast})"
-        ),
-        &[
-            Param::Int(now_ms()),
-            text(e.actor_token_id.unwrap_or("")),
-            text(e.actor_ip.unwrap_or("")),
-            text(e.tenant.unwrap_or("")),
-            text(e.action),
-            text(e.object.unwrap_or("")),
-            text(&e.detail.as_ref().map(|d| d.to_string()).unwrap_or_default()),
-        ],
-    )?;
+    format!(
+        "INSERT INTO audit (time_ms, actor_token_id, actor_ip, tenant, action, object, detail) \
+         VALUES (?, NULLIF(?, ''), NULLIF(?, ''), NULLIF(?, ''), ?, NULLIF(?, ''), {cast})"
+    )
+}
+
+/// The parameters of [`audit_insert_sql`], stamped now.
+pub(crate) fn audit_params(e: &AuditEntry<'_>) -> [Param; 7] {
+    [
+        Param::Int(now_ms()),
+        text(e.actor_token_id.unwrap_or("")),
+        text(e.actor_ip.unwrap_or("")),
+        text(e.tenant.unwrap_or("")),
+        text(e.action),
+        text(e.object.unwrap_or("")),
+        text(&e.detail.as_ref().map(|d| d.to_string()).unwrap_or_default()),
+    ]
+}
+
+/// An audit record owned, so it can travel with a change into the store
+/// (see [`crate::service::Service::audited`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Audit {
+    pub actor_token_id: Option<String>,
+    pub actor_ip: Option<String>,
+    pub tenant: Option<String>,
+    pub action: String,
+    /// `None`: the service names the object it creates (a new key's id).
+    pub object: Option<String>,
+    /// Never a key, secret or token.
+    pub detail: Option<serde_json::Value>,
+}
+
+impl Audit {
+    pub fn entry(&self) -> AuditEntry<'_> {
+        AuditEntry {
+            actor_token_id: self.actor_token_id.as_deref(),
+            actor_ip: self.actor_ip.as_deref(),
+            tenant: self.tenant.as_deref(),
+            action: &self.action,
+            object: self.object.as_deref(),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+/// Runs `f` in one transaction on `conn`: a change to tokens or tenants
+/// and its audit record commit together or not at all.
+pub fn atomically<T, E: From<DbError>>(
+    conn: &mut Conn,
+    f: impl FnOnce(&mut Conn) -> Result<T, E>,
+) -> Result<T, E> {
+    let begin = match conn {
+        // IMMEDIATE: take the write lock now (waiting for it), not on the
+        // first write, where SQLite could refuse to upgrade without waiting.
+        Conn::Sqlite(_) => "BEGIN IMMEDIATE",
+        Conn::Postgres(_) => "BEGIN",
+    };
+    batch(conn, begin).map_err(E::from)?;
+    match f(conn) {
+        Ok(v) => {
+            if let Err(e) = batch(conn, "COMMIT") {
+                let _ = batch(conn, "ROLLBACK");
+                return Err(e.into());
+            }
+            Ok(v)
+        }
+        Err(e) => {
+            // The connection is reused: never leave a transaction open.
+            let _ = batch(conn, "ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn batch(conn: &mut Conn, sql: &str) -> Result<(), DbError> {
+    match conn {
+        Conn::Sqlite(c) => c.execute_batch(sql)?,
+        Conn::Postgres(c) => c.batch_execute(sql)?,
+    }
     Ok(())
 }
 

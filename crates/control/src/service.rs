@@ -5,7 +5,9 @@
 //! the change atomically through the [`Store`], whose change wakes every
 //! `keygate sync` watching it.
 
+use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::mgmt::Audit;
 use crate::store::{self, Snapshot, Store, StoredKey};
 use base64::Engine as _;
 use keygate_core::credential::{Kind, Status, MAX_DEFAULT_PER_TENANT, MAX_SCOPED_PER_TENANT};
@@ -14,6 +16,7 @@ use keygate_core::ip_rules::parse_allowed;
 use keygate_core::rate_limit::RateLimit;
 use keygate_core::CredentialRecord;
 use serde::Serialize;
+use std::cell::RefCell;
 
 /// Shortest key or secret accepted from the operator (`--key-value`).
 pub const MIN_GIVEN_SECRET_LEN: usize = 16;
@@ -66,6 +69,11 @@ pub struct Created {
 
 pub struct Service {
     store: Box<dyn Store>,
+    /// The store lives in the management database whose audit trail the
+    /// API shows ([`Service::with_audit_db`]): records go in with changes.
+    audit_in_store: bool,
+    /// The record [`Service::audited`] hands to the next store change.
+    pending_audit: RefCell<Option<Audit>>,
 }
 
 /// 32 bytes from the OS CSPRNG as 64 lowercase hex digits.
@@ -170,7 +178,38 @@ fn check_room(snap: &Snapshot, tenant: &str, kind: Kind) -> Result<()> {
 
 impl Service {
     pub fn new(store: Box<dyn Store>) -> Service {
-        Service { store }
+        Service {
+            store,
+            audit_in_store: false,
+            pending_audit: RefCell::new(None),
+        }
+    }
+
+    /// Tells the service where the audit trail is kept: when the store
+    /// lives in that same database, [`Service::audited`] writes each record
+    /// in the transaction of the change it describes.
+    pub fn with_audit_db(mut self, db: &Db) -> Service {
+        self.audit_in_store = self.store.database().is_some_and(|d| d.same_as(db));
+        self
+    }
+
+    /// Runs `f`; its first store change carries `audit`, committed in the
+    /// same transaction (an unnamed object becomes the id of the key the
+    /// change creates). Returns `f`'s result and whether the record was
+    /// written so; when it was not (the audit trail is in another database,
+    /// or `f` changed nothing), the caller records it after the change.
+    pub fn audited<T>(
+        &self,
+        audit: Audit,
+        f: impl FnOnce(&Service) -> Result<T>,
+    ) -> Result<(T, bool)> {
+        if !self.audit_in_store {
+            return f(self).map(|v| (v, false));
+        }
+        *self.pending_audit.borrow_mut() = Some(audit);
+        let out = f(self);
+        let unused = self.pending_audit.borrow_mut().take();
+        out.map(|v| (v, unused.is_none()))
     }
 
     /// Opens the store named by `spec` (a path or a postgres:// URL).
@@ -184,10 +223,15 @@ impl Service {
 
     fn update<T>(&self, mut change: impl FnMut(&mut Snapshot) -> Result<T>) -> Result<T> {
         let mut out = None;
-        self.store.update(&mut |s| {
+        let mut apply = |s: &mut Snapshot| {
             out = Some(change(s)?);
             Ok(())
-        })?;
+        };
+        let audit = self.pending_audit.borrow_mut().take();
+        match &audit {
+            Some(a) => self.store.update_audited(&mut apply, &a.entry())?,
+            None => self.store.update(&mut apply)?,
+        };
         out.ok_or_else(|| Error::Other("the change produced no result".into()))
     }
 
@@ -261,6 +305,9 @@ impl Service {
             Some(id) => id.clone(),
             None => format!("{}-{}", new.tenant, random_suffix()?),
         };
+        if let Some(a) = self.pending_audit.borrow_mut().as_mut() {
+            a.object.get_or_insert_with(|| key_id.clone());
+        }
         let record = CredentialRecord {
             key_id: key_id.clone(),
             key_hash: to_hex(&sha256(api_key.as_bytes())),

@@ -229,3 +229,8 @@ fn dead_sessions_are_pruned_and_live_or_recently_revoked_ones_kept() {
 fn store_changes_reach_the_tables_logs_and_sessions_are_read_from() {
     run(common::store_changes_reach_the_tables_logs_and_sessions_are_read_from);
 }
+
+#[test]
+fn an_audit_record_commits_with_its_change_or_not_at_all() {
+    run(common::an_audit_record_commits_with_its_change_or_not_at_all);
+}

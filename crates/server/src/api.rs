@@ -11,7 +11,7 @@ use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use keygate_control::logs::{query_logs, LogQuery};
-use keygate_control::mgmt::{self, AuditEntry, Role};
+use keygate_control::mgmt::{self, Audit, Role};
 use keygate_control::service::{parse_rate, KeyPatch, NewKey};
 use keygate_control::store::StoredKey;
 use keygate_control::usage::{query_usage, Bucket, UsageQuery};
@@ -118,31 +118,68 @@ async fn blocking<R: Send + 'static>(
     .map_err(|_| ApiError::internal())?
 }
 
-fn audit(
+fn audit_record(
+    who: &Auth,
+    tenant: &str,
+    action: &str,
+    object: Option<&str>,
+    detail: Value,
+) -> Audit {
+    Audit {
+        actor_token_id: Some(who.principal.token_id.clone()),
+        actor_ip: Some(who.ip.to_string()),
+        tenant: Some(tenant.to_owned()),
+        action: action.to_owned(),
+        object: object.map(str::to_owned),
+        detail: (!detail.is_null()).then_some(detail),
+    }
+}
+
+/// Records a change to tokens or tenants; called inside the change's
+/// transaction ([`mgmt::atomically`]), so a failure undoes the change.
+fn audit_in(
     db: &mut Conn,
     who: &Auth,
-    tenant: Option<&str>,
+    tenant: &str,
     action: &str,
     object: &str,
     detail: Value,
-) {
-    let ip = who.ip.to_string();
-    let entry = AuditEntry {
-        actor_token_id: Some(&who.principal.token_id),
-        actor_ip: Some(&ip),
-        tenant,
-        action,
-        object: Some(object),
-        detail: (!detail.is_null()).then_some(detail),
-    };
-    // The change is made; a lost audit record is reported, not turned into
-    // a failure the client would retry (and so repeat the change).
-    if let Err(e) = mgmt::record(db, &entry) {
-        eprintln!(
-            "{}",
-            json!({"level": "error", "message": format!("audit record lost: {e}")})
-        );
+) -> Result<(), ApiError> {
+    let a = audit_record(who, tenant, action, Some(object), detail);
+    Ok(mgmt::record(db, &a.entry())?)
+}
+
+/// Runs a change of the key store with its audit record: in the change's
+/// own transaction when the store lives in the management database, else
+/// recorded just after the change commits (`object_of` names the object
+/// then, e.g. the id of a key just created).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn audited<T>(
+    svc: &Service,
+    db: &mut Conn,
+    who: &Auth,
+    tenant: &str,
+    action: &str,
+    object: Option<&str>,
+    detail: Value,
+    change: impl FnOnce(&Service) -> Result<T, keygate_control::Error>,
+    object_of: impl FnOnce(&T) -> String,
+) -> Result<T, keygate_control::Error> {
+    let record = audit_record(who, tenant, action, object, detail);
+    let (out, done) = svc.audited(record.clone(), change)?;
+    if !done {
+        let mut record = record;
+        record.object.get_or_insert_with(|| object_of(&out));
+        // The change is made; a lost audit record is reported, not turned
+        // into a failure the client would retry (and so repeat the change).
+        if let Err(e) = mgmt::record(db, &record.entry()) {
+            eprintln!(
+                "{}",
+                json!({"level": "error", "message": format!("audit record lost: {e}")})
+            );
+        }
     }
+    Ok(out)
 }
 
 fn rfc3339(secs: u64) -> String {
@@ -246,20 +283,22 @@ async fn put_tenant(
         }
     }
     let (t, created) = blocking(&st, move |_, db| {
-        let (t, created) = mgmt::put_tenant(db, &tenant, body.display_name.as_deref(), now())?;
-        audit(
-            db,
-            &who,
-            Some(&tenant),
-            if created {
-                "tenant.create"
-            } else {
-                "tenant.update"
-            },
-            &tenant,
-            json!({"display_name": t.display_name}),
-        );
-        Ok((t, created))
+        mgmt::atomically(db, |db| {
+            let (t, created) = mgmt::put_tenant(db, &tenant, body.display_name.as_deref(), now())?;
+            audit_in(
+                db,
+                &who,
+                &tenant,
+                if created {
+                    "tenant.create"
+                } else {
+                    "tenant.update"
+                },
+                &tenant,
+                json!({"display_name": t.display_name}),
+            )?;
+            Ok((t, created))
+        })
     })
     .await?;
     let code = if created {
@@ -414,19 +453,23 @@ async fn create_key(
         secret_value: None,
     };
     let out = blocking(&st, move |svc, db| {
-        let c = svc.create_key(new, now())?;
+        let detail =
+            json!({"kind": new.kind, "scopes": new.scopes, "with_secret": new.with_secret});
+        let c = audited(
+            svc,
+            db,
+            &who,
+            &tenant,
+            "key.create",
+            None,
+            detail,
+            |svc| svc.create_key(new, now()),
+            |c| c.key_id.clone(),
+        )?;
         let k = svc.tenant_key(&tenant, &c.key_id)?;
         if mgmt::get_tenant(db, &tenant)?.is_none() {
             mgmt::put_tenant(db, &tenant, None, now())?;
         }
-        audit(
-            db,
-            &who,
-            Some(&tenant),
-            "key.create",
-            &c.key_id,
-            json!({"kind": c.kind, "scopes": c.scopes, "with_secret": c.secret.is_some()}),
-        );
         let mut v = json!({"key_id": c.key_id, "api_key": c.api_key, "key": key_view(&k, None)});
         if let Some(s) = c.secret {
             v["secret"] = json!(s);
@@ -531,15 +574,17 @@ async fn update_key(
         );
     }
     let out = blocking(&st, move |svc, db| {
-        let k = svc.patch_key(&tenant, &key_id, &p, now())?;
-        audit(
+        let k = audited(
+            svc,
             db,
             &who,
-            Some(&tenant),
+            &tenant,
             "key.update",
-            &key_id,
+            Some(&key_id),
             json!({"fields": changed}),
-        );
+            |svc| svc.patch_key(&tenant, &key_id, &p, now()),
+            |_| key_id.clone(),
+        )?;
         Ok(key_view(&k, None))
     })
     .await?;
@@ -553,8 +598,17 @@ async fn delete_key(
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     blocking(&st, move |svc, db| {
-        svc.delete_key(&tenant, &key_id)?;
-        audit(db, &who, Some(&tenant), "key.delete", &key_id, Value::Null);
+        audited(
+            svc,
+            db,
+            &who,
+            &tenant,
+            "key.delete",
+            Some(&key_id),
+            Value::Null,
+            |svc| svc.delete_key(&tenant, &key_id),
+            |_| key_id.clone(),
+        )?;
         Ok(())
     })
     .await?;
@@ -588,15 +642,17 @@ async fn rotate_secret(
     let grace = body.grace_seconds;
     let out = blocking(&st, move |svc, db| {
         let t = now();
-        let secret = svc.rotate_secret_of(&tenant, &key_id, grace, t)?;
-        audit(
+        let secret = audited(
+            svc,
             db,
             &who,
-            Some(&tenant),
+            &tenant,
             "key.rotate_secret",
-            &key_id,
+            Some(&key_id),
             json!({"grace_seconds": grace}),
-        );
+            |svc| svc.rotate_secret_of(&tenant, &key_id, grace, t),
+            |_| key_id.clone(),
+        )?;
         Ok(json!({
             "key_id": key_id,
             "secret": secret,
@@ -671,21 +727,23 @@ async fn revoke_session(
     who.tenant(&tenant)?;
     blocking(&st, move |svc, db| {
         svc.tenant_key(&tenant, &key_id)?;
-        svc.revoke_session(&key_id, &session_id, now_ms())
-            .map_err(|e| match e {
-                keygate_control::Error::BadInput { message, .. } => {
-                    ApiError::invalid("session_id", message)
-                }
-                other => other.into(),
-            })?;
-        audit(
+        audited(
+            svc,
             db,
             &who,
-            Some(&tenant),
+            &tenant,
             "session.revoke",
-            &key_id,
+            Some(&key_id),
             json!({"session_id": session_id}),
-        );
+            |svc| svc.revoke_session(&key_id, &session_id, now_ms()),
+            |_| key_id.clone(),
+        )
+        .map_err(|e| match e {
+            keygate_control::Error::BadInput { message, .. } => {
+                ApiError::invalid("session_id", message)
+            }
+            other => other.into(),
+        })?;
         Ok(())
     })
     .await?;
@@ -709,17 +767,21 @@ async fn revoke_all_sessions(
         if !ids.iter().any(String::is_empty) {
             ids.push(String::new());
         }
-        for id in &ids {
-            svc.revoke_session(&key_id, id, now_ms())?;
-        }
-        audit(
+        // The record goes in with the first revocation.
+        audited(
+            svc,
             db,
             &who,
-            Some(&tenant),
+            &tenant,
             "session.revoke_all",
-            &key_id,
+            Some(&key_id),
             json!({"sessions": ids.len()}),
-        );
+            |svc| {
+                ids.iter()
+                    .try_for_each(|id| svc.revoke_session(&key_id, id, now_ms()))
+            },
+            |_| key_id.clone(),
+        )?;
         Ok(ids.len())
     })
     .await?;
@@ -933,15 +995,11 @@ async fn create_token(
         .map(|s| parse_time("expires_at", s))
         .transpose()?;
     let out = blocking(&st, move |_, db| {
-        let t = mgmt::create_token(db, Role::Tenant, Some(&tenant), expires_at, now())?;
-        audit(
-            db,
-            &who,
-            Some(&tenant),
-            "token.create",
-            &t.token_id,
-            Value::Null,
-        );
+        let t = mgmt::atomically(db, |db| {
+            let t = mgmt::create_token(db, Role::Tenant, Some(&tenant), expires_at, now())?;
+            audit_in(db, &who, &tenant, "token.create", &t.token_id, Value::Null)?;
+            Ok::<_, ApiError>(t)
+        })?;
         Ok(json!({
             "token_id": t.token_id,
             "token": t.token,
@@ -973,18 +1031,12 @@ async fn revoke_token(
     who.tenant(&tenant)?;
     who.operator()?;
     blocking(&st, move |_, db| {
-        if !mgmt::revoke_token(db, &token_id, Some(&tenant), now())? {
-            return Err(ApiError::not_found("token"));
-        }
-        audit(
-            db,
-            &who,
-            Some(&tenant),
-            "token.revoke",
-            &token_id,
-            Value::Null,
-        );
-        Ok(())
+        mgmt::atomically(db, |db| {
+            if !mgmt::revoke_token(db, &token_id, Some(&tenant), now())? {
+                return Err(ApiError::not_found("token"));
+            }
+            audit_in(db, &who, &tenant, "token.revoke", &token_id, Value::Null)
+        })
     })
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())

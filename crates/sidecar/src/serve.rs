@@ -32,7 +32,8 @@ fn log(msg: &str) {
 
 pub fn run(store: &str, args: ServeArgs) -> Result<(), CliError> {
     let db = management_db(Some(store), args.db.as_deref())?;
-    let svc = Service::open(store)?;
+    // Audit records commit with their changes when the store is this database.
+    let svc = Service::open(store)?.with_audit_db(&db);
     // A missing store is the operator's to fix, before anything listens.
     svc.snapshot()?;
     let conn = db.open()?;

@@ -112,6 +112,21 @@ impl Db {
         Db::Sqlite(path.as_ref().to_path_buf())
     }
 
+    /// Do both name the same database (one file, or one URL)?
+    pub fn same_as(&self, other: &Db) -> bool {
+        match (self, other) {
+            (Db::Sqlite(a), Db::Sqlite(b)) => {
+                a == b
+                    || matches!(
+                        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                        (Ok(x), Ok(y)) if x == y
+                    )
+            }
+            (Db::Postgres(a), Db::Postgres(b)) => a == b,
+            _ => false,
+        }
+    }
+
     /// A connection with the schema migrated to this build's version.
     pub fn open(&self) -> Result<Conn, DbError> {
         // Processes opening a new SQLite file together (a server and a CLI,

@@ -6,7 +6,9 @@ pub mod file;
 pub mod pg;
 pub mod sqlite;
 
+use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::mgmt::AuditEntry;
 use keygate_core::sync::{RevokedSession, StoreId};
 use keygate_core::CredentialRecord;
 use serde::{Deserialize, Serialize};
@@ -91,6 +93,21 @@ pub trait Store: Send {
     /// result is validated and stored with the version bumped, or nothing
     /// changes if `change` or validation fails. Returns the stored snapshot.
     fn update(&self, change: Change<'_>) -> Result<Snapshot>;
+    /// [`Store::update`] that also writes `audit` to the audit trail of the
+    /// store's own database in the same transaction: both commit or
+    /// neither. Only stores that live in a management database
+    /// ([`Store::database`]) can; the others refuse and change nothing.
+    fn update_audited(&self, change: Change<'_>, audit: &AuditEntry<'_>) -> Result<Snapshot> {
+        let _ = (change, audit);
+        Err(Error::Other(format!(
+            "the store at {} keeps no audit trail",
+            self.describe()
+        )))
+    }
+    /// The management database ([`crate::db`]) this store lives in, if any.
+    fn database(&self) -> Option<Db> {
+        None
+    }
     /// A cheap token that changes whenever the store may have changed.
     fn change_token(&self) -> Result<String>;
     /// Sends on `wake` (soon) after the store may have changed, until the

@@ -13,7 +13,9 @@
 //! name) and the session listing (revocations) read, as on SQLite.
 
 use super::{new_store_id, Change, Snapshot, Store, StoredKey};
+use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::mgmt::AuditEntry;
 use crate::pg_tls::{self, MakeRustlsConnect};
 use keygate_core::sync::{RevokedSession, StoreId};
 use keygate_core::CredentialRecord;
@@ -66,6 +68,8 @@ CREATE TABLE IF NOT EXISTS keygate_revoked_sessions (
 ];
 
 pub struct PgStore {
+    /// As given (it may hold a password: never shown).
+    url: String,
     config: Config,
     /// TLS per the URL's sslmode/sslrootcert (see `pg_tls`).
     tls: MakeRustlsConnect,
@@ -85,6 +89,7 @@ impl PgStore {
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
         Ok(PgStore {
+            url: url.to_owned(),
             config,
             tls,
             host,
@@ -285,6 +290,42 @@ impl PgStore {
 }
 
 impl PgStore {
+    /// Applies `change` in one transaction, with `audit` written in it
+    /// when given (into the management schema's `audit`, which must exist).
+    fn update_with(&self, change: Change<'_>, audit: Option<&AuditEntry<'_>>) -> Result<Snapshot> {
+        let mut slot = self.client.borrow_mut();
+        let client = match &mut *slot {
+            Some(c) if !c.is_closed() => c,
+            other => other.insert(self.connect()?),
+        };
+        let mut tx = client.transaction().map_err(self.err())?;
+        // FOR UPDATE on the version row: concurrent changes wait their turn.
+        let before = self.read(&mut tx, true)?;
+        let mut after = before.clone();
+        change(&mut after)?;
+        after.validate()?;
+        after.version = before.version + 1;
+        self.write(&mut tx, &before, &after)?;
+        tx.execute(
+            "UPDATE keygate_meta SET version = $1 WHERE id = 1",
+            &[&(after.version as i64)],
+        )
+        .map_err(self.err())?;
+        tx.execute(&format!("NOTIFY {CHANNEL}, '{}'", after.version), &[])
+            .map_err(self.err())?;
+        if let Some(a) = audit {
+            let params = crate::mgmt::audit_params(a);
+            let params: Vec<_> = params.iter().map(|p| p.as_pg()).collect();
+            tx.execute(
+                &crate::db::pg_placeholders(&crate::mgmt::audit_insert_sql(true)),
+                &params,
+            )
+            .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(after)
+    }
+
     /// Mirrors the change into the management schema's `keys` and
     /// `sessions`, if this database has them (see the module note). Only
     /// what changed is written, keys before sessions (the order log
@@ -480,28 +521,15 @@ impl Store for PgStore {
     }
 
     fn update(&self, change: Change<'_>) -> Result<Snapshot> {
-        let mut slot = self.client.borrow_mut();
-        let client = match &mut *slot {
-            Some(c) if !c.is_closed() => c,
-            other => other.insert(self.connect()?),
-        };
-        let mut tx = client.transaction().map_err(self.err())?;
-        // FOR UPDATE on the version row: concurrent changes wait their turn.
-        let before = self.read(&mut tx, true)?;
-        let mut after = before.clone();
-        change(&mut after)?;
-        after.validate()?;
-        after.version = before.version + 1;
-        self.write(&mut tx, &before, &after)?;
-        tx.execute(
-            "UPDATE keygate_meta SET version = $1 WHERE id = 1",
-            &[&(after.version as i64)],
-        )
-        .map_err(self.err())?;
-        tx.execute(&format!("NOTIFY {CHANNEL}, '{}'", after.version), &[])
-            .map_err(self.err())?;
-        tx.commit().map_err(self.err())?;
-        Ok(after)
+        self.update_with(change, None)
+    }
+
+    fn update_audited(&self, change: Change<'_>, audit: &AuditEntry<'_>) -> Result<Snapshot> {
+        self.update_with(change, Some(audit))
+    }
+
+    fn database(&self) -> Option<Db> {
+        Some(Db::Postgres(self.url.clone()))
     }
 
     fn change_token(&self) -> Result<String> {

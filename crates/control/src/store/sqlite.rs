@@ -18,6 +18,7 @@
 use super::{Change, Snapshot, Store, StoredKey};
 use crate::db::{Conn, Db, DbError};
 use crate::error::{Error, Result};
+use crate::mgmt::AuditEntry;
 use keygate_core::credential::{Kind, Status};
 use keygate_core::rate_limit::RateLimit;
 use keygate_core::sync::{RevokedSession, StoreId};
@@ -384,6 +385,36 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Applies `change` in one `BEGIN IMMEDIATE` transaction, with `audit`
+    /// written in it when given.
+    fn update_with(&self, change: Change<'_>, audit: Option<&AuditEntry<'_>>) -> Result<Snapshot> {
+        let snap = self.with_conn(false, |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(self.sql_err())?;
+            let old = self.read(&tx)?;
+            let mut new = old.clone();
+            change(&mut new)?;
+            new.validate()?;
+            new.version = old.version + 1;
+            new.store_id = old.store_id;
+            self.write(&tx, &old, &new)?;
+            if let Some(a) = audit {
+                tx.execute(
+                    &crate::mgmt::audit_insert_sql(false),
+                    rusqlite::params_from_iter(
+                        crate::mgmt::audit_params(a).iter().map(|p| p.as_sqlite()),
+                    ),
+                )
+                .map_err(self.sql_err())?;
+            }
+            tx.commit().map_err(self.sql_err())?;
+            Ok(new)
+        })?;
+        notify(&self.path);
+        Ok(snap)
+    }
+
     /// Fills an empty store with a JSON store's keys and revocations, and
     /// takes over its identity so Envoys fed from the JSON store accept the
     /// SQLite store's pushes without `--takeover`. Refuses a store with keys.
@@ -508,22 +539,15 @@ impl Store for SqliteStore {
     }
 
     fn update(&self, change: Change<'_>) -> Result<Snapshot> {
-        let snap = self.with_conn(false, |c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(self.sql_err())?;
-            let old = self.read(&tx)?;
-            let mut new = old.clone();
-            change(&mut new)?;
-            new.validate()?;
-            new.version = old.version + 1;
-            new.store_id = old.store_id;
-            self.write(&tx, &old, &new)?;
-            tx.commit().map_err(self.sql_err())?;
-            Ok(new)
-        })?;
-        notify(&self.path);
-        Ok(snap)
+        self.update_with(change, None)
+    }
+
+    fn update_audited(&self, change: Change<'_>, audit: &AuditEntry<'_>) -> Result<Snapshot> {
+        self.update_with(change, Some(audit))
+    }
+
+    fn database(&self) -> Option<Db> {
+        Some(Db::sqlite(&self.path))
     }
 
     fn change_token(&self) -> Result<String> {

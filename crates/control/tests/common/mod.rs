@@ -748,6 +748,73 @@ pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, d
     assert_eq!(int(db, "SELECT count(*) FROM keys"), Some(1));
 }
 
+/// An audited change and its record commit together: a refused change
+/// leaves no record, a refused record leaves no change.
+pub fn an_audit_record_commits_with_its_change_or_not_at_all(db: &Db, _dir: &Path) {
+    use keygate_control::mgmt::Audit;
+    use keygate_control::service::{NewKey, Service};
+    use keygate_core::credential::Kind;
+    db.open().unwrap();
+    let svc = Service::new(store_over(db)).with_audit_db(db);
+    svc.init_store().unwrap();
+    let new = |id: &str| NewKey {
+        key_id: Some(id.into()),
+        name: String::new(),
+        tenant: "acme".into(),
+        environment: "live".into(),
+        kind: Kind::Default,
+        scopes: vec![],
+        allowed_ips: vec![],
+        rate_limit: None,
+        expires_at: None,
+        with_secret: false,
+        key_value: None,
+        secret_value: None,
+    };
+    let record = Audit {
+        actor_token_id: Some("tok_1".into()),
+        tenant: Some("acme".into()),
+        action: "key.create".into(),
+        ..Audit::default()
+    };
+    let (made, with_change) = svc
+        .audited(record.clone(), |svc| svc.create_key(new("first"), 10))
+        .unwrap();
+    assert!(with_change);
+    assert_eq!(
+        int(
+            db,
+            "SELECT count(*) FROM audit WHERE object = 'first' AND action = 'key.create'"
+        ),
+        Some(1),
+        "the record names the key the change made"
+    );
+    // A second default key is refused: no record either.
+    assert!(svc
+        .audited(record.clone(), |svc| svc.create_key(new("second"), 10))
+        .is_err());
+    assert_eq!(int(db, "SELECT count(*) FROM audit"), Some(1));
+    // A record the database refuses takes its change with it.
+    match db {
+        Db::Sqlite(_) => exec(
+            db,
+            "CREATE TRIGGER refuse BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        ),
+        Db::Postgres(_) => exec(
+            db,
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused'; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION refuse()",
+        ),
+    }
+    assert!(svc
+        .audited(record, |svc| svc.delete_key("acme", &made.key_id))
+        .is_err());
+    assert!(svc.show_key(&made.key_id).is_ok(), "the change was undone");
+    // Without a pending record, changes need no audit table.
+    svc.delete_key("acme", &made.key_id).unwrap();
+}
+
 pub const ALL: &[(&str, Scenario)] = &[
     ("partial_last_line", partial_last_line_waits_for_its_newline),
     ("malformed", malformed_lines_are_skipped_and_counted),
@@ -771,6 +838,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "session_pruning",
         dead_sessions_are_pruned_and_live_or_recently_revoked_ones_kept,
+    ),
+    (
+        "audit_tx",
+        an_audit_record_commits_with_its_change_or_not_at_all,
     ),
     (
         "store_tables",

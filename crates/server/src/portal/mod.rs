@@ -32,7 +32,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use keygate_control::mgmt::{self, AuditEntry, Principal, Purpose, Role};
-use keygate_control::Conn;
+use keygate_control::{Conn, DbError};
 use keygate_core::hash::{sha256, to_hex};
 use serde_json::{json, Value};
 use std::net::IpAddr;
@@ -187,8 +187,15 @@ impl Session {
         }
     }
 
-    /// Records what the tenant did, like the API does.
-    pub fn audit(&self, db: &mut Conn, action: &str, object: &str, detail: Value) {
+    /// Records what the tenant did, like the API does; called inside the
+    /// change's transaction ([`mgmt::atomically`]).
+    pub fn audit(
+        &self,
+        db: &mut Conn,
+        action: &str,
+        object: &str,
+        detail: Value,
+    ) -> Result<(), DbError> {
         audit(
             db,
             &self.principal.token_id,
@@ -197,7 +204,7 @@ impl Session {
             action,
             object,
             detail,
-        );
+        )
     }
 
     /// Refuses a form without this session's CSRF token.
@@ -226,7 +233,7 @@ pub(crate) fn audit(
     action: &str,
     object: &str,
     detail: Value,
-) {
+) -> Result<(), DbError> {
     let ip = ip.to_string();
     let entry = AuditEntry {
         actor_token_id: Some(token_id),
@@ -236,12 +243,7 @@ pub(crate) fn audit(
         object: Some(object),
         detail: (!detail.is_null()).then_some(detail),
     };
-    if let Err(e) = mgmt::record(db, &entry) {
-        eprintln!(
-            "{}",
-            json!({"level": "error", "message": format!("audit record lost: {e}")})
-        );
-    }
+    mgmt::record(db, &entry)
 }
 
 pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
@@ -469,17 +471,19 @@ pub async fn create_link(
     let (token, expires) = tokio::task::spawn_blocking(move || {
         let mut db = st2.db.lock().map_err(|_| ApiError::internal())?;
         let t = now();
-        let (token, expires) = mint_link(&mut db, &tenant, Some(minutes * 60), t)?;
-        audit(
-            &mut db,
-            &who.principal.token_id,
-            who.ip,
-            &tenant,
-            "portal.link_create",
-            &tenant,
-            json!({"expires_in_minutes": minutes}),
-        );
-        Ok::<_, ApiError>((token, expires))
+        mgmt::atomically(&mut db, |db| {
+            let (token, expires) = mint_link(db, &tenant, Some(minutes * 60), t)?;
+            audit(
+                db,
+                &who.principal.token_id,
+                who.ip,
+                &tenant,
+                "portal.link_create",
+                &tenant,
+                json!({"expires_in_minutes": minutes}),
+            )?;
+            Ok::<_, ApiError>((token, expires))
+        })
     })
     .await
     .map_err(|_| ApiError::internal())??;

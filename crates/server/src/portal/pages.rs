@@ -168,36 +168,39 @@ pub async fn open(State(st): St, req: axum::extract::Request) -> Result<Response
         ));
     }
     let st2 = Arc::clone(&st);
+    // The link's single use, the session and the record: all or nothing.
     let out = blocking(&st, move |_, db| {
-        let t = now();
-        let Some(p) = mgmt::authenticate_as(db, Purpose::PortalLink, &link, t)? else {
-            return Ok(None);
-        };
-        let tenant = match (p.role, &p.tenant) {
-            (Role::Tenant, Some(tn)) => tn.clone(),
-            _ => return Ok(None),
-        };
-        // The revocation is the single use: only one opener wins it.
-        if !mgmt::revoke_as(db, Purpose::PortalLink, &p.token_id, Some(&tenant), t)? {
-            return Ok(None);
-        }
-        let s = mgmt::create_portal_token(
-            db,
-            Purpose::PortalSession,
-            &tenant,
-            t + SESSION_TTL_SECS,
-            t,
-        )?;
-        super::audit(
-            db,
-            &s.token_id,
-            ip,
-            &tenant,
-            "portal.login",
-            &s.token_id,
-            json!({"link_token_id": p.token_id}),
-        );
-        Ok(Some((tenant, s.token)))
+        mgmt::atomically(db, |db| {
+            let t = now();
+            let Some(p) = mgmt::authenticate_as(db, Purpose::PortalLink, &link, t)? else {
+                return Ok(None);
+            };
+            let tenant = match (p.role, &p.tenant) {
+                (Role::Tenant, Some(tn)) => tn.clone(),
+                _ => return Ok(None),
+            };
+            // The revocation is the single use: only one opener wins it.
+            if !mgmt::revoke_as(db, Purpose::PortalLink, &p.token_id, Some(&tenant), t)? {
+                return Ok(None);
+            }
+            let s = mgmt::create_portal_token(
+                db,
+                Purpose::PortalSession,
+                &tenant,
+                t + SESSION_TTL_SECS,
+                t,
+            )?;
+            super::audit(
+                db,
+                &s.token_id,
+                ip,
+                &tenant,
+                "portal.login",
+                &s.token_id,
+                json!({"link_token_id": p.token_id}),
+            )?;
+            Ok(Some((tenant, s.token)))
+        })
     })
     .await?;
     let Some((tenant, token)) = out else {
@@ -252,20 +255,22 @@ pub async fn logout(
     s.check_csrf(&f.csrf)?;
     let tenant = s.tenant.clone();
     blocking(&st, move |_, db| {
-        mgmt::revoke_as(
-            db,
-            Purpose::PortalSession,
-            &s.principal.token_id,
-            Some(&tenant),
-            now(),
-        )?;
-        s.audit(
-            db,
-            "portal.logout",
-            &s.principal.token_id,
-            serde_json::Value::Null,
-        );
-        Ok(())
+        mgmt::atomically(db, |db| {
+            mgmt::revoke_as(
+                db,
+                Purpose::PortalSession,
+                &s.principal.token_id,
+                Some(&tenant),
+                now(),
+            )?;
+            s.audit(
+                db,
+                "portal.logout",
+                &s.principal.token_id,
+                serde_json::Value::Null,
+            )?;
+            Ok(())
+        })
     })
     .await?;
     let mut resp = render(
@@ -471,19 +476,25 @@ async fn made(
         csrf: s.csrf.clone(),
     };
     let made = blocking(st, move |svc, db| {
-        let c = match svc.create_key(new, now()) {
+        let detail = json!({"kind": new.kind, "scopes": new.scopes, "with_secret": new.with_secret, "via": "portal"});
+        let made = crate::api::audited(
+            svc,
+            db,
+            &s2.auth(),
+            &tenant,
+            "key.create",
+            None,
+            detail,
+            |svc| svc.create_key(new, now()),
+            |c| c.key_id.clone(),
+        );
+        let c = match made {
             Ok(c) => c,
             Err(e) => return Ok(Err(PortalError::from(e))),
         };
         if mgmt::get_tenant(db, &tenant)?.is_none() {
             mgmt::put_tenant(db, &tenant, None, now())?;
         }
-        s2.audit(
-            db,
-            "key.create",
-            &c.key_id,
-            json!({"kind": c.kind, "scopes": c.scopes, "with_secret": c.secret.is_some(), "via": "portal"}),
-        );
         Ok(Ok(c))
     })
     .await?;
@@ -612,14 +623,17 @@ pub async fn rotate(
     let secret = blocking(&st, move |svc, db| {
         // Regenerating replaces the secret at once (no grace period): the
         // portal's button is for a secret that may have leaked.
-        let secret = svc.rotate_secret_of(&tenant, &kid, 0, now())?;
-        s2.audit(
+        Ok(crate::api::audited(
+            svc,
             db,
+            &s2.auth(),
+            &tenant,
             "key.rotate_secret",
-            &kid,
+            Some(&kid),
             json!({"grace_seconds": 0, "via": "portal"}),
-        );
-        Ok(secret)
+            |svc| svc.rotate_secret_of(&tenant, &kid, 0, now()),
+            |_| kid.clone(),
+        )?)
     })
     .await?;
     Ok(render(
@@ -676,13 +690,17 @@ pub async fn set_status(
             status: Some(status),
             ..KeyPatch::default()
         };
-        svc.patch_key(&tenant, &kid, &patch, now())?;
-        s2.audit(
+        crate::api::audited(
+            svc,
             db,
+            &s2.auth(),
+            &tenant,
             "key.update",
-            &kid,
+            Some(&kid),
             json!({"status": word, "via": "portal"}),
-        );
+            |svc| svc.patch_key(&tenant, &kid, &patch, now()),
+            |_| kid.clone(),
+        )?;
         Ok(())
     })
     .await?;
@@ -719,16 +737,19 @@ pub async fn set_ips(
             ..KeyPatch::default()
         };
         // The service checks each CIDR; a bad one is shown next to the field.
-        match svc.patch_key(&tenant, &kid, &patch, now()) {
-            Ok(_) => {
-                s2.audit(
-                    db,
-                    "key.update",
-                    &kid,
-                    json!({"allowed_ips": ips, "via": "portal"}),
-                );
-                Ok(Ok(()))
-            }
+        let patched = crate::api::audited(
+            svc,
+            db,
+            &s2.auth(),
+            &tenant,
+            "key.update",
+            Some(&kid),
+            json!({"allowed_ips": ips, "via": "portal"}),
+            |svc| svc.patch_key(&tenant, &kid, &patch, now()),
+            |_| kid.clone(),
+        );
+        match patched {
+            Ok(_) => Ok(Ok(())),
             Err(e) => Ok(Err(PortalError::from(e))),
         }
     })
@@ -789,8 +810,17 @@ pub async fn delete(
     s.check_csrf(&f.csrf)?;
     let tenant = s.tenant.clone();
     blocking(&st, move |svc, db| {
-        svc.delete_key(&tenant, &key_id)?;
-        s.audit(db, "key.delete", &key_id, json!({"via": "portal"}));
+        crate::api::audited(
+            svc,
+            db,
+            &s.auth(),
+            &tenant,
+            "key.delete",
+            Some(&key_id),
+            json!({"via": "portal"}),
+            |svc| svc.delete_key(&tenant, &key_id),
+            |_| key_id.clone(),
+        )?;
         Ok(())
     })
     .await?;
@@ -809,14 +839,18 @@ pub async fn revoke_session(
     blocking(&st, move |svc, db| {
         svc.tenant_key(&tenant, &kid)?;
         let now_ms = u64::try_from(keygate_control_now_ms()).unwrap_or(0);
-        svc.revoke_session(&kid, &session_id, now_ms)
-            .map_err(|e| PortalError::from(ApiError::from(e)))?;
-        s.audit(
+        crate::api::audited(
+            svc,
             db,
+            &s.auth(),
+            &tenant,
             "session.revoke",
-            &kid,
+            Some(&kid),
             json!({"session_id": session_id, "via": "portal"}),
-        );
+            |svc| svc.revoke_session(&kid, &session_id, now_ms),
+            |_| kid.clone(),
+        )
+        .map_err(|e| PortalError::from(ApiError::from(e)))?;
         Ok(())
     })
     .await?;
