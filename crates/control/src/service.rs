@@ -243,21 +243,17 @@ impl Service {
         self.store.load()
     }
 
+    /// One tenant's keys (read by tenant, not from the whole store), or all.
     pub fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<StoredKey>> {
-        Ok(self
-            .store
-            .load()?
-            .keys
-            .into_iter()
-            .filter(|k| tenant.is_none_or(|t| k.record.tenant == t))
-            .collect())
+        match tenant {
+            Some(t) => self.store.tenant_keys(t),
+            None => Ok(self.store.load()?.keys),
+        }
     }
 
     pub fn show_key(&self, key_id: &str) -> Result<StoredKey> {
         self.store
-            .load()?
-            .find(key_id)
-            .cloned()
+            .key(key_id)?
             .ok_or_else(|| Error::NoSuchKey(key_id.to_owned()))
     }
 

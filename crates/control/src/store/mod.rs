@@ -78,6 +78,25 @@ impl Snapshot {
     }
 }
 
+/// Which keys a partial read returns.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum KeyFilter<'a> {
+    All,
+    Tenant(&'a str),
+    Id(&'a str),
+}
+
+impl KeyFilter<'_> {
+    /// The WHERE clause (with one `?` placeholder unless `All`) and its value.
+    pub(crate) fn clause(&self) -> (&'static str, Option<&str>) {
+        match self {
+            KeyFilter::All => ("", None),
+            KeyFilter::Tenant(t) => ("WHERE tenant = ?", Some(t)),
+            KeyFilter::Id(k) => ("WHERE key_id = ?", Some(k)),
+        }
+    }
+}
+
 /// A change applied by [`Store::update`]; its error aborts the update.
 pub type Change<'a> = &'a mut dyn FnMut(&mut Snapshot) -> Result<()>;
 
@@ -93,6 +112,21 @@ pub trait Store: Send {
     /// result is validated and stored with the version bumped, or nothing
     /// changes if `change` or validation fails. Returns the stored snapshot.
     fn update(&self, change: Change<'_>) -> Result<Snapshot>;
+    /// The keys of one tenant, by key id; stores with an index on the
+    /// tenant read only those (the API's list and get paths), the others
+    /// filter a full read.
+    fn tenant_keys(&self, tenant: &str) -> Result<Vec<StoredKey>> {
+        Ok(self
+            .load()?
+            .keys
+            .into_iter()
+            .filter(|k| k.record.tenant == tenant)
+            .collect())
+    }
+    /// One key by id, read alone where the store can.
+    fn key(&self, key_id: &str) -> Result<Option<StoredKey>> {
+        Ok(self.load()?.find(key_id).cloned())
+    }
     /// [`Store::update`] that also writes `audit` to the audit trail of the
     /// store's own database in the same transaction: both commit or
     /// neither. Only stores that live in a management database

@@ -12,7 +12,7 @@
 //! ingestion (`last_used_at`, live sessions), the log queries (a key's
 //! name) and the session listing (revocations) read, as on SQLite.
 
-use super::{new_store_id, Change, Snapshot, Store, StoredKey};
+use super::{new_store_id, Change, KeyFilter, Snapshot, Store, StoredKey};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::mgmt::AuditEntry;
@@ -37,7 +37,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const LISTEN_PROBE: Duration = Duration::from_secs(30);
 
 /// Versioned, idempotent steps; `schema_version` records the last applied.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     "
 CREATE TABLE IF NOT EXISTS keygate_meta (
     id integer PRIMARY KEY CHECK (id = 1),
@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS keygate_revoked_sessions (
     // Key names (the record holds none): existing keys get "".
     "ALTER TABLE keygate_keys ADD COLUMN IF NOT EXISTS name text NOT NULL DEFAULT '';
      UPDATE keygate_meta SET schema_version = 3 WHERE id = 1 AND schema_version < 3;",
+    // The API's per-tenant reads; every step runs on each migrate, so a
+    // store at version 3 gets it at its next `store migrate` (or init).
+    "CREATE INDEX IF NOT EXISTS keygate_keys_tenant ON keygate_keys (tenant);",
 ];
 
 pub struct PgStore {
@@ -170,6 +173,16 @@ impl PgStore {
     }
 
     fn read(&self, tx: &mut impl postgres::GenericClient, lock: bool) -> Result<Snapshot> {
+        self.read_filtered(tx, lock, KeyFilter::All)
+    }
+
+    /// [`PgStore::read`] of some keys only (the revocations are all read).
+    fn read_filtered(
+        &self,
+        tx: &mut impl postgres::GenericClient,
+        lock: bool,
+        filter: KeyFilter<'_>,
+    ) -> Result<Snapshot> {
         let sql = if lock {
             "SELECT version, store_id FROM keygate_meta WHERE id = 1 FOR UPDATE"
         } else {
@@ -191,9 +204,16 @@ impl PgStore {
         let store_id: Option<String> = row.get(1);
         let store_id = Some(parse_id(&store_id.ok_or(Error::PgNotInitialised)?)?);
         let mut keys = Vec::new();
+        let (filter_sql, filter_arg) = filter.clause();
+        let args: Vec<&(dyn postgres::types::ToSql + Sync)> = match &filter_arg {
+            Some(a) => vec![a],
+            None => vec![],
+        };
         let rows = match tx.query(
-            "SELECT created_at, updated_at, record, name FROM keygate_keys ORDER BY key_id",
-            &[],
+            &crate::db::pg_placeholders(&format!(
+                "SELECT created_at, updated_at, record, name FROM keygate_keys {filter_sql} ORDER BY key_id"
+            )),
+            &args,
         ) {
             Ok(rows) => rows,
             // A store made by an older keygate, before `store migrate`.
@@ -290,6 +310,21 @@ impl PgStore {
 }
 
 impl PgStore {
+    /// The keys `filter` selects (by primary key, or by the tenant index).
+    fn read_some(&self, filter: KeyFilter<'_>) -> Result<Vec<StoredKey>> {
+        self.with_client(|c| {
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(self.err())?;
+            let snap = self.read_filtered(&mut tx, false, filter)?;
+            tx.commit().map_err(self.err())?;
+            Ok(snap.keys)
+        })
+    }
+
     /// Applies `change` in one transaction, with `audit` written in it
     /// when given (into the management schema's `audit`, which must exist).
     fn update_with(&self, change: Change<'_>, audit: Option<&AuditEntry<'_>>) -> Result<Snapshot> {
@@ -522,6 +557,14 @@ impl Store for PgStore {
 
     fn update(&self, change: Change<'_>) -> Result<Snapshot> {
         self.update_with(change, None)
+    }
+
+    fn tenant_keys(&self, tenant: &str) -> Result<Vec<StoredKey>> {
+        self.read_some(KeyFilter::Tenant(tenant))
+    }
+
+    fn key(&self, key_id: &str) -> Result<Option<StoredKey>> {
+        Ok(self.read_some(KeyFilter::Id(key_id))?.into_iter().next())
     }
 
     fn update_audited(&self, change: Change<'_>, audit: &AuditEntry<'_>) -> Result<Snapshot> {

@@ -15,7 +15,7 @@
 //! once-a-second [`Store::change_token`] check behind both. A wake from a
 //! write that changed no key (log ingestion) costs one version query.
 
-use super::{Change, Snapshot, Store, StoredKey};
+use super::{Change, KeyFilter, Snapshot, Store, StoredKey};
 use crate::db::{Conn, Db, DbError};
 use crate::error::{Error, Result};
 use crate::mgmt::AuditEntry;
@@ -156,6 +156,11 @@ impl SqliteStore {
     }
 
     fn read(&self, c: &Connection) -> Result<Snapshot> {
+        self.read_filtered(c, KeyFilter::All)
+    }
+
+    /// [`SqliteStore::read`] of some keys only (the revocations are all read).
+    fn read_filtered(&self, c: &Connection, filter: KeyFilter<'_>) -> Result<Snapshot> {
         let meta: Option<(String, i64)> = c
             .query_row(
                 "SELECT store_id, version FROM store_meta WHERE id = 1",
@@ -170,16 +175,17 @@ impl SqliteStore {
             });
         };
         let store_id: StoreId = id.parse().map_err(|e| self.corrupt(e))?;
+        let (filter_sql, filter_arg) = filter.clause();
         let mut stmt = c
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT key_id, tenant, name, kind, environment, scopes, allowed_ips, \
                  rate_limit_requests, rate_limit_window_secs, status, key_hash, secret_hash, \
                  previous_secret_hash, previous_secret_expires_at, expires_at, created_at, \
-                 updated_at FROM keys ORDER BY key_id",
-            )
+                 updated_at FROM keys {filter_sql} ORDER BY key_id",
+            ))
             .map_err(self.sql_err())?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map(rusqlite::params_from_iter(filter_arg), |r| {
                 Ok((
                     (
                         r.get::<_, String>(0)?,
@@ -385,6 +391,16 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// The keys `filter` selects, read through the `keys` indexes.
+    fn read_some(&self, filter: KeyFilter<'_>) -> Result<Vec<StoredKey>> {
+        self.with_conn(false, |c| {
+            let tx = c.transaction().map_err(self.sql_err())?;
+            let snap = self.read_filtered(&tx, filter)?;
+            tx.commit().map_err(self.sql_err())?;
+            Ok(snap.keys)
+        })
+    }
+
     /// Applies `change` in one `BEGIN IMMEDIATE` transaction, with `audit`
     /// written in it when given.
     fn update_with(&self, change: Change<'_>, audit: Option<&AuditEntry<'_>>) -> Result<Snapshot> {
@@ -540,6 +556,14 @@ impl Store for SqliteStore {
 
     fn update(&self, change: Change<'_>) -> Result<Snapshot> {
         self.update_with(change, None)
+    }
+
+    fn tenant_keys(&self, tenant: &str) -> Result<Vec<StoredKey>> {
+        self.read_some(KeyFilter::Tenant(tenant))
+    }
+
+    fn key(&self, key_id: &str) -> Result<Option<StoredKey>> {
+        Ok(self.read_some(KeyFilter::Id(key_id))?.into_iter().next())
     }
 
     fn update_audited(&self, change: Change<'_>, audit: &AuditEntry<'_>) -> Result<Snapshot> {

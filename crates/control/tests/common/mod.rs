@@ -695,6 +695,23 @@ pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, d
     };
     let k = svc.create_key(new("Checkout"), 10).unwrap();
     let other = svc.create_key(new("Other"), 10).unwrap();
+    let mut elsewhere = new("Elsewhere");
+    elsewhere.tenant = "globex".into();
+    let theirs = svc.create_key(elsewhere, 10).unwrap();
+    // Reads by tenant and by id see what a full read sees, and nothing else.
+    let all = svc.snapshot().unwrap().keys;
+    let acme = svc.list_keys(Some("acme")).unwrap();
+    let expect: Vec<_> = all
+        .iter()
+        .filter(|x| x.record.tenant == "acme")
+        .cloned()
+        .collect();
+    assert_eq!(acme, expect);
+    assert_eq!(acme.len(), 2);
+    assert_eq!(svc.list_keys(Some("nobody")).unwrap(), vec![]);
+    assert_eq!(svc.show_key(&theirs.key_id).unwrap().name, "Elsewhere");
+    assert!(svc.tenant_key("acme", &theirs.key_id).is_err());
+    assert!(svc.show_key("no-such-key").is_err());
     // A request and a token session of the key, ingested from the log.
     let log = dir.join("access.log");
     let mut r = rec(t0, "m1");
@@ -745,7 +762,7 @@ pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, d
         ),
         Some(0)
     );
-    assert_eq!(int(db, "SELECT count(*) FROM keys"), Some(1));
+    assert_eq!(int(db, "SELECT count(*) FROM keys"), Some(2));
 }
 
 /// An audited change and its record commit together: a refused change
