@@ -234,3 +234,8 @@ fn store_changes_reach_the_tables_logs_and_sessions_are_read_from() {
 fn an_audit_record_commits_with_its_change_or_not_at_all() {
     run(common::an_audit_record_commits_with_its_change_or_not_at_all);
 }
+
+#[test]
+fn migration_2_fences_portal_tokens_made_before_it() {
+    run(common::migration_2_fences_portal_tokens_made_before_it);
+}

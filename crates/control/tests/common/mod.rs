@@ -832,6 +832,62 @@ pub fn an_audit_record_commits_with_its_change_or_not_at_all(db: &Db, _dir: &Pat
     svc.delete_key("acme", &made.key_id).unwrap();
 }
 
+/// Portal tokens made before tokens had a purpose were plain tenant
+/// tokens; migration 2 finds them through the audit trail and fences them.
+pub fn migration_2_fences_portal_tokens_made_before_it(db: &Db, _dir: &Path) {
+    use keygate_control::mgmt;
+    let v1 = match db {
+        Db::Sqlite(_) => {
+            include_str!("../../migrations/sqlite/0001_init.sql").to_owned()
+                + "PRAGMA user_version = 1;"
+        }
+        Db::Postgres(_) => {
+            include_str!("../../migrations/postgres/0001_init.sql").to_owned()
+                + "CREATE TABLE schema_migrations (version bigint PRIMARY KEY, name text NOT NULL, \
+                   applied_at bigint NOT NULL); INSERT INTO schema_migrations VALUES (1, 'init', 0);"
+        }
+    };
+    let hash = mgmt::hash_token;
+    let rows = format!(
+        "INSERT INTO api_tokens (token_id, token_hash, role, tenant, created_at) VALUES \
+         ('tok_api', '{}', 'tenant', 'acme', 1), ('tok_link', '{}', 'tenant', 'acme', 1), \
+         ('tok_session', '{}', 'tenant', 'acme', 1), ('tok_cli_link', '{}', 'tenant', 'acme', 1); \
+         INSERT INTO audit (time_ms, tenant, action, object, detail) VALUES \
+         (1, 'acme', 'portal.login', 'tok_session', '{{\"link_token_id\": \"tok_link\"}}'), \
+         (2, 'acme', 'portal.link_create', 'tok_cli_link', NULL), \
+         (3, 'acme', 'portal.link_create', 'acme', NULL);",
+        hash("kgt_api"),
+        hash("kgt_link"),
+        hash("kgt_session"),
+        hash("kgt_cli_link"),
+    );
+    match db.connect().unwrap() {
+        Conn::Sqlite(c) => c.execute_batch(&(v1 + &rows)).unwrap(),
+        Conn::Postgres(mut c) => c.batch_execute(&(v1 + &rows)).unwrap(),
+    }
+    let mut conn = db.open().unwrap();
+    assert!(mgmt::authenticate(&mut conn, "kgt_api", 2)
+        .unwrap()
+        .is_some());
+    for t in ["kgt_link", "kgt_session", "kgt_cli_link"] {
+        assert!(
+            mgmt::authenticate(&mut conn, t, 2).unwrap().is_none(),
+            "{t}"
+        );
+    }
+    let listed: Vec<_> = mgmt::list_tokens(&mut conn, Some("acme"))
+        .unwrap()
+        .into_iter()
+        .map(|t| t.token_id)
+        .collect();
+    assert_eq!(listed, vec!["tok_api".to_owned()]);
+    assert!(
+        mgmt::authenticate_as(&mut conn, mgmt::Purpose::PortalSession, "kgt_session", 2)
+            .unwrap()
+            .is_some()
+    );
+}
+
 pub const ALL: &[(&str, Scenario)] = &[
     ("partial_last_line", partial_last_line_waits_for_its_newline),
     ("malformed", malformed_lines_are_skipped_and_counted),
@@ -859,6 +915,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "audit_tx",
         an_audit_record_commits_with_its_change_or_not_at_all,
+    ),
+    (
+        "migration_2",
+        migration_2_fences_portal_tokens_made_before_it,
     ),
     (
         "store_tables",
