@@ -311,6 +311,18 @@ def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
     tokens = [h[0][1].split()[1] for h in (a, b)]
     assert not any(t in rig["log"].read_text() for t in tokens), "a token reached the access log"
     assert call(srv, "GET", "/api/v1/tenants/acme/sessions", rig["globex"])[0] == 404
+    # The same session id signs in again: the new token works and the session
+    # is listed live, while the token issued before the revocation stays
+    # refused, also after later changes are pushed.
+    again = login("phone")
+    assert request(envoy.port, "GET", "/v1/items", again).status == 200
+    assert wait_until(lambda: not listed()["phone"]["revoked"], timeout=5), listed()
+    create_key(rig, "acme", tok, name="a later change")
+    s, _ = call(srv, "DELETE", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions/laptop", tok)
+    assert s == 204
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", b).status == 401, timeout=2)
+    assert request(envoy.port, "GET", "/v1/items", a).status == 401
+    assert request(envoy.port, "GET", "/v1/items", again).status == 200
 
 
 def test_every_documented_operation_is_routed(rig):

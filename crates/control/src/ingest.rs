@@ -822,30 +822,44 @@ fn session_params<'a>(key: &'a str, id: &'a str, v: &[i64; 4]) -> (&'a str, &'a 
 
 // A session is created by its first record (or its token's issue time);
 // a token issued after the session's revocation (a new login with the same
-// session id) makes it live again, created anew. Times in seconds, as the
-// rest of the table; `revoked_at` is in ms, as the store writes it.
+// session id) makes it live again, created anew (once: its newest token,
+// `issued_ms`, then postdates the revocation). The revocation itself stays:
+// on SQLite it is the store's record, which still refuses the tokens issued
+// before it; the session listing shows a session revoked only while its
+// newest token predates the revocation. Times in seconds, as the rest of
+// the table; `revoked_at` and `issued_ms` in ms, as the store writes it.
 const UPSERT_SESSION_SQLITE: &str = "INSERT INTO sessions \
-     (key_id, session_id, created_at, expires_at, last_seen_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+     (key_id, session_id, created_at, expires_at, last_seen_at, issued_ms) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
      ON CONFLICT (key_id, session_id) DO UPDATE SET \
-     created_at = CASE WHEN sessions.revoked_at IS NOT NULL AND ?6 > sessions.revoked_at THEN ?7 \
+     created_at = CASE WHEN sessions.revoked_at IS NOT NULL \
+       AND coalesce(sessions.issued_ms, sessions.created_at * 1000) <= sessions.revoked_at \
+       AND ?6 > sessions.revoked_at THEN ?7 \
        WHEN sessions.last_seen_at IS NULL THEN excluded.created_at \
        ELSE min(sessions.created_at, excluded.created_at) END, \
      expires_at = CASE WHEN sessions.last_seen_at IS NULL \
-       OR (sessions.revoked_at IS NOT NULL AND ?6 > sessions.revoked_at) THEN excluded.expires_at \
+       OR (sessions.revoked_at IS NOT NULL \
+           AND coalesce(sessions.issued_ms, sessions.created_at * 1000) <= sessions.revoked_at \
+           AND ?6 > sessions.revoked_at) THEN excluded.expires_at \
        ELSE max(sessions.expires_at, excluded.expires_at) END, \
      last_seen_at = max(coalesce(sessions.last_seen_at, 0), excluded.last_seen_at), \
-     revoked_at = CASE WHEN ?6 > sessions.revoked_at THEN NULL ELSE sessions.revoked_at END";
+     issued_ms = max(coalesce(sessions.issued_ms, 0), excluded.issued_ms)";
 const UPSERT_SESSION_PG: &str = "INSERT INTO sessions \
-     (key_id, session_id, created_at, expires_at, last_seen_at) VALUES ($1, $2, $3, $4, $5) \
+     (key_id, session_id, created_at, expires_at, last_seen_at, issued_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6) \
      ON CONFLICT (key_id, session_id) DO UPDATE SET \
-     created_at = CASE WHEN sessions.revoked_at IS NOT NULL AND $6 > sessions.revoked_at THEN $7 \
+     created_at = CASE WHEN sessions.revoked_at IS NOT NULL \
+       AND coalesce(sessions.issued_ms, sessions.created_at * 1000) <= sessions.revoked_at \
+       AND $6 > sessions.revoked_at THEN $7 \
        WHEN sessions.last_seen_at IS NULL THEN excluded.created_at \
        ELSE LEAST(sessions.created_at, excluded.created_at) END, \
      expires_at = CASE WHEN sessions.last_seen_at IS NULL \
-       OR (sessions.revoked_at IS NOT NULL AND $6 > sessions.revoked_at) THEN excluded.expires_at \
+       OR (sessions.revoked_at IS NOT NULL \
+           AND coalesce(sessions.issued_ms, sessions.created_at * 1000) <= sessions.revoked_at \
+           AND $6 > sessions.revoked_at) THEN excluded.expires_at \
        ELSE GREATEST(sessions.expires_at, excluded.expires_at) END, \
      last_seen_at = GREATEST(coalesce(sessions.last_seen_at, 0), excluded.last_seen_at), \
-     revoked_at = CASE WHEN $6 > sessions.revoked_at THEN NULL ELSE sessions.revoked_at END";
+     issued_ms = GREATEST(coalesce(sessions.issued_ms, 0), excluded.issued_ms)";
 
 const INSERT_COLUMNS: &str = "time_ms, key_id, tenant, environment, method, path, client_ip, \
      status, decision, reason, request_id";

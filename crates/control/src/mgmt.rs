@@ -671,11 +671,14 @@ pub struct SessionInfo {
 }
 
 /// Expired sessions are left out: their tokens no longer work anyway (a
-/// revocation is kept, and listed, for the longest token lifetime).
+/// revocation is kept, and listed, for the longest token lifetime). A
+/// session logged in again after its revocation (a newer token) is listed
+/// live: the revocation, still kept to refuse the older tokens, predates it.
 pub fn list_sessions(conn: &mut Conn, key_id: &str) -> Result<Vec<SessionInfo>, DbError> {
     Ok(rows(
         conn,
-        "SELECT key_id, session_id, created_at, expires_at, last_seen_at, revoked_at \
+        "SELECT key_id, session_id, created_at, expires_at, last_seen_at, \
+         CASE WHEN revoked_at >= coalesce(issued_ms, created_at * 1000) THEN revoked_at END \
          FROM sessions WHERE key_id = ? AND expires_at > ? ORDER BY created_at, session_id",
         &[
             text(key_id),

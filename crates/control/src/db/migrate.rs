@@ -17,9 +17,9 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
     ),
     (
         2,
-        "token_purpose",
-        include_str!("../../migrations/sqlite/0002_token_purpose.sql"),
-        include_str!("../../migrations/postgres/0002_token_purpose.sql"),
+        "tokens_sessions",
+        include_str!("../../migrations/sqlite/0002_tokens_sessions.sql"),
+        include_str!("../../migrations/postgres/0002_tokens_sessions.sql"),
     ),
 ];
 

@@ -499,13 +499,12 @@ impl PgStore {
             .filter(|r| whole || !before.revoked_sessions.contains(r))
         {
             let at = int(r.revoked_at_ms / 1000);
-            // A session logged in again after this revocation (a newer
-            // token, recorded by ingestion) is not marked again.
+            // As on SQLite: a session logged in again after it keeps the
+            // mark, and the listing shows it live.
             tx.execute(
                 "INSERT INTO sessions (key_id, session_id, created_at, expires_at, revoked_at) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_id, session_id) \
-                 DO UPDATE SET revoked_at = excluded.revoked_at \
-                 WHERE sessions.created_at * 1000 <= excluded.revoked_at",
+                 DO UPDATE SET revoked_at = excluded.revoked_at",
                 &[
                     &r.key_id,
                     &r.session_id,

@@ -363,15 +363,15 @@ impl SqliteStore {
             )
             .map_err(&e)?;
             let horizon = keygate_core::token::MAX_LIFETIME_SECS;
-            // A session logged in again after its revocation (a newer
-            // token, recorded by the ingester) is not marked again.
+            // Every revocation is kept, also on a session logged in again
+            // after it (a newer token, recorded by the ingester): its older
+            // tokens stay refused. The listing shows such a session live.
             for s in &new.revoked_sessions {
                 let at = to_i64(s.revoked_at_ms / 1000);
                 tx.execute(
                     "INSERT INTO sessions (key_id, session_id, created_at, expires_at, revoked_at) \
                      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (key_id, session_id) \
-                     DO UPDATE SET revoked_at = excluded.revoked_at \
-                     WHERE sessions.created_at * 1000 <= excluded.revoked_at",
+                     DO UPDATE SET revoked_at = excluded.revoked_at",
                     params![
                         s.key_id,
                         s.session_id,

@@ -604,10 +604,29 @@ pub fn token_sessions_are_recorded_and_revived(db: &Db, dir: &Path) {
         &session_line(T0 + 21_000, "f", "phone", iat, iat + 60_000),
     );
     ing.poll_once().unwrap();
+    // Live again, created anew; the revocation stays (it still refuses the
+    // tokens issued before it), and the listing shows the session live.
     assert_eq!(
         session_row(db, "phone"),
-        (iat / 1000, (iat + 60_000) / 1000, Some(s + 21), None)
+        (
+            iat / 1000,
+            (iat + 60_000) / 1000,
+            Some(s + 21),
+            Some(revoked_ms)
+        )
     );
+    let mut conn = db.open().unwrap();
+    let listed = keygate_control::mgmt::list_sessions(&mut conn, "k1").unwrap();
+    let phone = listed.iter().find(|x| x.session_id == "phone");
+    // (T0 is in the past: the listing hides it as expired by the clock.)
+    assert!(phone.is_none_or(|p| p.revoked_at_ms.is_none()), "{phone:?}");
+    // A later token of the revived session is not "created anew" again.
+    append(
+        &log,
+        &session_line(T0 + 40_000, "g", "phone", iat + 30_000, iat + 90_000),
+    );
+    ing.poll_once().unwrap();
+    assert_eq!(session_row(db, "phone").0, iat / 1000);
 }
 
 pub fn dead_sessions_are_pruned_and_live_or_recently_revoked_ones_kept(db: &Db, _dir: &Path) {
@@ -749,6 +768,35 @@ pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, d
     assert_eq!(phone.revoked_at_ms, Some((t0 + 20) as u64));
     assert_eq!(phone.last_seen_at, Some((t0 + 10) as u64 / 1000));
     assert!(listed.iter().any(|x| x.session_id == "never-seen"));
+
+    // The same session id logged in again (a newer token): listed live,
+    // while its revocation stays in the store for the older tokens, also
+    // across a later change of the revocations.
+    // 5 ms after the revocation (at t0 + 20): within the same second.
+    let iat = t0 + 25;
+    let mut again: serde_json::Value =
+        serde_json::from_str(session_line(t0 + 30, "m3", "phone", iat, iat + 3_600_000).trim())
+            .unwrap();
+    again["key_id"] = k.key_id.clone().into();
+    append(&log, &(again.to_string() + "\n"));
+    ingester(db, &log).poll_once().unwrap();
+    svc.revoke_session(&k.key_id, "another", (t0 + 7_000) as u64)
+        .unwrap();
+    let phone = mgmt::list_sessions(&mut conn, &k.key_id)
+        .unwrap()
+        .into_iter()
+        .find(|x| x.session_id == "phone")
+        .unwrap();
+    assert_eq!(
+        (phone.created_at, phone.revoked_at_ms),
+        ((iat / 1000) as u64, None)
+    );
+    assert!(svc
+        .snapshot()
+        .unwrap()
+        .revoked_sessions
+        .iter()
+        .any(|r| r.session_id == "phone" && r.revoked_at_ms == (t0 + 20) as u64));
 
     // Deleting a key removes it (and its live sessions) from what the queries read.
     svc.delete_key("acme", &other.key_id).unwrap();
