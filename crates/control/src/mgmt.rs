@@ -1,7 +1,9 @@
 //! What the management API keeps beside the keys, in the management
 //! database ([`crate::db`]): API tokens (operator or tenant, stored as
-//! SHA-256 hashes), tenants (display names) and the audit trail of every
-//! change. Works on SQLite and PostgreSQL alike.
+//! SHA-256 hashes) and the portal's link and session tokens (same table,
+//! their own [`Purpose`], never accepted as API tokens), tenants (display
+//! names) and the audit trail of every change. Works on SQLite and
+//! PostgreSQL alike.
 
 use crate::db::{now_ms, pg_placeholders, Conn, DbError, Param};
 use keygate_core::hash::{sha256, to_hex};
