@@ -317,7 +317,7 @@ def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
     again = login("phone")
     assert request(envoy.port, "GET", "/v1/items", again).status == 200
     assert wait_until(lambda: not listed()["phone"]["revoked"], timeout=5), listed()
-    create_key(rig, "acme", tok, name="a later change")
+    create_key(rig, "laterco", rig["op"], name="a later change")
     s, _ = call(srv, "DELETE", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions/laptop", tok)
     assert s == 204
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", b).status == 401, timeout=2)
