@@ -34,6 +34,8 @@ if not Path(CHROMEDRIVER).exists():
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium==4.51.0")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 HTML_NAME = '<img src=x id=pwned><script>document.title="pwned"</script>'
 
@@ -88,6 +90,15 @@ def fill(drv, field, value):
     el.send_keys(value)
 
 
+def follow(drv, by, value):
+    """Clicks a link or submit button and waits until its page has replaced
+    the current one (on a busy machine the next lookup would otherwise find
+    the old page's elements)."""
+    page = drv.find_element(By.TAG_NAME, "html")
+    drv.find_element(by, value).click()
+    WebDriverWait(drv, 20).until(expected_conditions.staleness_of(page))
+
+
 def basic(key, secret):
     return [("authorization", "Basic " + base64.b64encode(f"{key}:{secret}".encode()).decode())]
 
@@ -104,7 +115,7 @@ def test_a_tenant_manages_a_key_end_to_end_in_the_browser(rig, browser):
 
     fill(drv, "name", HTML_NAME)
     fill(drv, "scopes", "read")
-    drv.find_element(By.CSS_SELECTOR, "form[action='/portal/keys'] button[type=submit]").click()
+    follow(drv, By.CSS_SELECTOR, "form[action='/portal/keys'] button[type=submit]")
     api_key = drv.find_element(By.ID, "api-key").text
     secret = drv.find_element(By.ID, "secret").text
     assert api_key and re.fullmatch(r"[0-9a-f]{64}", secret), (api_key, secret)
@@ -129,11 +140,11 @@ def test_a_tenant_manages_a_key_end_to_end_in_the_browser(rig, browser):
     assert wait_until(in_logs, timeout=10, interval=0.5)
     shot(drv, "portal-logs")
 
-    drv.find_element(By.LINK_TEXT, "API keys").click()
-    drv.find_element(By.CSS_SELECTOR, "a.key-name").click()
+    follow(drv, By.LINK_TEXT, "API keys")
+    follow(drv, By.CSS_SELECTOR, "a.key-name")
     key_url = drv.current_url
     shot(drv, "portal-key")
-    drv.find_element(By.ID, "rotate").click()
+    follow(drv, By.ID, "rotate")
     new_secret = drv.find_element(By.ID, "secret").text
     assert new_secret and new_secret != secret
     assert wait_until(lambda: envoy_status(rig, old) == 401, timeout=10)
@@ -144,9 +155,9 @@ def test_a_tenant_manages_a_key_end_to_end_in_the_browser(rig, browser):
     shot(drv, "portal-usage")
 
     drv.get(key_url)
-    drv.find_element(By.ID, "delete").click()
+    follow(drv, By.ID, "delete")
     shot(drv, "portal-confirm-delete")
-    drv.find_element(By.ID, "confirm-delete").click()
+    follow(drv, By.ID, "confirm-delete")
     assert drv.current_url.endswith("/portal/keys")
     assert HTML_NAME not in text(drv)
     assert wait_until(lambda: envoy_status(rig, basic(api_key, new_secret)) == 401, timeout=10)
@@ -163,14 +174,14 @@ def test_a_bad_cidr_is_shown_next_to_the_field(rig, browser):
     assert wait_until(lambda: drv.current_url.endswith("/portal/keys"), timeout=10)
     fill(drv, "name", "cidr test")
     fill(drv, "scopes", "read")
-    drv.find_element(By.CSS_SELECTOR, "form[action='/portal/keys'] button[type=submit]").click()
-    drv.find_element(By.LINK_TEXT, "Go to the key").click()
+    follow(drv, By.CSS_SELECTOR, "form[action='/portal/keys'] button[type=submit]")
+    follow(drv, By.LINK_TEXT, "Go to the key")
     fill(drv, "allowed_ips", "10.0.0.0/33")
-    drv.find_element(By.CSS_SELECTOR, "form[action$='/ips'] button[type=submit]").click()
+    follow(drv, By.CSS_SELECTOR, "form[action$='/ips'] button[type=submit]")
     err = drv.find_element(By.ID, "allowed_ips-error")
     assert "10.0.0.0/33" in err.text or "CIDR" in err.text or "prefix" in err.text.lower(), err.text
     fill(drv, "allowed_ips", "10.0.0.0/8")
-    drv.find_element(By.CSS_SELECTOR, "form[action$='/ips'] button[type=submit]").click()
+    follow(drv, By.CSS_SELECTOR, "form[action$='/ips'] button[type=submit]")
     assert "10.0.0.0/8" in drv.find_element(By.ID, "allowed_ips").get_attribute("value")
 
 
