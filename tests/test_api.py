@@ -323,6 +323,12 @@ def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", b).status == 401, timeout=2)
     assert request(envoy.port, "GET", "/v1/items", a).status == 401
     assert request(envoy.port, "GET", "/v1/items", again).status == 200
+    # Revoking all of the key's sessions: one change, one audit record.
+    s, v = call(srv, "DELETE", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions", tok)
+    assert s == 200 and v["revoked"] >= 3, v
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", again).status == 401, timeout=2)
+    recs = call(srv, "GET", "/api/v1/tenants/acme/audit", rig["op"])[1]["records"]
+    assert [r["object"] for r in recs if r["action"] == "session.revoke_all"] == [k["key_id"]]
 
 
 def test_every_documented_operation_is_routed(rig):

@@ -556,22 +556,32 @@ impl Service {
     /// Refuses the session's tokens issued until now; revocations older than
     /// any token can live are dropped on the way.
     pub fn revoke_session(&self, key_id: &str, session_id: &str, now_ms: u64) -> Result<()> {
-        if !session_id.is_empty() {
-            check_name("--session", session_id)?;
+        self.revoke_sessions(key_id, &[session_id], now_ms)
+    }
+
+    /// [`Service::revoke_session`] for several sessions of one key, in one change.
+    pub fn revoke_sessions(&self, key_id: &str, session_ids: &[&str], now_ms: u64) -> Result<()> {
+        for s in session_ids.iter().filter(|s| !s.is_empty()) {
+            check_name("--session", s)?;
         }
         self.update(|snap| {
             snap.find(key_id)
                 .ok_or_else(|| Error::NoSuchKey(key_id.to_owned()))?;
             let horizon = now_ms.saturating_sub(keygate_core::token::MAX_LIFETIME_SECS * 1000);
             snap.revoked_sessions.retain(|r| {
-                r.revoked_at_ms >= horizon && !(r.key_id == key_id && r.session_id == session_id)
+                r.revoked_at_ms >= horizon
+                    && !(r.key_id == key_id && session_ids.contains(&r.session_id.as_str()))
             });
-            snap.revoked_sessions
-                .push(keygate_core::sync::RevokedSession {
-                    key_id: key_id.to_owned(),
-                    session_id: session_id.to_owned(),
-                    revoked_at_ms: now_ms,
-                });
+            // Once each: a session is one revocation (one row in the stores).
+            let unique: std::collections::BTreeSet<&str> = session_ids.iter().copied().collect();
+            for session_id in unique {
+                snap.revoked_sessions
+                    .push(keygate_core::sync::RevokedSession {
+                        key_id: key_id.to_owned(),
+                        session_id: session_id.to_owned(),
+                        revoked_at_ms: now_ms,
+                    });
+            }
             Ok(())
         })
     }

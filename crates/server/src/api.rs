@@ -767,7 +767,6 @@ async fn revoke_all_sessions(
         if !ids.iter().any(String::is_empty) {
             ids.push(String::new());
         }
-        // The record goes in with the first revocation.
         audited(
             svc,
             db,
@@ -777,8 +776,8 @@ async fn revoke_all_sessions(
             Some(&key_id),
             json!({"sessions": ids.len()}),
             |svc| {
-                ids.iter()
-                    .try_for_each(|id| svc.revoke_session(&key_id, id, now_ms()))
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                svc.revoke_sessions(&key_id, &ids, now_ms())
             },
             |_| key_id.clone(),
         )?;

@@ -265,6 +265,30 @@ fn session_revocation_needs_a_known_key_and_replaces_older_entries() {
 }
 
 #[test]
+fn several_sessions_are_revoked_in_one_change_each_once() {
+    let f = fixture();
+    let c = f.svc.create_key(new_key("t", Kind::Scoped), 10).unwrap();
+    let before = f.svc.snapshot().unwrap().version;
+    f.svc
+        .revoke_sessions(&c.key_id, &["a", "b", "", "a"], 7)
+        .unwrap();
+    let snap = f.svc.snapshot().unwrap();
+    assert_eq!(snap.version, before + 1);
+    let mut ids: Vec<_> = snap
+        .revoked_sessions
+        .iter()
+        .map(|r| r.session_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["", "a", "b"]);
+    assert!(f
+        .svc
+        .revoke_sessions(&c.key_id, &["ok", "bad id"], 8)
+        .is_err());
+    assert_eq!(f.svc.snapshot().unwrap(), snap, "a bad id changes nothing");
+}
+
+#[test]
 fn rates_parse_in_several_spellings_and_errors_list_the_forms() {
     let r = |requests, window_secs| RateLimit {
         requests,
