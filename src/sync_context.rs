@@ -72,8 +72,21 @@ impl SyncContext {
             .iter()
             .map(|(hash, record)| (hash, Some(record.as_slice())))
             .chain(plan.deletes.iter().map(|hash| (hash, None)));
+        // Stamps are never reused, so stamp 1 is the first push this Envoy
+        // has seen since it started (shared data starts empty with it):
+        // no other push staged an entry and no gate worker counts in one
+        // (the gate only updates served entries, and none is served before
+        // a commit). Its entries are then written without reading them
+        // first: one shared-data call per credential instead of two (at 1M
+        // keys each is a walk down Envoy's tree of every entry).
+        let first_push = plan.stamp == 1 && state.stamp == 0;
         for (hash, record) in staged {
-            stage_entry(&state, &plan, hash, record)?;
+            if first_push {
+                let value = stage(None, &state, &plan, hash, record);
+                host::shared_set(&credential_key(hash), &value, None).map_err(host_error)?;
+            } else {
+                stage_entry(&state, &plan, hash, record)?;
+            }
         }
         // Tokens name their key by id: the id → entry-name prefix index.
         // Written before the commit, which is harmless: the gate checks the
