@@ -9,8 +9,8 @@ use keygate_core::entry;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::{decode_tat, encode_tat};
 use keygate_core::shared_data::{
-    counter_key, credential_key, credential_key_of_prefix, key_id_key, update, CounterCell, Step,
-    CONFIG_IDS_KEY, NAME_HASH_BYTES, STATE_KEY,
+    counter_key, credential_key, credential_key_of_prefix, key_id_find, key_id_slot, update,
+    CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
 use keygate_core::sync::{
     decode_entry, decode_state, is_visible, update_visible_record, visible_record, SyncState,
@@ -170,13 +170,18 @@ impl EntryCounter {
 
 impl CredentialCache {
     /// The live store credential with `key_id`, through the key-id index
-    /// the sync role writes; an index entry that leads elsewhere is absent.
+    /// (bucketed, `shared_data::key_id_slot`) the sync role writes; an index entry that leads elsewhere is absent.
     pub fn lookup_key_id(
         &mut self,
         key_id: &str,
     ) -> HostResult<Option<(Rc<Credential>, EntryCounter)>> {
-        let (prefix, _) = host::shared_get(&key_id_key(key_id))?;
-        let Some(prefix) = prefix.filter(|p| p.len() == NAME_HASH_BYTES) else {
+        let (bucket, tag) = key_id_slot(key_id);
+        let (bucket, _) = host::shared_get(&bucket)?;
+        let Some(prefix) = bucket
+            .as_deref()
+            .and_then(|b| key_id_find(b, &tag))
+            .map(<[u8]>::to_vec)
+        else {
             return Ok(None);
         };
         let name = credential_key_of_prefix(&prefix);

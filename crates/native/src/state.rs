@@ -17,8 +17,8 @@
 //!   other.
 
 use arc_swap::ArcSwap;
-use keygate_core::hash::Digest;
 use keygate_core::entry::full_hash;
+use keygate_core::hash::Digest;
 use keygate_core::shared_data::{CounterCell, NAME_HASH_BYTES};
 use keygate_core::sync::{decode_record, is_visible, SyncState};
 use keygate_core::Credential;
@@ -187,7 +187,10 @@ impl Table {
                 if changed.is_empty() && !replace {
                     return old.clone();
                 }
-                let kept = old.entries().filter(|_| !replace).map(|(k, v)| (k, Some(v)));
+                let kept = old
+                    .entries()
+                    .filter(|_| !replace)
+                    .map(|(k, v)| (k, Some(v)));
                 let new = changed.iter().filter_map(|&at| {
                     let (k, v, _) = entry_at(&changes.data, at as usize)?;
                     // A staged value starts with 1 (upsert) or 0 (delete).
@@ -200,6 +203,7 @@ impl Table {
         Table { shards }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.index.len()).sum()
     }
@@ -473,9 +477,7 @@ thread_local! {
 /// A pushed credential, if the last committed push still includes it.
 pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
     let snapshot = tables().snapshot.load();
-    let value = snapshot
-        .credentials
-        .get(hash.get(..NAME_HASH_BYTES)?)?;
+    let value = snapshot.credentials.get(hash.get(..NAME_HASH_BYTES)?)?;
     let (generation, record) = split_credential(value)?;
     if !is_visible(generation, &snapshot.state) {
         return None;

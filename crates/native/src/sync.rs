@@ -52,53 +52,55 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 /// batch changes nothing; a push that never commits is never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked) = t.update(|current: &Snapshot, staged: &mut Staged| {
-        let plan = plan(secret, body, signature, &current.state)?;
-        check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
-        for (hash, bytes) in &plan.upserts {
-            // `plan` validated each record; one that does not decode would
-            // be a core bug: refuse the push rather than half-apply.
-            decode_record(bytes, hash)
-                .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
-        }
-        if current.state.pending.map(|p| p.stamp) != Some(plan.stamp) || staged.stamp != plan.stamp
-        {
-            // A new push: whatever an abandoned one staged goes.
-            *staged = Staged {
-                stamp: plan.stamp,
-                ..Staged::default()
-            };
-        }
-        for (hash, bytes) in &plan.upserts {
-            staged.upsert(hash, plan.generation, bytes);
-        }
-        for hash in &plan.deletes {
-            staged.delete(hash);
-        }
-        // Tokens name their key by id: the id → hash-prefix index (a stale
-        // entry is harmless, the gate checks the credential it leads to).
-        for (key_id, hash) in &plan.key_ids {
-            staged.key_id(key_id, hash);
-        }
-        let next = match plan.commit {
-            Some(commit) => {
-                let next = staged.commit(current, commit, plan.full);
-                *staged = Staged::default();
-                next
+    let (state, upserts, deletes, revoked) =
+        t.update(|current: &Snapshot, staged: &mut Staged| {
+            let plan = plan(secret, body, signature, &current.state)?;
+            check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
+            for (hash, bytes) in &plan.upserts {
+                // `plan` validated each record; one that does not decode would
+                // be a core bug: refuse the push rather than half-apply.
+                decode_record(bytes, hash)
+                    .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
             }
-            None => Snapshot {
-                state: plan.result(),
-                ..current.clone()
-            },
-        };
-        let out = (
-            next.state,
-            plan.upserts.len(),
-            plan.deletes.len(),
-            plan.revoked_sessions,
-        );
-        Ok((Some(next), out))
-    })?;
+            if current.state.pending.map(|p| p.stamp) != Some(plan.stamp)
+                || staged.stamp != plan.stamp
+            {
+                // A new push: whatever an abandoned one staged goes.
+                *staged = Staged {
+                    stamp: plan.stamp,
+                    ..Staged::default()
+                };
+            }
+            for (hash, bytes) in &plan.upserts {
+                staged.upsert(hash, plan.generation, bytes);
+            }
+            for hash in &plan.deletes {
+                staged.delete(hash);
+            }
+            // Tokens name their key by id: the id → hash-prefix index (a stale
+            // entry is harmless, the gate checks the credential it leads to).
+            for (key_id, hash) in &plan.key_ids {
+                staged.key_id(key_id, hash);
+            }
+            let next = match plan.commit {
+                Some(commit) => {
+                    let next = staged.commit(current, commit, plan.full);
+                    *staged = Staged::default();
+                    next
+                }
+                None => Snapshot {
+                    state: plan.result(),
+                    ..current.clone()
+                },
+            };
+            let out = (
+                next.state,
+                plan.upserts.len(),
+                plan.deletes.len(),
+                plan.revoked_sessions,
+            );
+            Ok((Some(next), out))
+        })?;
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
