@@ -4,7 +4,7 @@
 //! here every worker reads one table directly.
 //!
 //! - Credentials: an immutable sharded table behind an [`ArcSwap`] (see
-//!   [`Table`]): each shard one byte arena plus an index of offsets, ~110 B
+//!   [`Table`]): each shard one byte arena plus an index of offsets, ~100 B
 //!   per credential. Workers read it without locks; a push's batches are
 //!   staged aside, and its last batch builds the next table (rebuilding only
 //!   the shards it touches, sharing the rest) and swaps it in with its new
@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use keygate_core::entry::full_hash;
 use keygate_core::hash::Digest;
 use keygate_core::shared_data::{CounterCell, NAME_HASH_BYTES};
-use keygate_core::sync::{decode_record, is_visible, SyncState};
+use keygate_core::sync::{decode_record, SyncState};
 use keygate_core::Credential;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex};
 use std::cell::RefCell;
@@ -51,22 +51,36 @@ fn bucket_hash(h: u64) -> u64 {
     h.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// One entry of an arena: key length (1 byte), key, value length (u32 LE),
-/// value. Returns (key, value, next offset).
+/// One entry of an arena: key length (1 byte), key, value length (LEB128
+/// varint), value. Returns (key, value, next offset).
 fn entry_at(data: &[u8], at: usize) -> Option<(&[u8], &[u8], usize)> {
     let klen = usize::from(*data.get(at)?);
     let key = data.get(at + 1..at + 1 + klen)?;
-    let vat = at + 1 + klen;
-    let vlen = u32::from_le_bytes(data.get(vat..vat + 4)?.try_into().ok()?) as usize;
-    let value = data.get(vat + 4..vat + 4 + vlen)?;
-    Some((key, value, vat + 4 + vlen))
+    let mut vat = at + 1 + klen;
+    let mut vlen = 0usize;
+    for shift in (0..32).step_by(7) {
+        let b = *data.get(vat)?;
+        vat += 1;
+        vlen |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            let value = data.get(vat..vat.checked_add(vlen)?)?;
+            return Some((key, value, vat + vlen));
+        }
+    }
+    None
 }
 
 fn put_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     // Keys are hash prefixes (15 bytes) or key ids (checked to 64 bytes).
-    out.push(u8::try_from(key.len()).unwrap_or(u8::MAX));
-    out.extend_from_slice(key.get(..255).unwrap_or(key));
-    out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(0).to_le_bytes());
+    let key = key.get(..255).unwrap_or(key);
+    out.push(key.len() as u8);
+    out.extend_from_slice(key);
+    let mut n = value.len();
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
     out.extend_from_slice(value);
 }
 
@@ -96,7 +110,7 @@ impl Shard {
             latest.insert(k, v);
         }
         let live = latest.iter().filter_map(|(k, v)| Some((*k, (*v)?)));
-        let size: usize = live.clone().map(|(k, v)| 5 + k.len() + v.len()).sum();
+        let size: usize = live.clone().map(|(k, v)| 6 + k.len() + v.len()).sum();
         let mut data = Vec::with_capacity(size);
         let mut offsets = Vec::with_capacity(latest.len());
         for (k, v) in live {
@@ -237,26 +251,13 @@ impl Staging {
     }
 }
 
-/// A credential's value in its table: the generation it was pushed under
-/// (u64 LE) and its record (`keygate_core::entry`). Its key is the 15-byte
-/// hash prefix that names it in the wasm build too; the record holds the
-/// other hash bytes.
-fn credential_value(generation: u64, record: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + record.len());
-    v.extend_from_slice(&generation.to_le_bytes());
-    v.extend_from_slice(record);
-    v
-}
-
-fn split_credential(value: &[u8]) -> Option<(u64, &[u8])> {
-    let (generation, record) = value.split_at_checked(8)?;
-    Some((u64::from_le_bytes(generation.try_into().ok()?), record))
-}
-
 /// What the sync role has applied: read by the gate as one snapshot.
 #[derive(Clone, Default)]
 pub struct Snapshot {
-    /// The committed set: hash prefix → generation and record.
+    /// The committed set: hash prefix → record. Every entry is current:
+    /// a full push replaces the table and an incremental one writes under
+    /// the generation held, so no generation is kept per entry (the record
+    /// carries its own anyway).
     pub credentials: Table,
     /// Key id → hash prefix of its credential (may lead to a deleted one).
     pub key_ids: Table,
@@ -273,10 +274,10 @@ pub struct Staged {
 }
 
 impl Staged {
-    pub fn upsert(&mut self, hash: &Digest, generation: u64, record: &[u8]) {
+    pub fn upsert(&mut self, hash: &Digest, record: &[u8]) {
         self.credentials.put(
             hash.get(..NAME_HASH_BYTES).unwrap_or_default(),
-            Some(&credential_value(generation, record)),
+            Some(record),
         );
     }
 
@@ -477,11 +478,7 @@ thread_local! {
 /// A pushed credential, if the last committed push still includes it.
 pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
     let snapshot = tables().snapshot.load();
-    let value = snapshot.credentials.get(hash.get(..NAME_HASH_BYTES)?)?;
-    let (generation, record) = split_credential(value)?;
-    if !is_visible(generation, &snapshot.state) {
-        return None;
-    }
+    let record = snapshot.credentials.get(hash.get(..NAME_HASH_BYTES)?)?;
     CACHE.with(|cache| {
         let mut cache = cache.try_borrow_mut().ok()?;
         if let Some((cached, cred)) = cache.get(hash) {
@@ -507,8 +504,7 @@ pub fn lookup_key_id(key_id: &str) -> Option<Rc<Credential>> {
     let hash = {
         let snapshot = tables().snapshot.load();
         let prefix = snapshot.key_ids.get(key_id.as_bytes())?;
-        let (_, record) = split_credential(snapshot.credentials.get(prefix)?)?;
-        full_hash(prefix, record)?
+        full_hash(prefix, snapshot.credentials.get(prefix)?)?
     };
     lookup(&hash).filter(|c| c.key_id == key_id)
 }
@@ -581,7 +577,7 @@ mod tests {
         let (old, new, kept) = ([7u8; 32], [8u8; 32], [9u8; 32]);
         t.update(|s, staged| {
             for (hash, id) in [(old, "gen-1"), (kept, "kept-1")] {
-                staged.upsert(&hash, 1, &record(id, hash, 1));
+                staged.upsert(&hash, &record(id, hash, 1));
                 staged.key_id(id, &hash);
             }
             let next = staged.commit(s, state(1), true);
@@ -599,7 +595,7 @@ mod tests {
         );
         // An incremental push: a new key, another deleted.
         t.update(|s, staged| {
-            staged.upsert(&new, 1, &record("gen-2", new, 1));
+            staged.upsert(&new, &record("gen-2", new, 1));
             staged.key_id("gen-2", &new);
             staged.delete(&kept);
             let next = staged.commit(s, state(1), false);
@@ -612,7 +608,7 @@ mod tests {
         assert!(lookup_key_id("kept-1").is_none());
         // A full set of `new` only: `old` is gone, `new` answers.
         t.update(|s, staged| {
-            staged.upsert(&new, 2, &record("gen-2", new, 2));
+            staged.upsert(&new, &record("gen-2", new, 2));
             staged.key_id("gen-2", &new);
             let next = staged.commit(s, state(2), true);
             *staged = Staged::default();

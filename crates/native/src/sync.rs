@@ -72,7 +72,7 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 };
             }
             for (hash, bytes) in &plan.upserts {
-                staged.upsert(hash, plan.generation, bytes);
+                staged.upsert(hash, bytes);
             }
             for hash in &plan.deletes {
                 staged.delete(hash);

@@ -13,11 +13,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Target size of one batch body: the filter's limit less room for the
-/// push's other fields (a few hundred bytes) and the size estimate of
-/// deletes and revocations.
-const BATCH_BYTES: usize = MAX_PUSH_BYTES * 3 / 4;
-const BATCH_ITEMS: usize = MAX_PUSH_ITEMS;
+/// Target size of one batch body; well under the filter's limit.
+const BATCH_BYTES: usize = MAX_PUSH_BYTES / 2;
+const BATCH_ITEMS: usize = MAX_PUSH_ITEMS / 2;
 /// Batch bodies built ahead of the one being sent: building and signing
 /// the next batches overlaps Envoy applying this one.
 const AHEAD: usize = 2;
