@@ -157,7 +157,7 @@ def rss_kib(pid):
 
 
 def start(name, config, build=None):
-    envoy = Envoy(config, concurrency=1, workdir=WORK / name, log_level="warn",
+    envoy = Envoy(config, concurrency=1, workdir=WORK / name, log_level=os.environ.get("BENCH_ENVOY_LOG", "warn"),
                   extra_args=[], build=build)
     (WORK / name).mkdir(parents=True, exist_ok=True)
     envoy.start()

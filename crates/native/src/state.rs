@@ -217,6 +217,16 @@ impl Table {
         Table { shards }
     }
 
+    /// Entries and bytes held (arenas plus indexes), for the sync log.
+    pub fn size(&self) -> (usize, usize) {
+        self.shards.iter().fold((0, 0), |(n, bytes), s| {
+            (
+                n + s.index.len(),
+                bytes + s.data.len() + s.index.allocation_size(),
+            )
+        })
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.index.len()).sum()
@@ -274,6 +284,11 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// Bytes the push staged so far.
+    pub fn bytes(&self) -> usize {
+        self.credentials.data.len() + self.key_ids.data.len()
+    }
+
     pub fn upsert(&mut self, hash: &Digest, record: &[u8]) {
         self.credentials.put(
             hash.get(..NAME_HASH_BYTES).unwrap_or_default(),

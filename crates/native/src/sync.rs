@@ -18,6 +18,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Staged bytes above which a commit logs what the tables now hold.
+const LOG_SIZES_AFTER: usize = 16 << 20;
+
 pub struct SyncFilter {
     config: Arc<FilterConfig>,
     receiving: bool,
@@ -48,11 +51,12 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 
 /// Applies a batch: plan against the held state, stage its writes, and on
 /// the last batch build the committed tables from everything staged (a
-/// full set replaces the old one) and store them with the new state at once. A refused
-/// batch changes nothing; a push that never commits is never served.
+/// full set replaces the old one) and store them with the new state at
+/// once. A refused batch changes nothing; a push that never commits is
+/// never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked) =
+    let (state, upserts, deletes, revoked, committed) =
         t.update(|current: &Snapshot, staged: &mut Staged| {
             let plan = plan(secret, body, signature, &current.state)?;
             check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
@@ -82,6 +86,7 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
             for (key_id, hash) in &plan.key_ids {
                 staged.key_id(key_id, hash);
             }
+            let committed = plan.commit.map(|_| staged.bytes());
             let next = match plan.commit {
                 Some(commit) => {
                     let next = staged.commit(current, commit, plan.full);
@@ -98,9 +103,21 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 plan.upserts.len(),
                 plan.deletes.len(),
                 plan.revoked_sessions,
+                committed,
             );
             Ok((Some(next), out))
         })?;
+    if committed.is_some_and(|bytes| bytes > LOG_SIZES_AFTER) {
+        let snapshot = t.snapshot();
+        let (keys, key_bytes) = snapshot.credentials.size();
+        let (ids, id_bytes) = snapshot.key_ids.size();
+        log(
+            abi::LOG_INFO,
+            &format!(
+                "keygate sync: tables hold {keys} credentials in {key_bytes} bytes, {ids} key ids in {id_bytes} bytes"
+            ),
+        );
+    }
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
