@@ -200,7 +200,7 @@ fn by_hash(snap: &Snapshot) -> HashMap<&str, &CredentialRecord> {
 }
 
 /// Records in the order of their key ids' buckets in the wasm build's
-/// key-id index (`shared_data::key_id_slot`): a batch then rewrites ~130
+/// key-id index (`shared_data::key_id_slot`): a batch then rewrites ~65
 /// buckets of ~15 ids each instead of one bucket per key. Order does not
 /// matter to correctness: a push applies as a whole.
 fn in_entry_order<'a>(
