@@ -157,7 +157,7 @@ def rss_kib(pid):
 
 
 def start(name, config, build=None):
-    envoy = Envoy(config, concurrency=1, workdir=WORK / name, log_level="warn",
+    envoy = Envoy(config, concurrency=1, workdir=WORK / name, log_level=os.environ.get("BENCH_ENVOY_LOG", "warn"),
                   extra_args=[], build=build)
     (WORK / name).mkdir(parents=True, exist_ok=True)
     envoy.start()
@@ -231,12 +231,14 @@ def wrk(envoy, header):
 BASELINE_WASM = os.environ.get("BENCH_BASELINE_WASM")
 
 
-def baseline_config(plugin):
+def baseline_config(plugin, sync=False):
     config = keygate_config(plugin, login=True)
-    for f in gate_filters(config):
-        if f["name"] == "keygate":
-            f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = BASELINE_WASM
-    config["static_resources"]["listeners"] = config["static_resources"]["listeners"][:1]
+    for lst in config["static_resources"]["listeners"]:
+        for f in lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+            if f["name"] == "keygate":
+                f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = BASELINE_WASM
+    if not sync:
+        config["static_resources"]["listeners"] = config["static_resources"]["listeners"][:1]
     return config
 
 
@@ -268,6 +270,9 @@ def main():
     if BASELINE_WASM:
         envoy_setups.append(("baseline-1k", baseline_config({"routes": ROUTES, "credentials": creds_1k,
                                                             "tokens": tokens}), None))
+        # The baseline at each synced size too (its sync role, its memory).
+        envoy_setups += [(f"baseline-{n // 1000}k", baseline_config({"routes": ROUTES, "tokens": tokens}, sync=True), n)
+                         for n in SIZES]
     # The same keygate as an Envoy dynamic module (crates/native, `make native`).
     envoy_setups += [("native-1k", keygate_config(plugin_1k, login=True), None, "native"),
                      *[(f"native-{n // 1000}k", keygate_config({"routes": ROUTES, "tokens": tokens}, login=True), n,
@@ -286,9 +291,12 @@ def main():
                      (f"keygate {build}, {n // 1000}k keys{via} (Basic key:secret)", name, basic),
                      (f"keygate {build}, {n // 1000}k keys{via} (issued bearer token)", name, "token")]
     if BASELINE_WASM:
-        rows += [("baseline wasm (BENCH_BASELINE_WASM), 1k keys (X-API-Key)", "baseline-1k", api_key),
-                 ("baseline wasm (BENCH_BASELINE_WASM), 1k keys (Basic key:secret)", "baseline-1k", basic),
-                 ("baseline wasm (BENCH_BASELINE_WASM), 1k keys (issued bearer token)", "baseline-1k", "token")]
+        for n in [1000] + SIZES:
+            name, via = f"baseline-{n // 1000}k", "" if n == 1000 else " via sync"
+            rows += [(f"baseline wasm (BENCH_BASELINE_WASM), {n // 1000}k keys{via} (X-API-Key)", name, api_key),
+                     (f"baseline wasm (BENCH_BASELINE_WASM), {n // 1000}k keys{via} (Basic key:secret)", name, basic),
+                     (f"baseline wasm (BENCH_BASELINE_WASM), {n // 1000}k keys{via} (issued bearer token)", name,
+                      "token")]
     only = os.environ.get("BENCH_ROWS")
     if only:
         rows = [r for r in rows if any(part in r[0] for part in only.split(","))]

@@ -8,7 +8,7 @@ use crate::shared_store::SharedCounters;
 use keygate_core::config::SyncSecret;
 use keygate_core::hash::Digest;
 use keygate_core::shared_data::{
-    credential_key, key_id_key, name_prefix, revocations_key, update, Step, CONFIG_IDS_KEY,
+    credential_key, key_id_merge, key_id_slot, revocations_key, update, Step, CONFIG_IDS_KEY,
     STATE_KEY,
 };
 use keygate_core::sync::{
@@ -72,15 +72,43 @@ impl SyncContext {
             .iter()
             .map(|(hash, record)| (hash, Some(record.as_slice())))
             .chain(plan.deletes.iter().map(|hash| (hash, None)));
+        // Stamps are never reused, so stamp 1 is the first push this Envoy
+        // has seen since it started (shared data starts empty with it):
+        // no other push staged an entry and no gate worker counts in one
+        // (the gate only updates served entries, and none is served before
+        // a commit). Its entries are then written without reading them
+        // first: one shared-data call per credential instead of two (at 1M
+        // keys each is a walk down Envoy's tree of every entry).
+        let first_push = plan.stamp == 1 && state.stamp == 0;
         for (hash, record) in staged {
-            stage_entry(&state, &plan, hash, record)?;
+            if first_push {
+                let value = stage(None, &state, &plan, hash, record);
+                host::shared_set(&credential_key(hash), &value, None).map_err(host_error)?;
+            } else {
+                stage_entry(&state, &plan, hash, record)?;
+            }
         }
-        // Tokens name their key by id: the id → entry-name prefix index.
-        // Written before the commit, which is harmless: the gate checks the
-        // credential it leads to, and a staged one is not served yet. The
-        // prefix, not the hash: 15 bytes need no heap block in Envoy.
+        // Tokens name their key by id: the id → entry-name prefix index, in
+        // buckets (`shared_data::key_id_slot`), each rewritten once per
+        // batch. Written before the commit, which is harmless: the gate
+        // checks the credential it leads to, and a staged one is not served
+        // yet.
+        let mut buckets: std::collections::BTreeMap<String, Vec<_>> = Default::default();
         for (key_id, hash) in &plan.key_ids {
-            host::shared_set(&key_id_key(key_id), name_prefix(hash), None).map_err(host_error)?;
+            let (bucket, tag) = key_id_slot(key_id);
+            buckets.entry(bucket).or_default().push((tag, hash));
+        }
+        for (bucket, items) in &buckets {
+            let mut cell = SharedCounters::default();
+            let written = update(&mut cell, bucket, |old| {
+                Step::Write(key_id_merge(old, items), ())
+            });
+            if let Some(e) = cell.error {
+                return Err(host_error(e));
+            }
+            written.map_err(|_| {
+                SyncError::Conflict("the key-id index kept changing during the push".into())
+            })?;
         }
         apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
         if let Some(commit) = &plan.commit {

@@ -10,7 +10,7 @@
 //! | `r:<key id>`         | rate-limit state of a credential from the plugin config (theoretical arrival time, LE) |
 //! | `tok:<key id>`       | tokens issued per session (JSON)                  |
 //! | `rs:<key id>`        | session revocations `{session: revoked_at_ms}`    |
-//! | `k:<key id>`         | the 15-byte hash prefix naming the `c:` entry of the store credential with this id, binary |
+//! | `kx:<4 hex>`         | one bucket of the key-id index of store credentials: per key id hashed into it, an 8-byte tag and the 15-byte hash prefix naming its `c:` entry, binary |
 //! | `cfg:ids`            | key ids plugin config defines `{id: "credentials[i]"}` |
 
 use crate::hash::Digest;
@@ -63,14 +63,61 @@ pub fn revocations_key(key_id: &str) -> String {
     format!("rs:{key_id}")
 }
 
-/// Shared-data key of the key-id index of store credentials: tokens name
-/// their key by id. In Envoy shared data (the wasm filter's sync role) it
-/// holds the [`NAME_HASH_BYTES`]-byte hash prefix that
-/// names the credential's entry: 15 bytes fit in Envoy's string without a
-/// heap block (a 32-byte hash did not), and the rest of the hash is in the
-/// entry, so the prefix is all a lookup needs.
-pub fn key_id_key(key_id: &str) -> String {
-    format!("k:{key_id}")
+/// Buckets of the key-id index (tokens name their key by id). One entry
+/// per key id cost a whole node of Envoy's shared-data tree (~95 B at 1M
+/// keys) and, inserted in random order, most of a million-key load's time;
+/// 65,536 buckets hold ~15 ids each at 1M keys (~25 B per id) and stay few
+/// enough to keep the tree warm.
+pub const KEY_ID_BUCKETS: u32 = 1 << 16;
+/// Bytes of one index item: the key id's tag, then its entry's name prefix.
+const KEY_ID_TAG: usize = 8;
+const KEY_ID_ITEM: usize = KEY_ID_TAG + NAME_HASH_BYTES;
+
+/// Where a key id sits in the index: its bucket's shared-data key and its
+/// tag there. Both from SHA-256 of the id: finding another id with the same
+/// tag in a given bucket (which would hide that id's tokens) takes ~2^64
+/// tries. A tag can still lead to another key's entry; readers check the
+/// key id of the credential they reach.
+pub fn key_id_slot(key_id: &str) -> (String, [u8; KEY_ID_TAG]) {
+    let h = crate::hash::sha256(key_id.as_bytes());
+    let bucket = u32::from_be_bytes([0, 0, h[0], h[1]]) % KEY_ID_BUCKETS;
+    let mut tag = [0u8; KEY_ID_TAG];
+    tag.copy_from_slice(h.get(2..2 + KEY_ID_TAG).unwrap_or(&[0; KEY_ID_TAG]));
+    (format!("kx:{bucket:04x}"), tag)
+}
+
+/// The name prefix a bucket's value holds for `tag`; None when absent (or
+/// the value is malformed).
+pub fn key_id_find<'a>(bucket: &'a [u8], tag: &[u8; KEY_ID_TAG]) -> Option<&'a [u8]> {
+    bucket
+        .chunks_exact(KEY_ID_ITEM)
+        .find(|item| item.get(..KEY_ID_TAG) == Some(&tag[..]))
+        .and_then(|item| item.get(KEY_ID_TAG..))
+}
+
+/// A bucket's value with each `(tag, hash)` set: an id already there is
+/// pointed at its new entry, a new one appended. A malformed value starts
+/// over (it could only hide tokens of the ids it held, which this rewrites).
+pub fn key_id_merge(bucket: Option<&[u8]>, items: &[([u8; KEY_ID_TAG], &Digest)]) -> Vec<u8> {
+    let mut out = match bucket {
+        Some(b) if b.len() % KEY_ID_ITEM == 0 => b.to_vec(),
+        _ => Vec::new(),
+    };
+    out.reserve(items.len() * KEY_ID_ITEM);
+    for (tag, hash) in items {
+        let at = out
+            .chunks_exact(KEY_ID_ITEM)
+            .position(|item| item.get(..KEY_ID_TAG) == Some(&tag[..]));
+        let prefix = name_prefix(hash);
+        match at.and_then(|i| out.get_mut(i * KEY_ID_ITEM + KEY_ID_TAG..(i + 1) * KEY_ID_ITEM)) {
+            Some(slot) => slot.copy_from_slice(prefix),
+            None => {
+                out.extend_from_slice(tag);
+                out.extend_from_slice(prefix);
+            }
+        }
+    }
+    out
 }
 
 /// Key ids the gate's plugin config defines, so that the sync role refuses
@@ -133,7 +180,7 @@ mod tests {
             counter_key("k1"),
             sessions_key("k1"),
             revocations_key("k1"),
-            key_id_key("k1"),
+            key_id_slot("k1").0,
             CONFIG_IDS_KEY.to_owned(),
         ];
         for (i, a) in keys.iter().enumerate() {
@@ -166,5 +213,27 @@ mod tests {
         assert_eq!(r, Err(Some("tried")));
         let r: Result<u8, _> = update(&mut cell, "k", |_| Step::Done(9));
         assert_eq!(r, Ok(9));
+    }
+
+    #[test]
+    fn the_key_id_index_finds_each_id_and_repoints_a_recreated_one() {
+        let (name, tag) = key_id_slot("acme-read");
+        assert!(name.starts_with("kx:") && name.len() == 7, "{name}");
+        assert_eq!(key_id_slot("acme-read"), (name.clone(), tag));
+        let (h1, h2, h3) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let (_, other) = key_id_slot("acme-write");
+        let bucket = key_id_merge(None, &[(tag, &h1), (other, &h2)]);
+        assert_eq!(key_id_find(&bucket, &tag), Some(name_prefix(&h1)));
+        assert_eq!(key_id_find(&bucket, &other), Some(name_prefix(&h2)));
+        // The id re-created under another hash: pointed at it, not duplicated.
+        let bucket = key_id_merge(Some(&bucket), &[(tag, &h3)]);
+        assert_eq!(key_id_find(&bucket, &tag), Some(name_prefix(&h3)));
+        assert_eq!(key_id_find(&bucket, &other), Some(name_prefix(&h2)));
+        assert_eq!(bucket.len(), 2 * (8 + NAME_HASH_BYTES));
+        assert_eq!(key_id_find(&bucket, &[9; 8]), None);
+        // A malformed bucket starts over.
+        let bucket = key_id_merge(Some(b"junk"), &[(tag, &h1)]);
+        assert_eq!(key_id_find(&bucket, &tag), Some(name_prefix(&h1)));
+        assert_eq!(key_id_find(b"junk", &tag), None);
     }
 }

@@ -3,19 +3,24 @@
 //! revocations). The wasm build keeps the same things in Envoy shared data;
 //! here every worker reads one table directly.
 //!
-//! - Credentials: an immutable persistent map behind an [`ArcSwap`]. Workers
-//!   read it without locks; a sync push builds the next map (sharing all
-//!   untouched entries) and swaps it in with its new state in one store, so a
-//!   push is applied atomically.
+//! - Credentials: an immutable sharded table behind an [`ArcSwap`] (see
+//!   [`Table`]): each shard one byte arena plus an index of offsets, ~100 B
+//!   per credential. Workers read it without locks; a push's batches are
+//!   staged aside, and its last batch builds the next table (rebuilding only
+//!   the shards it touches, sharing the rest) and swaps it in with its new
+//!   state in one store, so a push is applied atomically.
+//! - The key-id index (tokens name their key by id) is a second such table,
+//!   key id → the 15-byte hash prefix of its credential.
 //! - Counters: one slot per key, created at first use, locked from the read
 //!   to the write of one update ([`Counters`]): the core's compare-and-swap
 //!   always lands on the first attempt, so workers never retry against each
 //!   other.
 
 use arc_swap::ArcSwap;
+use keygate_core::entry::full_hash;
 use keygate_core::hash::Digest;
-use keygate_core::shared_data::{key_id_key, CounterCell};
-use keygate_core::sync::{decode_record, is_visible, SyncState};
+use keygate_core::shared_data::{CounterCell, NAME_HASH_BYTES};
+use keygate_core::sync::{decode_record, SyncState};
 use keygate_core::Credential;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex};
 use std::cell::RefCell;
@@ -23,24 +28,295 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 
-/// One pushed credential, kept as the push carried it (the record, see
-/// `keygate_core::sync::encode_entry`, and its generation): a few hundred bytes
-/// instead of a parsed record's many allocations. Each worker parses it once
-/// into its cache.
-pub struct Entry {
-    pub generation: u64,
-    pub bytes: Box<[u8]>,
+/// Shards per table: a push rebuilds only the shards it touches (at 1M
+/// credentials ~250 each, ~25 KB).
+const SHARDS: usize = 4096;
+
+/// 64-bit FNV-1a: spreads key ids and hash prefixes over shards and
+/// buckets. Not keyed: crafted key ids could crowd one shard, which slows
+/// their lookups and nothing else.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn shard_of(h: u64) -> usize {
+    (h >> 52) as usize % SHARDS
+}
+
+/// The index's hash: mixed again so its top bits (hashbrown's tag) are not
+/// the shard's bits, which every entry of a shard shares.
+fn bucket_hash(h: u64) -> u64 {
+    h.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// One entry of an arena: key length (1 byte), key, value length (LEB128
+/// varint), value. Returns (key, value, next offset).
+fn entry_at(data: &[u8], at: usize) -> Option<(&[u8], &[u8], usize)> {
+    let klen = usize::from(*data.get(at)?);
+    let key = data.get(at + 1..at + 1 + klen)?;
+    let mut vat = at + 1 + klen;
+    let mut vlen = 0usize;
+    for shift in (0..32).step_by(7) {
+        let b = *data.get(vat)?;
+        vat += 1;
+        vlen |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            let value = data.get(vat..vat.checked_add(vlen)?)?;
+            return Some((key, value, vat + vlen));
+        }
+    }
+    None
+}
+
+fn put_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    // Keys are hash prefixes (15 bytes) or key ids (checked to 64 bytes).
+    let key = key.get(..255).unwrap_or(key);
+    out.push(key.len() as u8);
+    out.extend_from_slice(key);
+    let mut n = value.len();
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+    out.extend_from_slice(value);
+}
+
+/// One shard: its entries back to back in one allocation, and a hash index
+/// of their offsets (4 bytes per slot).
+#[derive(Default)]
+struct Shard {
+    data: Box<[u8]>,
+    index: hashbrown::HashTable<u32>,
+}
+
+impl Shard {
+    fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        let h = bucket_hash(fnv(key));
+        let at = self.index.find(h, |&at| {
+            entry_at(&self.data, at as usize).is_some_and(|(k, _, _)| k == key)
+        })?;
+        entry_at(&self.data, *at as usize).map(|(_, v, _)| v)
+    }
+
+    /// A shard of exactly these entries (the last of equal keys wins;
+    /// None values are left out).
+    fn build<'a>(entries: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Shard {
+        let mut latest: hashbrown::HashMap<&[u8], Option<&[u8]>, FnvBuild> =
+            hashbrown::HashMap::default();
+        for (k, v) in entries {
+            latest.insert(k, v);
+        }
+        let live = latest.iter().filter_map(|(k, v)| Some((*k, (*v)?)));
+        let size: usize = live.clone().map(|(k, v)| 6 + k.len() + v.len()).sum();
+        let mut data = Vec::with_capacity(size);
+        let mut offsets = Vec::with_capacity(latest.len());
+        for (k, v) in live {
+            let Ok(at) = u32::try_from(data.len()) else {
+                break;
+            };
+            put_entry(&mut data, k, v);
+            offsets.push(at);
+        }
+        let data = data.into_boxed_slice();
+        let hash_at =
+            |at: &u32| entry_at(&data, *at as usize).map_or(0, |(k, _, _)| bucket_hash(fnv(k)));
+        let mut index = hashbrown::HashTable::with_capacity(offsets.len());
+        for at in offsets {
+            index.insert_unique(hash_at(&at), at, hash_at);
+        }
+        Shard { data, index }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let (k, v, next) = entry_at(&self.data, at)?;
+            at = next;
+            Some((k, v))
+        })
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct FnvBuild;
+
+impl std::hash::BuildHasher for FnvBuild {
+    type Hasher = FnvHasher;
+    fn build_hasher(&self) -> FnvHasher {
+        FnvHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+struct FnvHasher(u64);
+
+impl std::hash::Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        bucket_hash(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// An immutable map of byte keys to byte values in [`SHARDS`] shards.
+#[derive(Clone)]
+pub struct Table {
+    shards: Arc<[Arc<Shard>]>,
+}
+
+impl Default for Table {
+    fn default() -> Table {
+        Table {
+            shards: (0..SHARDS).map(|_| Arc::new(Shard::default())).collect(),
+        }
+    }
+}
+
+impl Table {
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.shards.get(shard_of(fnv(key)))?.get(key)
+    }
+
+    /// The table with `changes` applied in order (None: remove). `replace`:
+    /// the changes are the whole new content (a full push).
+    fn apply(&self, changes: &Staging, replace: bool) -> Table {
+        let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
+        for at in changes.offsets() {
+            if let Some((k, _, _)) = entry_at(&changes.data, at) {
+                if let Some(list) = by_shard.get_mut(shard_of(fnv(k))) {
+                    list.push(at as u32);
+                }
+            }
+        }
+        let shards = self
+            .shards
+            .iter()
+            .zip(&by_shard)
+            .map(|(old, changed)| {
+                if changed.is_empty() && !replace {
+                    return old.clone();
+                }
+                let kept = old
+                    .entries()
+                    .filter(|_| !replace)
+                    .map(|(k, v)| (k, Some(v)));
+                let new = changed.iter().filter_map(|&at| {
+                    let (k, v, _) = entry_at(&changes.data, at as usize)?;
+                    // A staged value starts with 1 (upsert) or 0 (delete).
+                    let (flag, v) = v.split_first()?;
+                    Some((k, (*flag == 1).then_some(v)))
+                });
+                Arc::new(Shard::build(kept.chain(new)))
+            })
+            .collect();
+        Table { shards }
+    }
+
+    /// Entries and bytes held (arenas plus indexes), for the sync log.
+    pub fn size(&self) -> (usize, usize) {
+        self.shards.iter().fold((0, 0), |(n, bytes), s| {
+            (
+                n + s.index.len(),
+                bytes + s.data.len() + s.index.allocation_size(),
+            )
+        })
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.index.len()).sum()
+    }
+}
+
+/// The writes of the push in progress, in arrival order, in one arena
+/// (entries as in a shard, values flagged upsert or delete).
+#[derive(Default)]
+pub struct Staging {
+    data: Vec<u8>,
+    count: usize,
+}
+
+impl Staging {
+    pub fn put(&mut self, key: &[u8], value: Option<&[u8]>) {
+        let mut v = Vec::with_capacity(1 + value.map_or(0, <[u8]>::len));
+        v.push(u8::from(value.is_some()));
+        v.extend_from_slice(value.unwrap_or_default());
+        put_entry(&mut self.data, key, &v);
+        self.count += 1;
+    }
+
+    fn offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let start = at;
+            let (_, _, next) = entry_at(&self.data, at)?;
+            at = next;
+            Some(start)
+        })
+    }
 }
 
 /// What the sync role has applied: read by the gate as one snapshot.
 #[derive(Clone, Default)]
 pub struct Snapshot {
-    /// The committed set: the only one the gate reads.
-    pub credentials: imbl::HashMap<Digest, Arc<Entry>>,
-    /// Writes of the push in progress (None: a delete), applied to
-    /// `credentials` when its last batch commits.
-    pub staged: imbl::HashMap<Digest, Option<Arc<Entry>>>,
+    /// The committed set: hash prefix → record. Every entry is current:
+    /// a full push replaces the table and an incremental one writes under
+    /// the generation held, so no generation is kept per entry (the record
+    /// carries its own anyway).
+    pub credentials: Table,
+    /// Key id → hash prefix of its credential (may lead to a deleted one).
+    pub key_ids: Table,
     pub state: SyncState,
+}
+
+/// The push in progress: what its batches staged, applied at its commit.
+#[derive(Default)]
+pub struct Staged {
+    /// The stamp of the push these writes belong to.
+    pub stamp: u64,
+    pub credentials: Staging,
+    pub key_ids: Staging,
+}
+
+impl Staged {
+    /// Bytes the push staged so far.
+    pub fn bytes(&self) -> usize {
+        self.credentials.data.len() + self.key_ids.data.len()
+    }
+
+    pub fn upsert(&mut self, hash: &Digest, record: &[u8]) {
+        self.credentials.put(
+            hash.get(..NAME_HASH_BYTES).unwrap_or_default(),
+            Some(record),
+        );
+    }
+
+    pub fn delete(&mut self, hash: &Digest) {
+        self.credentials
+            .put(hash.get(..NAME_HASH_BYTES).unwrap_or_default(), None);
+    }
+
+    pub fn key_id(&mut self, key_id: &str, hash: &Digest) {
+        self.key_ids.put(
+            key_id.as_bytes(),
+            Some(hash.get(..NAME_HASH_BYTES).unwrap_or_default()),
+        );
+    }
+
+    /// The snapshot `current` becomes when this push commits with `state`;
+    /// a full push's set replaces the committed one.
+    pub fn commit(&self, current: &Snapshot, state: SyncState, full: bool) -> Snapshot {
+        Snapshot {
+            credentials: current.credentials.apply(&self.credentials, full),
+            key_ids: current.key_ids.apply(&self.key_ids, full),
+            state,
+        }
+    }
 }
 
 /// A counter's bytes and its compare-and-swap token.
@@ -64,6 +340,8 @@ type SlotRef = Arc<Mutex<Slot>>;
 
 pub struct Tables {
     snapshot: ArcSwap<Snapshot>,
+    /// The push in progress (the sync role's, under the writer lock).
+    staged: Mutex<Staged>,
     counters: ArcSwap<imbl::HashMap<String, SlotRef>>,
     /// Serialises writers (sync pushes, new counter slots); readers never take it.
     writer: Mutex<()>,
@@ -74,6 +352,7 @@ pub fn tables() -> &'static Tables {
     static TABLES: OnceLock<Tables> = OnceLock::new();
     TABLES.get_or_init(|| Tables {
         snapshot: ArcSwap::from_pointee(Snapshot::default()),
+        staged: Mutex::new(Staged::default()),
         counters: ArcSwap::from_pointee(imbl::HashMap::new()),
         writer: Mutex::new(()),
     })
@@ -84,16 +363,20 @@ impl Tables {
         self.snapshot.load_full()
     }
 
-    /// Runs `f` with the current snapshot under the writer lock and stores
-    /// what it returns, so concurrent pushes apply one after the other.
+    /// Runs `f` with the current snapshot and the staged writes under the
+    /// writer lock and stores the snapshot it returns (None: unchanged), so
+    /// concurrent pushes apply one after the other.
     pub fn update<T, E>(
         &self,
-        f: impl FnOnce(&Snapshot) -> Result<(Snapshot, T), E>,
+        f: impl FnOnce(&Snapshot, &mut Staged) -> Result<(Option<Snapshot>, T), E>,
     ) -> Result<T, E> {
         let _writer = self.writer.lock();
         let current = self.snapshot.load_full();
-        let (next, out) = f(&current)?;
-        self.snapshot.store(Arc::new(next));
+        let mut staged = self.staged.lock();
+        let (next, out) = f(&current, &mut staged)?;
+        if let Some(next) = next {
+            self.snapshot.store(Arc::new(next));
+        }
         Ok(out)
     }
 
@@ -198,45 +481,46 @@ impl Counters {
 /// Most parsed credentials a worker keeps; past it the cache starts over.
 const CACHE_CAPACITY: usize = 16_384;
 
-type WorkerCache = HashMap<Digest, (Arc<Entry>, Rc<Credential>)>;
+/// A parsed credential and the record bytes it was parsed from.
+type WorkerCache = HashMap<Digest, (Box<[u8]>, Rc<Credential>)>;
 
 thread_local! {
-    /// Per-worker `Rc` copies of pushed credentials (the core works with
-    /// `Rc`), valid while the table still holds the same entry.
+    /// Per-worker parsed copies of pushed credentials (the core works with
+    /// `Rc`), valid while the table holds the same record bytes.
     static CACHE: RefCell<WorkerCache> = RefCell::new(HashMap::new());
 }
 
 /// A pushed credential, if the last committed push still includes it.
 pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
     let snapshot = tables().snapshot.load();
-    let entry = snapshot.credentials.get(hash)?;
-    if !is_visible(entry.generation, &snapshot.state) {
-        return None;
-    }
+    let record = snapshot.credentials.get(hash.get(..NAME_HASH_BYTES)?)?;
     CACHE.with(|cache| {
         let mut cache = cache.try_borrow_mut().ok()?;
         if let Some((cached, cred)) = cache.get(hash) {
-            if Arc::ptr_eq(cached, entry) {
+            if **cached == *record {
                 return Some(cred.clone());
             }
         }
-        // Validated when the push was applied; a failure here fails closed.
-        let cred = decode_record(&entry.bytes, hash)?;
-        let cred = Rc::new(cred);
+        // Validated when the push was applied; a failure here (or another
+        // key sharing the prefix) fails closed.
+        let cred = Rc::new(decode_record(record, hash)?);
         if cache.len() >= CACHE_CAPACITY {
             cache.clear();
         }
-        cache.insert(*hash, (entry.clone(), cred.clone()));
+        cache.insert(*hash, (record.into(), cred.clone()));
         Some(cred)
     })
 }
 
 /// The pushed credential with `key_id` (tokens name their key by id),
-/// through the id → hash index the sync role keeps; an index entry that
-/// leads elsewhere is absent.
+/// through the id → hash-prefix index the sync role keeps; an index entry
+/// that leads elsewhere is absent.
 pub fn lookup_key_id(key_id: &str) -> Option<Rc<Credential>> {
-    let bytes = tables().read(&key_id_key(key_id))?;
-    let hash = Digest::try_from(bytes.as_slice()).ok()?;
+    let hash = {
+        let snapshot = tables().snapshot.load();
+        let prefix = snapshot.key_ids.get(key_id.as_bytes())?;
+        full_hash(prefix, snapshot.credentials.get(prefix)?)?
+    };
     lookup(&hash).filter(|c| c.key_id == key_id)
 }
 
@@ -249,17 +533,14 @@ mod tests {
 
     const NOW: u64 = 1_700_000_000_000_000_000;
 
-    fn entry(key_id: &str, hash: Digest, generation: u64) -> Arc<Entry> {
+    fn record(key_id: &str, hash: Digest, generation: u64) -> Vec<u8> {
         let record = CredentialRecord {
             key_id: key_id.into(),
             key_hash: keygate_core::hash::to_hex(&hash),
             tenant: "t".into(),
             ..serde_json::from_str(r#"{"key_id":"x","key_hash":"","tenant":"t"}"#).unwrap()
         };
-        Arc::new(Entry {
-            generation,
-            bytes: encode_entry(generation, &record).into_boxed_slice(),
-        })
+        encode_entry(generation, &record)
     }
 
     #[test]
@@ -295,44 +576,96 @@ mod tests {
         assert_eq!(cell.load("s:stale-test").0.as_deref(), Some(&b"a"[..]));
     }
 
+    fn state(generation: u64) -> SyncState {
+        SyncState {
+            generation,
+            version: generation,
+            stamp: generation,
+            pending: None,
+            store_id: None,
+        }
+    }
+
     #[test]
-    fn a_failed_update_changes_nothing_and_old_generations_are_hidden() {
+    fn a_failed_update_changes_nothing_and_a_full_set_replaces_the_old_one() {
         let t = tables();
-        let old = [7u8; 32];
-        let new = [8u8; 32];
-        t.update(|s| {
-            let mut next = s.clone();
-            for (hash, generation) in [(old, 1), (new, 2)] {
-                next.credentials
-                    .insert(hash, entry(&format!("gen-{generation}"), hash, generation));
+        let (old, new, kept) = ([7u8; 32], [8u8; 32], [9u8; 32]);
+        t.update(|s, staged| {
+            for (hash, id) in [(old, "gen-1"), (kept, "kept-1")] {
+                staged.upsert(&hash, &record(id, hash, 1));
+                staged.key_id(id, &hash);
             }
-            next.state = SyncState {
-                generation: 1,
-                version: 1,
-                stamp: 1,
-                pending: None,
-                store_id: None,
-            };
-            Ok::<_, ()>((next, ()))
+            let next = staged.commit(s, state(1), true);
+            *staged = Staged::default();
+            Ok::<_, ()>((Some(next), ()))
         })
         .unwrap();
         assert!(lookup(&old).is_some());
-        let refused: Result<(), &str> = t.update(|_| Err("refused"));
+        assert_eq!(lookup_key_id("gen-1").unwrap().key_hash, old);
+        let refused: Result<(), &str> = t.update(|_, _| Err("refused"));
         assert!(refused.is_err());
         assert!(
             lookup(&old).is_some(),
             "a refused update left the table as it was"
         );
-        t.update(|s| {
-            let mut next = s.clone();
-            next.state.generation = 2;
-            Ok::<_, ()>((next, ()))
+        // An incremental push: a new key, another deleted.
+        t.update(|s, staged| {
+            staged.upsert(&new, &record("gen-2", new, 1));
+            staged.key_id("gen-2", &new);
+            staged.delete(&kept);
+            let next = staged.commit(s, state(1), false);
+            *staged = Staged::default();
+            Ok::<_, ()>((Some(next), ()))
+        })
+        .unwrap();
+        assert!(lookup(&old).is_some() && lookup(&new).is_some());
+        assert!(lookup(&kept).is_none(), "deleted");
+        assert!(lookup_key_id("kept-1").is_none());
+        // A full set of `new` only: `old` is gone, `new` answers.
+        t.update(|s, staged| {
+            staged.upsert(&new, &record("gen-2", new, 2));
+            staged.key_id("gen-2", &new);
+            let next = staged.commit(s, state(2), true);
+            *staged = Staged::default();
+            Ok::<_, ()>((Some(next), ()))
         })
         .unwrap();
         assert!(lookup(&old).is_none(), "left out of the committed full set");
+        assert!(lookup_key_id("gen-1").is_none());
         assert_eq!(
             lookup(&new).map(|c| c.key_id.clone()).as_deref(),
             Some("gen-2")
         );
+        assert_eq!(t.snapshot().credentials.len(), 1);
+    }
+
+    #[test]
+    fn a_table_keeps_the_last_write_of_a_key_and_finds_every_key() {
+        let mut changes = Staging::default();
+        let keys: Vec<String> = (0..20_000).map(|i| format!("key-{i}")).collect();
+        for k in &keys {
+            changes.put(k.as_bytes(), Some(b"first"));
+        }
+        changes.put(b"key-5", Some(b"second"));
+        changes.put(b"key-6", None);
+        let table = Table::default().apply(&changes, true);
+        assert_eq!(table.len(), 19_999);
+        assert_eq!(table.get(b"key-5"), Some(&b"second"[..]));
+        assert_eq!(table.get(b"key-6"), None);
+        assert_eq!(table.get(b"key-19999"), Some(&b"first"[..]));
+        assert_eq!(table.get(b"nope"), None);
+        // An incremental change rebuilds one shard and shares the others.
+        let mut one = Staging::default();
+        one.put(b"key-6", Some(b"back"));
+        let next = table.apply(&one, false);
+        assert_eq!(next.len(), 20_000);
+        assert_eq!(next.get(b"key-6"), Some(&b"back"[..]));
+        let shared = table
+            .shards
+            .iter()
+            .zip(next.shards.iter())
+            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
+        assert_eq!(shared, SHARDS - 1);
     }
 }

@@ -7,8 +7,8 @@
 use crate::abi;
 use crate::config::FilterConfig;
 use crate::envoy::{log, Stream};
-use crate::state::{tables, Entry, Snapshot};
-use keygate_core::shared_data::{key_id_key, revocations_key, CONFIG_IDS_KEY};
+use crate::state::{tables, Snapshot, Staged};
+use keygate_core::shared_data::{revocations_key, CONFIG_IDS_KEY};
 use keygate_core::sync::{
     check_config_ids, decode_record, plan, RevokedSession, SyncError, SyncState, MAX_PUSH_BYTES,
     PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
@@ -17,6 +17,9 @@ use keygate_core::token::merge_revocations;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Staged bytes above which a commit logs what the tables now hold.
+const LOG_SIZES_AFTER: usize = 16 << 20;
 
 pub struct SyncFilter {
     config: Arc<FilterConfig>,
@@ -47,59 +50,73 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 }
 
 /// Applies a batch: plan against the held state, stage its writes, and on
-/// the last batch move everything staged into the committed set (a full
-/// set drops what it left out) with the new state, in one store. A refused
-/// batch changes nothing; a push that never commits is never served.
+/// the last batch build the committed tables from everything staged (a
+/// full set replaces the old one) and store them with the new state at
+/// once. A refused batch changes nothing; a push that never commits is
+/// never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked, key_ids) = t.update(|current: &Snapshot| {
-        let plan = plan(secret, body, signature, &current.state)?;
-        check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
-        let mut next = current.clone();
-        if current.state.pending.map(|p| p.stamp) != Some(plan.stamp) {
-            // A new push: whatever an abandoned one staged goes.
-            next.staged = imbl::HashMap::new();
-        }
-        for (hash, bytes) in &plan.upserts {
-            // `plan` validated each record; one that does not decode would
-            // be a core bug: refuse the push rather than half-apply.
-            decode_record(bytes, hash)
-                .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
-            let entry = Entry {
-                generation: plan.generation,
-                bytes: bytes.clone().into_boxed_slice(),
-            };
-            next.staged.insert(*hash, Some(Arc::new(entry)));
-        }
-        for hash in &plan.deletes {
-            next.staged.insert(*hash, None);
-        }
-        if let Some(commit) = plan.commit {
-            for (hash, entry) in std::mem::take(&mut next.staged) {
-                match entry {
-                    Some(e) => next.credentials.insert(hash, e),
-                    None => next.credentials.remove(&hash),
+    let (state, upserts, deletes, revoked, committed) =
+        t.update(|current: &Snapshot, staged: &mut Staged| {
+            let plan = plan(secret, body, signature, &current.state)?;
+            check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
+            for (hash, bytes) in &plan.upserts {
+                // `plan` validated each record; one that does not decode would
+                // be a core bug: refuse the push rather than half-apply.
+                decode_record(bytes, hash)
+                    .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
+            }
+            if current.state.pending.map(|p| p.stamp) != Some(plan.stamp)
+                || staged.stamp != plan.stamp
+            {
+                // A new push: whatever an abandoned one staged goes.
+                *staged = Staged {
+                    stamp: plan.stamp,
+                    ..Staged::default()
                 };
             }
-            if plan.full {
-                next.credentials
-                    .retain(|_, e| e.generation >= commit.generation);
+            for (hash, bytes) in &plan.upserts {
+                staged.upsert(hash, bytes);
             }
-        }
-        next.state = plan.result();
-        let out = (
-            next.state,
-            plan.upserts.len(),
-            plan.deletes.len(),
-            plan.revoked_sessions,
-            plan.key_ids,
+            for hash in &plan.deletes {
+                staged.delete(hash);
+            }
+            // Tokens name their key by id: the id → hash-prefix index (a stale
+            // entry is harmless, the gate checks the credential it leads to).
+            for (key_id, hash) in &plan.key_ids {
+                staged.key_id(key_id, hash);
+            }
+            let committed = plan.commit.map(|_| staged.bytes());
+            let next = match plan.commit {
+                Some(commit) => {
+                    let next = staged.commit(current, commit, plan.full);
+                    *staged = Staged::default();
+                    next
+                }
+                None => Snapshot {
+                    state: plan.result(),
+                    ..current.clone()
+                },
+            };
+            let out = (
+                next.state,
+                plan.upserts.len(),
+                plan.deletes.len(),
+                plan.revoked_sessions,
+                committed,
+            );
+            Ok((Some(next), out))
+        })?;
+    if committed.is_some_and(|bytes| bytes > LOG_SIZES_AFTER) {
+        let snapshot = t.snapshot();
+        let (keys, key_bytes) = snapshot.credentials.size();
+        let (ids, id_bytes) = snapshot.key_ids.size();
+        log(
+            abi::LOG_INFO,
+            &format!(
+                "keygate sync: tables hold {keys} credentials in {key_bytes} bytes, {ids} key ids in {id_bytes} bytes"
+            ),
         );
-        Ok((next, out))
-    })?;
-    // Tokens name their key by id: the id → hash index (a stale entry is
-    // harmless, the gate checks the credential it leads to).
-    for (key_id, hash) in &key_ids {
-        t.modify(&key_id_key(key_id), |_| hash.to_vec());
     }
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.

@@ -247,7 +247,14 @@ fn read(store: &dyn Store) -> Result<(String, Arc<Snapshot>), keygate_control::E
 
 /// Every endpoint at once, each on its own thread; fails if any failed.
 fn once(store: &dyn Store, endpoints: Vec<Endpoint>, secret: &[u8]) -> Result<(), Error> {
-    let snap = store.load()?;
+    let started = Instant::now();
+    let snap = Arc::new(store.load()?);
+    log(&format!(
+        "read {} keys from {} in {:.1} ms",
+        snap.keys.len(),
+        store.describe(),
+        started.elapsed().as_secs_f64() * 1e3
+    ));
     let total = endpoints.len();
     let failed = std::thread::scope(|s| {
         let handles: Vec<_> = endpoints

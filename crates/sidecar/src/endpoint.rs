@@ -3,17 +3,22 @@
 //! its own thread (see `daemon`), so a slow or dead Envoy delays only itself.
 
 use keygate_control::store::Snapshot;
+use keygate_core::shared_data::key_id_slot;
 use keygate_core::sync::{
     is_foreign, sign, Mode, Push, RevokedSession, StoreId, SyncState, MAX_PUSH_BYTES,
     MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::CredentialRecord;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Target size of one batch body; well under the filter's limit.
 const BATCH_BYTES: usize = MAX_PUSH_BYTES / 2;
 const BATCH_ITEMS: usize = MAX_PUSH_ITEMS / 2;
+/// Batch bodies built ahead of the one being sent: building and signing
+/// the next batches overlaps Envoy applying this one.
+const AHEAD: usize = 2;
 const TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REPLY: u64 = 1 << 20;
 
@@ -54,7 +59,8 @@ impl Error {
 struct Held {
     generation: u64,
     version: u64,
-    set: BTreeMap<String, CredentialRecord>,
+    /// The snapshot it was brought to (shared with the daemon, not copied).
+    snap: Arc<Snapshot>,
     revoked: BTreeSet<RevokedSession>,
 }
 
@@ -70,58 +76,85 @@ pub struct Metrics {
     pub refused_pushes: u64,
 }
 
-/// One push's items, split into batches under the filter's limits.
+/// One item of a push.
+enum Item<'a> {
+    Upsert(&'a CredentialRecord),
+    Delete(&'a str),
+    Revoked(&'a RevokedSession),
+}
+
+/// One batch: its upserts already serialized (each record once, straight
+/// into the body; see [`body`]), its other items as the push carries them.
 #[derive(Default)]
 struct Batch {
-    upserts: Vec<CredentialRecord>,
+    /// The upserts as JSON objects separated by commas.
+    upserts: Vec<u8>,
+    items: usize,
     deletes: Vec<String>,
     revoked: Vec<RevokedSession>,
 }
 
-impl Batch {
-    fn len(&self) -> usize {
-        self.upserts.len() + self.deletes.len() + self.revoked.len()
-    }
-}
-
-/// Packs items into batches of at most [`BATCH_ITEMS`] items and about
-/// [`BATCH_BYTES`] bytes; always at least one (possibly empty) batch, so
-/// any number of items can be pushed.
-fn batches(
-    upserts: Vec<CredentialRecord>,
-    deletes: Vec<String>,
-    revoked: Vec<RevokedSession>,
-) -> Vec<Batch> {
-    let mut out = vec![Batch::default()];
+/// Takes items into one batch of at most [`BATCH_ITEMS`] items and about
+/// [`BATCH_BYTES`] bytes (at least one item, if any is left).
+fn next_batch<'a>(items: &mut std::iter::Peekable<impl Iterator<Item = Item<'a>>>) -> Batch {
+    let mut b = Batch::default();
     let mut bytes = 0;
-    let mut room = |out: &mut Vec<Batch>, size: usize| {
-        let current = out.last().map_or(0, Batch::len);
-        if current > 0 && (current >= BATCH_ITEMS || bytes + size > BATCH_BYTES) {
-            out.push(Batch::default());
-            bytes = 0;
+    while b.items < BATCH_ITEMS {
+        let size = match items.peek() {
+            None => break,
+            // A record is ~250 bytes; the one that crosses the target still
+            // fits under the filter's limit.
+            Some(Item::Upsert(_)) => 0,
+            Some(Item::Delete(d)) => d.len() + 3,
+            Some(Item::Revoked(r)) => serde_json::to_vec(r).map_or(0, |v| v.len()) + 1,
+        };
+        if b.items > 0 && bytes + size > BATCH_BYTES {
+            break;
         }
-        bytes += size;
+        match items.next() {
+            Some(Item::Upsert(r)) => {
+                if !b.upserts.is_empty() {
+                    b.upserts.push(b',');
+                }
+                let before = b.upserts.len();
+                // Serializing a record into a Vec cannot fail (string keys only).
+                if serde_json::to_writer(&mut b.upserts, r).is_err() {
+                    b.upserts.truncate(before);
+                }
+                bytes += b.upserts.len() - before + 1;
+            }
+            Some(Item::Delete(d)) => {
+                b.deletes.push(d.to_owned());
+                bytes += size;
+            }
+            Some(Item::Revoked(r)) => {
+                b.revoked.push(r.clone());
+                bytes += size;
+            }
+            None => break,
+        }
+        b.items += 1;
+    }
+    b
+}
+
+/// The push's JSON with `upserts` (records already serialized, comma
+/// separated) as its upserts: `push` itself carries none, so its
+/// `"upserts":[]` is the one place they go. A key can never contain that
+/// text unescaped inside a JSON string, so this finds the field itself.
+fn body(push: &Push, upserts: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    const EMPTY: &[u8] = b"\"upserts\":[]";
+    let mut out = Vec::with_capacity(upserts.len() + 512);
+    serde_json::to_writer(&mut out, push)?;
+    if upserts.is_empty() {
+        return Ok(out);
+    }
+    let Some(at) = out.windows(EMPTY.len()).position(|w| w == EMPTY) else {
+        return Err(serde::ser::Error::custom("a push without an upserts field"));
     };
-    let size = |v: Result<Vec<u8>, serde_json::Error>| v.map_or(0, |v| v.len()) + 1;
-    for r in upserts {
-        room(&mut out, size(serde_json::to_vec(&r)));
-        if let Some(b) = out.last_mut() {
-            b.upserts.push(r);
-        }
-    }
-    for d in deletes {
-        room(&mut out, d.len() + 3);
-        if let Some(b) = out.last_mut() {
-            b.deletes.push(d);
-        }
-    }
-    for r in revoked {
-        room(&mut out, size(serde_json::to_vec(&r)));
-        if let Some(b) = out.last_mut() {
-            b.revoked.push(r);
-        }
-    }
-    out
+    let insert_at = at + EMPTY.len() - 1;
+    out.splice(insert_at..insert_at, upserts.iter().copied());
+    Ok(out)
 }
 
 pub struct Endpoint {
@@ -158,11 +191,24 @@ pub fn host_port(endpoint: &str) -> Result<String, Error> {
     Ok(rest.to_owned())
 }
 
-fn as_set(snap: &Snapshot) -> BTreeMap<String, CredentialRecord> {
+/// The snapshot's records by key hash, borrowed.
+fn by_hash(snap: &Snapshot) -> HashMap<&str, &CredentialRecord> {
     snap.keys
         .iter()
-        .map(|k| (k.record.key_hash.clone(), k.record.clone()))
+        .map(|k| (k.record.key_hash.as_str(), &k.record))
         .collect()
+}
+
+/// Records in the order of their key ids' buckets in the wasm build's
+/// key-id index (`shared_data::key_id_slot`): a batch then rewrites ~65
+/// buckets of ~15 ids each instead of one bucket per key. Order does not
+/// matter to correctness: a push applies as a whole.
+fn in_entry_order<'a>(
+    records: impl Iterator<Item = &'a CredentialRecord>,
+) -> Vec<&'a CredentialRecord> {
+    let mut out: Vec<&CredentialRecord> = records.collect();
+    out.sort_by_cached_key(|r| key_id_slot(&r.key_id).0);
+    out
 }
 
 /// The revocations that can still refuse a token: one revoked at `t`
@@ -244,26 +290,10 @@ impl Endpoint {
         self.reply("state request", self.agent.get(&url).call())
     }
 
-    fn send(&self, push: &Push, secret: &[u8]) -> Result<SyncState, Error> {
-        let body = serde_json::to_vec(push).map_err(|e| Error::BadReply {
-            what: "push",
-            detail: e.to_string(),
-        })?;
-        let sig = sign(secret, &body);
-        let url = format!("{}{PUSH_PATH}", self.url);
-        let r = self
-            .agent
-            .post(&url)
-            .header("content-type", "application/json")
-            .header(SIGNATURE_HEADER, &sig)
-            .send(&body[..]);
-        self.reply("push", r)
-    }
-
     /// The whole set under a generation newer than anything the endpoint has seen.
     fn full_push(
         &mut self,
-        snap: &Snapshot,
+        snap: &Arc<Snapshot>,
         state: &SyncState,
         secret: &[u8],
     ) -> Result<(), Error> {
@@ -292,19 +322,18 @@ impl Endpoint {
                 ours: id_str(snap.store_id),
             });
         }
-        let set = as_set(snap);
         let revoked = revocations(snap, self.token_lifetime);
-        let parts = batches(
-            set.values().cloned().collect(),
-            vec![],
-            revoked.iter().cloned().collect(),
-        );
-        let n = self.send_batches(&probe, parts, secret)?;
+        // Key hashes are unique in a valid store: each key is one upsert.
+        let items = in_entry_order(snap.keys.iter().map(|k| &k.record))
+            .into_iter()
+            .map(Item::Upsert)
+            .chain(revoked.iter().map(Item::Revoked));
+        let n = self.send_batches(&probe, items, secret)?;
         self.metrics.full_pushes += 1;
         log(&format!(
             "{}: full push of {} credentials and {} session revocations in {n} batches, store {} generation {generation} version {} ({:.1} ms)",
             self.addr,
-            set.len(),
+            snap.keys.len(),
             revoked.len(),
             id_str(snap.store_id),
             snap.version,
@@ -313,65 +342,113 @@ impl Endpoint {
         self.held = Some(Held {
             generation,
             version: snap.version,
-            set,
+            snap: Arc::clone(snap),
             revoked,
         });
         Ok(())
     }
 
-    /// Sends `parts` as the batches of one push described by `base`; the
-    /// last commits it. Returns the number of batches.
-    fn send_batches(
+    /// Sends `items` as the batches of one push described by `base`, in
+    /// order; the last commits it. Returns the number of batches.
+    ///
+    /// Batches must arrive one after the other (each claims the push's next
+    /// batch number, and the last commits), so one connection sends them in
+    /// order and waits for each answer; a second thread builds and signs the
+    /// next [`AHEAD`] bodies meanwhile, so the sidecar's work overlaps
+    /// Envoy's instead of adding to it.
+    fn send_batches<'a>(
         &mut self,
         base: &Push,
-        parts: Vec<Batch>,
+        items: impl Iterator<Item = Item<'a>> + Send,
         secret: &[u8],
     ) -> Result<usize, Error> {
-        let n = parts.len();
-        for (i, part) in parts.into_iter().enumerate() {
-            let push = Push {
-                batch: u32::try_from(i).unwrap_or(u32::MAX),
-                last: i + 1 == n,
-                upserts: part.upserts,
-                deletes: part.deletes,
-                revoked_sessions: part.revoked,
-                ..base.clone()
-            };
-            self.send(&push, secret)?;
-            self.metrics.batches += 1;
-        }
-        Ok(n)
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(Vec<u8>, String), Error>>(AHEAD);
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let mut items = items.peekable();
+                for i in 0u32.. {
+                    let part = next_batch(&mut items);
+                    let push = Push {
+                        batch: i,
+                        last: items.peek().is_none(),
+                        deletes: part.deletes,
+                        revoked_sessions: part.revoked,
+                        ..base.clone()
+                    };
+                    let built = body(&push, &part.upserts)
+                        .map(|b| {
+                            let sig = sign(secret, &b);
+                            (b, sig)
+                        })
+                        .map_err(|e| Error::BadReply {
+                            what: "push",
+                            detail: e.to_string(),
+                        });
+                    // The sender stopped (a batch failed): nothing more to build.
+                    if tx.send(built).is_err() || push.last {
+                        return;
+                    }
+                }
+            });
+            let mut n = 0;
+            // Ends when the builder has sent the last batch; an error drops
+            // `rx`, which stops the builder.
+            for built in rx {
+                let (body, sig) = built?;
+                self.post(&body, &sig)?;
+                self.metrics.batches += 1;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
+    fn post(&self, body: &[u8], sig: &str) -> Result<SyncState, Error> {
+        let url = format!("{}{PUSH_PATH}", self.url);
+        let r = self
+            .agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .header(SIGNATURE_HEADER, sig)
+            .send(body);
+        self.reply("push", r)
     }
 
     /// Only what changed since what the endpoint holds. Returns false when it
     /// cannot apply (too large, or the endpoint moved): the caller goes full.
-    fn incremental_push(&mut self, snap: &Snapshot, secret: &[u8]) -> Result<bool, Error> {
+    fn incremental_push(&mut self, snap: &Arc<Snapshot>, secret: &[u8]) -> Result<bool, Error> {
         let Some(held) = &self.held else {
             return Ok(false);
         };
-        let started = Instant::now();
-        let set = as_set(snap);
-        let upserts: Vec<CredentialRecord> = set
-            .iter()
-            .filter(|(h, r)| held.set.get(*h) != Some(r))
-            .map(|(_, r)| r.clone())
-            .collect();
-        let deletes: Vec<String> = held
-            .set
-            .keys()
-            .filter(|h| !set.contains_key(*h))
-            .cloned()
-            .collect();
-        let revoked = revocations(snap, self.token_lifetime);
-        let new_revocations: Vec<RevokedSession> =
-            revoked.difference(&held.revoked).cloned().collect();
         if snap.version <= held.version {
             return Ok(false);
         }
+        let started = Instant::now();
+        let (generation, version) = (held.generation, held.version);
+        let held_snap = Arc::clone(&held.snap);
+        let revoked = revocations(snap, self.token_lifetime);
+        let new_revocations: Vec<&RevokedSession> = revoked
+            .iter()
+            .filter(|r| !held.revoked.contains(r))
+            .collect();
+        let before = by_hash(&held_snap);
+        let now = by_hash(snap);
+        let upserts: Vec<&CredentialRecord> = snap
+            .keys
+            .iter()
+            .map(|k| &k.record)
+            .filter(|r| before.get(r.key_hash.as_str()) != Some(r))
+            .collect();
+        let deletes: Vec<&str> = held_snap
+            .keys
+            .iter()
+            .map(|k| k.record.key_hash.as_str())
+            .filter(|h| !now.contains_key(h))
+            .collect();
         let base = Push {
             mode: Mode::Incremental,
-            generation: held.generation,
-            base_version: held.version,
+            generation,
+            base_version: version,
             version: snap.version,
             batch: 0,
             last: false,
@@ -382,7 +459,13 @@ impl Endpoint {
             takeover: false,
         };
         let counts = (upserts.len(), deletes.len(), new_revocations.len());
-        match self.send_batches(&base, batches(upserts, deletes, new_revocations), secret) {
+        let items = upserts
+            .into_iter()
+            .map(Item::Upsert)
+            .chain(deletes.into_iter().map(Item::Delete))
+            .chain(new_revocations.into_iter().map(Item::Revoked));
+        let sent = self.send_batches(&base, items, secret);
+        match sent {
             Ok(n) => {
                 self.metrics.incremental_pushes += 1;
                 log(&format!(
@@ -398,7 +481,7 @@ impl Endpoint {
                 self.held = Some(Held {
                     generation: base.generation,
                     version: snap.version,
-                    set,
+                    snap: Arc::clone(snap),
                     revoked,
                 });
                 Ok(true)
@@ -417,7 +500,7 @@ impl Endpoint {
     }
 
     /// Brings the endpoint to `snap`. `check` asks Envoy what it holds first.
-    pub fn sync(&mut self, snap: &Snapshot, check: bool, secret: &[u8]) -> Result<(), Error> {
+    pub fn sync(&mut self, snap: &Arc<Snapshot>, check: bool, secret: &[u8]) -> Result<(), Error> {
         let mut state = None;
         if check || self.held.is_none() {
             let s = self.state()?;
@@ -460,6 +543,43 @@ impl Endpoint {
 mod tests {
     use super::*;
 
+    fn all_batches<'a>(items: impl Iterator<Item = Item<'a>>) -> Vec<Push> {
+        let mut items = items.peekable();
+        let mut out = vec![];
+        loop {
+            let part = next_batch(&mut items);
+            let push = Push {
+                batch: out.len() as u32,
+                last: items.peek().is_none(),
+                deletes: part.deletes,
+                revoked_sessions: part.revoked,
+                ..Push::default()
+            };
+            let bytes = body(&push, &part.upserts).unwrap();
+            assert!(bytes.len() <= MAX_PUSH_BYTES, "{} bytes", bytes.len());
+            let back: Push = serde_json::from_slice(&bytes).unwrap();
+            assert!(
+                back.upserts.len() + back.deletes.len() + back.revoked_sessions.len()
+                    <= BATCH_ITEMS
+            );
+            out.push(back);
+            if push.last {
+                return out;
+            }
+        }
+    }
+
+    fn record(i: usize) -> CredentialRecord {
+        serde_json::from_value(serde_json::json!({
+            "key_id": format!("key-{i}"),
+            "key_hash": format!("{i:064x}"),
+            "tenant": format!("tenant-{}", i / 5),
+            "scopes": ["read", "write"],
+            "allowed_ips": ["10.0.0.0/8", "192.0.2.7"],
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn any_number_of_items_is_split_into_batches_the_filter_accepts() {
         let revoked: Vec<RevokedSession> = (0..50_000)
@@ -470,21 +590,69 @@ mod tests {
             })
             .collect();
         let deletes: Vec<String> = (0..1500).map(|i| format!("{i:064x}")).collect();
-        let parts = batches(vec![], deletes, revoked);
-        assert_eq!(parts.iter().map(Batch::len).sum::<usize>(), 51_500);
-        assert!(parts.len() >= 52);
-        for p in &parts {
-            assert!(p.len() <= BATCH_ITEMS);
-            let body = serde_json::to_vec(&Push {
-                deletes: p.deletes.clone(),
-                revoked_sessions: p.revoked.clone(),
-                ..Push::default()
-            })
-            .unwrap();
-            assert!(body.len() <= MAX_PUSH_BYTES);
-        }
+        let records: Vec<CredentialRecord> = (0..5000).map(record).collect();
+        let items = records
+            .iter()
+            .map(Item::Upsert)
+            .chain(deletes.iter().map(|d| Item::Delete(d)))
+            .chain(revoked.iter().map(Item::Revoked));
+        let parts = all_batches(items);
+        assert!(parts.len() >= 26, "{}", parts.len());
+        assert_eq!(parts.iter().filter(|p| p.last).count(), 1);
+        assert!(parts.last().unwrap().last);
+        // Every item arrives once, in order, as it was.
+        let upserts: Vec<CredentialRecord> = parts.iter().flat_map(|p| p.upserts.clone()).collect();
+        assert_eq!(upserts, records);
+        let sent_deletes: Vec<String> = parts.iter().flat_map(|p| p.deletes.clone()).collect();
+        assert_eq!(sent_deletes, deletes);
+        let sent_revoked: Vec<RevokedSession> = parts
+            .iter()
+            .flat_map(|p| p.revoked_sessions.clone())
+            .collect();
+        assert_eq!(sent_revoked, revoked);
         // Nothing to push is still one (empty) batch that commits the version.
-        assert_eq!(batches(vec![], vec![], vec![]).len(), 1);
+        let empty = all_batches(std::iter::empty());
+        assert_eq!(empty.len(), 1);
+        assert!(empty[0].last && empty[0].upserts.is_empty());
+    }
+
+    #[test]
+    fn a_batch_body_is_the_push_with_its_records() {
+        let records: Vec<CredentialRecord> = (0..3).map(record).collect();
+        let mut joined = vec![];
+        for (i, r) in records.iter().enumerate() {
+            if i > 0 {
+                joined.push(b',');
+            }
+            serde_json::to_writer(&mut joined, r).unwrap();
+        }
+        let push = Push {
+            mode: Mode::Full,
+            generation: 3,
+            version: 9,
+            batch: 2,
+            last: true,
+            revoked_sessions: vec![RevokedSession {
+                key_id: "k".into(),
+                session_id: "s".into(),
+                revoked_at_ms: 5,
+            }],
+            store_id: Some(StoreId(7)),
+            ..Push::default()
+        };
+        let back: Push = serde_json::from_slice(&body(&push, &joined).unwrap()).unwrap();
+        assert_eq!(
+            back,
+            Push {
+                upserts: records,
+                ..push.clone()
+            }
+        );
+        // No records: the push as it is.
+        assert_eq!(
+            body(&push, b"").unwrap(),
+            serde_json::to_vec(&push).unwrap()
+        );
     }
 
     #[test]

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Where the time of loading N credentials through `keygate sync` goes.
+
+One Envoy (`--concurrency 1`, pinned to CPU 0, the bench's keygate config)
+per build; a JSON file store of N keys (the bench's records); then
+`keygate sync --once` against its sync listener, timed and split into:
+
+- wall time of the sync command, and the sidecar's own phases from its log
+  (store read, push);
+- the sidecar's CPU (user + system, from the child's rusage);
+- Envoy's CPU over the sync (from /proc), i.e. the sync role's work:
+  signature, JSON parse, validation, entry encoding, shared-data writes;
+- Envoy RSS per credential afterwards, as `make bench` reports it.
+
+Usage: `.venv/bin/python -m bench.load` (after `make wasm native sidecar`).
+Env: LOAD_N (default 1000000), LOAD_BUILDS (default "wasm,native"),
+LOAD_ROUNDS (default 1; each round a fresh Envoy), LOAD_PERF=DIR (record
+`perf` profiles of the sidecar and of Envoy during the sync into DIR; read
+them with `perf report -i DIR/<build>-sidecar.data`)."""
+
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+
+from bench.bench import ROUTES, WORK, cpu_seconds, keygate_config, record, rss_kib, start
+from tests.harness import KEYGATE
+
+N = int(os.environ.get("LOAD_N", "1000000"))
+BUILDS = [b for b in os.environ.get("LOAD_BUILDS", "wasm,native").split(",") if b]
+ROUNDS = int(os.environ.get("LOAD_ROUNDS", "1"))
+PERF = os.environ.get("LOAD_PERF")
+
+
+def write_store(n):
+    path = WORK / f"load-store-{n}.json"
+    if not path.exists():
+        import json
+        with open(path, "w") as f:
+            f.write('{"store_id":"0123456789abcdef","version":1,"keys":[')
+            for i in range(n):
+                if i:
+                    f.write(",")
+                f.write(json.dumps({"created_at": 0, "updated_at": 0, "record": record(i)}, separators=(",", ":")))
+            f.write("]}")
+    return path
+
+
+def one(build, store, rnd):
+    config = keygate_config({"routes": ROUTES, "tokens": {"lifetime_secs": 86400}}, login=True)
+    envoy = start(f"load-{build}-{rnd}", config, build)
+    try:
+        rss0 = rss_kib(envoy.proc.pid)
+        cpu0 = cpu_seconds(envoy.proc.pid)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        perf, wrap = None, []
+        if PERF:
+            os.makedirs(PERF, exist_ok=True)
+            perf = subprocess.Popen(["perf", "record", "-g", "-o", f"{PERF}/{build}-envoy.data", "-p",
+                                     str(envoy.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wrap = ["perf", "record", "-g", "-o", f"{PERF}/{build}-sidecar.data", "--"]
+            time.sleep(1)
+        t0 = time.monotonic()
+        proc = subprocess.run([*wrap, str(KEYGATE), "--store", str(store), "sync", "--once", "--endpoint",
+                               f"http://127.0.0.1:{envoy.sync_port}"], capture_output=True, text=True, timeout=1800,
+                              env={**os.environ, "KEYGATE_SYNC_SECRET": envoy.sync_secret})
+        wall = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if perf:
+            perf.send_signal(2)
+            perf.wait(timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        envoy_cpu = cpu_seconds(envoy.proc.pid) - cpu0
+        rss = (rss_kib(envoy.proc.pid) - rss0) * 1024 / N
+        read = re.search(r"read (\d+) keys? .* in ([\d.]+) ms", proc.stderr)
+        push = re.search(r"full push of (\d+) credentials .* in (\d+) batches.*\(([\d.]+) ms\)", proc.stderr)
+        return {
+            "build": build, "wall": wall,
+            "read_s": float(read[2]) / 1e3 if read else None,
+            "push_s": float(push[3]) / 1e3 if push else None,
+            "batches": int(push[2]) if push else None,
+            "sidecar_user": ru1.ru_utime - ru0.ru_utime, "sidecar_sys": ru1.ru_stime - ru0.ru_stime,
+            "envoy_cpu": envoy_cpu, "rss_per_cred": rss,
+        }
+    finally:
+        envoy.stop()
+
+
+def main():
+    t = time.monotonic()
+    store = write_store(N)
+    print(f"store of {N} keys written in {time.monotonic() - t:.1f} s ({store.stat().st_size >> 20} MiB)", flush=True)
+    print("| build | sync wall | store read | push | batches | sidecar CPU user+sys | Envoy CPU | Envoy RSS/credential |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rnd in range(ROUNDS):
+        for build in BUILDS:
+            r = one(build, store, rnd)
+            fmt = lambda v, unit="s": "-" if v is None else f"{v:.2f} {unit}"
+            print(f"| {r['build']} | {r['wall']:.2f} s | {fmt(r['read_s'])} | {fmt(r['push_s'])} | {r['batches']} "
+                  f"| {r['sidecar_user']:.2f} + {r['sidecar_sys']:.2f} s | {r['envoy_cpu']:.2f} s "
+                  f"| {r['rss_per_cred']:.0f} B |", flush=True)
+    print(f"load average: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
