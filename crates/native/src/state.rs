@@ -213,6 +213,19 @@ pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
     if !is_visible(entry.generation, &snapshot.state) {
         return None;
     }
+    // A rolled key's old value names the credential now (the core checks
+    // the deadline); one hop only.
+    if let Some(target) = keygate_core::entry::alias_target(&entry.bytes, hash) {
+        return lookup_entry(&snapshot, &target);
+    }
+    lookup_entry(&snapshot, hash)
+}
+
+fn lookup_entry(snapshot: &Snapshot, hash: &Digest) -> Option<Rc<Credential>> {
+    let entry = snapshot.credentials.get(hash)?;
+    if !is_visible(entry.generation, &snapshot.state) {
+        return None;
+    }
     CACHE.with(|cache| {
         let mut cache = cache.try_borrow_mut().ok()?;
         if let Some((cached, cred)) = cache.get(hash) {

@@ -8,12 +8,22 @@ use super::{Conn, DbError};
 use rusqlite_migration::{Migrations, M};
 
 /// (number, name, SQLite SQL, PostgreSQL SQL), in order, numbered from 1.
-const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    // File number 0003 is reserved for this migration; its place in this
+    // list is its number (SQLite counts positions): 3 once 0002 is in.
+    (
+        2,
+        "key_identity",
+        include_str!("../../migrations/sqlite/0003_key_identity.sql"),
+        include_str!("../../migrations/postgres/0003_key_identity.sql"),
+    ),
+];
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

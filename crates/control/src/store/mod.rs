@@ -22,6 +22,10 @@ pub struct StoredKey {
     pub created_at: u64,
     pub updated_at: u64,
     pub record: CredentialRecord,
+    /// The key's metadata object (at most 4 KiB); only fields a sync
+    /// forwards reach Envoy (`record.metadata`, filled at push time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The whole store. `version` grows by one with every change.
