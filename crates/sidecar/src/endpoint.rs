@@ -2,6 +2,7 @@
 //! the pushes that bring it to a store snapshot. Each endpoint is driven by
 //! its own thread (see `daemon`), so a slow or dead Envoy delays only itself.
 
+use keygate_control::service::forwarded_metadata;
 use keygate_control::store::Snapshot;
 use keygate_core::sync::{
     is_foreign, sign, Mode, Push, RevokedSession, StoreId, SyncState, MAX_PUSH_BYTES,
@@ -133,6 +134,9 @@ pub struct Endpoint {
     pub takeover: bool,
     /// Revocations older than this cannot match a live token: not pushed.
     pub token_lifetime: Duration,
+    /// Metadata fields pushed with each key (the gates' `headers.metadata`
+    /// names); no other metadata reaches Envoy.
+    pub forward_metadata: Vec<String>,
 }
 
 pub fn log(msg: &str) {
@@ -158,11 +162,43 @@ pub fn host_port(endpoint: &str) -> Result<String, Error> {
     Ok(rest.to_owned())
 }
 
-fn as_set(snap: &Snapshot) -> BTreeMap<String, CredentialRecord> {
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The records Envoy should hold: with the forwarded metadata fields only,
+/// and without a rolled-away value whose grace has ended (its alias entry
+/// then goes: it costs nothing after the deadline).
+fn as_set(snap: &Snapshot, forward: &[String], now: u64) -> BTreeMap<String, CredentialRecord> {
     snap.keys
         .iter()
-        .map(|k| (k.record.key_hash.clone(), k.record.clone()))
+        .map(|k| {
+            let mut r = k.record.clone();
+            r.metadata = forwarded_metadata(k.metadata.as_ref(), forward);
+            if r.previous_key_expires_at.is_some_and(|t| t <= now) {
+                r.previous_key_hash = None;
+                r.previous_key_expires_at = None;
+            }
+            (k.record.key_hash.clone(), r)
+        })
         .collect()
+}
+
+/// Every entry a set occupies in Envoy: each key's hash and, during a
+/// roll's grace, the alias under its old value's hash.
+fn occupied(set: &BTreeMap<String, CredentialRecord>) -> BTreeSet<&String> {
+    set.iter()
+        .flat_map(|(h, r)| std::iter::once(h).chain(r.previous_key_hash.as_ref()))
+        .collect()
+}
+
+/// Whether a held set has an alias whose grace has ended: it is pushed
+/// away even when the store did not change.
+fn has_ended_alias(set: &BTreeMap<String, CredentialRecord>, now: u64) -> bool {
+    set.values()
+        .any(|r| r.previous_key_expires_at.is_some_and(|t| t <= now))
 }
 
 /// The revocations that can still refuse a token: one revoked at `t`
@@ -200,6 +236,7 @@ impl Endpoint {
             metrics: Metrics::default(),
             takeover,
             token_lifetime: Duration::from_secs(keygate_core::token::MAX_LIFETIME_SECS),
+            forward_metadata: Vec::new(),
         })
     }
 
@@ -292,7 +329,7 @@ impl Endpoint {
                 ours: id_str(snap.store_id),
             });
         }
-        let set = as_set(snap);
+        let set = as_set(snap, &self.forward_metadata, now_secs());
         let revoked = revocations(snap, self.token_lifetime);
         let parts = batches(
             set.values().cloned().collect(),
@@ -350,16 +387,16 @@ impl Endpoint {
             return Ok(false);
         };
         let started = Instant::now();
-        let set = as_set(snap);
+        let set = as_set(snap, &self.forward_metadata, now_secs());
         let upserts: Vec<CredentialRecord> = set
             .iter()
             .filter(|(h, r)| held.set.get(*h) != Some(r))
             .map(|(_, r)| r.clone())
             .collect();
-        let deletes: Vec<String> = held
-            .set
-            .keys()
-            .filter(|h| !set.contains_key(*h))
+        let occupied_now = occupied(&set);
+        let deletes: Vec<String> = occupied(&held.set)
+            .into_iter()
+            .filter(|h| !occupied_now.contains(h))
             .cloned()
             .collect();
         let revoked = revocations(snap, self.token_lifetime);
@@ -438,10 +475,17 @@ impl Endpoint {
             }
             state = Some(s);
         }
-        if self
+        // An alias past its deadline is pushed away (in full: the store did
+        // not change, so there is no newer version to push incrementally).
+        let ended = self
             .held
             .as_ref()
-            .is_some_and(|h| h.version == snap.version)
+            .is_some_and(|h| has_ended_alias(&h.set, now_secs()));
+        if !ended
+            && self
+                .held
+                .as_ref()
+                .is_some_and(|h| h.version == snap.version)
         {
             return Ok(());
         }
@@ -485,6 +529,36 @@ mod tests {
         }
         // Nothing to push is still one (empty) batch that commits the version.
         assert_eq!(batches(vec![], vec![], vec![]).len(), 1);
+    }
+
+    #[test]
+    fn the_pushed_set_forwards_only_named_metadata_and_drops_ended_aliases() {
+        let record: CredentialRecord = serde_json::from_value(serde_json::json!({
+            "key_id": "k", "key_hash": "a".repeat(64), "tenant": "t",
+            "previous_key_hash": "b".repeat(64), "previous_key_expires_at": 100
+        }))
+        .unwrap();
+        let meta = serde_json::json!({"tier": "gold", "secret_note": "x"});
+        let snap = Snapshot {
+            keys: vec![keygate_control::store::StoredKey {
+                name: String::new(),
+                created_at: 1,
+                updated_at: 1,
+                record,
+                metadata: meta.as_object().cloned(),
+            }],
+            ..Snapshot::default()
+        };
+        let during = as_set(&snap, &["tier".to_string()], 99);
+        let r = &during["a".repeat(64).as_str()];
+        assert_eq!(r.metadata.len(), 1);
+        assert_eq!(r.metadata["tier"], "gold");
+        assert_eq!(occupied(&during).len(), 2, "the key and its alias");
+        assert!(!has_ended_alias(&during, 99));
+        assert!(has_ended_alias(&during, 100));
+        let after = as_set(&snap, &[], 100);
+        assert_eq!(occupied(&after).len(), 1);
+        assert!(after.values().all(|r| r.metadata.is_empty()));
     }
 
     #[test]
