@@ -1,5 +1,5 @@
 //! Identifiable API keys: `<prefix>_<env>_<random><checksum>`, e.g.
-//! `kg_live_4Vb0T9qLmZ2cXr8NyA1fKe0d3Hq2` (GitHub-token style).
+//! `kg_live_4Vb0T9qLmZ2cXr8NyA1fKe0jDI6m` (GitHub-token style).
 //!
 //! Why: a secret scanner can find a leaked key by its shape, and the filter
 //! can refuse a mistyped, truncated or made-up key of that shape by its
@@ -256,6 +256,12 @@ mod tests {
         assert!(KEY_REGEX.contains(&format!("{{{}}}", RANDOM_CHARS + CHECKSUM_CHARS)));
         assert!(KEY_REGEX.contains(&format!("{{0,{}}}", MAX_PREFIX_LEN - 1)));
         assert!(KEY_REGEX.contains(&format!("{{1,{MAX_ENV_SEGMENT}}}")));
+    }
+
+    #[test]
+    fn the_documented_example_key_is_valid() {
+        let p = prefixes();
+        assert_eq!(classify("kg_live_4Vb0T9qLmZ2cXr8NyA1fKe0jDI6m", &p), Shape::Valid);
     }
 
     #[test]
