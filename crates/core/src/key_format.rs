@@ -261,7 +261,10 @@ mod tests {
     #[test]
     fn the_documented_example_key_is_valid() {
         let p = prefixes();
-        assert_eq!(classify("kg_live_4Vb0T9qLmZ2cXr8NyA1fKe0jDI6m", &p), Shape::Valid);
+        assert_eq!(
+            classify("kg_live_4Vb0T9qLmZ2cXr8NyA1fKe0jDI6m", &p),
+            Shape::Valid
+        );
     }
 
     #[test]

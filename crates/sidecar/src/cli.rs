@@ -184,7 +184,7 @@ pub enum SessionCommand {
 #[derive(Subcommand)]
 pub enum KeyCommand {
     /// Create a key; the key (and secret) are shown once, only hashes are stored.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List keys (never secrets).
     List {
         #[arg(long)]
