@@ -258,3 +258,22 @@ def test_the_api_roll_with_a_short_grace(envoy_factory, tmp_path):
             s, e = call(srv, "POST", f"/api/v1/tenants/acme/keys/{created['key_id']}/roll", op,
                         {"grace_seconds": -1})
             assert s == 422, e
+
+
+def test_the_access_log_names_the_owner_of_a_key_that_has_one(envoy_factory, tmp_path):
+    from tests.harness import cred
+    config = {**CONFIG, "credentials": [cred("owned", "owned-key-0123456789", owner="alice@example.com",
+                                             scopes=["read"]),
+                                        cred("plain", "plain-key-0123456789", scopes=["read"])]}
+    log = tmp_path / "access.log"
+    with envoy_factory(config, access_log=log) as envoy:
+        assert get(envoy, "owned-key-0123456789").status == 200
+        assert get(envoy, "plain-key-0123456789").status == 200
+
+        def records():
+            lines = log.read_text().splitlines() if log.exists() else []
+            return [json.loads(x) for x in lines if x.strip()]
+        assert wait_until(lambda: len(records()) >= 2)
+        by_key = {r["key_id"]: r for r in records()}
+        assert by_key["owned"]["owner"] == "alice@example.com"
+        assert by_key["plain"]["owner"] in (None, "-")
