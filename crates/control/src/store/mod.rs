@@ -75,6 +75,18 @@ impl Snapshot {
                 )));
             }
         }
+        // A rolled key's old value still names it in Envoy: no other key
+        // may have that value.
+        for k in &self.keys {
+            if let Some(old) = &k.record.previous_key_hash {
+                if !hashes.insert(old) {
+                    return Err(Error::Invalid(format!(
+                        "key '{}' keeps a rolled-away value that another key uses",
+                        k.record.key_id
+                    )));
+                }
+            }
+        }
         keygate_core::credential::check_tenant_limits(self.keys.iter().map(|k| &k.record))
             .map_err(Error::Invalid)
     }
