@@ -36,7 +36,7 @@ def rig(envoy_factory, tmp_path):
         sidecar = Sidecar(store, [f"http://127.0.0.1:{envoy.sync_port}"], workdir=tmp_path)
         sidecar.args += ["--forward-metadata", "plan_tier,region"]
         with sidecar:
-            yield envoy, store
+            yield envoy, store, sidecar
 
 
 def get(envoy, key, proto="http1", extra=()):
@@ -54,7 +54,7 @@ def typo(key):
 
 
 def test_new_keys_are_identifiable_and_a_mistyped_one_is_refused_by_its_checksum(rig, proto):
-    envoy, store = rig
+    envoy, store, _ = rig
     k = keygate(store, "key", "create", "--tenant", "acme", "--scope", "read", "--env", "test")
     assert KEY_RE.fullmatch(k["api_key"]) and k["api_key"].startswith("kg_test_"), k["api_key"]
     becomes(envoy, k["api_key"], 200)
@@ -87,7 +87,7 @@ def test_a_bad_key_prefix_is_refused_by_the_cli(tmp_path):
 
 
 def test_owner_and_allowlisted_metadata_go_upstream_and_spoofed_copies_never(rig, proto):
-    envoy, store = rig
+    envoy, store, _ = rig
     owned = keygate(store, "key", "create", "--tenant", "acme", "--scope", "read", "--owner", "alice@example.com",
                     "--metadata", json.dumps({"plan_tier": "gold", "internal_note": "never upstream",
                                               "nested": {"a": 1}}))
@@ -114,7 +114,7 @@ def test_owner_and_allowlisted_metadata_go_upstream_and_spoofed_copies_never(rig
 
 
 def test_bad_owner_or_metadata_is_refused_by_the_cli_and_changes_nothing(rig):
-    _, store = rig
+    _, store, _ = rig
     before = keygate(store, "key", "list")
     for args, field in [
         (["--owner", "two words"], "--owner"),
@@ -129,7 +129,7 @@ def test_bad_owner_or_metadata_is_refused_by_the_cli_and_changes_nothing(rig):
 
 
 def test_a_rolled_key_old_value_works_until_the_grace_ends_and_shares_the_budget(rig):
-    envoy, store = rig
+    envoy, store, sidecar = rig
     k = keygate(store, "key", "create", "--tenant", "acme", "--scope", "read", "--rate", "5/min",
                 "--owner", "alice")
     old = k["api_key"]
@@ -149,12 +149,18 @@ def test_a_rolled_key_old_value_works_until_the_grace_ends_and_shares_the_budget
     assert wait_until(lambda: get(envoy, old).status == 401, timeout=15)
     assert get(envoy, old).json()["message"] == "Invalid API key"
     assert get(envoy, new).status == 429
+    # The next change pushes the old value's alias entry away: the rolled
+    # record without it, the new key, and one delete.
+    other = keygate(store, "key", "create", "--tenant", "acme", "--scope", "read")
+    becomes(envoy, other["api_key"], 200)
+    assert re.search(r"pushed 2 upserts, 1 deletes", sidecar.log()), sidecar.log()
+    assert get(envoy, old).status == 401
     shown = keygate(store, "key", "show", k["key_id"])
     assert shown["previous_key_until"] is None and shown["owner"] == "alice"
 
 
 def test_a_roll_without_grace_refuses_the_old_value_at_once(rig):
-    envoy, store = rig
+    envoy, store, _ = rig
     k = keygate(store, "key", "create", "--tenant", "acme", "--scope", "read")
     becomes(envoy, k["api_key"], 200)
     rolled = keygate(store, "key", "roll", k["key_id"])
