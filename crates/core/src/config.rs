@@ -523,6 +523,29 @@ mod tests {
     }
 
     #[test]
+    fn key_prefixes_and_identity_headers_are_checked_naming_the_field() {
+        assert_eq!(Policy::from_json(b"{}").unwrap().key_prefixes, vec!["kg"]);
+        assert_eq!(
+            err(r#"{"key_prefixes":["kg","Bad"]}"#).field,
+            "key_prefixes[1]"
+        );
+        assert_eq!(
+            err(r#"{"headers":{"owner":"X Owner"}}"#).field,
+            "headers.owner"
+        );
+        let e = err(r#"{"headers":{"metadata":{"tier":"x-keygate-tenant"}}}"#);
+        assert_eq!(e.field, "headers.metadata.tier");
+        let e = err(r#"{"headers":{"metadata":{"a":"x-m","b":"x-m"}}}"#);
+        assert_eq!(e.field, "headers.metadata.b");
+        let e = err(r#"{"headers":{"metadata":{"bad field":"x-m"}}}"#);
+        assert_eq!(e.field, "headers.metadata.bad field");
+        let p = Policy::from_json(br#"{"headers":{"metadata":{"tier":"x-m-tier"}}}"#).unwrap();
+        assert!(
+            p.headers.all().contains(&"x-m-tier") && p.headers.all().contains(&"x-keygate-owner")
+        );
+    }
+
+    #[test]
     fn sync_role_needs_a_long_enough_secret_from_config_or_env() {
         assert_eq!(err(r#"{"role":"sync"}"#).field, "sync_secret");
         assert_eq!(
