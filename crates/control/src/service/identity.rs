@@ -173,7 +173,7 @@ impl Service {
     ) -> Result<Rolled> {
         if grace_secs > MAX_ROLL_GRACE_SECS {
             return Err(Error::bad(
-                "grace",
+                "--grace",
                 format!("at most {MAX_ROLL_GRACE_SECS} seconds (30 days)"),
             ));
         }

@@ -385,7 +385,7 @@ fn a_roll_keeps_the_key_and_accepts_the_old_value_until_the_grace_ends() {
         .svc
         .roll_key(None, &c.key_id, 31 * 86_400, None, 30)
         .unwrap_err();
-    assert!(e.to_string().starts_with("grace"), "{e}");
+    assert!(e.to_string().starts_with("--grace"), "{e}");
 }
 
 #[test]
