@@ -66,6 +66,19 @@ impl CredentialCache {
         let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
             return Ok(None);
         };
+        // A rolled key's old value: its entry names the credential now (one
+        // more read, only for that value; the core checks the deadline).
+        let state = self.sync_state()?;
+        if let Some(target) =
+            visible_record(&bytes, &state).and_then(|r| entry::alias_target(r, hash))
+        {
+            let name = credential_key(&target);
+            let (bytes, cas) = host::shared_get(&name)?;
+            let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
+                return Ok(None);
+            };
+            return self.parsed(&target, name, bytes, cas);
+        }
         self.parsed(hash, name, bytes, cas)
     }
 

@@ -6,19 +6,21 @@
 use crate::host::{self, HostError, HostResult, Written};
 use crate::shared_store::SharedCounters;
 use keygate_core::config::SyncSecret;
+use keygate_core::entry;
 use keygate_core::hash::Digest;
 use keygate_core::shared_data::{
     credential_key, key_id_merge, key_id_slot, revocations_key, update, Step, CONFIG_IDS_KEY,
     STATE_KEY,
 };
 use keygate_core::sync::{
-    check_config_ids, decode_state, encode_state, plan, stage, Plan, SyncError, SyncState,
-    MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    check_config_ids, decode_state, encode_state, plan, stage, visible_record, Plan, SyncError,
+    SyncState, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use log::{error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use std::borrow::Cow;
 use std::rc::Rc;
 
 pub struct SyncContext {
@@ -67,10 +69,11 @@ impl SyncContext {
         let (config_ids, _) = host::shared_get(CONFIG_IDS_KEY).map_err(host_error)?;
         check_config_ids(&plan, config_ids.as_deref())?;
         write_state(&plan.claim, cas)?;
+        let carried = carried_counters(&state, &plan).map_err(host_error)?;
         let staged = plan
             .upserts
             .iter()
-            .map(|(hash, record)| (hash, Some(record.as_slice())))
+            .map(|(hash, record)| (hash, Some(record)))
             .chain(plan.deletes.iter().map(|hash| (hash, None)));
         // Stamps are never reused, so stamp 1 is the first push this Envoy
         // has seen since it started (shared data starts empty with it):
@@ -81,6 +84,14 @@ impl SyncContext {
         // keys each is a walk down Envoy's tree of every entry).
         let first_push = plan.stamp == 1 && state.stamp == 0;
         for (hash, record) in staged {
+            let carry = carried.iter().find(|(h, _)| h == hash);
+            let record: Option<Cow<[u8]>> = match (record, carry) {
+                (Some(r), Some((_, tat))) => {
+                    Some(entry::with_tat(r, *tat).map_or(Cow::Borrowed(r.as_slice()), Cow::Owned))
+                }
+                (r, _) => r.map(|r| Cow::Borrowed(r.as_slice())),
+            };
+            let record = record.as_deref();
             if first_push {
                 let value = stage(None, &state, &plan, hash, record);
                 host::shared_set(&credential_key(hash), &value, None).map_err(host_error)?;
@@ -137,6 +148,24 @@ impl SyncContext {
         );
         Ok(plan.result())
     }
+}
+
+/// The rate-limit state each rolled key's old entry holds, for its new
+/// entry: a roll keeps the key's spent budget.
+fn carried_counters(held: &SyncState, plan: &Plan) -> HostResult<Vec<(Digest, u64)>> {
+    let mut out = Vec::new();
+    for (new, old) in &plan.rolled {
+        let (bytes, _) = host::shared_get(&credential_key(old))?;
+        let tat = bytes
+            .as_deref()
+            .and_then(|b| visible_record(b, held))
+            .and_then(entry::tat)
+            .flatten();
+        if let Some(tat) = tat {
+            out.push((*new, tat));
+        }
+    }
+    Ok(out)
 }
 
 /// Writes the sync state if nobody moved it since `cas` was read.

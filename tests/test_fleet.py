@@ -35,7 +35,7 @@ def fleet(postgres, envoy_factory, tmp_path):
                     "DROP TABLE IF EXISTS keygate_meta, keygate_keys, keygate_revoked_sessions"],
                    check=True, capture_output=True, timeout=30)
     migrated = keygate(postgres.url, "store", "migrate", json_out=False)
-    assert "version 3" in migrated.stdout
+    assert "version 4" in migrated.stdout
     with (
         envoy_factory(CONFIG) as a,
         envoy_factory(CONFIG) as b,
@@ -95,10 +95,24 @@ def test_a_key_name_set_through_the_cli_round_trips_and_an_old_schema_is_migrate
     psql(pg, "ALTER TABLE keygate_keys DROP COLUMN name; UPDATE keygate_meta SET schema_version = 2")
     refused = keygate(pg.url, "key", "list", check=False)
     assert refused.returncode != 0 and "store migrate" in refused.stdout + refused.stderr
-    assert "version 3" in keygate(pg.url, "store", "migrate", json_out=False).stdout
+    assert "version 4" in keygate(pg.url, "store", "migrate", json_out=False).stdout
     listed = {x["key_id"]: x["name"] for x in keygate(pg.url, "key", "list")}
     assert listed.keys() == names.keys() and all(n in ("", None) for n in listed.values()), listed
     on_both(envoys, k["api_key"], 200)
+
+
+def test_owner_metadata_and_a_roll_round_trip_through_postgres_and_reach_both_envoys(fleet):
+    pg, envoys, _ = fleet
+    k = keygate(pg.url, "key", "create", "--tenant", "acme", "--scope", "read", "--owner", "alice",
+                "--metadata", '{"plan_tier": "gold"}')
+    on_both(envoys, k["api_key"], 200)
+    rolled = keygate(pg.url, "key", "roll", k["key_id"], "--grace", "1h")
+    on_both(envoys, rolled["api_key"], 200)
+    on_both(envoys, k["api_key"], 200)  # the old value, within its grace
+    shown = keygate(pg.url, "key", "show", k["key_id"])
+    assert (shown["owner"], shown["metadata"], bool(shown["previous_key_until"])) == ("alice", {"plan_tier": "gold"}, True)
+    keygate(pg.url, "key", "roll", k["key_id"])
+    on_both(envoys, k["api_key"], 401)
 
 
 def test_postgres_restart_sidecars_reconnect_and_catch_up(fleet):

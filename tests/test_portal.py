@@ -158,7 +158,7 @@ def test_a_tenant_manages_a_key_end_to_end_in_the_browser(rig, browser):
     follow(drv, By.ID, "delete")
     shot(drv, "portal-confirm-delete")
     follow(drv, By.ID, "confirm-delete")
-    assert drv.current_url.endswith("/portal/keys")
+    assert wait_until(lambda: drv.current_url.endswith("/portal/keys"), timeout=10)
     assert HTML_NAME not in text(drv)
     assert wait_until(lambda: envoy_status(rig, basic(api_key, new_secret)) == 401, timeout=10)
 

@@ -21,6 +21,9 @@ use std::cell::RefCell;
 /// Shortest key or secret accepted from the operator (`--key-value`).
 pub const MIN_GIVEN_SECRET_LEN: usize = 16;
 
+/// `Default` is for tests and struct-update syntax; callers set every field
+/// that matters (an empty environment is refused).
+#[derive(Default)]
 pub struct NewKey {
     pub key_id: Option<String>,
     /// A label for people; "" for none.
@@ -37,6 +40,12 @@ pub struct NewKey {
     pub key_value: Option<String>,
     /// A given secret instead of a random one; implies a secret.
     pub secret_value: Option<String>,
+    /// The user of the tenant the key belongs to.
+    pub owner: Option<String>,
+    /// A JSON object of at most 4 KiB.
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The format of the generated value (default: the deployment's).
+    pub key_format: Option<KeyFormat>,
 }
 
 /// A partial change to a key (API PATCH); `None` leaves a field as it is.
@@ -50,6 +59,10 @@ pub struct KeyPatch {
     pub status: Option<Status>,
     /// `Some(None)` removes the expiry.
     pub expires_at: Option<Option<u64>>,
+    /// `Some(None)` removes the owner.
+    pub owner: Option<Option<String>>,
+    /// `Some(None)` removes the metadata.
+    pub metadata: Option<Option<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// What `key create` shows, exactly once.
@@ -74,7 +87,14 @@ pub struct Service {
     audit_in_store: bool,
     /// The record [`Service::audited`] hands to the next store change.
     pending_audit: RefCell<Option<Audit>>,
+    key_style: KeyStyle,
 }
+
+mod identity;
+pub use identity::{
+    check_key_owner, check_metadata, forwarded_metadata, parse_metadata, KeyFormat, KeyStyle,
+    Rolled, MAX_METADATA_BYTES, MAX_ROLL_GRACE_SECS,
+};
 
 /// 32 bytes from the OS CSPRNG as 64 lowercase hex digits.
 pub fn random_hex32() -> Result<String> {
@@ -182,6 +202,7 @@ impl Service {
             store,
             audit_in_store: false,
             pending_audit: RefCell::new(None),
+            key_style: KeyStyle::default(),
         }
     }
 
@@ -288,10 +309,16 @@ impl Service {
         if let Some(v) = &new.secret_value {
             check_given("--secret-value", v)?;
         }
+        if let Some(o) = &new.owner {
+            check_key_owner("--owner", o)?;
+        }
+        if let Some(m) = &new.metadata {
+            check_metadata("--metadata", &serde_json::Value::Object(m.clone()))?;
+        }
         // Generated outside the transaction: the randomness cannot fail inside it.
         let api_key = match &new.key_value {
             Some(v) => v.clone(),
-            None => random_hex32()?,
+            None => self.key_style.generate(new.key_format, &new.environment)?,
         };
         let secret = match &new.secret_value {
             Some(v) => Some(v.clone()),
@@ -318,17 +345,20 @@ impl Service {
             rate_limit: new.rate_limit,
             status: Status::Active,
             expires_at: new.expires_at,
+            owner: new.owner.clone(),
+            previous_key_hash: None,
+            previous_key_expires_at: None,
+            metadata: Default::default(),
         };
         keygate_core::Credential::try_from(&record).map_err(|e| Error::Other(e.to_string()))?;
         self.update(|snap| {
             if snap.find(&key_id).is_some() {
                 return Err(Error::KeyExists(key_id.clone()));
             }
-            if snap
-                .keys
-                .iter()
-                .any(|k| k.record.key_hash == record.key_hash)
-            {
+            if snap.keys.iter().any(|k| {
+                k.record.key_hash == record.key_hash
+                    || k.record.previous_key_hash.as_ref() == Some(&record.key_hash)
+            }) {
                 return Err(Error::bad(
                     "--key-value",
                     "another key already has this value; choose another",
@@ -340,6 +370,7 @@ impl Service {
                 created_at: now,
                 updated_at: now,
                 record: record.clone(),
+                metadata: new.metadata.clone(),
             });
             Ok(())
         })?;
@@ -429,6 +460,12 @@ impl Service {
         if patch.expires_at.flatten().is_some_and(|t| t <= now) {
             return Err(Error::bad("expires_at", "is in the past"));
         }
+        if let Some(Some(o)) = &patch.owner {
+            check_key_owner("owner", o)?;
+        }
+        if let Some(Some(m)) = &patch.metadata {
+            check_metadata("metadata", &serde_json::Value::Object(m.clone()))?;
+        }
         self.update(|snap| {
             let k = snap.find_mut(key_id)?;
             if k.record.tenant != tenant {
@@ -463,6 +500,12 @@ impl Service {
             }
             if let Some(e) = patch.expires_at {
                 k.record.expires_at = e;
+            }
+            if let Some(o) = &patch.owner {
+                k.record.owner = o.clone();
+            }
+            if let Some(m) = &patch.metadata {
+                k.metadata = m.clone();
             }
             k.updated_at = now;
             Ok(k.clone())

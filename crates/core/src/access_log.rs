@@ -34,6 +34,9 @@ pub struct AccessRecord {
     pub session_issued_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_expires_ms: Option<u64>,
+    /// The key's owner, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Every metric outcome, for defining the counters once at start.
@@ -53,6 +56,7 @@ impl AccessRecord {
             self.key_id = Some(c.key_id.clone());
             self.tenant = Some(c.tenant.clone());
             self.environment = Some(c.environment.clone());
+            self.owner = c.owner.clone();
         }
         self
     }
@@ -139,6 +143,7 @@ impl AccessRecord {
             ("keygate_key_id", self.key_id.clone()),
             ("keygate_tenant", self.tenant.clone()),
             ("keygate_environment", self.environment.clone()),
+            ("keygate_owner", self.owner.clone()),
             ("keygate_scope_required", self.scope_required.clone()),
             (
                 "keygate_rate_remaining",

@@ -55,6 +55,11 @@ pub struct HeaderNames {
     pub environment: String,
     pub key_id: String,
     pub scopes: String,
+    /// The key's owner (a user of its tenant); absent for a key without one.
+    pub owner: String,
+    /// Metadata fields forwarded upstream: field name → header name. Only
+    /// these fields (scalars) are pushed into Envoy at all.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for HeaderNames {
@@ -64,13 +69,25 @@ impl Default for HeaderNames {
             environment: "x-keygate-environment".into(),
             key_id: "x-keygate-key-id".into(),
             scopes: "x-keygate-scopes".into(),
+            owner: "x-keygate-owner".into(),
+            metadata: Default::default(),
         }
     }
 }
 
 impl HeaderNames {
-    pub fn all(&self) -> [&str; 4] {
-        [&self.tenant, &self.environment, &self.key_id, &self.scopes]
+    /// Every identity header keygate sets, so every one a client sends is
+    /// removed.
+    pub fn all(&self) -> Vec<&str> {
+        let mut all = vec![
+            self.tenant.as_str(),
+            &self.environment,
+            &self.key_id,
+            &self.scopes,
+            &self.owner,
+        ];
+        all.extend(self.metadata.values().map(String::as_str));
+        all
     }
 }
 
@@ -152,6 +169,15 @@ pub struct PluginConfig {
     /// call per field, a few per cent of throughput); false turns it off.
     #[serde(default = "default_true")]
     pub access_log_fields: bool,
+    /// Prefixes of identifiable keys (`<prefix>_<env>_<random><checksum>`,
+    /// see `key_format`) whose checksum the gate checks before any lookup;
+    /// other keys are looked up as before. `[]` turns the check off.
+    #[serde(default = "default_key_prefixes")]
+    pub key_prefixes: Vec<String>,
+}
+
+fn default_key_prefixes() -> Vec<String> {
+    vec![crate::key_format::DEFAULT_PREFIX.to_owned()]
 }
 
 fn default_true() -> bool {
@@ -190,6 +216,8 @@ pub struct Policy {
     pub tokens: Option<crate::token::Tokens>,
     pub log_decisions: bool,
     pub access_log_fields: bool,
+    /// Identifiable-key prefixes checked by checksum before any lookup.
+    pub key_prefixes: Vec<String>,
 }
 
 const MAX_XFF_HOPS: u32 = 16;
@@ -278,11 +306,22 @@ impl TryFrom<PluginConfig> for Policy {
             ("headers.environment", &h.environment),
             ("headers.key_id", &h.key_id),
             ("headers.scopes", &h.scopes),
+            ("headers.owner", &h.owner),
         ] {
             check_header_name(field, name)?;
             if *name == raw.api_key_header {
                 return Err(ConfigError::new(field, "must differ from api_key_header"));
             }
+        }
+        check_metadata_headers(h, &raw.api_key_header)?;
+        if raw.key_prefixes.len() > MAX_KEY_PREFIXES {
+            return Err(ConfigError::new(
+                "key_prefixes",
+                format!("at most {MAX_KEY_PREFIXES} prefixes"),
+            ));
+        }
+        for (i, p) in raw.key_prefixes.iter().enumerate() {
+            crate::key_format::check_prefix(&format!("key_prefixes[{i}]"), p)?;
         }
         for (i, s) in raw.scope_hierarchy.iter().enumerate() {
             check_scope_name(s)
@@ -338,6 +377,24 @@ impl TryFrom<PluginConfig> for Policy {
                 ));
             }
         }
+        // A rolled key's old value finds the same credential until its deadline.
+        let rolled: Vec<(usize, Digest, Rc<Credential>)> = raw
+            .credentials
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let c = credentials.get(&ids.get(&r.key_id).copied()?)?;
+                Some((i, c.previous_key?.0, c.clone()))
+            })
+            .collect();
+        for (i, old, c) in rolled {
+            if credentials.insert(old, c).is_some() {
+                return Err(ConfigError::new(
+                    &format!("credentials[{i}].previous_key_hash"),
+                    "is another credential's key hash",
+                ));
+            }
+        }
         check_tenant_limits(&raw.credentials).map_err(|e| ConfigError::new("credentials", e))?;
         Ok(Policy {
             role: raw.role,
@@ -361,8 +418,38 @@ impl TryFrom<PluginConfig> for Policy {
             tokens: None,
             log_decisions: raw.log_decisions,
             access_log_fields: raw.access_log_fields,
+            key_prefixes: raw.key_prefixes,
         })
     }
+}
+
+const MAX_KEY_PREFIXES: usize = 8;
+/// Most metadata fields a gate forwards.
+pub const MAX_METADATA_HEADERS: usize = 16;
+
+/// Metadata field names are names (`check_name`); their headers are header
+/// names, distinct from each other and from every other identity header.
+fn check_metadata_headers(h: &HeaderNames, api_key_header: &str) -> Result<(), ConfigError> {
+    if h.metadata.len() > MAX_METADATA_HEADERS {
+        return Err(ConfigError::new(
+            "headers.metadata",
+            format!("at most {MAX_METADATA_HEADERS} fields"),
+        ));
+    }
+    let fixed = [&h.tenant, &h.environment, &h.key_id, &h.scopes, &h.owner];
+    let mut seen = std::collections::HashSet::new();
+    for (field, header) in &h.metadata {
+        let at = format!("headers.metadata.{field}");
+        crate::credential::check_metadata_field(&at, field)?;
+        check_header_name(&at, header)?;
+        if header == api_key_header || fixed.contains(&header) || !seen.insert(header) {
+            return Err(ConfigError::new(
+                &at,
+                format!("'{header}' is already used by another header"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -433,6 +520,29 @@ mod tests {
         assert_eq!(e.field, "trusted_xff_hops");
         let e = err(r#"{"api_key_header": "authorization"}"#);
         assert_eq!(e.field, "api_key_header");
+    }
+
+    #[test]
+    fn key_prefixes_and_identity_headers_are_checked_naming_the_field() {
+        assert_eq!(Policy::from_json(b"{}").unwrap().key_prefixes, vec!["kg"]);
+        assert_eq!(
+            err(r#"{"key_prefixes":["kg","Bad"]}"#).field,
+            "key_prefixes[1]"
+        );
+        assert_eq!(
+            err(r#"{"headers":{"owner":"X Owner"}}"#).field,
+            "headers.owner"
+        );
+        let e = err(r#"{"headers":{"metadata":{"tier":"x-keygate-tenant"}}}"#);
+        assert_eq!(e.field, "headers.metadata.tier");
+        let e = err(r#"{"headers":{"metadata":{"a":"x-m","b":"x-m"}}}"#);
+        assert_eq!(e.field, "headers.metadata.b");
+        let e = err(r#"{"headers":{"metadata":{"bad field":"x-m"}}}"#);
+        assert_eq!(e.field, "headers.metadata.bad field");
+        let p = Policy::from_json(br#"{"headers":{"metadata":{"tier":"x-m-tier"}}}"#).unwrap();
+        assert!(
+            p.headers.all().contains(&"x-m-tier") && p.headers.all().contains(&"x-keygate-owner")
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::names::check_scope_name;
 use crate::rate_limit::RateLimit;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Most scoped credentials one tenant may hold.
 pub const MAX_SCOPED_PER_TENANT: usize = 5;
@@ -76,6 +77,19 @@ pub struct CredentialRecord {
     /// Unix seconds after which the key is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// The user of the tenant the key belongs to (sent upstream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// A key value replaced by a roll, still accepted until
+    /// `previous_key_expires_at` (same key id, same counter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key_expires_at: Option<u64>,
+    /// Metadata fields forwarded upstream, as header values (the store keeps
+    /// the whole object; only fields a gate forwards travel).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 fn default_environment() -> String {
@@ -109,6 +123,11 @@ pub struct Credential {
     pub rate_limit: Option<RateLimit>,
     pub active: bool,
     pub expires_at: Option<u64>,
+    pub owner: Option<String>,
+    /// The key value a roll replaced, and until when it still works.
+    pub previous_key: Option<(Digest, u64)>,
+    /// Forwarded metadata fields and their header values.
+    pub metadata: Vec<(String, String)>,
 }
 
 impl TryFrom<&CredentialRecord> for Credential {
@@ -177,6 +196,35 @@ impl TryFrom<&CredentialRecord> for Credential {
         if let Some(rl) = &r.rate_limit {
             rl.validate().map_err(|e| e.under("rate_limit"))?;
         }
+        if let Some(owner) = &r.owner {
+            check_owner("owner", owner)?;
+        }
+        let previous_key = match (&r.previous_key_hash, r.previous_key_expires_at) {
+            (None, None) => None,
+            (Some(h), Some(until)) => Some((
+                parse_hex_digest(h).map_err(|e| ConfigError::new("previous_key_hash", e))?,
+                until,
+            )),
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "previous_key_expires_at",
+                    "is required with previous_key_hash",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "previous_key_hash",
+                    "is required with previous_key_expires_at",
+                ))
+            }
+        };
+        if previous_key.is_some_and(|(h, _)| h == key_hash) {
+            return Err(ConfigError::new(
+                "previous_key_hash",
+                "must differ from key_hash",
+            ));
+        }
+        check_forwarded_metadata(&r.metadata)?;
         Ok(Credential {
             key_id: r.key_id.clone(),
             key_hash,
@@ -191,6 +239,13 @@ impl TryFrom<&CredentialRecord> for Credential {
             rate_limit: r.rate_limit,
             active: r.status == Status::Active,
             expires_at: r.expires_at,
+            owner: r.owner.clone(),
+            previous_key,
+            metadata: r
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
     }
 }
@@ -207,6 +262,16 @@ impl Credential {
         self.expires_at.is_some_and(|t| now_secs >= t)
     }
 
+    /// Whether `presented` (a key hash) is this credential's key, or the key
+    /// a roll replaced while its grace lasts. Constant time in the digests.
+    pub fn key_matches(&self, presented: &Digest, now_secs: u64) -> bool {
+        let current = ct_eq(&self.key_hash, presented);
+        let previous = self
+            .previous_key
+            .is_some_and(|(h, until)| now_secs < until && ct_eq(&h, presented));
+        current | previous
+    }
+
     /// Checks a presented secret against the current secret and, until its
     /// grace deadline, the one it replaced. Constant time in the digests.
     pub fn secret_matches(&self, presented: &Digest, now_secs: u64) -> bool {
@@ -216,6 +281,70 @@ impl Credential {
             .is_some_and(|(h, until)| now_secs < until && ct_eq(&h, presented));
         current | previous
     }
+}
+
+/// Longest owner name.
+pub const MAX_OWNER_LEN: usize = 128;
+/// Most forwarded metadata fields per key, and the longest value.
+pub const MAX_FORWARDED_METADATA: usize = 16;
+pub const MAX_METADATA_VALUE_LEN: usize = 256;
+
+/// An owner goes into a header and the access log: a user name, e-mail
+/// address or service-account id (letters, digits, `-_.:@+`).
+pub fn check_owner(field: &str, owner: &str) -> Result<(), ConfigError> {
+    let ok = (1..=MAX_OWNER_LEN).contains(&owner.len())
+        && owner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@+".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!("must be 1 to {MAX_OWNER_LEN} characters: letters, digits, '-', '_', '.', ':', '@', '+'"),
+        ))
+    }
+}
+
+/// A metadata field name: a name (`check_name`) of at most 64 characters.
+pub fn check_metadata_field(field: &str, name: &str) -> Result<(), ConfigError> {
+    check_name(field, name)?;
+    if name.len() > 64 {
+        return Err(ConfigError::new(
+            field,
+            "a metadata field name is at most 64 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `value` can go into a header as it is: printable ASCII (spaces
+/// inside), not empty, no surrounding space, at most
+/// [`MAX_METADATA_VALUE_LEN`].
+pub fn is_header_value(value: &str) -> bool {
+    (1..=MAX_METADATA_VALUE_LEN).contains(&value.len())
+        && value.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+        && !value.starts_with(' ')
+        && !value.ends_with(' ')
+}
+
+fn check_forwarded_metadata(m: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    if m.len() > MAX_FORWARDED_METADATA {
+        return Err(ConfigError::new(
+            "metadata",
+            format!("at most {MAX_FORWARDED_METADATA} forwarded fields"),
+        ));
+    }
+    for (k, v) in m {
+        check_metadata_field(&format!("metadata.{k}"), k)?;
+        if !is_header_value(v) {
+            return Err(ConfigError::new(
+                &format!("metadata.{k}"),
+                format!("must be 1 to {MAX_METADATA_VALUE_LEN} printable ASCII characters"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Enforces the per-tenant seed rules over a whole set of records.
@@ -265,6 +394,10 @@ pub(crate) mod tests {
             rate_limit: None,
             status: Status::Active,
             expires_at: None,
+            owner: None,
+            previous_key_hash: None,
+            previous_key_expires_at: None,
+            metadata: BTreeMap::new(),
         }
     }
 

@@ -27,6 +27,12 @@
 //! | 32 / 40 / 8 / 8 | secret hash, previous secret hash + until, limit (requests, window), expires at — each only when flagged |
 //! | str × 3 | key id, tenant, environment (empty = `live`), each a length byte and UTF-8 |
 //! | list × 2 | scopes, allowed IPs: a count byte (IPs: two bytes), then strings |
+//! | tagged × n | optional fields, each a tag byte and its value: [`T_OWNER`] a string; [`T_PREVIOUS_KEY`] 32-byte hash + 8-byte until; [`T_METADATA`] a count byte, then name and value strings |
+//!
+//! A rolled key's old value has an alias entry under its own name:
+//! [`ALIAS`], the 17 hash bytes its name leaves out, and the full hash of
+//! the credential it now names (50 bytes, no counter: the credential's
+//! counter is the one both values spend).
 
 use crate::credential::{Credential, CredentialRecord, Kind, Status};
 use crate::hash::Digest;
@@ -46,6 +52,14 @@ const F_SECRET: u8 = 4;
 const F_PREVIOUS: u8 = 8;
 const F_LIMIT: u8 = 16;
 const F_EXPIRES: u8 = 32;
+
+/// Optional fields after the lists, each behind its tag (absent: not set).
+pub const T_OWNER: u8 = 1;
+pub const T_PREVIOUS_KEY: u8 = 2;
+pub const T_METADATA: u8 = 3;
+
+/// Version byte of an alias entry (a rolled key's old value).
+pub const ALIAS: u8 = 0xa1;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     // Names are checked to at most 64 bytes (`check_name`), scopes and IPs
@@ -122,7 +136,52 @@ pub fn encode(generation: u64, c: &Credential) -> Vec<u8> {
     for ip in c.allowed_ips.iter().take(ips) {
         put_str(&mut out, &ip.to_string());
     }
+    put_tagged(&mut out, c);
     out
+}
+
+fn put_tagged(out: &mut Vec<u8>, c: &Credential) {
+    if let Some(owner) = &c.owner {
+        out.push(T_OWNER);
+        put_str(out, owner);
+    }
+    if let Some((h, until)) = &c.previous_key {
+        out.push(T_PREVIOUS_KEY);
+        out.extend_from_slice(h);
+        out.extend_from_slice(&until.to_le_bytes());
+    }
+    if !c.metadata.is_empty() {
+        out.push(T_METADATA);
+        out.push(c.metadata.len().min(255) as u8);
+        for (k, v) in c.metadata.iter().take(255) {
+            put_str(out, k);
+            put_str(out, v);
+        }
+    }
+}
+
+/// The alias entry naming `target` under `old`'s name.
+pub fn encode_alias(old: &Digest, target: &Digest) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 32 - NAME_HASH_BYTES + 32);
+    out.push(ALIAS);
+    out.extend_from_slice(old.get(NAME_HASH_BYTES..).unwrap_or_default());
+    out.extend_from_slice(target);
+    out
+}
+
+/// The credential hash an alias entry stored under `hash` names; None for
+/// anything else (a credential entry, a foreign or corrupt alias).
+pub fn alias_target(bytes: &[u8], hash: &Digest) -> Option<Digest> {
+    let mut r = Reader(bytes);
+    if r.byte()? != ALIAS {
+        return None;
+    }
+    let suffix = r.take(32 - NAME_HASH_BYTES)?;
+    if !bool::from(suffix.ct_eq(hash.get(NAME_HASH_BYTES..)?)) {
+        return None;
+    }
+    let target = r.array::<32>()?;
+    r.0.is_empty().then_some(target)
 }
 
 /// Reads the layout; every read is bounds-checked (entries come from the
@@ -209,8 +268,25 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
         .collect::<Option<Vec<_>>>()?;
     let ips = u16::from_le_bytes(r.array()?);
     let allowed_ips = (0..ips).map(|_| r.string()).collect::<Option<Vec<_>>>()?;
-    if !r.0.is_empty() {
-        return None;
+    let (mut owner, mut previous_key, mut metadata) = (None, None, Default::default());
+    let mut last_tag = 0;
+    while !r.0.is_empty() {
+        let tag = r.byte()?;
+        // Each tag once, in order: one encoding per credential.
+        if tag <= last_tag {
+            return None;
+        }
+        last_tag = tag;
+        match tag {
+            T_OWNER => owner = Some(r.string()?),
+            T_PREVIOUS_KEY => previous_key = Some((r.array::<32>()?, r.u64()?)),
+            T_METADATA => {
+                metadata = (0..r.byte()?)
+                    .map(|_| Some((r.string()?, r.string()?)))
+                    .collect::<Option<_>>()?;
+            }
+            _ => return None,
+        }
     }
     let record = CredentialRecord {
         key_id,
@@ -234,6 +310,10 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
             Status::Active
         },
         expires_at,
+        owner,
+        previous_key_hash: previous_key.map(|(h, _)| hex::encode(h)),
+        previous_key_expires_at: previous_key.map(|(_, until)| until),
+        metadata,
     };
     // Validated again: the entry came from the host.
     let cred = Credential::try_from(&record).ok()?;
@@ -302,6 +382,10 @@ mod tests {
             }),
             status: Status::Active,
             expires_at: None,
+            owner: None,
+            previous_key_hash: None,
+            previous_key_expires_at: None,
+            metadata: Default::default(),
         };
         extra(&mut r);
         r
@@ -319,6 +403,15 @@ mod tests {
             r.allowed_ips = vec!["10.0.0.0/8".into(), "2001:db8::/32".into()];
             r.status = Status::Inactive;
             r.expires_at = Some(1_900_000_000);
+            r.owner = Some("alice@example.com".into());
+            r.previous_key_hash = Some(hex::encode(sha256(b"rolled-away")));
+            r.previous_key_expires_at = Some(1_800_000_100);
+            r.metadata = [
+                ("plan_tier".into(), "gold".into()),
+                ("region".into(), "eu 1".into()),
+            ]
+            .into_iter()
+            .collect();
         });
         for r in [record(|_| {}), full, record(|r| r.rate_limit = None)] {
             let c = Credential::try_from(&r).unwrap();
@@ -367,6 +460,56 @@ mod tests {
         assert_eq!(decode(&used, &c.key_hash), Some((3, c)));
         assert_eq!(tat(b""), None);
         assert_eq!(with_tat(b"", 1), None);
+    }
+
+    #[test]
+    fn each_optional_field_round_trips_alone() {
+        let variants: [fn(&mut CredentialRecord); 3] = [
+            |r| r.owner = Some("svc:billing".into()),
+            |r| {
+                r.previous_key_hash = Some(hex::encode(sha256(b"old")));
+                r.previous_key_expires_at = Some(5);
+            },
+            |r| r.metadata = [("tier".into(), "1".into())].into_iter().collect(),
+        ];
+        for v in variants {
+            let c = Credential::try_from(&record(v)).unwrap();
+            assert_eq!(decode(&encode(2, &c), &c.key_hash), Some((2, c)));
+        }
+    }
+
+    #[test]
+    fn an_owner_costs_its_length_and_two_bytes() {
+        let plain = Credential::try_from(&record(|_| {})).unwrap();
+        let owned = Credential::try_from(&record(|r| r.owner = Some("alice".into()))).unwrap();
+        assert_eq!(encode(1, &owned).len(), encode(1, &plain).len() + 2 + 5);
+    }
+
+    #[test]
+    fn repeated_or_unknown_tags_are_refused() {
+        let c = Credential::try_from(&record(|r| r.owner = Some("a".into()))).unwrap();
+        let bytes = encode(1, &c);
+        let mut twice = bytes.clone();
+        twice.extend_from_slice(&[T_OWNER, 1, b'b']);
+        assert_eq!(decode(&twice, &c.key_hash), None);
+        let mut unknown = encode(1, &Credential::try_from(&record(|_| {})).unwrap());
+        unknown.extend_from_slice(&[0x7f, 0]);
+        assert_eq!(decode(&unknown, &c.key_hash), None);
+    }
+
+    #[test]
+    fn an_alias_names_its_target_only_under_its_own_hash() {
+        let (old, new) = (sha256(b"old"), sha256(b"new"));
+        let alias = encode_alias(&old, &new);
+        assert_eq!(alias.len(), 50);
+        assert_eq!(alias_target(&alias, &old), Some(new));
+        assert_eq!(alias_target(&alias, &new), None);
+        assert_eq!(alias_target(alias.get(..49).unwrap(), &old), None);
+        // An alias is no credential entry, and has no counter.
+        assert_eq!(decode(&alias, &old), None);
+        assert_eq!(tat(&alias), None);
+        let c = Credential::try_from(&record(|_| {})).unwrap();
+        assert_eq!(alias_target(&encode(1, &c), &c.key_hash), None);
     }
 
     #[test]

@@ -225,6 +225,10 @@ pub struct Plan {
     /// Full push: an unchanged record keeps its committed slot (re-tagged
     /// with the new generation) instead of staging a copy.
     pub full: bool,
+    /// Rolled keys (new hash, old hash): the old value's entry becomes an
+    /// alias (among `upserts`), and the sync role carries the rate-limit
+    /// state the old entry held over to the new one.
+    pub rolled: Vec<(Digest, Digest)>,
 }
 
 impl Plan {
@@ -480,11 +484,28 @@ pub fn plan(
     let (claim, commit, stamp) = check_sequence(&push, state)?;
     let mut upserts = Vec::with_capacity(push.upserts.len());
     let mut key_ids = Vec::with_capacity(push.upserts.len());
+    let mut rolled = Vec::new();
     for (i, r) in push.upserts.iter().enumerate() {
         let c = Credential::try_from(r)
             .map_err(|e| SyncError::Invalid(e.under(&format!("upserts[{i}]")).to_string()))?;
         key_ids.push((c.key_id.clone(), c.key_hash));
         upserts.push((c.key_hash, entry::encode(push.generation, &c)));
+        if let Some((old, _)) = c.previous_key {
+            rolled.push((c.key_hash, old));
+        }
+    }
+    // A rolled key's old value names the new credential until its deadline
+    // (checked by the gate against the credential's own copy of it).
+    for (new, old) in &rolled {
+        upserts.push((*old, entry::encode_alias(old, new)));
+    }
+    let aliased: std::collections::HashSet<Digest> = rolled.iter().map(|(_, old)| *old).collect();
+    let mut seen = std::collections::HashSet::with_capacity(upserts.len());
+    if let Some((h, _)) = upserts.iter().find(|(h, _)| !seen.insert(*h)) {
+        return Err(SyncError::Invalid(format!(
+            "upserts: key hash {} is used twice (a rolled key's previous_key_hash may not be another key's)",
+            crate::hash::to_hex(h)
+        )));
     }
     let deletes = push
         .deletes
@@ -496,6 +517,11 @@ pub fn plan(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The sidecar deletes the hash a roll replaced; its alias takes the place.
+    let deletes: Vec<Digest> = deletes
+        .into_iter()
+        .filter(|h| !aliased.contains(h))
+        .collect();
     for (i, r) in push.revoked_sessions.iter().enumerate() {
         let field = |f: &str| format!("revoked_sessions[{i}].{f}");
         check_name(&field("key_id"), &r.key_id).map_err(|e| SyncError::Invalid(e.to_string()))?;
@@ -515,6 +541,7 @@ pub fn plan(
         stamp,
         generation: push.generation,
         full: push.mode == Mode::Full,
+        rolled,
     })
 }
 
@@ -668,6 +695,7 @@ fn check_sequence(
 mod tests {
     use super::*;
     use crate::credential::tests::record;
+    use crate::hash::to_hex;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -887,6 +915,30 @@ mod tests {
         p.deletes = vec!["xyz".into()];
         assert!(
             matches!(run(&p, &SyncState::default()), Err(SyncError::Invalid(m)) if m.starts_with("deletes[0]"))
+        );
+    }
+
+    #[test]
+    fn a_rolled_key_gets_an_alias_under_its_old_hash_instead_of_a_delete() {
+        let old = crate::hash::sha256(b"old-value");
+        let mut p = push(Mode::Incremental, 1, 1, 2);
+        p.upserts[0].previous_key_hash = Some(to_hex(&old));
+        p.upserts[0].previous_key_expires_at = Some(100);
+        p.deletes = vec![to_hex(&old)];
+        let plan = run(&p, &held(1, 1)).unwrap();
+        let new = crate::hash::sha256(b"k1");
+        assert_eq!(plan.rolled, vec![(new, old)]);
+        assert!(plan.deletes.is_empty());
+        let (_, alias) = plan.upserts.iter().find(|(h, _)| *h == old).unwrap();
+        assert_eq!(crate::entry::alias_target(alias, &old), Some(new));
+        // An old hash that is another key's is refused.
+        let mut p = push(Mode::Full, 1, 0, 1);
+        let other = record("k2", "t");
+        p.upserts[0].previous_key_hash = Some(other.key_hash.clone());
+        p.upserts[0].previous_key_expires_at = Some(100);
+        p.upserts.push(other);
+        assert!(
+            matches!(run(&p, &SyncState::default()), Err(SyncError::Invalid(m)) if m.contains("used twice"))
         );
     }
 

@@ -27,6 +27,9 @@ pub struct MemoryHost {
     pub interfere: u32,
     /// Lent to the decision as the VM's verified-token cache.
     pub verified: VerifiedTokens,
+    /// Credential lookups by hash the decision made (each a shared-data
+    /// read in Envoy).
+    pub lookups: u32,
 }
 
 impl CounterCell for MemoryHost {
@@ -61,6 +64,7 @@ impl CounterCell for MemoryHost {
 
 impl Host for MemoryHost {
     fn lookup(&mut self, h: &Digest) -> Option<Rc<Credential>> {
+        self.lookups += 1;
         self.dynamic.get(h).cloned()
     }
     fn lookup_key_id(&mut self, key_id: &str) -> Option<Rc<Credential>> {

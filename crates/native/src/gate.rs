@@ -162,6 +162,7 @@ fn filter_state_key(field: &'static str) -> Cow<'static, str> {
         "keygate_key_id" => "wasm.keygate_key_id",
         "keygate_tenant" => "wasm.keygate_tenant",
         "keygate_environment" => "wasm.keygate_environment",
+        "keygate_owner" => "wasm.keygate_owner",
         "keygate_scope_required" => "wasm.keygate_scope_required",
         "keygate_rate_remaining" => "wasm.keygate_rate_remaining",
         "keygate_session_id" => "wasm.keygate_session_id",
@@ -194,6 +195,9 @@ fn decision_fields(d: &Decision, mut f: impl FnMut(&'static str, &str)) {
         f("wasm.keygate_key_id", &c.key_id);
         f("wasm.keygate_tenant", &c.tenant);
         f("wasm.keygate_environment", &c.environment);
+        if let Some(owner) = &c.owner {
+            f("wasm.keygate_owner", owner);
+        }
     }
     if let Some(scope) = &d.required_scope {
         f("wasm.keygate_scope_required", scope);

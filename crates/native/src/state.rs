@@ -494,6 +494,16 @@ thread_local! {
 pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
     let snapshot = tables().snapshot.load();
     let record = snapshot.credentials.get(hash.get(..NAME_HASH_BYTES)?)?;
+    // A rolled key's old value names the credential now (the core checks
+    // the deadline); one hop only.
+    if let Some(target) = keygate_core::entry::alias_target(record, hash) {
+        return lookup_entry(&snapshot, &target);
+    }
+    lookup_entry(&snapshot, hash)
+}
+
+fn lookup_entry(snapshot: &Snapshot, hash: &Digest) -> Option<Rc<Credential>> {
+    let record = snapshot.credentials.get(hash.get(..NAME_HASH_BYTES)?)?;
     CACHE.with(|cache| {
         let mut cache = cache.try_borrow_mut().ok()?;
         if let Some((cached, cred)) = cache.get(hash) {

@@ -64,6 +64,8 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 // `plan` validated each record; one that does not decode would
                 // be a core bug: refuse the push rather than half-apply.
                 decode_record(bytes, hash)
+                    .map(|_| ())
+                    .or_else(|| keygate_core::entry::alias_target(bytes, hash).map(|_| ()))
                     .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
             }
             if current.state.pending.map(|p| p.stamp) != Some(plan.stamp)

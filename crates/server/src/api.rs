@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use keygate_control::logs::{query_logs, LogQuery};
 use keygate_control::mgmt::{self, Audit, Role};
-use keygate_control::service::{parse_rate, KeyPatch, NewKey};
+use keygate_control::service::{check_metadata, parse_rate, KeyFormat, KeyPatch, NewKey};
 use keygate_control::store::StoredKey;
 use keygate_control::usage::{query_usage, Bucket, UsageQuery};
 use keygate_control::{Conn, Service};
@@ -51,6 +51,11 @@ pub fn routes() -> Vec<Route> {
             "/api/v1/tenants/{tenant}/keys/{key_id}/rotate-secret",
             Method::POST,
             post(rotate_secret),
+        ),
+        (
+            "/api/v1/tenants/{tenant}/keys/{key_id}/roll",
+            Method::POST,
+            post(roll_key),
         ),
         (
             "/api/v1/tenants/{tenant}/sessions",
@@ -226,6 +231,10 @@ fn key_view(k: &StoredKey, last_used: Option<u64>) -> Value {
         "has_secret": r.secret_hash.is_some(),
         "previous_secret_valid_until": r.previous_secret_expires_at.map(rfc3339),
         "expires_at": r.expires_at.map(rfc3339),
+        "expired": r.expires_at.is_some_and(|t| t <= now()),
+        "owner": r.owner,
+        "metadata": k.metadata,
+        "previous_key_valid_until": r.previous_key_expires_at.filter(|t| *t > now()).map(rfc3339),
         "created_at": rfc3339(k.created_at),
         "updated_at": rfc3339(k.updated_at),
         "last_used_at": last_used.map(rfc3339),
@@ -411,6 +420,12 @@ struct CreateKey {
     #[serde(default)]
     with_secret: bool,
     expires_at: Option<String>,
+    /// The user of the tenant the key is for.
+    owner: Option<String>,
+    /// A JSON object, at most 4 KiB serialised.
+    metadata: Option<Value>,
+    /// `identifiable` or `hex64`; default: the server's.
+    key_format: Option<KeyFormat>,
 }
 
 async fn create_key(
@@ -435,6 +450,14 @@ async fn create_key(
         .as_deref()
         .map(|s| parse_time("expires_at", s))
         .transpose()?;
+    let metadata = body
+        .metadata
+        .as_ref()
+        .map(|m| check_metadata("metadata", m))
+        .transpose()?;
+    if let Some(o) = &body.owner {
+        keygate_control::service::check_key_owner("owner", o)?;
+    }
     let new = NewKey {
         key_id: None,
         name: body.name,
@@ -451,6 +474,9 @@ async fn create_key(
         with_secret: body.with_secret,
         key_value: None,
         secret_value: None,
+        owner: body.owner,
+        metadata,
+        key_format: body.key_format,
     };
     let out = blocking(&st, move |svc, db| {
         let detail =
@@ -523,6 +549,10 @@ struct UpdateKey {
     status: Option<StatusIn>,
     #[serde(default, deserialize_with = "present")]
     expires_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    owner: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    metadata: Option<Option<Value>>,
 }
 
 async fn update_key(
@@ -570,6 +600,18 @@ async fn update_key(
         p.expires_at = Some(
             e.as_deref()
                 .map(|s| parse_time("expires_at", s))
+                .transpose()?,
+        );
+    }
+    if let Some(o) = body.owner {
+        changed.push("owner");
+        p.owner = Some(o);
+    }
+    if let Some(m) = body.metadata {
+        changed.push("metadata");
+        p.metadata = Some(
+            m.as_ref()
+                .map(|m| check_metadata("metadata", m))
                 .transpose()?,
         );
     }
@@ -657,6 +699,61 @@ async fn rotate_secret(
             "key_id": key_id,
             "secret": secret,
             "previous_secret_valid_until": (grace > 0).then(|| rfc3339(t + grace)),
+        }))
+    })
+    .await?;
+    Ok(axum::Json(out).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Roll {
+    /// Seconds the old value keeps working (0: refused at once).
+    #[serde(default)]
+    grace_seconds: u64,
+    /// `identifiable` or `hex64`; default: the server's.
+    key_format: Option<KeyFormat>,
+}
+
+/// A new value for the key: everything else stays (id, name, scopes,
+/// owner, metadata, rate-limit state, logs, usage).
+async fn roll_key(
+    State(st): St,
+    Path((tenant, key_id)): Path<(String, String)>,
+    who: Auth,
+    JsonOrEmpty(body): JsonOrEmpty<Roll>,
+) -> Result<Response, ApiError> {
+    who.tenant(&tenant)?;
+    if body.grace_seconds > MAX_GRACE {
+        return Err(ApiError::invalid(
+            "grace_seconds",
+            format!("at most {MAX_GRACE} (30 days)"),
+        ));
+    }
+    let out = blocking(&st, move |svc, db| {
+        let r = audited(
+            svc,
+            db,
+            &who,
+            &tenant,
+            "key.roll",
+            Some(&key_id),
+            json!({"grace_seconds": body.grace_seconds}),
+            |svc| {
+                svc.roll_key(
+                    Some(&tenant),
+                    &key_id,
+                    body.grace_seconds,
+                    body.key_format,
+                    now(),
+                )
+            },
+            |_| key_id.clone(),
+        )?;
+        Ok(json!({
+            "key_id": r.key_id,
+            "api_key": r.api_key,
+            "previous_key_valid_until": r.previous_key_expires_at.map(rfc3339),
         }))
     })
     .await?;

@@ -337,3 +337,151 @@ async fn repeated_bad_tokens_get_429() {
     let (s, v) = call(&f.app, "GET", "/api/v1/tenants", Some("kgt_wrong"), None).await;
     assert_eq!((s, v["error"].as_str()), (429, Some("too_many_failures")));
 }
+
+#[tokio::test]
+async fn a_roll_gives_a_new_value_and_keeps_owner_metadata_and_id() {
+    let fx = fixture();
+    let (s, created) = call(
+        &fx.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&fx.acme),
+        Some(r#"{"name":"billing","scopes":["read"],"owner":"alice@example.com","metadata":{"plan_tier":"gold"}}"#),
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let api_key = created["api_key"].as_str().unwrap().to_owned();
+    assert!(api_key.starts_with("kg_live_"), "{api_key}");
+    assert_eq!(created["key"]["owner"], "alice@example.com");
+    assert_eq!(created["key"]["metadata"]["plan_tier"], "gold");
+    let id = created["key_id"].as_str().unwrap().to_owned();
+    let uri = format!("/api/v1/tenants/acme/keys/{id}/roll");
+    let (s, rolled) = call(
+        &fx.app,
+        "POST",
+        &uri,
+        Some(&fx.acme),
+        Some(r#"{"grace_seconds":60}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{rolled}");
+    assert_ne!(rolled["api_key"], json!(api_key));
+    assert!(rolled["previous_key_valid_until"].is_string());
+    let (_, k) = call(
+        &fx.app,
+        "GET",
+        &format!("/api/v1/tenants/acme/keys/{id}"),
+        Some(&fx.acme),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (k["name"].clone(), k["owner"].clone()),
+        (json!("billing"), json!("alice@example.com"))
+    );
+    assert!(k["previous_key_valid_until"].is_string());
+    assert_eq!(k["expired"], false);
+    let (s, e) = call(
+        &fx.app,
+        "POST",
+        &uri,
+        Some(&fx.acme),
+        Some(r#"{"grace_seconds":9999999}"#),
+    )
+    .await;
+    assert_eq!(
+        (
+            s,
+            e["message"].as_str().unwrap().starts_with("grace_seconds")
+        ),
+        (422, true),
+        "{e}"
+    );
+    // hex64 on request.
+    let (s, h) = call(
+        &fx.app,
+        "POST",
+        &uri,
+        Some(&fx.acme),
+        Some(r#"{"key_format":"hex64"}"#),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(keygate_core::hash::is_hex64(
+        h["api_key"].as_str().unwrap().as_bytes()
+    ));
+}
+
+#[tokio::test]
+async fn bad_metadata_or_owner_is_422_naming_the_field_and_changes_nothing() {
+    let fx = fixture();
+    let (_, created) = call(
+        &fx.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&fx.acme),
+        Some(r#"{"name":"k","scopes":["read"]}"#),
+    )
+    .await;
+    let id = created["key_id"].as_str().unwrap().to_owned();
+    let big = format!(
+        r#"{{"name":"x","scopes":["read"],"metadata":{{"a":"{}"}}}}"#,
+        "x".repeat(5000)
+    );
+    for (body, field) in [
+        (
+            r#"{"name":"x","scopes":["read"],"metadata":[1,2]}"#.to_string(),
+            "metadata",
+        ),
+        (big, "metadata"),
+        (
+            r#"{"name":"x","scopes":["read"],"owner":"has space"}"#.to_string(),
+            "owner",
+        ),
+    ] {
+        let (s, e) = call(
+            &fx.app,
+            "POST",
+            "/api/v1/tenants/acme/keys",
+            Some(&fx.acme),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(s, 422, "{e}");
+        assert!(e["message"].as_str().unwrap().starts_with(field), "{e}");
+    }
+    let uri = format!("/api/v1/tenants/acme/keys/{id}");
+    let (_, before) = call(&fx.app, "GET", &uri, Some(&fx.acme), None).await;
+    let (s, e) = call(
+        &fx.app,
+        "PATCH",
+        &uri,
+        Some(&fx.acme),
+        Some(r#"{"name":"new","metadata":"text"}"#),
+    )
+    .await;
+    assert_eq!(s, 422, "{e}");
+    let (_, after) = call(&fx.app, "GET", &uri, Some(&fx.acme), None).await;
+    assert_eq!(before, after);
+    let (s, k) = call(
+        &fx.app,
+        "PATCH",
+        &uri,
+        Some(&fx.acme),
+        Some(r#"{"owner":"bob","metadata":{"t":1}}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, k["owner"].clone(), k["metadata"]["t"].clone()),
+        (200, json!("bob"), json!(1))
+    );
+    let (_, list) = call(
+        &fx.app,
+        "GET",
+        "/api/v1/tenants/acme/keys",
+        Some(&fx.acme),
+        None,
+    )
+    .await;
+    assert!(list.to_string().contains(r#""owner":"bob""#), "{list}");
+}

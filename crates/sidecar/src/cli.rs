@@ -22,6 +22,15 @@ pub struct Cli {
     /// Machine-readable JSON output (errors too, as JSON on stderr).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Format of generated key values: identifiable (<prefix>_<env>_<random><checksum>,
+    /// found by secret scanners, refused by checksum at the gate) or hex64.
+    #[arg(long, global = true, env = "KEYGATE_KEY_FORMAT", default_value = "identifiable",
+          value_parser = parse_key_format)]
+    pub key_format: keygate_control::service::KeyFormat,
+    /// Prefix of identifiable keys (a-z, 0-9, starting with a letter, at most
+    /// 10); the gates' `key_prefixes` must list it.
+    #[arg(long, global = true, env = "KEYGATE_KEY_PREFIX", default_value = "kg")]
+    pub key_prefix: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -130,6 +139,16 @@ pub struct ServeArgs {
     /// more answer 429 until the window ends.
     #[arg(long, value_parser = keygate_control::service::parse_rate, default_value = "10/min")]
     pub auth_failures: keygate_core::rate_limit::RateLimit,
+    /// Metadata fields pushed into Envoy with each key, comma separated
+    /// (the fields the gates' `headers.metadata` forward upstream); other
+    /// metadata stays in the store.
+    #[arg(
+        long,
+        env = "KEYGATE_FORWARD_METADATA",
+        value_delimiter = ',',
+        value_name = "FIELD,..."
+    )]
+    pub forward_metadata: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -165,7 +184,7 @@ pub enum SessionCommand {
 #[derive(Subcommand)]
 pub enum KeyCommand {
     /// Create a key; the key (and secret) are shown once, only hashes are stored.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List keys (never secrets).
     List {
         #[arg(long)]
@@ -179,6 +198,33 @@ pub enum KeyCommand {
         /// e.g. 10m, 1h; default 0 (old secret refused at once).
         #[arg(long, value_parser = parse_duration)]
         grace: Option<Duration>,
+    },
+    /// Issue a new value for the key (same id, name, scopes, owner, metadata,
+    /// rate-limit state, logs and usage); the old value works for --grace.
+    Roll {
+        key_id: String,
+        /// e.g. 10m, 1h; default 0 (old value refused at once); at most 30d.
+        #[arg(long, value_parser = parse_duration)]
+        grace: Option<Duration>,
+        /// Format of the new value (default: --key-format).
+        #[arg(long = "format", value_parser = parse_key_format)]
+        format: Option<keygate_control::service::KeyFormat>,
+    },
+    /// Set the key's owner (a user of its tenant), or --clear it.
+    Owner {
+        key_id: String,
+        #[arg(required_unless_present = "clear")]
+        owner: Option<String>,
+        #[arg(long, conflicts_with = "owner")]
+        clear: bool,
+    },
+    /// Replace the key's metadata (a JSON object, at most 4 KiB), or --clear it.
+    Metadata {
+        key_id: String,
+        #[arg(required_unless_present = "clear", value_name = "JSON")]
+        metadata: Option<String>,
+        #[arg(long, conflicts_with = "metadata")]
+        clear: bool,
     },
     /// Remove a key: refused (401) as soon as the sidecar pushes.
     Revoke { key_id: String },
@@ -249,6 +295,15 @@ pub struct CreateArgs {
     /// Use this secret instead of a random one (implies a secret).
     #[arg(long, value_name = "SECRET")]
     pub secret_value: Option<String>,
+    /// The user of the tenant the key is for (sent upstream as x-keygate-owner).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// A JSON object (at most 4 KiB), e.g. '{"plan_tier":"gold"}'.
+    #[arg(long, value_name = "JSON")]
+    pub metadata: Option<String>,
+    /// Format of this key's value (default: --key-format).
+    #[arg(long = "format", value_parser = parse_key_format)]
+    pub format: Option<keygate_control::service::KeyFormat>,
 }
 
 #[derive(Args)]
@@ -294,6 +349,20 @@ pub struct SyncArgs {
     /// when an endpoint's state changes).
     #[arg(long)]
     pub status_file: Option<PathBuf>,
+    /// Metadata fields pushed into Envoy with each key, comma separated
+    /// (the fields the gates' `headers.metadata` forward upstream); other
+    /// metadata stays in the store.
+    #[arg(
+        long,
+        env = "KEYGATE_FORWARD_METADATA",
+        value_delimiter = ',',
+        value_name = "FIELD,..."
+    )]
+    pub forward_metadata: Vec<String>,
+}
+
+fn parse_key_format(s: &str) -> Result<keygate_control::service::KeyFormat, String> {
+    s.parse()
 }
 
 fn parse_kind(s: &str) -> Result<Kind, String> {

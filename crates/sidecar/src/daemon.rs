@@ -70,6 +70,8 @@ pub struct Options {
     pub token_lifetime: Duration,
     /// Where to keep a JSON health report of every endpoint.
     pub status_file: Option<PathBuf>,
+    /// Metadata fields pushed with each key (see `Endpoint::forward_metadata`).
+    pub forward_metadata: Vec<String>,
 }
 
 /// One endpoint's line in the status file.
@@ -142,6 +144,7 @@ pub fn run(store: &dyn Store, opts: Options) -> Result<(), Error> {
         .map(|e| {
             Endpoint::new(e, opts.takeover).map(|mut ep| {
                 ep.token_lifetime = opts.token_lifetime;
+                ep.forward_metadata = opts.forward_metadata.clone();
                 ep
             })
         })

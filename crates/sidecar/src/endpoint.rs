@@ -2,13 +2,15 @@
 //! the pushes that bring it to a store snapshot. Each endpoint is driven by
 //! its own thread (see `daemon`), so a slow or dead Envoy delays only itself.
 
-use keygate_control::store::Snapshot;
+use keygate_control::service::forwarded_metadata;
+use keygate_control::store::{Snapshot, StoredKey};
 use keygate_core::shared_data::key_id_slot;
 use keygate_core::sync::{
     is_foreign, sign, Mode, Push, RevokedSession, StoreId, SyncState, MAX_PUSH_BYTES,
     MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::CredentialRecord;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +63,8 @@ struct Held {
     version: u64,
     /// The snapshot it was brought to (shared with the daemon, not copied).
     snap: Arc<Snapshot>,
+    /// When it was pushed (Unix seconds): which roll aliases it still held.
+    at: u64,
     revoked: BTreeSet<RevokedSession>,
 }
 
@@ -166,6 +170,9 @@ pub struct Endpoint {
     pub takeover: bool,
     /// Revocations older than this cannot match a live token: not pushed.
     pub token_lifetime: Duration,
+    /// Metadata fields pushed with each key (the gates' `headers.metadata`
+    /// names); no other metadata reaches Envoy.
+    pub forward_metadata: Vec<String>,
 }
 
 pub fn log(msg: &str) {
@@ -191,11 +198,55 @@ pub fn host_port(endpoint: &str) -> Result<String, Error> {
     Ok(rest.to_owned())
 }
 
-/// The snapshot's records by key hash, borrowed.
-fn by_hash(snap: &Snapshot) -> HashMap<&str, &CredentialRecord> {
-    snap.keys
-        .iter()
-        .map(|k| (k.record.key_hash.as_str(), &k.record))
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The record Envoy should hold for a key: with the forwarded metadata
+/// fields only, and without a rolled-away value whose grace has ended at
+/// `now`, so the next push deletes its alias entry. (Not a push of its own:
+/// the gate already refuses the old value by the deadline the credential
+/// carries, and at a million keys a full push to drop 50 bytes would cost
+/// far more than it saves.) Borrowed, not copied, when nothing changes: the
+/// common case, and what keeps a million-key push cheap.
+fn pushed<'a>(k: &'a StoredKey, forward: &[String], now: u64) -> Cow<'a, CredentialRecord> {
+    let metadata = forwarded_metadata(k.metadata.as_ref(), forward);
+    let alias_ended = k.record.previous_key_expires_at.is_some_and(|t| t <= now);
+    if metadata == k.record.metadata && !alias_ended {
+        return Cow::Borrowed(&k.record);
+    }
+    let mut r = k.record.clone();
+    r.metadata = metadata;
+    if alias_ended {
+        r.previous_key_hash = None;
+        r.previous_key_expires_at = None;
+    }
+    Cow::Owned(r)
+}
+
+/// The records a snapshot pushes (see [`pushed`]), in store order.
+fn pushed_set<'a>(
+    snap: &'a Snapshot,
+    forward: &[String],
+    now: u64,
+) -> Vec<Cow<'a, CredentialRecord>> {
+    snap.keys.iter().map(|k| pushed(k, forward, now)).collect()
+}
+
+/// The pushed records by key hash.
+fn by_hash<'a>(set: &'a [Cow<'a, CredentialRecord>]) -> HashMap<&'a str, &'a CredentialRecord> {
+    set.iter()
+        .map(|r| (r.key_hash.as_str(), r.as_ref()))
+        .collect()
+}
+
+/// Every entry a set occupies in Envoy: each key's hash and, during a
+/// roll's grace, the alias under its old value's hash.
+fn occupied<'a>(set: &'a [Cow<'a, CredentialRecord>]) -> BTreeSet<&'a str> {
+    set.iter()
+        .flat_map(|r| std::iter::once(r.key_hash.as_str()).chain(r.previous_key_hash.as_deref()))
         .collect()
 }
 
@@ -246,6 +297,7 @@ impl Endpoint {
             metrics: Metrics::default(),
             takeover,
             token_lifetime: Duration::from_secs(keygate_core::token::MAX_LIFETIME_SECS),
+            forward_metadata: Vec::new(),
         })
     }
 
@@ -322,9 +374,11 @@ impl Endpoint {
                 ours: id_str(snap.store_id),
             });
         }
+        let at = now_secs();
+        let set = pushed_set(snap, &self.forward_metadata, at);
         let revoked = revocations(snap, self.token_lifetime);
         // Key hashes are unique in a valid store: each key is one upsert.
-        let items = in_entry_order(snap.keys.iter().map(|k| &k.record))
+        let items = in_entry_order(set.iter().map(|r| r.as_ref()))
             .into_iter()
             .map(Item::Upsert)
             .chain(revoked.iter().map(Item::Revoked));
@@ -343,6 +397,7 @@ impl Endpoint {
             generation,
             version: snap.version,
             snap: Arc::clone(snap),
+            at,
             revoked,
         });
         Ok(())
@@ -431,19 +486,19 @@ impl Endpoint {
             .iter()
             .filter(|r| !held.revoked.contains(r))
             .collect();
-        let before = by_hash(&held_snap);
-        let now = by_hash(snap);
-        let upserts: Vec<&CredentialRecord> = snap
-            .keys
+        let at = now_secs();
+        let held_set = pushed_set(&held_snap, &self.forward_metadata, held.at);
+        let set = pushed_set(snap, &self.forward_metadata, at);
+        let before = by_hash(&held_set);
+        let upserts: Vec<&CredentialRecord> = set
             .iter()
-            .map(|k| &k.record)
+            .map(|r| r.as_ref())
             .filter(|r| before.get(r.key_hash.as_str()) != Some(r))
             .collect();
-        let deletes: Vec<&str> = held_snap
-            .keys
-            .iter()
-            .map(|k| k.record.key_hash.as_str())
-            .filter(|h| !now.contains_key(h))
+        let occupied_now = occupied(&set);
+        let deletes: Vec<&str> = occupied(&held_set)
+            .into_iter()
+            .filter(|h| !occupied_now.contains(h))
             .collect();
         let base = Push {
             mode: Mode::Incremental,
@@ -482,6 +537,7 @@ impl Endpoint {
                     generation: base.generation,
                     version: snap.version,
                     snap: Arc::clone(snap),
+                    at,
                     revoked,
                 });
                 Ok(true)
@@ -653,6 +709,43 @@ mod tests {
             body(&push, b"").unwrap(),
             serde_json::to_vec(&push).unwrap()
         );
+    }
+
+    #[test]
+    fn the_pushed_set_forwards_only_named_metadata_and_drops_ended_aliases() {
+        let record: CredentialRecord = serde_json::from_value(serde_json::json!({
+            "key_id": "k", "key_hash": "a".repeat(64), "tenant": "t",
+            "previous_key_hash": "b".repeat(64), "previous_key_expires_at": 100
+        }))
+        .unwrap();
+        let meta = serde_json::json!({"tier": "gold", "secret_note": "x"});
+        let snap = Snapshot {
+            keys: vec![StoredKey {
+                name: String::new(),
+                created_at: 1,
+                updated_at: 1,
+                record,
+                metadata: meta.as_object().cloned(),
+            }],
+            ..Snapshot::default()
+        };
+        let during = pushed_set(&snap, &["tier".to_string()], 99);
+        let r = &during[0];
+        assert_eq!(r.metadata.len(), 1);
+        assert_eq!(r.metadata["tier"], "gold");
+        assert_eq!(occupied(&during).len(), 2, "the key and its alias");
+        let after = pushed_set(&snap, &[], 100);
+        assert_eq!(occupied(&after).len(), 1);
+        assert!(after.iter().all(|r| r.metadata.is_empty()));
+        // Nothing to strip: the store's record itself, not a copy.
+        let plain = Snapshot {
+            keys: vec![StoredKey {
+                metadata: None,
+                ..snap.keys[0].clone()
+            }],
+            ..Snapshot::default()
+        };
+        assert!(matches!(pushed(&plain.keys[0], &[], 99), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -63,7 +63,7 @@ impl CliError {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -71,6 +71,15 @@ fn now() -> u64 {
 
 fn open(store: Option<&str>) -> Result<Service, CliError> {
     Ok(Service::open(store.ok_or(CliError::NoStore)?)?)
+}
+
+/// The deployment's key style from the command line (or its variables).
+fn key_style(cli: &Cli) -> Result<keygate_control::service::KeyStyle, CliError> {
+    Ok(keygate_control::service::KeyStyle::new(
+        cli.key_format,
+        &cli.key_prefix,
+        "--key-prefix",
+    )?)
 }
 
 /// A change the CLI made, for the audit trail: (action, key id, tenant).
@@ -86,6 +95,11 @@ fn key_command<W: Write>(
         |action, k: &StoredKey| Some((action, k.record.key_id.clone(), k.record.tenant.clone()));
     let change = match cmd {
         KeyCommand::Create(a) => {
+            let metadata = a
+                .metadata
+                .as_deref()
+                .map(|m| keygate_control::service::parse_metadata("--metadata", m))
+                .transpose()?;
             let new = NewKey {
                 key_id: a.id,
                 name: a.name.unwrap_or_default(),
@@ -101,6 +115,9 @@ fn key_command<W: Write>(
                 with_secret: a.with_secret,
                 key_value: a.key_value,
                 secret_value: a.secret_value,
+                owner: a.owner,
+                metadata,
+                key_format: a.format,
             };
             let c = svc.create_key(new, t)?;
             out.created(&c)?;
@@ -121,6 +138,38 @@ fn key_command<W: Write>(
             svc.show_key(&key_id)
                 .ok()
                 .and_then(|k| changed("key.rotate_secret", &k))
+        }
+        KeyCommand::Roll {
+            key_id,
+            grace,
+            format,
+        } => {
+            let grace = grace.map_or(0, |d| d.as_secs());
+            let r = svc.roll_key(None, &key_id, grace, format, t)?;
+            out.rolled(&r)?;
+            Some(("key.roll", r.key_id, r.tenant))
+        }
+        KeyCommand::Owner {
+            key_id,
+            owner,
+            clear: _,
+        } => {
+            let k = svc.set_owner(&key_id, owner.as_deref(), t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
+        }
+        KeyCommand::Metadata {
+            key_id,
+            metadata,
+            clear: _,
+        } => {
+            let m = metadata
+                .as_deref()
+                .map(|m| keygate_control::service::parse_metadata("metadata", m))
+                .transpose()?;
+            let k = svc.set_metadata(&key_id, m, t)?;
+            out.key(&k)?;
+            changed("key.update", &k)
         }
         KeyCommand::Revoke { key_id } => {
             let k = svc.revoke_key(&key_id)?;
@@ -243,9 +292,12 @@ fn logs_command<W: Write>(out: &mut Out<W>, a: cli::LogsArgs) -> Result<(), CliE
 
 fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
     let store = cli.store.as_deref();
+    let style = key_style(&cli)?;
     match cli.command {
         Command::Key(cmd) => {
-            if let Some(change) = key_command(&open(store)?, out, cmd)? {
+            let mut svc = open(store)?;
+            svc.set_key_style(style);
+            if let Some(change) = key_command(&svc, out, cmd)? {
                 cli_audit(store, change);
             }
             Ok(())
@@ -261,6 +313,7 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
                 takeover: args.takeover,
                 token_lifetime: args.token_lifetime,
                 status_file: args.status_file,
+                forward_metadata: args.forward_metadata,
             };
             Ok(daemon::run(svc.store(), opts)?)
         }
@@ -376,7 +429,7 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
             cli_audit(store, ("portal.link_create", tok.token_id, tenant));
             Ok(())
         }
-        Command::Serve(args) => serve::run(store.ok_or(CliError::NoStore)?, args),
+        Command::Serve(args) => serve::run(store.ok_or(CliError::NoStore)?, args, style),
         Command::Session(SessionCommand::Revoke { key_id, session }) => {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -48,6 +48,10 @@ pub fn public_view(k: &StoredKey) -> Value {
         "has_secret": r.secret_hash.is_some(),
         "previous_secret_until": r.previous_secret_expires_at.map(rfc3339),
         "expires_at": r.expires_at.map(rfc3339),
+        "expired": r.expires_at.is_some_and(|t| t <= crate::now()),
+        "owner": r.owner,
+        "metadata": k.metadata,
+        "previous_key_until": r.previous_key_expires_at.filter(|t| *t > crate::now()).map(rfc3339),
         "created_at": rfc3339(k.created_at),
         "updated_at": rfc3339(k.updated_at),
     })
@@ -94,8 +98,8 @@ impl<W: Write> Out<W> {
         self.either(&v, |w| {
             writeln!(
                 w,
-                "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} ALLOWED IPS",
-                "KEY ID", "TENANT", "ENV", "KIND", "STATUS", "SCOPES", "RATE"
+                "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} {:<20} {:<21} ALLOWED IPS",
+                "KEY ID", "TENANT", "ENV", "KIND", "STATUS", "SCOPES", "RATE", "OWNER", "EXPIRES"
             )?;
             for k in keys {
                 let r = &k.record;
@@ -112,16 +116,23 @@ impl<W: Write> Out<W> {
                 } else {
                     r.allowed_ips.join(",")
                 };
+                let expires = match r.expires_at {
+                    None => "never".to_owned(),
+                    Some(t) if t <= crate::now() => format!("expired {}", rfc3339(t)),
+                    Some(t) => rfc3339(t),
+                };
                 writeln!(
                     w,
-                    "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} {ips}",
+                    "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} {:<20} {:<21} {ips}",
                     r.key_id,
                     r.tenant,
                     r.environment,
                     kind_str(r.kind),
                     status_str(r.status),
                     scopes,
-                    rate
+                    rate,
+                    r.owner.as_deref().unwrap_or("-"),
+                    expires
                 )?;
             }
             Ok(())
@@ -167,6 +178,23 @@ impl<W: Write> Out<W> {
                 None => writeln!(w, "The previous secret is refused from the next push on.")?,
             }
             writeln!(w, "Store it now: keygate keeps only its hash.")
+        })
+    }
+
+    pub fn rolled(&mut self, r: &keygate_control::service::Rolled) -> io::Result<()> {
+        let v = json!({"key_id": r.key_id, "tenant": r.tenant, "api_key": r.api_key,
+            "previous_key_until": r.previous_key_expires_at.map(rfc3339)});
+        self.either(&v, |w| {
+            writeln!(w, "Rolled key {} (tenant {})", r.key_id, r.tenant)?;
+            writeln!(w, "  API key:  {}", r.api_key)?;
+            match r.previous_key_expires_at {
+                Some(t) => writeln!(w, "The previous value keeps working until {}.", rfc3339(t))?,
+                None => writeln!(w, "The previous value is refused from the next push on.")?,
+            }
+            writeln!(
+                w,
+                "Store it now: keygate keeps only its hash and cannot show it again."
+            )
         })
     }
 

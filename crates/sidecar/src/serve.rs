@@ -30,10 +30,15 @@ fn log(msg: &str) {
     );
 }
 
-pub fn run(store: &str, args: ServeArgs) -> Result<(), CliError> {
+pub fn run(
+    store: &str,
+    args: ServeArgs,
+    style: keygate_control::service::KeyStyle,
+) -> Result<(), CliError> {
     let db = management_db(Some(store), args.db.as_deref())?;
     // Audit records commit with their changes when the store is this database.
-    let svc = Service::open(store)?.with_audit_db(&db);
+    let mut svc = Service::open(store)?.with_audit_db(&db);
+    svc.set_key_style(style);
     // A missing store is the operator's to fix, before anything listens.
     svc.snapshot()?;
     let conn = db.open()?;
@@ -57,6 +62,7 @@ pub fn run(store: &str, args: ServeArgs) -> Result<(), CliError> {
             // a live token still needs; /healthz reports endpoint health.
             token_lifetime: Duration::from_secs(keygate_core::token::MAX_LIFETIME_SECS),
             status_file: None,
+            forward_metadata: args.forward_metadata.clone(),
         };
         let daemon_store = keygate_control::store::open(store)?;
         // The daemon runs until the process ends; it holds no buffered state.

@@ -21,6 +21,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0002_tokens_sessions.sql"),
         include_str!("../../migrations/postgres/0002_tokens_sessions.sql"),
     ),
+    (
+        3,
+        "key_identity",
+        include_str!("../../migrations/sqlite/0003_key_identity.sql"),
+        include_str!("../../migrations/postgres/0003_key_identity.sql"),
+    ),
 ];
 
 /// The schema version this build creates and understands.

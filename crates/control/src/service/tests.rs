@@ -38,14 +38,27 @@ fn new_key(tenant: &str, kind: Kind) -> NewKey {
         with_secret: false,
         key_value: None,
         secret_value: None,
+        owner: None,
+        metadata: None,
+        key_format: None,
     }
 }
 
 #[test]
 fn created_key_is_random_hex_and_only_its_hash_is_stored() {
     let f = fixture();
-    let a = f.svc.create_key(new_key("acme", Kind::Scoped), 10).unwrap();
-    let b = f.svc.create_key(new_key("acme", Kind::Scoped), 10).unwrap();
+    let hex = |k| NewKey {
+        key_format: Some(crate::service::KeyFormat::Hex64),
+        ..k
+    };
+    let a = f
+        .svc
+        .create_key(hex(new_key("acme", Kind::Scoped)), 10)
+        .unwrap();
+    let b = f
+        .svc
+        .create_key(hex(new_key("acme", Kind::Scoped)), 10)
+        .unwrap();
     assert_ne!(a.api_key, b.api_key);
     assert!(keygate_core::hash::is_hex64(a.api_key.as_bytes()));
     let stored = serde_json::to_string(&f.svc.snapshot().unwrap()).unwrap();
@@ -321,4 +334,117 @@ fn scopes_cannot_be_set_on_a_default_key_or_emptied_on_a_scoped_one() {
     assert!(f.svc.set_scopes(&s.key_id, &[], 11).is_err());
     let k = f.svc.set_scopes(&s.key_id, &["write".into()], 11).unwrap();
     assert_eq!(k.record.scopes, vec!["write"]);
+}
+
+#[test]
+fn new_keys_are_identifiable_by_default_with_the_environment_in_them() {
+    let f = fixture();
+    let c = f
+        .svc
+        .create_key(
+            NewKey {
+                environment: "test".into(),
+                ..new_key("acme", Kind::Scoped)
+            },
+            10,
+        )
+        .unwrap();
+    assert!(c.api_key.starts_with("kg_test_"), "{}", c.api_key);
+    assert_eq!(
+        keygate_core::key_format::classify(&c.api_key, &["kg".to_string()]),
+        keygate_core::key_format::Shape::Valid
+    );
+}
+
+#[test]
+fn a_roll_keeps_the_key_and_accepts_the_old_value_until_the_grace_ends() {
+    let f = fixture();
+    let c = f
+        .svc
+        .create_key(
+            NewKey {
+                owner: Some("alice@example.com".into()),
+                ..new_key("acme", Kind::Scoped)
+            },
+            10,
+        )
+        .unwrap();
+    let before = f.svc.show_key(&c.key_id).unwrap();
+    let r = f.svc.roll_key(None, &c.key_id, 60, None, 20).unwrap();
+    assert_ne!(r.api_key, c.api_key);
+    assert_eq!(r.previous_key_expires_at, Some(80));
+    let after = f.svc.show_key(&c.key_id).unwrap();
+    assert_eq!(after.record.key_hash, to_hex(&sha256(r.api_key.as_bytes())));
+    assert_eq!(
+        after.record.previous_key_hash,
+        Some(before.record.key_hash.clone())
+    );
+    assert_eq!(
+        (
+            after.name,
+            after.record.scopes,
+            after.record.owner,
+            after.created_at
+        ),
+        (
+            before.name,
+            before.record.scopes,
+            before.record.owner,
+            before.created_at
+        )
+    );
+    // Grace 0: the old value goes at once.
+    f.svc.roll_key(None, &c.key_id, 0, None, 30).unwrap();
+    let k = f.svc.show_key(&c.key_id).unwrap();
+    assert_eq!(
+        (k.record.previous_key_hash, k.record.previous_key_expires_at),
+        (None, None)
+    );
+    // Another tenant's key is no key; a too long grace names the field.
+    assert!(matches!(
+        f.svc.roll_key(Some("other"), &c.key_id, 0, None, 30),
+        Err(Error::NoSuchKey(_))
+    ));
+    let e = f
+        .svc
+        .roll_key(None, &c.key_id, 31 * 86_400, None, 30)
+        .unwrap_err();
+    assert!(e.to_string().starts_with("--grace"), "{e}");
+}
+
+#[test]
+fn bad_owner_or_metadata_changes_nothing_and_names_the_field() {
+    let f = fixture();
+    let c = f.svc.create_key(new_key("acme", Kind::Scoped), 10).unwrap();
+    let e = f
+        .svc
+        .create_key(
+            NewKey {
+                owner: Some("bad owner".into()),
+                ..new_key("acme", Kind::Scoped)
+            },
+            10,
+        )
+        .unwrap_err();
+    assert!(e.to_string().starts_with("--owner"), "{e}");
+    let big =
+        crate::service::parse_metadata("metadata", &format!(r#"{{"a":"{}"}}"#, "x".repeat(5000)));
+    assert!(big.unwrap_err().to_string().contains("at most 4096"));
+    let before = f.svc.snapshot().unwrap();
+    let patch = crate::service::KeyPatch {
+        name: Some("renamed".into()),
+        owner: Some(Some("no spaces allowed".into())),
+        ..Default::default()
+    };
+    let e = f.svc.patch_key("acme", &c.key_id, &patch, 20).unwrap_err();
+    assert!(e.to_string().starts_with("owner"), "{e}");
+    assert_eq!(f.svc.snapshot().unwrap(), before);
+    let meta = crate::service::parse_metadata("metadata", r#"{"plan_tier":"gold"}"#).unwrap();
+    let k = f
+        .svc
+        .set_metadata(&c.key_id, Some(meta.clone()), 30)
+        .unwrap();
+    assert_eq!(k.metadata, Some(meta));
+    let k = f.svc.set_owner(&c.key_id, Some("bob"), 31).unwrap();
+    assert_eq!(k.record.owner.as_deref(), Some("bob"));
 }

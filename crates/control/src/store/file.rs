@@ -311,7 +311,12 @@ mod tests {
                 rate_limit: None,
                 status: Status::Active,
                 expires_at: None,
+                owner: None,
+                previous_key_hash: None,
+                previous_key_expires_at: None,
+                metadata: Default::default(),
             },
+            metadata: None,
         }
     }
 

@@ -24,6 +24,10 @@ pub struct StoredKey {
     pub created_at: u64,
     pub updated_at: u64,
     pub record: CredentialRecord,
+    /// The key's metadata object (at most 4 KiB); only fields a sync
+    /// forwards reach Envoy (`record.metadata`, filled at push time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The whole store. `version` grows by one with every change.
@@ -71,6 +75,18 @@ impl Snapshot {
                     "key '{}' reuses another key's hash",
                     r.key_id
                 )));
+            }
+        }
+        // A rolled key's old value still names it in Envoy: no other key
+        // may have that value.
+        for k in &self.keys {
+            if let Some(old) = &k.record.previous_key_hash {
+                if !hashes.insert(old) {
+                    return Err(Error::Invalid(format!(
+                        "key '{}' keeps a rolled-away value that another key uses",
+                        k.record.key_id
+                    )));
+                }
             }
         }
         keygate_core::credential::check_tenant_limits(self.keys.iter().map(|k| &k.record))

@@ -28,7 +28,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 pub const CHANNEL: &str = "keygate_changes";
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How long the LISTEN connection sits silent before it is probed; a dead
@@ -37,7 +37,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const LISTEN_PROBE: Duration = Duration::from_secs(30);
 
 /// Versioned, idempotent steps; `schema_version` records the last applied.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     "
 CREATE TABLE IF NOT EXISTS keygate_meta (
     id integer PRIMARY KEY CHECK (id = 1),
@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS keygate_revoked_sessions (
     // The API's per-tenant reads; every step runs on each migrate, so a
     // store at version 3 gets it at its next `store migrate` (or init).
     "CREATE INDEX IF NOT EXISTS keygate_keys_tenant ON keygate_keys (tenant);",
+    // Key metadata objects (the record carries only what a push forwards).
+    "ALTER TABLE keygate_keys ADD COLUMN IF NOT EXISTS metadata text;
+     UPDATE keygate_meta SET schema_version = 4 WHERE id = 1 AND schema_version < 4;",
 ];
 
 pub struct PgStore {
@@ -211,7 +214,7 @@ impl PgStore {
         };
         let rows = match tx.query(
             &crate::db::pg_placeholders(&format!(
-                "SELECT created_at, updated_at, record, name FROM keygate_keys {filter_sql} ORDER BY key_id"
+                "SELECT created_at, updated_at, record, name, metadata FROM keygate_keys {filter_sql} ORDER BY key_id"
             )),
             &args,
         ) {
@@ -233,6 +236,14 @@ impl PgStore {
                 created_at: r.get::<_, i64>(0) as u64,
                 updated_at: r.get::<_, i64>(1) as u64,
                 record,
+                metadata: r
+                    .get::<_, Option<&str>>(4)
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(|e| Error::Corrupt {
+                        path: self.describe(),
+                        detail: format!("a stored key's metadata: {e}"),
+                    })?,
             });
         }
         let revoked_sessions = tx
@@ -290,6 +301,17 @@ impl PgStore {
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (key_id) DO UPDATE SET key_hash = $2, tenant = $3, updated_at = $5, record = $6, name = $7",
                 &[id, &k.record.key_hash, &k.record.tenant, &(k.created_at as i64), &(k.updated_at as i64), &record, &k.name],
+            )
+            .map_err(self.err())?;
+            let metadata = k
+                .metadata
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| Error::Other(e.to_string()))?;
+            tx.execute(
+                "UPDATE keygate_keys SET metadata = $2 WHERE key_id = $1",
+                &[id, &metadata],
             )
             .map_err(self.err())?;
         }

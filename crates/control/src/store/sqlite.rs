@@ -253,9 +253,15 @@ impl SqliteStore {
                     rate_limit,
                     status,
                     expires_at: exp.map(to_u64),
+                    owner: None,
+                    previous_key_hash: None,
+                    previous_key_expires_at: None,
+                    metadata: Default::default(),
                 },
+                metadata: None,
             });
         }
+        self.read_identity(c, &mut keys)?;
         // `revoked_at` holds Unix milliseconds here (not seconds as the other
         // `*_at` columns): a revocation refuses tokens issued before that
         // instant, and a re-login in the same second must still work.
@@ -282,6 +288,44 @@ impl SqliteStore {
             keys,
             revoked_sessions,
         })
+    }
+
+    /// Fills each key's owner, metadata and rolled-away value (columns of
+    /// their own, read apart from the rest).
+    fn read_identity(&self, c: &Connection, keys: &mut [StoredKey]) -> Result<()> {
+        let mut stmt = c
+            .prepare_cached(
+                "SELECT key_id, owner, metadata, previous_key_hash, previous_key_expires_at \
+                 FROM keys WHERE owner IS NOT NULL OR metadata IS NOT NULL \
+                 OR previous_key_hash IS NOT NULL",
+            )
+            .map_err(self.sql_err())?;
+        type Row = (
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+        );
+        let rows = stmt
+            .query_map([], |r| -> rusqlite::Result<Row> {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .map_err(self.sql_err())?;
+        for row in rows {
+            let (key_id, owner, metadata, prev, prev_exp) = row.map_err(self.sql_err())?;
+            let Some(k) = keys.iter_mut().find(|k| k.record.key_id == key_id) else {
+                continue;
+            };
+            k.record.owner = owner;
+            k.record.previous_key_hash = prev;
+            k.record.previous_key_expires_at = prev_exp.map(to_u64);
+            k.metadata = metadata
+                .map(|m| serde_json::from_str(&m))
+                .transpose()
+                .map_err(|e| self.corrupt(format!("key '{key_id}' metadata: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Writes the rows that differ between `old` and `new`.
@@ -352,6 +396,26 @@ impl SqliteStore {
                     to_i64(k.updated_at),
                 ])
                 .map_err(&e)?;
+            let metadata = k
+                .metadata
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| self.corrupt(e))?;
+            tx.prepare_cached(
+                "UPDATE keys SET owner = ?2, metadata = ?3, previous_key_hash = ?4, \
+                 previous_key_expires_at = ?5 WHERE key_id = ?1",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    r.key_id,
+                    r.owner,
+                    metadata,
+                    r.previous_key_hash,
+                    r.previous_key_expires_at.map(to_i64),
+                ])
+            })
+            .map_err(&e)?;
         }
         if old.revoked_sessions != new.revoked_sessions {
             // Sessions the access log showed keep their row (created, last
@@ -627,6 +691,9 @@ mod tests {
             with_secret: true,
             key_value: None,
             secret_value: None,
+            owner: None,
+            metadata: None,
+            key_format: None,
         }
     }
 
@@ -651,6 +718,40 @@ mod tests {
         // A second store object on the same file sees the same thing.
         let again = SqliteStore::new(&path).load().unwrap();
         assert_eq!(again, snap);
+    }
+
+    #[test]
+    fn owner_metadata_and_a_rolled_value_round_trip_through_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let svc = Service::new(Box::new(SqliteStore::new(&path)));
+        svc.init_store().unwrap();
+        let meta =
+            crate::service::parse_metadata("m", r#"{"plan_tier":"gold","n":[1,2]}"#).unwrap();
+        let c = svc
+            .create_key(
+                NewKey {
+                    owner: Some("alice@example.com".into()),
+                    metadata: Some(meta.clone()),
+                    ..new_key("acme", "billing")
+                },
+                10,
+            )
+            .unwrap();
+        svc.roll_key(None, &c.key_id, 60, None, 20).unwrap();
+        let again = SqliteStore::new(&path).load().unwrap();
+        let k = again.find(&c.key_id).unwrap();
+        assert_eq!(k.record.owner.as_deref(), Some("alice@example.com"));
+        assert_eq!(k.metadata.as_ref(), Some(&meta));
+        assert_eq!(
+            k.record.previous_key_hash.as_deref(),
+            Some(
+                keygate_core::hash::to_hex(&keygate_core::hash::sha256(c.api_key.as_bytes()))
+                    .as_str()
+            )
+        );
+        assert_eq!(k.record.previous_key_expires_at, Some(80));
+        assert_eq!(again, svc.snapshot().unwrap());
     }
 
     #[test]

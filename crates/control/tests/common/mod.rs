@@ -711,6 +711,7 @@ pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, d
         with_secret: false,
         key_value: None,
         secret_value: None,
+        ..NewKey::default()
     };
     let k = svc.create_key(new("Checkout"), 10).unwrap();
     let other = svc.create_key(new("Other"), 10).unwrap();
@@ -835,6 +836,7 @@ pub fn an_audit_record_commits_with_its_change_or_not_at_all(db: &Db, _dir: &Pat
         with_secret: false,
         key_value: None,
         secret_value: None,
+        ..NewKey::default()
     };
     let record = Audit {
         actor_token_id: Some("tok_1".into()),

@@ -8,6 +8,7 @@ use crate::denial::{Denial, Reason};
 use crate::extract::{extract, ExtractError, Presented, Scheme};
 use crate::hash::{ct_eq, is_hex64, sha256, Digest};
 use crate::ip_rules::{client_ip, is_allowed};
+use crate::key_format::{self, Shape};
 use crate::path::normalize;
 use crate::rate_limit::{acquire, RateStatus};
 use crate::scope::{grants, Access};
@@ -221,6 +222,29 @@ pub(super) fn authenticate(
                 .map(|(cred, session)| (cred, Some(session)));
         }
     }
+    // An identifiable key is checked by its checksum first: a typo or a
+    // made-up key of that shape costs no lookup.
+    match key_format::classify(&presented.key, &policy.key_prefixes) {
+        Shape::Other => {}
+        Shape::Valid => {
+            let key_hash = sha256(presented.key.as_bytes());
+            return authenticate_hash(policy, presented, host, now_ns, &key_hash);
+        }
+        Shape::Malformed => {
+            return Err(deny(
+                Reason::MalformedCredential,
+                "Invalid API key format",
+                None,
+            ))
+        }
+        Shape::BadChecksum => {
+            return Err(deny(
+                Reason::MalformedCredential,
+                "Invalid API key: checksum mismatch (mistyped or truncated key?)",
+                None,
+            ))
+        }
+    }
     let key_hash = match policy.key_format {
         KeyFormat::Any => sha256(presented.key.as_bytes()),
         KeyFormat::Hex64 if is_hex64(presented.key.as_bytes()) => {
@@ -234,10 +258,21 @@ pub(super) fn authenticate(
             ))
         }
     };
-    let Some(cred) = find(policy, host, &key_hash) else {
+    authenticate_hash(policy, presented, host, now_ns, &key_hash)
+}
+
+/// The credential behind a presented key's hash, its secret checked.
+fn authenticate_hash(
+    policy: &Policy,
+    presented: &Presented,
+    host: &mut dyn Host,
+    now_ns: u64,
+    key_hash: &Digest,
+) -> Result<(Rc<Credential>, Option<TokenSession>), Outcome> {
+    let now_secs = now_ns / 1_000_000_000;
+    let Some(cred) = find(policy, host, key_hash, now_secs) else {
         return Err(deny(Reason::UnknownKey, "Invalid API key", None));
     };
-    let now_secs = now_ns / 1_000_000_000;
     match (&cred.secret_hash, &presented.secret) {
         (None, None) => Ok((cred, None)),
         (Some(_), Some(secret)) if cred.secret_matches(&sha256(secret.as_bytes()), now_secs) => {
@@ -256,13 +291,21 @@ pub(super) fn authenticate(
     }
 }
 
-fn find(policy: &Policy, host: &mut dyn Host, key_hash: &Digest) -> Option<Rc<Credential>> {
+/// The credential `key_hash` names: its own key, or the value a roll
+/// replaced while the grace lasts (the host resolves that hash to the rolled
+/// credential, which carries the old hash and its deadline).
+fn find(
+    policy: &Policy,
+    host: &mut dyn Host,
+    key_hash: &Digest,
+    now_secs: u64,
+) -> Option<Rc<Credential>> {
     let found = policy
         .credentials
         .get(key_hash)
         .cloned()
         .or_else(|| host.lookup(key_hash));
-    found.filter(|c| ct_eq(&c.key_hash, key_hash))
+    found.filter(|c| c.key_matches(key_hash, now_secs))
 }
 
 /// The credential with `key_id`: plugin config first, then the store.
@@ -278,16 +321,21 @@ fn find_by_key_id(policy: &Policy, host: &mut dyn Host, key_id: &str) -> Option<
 /// secret current now, or the previous secret while its grace window lasts
 /// (a token issued under a rotated secret ends with that window).
 pub(super) fn is_bound(tokens: &Tokens, claims: &Claims, cred: &Credential, now_secs: u64) -> bool {
-    let matches = |secret: Option<&Digest>| {
+    let matches_key = |key_hash: &Digest, secret: Option<&Digest>| {
         tokens
-            .credential_ref(&claims.signer, &cred.key_hash, secret)
+            .credential_ref(&claims.signer, key_hash, secret)
             .is_some_and(|r| ct_eq(&sha256(r.as_bytes()), &sha256(claims.cref.as_bytes())))
     };
+    let matches = |secret: Option<&Digest>| matches_key(&cred.key_hash, secret);
     let current = matches(cred.secret_hash.as_ref());
     let previous = cred
         .previous_secret
         .is_some_and(|(h, until)| now_secs < until && matches(Some(&h)));
-    current || previous
+    // A token issued under a rolled key's old value lasts as long as that value.
+    let rolled = cred.previous_key.is_some_and(|(old, until)| {
+        now_secs < until && matches_key(&old, cred.secret_hash.as_ref())
+    });
+    current || previous || rolled
 }
 
 /// A token is only as good as the key behind it: the credential is looked up
@@ -430,9 +478,174 @@ mod tests {
         let d = run(&p, &h, &mut MemoryHost::default());
         assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{d:?}");
         let edits = d.upstream_headers(&p, &h);
-        assert_eq!(edits.remove, vec!["x-api-key"]);
+        // A key without owner: a client-sent owner header goes too.
+        assert_eq!(edits.remove, vec!["x-api-key", "x-keygate-owner"]);
         assert!(edits.set.contains(&("x-keygate-tenant", "acme")));
         assert!(edits.set.contains(&("x-keygate-key-id", "k1")));
+    }
+
+    fn identifiable(env: &str) -> String {
+        let mut n = 7u8;
+        let random = crate::key_format::random_chars(|b: &mut [u8]| {
+            b.iter_mut().for_each(|x| {
+                n = n.wrapping_mul(31).wrapping_add(11);
+                *x = n;
+            });
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        crate::key_format::compose("kg", env, &random)
+    }
+
+    #[test]
+    fn an_identifiable_key_with_a_bad_checksum_is_refused_without_a_lookup() {
+        let key = identifiable("live");
+        let p = policy(vec![], "");
+        let mut host = MemoryHost::default();
+        let c = Credential::try_from(&rec("dyn", &key)).unwrap();
+        host.dynamic.insert(c.key_hash, Rc::new(c));
+        let d = run(&p, &req("GET", "/v1", &[("x-api-key", &key)]), &mut host);
+        assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{d:?}");
+        assert_eq!(host.lookups, 1);
+        let mut typo = key.clone().into_bytes();
+        let last = typo.len() - 1;
+        typo[last] = if typo[last] == b'0' { b'1' } else { b'0' };
+        let typo = String::from_utf8(typo).unwrap();
+        let d = run(&p, &req("GET", "/v1", &[("x-api-key", &typo)]), &mut host);
+        assert_eq!(
+            denied(&d),
+            Some((
+                Reason::MalformedCredential,
+                "Invalid API key: checksum mismatch (mistyped or truncated key?)"
+            ))
+        );
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "kg_live_short")]),
+            &mut host,
+        );
+        assert_eq!(
+            denied(&d),
+            Some((Reason::MalformedCredential, "Invalid API key format"))
+        );
+        assert_eq!(host.lookups, 1, "refused keys cost no lookup");
+        // A valid checksum on an unknown key is looked up (and unknown).
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", &identifiable("test"))]),
+            &mut host,
+        );
+        assert_eq!(denied(&d), Some((Reason::UnknownKey, "Invalid API key")));
+        assert_eq!(host.lookups, 2);
+    }
+
+    #[test]
+    fn identifiable_keys_pass_a_hex64_gate_and_other_keys_still_must_be_hex() {
+        let key = identifiable("live");
+        let p = policy(vec![rec("k1", &key)], r#","key_format":"hex64""#);
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", &key)]),
+            &mut MemoryHost::default(),
+        );
+        assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{d:?}");
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "not-hex-key")]),
+            &mut MemoryHost::default(),
+        );
+        assert_eq!(
+            denied(&d),
+            Some((Reason::MalformedCredential, "Invalid API key format"))
+        );
+    }
+
+    #[test]
+    fn without_key_prefixes_an_identifiable_key_is_only_looked_up() {
+        let p = policy(vec![], r#","key_prefixes":[]"#);
+        let mut host = MemoryHost::default();
+        let d = run(
+            &p,
+            &req("GET", "/v1", &[("x-api-key", "kg_live_short")]),
+            &mut host,
+        );
+        assert_eq!(denied(&d), Some((Reason::UnknownKey, "Invalid API key")));
+        assert_eq!(host.lookups, 1);
+    }
+
+    #[test]
+    fn owner_and_allowlisted_metadata_go_upstream_and_spoofed_copies_go() {
+        let mut r = rec("k1", "key-one");
+        r.owner = Some("alice@example.com".into());
+        r.metadata = [("plan_tier".into(), "gold".into())].into_iter().collect();
+        let p = policy(
+            vec![r],
+            r#","headers":{"metadata":{"plan_tier":"x-keygate-meta-plan-tier","region":"x-keygate-meta-region"}}"#,
+        );
+        let h = req(
+            "GET",
+            "/v1",
+            &[
+                ("x-api-key", "key-one"),
+                ("x-keygate-owner", "mallory"),
+                ("x-keygate-meta-region", "spoofed"),
+            ],
+        );
+        let d = run(&p, &h, &mut MemoryHost::default());
+        let edits = d.upstream_headers(&p, &h);
+        assert!(edits
+            .set
+            .contains(&("x-keygate-owner", "alice@example.com")));
+        assert!(edits.set.contains(&("x-keygate-meta-plan-tier", "gold")));
+        assert!(edits.remove.contains(&"x-keygate-meta-region"));
+        // Public routes drop every identity header, owner and metadata included.
+        let h = req("GET", "/health", &[("x-keygate-owner", "mallory")]);
+        let d = run(&p, &h, &mut MemoryHost::default());
+        let remove = d.upstream_headers(&p, &h).remove;
+        for name in [
+            "x-keygate-owner",
+            "x-keygate-meta-plan-tier",
+            "x-keygate-meta-region",
+        ] {
+            assert!(remove.contains(&name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_rolled_key_old_value_works_until_its_deadline_and_shares_the_counter() {
+        let now_secs = NOW / 1_000_000_000;
+        let mut r = rec("k1", "new-value");
+        r.previous_key_hash = Some(to_hex(&sha256(b"old-value")));
+        r.previous_key_expires_at = Some(now_secs + 10);
+        r.rate_limit = Some(crate::rate_limit::RateLimit {
+            requests: 2,
+            window_secs: 60,
+        });
+        // From the plugin config.
+        let p = policy(vec![r.clone()], "");
+        let mut host = MemoryHost::default();
+        let get = |key: &str| req("GET", "/v1", &[("x-api-key", key)]);
+        let d = decide(&p, &get("old-value"), &mut host, NOW);
+        assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{d:?}");
+        let d = decide(&p, &get("new-value"), &mut host, NOW);
+        assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{d:?}");
+        // One budget for both values.
+        let d = decide(&p, &get("old-value"), &mut host, NOW);
+        assert_eq!(denied(&d).map(|d| d.0), Some(Reason::RateLimited));
+        let later = NOW + 10 * 1_000_000_000;
+        let d = decide(&p, &get("old-value"), &mut MemoryHost::default(), later);
+        assert_eq!(denied(&d), Some((Reason::UnknownKey, "Invalid API key")));
+        // From the dynamic source: the host resolves the old hash to the
+        // rolled credential.
+        let p = policy(vec![], "");
+        let mut host = MemoryHost::default();
+        let c = Rc::new(Credential::try_from(&r).unwrap());
+        host.dynamic.insert(sha256(b"old-value"), c.clone());
+        host.dynamic.insert(c.key_hash, c);
+        let d = decide(&p, &get("old-value"), &mut host, NOW);
+        assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{d:?}");
+        let d = decide(&p, &get("old-value"), &mut host, later);
+        assert_eq!(denied(&d), Some((Reason::UnknownKey, "Invalid API key")));
     }
 
     #[test]

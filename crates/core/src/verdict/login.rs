@@ -101,8 +101,18 @@ pub fn login(
         .and(presented.secret.as_deref())
         .map(|s| sha256(s.as_bytes()));
     let session = request.session_id.unwrap_or_default();
+    // The key value this login proved: a rolled key's old value binds the
+    // token to that value, so the token ends with the value's grace.
+    let proved = [
+        sha256(presented.key.as_bytes()),
+        sha256(presented.key.to_ascii_lowercase().as_bytes()),
+    ];
+    let key_hash = match cred.previous_key {
+        Some((old, _)) if proved.iter().any(|h| crate::hash::ct_eq(h, &old)) => old,
+        _ => cred.key_hash,
+    };
     let issued = tokens.signer().and_then(|signer| {
-        let cref = tokens.credential_ref(signer, &cred.key_hash, generation.as_ref())?;
+        let cref = tokens.credential_ref(signer, &key_hash, generation.as_ref())?;
         session_token(
             tokens,
             &cred,
@@ -461,6 +471,43 @@ mod tests {
         assert_ne!(fresh, token);
         assert!(matches!(
             use_token(&rotated, &mut host, &fresh, "GET", after).outcome,
+            Outcome::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_token_from_a_rolled_key_old_value_ends_with_its_grace() {
+        use crate::hash::{sha256, to_hex};
+        let now_secs = NOW / 1_000_000_000;
+        let mut r = rec("k1", "new-value");
+        r.previous_key_hash = Some(to_hex(&sha256(b"old-value")));
+        r.previous_key_expires_at = Some(now_secs + 10);
+        let p = token_policy(vec![r]);
+        let mut host = MemoryHost::default();
+        let token = |host: &mut MemoryHost, key: &str| {
+            let body = format!(r#"{{"api_key":"{key}","session_id":"s"}}"#);
+            issue(&p, host, &body, NOW).unwrap()["access_token"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let old = token(&mut host, "old-value");
+        let new = token(&mut host, "new-value");
+        assert_ne!(old, new, "the new value gets its own token");
+        let in_grace = NOW + 5_000_000_000;
+        let after = NOW + 10_000_000_000;
+        for t in [&old, &new] {
+            assert!(matches!(
+                use_token(&p, &mut host, t, "GET", in_grace).outcome,
+                Outcome::Allowed { .. }
+            ));
+        }
+        assert_eq!(
+            denied(&use_token(&p, &mut host, &old, "GET", after)),
+            Some((Reason::UnknownKey, "Invalid token"))
+        );
+        assert!(matches!(
+            use_token(&p, &mut host, &new, "GET", after).outcome,
             Outcome::Allowed { .. }
         ));
     }

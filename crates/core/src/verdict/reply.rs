@@ -37,6 +37,18 @@ impl Decision {
                     (h.key_id.as_str(), c.key_id.as_str()),
                     (h.scopes.as_str(), c.scopes_header.as_str()),
                 ];
+                // Owner and metadata headers the key does not set must not
+                // pass as the client sent them.
+                match &c.owner {
+                    Some(owner) => edits.set.push((h.owner.as_str(), owner.as_str())),
+                    None => edits.remove.push(h.owner.as_str()),
+                }
+                for (field, header) in &h.metadata {
+                    match c.metadata.iter().find(|(k, _)| k == field) {
+                        Some((_, value)) => edits.set.push((header.as_str(), value.as_str())),
+                        None => edits.remove.push(header.as_str()),
+                    }
+                }
             }
             Outcome::Denied { .. } => {}
         }

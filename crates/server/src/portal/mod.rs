@@ -59,6 +59,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/portal/keys/default", post(pages::create_default))
         .route("/portal/keys/{key_id}", get(pages::key))
         .route("/portal/keys/{key_id}/rotate", post(pages::rotate))
+        .route("/portal/keys/{key_id}/roll", post(pages::roll))
         .route("/portal/keys/{key_id}/status", post(pages::set_status))
         .route("/portal/keys/{key_id}/ips", post(pages::set_ips))
         .route(

@@ -62,6 +62,15 @@ pub struct KeyRow {
     pub has_secret: bool,
     pub created: String,
     pub last_used: String,
+    /// "—" for none.
+    pub owner: String,
+    /// "never", or the time, and whether it has passed.
+    pub expires: String,
+    pub expired: bool,
+    /// The metadata object as JSON text ("" for none).
+    pub metadata: String,
+    /// Until when a rolled-away value still works ("" for none).
+    pub previous_key_until: String,
 }
 
 fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
@@ -93,6 +102,19 @@ fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
         has_secret: r.secret_hash.is_some(),
         created: time_text(k.created_at),
         last_used: used.map_or_else(|| "never".into(), time_text),
+        owner: r.owner.clone().unwrap_or_else(|| "—".into()),
+        expires: r.expires_at.map_or_else(|| "never".into(), time_text),
+        expired: r.expires_at.is_some_and(|t| t <= now()),
+        metadata: k
+            .metadata
+            .as_ref()
+            .and_then(|m| serde_json::to_string_pretty(m).ok())
+            .unwrap_or_default(),
+        previous_key_until: r
+            .previous_key_expires_at
+            .filter(|t| *t > now())
+            .map(time_text)
+            .unwrap_or_default(),
     }
 }
 
@@ -435,6 +457,9 @@ pub async fn create_key(
         with_secret: f.with_secret.is_some(),
         key_value: None,
         secret_value: None,
+        owner: Some(session_owner(&s)),
+        metadata: None,
+        key_format: None,
     };
     made(&st, s, new, f).await
 }
@@ -458,6 +483,9 @@ pub async fn create_default(
         with_secret: true,
         key_value: None,
         secret_value: None,
+        owner: Some(session_owner(&s)),
+        metadata: None,
+        key_format: None,
     };
     made(&st, s, new, CreateForm::default()).await
 }
@@ -646,6 +674,84 @@ pub async fn rotate(
             key_id: &key_id,
             api_key: None,
             secret: Some(secret),
+            basic: None,
+        },
+    ))
+}
+
+/// The owner of keys made in a portal session: the session's label (its
+/// token id), since a portal link names a tenant, not a person.
+fn session_owner(s: &Session) -> String {
+    format!("portal:{}", s.principal.token_id)
+}
+
+#[derive(Deserialize)]
+pub struct RollForm {
+    #[serde(default)]
+    csrf: String,
+    /// Seconds the old value keeps working.
+    #[serde(default)]
+    grace_seconds: String,
+}
+
+/// Grace periods the portal offers for a roll.
+const ROLL_GRACES: [u64; 4] = [0, 3600, 86_400, 7 * 86_400];
+
+/// A new value for the key; the old one works for the chosen grace.
+pub async fn roll(
+    State(st): St,
+    s: Session,
+    Path(key_id): Path<String>,
+    Form(f): Form<RollForm>,
+) -> Result<Response, PortalError> {
+    s.check_csrf(&f.csrf)?;
+    let grace = match f.grace_seconds.trim().parse::<u64>() {
+        Ok(g) if ROLL_GRACES.contains(&g) => g,
+        _ => {
+            let e = FieldError {
+                field: "grace_seconds".into(),
+                message: "Choose one of the offered grace periods.".into(),
+            };
+            return key_page(&st, &s, key_id, StatusCode::UNPROCESSABLE_ENTITY, e, None).await;
+        }
+    };
+    let tenant = s.tenant.clone();
+    let s2 = Session {
+        principal: s.principal.clone(),
+        tenant: s.tenant.clone(),
+        ip: s.ip,
+        csrf: s.csrf.clone(),
+    };
+    let kid = key_id.clone();
+    let rolled = blocking(&st, move |svc, db| {
+        Ok(crate::api::audited(
+            svc,
+            db,
+            &s2.auth(),
+            &tenant,
+            "key.roll",
+            Some(&kid),
+            json!({"grace_seconds": grace, "via": "portal"}),
+            |svc| svc.roll_key(Some(&tenant), &kid, grace, None, now()),
+            |_| kid.clone(),
+        )?)
+    })
+    .await?;
+    let heading = if grace > 0 {
+        "Your new API key (the old one works for the grace period)"
+    } else {
+        "Your new API key (the old one no longer works)"
+    };
+    Ok(render(
+        StatusCode::OK,
+        &CreatedPage {
+            tenant: &s.tenant,
+            csrf: &s.csrf,
+            nav: "keys",
+            heading,
+            key_id: &key_id,
+            api_key: Some(rolled.api_key),
+            secret: None,
             basic: None,
         },
     ))
