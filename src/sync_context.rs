@@ -9,12 +9,13 @@ use keygate_core::config::SyncSecret;
 use keygate_core::entry;
 use keygate_core::hash::Digest;
 use keygate_core::shared_data::{
-    credential_key, key_id_merge, key_id_slot, revocations_key, update, Step, CONFIG_IDS_KEY,
-    STATE_KEY,
+    credential_key, is_current_layout, key_id_merge, key_id_slot, layout_value, revocations_key,
+    update, Step, CONFIG_IDS_KEY, LAYOUT_KEY, STATE_KEY,
 };
 use keygate_core::sync::{
-    check_config_ids, decode_state, encode_state, plan, stage, visible_record, Plan, SyncError,
-    SyncState, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    check_config_ids, check_layout, decode_state, encode_state, plan, reported_state, stage,
+    visible_record, Plan, SyncError, SyncState, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER,
+    STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use log::{error, info, warn};
@@ -68,6 +69,8 @@ impl SyncContext {
         let plan = plan(&self.secret.0, body, self.signature.as_deref(), &state)?;
         let (config_ids, _) = host::shared_get(CONFIG_IDS_KEY).map_err(host_error)?;
         check_config_ids(&plan, config_ids.as_deref())?;
+        let (layout, _) = host::shared_get(LAYOUT_KEY).map_err(host_error)?;
+        check_layout(&plan, layout.as_deref())?;
         write_state(&plan.claim, cas)?;
         let carried = carried_counters(&state, &plan).map_err(host_error)?;
         let staged = plan
@@ -132,6 +135,12 @@ impl SyncContext {
                 ));
             }
             write_state(commit, cas)?;
+            // After the commit: until it is written, the set is still
+            // reported as needing a full push (a crash in between costs one
+            // more full push, never an incremental one onto the old layout).
+            if plan.full && !is_current_layout(layout.as_deref()) {
+                host::shared_set(LAYOUT_KEY, &layout_value(), None).map_err(host_error)?;
+            }
         }
         info!(
             "staged {} upserts, {} deletes, {} session revocations; generation {} version {}{}",
@@ -262,10 +271,15 @@ impl HttpContext for SyncContext {
             (Err(e), _) | (_, Err(e)) => return self.fail(e),
         };
         match (method.as_slice(), path.as_slice()) {
-            (b"GET", p) if p == STATE_PATH.as_bytes() => match Self::held_state() {
-                Ok((state, _)) => self.reply(200, &Body::State(state)),
-                Err(e) => return self.fail(e),
-            },
+            (b"GET", p) if p == STATE_PATH.as_bytes() => {
+                match Self::held_state().and_then(|(state, _)| {
+                    let (layout, _) = host::shared_get(LAYOUT_KEY)?;
+                    Ok(reported_state(state, layout.as_deref()))
+                }) {
+                    Ok(state) => self.reply(200, &Body::State(state)),
+                    Err(e) => return self.fail(e),
+                }
+            }
             (b"POST", p) if p == PUSH_PATH.as_bytes() => {
                 let (length, signature) = match (
                     host::request_header("content-length"),

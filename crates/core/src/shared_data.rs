@@ -6,6 +6,7 @@
 //! | key                  | value                                             |
 //! |----------------------|---------------------------------------------------|
 //! | `sync:state`         | the sync state (generation, version, pending)     |
+//! | `sync:layout`        | the [`LAYOUT`] the committed set was written in (decimal) |
 //! | `c:<b64url hash[..15]>` | one credential pushed by sync and its rate-limit state, binary (`crate::entry`) |
 //! | `r:<key id>`         | rate-limit state of a credential from the plugin config (theoretical arrival time, LE) |
 //! | `tok:<key id>`       | tokens issued per session (JSON)                  |
@@ -17,6 +18,29 @@ use crate::hash::Digest;
 
 /// The sync state entry.
 pub const STATE_KEY: &str = "sync:state";
+
+/// The entry naming the layout the committed set was written in.
+pub const LAYOUT_KEY: &str = "sync:layout";
+
+/// The layout of the entries below as this build reads and writes them.
+/// Raise it with every change to it (an entry format, an index's shape):
+/// shared data outlives a filter update in a running Envoy (same `vm_id`),
+/// and a build that finds the set written in another layout asks the
+/// sidecar for a full push (`sync::reported_state`, `sync::check_layout`)
+/// instead of serving or patching entries it would misread.
+///
+/// 2: the key-id index in `kx:` buckets (1 had one `k:<key id>` per key).
+pub const LAYOUT: u32 = 2;
+
+/// Whether the `sync:layout` entry names this build's [`LAYOUT`].
+pub fn is_current_layout(entry: Option<&[u8]>) -> bool {
+    entry.and_then(|b| std::str::from_utf8(b).ok()?.parse::<u32>().ok()) == Some(LAYOUT)
+}
+
+/// The `sync:layout` value a full push commits.
+pub fn layout_value() -> Vec<u8> {
+    LAYOUT.to_string().into_bytes()
+}
 
 /// Most attempts of one compare-and-swap update before giving up.
 pub const MAX_CAS_ATTEMPTS: u32 = 64;

@@ -564,6 +564,36 @@ pub fn check_config_ids(plan: &Plan, config_ids: Option<&[u8]>) -> Result<(), Sy
     Ok(())
 }
 
+/// What the state endpoint reports when the committed set is in `layout`
+/// (the `sync:layout` entry): the state itself, or, when the set was
+/// written by a build with another layout (the filter was updated in a
+/// running Envoy), the state at version 0, which no sidecar holds, so
+/// every sidecar, old or new, answers with a full push that rewrites the
+/// set in this build's layout.
+pub fn reported_state(state: SyncState, layout: Option<&[u8]>) -> SyncState {
+    if state.generation == 0 || crate::shared_data::is_current_layout(layout) {
+        state
+    } else {
+        SyncState {
+            version: 0,
+            ..state
+        }
+    }
+}
+
+/// Refuses an incremental push onto a set written in another layout
+/// (see [`reported_state`]): only a full push may rewrite it.
+pub fn check_layout(plan: &Plan, layout: Option<&[u8]>) -> Result<(), SyncError> {
+    if plan.full || crate::shared_data::is_current_layout(layout) {
+        Ok(())
+    } else {
+        Err(SyncError::Conflict(
+            "Envoy holds credentials written by another keygate build; a full push is needed"
+                .into(),
+        ))
+    }
+}
+
 /// A committed set from an identified store, and a push from another one.
 pub fn is_foreign(push: &Push, state: &SyncState) -> bool {
     state.generation > 0 && state.store_id.is_some() && push.store_id != state.store_id
@@ -776,6 +806,35 @@ mod tests {
         assert!(!verify(SECRET, b"body", None));
         assert!(!verify(SECRET, b"body", Some(b"v1=zz")));
         assert!(!verify(SECRET, b"body", Some(&sig.as_bytes()[3..])));
+    }
+
+    #[test]
+    fn a_set_written_in_another_layout_asks_for_a_full_push() {
+        use crate::shared_data::layout_value;
+        let current = layout_value();
+        let state = held(3, 9);
+        // Nothing pushed yet, or the set in this build's layout: as held.
+        assert_eq!(
+            reported_state(SyncState::default(), None),
+            SyncState::default()
+        );
+        assert_eq!(reported_state(state, Some(&current)), state);
+        // Written by an older filter (no marker) or another layout: version
+        // 0, which no sidecar holds, so it answers with a full push.
+        for other in [None, Some(&b"1"[..]), Some(&b"x"[..])] {
+            let reported = reported_state(state, other);
+            assert_eq!(reported.version, 0, "{other:?}");
+            assert_eq!(reported.generation, 3);
+        }
+        // That full push applies; an incremental one onto the old set does not.
+        let full = run(&push(Mode::Full, 4, 0, 10), &state).unwrap();
+        assert!(check_layout(&full, Some(b"1")).is_ok());
+        let incremental = run(&push(Mode::Incremental, 3, 9, 10), &state).unwrap();
+        assert!(check_layout(&incremental, Some(&current)).is_ok());
+        let err = check_layout(&incremental, Some(b"1")).unwrap_err();
+        assert_eq!(err.status(), 409);
+        assert!(err.message().contains("full push"), "{}", err.message());
+        assert_eq!(check_layout(&incremental, None).unwrap_err().status(), 409);
     }
 
     #[test]
