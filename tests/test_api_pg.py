@@ -92,7 +92,7 @@ def test_the_portal_link_and_key_creation_work_on_postgresql(rig):
     s, _, page = portal_http(f"{base}/portal/keys", cookie=cookie, data=form,
                              headers=[("Content-Type", "application/x-www-form-urlencoded")])
     assert s == 201, page
-    api_key = re.search(r'id="api-key"[^>]*>([0-9a-f]{64})<', page).group(1)
+    api_key = re.search(r'id="api-key"[^>]*>(kg_live_[0-9A-Za-z]{28})<', page).group(1)
     assert wait_until(lambda: request(rig["envoy"].port, "GET", "/v1/items", [("x-api-key", api_key)]).status == 200,
                       timeout=5)
     keys = call(rig["server"], "GET", "/api/v1/tenants/acme/keys", rig["acme"])[1]["keys"]
