@@ -8,6 +8,7 @@ use crate::hash::{ct_eq, parse_hex_digest, Digest};
 use crate::ip_rules::parse_allowed;
 pub use crate::names::check_name;
 use crate::names::check_scope_name;
+use crate::limits::{check_limits, rules, Limit, Rule};
 use crate::rate_limit::RateLimit;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -76,6 +77,18 @@ pub struct CredentialRecord {
     /// Unix seconds after which the key is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// The key's own limits besides `rate_limit` (`crate::limits`): any mix
+    /// of windows and calendar quotas, at most one per period.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
+    /// The plan whose limits apply when the key has none of its own. In a
+    /// push, the key's plan or else its tenant's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// The tenant has shared limits (`tl:<tenant>`, pushed by sync) this key
+    /// counts against too. Set by the sidecar when it builds a push.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub tenant_limits: bool,
 }
 
 fn default_environment() -> String {
@@ -109,6 +122,11 @@ pub struct Credential {
     pub rate_limit: Option<RateLimit>,
     pub active: bool,
     pub expires_at: Option<u64>,
+    pub limits: Vec<Limit>,
+    /// `rate_limit` and `limits` as the decision applies them.
+    pub own_rules: Vec<Rule>,
+    pub plan: Option<String>,
+    pub tenant_limits: bool,
 }
 
 impl TryFrom<&CredentialRecord> for Credential {
@@ -177,6 +195,16 @@ impl TryFrom<&CredentialRecord> for Credential {
         if let Some(rl) = &r.rate_limit {
             rl.validate().map_err(|e| e.under("rate_limit"))?;
         }
+        check_limits("limits", &r.limits)?;
+        if let Some(plan) = &r.plan {
+            check_name("plan", plan)?;
+        }
+        let own_rules = r
+            .rate_limit
+            .map(Rule::of_rate_limit)
+            .into_iter()
+            .chain(rules(&r.limits, false))
+            .collect();
         Ok(Credential {
             key_id: r.key_id.clone(),
             key_hash,
@@ -191,6 +219,10 @@ impl TryFrom<&CredentialRecord> for Credential {
             rate_limit: r.rate_limit,
             active: r.status == Status::Active,
             expires_at: r.expires_at,
+            limits: r.limits.clone(),
+            own_rules,
+            plan: r.plan.clone(),
+            tenant_limits: r.tenant_limits,
         })
     }
 }
@@ -265,6 +297,9 @@ pub(crate) mod tests {
             rate_limit: None,
             status: Status::Active,
             expires_at: None,
+            limits: vec![],
+            plan: None,
+            tenant_limits: false,
         }
     }
 

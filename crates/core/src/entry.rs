@@ -27,15 +27,23 @@
 //! | 32 / 40 / 8 / 8 | secret hash, previous secret hash + until, limit (requests, window), expires at — each only when flagged |
 //! | str × 3 | key id, tenant, environment (empty = `live`), each a length byte and UTF-8 |
 //! | list × 2 | scopes, allowed IPs: a count byte (IPs: two bytes), then strings |
+//! | 1 | limit flags: own limits, plan, tenant limits |
+//! | list / str | own limits (a count byte, then period byte and u32 each), plan name — each only when flagged |
+//! | 9 × n + 1 | counters of the limits besides the single window (tag, u64 each), then n: the entry's only part that grows with use |
+//!
+//! The counters trailer ends the entry and is read from its end, so a key
+//! with one limit (or none) pays one byte for it, and one with five pays 37:
+//! a counter appears when its limit is first used (`crate::limits`).
 
 use crate::credential::{Credential, CredentialRecord, Kind, Status};
 use crate::hash::Digest;
+use crate::limits::Counters;
 use crate::rate_limit::RateLimit;
 use crate::shared_data::NAME_HASH_BYTES;
 use subtle::ConstantTimeEq;
 
 /// Version byte of the layout above.
-pub const FORMAT: u8 = 1;
+pub const FORMAT: u8 = 2;
 const TAT_AT: usize = 1;
 const SUFFIX_AT: usize = 9;
 const HEAD: usize = SUFFIX_AT + 32 - NAME_HASH_BYTES;
@@ -46,6 +54,11 @@ const F_SECRET: u8 = 4;
 const F_PREVIOUS: u8 = 8;
 const F_LIMIT: u8 = 16;
 const F_EXPIRES: u8 = 32;
+
+// Limit flags (their own byte after the allowed IPs).
+const L_LIMITS: u8 = 1;
+const L_PLAN: u8 = 2;
+const L_TENANT: u8 = 4;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     // Names are checked to at most 64 bytes (`check_name`), scopes and IPs
@@ -122,7 +135,33 @@ pub fn encode(generation: u64, c: &Credential) -> Vec<u8> {
     for ip in c.allowed_ips.iter().take(ips) {
         put_str(&mut out, &ip.to_string());
     }
+    let mut limit_flags = 0;
+    if !c.limits.is_empty() {
+        limit_flags |= L_LIMITS;
+    }
+    if c.plan.is_some() {
+        limit_flags |= L_PLAN;
+    }
+    if c.tenant_limits {
+        limit_flags |= L_TENANT;
+    }
+    out.push(limit_flags);
+    if !c.limits.is_empty() {
+        out.extend_from_slice(&crate::limits::encode_plan(&c.limits));
+    }
+    if let Some(plan) = &c.plan {
+        put_str(&mut out, plan);
+    }
+    // No counters yet.
+    out.push(0);
     out
+}
+
+/// The length of the counters trailer that ends `bytes`.
+fn trailer_len(bytes: &[u8]) -> Option<usize> {
+    let n = usize::from(*bytes.last()?);
+    let len = 9 * n + 1;
+    (bytes.len() >= HEAD + len).then_some(len)
 }
 
 /// Reads the layout; every read is bounds-checked (entries come from the
@@ -209,7 +248,19 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
         .collect::<Option<Vec<_>>>()?;
     let ips = u16::from_le_bytes(r.array()?);
     let allowed_ips = (0..ips).map(|_| r.string()).collect::<Option<Vec<_>>>()?;
-    if !r.0.is_empty() {
+    let limit_flags = r.byte()?;
+    let limits = if limit_flags & L_LIMITS != 0 {
+        let n = usize::from(*r.0.first()?);
+        crate::limits::decode_plan(r.take(1 + 5 * n))?
+    } else {
+        vec![]
+    };
+    let plan = if limit_flags & L_PLAN != 0 {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    if limit_flags & !(L_LIMITS | L_PLAN | L_TENANT) != 0 || trailer_len(bytes)? != r.0.len() {
         return None;
     }
     let record = CredentialRecord {
@@ -234,6 +285,9 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
             Status::Active
         },
         expires_at,
+        limits,
+        plan,
+        tenant_limits: limit_flags & L_TENANT != 0,
     };
     // Validated again: the entry came from the host.
     let cred = Credential::try_from(&record).ok()?;
@@ -276,7 +330,38 @@ pub fn full_hash(prefix: &[u8], bytes: &[u8]) -> Option<Digest> {
 
 /// Everything but the rate-limit state: what a parsed copy depends on.
 pub fn record_bytes(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    Some((bytes.get(..TAT_AT)?, bytes.get(SUFFIX_AT..)?))
+    let end = bytes.len().checked_sub(trailer_len(bytes)?)?;
+    Some((bytes.get(..TAT_AT)?, bytes.get(SUFFIX_AT..end)?))
+}
+
+/// Every counter an entry holds: the single window's state (tag 0) and the
+/// trailer's. None for a deleted or foreign entry.
+pub fn counters(bytes: &[u8]) -> Option<Counters> {
+    let tat = tat(bytes)?;
+    let len = trailer_len(bytes)?;
+    let trailer = bytes.get(bytes.len() - len..bytes.len() - 1)?;
+    let mut c: Vec<(u8, u64)> = tat.map(|t| (0, t)).into_iter().collect();
+    c.extend(Counters::decode(Some(trailer)).0.into_iter().filter(|(t, _)| *t != 0));
+    Some(Counters(c))
+}
+
+/// `bytes` with its counters replaced (None when it is no entry). The
+/// trailer is rewritten to exactly the counters besides tag 0.
+pub fn with_counters(bytes: &[u8], counters: &Counters) -> Option<Vec<u8>> {
+    let len = trailer_len(bytes)?;
+    let tat = counters.get(0);
+    let mut out = match tat {
+        Some(t) => with_tat(bytes, t)?,
+        None => bytes.to_vec(),
+    };
+    out.truncate(out.len() - len);
+    let others: Vec<&(u8, u64)> = counters.0.iter().filter(|(t, _)| *t != 0).take(255).collect();
+    for (tag, v) in &others {
+        out.push(*tag);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.push(others.len() as u8);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -302,6 +387,9 @@ mod tests {
             }),
             status: Status::Active,
             expires_at: None,
+            limits: vec![],
+            plan: None,
+            tenant_limits: false,
         };
         extra(&mut r);
         r
@@ -319,6 +407,9 @@ mod tests {
             r.allowed_ips = vec!["10.0.0.0/8".into(), "2001:db8::/32".into()];
             r.status = Status::Inactive;
             r.expires_at = Some(1_900_000_000);
+            r.limits = vec!["100/min".parse().unwrap(), "10000/day".parse().unwrap()];
+            r.plan = Some("pro".into());
+            r.tenant_limits = true;
         });
         for r in [record(|_| {}), full, record(|r| r.rate_limit = None)] {
             let c = Credential::try_from(&r).unwrap();
@@ -367,6 +458,28 @@ mod tests {
         assert_eq!(decode(&used, &c.key_hash), Some((3, c)));
         assert_eq!(tat(b""), None);
         assert_eq!(with_tat(b"", 1), None);
+    }
+
+    #[test]
+    fn counters_grow_the_trailer_only_and_never_change_the_record() {
+        let c = Credential::try_from(&record(|r| {
+            r.limits = vec!["10/s".parse().unwrap(), "100/day".parse().unwrap()]
+        }))
+        .unwrap();
+        let bytes = encode(3, &c);
+        assert_eq!(counters(&bytes), Some(Counters::default()));
+        let used = Counters(vec![(0, 7), (1, 99), (4, 5)]);
+        let written = with_counters(&bytes, &used).unwrap();
+        assert_eq!(written.len(), bytes.len() + 18);
+        assert_eq!(counters(&written), Some(used));
+        assert_eq!(record_bytes(&written), record_bytes(&bytes));
+        assert_eq!(decode(&written, &c.key_hash), Some((3, c.clone())));
+        // One limit pays one trailer byte; the single window none more.
+        let one = Credential::try_from(&record(|_| {})).unwrap();
+        let plain = encode(1, &one);
+        let once = with_counters(&plain, &Counters(vec![(0, 9)])).unwrap();
+        assert_eq!(once.len(), plain.len());
+        assert_eq!(tat(&once), Some(Some(9)));
     }
 
     #[test]

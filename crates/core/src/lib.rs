@@ -30,6 +30,7 @@ pub mod error;
 pub mod extract;
 pub mod hash;
 pub mod ip_rules;
+pub mod limits;
 pub mod names;
 pub mod path;
 pub mod rate_limit;

@@ -154,6 +154,50 @@ pub struct Push {
     /// Full: replace a set that came from another store.
     #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub takeover: bool,
+    /// Plans and tenant limits to write. Like session revocations they apply
+    /// as their batch arrives, not at the commit: a push that creates a plan
+    /// and keys on it writes the plan before any key on it is served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limit_records: Vec<LimitRecord>,
+}
+
+/// What a [`LimitRecord`] names.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitKind {
+    /// A plan (`pl:<name>`): limits of every key that refers to it.
+    Plan,
+    /// A tenant (`tl:<name>`): limits shared by all of its keys.
+    Tenant,
+}
+
+/// A plan's or a tenant's limits as a push carries them; no limits removes
+/// them (the entry stays, empty, so a key still naming it reads "none").
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRecord {
+    pub kind: LimitKind,
+    pub name: String,
+    #[serde(default)]
+    pub limits: Vec<crate::limits::Limit>,
+}
+
+impl LimitRecord {
+    /// The shared-data key of its entry.
+    pub fn key(&self) -> String {
+        match self.kind {
+            LimitKind::Plan => crate::limits::plan_key(&self.name),
+            LimitKind::Tenant => crate::limits::tenant_key(&self.name),
+        }
+    }
+
+    /// Its entry, given the one held (a tenant's counters go on).
+    pub fn entry(&self, current: Option<&[u8]>) -> Vec<u8> {
+        match self.kind {
+            LimitKind::Plan => crate::limits::encode_plan(&self.limits),
+            LimitKind::Tenant => crate::limits::retarget_tenant(current, &self.limits),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -225,6 +269,8 @@ pub struct Plan {
     /// Full push: an unchanged record keeps its committed slot (re-tagged
     /// with the new generation) instead of staging a copy.
     pub full: bool,
+    /// Plan and tenant limits to write as the batch arrives.
+    pub limit_records: Vec<LimitRecord>,
 }
 
 impl Plan {
@@ -414,9 +460,9 @@ pub fn stage(
     // The key's rate-limit state goes on with its new value.
     let record = record.map(|r| {
         served_record
-            .and_then(entry::tat)
-            .flatten()
-            .and_then(|tat| entry::with_tat(r, tat))
+            .and_then(entry::counters)
+            .filter(|c| !c.0.is_empty())
+            .and_then(|c| entry::with_counters(r, &c))
             .unwrap_or_else(|| r.to_vec())
     });
     let unchanged = plan.full
@@ -474,7 +520,12 @@ pub fn plan(
         return Err(SyncError::BadSignature);
     }
     let push: Push = serde_json::from_slice(body).map_err(|e| SyncError::Invalid(e.to_string()))?;
-    if push.upserts.len() + push.deletes.len() + push.revoked_sessions.len() > MAX_PUSH_ITEMS {
+    if push.upserts.len()
+        + push.deletes.len()
+        + push.revoked_sessions.len()
+        + push.limit_records.len()
+        > MAX_PUSH_ITEMS
+    {
         return Err(SyncError::TooLarge);
     }
     let (claim, commit, stamp) = check_sequence(&push, state)?;
@@ -505,6 +556,12 @@ pub fn plan(
                 .map_err(|e| SyncError::Invalid(e.to_string()))?;
         }
     }
+    for (i, r) in push.limit_records.iter().enumerate() {
+        let field = |f: &str| format!("limit_records[{i}].{f}");
+        check_name(&field("name"), &r.name).map_err(|e| SyncError::Invalid(e.to_string()))?;
+        crate::limits::check_limits(&field("limits"), &r.limits)
+            .map_err(|e| SyncError::Invalid(e.to_string()))?;
+    }
     Ok(Plan {
         upserts,
         key_ids,
@@ -515,6 +572,7 @@ pub fn plan(
         stamp,
         generation: push.generation,
         full: push.mode == Mode::Full,
+        limit_records: push.limit_records,
     })
 }
 
@@ -684,7 +742,68 @@ mod tests {
             revoked_sessions: vec![],
             store_id: None,
             takeover: false,
+            limit_records: vec![],
         }
+    }
+
+    #[test]
+    fn limit_records_are_validated_naming_the_record_and_carried_in_the_plan() {
+        let tenant = LimitRecord {
+            kind: LimitKind::Tenant,
+            name: "acme".into(),
+            limits: vec!["100/min".parse().unwrap()],
+        };
+        let ok = Push {
+            limit_records: vec![tenant.clone()],
+            ..push(Mode::Full, 1, 0, 7)
+        };
+        let plan = run(&ok, &SyncState::default()).unwrap();
+        assert_eq!(plan.limit_records, vec![tenant.clone()]);
+        assert_eq!(tenant.key(), "tl:acme");
+        let bad = Push {
+            limit_records: vec![
+                tenant.clone(),
+                LimitRecord {
+                    kind: LimitKind::Plan,
+                    name: "pro".into(),
+                    limits: vec!["10/min".parse().unwrap(), "20/min".parse().unwrap()],
+                },
+            ],
+            ..push(Mode::Full, 1, 0, 7)
+        };
+        match run(&bad, &SyncState::default()) {
+            Err(SyncError::Invalid(m)) => assert!(m.contains("limit_records[1].limits[1]"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let body = br#"{"mode":"full","generation":1,"version":1,"limit_records":[{"kind":"plan","name":"x","limits":["1/fortnight"]}]}"#;
+        assert!(matches!(
+            plan_body(body),
+            Err(SyncError::Invalid(m)) if m.contains("fortnight")
+        ));
+    }
+
+    fn plan_body(body: &[u8]) -> Result<Plan, SyncError> {
+        plan(SECRET, body, Some(sign(SECRET, body).as_bytes()), &SyncState::default())
+    }
+
+    #[test]
+    fn a_pushed_update_keeps_every_counter_of_the_key() {
+        let mut r = record("k1", "t");
+        r.limits = vec!["10/s".parse().unwrap(), "100/day".parse().unwrap()];
+        let p1 = run(&Push { upserts: vec![r.clone()], ..push(Mode::Full, 1, 0, 1) }, &SyncState::default()).unwrap();
+        let mut entries = std::collections::HashMap::new();
+        apply(&mut entries, &SyncState::default(), &p1);
+        let s1 = p1.result();
+        let h = crate::hash::sha256(b"k1");
+        let used = crate::limits::Counters(vec![(1, 5), (4, 6)]);
+        let e = update_visible_record(&entries[&h], &s1, |rec| crate::entry::with_counters(rec, &used)).unwrap();
+        entries.insert(h, e);
+        r.scopes = vec!["write".into()];
+        let p2 = run(&Push { upserts: vec![r], ..push(Mode::Incremental, 1, 1, 2) }, &s1).unwrap();
+        apply(&mut entries, &s1, &p2);
+        let s2 = p2.result();
+        let served = visible_record(&entries[&h], &s2).unwrap();
+        assert_eq!(crate::entry::counters(served), Some(used));
     }
 
     fn run(p: &Push, state: &SyncState) -> Result<Plan, SyncError> {

@@ -9,7 +9,10 @@ use crate::extract::{extract, ExtractError, Presented, Scheme};
 use crate::hash::{ct_eq, is_hex64, sha256, Digest};
 use crate::ip_rules::{client_ip, is_allowed};
 use crate::path::normalize;
-use crate::rate_limit::{acquire, RateStatus};
+use crate::limits::{
+    acquire_rules, acquire_tenant, combine, decode_plan, plan_key, refusal_message, rules, Rule,
+};
+use crate::rate_limit::RateStatus;
 use crate::scope::{grants, Access};
 use crate::shared_data::{counter_key, revocations_key, CounterCell};
 use crate::token::{self, Claims, TokenError, Tokens, VerifiedTokens};
@@ -385,31 +388,91 @@ pub(super) fn check_credential(
             );
         }
     }
-    let rate = match cred.rate_limit.or(policy.rate_limit) {
-        None => None,
-        Some(limit) => {
-            let status = acquire(host.counters(), &counter_key(&cred.key_id), limit, now_ns);
-            if !status.allowed {
-                let message = match status.retry_after_secs() {
-                    1 => "Rate limit exceeded. Try again in 1 second.".to_owned(),
-                    n => format!("Rate limit exceeded. Try again in {n} seconds."),
-                };
-                let denial = Denial {
-                    rate: Some(status),
-                    ..Denial::new(Reason::RateLimited, message)
-                };
-                return Outcome::Denied {
-                    denial,
-                    credential: Some(cred),
-                };
-            }
-            Some(status)
-        }
+    let rate = match limit(policy, &cred, host, now_ns) {
+        Ok(rate) => rate,
+        Err(refusal) => return refusal,
     };
     Outcome::Allowed {
         credential: cred,
         rate,
     }
+}
+
+/// Takes the request from every budget it counts against (`crate::limits`):
+/// the key's own limits, else its plan's, else the plugin's default; then
+/// its tenant's. The status to report, or the refusal.
+fn limit(
+    policy: &Policy,
+    cred: &Rc<Credential>,
+    host: &mut dyn Host,
+    now_ns: u64,
+) -> Result<Option<RateStatus>, Outcome> {
+    let plan_rules;
+    let default_rule;
+    let key_rules: &[Rule] = if !cred.own_rules.is_empty() {
+        &cred.own_rules
+    } else {
+        let plan = match &cred.plan {
+            None => None,
+            // A plan is written by sync before any key on it is served: one
+            // that cannot be read refuses the request.
+            Some(name) => Some(
+                decode_plan(host.counters().load(&plan_key(name)).0.as_deref())
+                    .ok_or_else(|| unreadable_limits(cred))?,
+            ),
+        };
+        match plan.filter(|limits| !limits.is_empty()) {
+            Some(limits) => {
+                plan_rules = rules(&limits, false);
+                &plan_rules
+            }
+            None => {
+                default_rule = policy.rate_limit.map(Rule::of_rate_limit);
+                default_rule.as_slice()
+            }
+        }
+    };
+    let key = (!key_rules.is_empty()).then(|| {
+        acquire_rules(
+            host.counters(),
+            &counter_key(&cred.key_id),
+            key_rules,
+            now_ns,
+        )
+    });
+    if let Some(status) = key.filter(|s| !s.allowed) {
+        return Err(rate_limited(status, cred));
+    }
+    let tenant = if cred.tenant_limits {
+        acquire_tenant(host.counters(), &cred.tenant, now_ns)
+            .map_err(|_| unreadable_limits(cred))?
+    } else {
+        None
+    };
+    match combine(key, tenant) {
+        Some(status) if !status.allowed => Err(rate_limited(status, cred)),
+        status => Ok(status),
+    }
+}
+
+fn rate_limited(status: RateStatus, cred: &Rc<Credential>) -> Outcome {
+    let denial = Denial {
+        rate: Some(status),
+        ..Denial::new(Reason::RateLimited, refusal_message(&status))
+    };
+    Outcome::Denied {
+        denial,
+        credential: Some(cred.clone()),
+    }
+}
+
+/// Fail closed: a plan or tenant entry that cannot be read refuses.
+fn unreadable_limits(cred: &Rc<Credential>) -> Outcome {
+    deny(
+        Reason::Internal,
+        "The gateway could not process this request",
+        Some(cred),
+    )
 }
 
 #[cfg(test)]

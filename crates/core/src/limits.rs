@@ -1,0 +1,791 @@
+//! Several limits per key, plans and tenant limits.
+//!
+//! A limit is written `COUNT/PERIOD`: `10/s`, `100/min`, `5000/hour` are
+//! rolling windows (GCRA, as [`crate::rate_limit`]: a burst of COUNT, then one
+//! request every PERIOD/COUNT); `10000/day` and `200000/month` are calendar
+//! quotas in UTC: COUNT requests from 00:00 UTC of the day (of the 1st of the
+//! month) until the next one, however they are spread.
+//!
+//! Which limits a request meets:
+//! - the key's own: its `rate_limit` (the single window of old) and its
+//!   `limits`; if it has none, those of its plan (a plan is a named limit
+//!   set in shared data, `pl:<name>`, read on each request: changing a plan
+//!   is one sync change for every key on it); if none either, the plugin's
+//!   default `rate_limit`;
+//! - and, if its tenant has limits, the tenant's (`tl:<tenant>`), shared by
+//!   every key of the tenant.
+//!
+//! Exactness: a key's counters (one `u64` per limit it has used, tagged by
+//! period) form one value updated by one compare-and-swap, so every limit of
+//! a key admits a request or none does. The tenant's counters live in the
+//! tenant entry, written by sync before any key refers to it (Envoy creates a
+//! missing shared-data key whatever CAS token the write carries, see
+//! [`crate::entry`]) and updated by CAS after the key's. A request the
+//! tenant refuses has then used the key's budget: limits over-count, never
+//! over-admit.
+
+use crate::error::ConfigError;
+use crate::rate_limit::{
+    check as gcra, Policies, RateLimit, RateStatus, NANOS_PER_SEC, TAG_DEFAULT, TAG_TENANT,
+};
+use crate::shared_data::{update, CounterCell, Step};
+use serde::{Deserialize, Serialize};
+
+/// Most limits in one set: one per period.
+pub const MAX_LIMITS: usize = 5;
+const SECS_PER_DAY: u64 = 86_400;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Period {
+    Second = 1,
+    Minute = 2,
+    Hour = 3,
+    Day = 4,
+    Month = 5,
+}
+
+impl Period {
+    fn of_tag(tag: u8) -> Option<Period> {
+        Some(match tag {
+            1 => Period::Second,
+            2 => Period::Minute,
+            3 => Period::Hour,
+            4 => Period::Day,
+            5 => Period::Month,
+            _ => return None,
+        })
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Period::Second => "s",
+            Period::Minute => "min",
+            Period::Hour => "hour",
+            Period::Day => "day",
+            Period::Month => "month",
+        }
+    }
+
+    fn parse(unit: &str) -> Option<Period> {
+        Some(match unit {
+            "s" | "sec" | "second" => Period::Second,
+            "m" | "min" | "minute" => Period::Minute,
+            "h" | "hour" => Period::Hour,
+            "d" | "day" => Period::Day,
+            "mo" | "month" => Period::Month,
+            _ => return None,
+        })
+    }
+
+    fn window_secs(self) -> Option<u32> {
+        match self {
+            Period::Second => Some(1),
+            Period::Minute => Some(60),
+            Period::Hour => Some(3_600),
+            Period::Day | Period::Month => None,
+        }
+    }
+}
+
+/// One limit: `count` requests per `period`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Limit {
+    pub count: u32,
+    pub period: Period,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.count, self.period.unit())
+    }
+}
+
+impl std::str::FromStr for Limit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Limit, String> {
+        let shape = || {
+            format!(
+                "'{s}' is not a limit; write COUNT/PERIOD with PERIOD one of s, min, hour, day, month (e.g. 100/min)"
+            )
+        };
+        let (count, unit) = s.trim().split_once('/').ok_or_else(shape)?;
+        let period = Period::parse(unit.trim()).ok_or_else(shape)?;
+        let count: u32 = count.trim().parse().map_err(|_| shape())?;
+        if count == 0 {
+            return Err(format!("'{s}': the count must be at least 1"));
+        }
+        Ok(Limit { count, period })
+    }
+}
+
+impl Serialize for Limit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Limit, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Refuses a set that is too long, names a period twice, or lets a longer
+/// period allow fewer requests than a shorter one (the shorter could never
+/// be reached: a contradiction, most likely a typo). `field` names the list.
+pub fn check_limits(field: &str, limits: &[Limit]) -> Result<(), ConfigError> {
+    if limits.len() > MAX_LIMITS {
+        return Err(ConfigError::new(
+            field,
+            format!("at most {MAX_LIMITS} limits, one per period"),
+        ));
+    }
+    for (i, l) in limits.iter().enumerate() {
+        if l.count == 0 {
+            return Err(ConfigError::new(
+                &format!("{field}[{i}]"),
+                "the count must be at least 1",
+            ));
+        }
+        for other in limits.iter().take(i) {
+            if other.period == l.period {
+                return Err(ConfigError::new(
+                    &format!("{field}[{i}]"),
+                    format!("{l} and {other} limit the same period; keep one"),
+                ));
+            }
+            let (short, long) = if other.period < l.period {
+                (other, l)
+            } else {
+                (l, other)
+            };
+            if long.count < short.count {
+                return Err(ConfigError::new(
+                    &format!("{field}[{i}]"),
+                    format!("{long} allows fewer requests than {short}, which then can never be reached"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses `--limit`/API strings, naming the entry at fault.
+pub fn parse_limits(field: &str, items: &[String]) -> Result<Vec<Limit>, ConfigError> {
+    let limits = items
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<Limit>()
+                .map_err(|e| ConfigError::new(&format!("{field}[{i}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_limits(field, &limits)?;
+    Ok(limits)
+}
+
+/// A limit as the decision applies it: its counter tag and its rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// [`TAG_DEFAULT`] for the single window, the period (1–5) for a key's
+    /// limit, plus [`TAG_TENANT`] for a tenant's.
+    pub tag: u8,
+    pub kind: RuleKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleKind {
+    /// A rolling window (GCRA); the state is the theoretical arrival time.
+    Window(RateLimit),
+    /// A calendar quota (UTC); the state is the period's index (high 24
+    /// bits) and the requests used in it (low 40 bits).
+    Quota { count: u32, period: Period },
+}
+
+impl Rule {
+    pub fn of_limit(l: &Limit, tenant: bool) -> Rule {
+        let tag = l.period as u8 | if tenant { TAG_TENANT } else { 0 };
+        let kind = match l.period.window_secs() {
+            Some(window_secs) => RuleKind::Window(RateLimit {
+                requests: l.count,
+                window_secs,
+            }),
+            None => RuleKind::Quota {
+                count: l.count,
+                period: l.period,
+            },
+        };
+        Rule { tag, kind }
+    }
+
+    pub fn of_rate_limit(l: RateLimit) -> Rule {
+        Rule {
+            tag: TAG_DEFAULT,
+            kind: RuleKind::Window(l),
+        }
+    }
+}
+
+/// The rules of a set of limits.
+pub fn rules(limits: &[Limit], tenant: bool) -> Vec<Rule> {
+    limits.iter().map(|l| Rule::of_limit(l, tenant)).collect()
+}
+
+// ---- calendar (proleptic Gregorian, UTC; Howard Hinnant's algorithms) ----
+
+fn civil_from_days(days: i64) -> (i64, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month as u32)
+}
+
+fn days_from_civil(year: i64, month: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The calendar period containing `now_ns`: its index (days or months since
+/// 1970) and its start and end in Unix seconds.
+fn calendar(period: Period, now_ns: u64) -> (u64, u64, u64) {
+    let days = now_ns / NANOS_PER_SEC / SECS_PER_DAY;
+    match period {
+        Period::Month => {
+            let (year, month) = civil_from_days(days as i64);
+            let index = (year - 1970) * 12 + i64::from(month) - 1;
+            let start = days_from_civil(year, month);
+            let (ny, nm) = if month == 12 {
+                (year + 1, 1)
+            } else {
+                (year, month + 1)
+            };
+            let end = days_from_civil(ny, nm);
+            (
+                index.max(0) as u64,
+                start.max(0) as u64 * SECS_PER_DAY,
+                end.max(0) as u64 * SECS_PER_DAY,
+            )
+        }
+        _ => (days, days * SECS_PER_DAY, (days + 1) * SECS_PER_DAY),
+    }
+}
+
+const USED_BITS: u32 = 40;
+const USED_MASK: u64 = (1 << USED_BITS) - 1;
+
+/// One rule's step: the status and the state to store if admitted.
+fn step(rule: &Rule, state: Option<u64>, now_ns: u64) -> (RateStatus, u64) {
+    match rule.kind {
+        RuleKind::Window(limit) => {
+            let (mut status, new) = gcra(limit, state, now_ns);
+            status.tag = rule.tag;
+            status.policies = Policies::default();
+            (status, new.unwrap_or(state.unwrap_or(0)))
+        }
+        RuleKind::Quota { count, period } => {
+            let (index, start, end) = calendar(period, now_ns);
+            let used = state
+                .filter(|s| s >> USED_BITS == index)
+                .map_or(0, |s| s & USED_MASK);
+            let limit = RateLimit {
+                requests: count,
+                window_secs: u32::try_from(end - start).unwrap_or(u32::MAX),
+            };
+            let end_ns = end.saturating_mul(NANOS_PER_SEC);
+            let allowed = used < u64::from(count);
+            let used_after = used + u64::from(allowed);
+            let status = RateStatus {
+                allowed,
+                limit,
+                remaining: u32::try_from(u64::from(count).saturating_sub(used_after))
+                    .unwrap_or(0),
+                reset_at_ns: end_ns,
+                retry_after_ns: if allowed {
+                    0
+                } else {
+                    end_ns.saturating_sub(now_ns)
+                },
+                tag: rule.tag,
+                policies: Policies::default(),
+            };
+            (status, (index << USED_BITS) | (used_after & USED_MASK))
+        }
+    }
+}
+
+/// A set of counters: (tag, state) pairs, one per limit used so far.
+///
+/// Bytes: 9 per counter (tag, u64 LE); exactly 8 bytes is the state of
+/// the single window of old (tag 0), as config credentials' `r:` entries
+/// and entries written before several limits existed hold it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub Vec<(u8, u64)>);
+
+impl Counters {
+    pub fn decode(bytes: Option<&[u8]>) -> Counters {
+        let Some(bytes) = bytes else {
+            return Counters::default();
+        };
+        if let Ok(tat) = <[u8; 8]>::try_from(bytes) {
+            let tat = u64::from_le_bytes(tat);
+            return Counters(if tat == 0 { vec![] } else { vec![(0, tat)] });
+        }
+        if bytes.len() % 9 != 0 {
+            return Counters::default();
+        }
+        Counters(
+            bytes
+                .chunks_exact(9)
+                .filter_map(|c| {
+                    let (tag, v) = c.split_first()?;
+                    Some((*tag, u64::from_le_bytes(v.try_into().ok()?)))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self.0.as_slice() {
+            [] => vec![],
+            [(0, tat)] => tat.to_le_bytes().to_vec(),
+            many => many
+                .iter()
+                .flat_map(|(tag, v)| std::iter::once(*tag).chain(v.to_le_bytes()))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, tag: u8) -> Option<u64> {
+        self.0.iter().find(|(t, _)| *t == tag).map(|(_, v)| *v)
+    }
+
+    fn set(&mut self, tag: u8, value: u64) {
+        match self.0.iter_mut().find(|(t, _)| *t == tag) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((tag, value)),
+        }
+    }
+}
+
+/// Checks every rule against `counters`: admitted only if all admit. The
+/// status reports the tightest limit (fewest remaining) when admitted, the
+/// one to wait longest for when refused, and lists every rule's policy.
+pub fn check_all(rules: &[Rule], counters: &Counters, now_ns: u64) -> (RateStatus, Option<Counters>) {
+    let mut next = counters.clone();
+    let mut policies = Policies::default();
+    let mut report: Option<RateStatus> = None;
+    let mut refused: Option<RateStatus> = None;
+    for rule in rules {
+        let (status, state) = step(rule, counters.get(rule.tag), now_ns);
+        policies.push(rule.tag, status.limit);
+        if status.allowed {
+            next.set(rule.tag, state);
+            if report.is_none_or(|r| status.remaining < r.remaining) {
+                report = Some(status);
+            }
+        } else if refused.is_none_or(|r| status.retry_after_ns > r.retry_after_ns) {
+            refused = Some(status);
+        }
+    }
+    let admitted = refused.is_none();
+    let status = refused.or(report).map(|s| RateStatus { policies, ..s });
+    match status {
+        Some(s) => (s, admitted.then_some(next)),
+        // No rules: nothing limits, nothing changes.
+        None => (unlimited(now_ns), None),
+    }
+}
+
+fn unlimited(now_ns: u64) -> RateStatus {
+    RateStatus {
+        allowed: true,
+        limit: RateLimit {
+            requests: u32::MAX,
+            window_secs: 1,
+        },
+        remaining: u32::MAX,
+        reset_at_ns: now_ns,
+        retry_after_ns: 0,
+        tag: TAG_DEFAULT,
+        policies: Policies::default(),
+    }
+}
+
+/// Refused after endless contention: never over-admit.
+fn contended(last: Option<RateStatus>, now_ns: u64) -> RateStatus {
+    RateStatus {
+        allowed: false,
+        remaining: 0,
+        retry_after_ns: NANOS_PER_SEC,
+        ..last.unwrap_or(RateStatus {
+            allowed: false,
+            ..unlimited(now_ns)
+        })
+    }
+}
+
+/// Takes one request from every rule's budget in the counter set stored
+/// under `key`, with CAS retry (as [`crate::rate_limit::acquire`]).
+pub fn acquire_rules(
+    cell: &mut dyn CounterCell,
+    key: &str,
+    rules: &[Rule],
+    now_ns: u64,
+) -> RateStatus {
+    let attempt = update(cell, key, |bytes| {
+        match check_all(rules, &Counters::decode(bytes), now_ns) {
+            (status, Some(next)) => Step::Write(next.encode(), status),
+            (status, None) => Step::Done(status),
+        }
+    });
+    attempt.unwrap_or_else(|last| contended(last, now_ns))
+}
+
+// ---- shared entries: plans and tenants ----
+
+/// Shared-data key of a plan's limits (written by sync).
+pub fn plan_key(plan: &str) -> String {
+    format!("pl:{plan}")
+}
+
+/// Shared-data key of a tenant's limits and counters (written by sync,
+/// counted by the gate).
+pub fn tenant_key(tenant: &str) -> String {
+    format!("tl:{tenant}")
+}
+
+fn encode_limits(out: &mut Vec<u8>, limits: &[Limit]) {
+    out.push(limits.len().min(MAX_LIMITS) as u8);
+    for l in limits.iter().take(MAX_LIMITS) {
+        out.push(l.period as u8);
+        out.extend_from_slice(&l.count.to_le_bytes());
+    }
+}
+
+fn decode_limits(bytes: &[u8]) -> Option<(Vec<Limit>, &[u8])> {
+    let (&n, mut rest) = bytes.split_first()?;
+    let mut limits = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let (&p, r) = rest.split_first()?;
+        let count = u32::from_le_bytes(r.get(..4)?.try_into().ok()?);
+        rest = r.get(4..)?;
+        limits.push(Limit {
+            count,
+            period: Period::of_tag(p)?,
+        });
+    }
+    check_limits("", &limits).ok()?;
+    Some((limits, rest))
+}
+
+/// A plan entry: its limits (a count byte, then period byte and u32 LE each).
+pub fn encode_plan(limits: &[Limit]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 5 * limits.len());
+    encode_limits(&mut out, limits);
+    out
+}
+
+/// A plan entry's limits; None for a missing or corrupt one.
+pub fn decode_plan(bytes: Option<&[u8]>) -> Option<Vec<Limit>> {
+    match decode_limits(bytes?)? {
+        (limits, []) => Some(limits),
+        _ => None,
+    }
+}
+
+/// A tenant entry: its limits as a plan's, then its counters ([`Counters`]).
+pub fn encode_tenant(limits: &[Limit], counters: &Counters) -> Vec<u8> {
+    let mut out = encode_plan(limits);
+    if !counters.0.is_empty() {
+        // Always the 9-byte form here: the limits come first.
+        out.extend(
+            counters
+                .0
+                .iter()
+                .flat_map(|(tag, v)| std::iter::once(*tag).chain(v.to_le_bytes())),
+        );
+    }
+    out
+}
+
+/// A tenant entry's limits and counters; None for a missing or corrupt one.
+pub fn decode_tenant(bytes: Option<&[u8]>) -> Option<(Vec<Limit>, Counters)> {
+    let (limits, rest) = decode_limits(bytes?)?;
+    if rest.len() % 9 != 0 {
+        return None;
+    }
+    let counters = if rest.is_empty() {
+        Counters::default()
+    } else {
+        Counters::decode(Some(rest))
+    };
+    Some((limits, counters))
+}
+
+/// The tenant entry after sync sets new limits: counters of periods it
+/// still limits go on; a missing or corrupt entry starts fresh.
+pub fn retarget_tenant(current: Option<&[u8]>, limits: &[Limit]) -> Vec<u8> {
+    let kept = decode_tenant(current)
+        .map(|(_, c)| {
+            Counters(
+                c.0.into_iter()
+                    .filter(|(tag, _)| limits.iter().any(|l| l.period as u8 | TAG_TENANT == *tag))
+                    .collect(),
+            )
+        })
+        .unwrap_or_default();
+    encode_tenant(limits, &kept)
+}
+
+/// Why a tenant's limits could not be applied: the request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantEntryMissing;
+
+/// Takes one request from the tenant's shared budget (`tl:<tenant>`). A
+/// tenant without limits admits (None); a missing entry is an error (sync
+/// writes it before any key says its tenant is limited).
+pub fn acquire_tenant(
+    cell: &mut dyn CounterCell,
+    tenant: &str,
+    now_ns: u64,
+) -> Result<Option<RateStatus>, TenantEntryMissing> {
+    let key = tenant_key(tenant);
+    let attempt = update(cell, &key, |bytes| {
+        let Some((limits, counters)) = decode_tenant(bytes) else {
+            return Step::Done(Err(TenantEntryMissing));
+        };
+        if limits.is_empty() {
+            return Step::Done(Ok(None));
+        }
+        match check_all(&rules(&limits, true), &counters, now_ns) {
+            (status, Some(next)) => Step::Write(encode_tenant(&limits, &next), Ok(Some(status))),
+            (status, None) => Step::Done(Ok(Some(status))),
+        }
+    });
+    match attempt {
+        Ok(r) => r,
+        Err(last) => Ok(Some(contended(last.and_then(|r| r.ok().flatten()), now_ns))),
+    }
+}
+
+/// The status a response reports for a key's and its tenant's checks: a
+/// refusal if either refused, else the one with fewer requests remaining;
+/// the policies of both.
+pub fn combine(key: Option<RateStatus>, tenant: Option<RateStatus>) -> Option<RateStatus> {
+    match (key, tenant) {
+        (Some(k), Some(t)) => {
+            let mut policies = k.policies;
+            policies.extend(&t.policies);
+            let pick = match (k.allowed, t.allowed) {
+                (false, _) => k,
+                (true, false) => t,
+                (true, true) if t.remaining < k.remaining => t,
+                _ => k,
+            };
+            Some(RateStatus { policies, ..pick })
+        }
+        (k, t) => k.or(t),
+    }
+}
+
+/// The message of a 429 for the limit `status` reports.
+pub fn refusal_message(status: &RateStatus) -> String {
+    let wait = match status.retry_after_secs() {
+        1 => "1 second".to_owned(),
+        n => format!("{n} seconds"),
+    };
+    let whose = if status.tag & TAG_TENANT != 0 {
+        "Tenant "
+    } else {
+        ""
+    };
+    match Period::of_tag(status.tag & !TAG_TENANT) {
+        Some(Period::Day) => format!(
+            "{whose}daily quota of {} requests exhausted. It resets at 00:00 UTC, in {wait}.",
+            status.limit.requests
+        ),
+        Some(Period::Month) => format!(
+            "{whose}monthly quota of {} requests exhausted. It resets on the 1st at 00:00 UTC, in {wait}.",
+            status.limit.requests
+        ),
+        _ if whose.is_empty() => format!("Rate limit exceeded. Try again in {wait}."),
+        _ => format!("Tenant rate limit exceeded. Try again in {wait}."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemoryHost;
+
+    const S: u64 = NANOS_PER_SEC;
+    /// 2023-11-14T22:13:20Z.
+    const T0: u64 = 1_700_000_000 * S;
+
+    fn l(s: &str) -> Limit {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn limits_parse_in_short_and_long_units_and_print_canonically() {
+        assert_eq!(l("100/min").to_string(), "100/min");
+        assert_eq!(l(" 10 / second ").to_string(), "10/s");
+        assert_eq!(l("5/h").period, Period::Hour);
+        assert_eq!(l("7/d").to_string(), "7/day");
+        assert_eq!(l("9/mo").to_string(), "9/month");
+        for bad in ["100", "x/min", "100/week", "0/min", "-1/s", "100/", "/min"] {
+            assert!(bad.parse::<Limit>().is_err(), "{bad}");
+        }
+        let json = serde_json::to_string(&vec![l("100/min")]).unwrap();
+        assert_eq!(json, r#"["100/min"]"#);
+        assert!(serde_json::from_str::<Vec<Limit>>(r#"["1/fortnight"]"#).is_err());
+    }
+
+    #[test]
+    fn duplicate_or_contradictory_limits_are_refused_naming_the_entry() {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(parse_limits("limits", &strings(&["100/min", "10000/day", "200000/month"])).is_ok());
+        let e = parse_limits("limits", &strings(&["100/min", "200/min"])).unwrap_err();
+        assert_eq!(e.field, "limits[1]");
+        assert!(e.message.contains("same period"), "{e}");
+        let e = parse_limits("limits", &strings(&["1000/min", "100/hour"])).unwrap_err();
+        assert_eq!(e.field, "limits[1]");
+        assert!(e.message.contains("fewer requests"), "{e}");
+        let e = parse_limits("limits", &strings(&["10/s", "oops"])).unwrap_err();
+        assert_eq!(e.field, "limits[1]");
+        let six = strings(&["1/s", "2/min", "3/hour", "4/day", "5/month", "6/month"]);
+        assert_eq!(parse_limits("limits", &six).unwrap_err().field, "limits");
+    }
+
+    #[test]
+    fn every_limit_must_admit_and_the_tightest_is_reported() {
+        let mut cell = MemoryHost::default();
+        let rules = rules(&[l("3/s"), l("5/min"), l("100/day")], false);
+        let statuses: Vec<_> = (0..3).map(|_| acquire_rules(&mut cell, "r:k", &rules, T0)).collect();
+        assert!(statuses.iter().all(|s| s.allowed));
+        assert_eq!(statuses[2].remaining, 0);
+        assert_eq!(statuses[2].tag, 1, "the per-second window is tightest");
+        assert_eq!(statuses[2].policies.len(), 3);
+        // Two seconds later the second window has room; the minute has 2 left.
+        let s = acquire_rules(&mut cell, "r:k", &rules, T0 + 2 * S);
+        assert!(s.allowed);
+        assert_eq!((s.tag, s.remaining), (2, 1));
+        let s = acquire_rules(&mut cell, "r:k", &rules, T0 + 3 * S);
+        assert_eq!((s.tag, s.remaining), (2, 0));
+        let refused = acquire_rules(&mut cell, "r:k", &rules, T0 + 4 * S);
+        assert!(!refused.allowed);
+        assert_eq!(refused.tag, 2);
+        // The refused request used nothing: the day quota counts 5.
+        let c = Counters::decode(cell.load("r:k").0.as_deref());
+        assert_eq!(c.get(4).map(|v| v & USED_MASK), Some(5));
+    }
+
+    #[test]
+    fn a_day_quota_resets_at_utc_midnight_and_a_month_quota_on_the_first() {
+        let day = rules(&[l("2/day")], false);
+        let mut cell = MemoryHost::default();
+        assert!(acquire_rules(&mut cell, "r:k", &day, T0).allowed);
+        assert!(acquire_rules(&mut cell, "r:k", &day, T0).allowed);
+        let refused = acquire_rules(&mut cell, "r:k", &day, T0);
+        assert!(!refused.allowed);
+        // 22:13:20 → midnight is 1 h 46 min 40 s away.
+        assert_eq!(refused.retry_after_secs(), 6_400);
+        assert!(refusal_message(&refused).contains("daily quota of 2"));
+        assert!(acquire_rules(&mut cell, "r:k", &day, T0 + 6_400 * S).allowed);
+
+        let month = rules(&[l("1/month")], false);
+        let mut cell = MemoryHost::default();
+        assert!(acquire_rules(&mut cell, "r:k", &month, T0).allowed);
+        let refused = acquire_rules(&mut cell, "r:k", &month, T0 + 86_400 * S);
+        assert!(!refused.allowed);
+        // November 2023 has 30 days; 1 December 2023 is 1_701_388_800.
+        assert_eq!(refused.limit.window_secs, 30 * 86_400);
+        assert_eq!(refused.reset_epoch_secs(), 1_701_388_800);
+        assert!(acquire_rules(&mut cell, "r:k", &month, 1_701_388_800 * S).allowed);
+    }
+
+    #[test]
+    fn calendar_matches_known_dates() {
+        // 2024-02-29 (leap day) and 2000-03-01.
+        assert_eq!(civil_from_days(19_782), (2024, 2));
+        assert_eq!(days_from_civil(2024, 3), 19_783);
+        assert_eq!(days_from_civil(2000, 3), 11_017);
+        let (_, start, end) = calendar(Period::Month, 1_709_164_800 * S);
+        assert_eq!((start, end), (1_706_745_600, 1_709_251_200));
+    }
+
+    #[test]
+    fn counters_of_one_legacy_window_keep_the_old_eight_bytes() {
+        let c = Counters(vec![(0, 42)]);
+        assert_eq!(c.encode(), 42u64.to_le_bytes().to_vec());
+        assert_eq!(Counters::decode(Some(&c.encode())), c);
+        let many = Counters(vec![(0, 1), (2, 3)]);
+        assert_eq!(many.encode().len(), 18);
+        assert_eq!(Counters::decode(Some(&many.encode())), many);
+        assert_eq!(Counters::decode(Some(b"xyz")), Counters::default());
+        assert_eq!(Counters::decode(Some(&[])), Counters::default());
+    }
+
+    #[test]
+    fn a_tenant_budget_is_shared_and_a_missing_entry_refuses() {
+        let mut cell = MemoryHost::default();
+        assert_eq!(
+            acquire_tenant(&mut cell, "acme", T0),
+            Err(TenantEntryMissing)
+        );
+        cell.store(&tenant_key("acme"), &retarget_tenant(None, &[l("2/min")]), None);
+        let a = acquire_tenant(&mut cell, "acme", T0).unwrap().unwrap();
+        assert!(a.allowed);
+        assert_eq!((a.tag, a.remaining), (0x12, 1));
+        assert!(acquire_tenant(&mut cell, "acme", T0).unwrap().unwrap().allowed);
+        assert!(!acquire_tenant(&mut cell, "acme", T0).unwrap().unwrap().allowed);
+        // New limits keep the counter of a period still limited: the minute
+        // used up stays used up (GCRA state is the time the budget is back).
+        let bytes = cell.load(&tenant_key("acme")).0;
+        let next = retarget_tenant(bytes.as_deref(), &[l("3/min"), l("10/day")]);
+        cell.store(&tenant_key("acme"), &next, None);
+        let s = acquire_tenant(&mut cell, "acme", T0).unwrap().unwrap();
+        assert!(!s.allowed);
+        assert_eq!((s.tag, s.policies.len()), (0x12, 2));
+        let s = acquire_tenant(&mut cell, "acme", T0 + 60 * S).unwrap().unwrap();
+        assert!(s.allowed);
+        // No limits: admits without a status.
+        cell.store(&tenant_key("acme"), &retarget_tenant(None, &[]), None);
+        assert_eq!(acquire_tenant(&mut cell, "acme", T0), Ok(None));
+    }
+
+    #[test]
+    fn combine_reports_a_refusal_or_the_fewest_remaining_with_every_policy() {
+        let (k, _) = check_all(&rules(&[l("10/min")], false), &Counters::default(), T0);
+        let (t, _) = check_all(&rules(&[l("5/min")], true), &Counters::default(), T0);
+        let c = combine(Some(k), Some(t)).unwrap();
+        assert_eq!((c.tag, c.remaining, c.policies.len()), (0x12, 4, 2));
+        let refused = RateStatus {
+            allowed: false,
+            ..t
+        };
+        assert!(!combine(Some(k), Some(refused)).unwrap().allowed);
+        assert_eq!(combine(Some(k), None), Some(k));
+    }
+
+    #[test]
+    fn plan_entries_round_trip_and_corrupt_ones_read_as_missing() {
+        let limits = vec![l("100/min"), l("10000/day")];
+        assert_eq!(decode_plan(Some(&encode_plan(&limits))), Some(limits));
+        assert_eq!(decode_plan(None), None);
+        assert_eq!(decode_plan(Some(&[1, 9, 0, 0, 0, 1])), None);
+        assert_eq!(decode_plan(Some(&[2, 2, 5, 0, 0, 0])), None);
+    }
+}
