@@ -6,9 +6,9 @@ use crate::error::ConfigError;
 // Re-exported: the sidecar validates names with it.
 use crate::hash::{ct_eq, parse_hex_digest, Digest};
 use crate::ip_rules::parse_allowed;
+use crate::limits::{check_limits, rules, Limit, Rule};
 pub use crate::names::check_name;
 use crate::names::check_scope_name;
-use crate::limits::{check_limits, rules, Limit, Rule};
 use crate::rate_limit::RateLimit;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};

@@ -341,7 +341,12 @@ pub fn counters(bytes: &[u8]) -> Option<Counters> {
     let len = trailer_len(bytes)?;
     let trailer = bytes.get(bytes.len() - len..bytes.len() - 1)?;
     let mut c: Vec<(u8, u64)> = tat.map(|t| (0, t)).into_iter().collect();
-    c.extend(Counters::decode(Some(trailer)).0.into_iter().filter(|(t, _)| *t != 0));
+    c.extend(
+        Counters::decode(Some(trailer))
+            .0
+            .into_iter()
+            .filter(|(t, _)| *t != 0),
+    );
     Some(Counters(c))
 }
 
@@ -355,7 +360,12 @@ pub fn with_counters(bytes: &[u8], counters: &Counters) -> Option<Vec<u8>> {
         None => bytes.to_vec(),
     };
     out.truncate(out.len() - len);
-    let others: Vec<&(u8, u64)> = counters.0.iter().filter(|(t, _)| *t != 0).take(255).collect();
+    let others: Vec<&(u8, u64)> = counters
+        .0
+        .iter()
+        .filter(|(t, _)| *t != 0)
+        .take(255)
+        .collect();
     for (tag, v) in &others {
         out.push(*tag);
         out.extend_from_slice(&v.to_le_bytes());

@@ -309,8 +309,7 @@ fn step(rule: &Rule, state: Option<u64>, now_ns: u64) -> (RateStatus, u64) {
             let status = RateStatus {
                 allowed,
                 limit,
-                remaining: u32::try_from(u64::from(count).saturating_sub(used_after))
-                    .unwrap_or(0),
+                remaining: u32::try_from(u64::from(count).saturating_sub(used_after)).unwrap_or(0),
                 reset_at_ns: end_ns,
                 retry_after_ns: if allowed {
                     0
@@ -382,7 +381,11 @@ impl Counters {
 /// Checks every rule against `counters`: admitted only if all admit. The
 /// status reports the tightest limit (fewest remaining) when admitted, the
 /// one to wait longest for when refused, and lists every rule's policy.
-pub fn check_all(rules: &[Rule], counters: &Counters, now_ns: u64) -> (RateStatus, Option<Counters>) {
+pub fn check_all(
+    rules: &[Rule],
+    counters: &Counters,
+    now_ns: u64,
+) -> (RateStatus, Option<Counters>) {
     let mut next = counters.clone();
     let mut policies = Policies::default();
     let mut report: Option<RateStatus> = None;
@@ -656,7 +659,11 @@ mod tests {
     #[test]
     fn duplicate_or_contradictory_limits_are_refused_naming_the_entry() {
         let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(parse_limits("limits", &strings(&["100/min", "10000/day", "200000/month"])).is_ok());
+        assert!(parse_limits(
+            "limits",
+            &strings(&["100/min", "10000/day", "200000/month"])
+        )
+        .is_ok());
         let e = parse_limits("limits", &strings(&["100/min", "200/min"])).unwrap_err();
         assert_eq!(e.field, "limits[1]");
         assert!(e.message.contains("same period"), "{e}");
@@ -673,7 +680,9 @@ mod tests {
     fn every_limit_must_admit_and_the_tightest_is_reported() {
         let mut cell = MemoryHost::default();
         let rules = rules(&[l("3/s"), l("5/min"), l("100/day")], false);
-        let statuses: Vec<_> = (0..3).map(|_| acquire_rules(&mut cell, "r:k", &rules, T0)).collect();
+        let statuses: Vec<_> = (0..3)
+            .map(|_| acquire_rules(&mut cell, "r:k", &rules, T0))
+            .collect();
         assert!(statuses.iter().all(|s| s.allowed));
         assert_eq!(statuses[2].remaining, 0);
         assert_eq!(statuses[2].tag, 1, "the per-second window is tightest");
@@ -745,12 +754,26 @@ mod tests {
             acquire_tenant(&mut cell, "acme", T0),
             Err(TenantEntryMissing)
         );
-        cell.store(&tenant_key("acme"), &retarget_tenant(None, &[l("2/min")]), None);
+        cell.store(
+            &tenant_key("acme"),
+            &retarget_tenant(None, &[l("2/min")]),
+            None,
+        );
         let a = acquire_tenant(&mut cell, "acme", T0).unwrap().unwrap();
         assert!(a.allowed);
         assert_eq!((a.tag, a.remaining), (0x12, 1));
-        assert!(acquire_tenant(&mut cell, "acme", T0).unwrap().unwrap().allowed);
-        assert!(!acquire_tenant(&mut cell, "acme", T0).unwrap().unwrap().allowed);
+        assert!(
+            acquire_tenant(&mut cell, "acme", T0)
+                .unwrap()
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            !acquire_tenant(&mut cell, "acme", T0)
+                .unwrap()
+                .unwrap()
+                .allowed
+        );
         // New limits keep the counter of a period still limited: the minute
         // used up stays used up (GCRA state is the time the budget is back).
         let bytes = cell.load(&tenant_key("acme")).0;
@@ -759,7 +782,9 @@ mod tests {
         let s = acquire_tenant(&mut cell, "acme", T0).unwrap().unwrap();
         assert!(!s.allowed);
         assert_eq!((s.tag, s.policies.len()), (0x12, 2));
-        let s = acquire_tenant(&mut cell, "acme", T0 + 60 * S).unwrap().unwrap();
+        let s = acquire_tenant(&mut cell, "acme", T0 + 60 * S)
+            .unwrap()
+            .unwrap();
         assert!(s.allowed);
         // No limits: admits without a status.
         cell.store(&tenant_key("acme"), &retarget_tenant(None, &[]), None);

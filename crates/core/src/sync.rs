@@ -783,23 +783,45 @@ mod tests {
     }
 
     fn plan_body(body: &[u8]) -> Result<Plan, SyncError> {
-        plan(SECRET, body, Some(sign(SECRET, body).as_bytes()), &SyncState::default())
+        plan(
+            SECRET,
+            body,
+            Some(sign(SECRET, body).as_bytes()),
+            &SyncState::default(),
+        )
     }
 
     #[test]
     fn a_pushed_update_keeps_every_counter_of_the_key() {
         let mut r = record("k1", "t");
         r.limits = vec!["10/s".parse().unwrap(), "100/day".parse().unwrap()];
-        let p1 = run(&Push { upserts: vec![r.clone()], ..push(Mode::Full, 1, 0, 1) }, &SyncState::default()).unwrap();
+        let p1 = run(
+            &Push {
+                upserts: vec![r.clone()],
+                ..push(Mode::Full, 1, 0, 1)
+            },
+            &SyncState::default(),
+        )
+        .unwrap();
         let mut entries = std::collections::HashMap::new();
         apply(&mut entries, &SyncState::default(), &p1);
         let s1 = p1.result();
         let h = crate::hash::sha256(b"k1");
         let used = crate::limits::Counters(vec![(1, 5), (4, 6)]);
-        let e = update_visible_record(&entries[&h], &s1, |rec| crate::entry::with_counters(rec, &used)).unwrap();
+        let e = update_visible_record(&entries[&h], &s1, |rec| {
+            crate::entry::with_counters(rec, &used)
+        })
+        .unwrap();
         entries.insert(h, e);
         r.scopes = vec!["write".into()];
-        let p2 = run(&Push { upserts: vec![r], ..push(Mode::Incremental, 1, 1, 2) }, &s1).unwrap();
+        let p2 = run(
+            &Push {
+                upserts: vec![r],
+                ..push(Mode::Incremental, 1, 1, 2)
+            },
+            &s1,
+        )
+        .unwrap();
         apply(&mut entries, &s1, &p2);
         let s2 = p2.result();
         let served = visible_record(&entries[&h], &s2).unwrap();

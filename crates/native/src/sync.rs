@@ -52,50 +52,52 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 /// batch changes nothing; a push that never commits is never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked, key_ids) = t.update(|current: &Snapshot| {
-        let plan = plan(secret, body, signature, &current.state)?;
-        check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
-        let mut next = current.clone();
-        if current.state.pending.map(|p| p.stamp) != Some(plan.stamp) {
-            // A new push: whatever an abandoned one staged goes.
-            next.staged = imbl::HashMap::new();
-        }
-        for (hash, bytes) in &plan.upserts {
-            // `plan` validated each record; one that does not decode would
-            // be a core bug: refuse the push rather than half-apply.
-            decode_record(bytes, hash)
-                .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
-            let entry = Entry {
-                generation: plan.generation,
-                bytes: bytes.clone().into_boxed_slice(),
-            };
-            next.staged.insert(*hash, Some(Arc::new(entry)));
-        }
-        for hash in &plan.deletes {
-            next.staged.insert(*hash, None);
-        }
-        if let Some(commit) = plan.commit {
-            for (hash, entry) in std::mem::take(&mut next.staged) {
-                match entry {
-                    Some(e) => next.credentials.insert(hash, e),
-                    None => next.credentials.remove(&hash),
+    let (state, upserts, deletes, revoked, key_ids, limit_records) =
+        t.update(|current: &Snapshot| {
+            let plan = plan(secret, body, signature, &current.state)?;
+            check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
+            let mut next = current.clone();
+            if current.state.pending.map(|p| p.stamp) != Some(plan.stamp) {
+                // A new push: whatever an abandoned one staged goes.
+                next.staged = imbl::HashMap::new();
+            }
+            for (hash, bytes) in &plan.upserts {
+                // `plan` validated each record; one that does not decode would
+                // be a core bug: refuse the push rather than half-apply.
+                decode_record(bytes, hash)
+                    .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
+                let entry = Entry {
+                    generation: plan.generation,
+                    bytes: bytes.clone().into_boxed_slice(),
                 };
+                next.staged.insert(*hash, Some(Arc::new(entry)));
             }
-            if plan.full {
-                next.credentials
-                    .retain(|_, e| e.generation >= commit.generation);
+            for hash in &plan.deletes {
+                next.staged.insert(*hash, None);
             }
-        }
-        next.state = plan.result();
-        let out = (
-            next.state,
-            plan.upserts.len(),
-            plan.deletes.len(),
-            plan.revoked_sessions,
-            plan.key_ids,
-        );
-        Ok((next, out))
-    })?;
+            if let Some(commit) = plan.commit {
+                for (hash, entry) in std::mem::take(&mut next.staged) {
+                    match entry {
+                        Some(e) => next.credentials.insert(hash, e),
+                        None => next.credentials.remove(&hash),
+                    };
+                }
+                if plan.full {
+                    next.credentials
+                        .retain(|_, e| e.generation >= commit.generation);
+                }
+            }
+            next.state = plan.result();
+            let out = (
+                next.state,
+                plan.upserts.len(),
+                plan.deletes.len(),
+                plan.revoked_sessions,
+                plan.key_ids,
+                plan.limit_records,
+            );
+            Ok((next, out))
+        })?;
     // Tokens name their key by id: the id → hash index (a stale entry is
     // harmless, the gate checks the credential it leads to).
     for (key_id, hash) in &key_ids {
@@ -104,6 +106,11 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
+    // Plans and tenant limits: a tenant's counters go on (the slot's lock
+    // orders this write with the gate's updates).
+    for r in &limit_records {
+        t.modify(&r.key(), |current| r.entry(current));
+    }
     log(
         abi::LOG_INFO,
         &format!(

@@ -8,10 +8,10 @@ use crate::denial::{Denial, Reason};
 use crate::extract::{extract, ExtractError, Presented, Scheme};
 use crate::hash::{ct_eq, is_hex64, sha256, Digest};
 use crate::ip_rules::{client_ip, is_allowed};
-use crate::path::normalize;
 use crate::limits::{
     acquire_rules, acquire_tenant, combine, decode_plan, plan_key, refusal_message, rules, Rule,
 };
+use crate::path::normalize;
 use crate::rate_limit::RateStatus;
 use crate::scope::{grants, Access};
 use crate::shared_data::{counter_key, revocations_key, CounterCell};
