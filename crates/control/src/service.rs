@@ -47,6 +47,10 @@ pub struct KeyPatch {
     pub status: Option<Status>,
     /// `Some(None)` removes the expiry.
     pub expires_at: Option<Option<u64>>,
+    /// The key's own limits (`Some(vec![])` clears them: its plan applies).
+    pub limits: Option<Vec<keygate_core::limits::Limit>>,
+    /// `Some(None)` takes the key off its plan (its tenant's then applies).
+    pub plan: Option<Option<String>>,
 }
 
 /// What `key create` shows, exactly once.
@@ -63,6 +67,9 @@ pub struct Created {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization_basic: Option<String>,
 }
+
+mod limits;
+pub use limits::{KeyLimits, TenantLimitsChange};
 
 pub struct Service {
     store: Box<dyn Store>,
@@ -218,6 +225,17 @@ impl Service {
     }
 
     pub fn create_key(&self, new: NewKey, now: u64) -> Result<Created> {
+        self.create_key_limited(new, KeyLimits::default(), now)
+    }
+
+    /// [`Service::create_key`] with the key's own limits and plan.
+    pub fn create_key_limited(
+        &self,
+        new: NewKey,
+        key_limits: KeyLimits,
+        now: u64,
+    ) -> Result<Created> {
+        key_limits.check()?;
         check_name("--tenant", &new.tenant)?;
         check_name("--env", &new.environment)?;
         if let Some(id) = &new.key_id {
@@ -275,6 +293,9 @@ impl Service {
             rate_limit: new.rate_limit,
             status: Status::Active,
             expires_at: new.expires_at,
+            limits: key_limits.limits.clone(),
+            plan: key_limits.plan.clone(),
+            tenant_limits: false,
         };
         keygate_core::Credential::try_from(&record).map_err(|e| Error::Other(e.to_string()))?;
         self.update(|snap| {
@@ -292,6 +313,7 @@ impl Service {
                 ));
             }
             check_room(snap, &new.tenant, new.kind)?;
+            limits::check_plan_exists(snap, "plan", record.plan.as_deref())?;
             snap.keys.push(StoredKey {
                 name: new.name.clone(),
                 created_at: now,
@@ -386,6 +408,13 @@ impl Service {
         if patch.expires_at.flatten().is_some_and(|t| t <= now) {
             return Err(Error::bad("expires_at", "is in the past"));
         }
+        if let Some(l) = &patch.limits {
+            keygate_core::limits::check_limits("limits", l)
+                .map_err(|e| Error::bad(&e.field, e.message))?;
+        }
+        if let Some(Some(p)) = &patch.plan {
+            check_name("plan", p)?;
+        }
         self.update(|snap| {
             let k = snap.find_mut(key_id)?;
             if k.record.tenant != tenant {
@@ -421,6 +450,16 @@ impl Service {
             if let Some(e) = patch.expires_at {
                 k.record.expires_at = e;
             }
+            if let Some(l) = &patch.limits {
+                k.record.limits = l.clone();
+            }
+            if let Some(p) = &patch.plan {
+                k.record.plan = p.clone();
+            }
+            // Checked against the plans of this very snapshot.
+            let plan = k.record.plan.clone();
+            limits::check_plan_exists(snap, "plan", plan.as_deref())?;
+            let k = snap.find_mut(key_id)?;
             k.updated_at = now;
             Ok(k.clone())
         })

@@ -4,7 +4,7 @@
 
 use keygate_control::store::Snapshot;
 use keygate_core::sync::{
-    is_foreign, sign, Mode, Push, RevokedSession, StoreId, SyncState, MAX_PUSH_BYTES,
+    is_foreign, sign, LimitKind, LimitRecord, Mode, Push, RevokedSession, StoreId, SyncState, MAX_PUSH_BYTES,
     MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::CredentialRecord;
@@ -56,7 +56,11 @@ struct Held {
     version: u64,
     set: BTreeMap<String, CredentialRecord>,
     revoked: BTreeSet<RevokedSession>,
+    /// Plans and tenant limits.
+    limits: LimitSet,
 }
+
+type LimitSet = BTreeMap<(LimitKind, String), LimitRecord>;
 
 /// Counters of one endpoint, shown in its log lines and status.
 #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -76,12 +80,45 @@ struct Batch {
     upserts: Vec<CredentialRecord>,
     deletes: Vec<String>,
     revoked: Vec<RevokedSession>,
+    limits: Vec<LimitRecord>,
 }
 
 impl Batch {
     fn len(&self) -> usize {
-        self.upserts.len() + self.deletes.len() + self.revoked.len()
+        self.upserts.len() + self.deletes.len() + self.revoked.len() + self.limits.len()
     }
+}
+
+/// Plan and tenant limit records go in batches of their own ahead of the
+/// others: the filter writes them as their batch arrives, so every plan a
+/// pushed key names exists before the push commits.
+fn with_limit_records(records: Vec<LimitRecord>, parts: Vec<Batch>) -> Vec<Batch> {
+    let mut out: Vec<Batch> = records
+        .chunks(BATCH_ITEMS)
+        .map(|c| Batch {
+            limits: c.to_vec(),
+            ..Batch::default()
+        })
+        .collect();
+    out.extend(parts);
+    out
+}
+
+/// The limit records that turn `held` into `now`: new or changed ones, and
+/// an empty one for each that went (the filter keeps no stale limits).
+fn limit_changes(held: &LimitSet, now: &LimitSet) -> Vec<LimitRecord> {
+    let changed = now
+        .iter()
+        .filter(|(k, r)| held.get(*k) != Some(r))
+        .map(|(_, r)| r.clone());
+    let gone = held
+        .iter()
+        .filter(|(k, _)| !now.contains_key(*k))
+        .map(|(_, r)| LimitRecord {
+            limits: vec![],
+            ..r.clone()
+        });
+    changed.chain(gone).collect()
 }
 
 /// Packs items into batches of at most [`BATCH_ITEMS`] items and about
@@ -161,7 +198,7 @@ pub fn host_port(endpoint: &str) -> Result<String, Error> {
 fn as_set(snap: &Snapshot) -> BTreeMap<String, CredentialRecord> {
     snap.keys
         .iter()
-        .map(|k| (k.record.key_hash.clone(), k.record.clone()))
+        .map(|k| (k.record.key_hash.clone(), snap.wire_record(k)))
         .collect()
 }
 
@@ -284,6 +321,7 @@ impl Endpoint {
             revoked_sessions: vec![],
             store_id: snap.store_id,
             takeover: self.takeover,
+            limit_records: vec![],
         };
         // Checked here too, so the operator gets the reason without a refused push.
         if !self.takeover && is_foreign(&probe, state) {
@@ -294,10 +332,14 @@ impl Endpoint {
         }
         let set = as_set(snap);
         let revoked = revocations(snap, self.token_lifetime);
-        let parts = batches(
-            set.values().cloned().collect(),
-            vec![],
-            revoked.iter().cloned().collect(),
+        let limits = snap.limit_records();
+        let parts = with_limit_records(
+            limits.values().cloned().collect(),
+            batches(
+                set.values().cloned().collect(),
+                vec![],
+                revoked.iter().cloned().collect(),
+            ),
         );
         let n = self.send_batches(&probe, parts, secret)?;
         self.metrics.full_pushes += 1;
@@ -315,6 +357,7 @@ impl Endpoint {
             version: snap.version,
             set,
             revoked,
+            limits,
         });
         Ok(())
     }
@@ -335,6 +378,7 @@ impl Endpoint {
                 upserts: part.upserts,
                 deletes: part.deletes,
                 revoked_sessions: part.revoked,
+                limit_records: part.limits,
                 ..base.clone()
             };
             self.send(&push, secret)?;
@@ -380,9 +424,15 @@ impl Endpoint {
             revoked_sessions: vec![],
             store_id: snap.store_id,
             takeover: false,
+            limit_records: vec![],
         };
         let counts = (upserts.len(), deletes.len(), new_revocations.len());
-        match self.send_batches(&base, batches(upserts, deletes, new_revocations), secret) {
+        let limits = snap.limit_records();
+        let parts = with_limit_records(
+            limit_changes(&held.limits, &limits),
+            batches(upserts, deletes, new_revocations),
+        );
+        match self.send_batches(&base, parts, secret) {
             Ok(n) => {
                 self.metrics.incremental_pushes += 1;
                 log(&format!(
@@ -400,6 +450,7 @@ impl Endpoint {
                     version: snap.version,
                     set,
                     revoked,
+                    limits,
                 });
                 Ok(true)
             }

@@ -5,9 +5,11 @@
 pub mod file;
 pub mod pg;
 pub mod sqlite;
+mod sqlite_limits;
 
 use crate::error::{Error, Result};
-use keygate_core::sync::{RevokedSession, StoreId};
+use keygate_core::limits::{check_limits, Limit};
+use keygate_core::sync::{LimitKind, LimitRecord, RevokedSession, StoreId};
 use keygate_core::CredentialRecord;
 use serde::{Deserialize, Serialize};
 use std::sync::mpsc::Sender;
@@ -36,6 +38,35 @@ pub struct Snapshot {
     /// Token sessions revoked within the longest token lifetime.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_sessions: Vec<RevokedSession>,
+    /// Named limit sets keys and tenants refer to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plans: Vec<PlanDef>,
+    /// Tenants with a plan or limits of their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenant_limits: Vec<TenantLimits>,
+}
+
+/// A plan: a named limit set. Changing it changes every key on it with one
+/// pushed record (the filter reads the plan's entry on each request).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanDef {
+    pub name: String,
+    pub limits: Vec<Limit>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// A tenant's limit settings: the plan of its keys that name none, and
+/// limits shared by all of its keys (on top of each key's own).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
 }
 
 impl Snapshot {
@@ -72,7 +103,89 @@ impl Snapshot {
             }
         }
         keygate_core::credential::check_tenant_limits(self.keys.iter().map(|k| &k.record))
-            .map_err(Error::Invalid)
+            .map_err(Error::Invalid)?;
+        self.validate_limits()
+    }
+
+    /// Plans are valid and unique, every plan named exists, tenant limits valid.
+    fn validate_limits(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for p in &self.plans {
+            keygate_core::credential::check_name("plan", &p.name)
+                .and_then(|()| check_limits("limits", &p.limits))
+                .map_err(|e| Error::Invalid(format!("plan '{}': {e}", p.name)))?;
+            if !names.insert(p.name.as_str()) {
+                return Err(Error::Invalid(format!("plan '{}' appears twice", p.name)));
+            }
+        }
+        fn missing<'a>(
+            names: &std::collections::HashSet<&str>,
+            plan: &'a Option<String>,
+        ) -> Option<&'a String> {
+            plan.as_ref().filter(|p| !names.contains(p.as_str()))
+        }
+        for k in &self.keys {
+            if let Some(p) = missing(&names, &k.record.plan) {
+                return Err(Error::Invalid(format!(
+                    "key '{}' is on plan '{p}', which does not exist",
+                    k.record.key_id
+                )));
+            }
+        }
+        let mut tenants = std::collections::HashSet::new();
+        for t in &self.tenant_limits {
+            keygate_core::credential::check_name("tenant", &t.tenant)
+                .and_then(|()| check_limits("limits", &t.limits))
+                .map_err(|e| Error::Invalid(format!("tenant '{}': {e}", t.tenant)))?;
+            if let Some(p) = missing(&names, &t.plan) {
+                return Err(Error::Invalid(format!(
+                    "tenant '{}' is on plan '{p}', which does not exist",
+                    t.tenant
+                )));
+            }
+            if !tenants.insert(t.tenant.as_str()) {
+                return Err(Error::Invalid(format!("tenant '{}' appears twice", t.tenant)));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn plan(&self, name: &str) -> Option<&PlanDef> {
+        self.plans.iter().find(|p| p.name == name)
+    }
+
+    pub fn tenant_limits_of(&self, tenant: &str) -> Option<&TenantLimits> {
+        self.tenant_limits.iter().find(|t| t.tenant == tenant)
+    }
+
+    /// A key's record as pushed to Envoy: its plan, or else its tenant's,
+    /// and whether its tenant has shared limits.
+    pub fn wire_record(&self, k: &StoredKey) -> CredentialRecord {
+        let mut r = k.record.clone();
+        let tenant = self.tenant_limits_of(&r.tenant);
+        if r.plan.is_none() {
+            r.plan = tenant.and_then(|t| t.plan.clone());
+        }
+        r.tenant_limits = tenant.is_some_and(|t| !t.limits.is_empty());
+        r
+    }
+
+    /// Every plan and tenant limit set, as pushed (keyed for diffing).
+    pub fn limit_records(&self) -> std::collections::BTreeMap<(LimitKind, String), LimitRecord> {
+        let plans = self.plans.iter().map(|p| LimitRecord {
+            kind: LimitKind::Plan,
+            name: p.name.clone(),
+            limits: p.limits.clone(),
+        });
+        let tenants = self.tenant_limits.iter().map(|t| LimitRecord {
+            kind: LimitKind::Tenant,
+            name: t.tenant.clone(),
+            limits: t.limits.clone(),
+        });
+        plans
+            .chain(tenants)
+            .map(|r| ((r.kind, r.name.clone()), r))
+            .collect()
     }
 }
 

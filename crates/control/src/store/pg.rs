@@ -19,7 +19,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 pub const CHANNEL: &str = "keygate_changes";
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How long the LISTEN connection sits silent before it is probed; a dead
@@ -28,7 +28,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const LISTEN_PROBE: Duration = Duration::from_secs(30);
 
 /// Versioned, idempotent steps; `schema_version` records the last applied.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     "
 CREATE TABLE IF NOT EXISTS keygate_meta (
     id integer PRIMARY KEY CHECK (id = 1),
@@ -56,7 +56,24 @@ CREATE TABLE IF NOT EXISTS keygate_revoked_sessions (
     // Key names (the record holds none): existing keys get "".
     "ALTER TABLE keygate_keys ADD COLUMN IF NOT EXISTS name text NOT NULL DEFAULT '';
      UPDATE keygate_meta SET schema_version = 3 WHERE id = 1 AND schema_version < 3;",
+    // Plans and tenant limits, one JSON document (keys carry their own
+    // limits and plan in their record).
+    "CREATE TABLE IF NOT EXISTS keygate_limit_sets (
+         id integer PRIMARY KEY CHECK (id = 1),
+         body text NOT NULL
+     );
+     UPDATE keygate_meta SET schema_version = 4 WHERE id = 1 AND schema_version < 4;",
 ];
+
+/// The `keygate_limit_sets` document.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitSets {
+    #[serde(default)]
+    plans: Vec<super::PlanDef>,
+    #[serde(default)]
+    tenant_limits: Vec<super::TenantLimits>,
+}
 
 pub struct PgStore {
     config: Config,
@@ -216,11 +233,21 @@ impl PgStore {
                 revoked_at_ms: r.get::<_, i64>(2) as u64,
             })
             .collect();
+        let sets: LimitSets = match tx
+            .query_opt("SELECT body FROM keygate_limit_sets WHERE id = 1", &[])
+            .map_err(self.err())?
+        {
+            Some(row) => serde_json::from_str(row.get::<_, &str>(0))
+                .map_err(|e| Error::Invalid(format!("plans and tenant limits: {e}")))?,
+            None => LimitSets::default(),
+        };
         let snap = Snapshot {
             store_id,
             version: version as u64,
             keys,
             revoked_sessions,
+            plans: sets.plans,
+            tenant_limits: sets.tenant_limits,
         };
         snap.validate()?;
         Ok(snap)
@@ -271,6 +298,19 @@ impl PgStore {
                 )
                 .map_err(self.err())?;
             }
+        }
+        if before.plans != after.plans || before.tenant_limits != after.tenant_limits {
+            let body = serde_json::to_string(&LimitSets {
+                plans: after.plans.clone(),
+                tenant_limits: after.tenant_limits.clone(),
+            })
+            .map_err(|e| Error::Other(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO keygate_limit_sets (id, body) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET body = $1",
+                &[&body],
+            )
+            .map_err(self.err())?;
         }
         Ok(())
     }

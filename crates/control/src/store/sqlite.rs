@@ -246,6 +246,10 @@ impl SqliteStore {
                     rate_limit,
                     status,
                     expires_at: exp.map(to_u64),
+                    // Filled from `key_limits` (see `sqlite_limits`).
+                    limits: vec![],
+                    plan: None,
+                    tenant_limits: false,
                 },
             });
         }
@@ -269,12 +273,15 @@ impl SqliteStore {
             .map_err(self.sql_err())?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(self.sql_err())?;
-        Ok(Snapshot {
+        let mut snap = Snapshot {
             store_id: Some(store_id),
             version: to_u64(version),
             keys,
             revoked_sessions,
-        })
+            ..Snapshot::default()
+        };
+        super::sqlite_limits::read(c, &mut snap, &self.sql_err(), &|e| self.corrupt(e))?;
+        Ok(snap)
     }
 
     /// Writes the rows that differ between `old` and `new`.
@@ -376,6 +383,7 @@ impl SqliteStore {
                 .map_err(&e)?;
             }
         }
+        super::sqlite_limits::write(tx, old, new, &self.sql_err())?;
         tx.execute(
             "UPDATE store_meta SET version = ?1 WHERE id = 1",
             [to_i64(new.version)],
