@@ -50,6 +50,12 @@ pub enum Command {
     /// The management server: REST API, /healthz, /metrics, with the sync
     /// daemon, the access-log ingester and the retention pruner in one process.
     Serve(ServeArgs),
+    /// Plans: named limit sets for keys and tenants.
+    #[command(subcommand)]
+    Plan(crate::limits_cli::PlanCommand),
+    /// Tenant-wide settings: plan and shared limits.
+    #[command(subcommand)]
+    Tenant(crate::limits_cli::TenantCommand),
 }
 
 #[derive(Subcommand)]
@@ -192,6 +198,8 @@ pub enum KeyCommand {
     /// Change a key's scopes.
     #[command(subcommand)]
     Scope(ScopeCommand),
+    /// Sets a key's own limits (--limit, repeatable) or plan.
+    Limits(crate::limits_cli::KeyLimitsArgs),
 }
 
 #[derive(Subcommand)]
@@ -249,6 +257,8 @@ pub struct CreateArgs {
     /// Use this secret instead of a random one (implies a secret).
     #[arg(long, value_name = "SECRET")]
     pub secret_value: Option<String>,
+    #[command(flatten)]
+    pub key_limits: crate::limits_cli::KeyLimitArgs,
 }
 
 #[derive(Args)]

@@ -48,6 +48,8 @@ pub fn public_view(k: &StoredKey) -> Value {
         "has_secret": r.secret_hash.is_some(),
         "previous_secret_until": r.previous_secret_expires_at.map(rfc3339),
         "expires_at": r.expires_at.map(rfc3339),
+        "limits": r.limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "plan": r.plan,
         "created_at": rfc3339(k.created_at),
         "updated_at": rfc3339(k.updated_at),
     })
