@@ -100,11 +100,46 @@ pub fn routes() -> Vec<Route> {
             Method::DELETE,
             delete(revoke_token),
         ),
+        (
+            "/api/v1/tenants/{tenant}/limits",
+            Method::GET,
+            get(crate::limits_api::get_tenant_limits),
+        ),
+        (
+            "/api/v1/tenants/{tenant}/limits",
+            Method::PUT,
+            put(crate::limits_api::put_tenant_limits),
+        ),
+        (
+            "/api/v1/plans",
+            Method::GET,
+            get(crate::limits_api::list_plans),
+        ),
+        (
+            "/api/v1/plans",
+            Method::POST,
+            post(crate::limits_api::create_plan),
+        ),
+        (
+            "/api/v1/plans/{plan}",
+            Method::GET,
+            get(crate::limits_api::get_plan),
+        ),
+        (
+            "/api/v1/plans/{plan}",
+            Method::PUT,
+            put(crate::limits_api::put_plan),
+        ),
+        (
+            "/api/v1/plans/{plan}",
+            Method::DELETE,
+            delete(crate::limits_api::delete_plan),
+        ),
     ]
 }
 
 /// Runs `f` on the blocking pool with the service and the database.
-async fn blocking<R: Send + 'static>(
+pub(crate) async fn blocking<R: Send + 'static>(
     st: &Arc<AppState>,
     f: impl FnOnce(&Service, &mut Conn) -> Result<R, ApiError> + Send + 'static,
 ) -> Result<R, ApiError> {
@@ -118,7 +153,7 @@ async fn blocking<R: Send + 'static>(
     .map_err(|_| ApiError::internal())?
 }
 
-fn audit(
+pub(crate) fn audit(
     db: &mut Conn,
     who: &Auth,
     tenant: Option<&str>,
@@ -145,7 +180,7 @@ fn audit(
     }
 }
 
-fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
@@ -192,6 +227,8 @@ fn key_view(k: &StoredKey, last_used: Option<u64>) -> Value {
         "created_at": rfc3339(k.created_at),
         "updated_at": rfc3339(k.updated_at),
         "last_used_at": last_used.map(rfc3339),
+        "limits": r.limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "plan": r.plan,
     })
 }
 
@@ -372,6 +409,11 @@ struct CreateKey {
     #[serde(default)]
     with_secret: bool,
     expires_at: Option<String>,
+    /// Operator only: `["100/min", "10000/day"]` (`keygate_core::limits`).
+    #[serde(default)]
+    limits: Vec<String>,
+    /// Operator only: the key's plan.
+    plan: Option<String>,
 }
 
 async fn create_key(
@@ -396,6 +438,7 @@ async fn create_key(
         .as_deref()
         .map(|s| parse_time("expires_at", s))
         .transpose()?;
+    let key_limits = crate::limits_api::key_limits(&who, &body.limits, body.plan.clone())?;
     let new = NewKey {
         key_id: None,
         name: body.name,
@@ -414,7 +457,7 @@ async fn create_key(
         secret_value: None,
     };
     let out = blocking(&st, move |svc, db| {
-        let c = svc.create_key(new, now())?;
+        let c = svc.create_key_limited(new, key_limits, now())?;
         let k = svc.tenant_key(&tenant, &c.key_id)?;
         if mgmt::get_tenant(db, &tenant)?.is_none() {
             mgmt::put_tenant(db, &tenant, None, now())?;
@@ -480,6 +523,11 @@ struct UpdateKey {
     status: Option<StatusIn>,
     #[serde(default, deserialize_with = "present")]
     expires_at: Option<Option<String>>,
+    /// Operator only; `[]` clears the key's own limits.
+    limits: Option<Vec<String>>,
+    /// Operator only; `null` takes the key off its plan.
+    #[serde(default, deserialize_with = "present")]
+    plan: Option<Option<String>>,
 }
 
 async fn update_key(
@@ -522,6 +570,7 @@ async fn update_key(
             StatusIn::Inactive => Status::Inactive,
         });
     }
+    crate::limits_api::patch_limits(&who, body.limits, body.plan, &mut p, &mut changed)?;
     if let Some(e) = body.expires_at {
         changed.push("expires_at");
         p.expires_at = Some(
