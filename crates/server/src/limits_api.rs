@@ -25,8 +25,11 @@ fn parse(field: &str, items: &[String]) -> Result<Vec<Limit>, ApiError> {
 }
 
 fn operator_for(who: &Auth, field: &str) -> Result<(), ApiError> {
-    who.operator()
-        .map_err(|_| ApiError::forbidden(&format!("{field}: only an operator token sets limits and plans")))
+    who.operator().map_err(|_| {
+        ApiError::forbidden(&format!(
+            "{field}: only an operator token sets limits and plans"
+        ))
+    })
 }
 
 /// A new key's limits and plan; only an operator may give any.
@@ -116,7 +119,14 @@ pub(crate) async fn create_plan(
     let limits = parse("limits", &body.limits)?;
     let out = blocking(&st, move |svc, db| {
         let p = svc.create_plan(&body.name, limits, now())?;
-        audit(db, &who, None, "plan.create", &p.name, json!({"limits": strings(&p.limits)}));
+        audit(
+            db,
+            &who,
+            None,
+            "plan.create",
+            &p.name,
+            json!({"limits": strings(&p.limits)}),
+        );
         Ok(plan_view(&p, (0, 0)))
     })
     .await?;
@@ -153,7 +163,14 @@ pub(crate) async fn put_plan(
     let limits = parse("limits", &body.limits)?;
     let out = blocking(&st, move |svc, db| {
         let p = svc.set_plan_limits(&plan, limits, now())?;
-        audit(db, &who, None, "plan.update", &p.name, json!({"limits": strings(&p.limits)}));
+        audit(
+            db,
+            &who,
+            None,
+            "plan.update",
+            &p.name,
+            json!({"limits": strings(&p.limits)}),
+        );
         Ok(plan_view(&p, svc.plan_users(&plan)?))
     })
     .await?;
@@ -181,7 +198,10 @@ pub(crate) async fn get_tenant_limits(
     who: Auth,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
-    let out = blocking(&st, move |svc, _| Ok(tenant_view(&svc.tenant_limits(&tenant)?))).await?;
+    let out = blocking(&st, move |svc, _| {
+        Ok(tenant_view(&svc.tenant_limits(&tenant)?))
+    })
+    .await?;
     Ok(axum::Json(out).into_response())
 }
 
@@ -216,7 +236,14 @@ pub(crate) async fn put_tenant_limits(
     };
     let out = blocking(&st, move |svc, db| {
         let t = svc.set_tenant_limits(&tenant, &change)?;
-        audit(db, &who, Some(&tenant), "tenant.limits", &tenant, tenant_view(&t));
+        audit(
+            db,
+            &who,
+            Some(&tenant),
+            "tenant.limits",
+            &tenant,
+            tenant_view(&t),
+        );
         Ok(tenant_view(&t))
     })
     .await?;

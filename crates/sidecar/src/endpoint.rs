@@ -4,8 +4,8 @@
 
 use keygate_control::store::Snapshot;
 use keygate_core::sync::{
-    is_foreign, sign, LimitKind, LimitRecord, Mode, Push, RevokedSession, StoreId, SyncState, MAX_PUSH_BYTES,
-    MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    is_foreign, sign, LimitKind, LimitRecord, Mode, Push, RevokedSession, StoreId, SyncState,
+    MAX_PUSH_BYTES, MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::CredentialRecord;
 use std::collections::{BTreeMap, BTreeSet};

@@ -383,7 +383,8 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
         }
         Command::Serve(args) => serve::run(store.ok_or(CliError::NoStore)?, args),
         Command::Plan(cmd) => {
-            if let Some((action, plan)) = limits_cli::plan_command(&open(store)?, out, cmd, now())? {
+            if let Some((action, plan)) = limits_cli::plan_command(&open(store)?, out, cmd, now())?
+            {
                 // Plans belong to no tenant: the audit names the plan.
                 cli_audit(store, (action, plan, String::new()));
             }

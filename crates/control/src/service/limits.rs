@@ -168,10 +168,13 @@ impl Service {
             if let Some(Some(p)) = &change.plan {
                 check_plan_exists(snap, "plan", Some(p))?;
             }
-            let mut t = snap.tenant_limits_of(tenant).cloned().unwrap_or(TenantLimits {
-                tenant: tenant.to_owned(),
-                ..TenantLimits::default()
-            });
+            let mut t = snap
+                .tenant_limits_of(tenant)
+                .cloned()
+                .unwrap_or(TenantLimits {
+                    tenant: tenant.to_owned(),
+                    ..TenantLimits::default()
+                });
             if let Some(p) = &change.plan {
                 t.plan = p.clone();
             }

@@ -144,7 +144,10 @@ impl Snapshot {
                 )));
             }
             if !tenants.insert(t.tenant.as_str()) {
-                return Err(Error::Invalid(format!("tenant '{}' appears twice", t.tenant)));
+                return Err(Error::Invalid(format!(
+                    "tenant '{}' appears twice",
+                    t.tenant
+                )));
             }
         }
         Ok(())

@@ -116,7 +116,12 @@ pub(super) fn write(
             "INSERT INTO plans (name, limits, created_at, updated_at) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT (name) DO UPDATE SET limits = excluded.limits, \
              updated_at = excluded.updated_at",
-            params![p.name, json(&p.limits), to_i64(p.created_at), to_i64(p.updated_at)],
+            params![
+                p.name,
+                json(&p.limits),
+                to_i64(p.created_at),
+                to_i64(p.updated_at)
+            ],
         )
         .map_err(sql)?;
     }
