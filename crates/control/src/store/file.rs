@@ -311,6 +311,9 @@ mod tests {
                 rate_limit: None,
                 status: Status::Active,
                 expires_at: None,
+                limits: vec![],
+                plan: None,
+                tenant_limits: false,
             },
         }
     }

@@ -614,6 +614,62 @@ mod tests {
     }
 
     #[test]
+    fn plans_tenant_limits_and_key_limits_round_trip_through_sqlite() {
+        use crate::service::{KeyLimits, TenantLimitsChange};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let svc = Service::new(Box::new(SqliteStore::new(&path)));
+        svc.init_store().unwrap();
+        let l = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>();
+        svc.create_plan("pro", l(&["100/min", "10000/day"]), 5)
+            .unwrap();
+        let c = svc
+            .create_key_limited(
+                new_key("acme", "a"),
+                KeyLimits {
+                    limits: l(&["10/s", "200000/month"]),
+                    plan: Some("pro".into()),
+                },
+                10,
+            )
+            .unwrap();
+        svc.set_tenant_limits(
+            "acme",
+            &TenantLimitsChange {
+                plan: Some(Some("pro".into())),
+                limits: Some(l(&["500/min"])),
+            },
+        )
+        .unwrap();
+        let snap = svc.snapshot().unwrap();
+        let again = SqliteStore::new(&path).load().unwrap();
+        assert_eq!(again, snap);
+        let k = again.find(&c.key_id).unwrap();
+        assert_eq!(k.record.limits, l(&["10/s", "200000/month"]));
+        assert_eq!(k.record.plan.as_deref(), Some("pro"));
+        assert_eq!(again.plans.len(), 1);
+        assert_eq!(again.tenant_limits[0].limits, l(&["500/min"]));
+        // Removing them removes their rows.
+        svc.revoke_key(&c.key_id).unwrap();
+        svc.set_tenant_limits(
+            "acme",
+            &TenantLimitsChange {
+                plan: Some(None),
+                limits: Some(vec![]),
+            },
+        )
+        .unwrap();
+        svc.delete_plan("pro").unwrap();
+        let empty = SqliteStore::new(&path).load().unwrap();
+        assert!(empty.plans.is_empty() && empty.tenant_limits.is_empty());
+        let rows: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM key_limits", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
+
+    #[test]
     fn a_missing_file_says_how_to_create_it_and_init_refuses_twice() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.db");
