@@ -211,6 +211,9 @@ fn authorize(
 
 /// Who is calling: the live credential behind an API key (and secret) or,
 /// when `allow_tokens`, behind an issued bearer token (then with its session).
+// The refusal carries its rate status, whose policy list is inline (no
+// allocation per request): a large error value, on the cold path.
+#[allow(clippy::result_large_err)]
 pub(super) fn authenticate(
     policy: &Policy,
     presented: &Presented,
@@ -296,6 +299,9 @@ pub(super) fn is_bound(tokens: &Tokens, claims: &Claims, cred: &Credential, now_
 /// A token is only as good as the key behind it: the credential is looked up
 /// live and the token's reference recomputed, so revoking, deactivating,
 /// re-creating or re-secreting the key stops its tokens at once.
+// The refusal carries its rate status, whose policy list is inline (no
+// allocation per request): a large error value, on the cold path.
+#[allow(clippy::result_large_err)]
 fn authenticate_token(
     policy: &Policy,
     tokens: &Tokens,
@@ -401,6 +407,9 @@ pub(super) fn check_credential(
 /// Takes the request from every budget it counts against (`crate::limits`):
 /// the key's own limits, else its plan's, else the plugin's default; then
 /// its tenant's. The status to report, or the refusal.
+// The refusal carries its rate status, whose policy list is inline (no
+// allocation per request): a large error value, on the cold path.
+#[allow(clippy::result_large_err)]
 fn limit(
     policy: &Policy,
     cred: &Rc<Credential>,
