@@ -491,6 +491,95 @@ mod tests {
     use crate::hash::to_hex;
     use crate::testing::{denied, policy, rec, req, run, MemoryHost, NOW};
 
+    fn store_key(
+        host: &mut MemoryHost,
+        key: &str,
+        edit: impl FnOnce(&mut crate::CredentialRecord),
+    ) {
+        let mut r = crate::credential::tests::record(key, "acme");
+        r.key_id = format!("k-{key}");
+        edit(&mut r);
+        let c = Credential::try_from(&r).unwrap();
+        host.dynamic.insert(c.key_hash, Rc::new(c));
+    }
+
+    fn get(p: &crate::Policy, host: &mut MemoryHost, key: &str) -> Decision {
+        run(p, &req("GET", "/v1/items", &[("x-api-key", key)]), host)
+    }
+
+    #[test]
+    fn a_key_on_a_plan_meets_the_plans_limits_and_a_missing_plan_refuses() {
+        use crate::limits::{encode_plan, plan_key};
+        let p = policy(vec![], r#","rate_limit":{"requests":100,"window_secs":60}"#);
+        let mut host = MemoryHost::default();
+        store_key(&mut host, "planned", |r| r.plan = Some("free".into()));
+        assert_eq!(
+            denied(&get(&p, &mut host, "planned")).map(|(r, _)| r),
+            Some(Reason::Internal),
+            "a plan that cannot be read refuses"
+        );
+        host.counters
+            .insert(plan_key("free"), encode_plan(&["1/min".parse().unwrap()]));
+        let d = get(&p, &mut host, "planned");
+        assert_eq!(d.rate().map(|r| (r.limit.requests, r.tag)), Some((1, 2)));
+        let refused = get(&p, &mut host, "planned");
+        assert_eq!(denied(&refused).map(|(r, _)| r), Some(Reason::RateLimited));
+        // A plan without limits leaves the plugin's default.
+        host.counters.insert(plan_key("free"), encode_plan(&[]));
+        let d = get(&p, &mut host, "planned");
+        assert_eq!(d.rate().map(|r| (r.limit.requests, r.tag)), Some((100, 0)));
+    }
+
+    #[test]
+    fn own_limits_win_over_the_plan_and_the_tenant_limit_counts_on_top() {
+        use crate::limits::{encode_plan, plan_key, retarget_tenant, tenant_key};
+        let p = policy(vec![], "");
+        let mut host = MemoryHost::default();
+        host.counters
+            .insert(plan_key("free"), encode_plan(&["1/min".parse().unwrap()]));
+        host.counters.insert(
+            tenant_key("acme"),
+            retarget_tenant(None, &["3/min".parse().unwrap()]),
+        );
+        for key in ["a", "b"] {
+            store_key(&mut host, key, |r| {
+                r.plan = Some("free".into());
+                r.limits = vec!["10/min".parse().unwrap(), "1000/day".parse().unwrap()];
+                r.tenant_limits = true;
+            });
+        }
+        let d = get(&p, &mut host, "a");
+        let rate = d.rate().unwrap();
+        let names: Vec<u8> = rate.policies.iter().map(|(t, _)| t).collect();
+        assert_eq!(
+            names,
+            vec![2, 4, 0x12],
+            "own minute and day, the tenant's minute"
+        );
+        assert_eq!((rate.tag, rate.remaining), (0x12, 2));
+        assert!(matches!(
+            get(&p, &mut host, "b").outcome,
+            Outcome::Allowed { .. }
+        ));
+        assert!(matches!(
+            get(&p, &mut host, "a").outcome,
+            Outcome::Allowed { .. }
+        ));
+        let refused = get(&p, &mut host, "b");
+        let (reason, message) = denied(&refused).unwrap();
+        assert_eq!(reason, Reason::RateLimited);
+        assert!(
+            message.starts_with("Tenant rate limit exceeded"),
+            "{message}"
+        );
+        // A key flagged for tenant limits whose tenant entry is missing refuses.
+        host.counters.remove(&tenant_key("acme"));
+        assert_eq!(
+            denied(&get(&p, &mut host, "a")).map(|(r, _)| r),
+            Some(Reason::Internal)
+        );
+    }
+
     #[test]
     fn valid_key_is_allowed_with_identity_headers() {
         let p = policy(vec![rec("k1", "key-one")], "");
