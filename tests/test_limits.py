@@ -96,7 +96,7 @@ def test_a_plan_change_reaches_every_key_on_it_with_one_record(rig):
         assert get(envoy, k["api_key"]).status == 200
         assert get(envoy, k["api_key"]).status == 429
     seen = len(sidecar.log())
-    keygate(store, "plan", "set", "free", "--limit", "2/min", "--limit", "1/month")
+    keygate(store, "plan", "set", "free", "--limit", "2/min", "--limit", "2/month")
     # Both keys now meet the month quota too, though neither record changed.
     for k in (a, b):
         assert wait_until(lambda: "month" in policies(get(envoy, k["api_key"])), timeout=10)
