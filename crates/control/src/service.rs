@@ -296,6 +296,7 @@ impl Service {
             limits: key_limits.limits.clone(),
             plan: key_limits.plan.clone(),
             tenant_limits: false,
+            quota_used: vec![],
         };
         keygate_core::Credential::try_from(&record).map_err(|e| Error::Other(e.to_string()))?;
         self.update(|snap| {

@@ -6,7 +6,7 @@ use crate::error::ConfigError;
 // Re-exported: the sidecar validates names with it.
 use crate::hash::{ct_eq, parse_hex_digest, Digest};
 use crate::ip_rules::parse_allowed;
-use crate::limits::{check_limits, rules, Limit, Rule};
+use crate::limits::{check_limits, rules, seed_counters, Counters, Limit, QuotaUsed, Rule};
 pub use crate::names::check_name;
 use crate::names::check_scope_name;
 use crate::rate_limit::RateLimit;
@@ -89,6 +89,10 @@ pub struct CredentialRecord {
     /// counts against too. Set by the sidecar when it builds a push.
     #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub tenant_limits: bool,
+    /// Day and month quota usage counted from the request log, pushed by a
+    /// full sync so quotas survive an Envoy restart (`crate::limits::QuotaUsed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota_used: Vec<QuotaUsed>,
 }
 
 fn default_environment() -> String {
@@ -127,6 +131,9 @@ pub struct Credential {
     pub own_rules: Vec<Rule>,
     pub plan: Option<String>,
     pub tenant_limits: bool,
+    /// Counters to start from when Envoy holds none (`quota_used`); not part
+    /// of the record a shared-data entry reads back.
+    pub seed: Counters,
 }
 
 impl TryFrom<&CredentialRecord> for Credential {
@@ -223,6 +230,7 @@ impl TryFrom<&CredentialRecord> for Credential {
             own_rules,
             plan: r.plan.clone(),
             tenant_limits: r.tenant_limits,
+            seed: seed_counters(&r.quota_used, false),
         })
     }
 }
@@ -300,6 +308,7 @@ pub(crate) mod tests {
             limits: vec![],
             plan: None,
             tenant_limits: false,
+            quota_used: vec![],
         }
     }
 

@@ -152,8 +152,13 @@ pub fn encode(generation: u64, c: &Credential) -> Vec<u8> {
     if let Some(plan) = &c.plan {
         put_str(&mut out, plan);
     }
-    // No counters yet.
-    out.push(0);
+    // No counters yet, or those seeded from the request log.
+    let seeds: Vec<&(u8, u64)> = c.seed.0.iter().filter(|(t, _)| *t != 0).take(255).collect();
+    for (tag, v) in &seeds {
+        out.push(*tag);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.push(seeds.len() as u8);
     out
 }
 
@@ -288,6 +293,7 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
         limits,
         plan,
         tenant_limits: limit_flags & L_TENANT != 0,
+        quota_used: vec![],
     };
     // Validated again: the entry came from the host.
     let cred = Credential::try_from(&record).ok()?;
@@ -400,6 +406,7 @@ mod tests {
             limits: vec![],
             plan: None,
             tenant_limits: false,
+            quota_used: vec![],
         };
         extra(&mut r);
         r

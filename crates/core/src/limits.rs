@@ -456,6 +456,60 @@ pub fn acquire_rules(
     attempt.unwrap_or_else(|last| contended(last, now_ns))
 }
 
+// ---- quota usage reconciled from the request-log store ----
+
+/// Requests a key (or tenant) used in a calendar quota period, as the
+/// management plane counted them from the request log: pushed with a full
+/// set (after an Envoy restart) so that a day or month quota does not start
+/// again from zero. Counters Envoy already holds win over it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaUsed {
+    /// `day` or `month`.
+    pub period: QuotaPeriod,
+    /// Unix seconds of the period's start (00:00 UTC of the day, of the 1st).
+    pub since: u64,
+    pub used: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
+impl QuotaPeriod {
+    fn period(self) -> Period {
+        match self {
+            QuotaPeriod::Day => Period::Day,
+            QuotaPeriod::Month => Period::Month,
+        }
+    }
+
+    /// The start of the period containing `now_secs` (what `since` is).
+    pub fn start(self, now_secs: u64) -> u64 {
+        calendar(self.period(), now_secs.saturating_mul(NANOS_PER_SEC)).1
+    }
+}
+
+/// The counters a set of usages seeds (tag, state), for a key (`tenant`
+/// false) or a tenant. A usage of a period other than `since`'s current one
+/// simply reads as stale later, as any old counter does.
+pub fn seed_counters(used: &[QuotaUsed], tenant: bool) -> Counters {
+    Counters(
+        used.iter()
+            .filter(|u| u.used > 0)
+            .map(|u| {
+                let period = u.period.period();
+                let (index, _, _) = calendar(period, u.since.saturating_mul(NANOS_PER_SEC));
+                let tag = period as u8 | if tenant { TAG_TENANT } else { 0 };
+                (tag, (index << USED_BITS) | u.used.min(USED_MASK))
+            })
+            .collect(),
+    )
+}
+
 // ---- shared entries: plans and tenants ----
 
 /// Shared-data key of a plan's limits (written by sync).
@@ -540,15 +594,23 @@ pub fn decode_tenant(bytes: Option<&[u8]>) -> Option<(Vec<Limit>, Counters)> {
 /// The tenant entry after sync sets new limits: counters of periods it
 /// still limits go on; a missing or corrupt entry starts fresh.
 pub fn retarget_tenant(current: Option<&[u8]>, limits: &[Limit]) -> Vec<u8> {
-    let kept = decode_tenant(current)
-        .map(|(_, c)| {
-            Counters(
-                c.0.into_iter()
-                    .filter(|(tag, _)| limits.iter().any(|l| l.period as u8 | TAG_TENANT == *tag))
-                    .collect(),
-            )
-        })
-        .unwrap_or_default();
+    retarget_tenant_seeded(current, limits, &Counters::default())
+}
+
+/// [`retarget_tenant`], starting from `seed` when Envoy holds no entry yet
+/// (after a restart): usage counted from the request log.
+pub fn retarget_tenant_seeded(
+    current: Option<&[u8]>,
+    limits: &[Limit],
+    seed: &Counters,
+) -> Vec<u8> {
+    let held = decode_tenant(current).map_or_else(|| seed.clone(), |(_, c)| c);
+    let kept = Counters(
+        held.0
+            .into_iter()
+            .filter(|(tag, _)| limits.iter().any(|l| l.period as u8 | TAG_TENANT == *tag))
+            .collect(),
+    );
     encode_tenant(limits, &kept)
 }
 
@@ -803,6 +865,35 @@ mod tests {
         };
         assert!(!combine(Some(k), Some(refused)).unwrap().allowed);
         assert_eq!(combine(Some(k), None), Some(k));
+    }
+
+    #[test]
+    fn a_seeded_quota_counts_what_the_log_store_saw_in_the_current_period_only() {
+        let day = QuotaPeriod::Day.start(T0 / S);
+        let seed = seed_counters(
+            &[QuotaUsed {
+                period: QuotaPeriod::Day,
+                since: day,
+                used: 4,
+            }],
+            false,
+        );
+        let rules = rules(&[l("5/day")], false);
+        let (s, next) = check_all(&rules, &seed, T0);
+        assert!(s.allowed);
+        assert_eq!(s.remaining, 0);
+        assert!(!check_all(&rules, &next.unwrap(), T0).0.allowed);
+        // Yesterday's usage does not count today.
+        let old = seed_counters(
+            &[QuotaUsed {
+                period: QuotaPeriod::Day,
+                since: day - 86_400,
+                used: 5,
+            }],
+            false,
+        );
+        assert_eq!(check_all(&rules, &old, T0).0.remaining, 4);
+        assert_eq!(QuotaPeriod::Month.start(1_700_000_000), 1_698_796_800);
     }
 
     #[test]

@@ -180,6 +180,10 @@ pub struct LimitRecord {
     pub name: String,
     #[serde(default)]
     pub limits: Vec<crate::limits::Limit>,
+    /// A tenant's quota usage from the request log (full pushes): the
+    /// entry starts from it when Envoy holds none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota_used: Vec<crate::limits::QuotaUsed>,
 }
 
 impl LimitRecord {
@@ -195,7 +199,11 @@ impl LimitRecord {
     pub fn entry(&self, current: Option<&[u8]>) -> Vec<u8> {
         match self.kind {
             LimitKind::Plan => crate::limits::encode_plan(&self.limits),
-            LimitKind::Tenant => crate::limits::retarget_tenant(current, &self.limits),
+            LimitKind::Tenant => crate::limits::retarget_tenant_seeded(
+                current,
+                &self.limits,
+                &crate::limits::seed_counters(&self.quota_used, true),
+            ),
         }
     }
 }
@@ -752,6 +760,7 @@ mod tests {
             kind: LimitKind::Tenant,
             name: "acme".into(),
             limits: vec!["100/min".parse().unwrap()],
+            quota_used: vec![],
         };
         let ok = Push {
             limit_records: vec![tenant.clone()],
@@ -767,6 +776,7 @@ mod tests {
                     kind: LimitKind::Plan,
                     name: "pro".into(),
                     limits: vec!["10/min".parse().unwrap(), "20/min".parse().unwrap()],
+                    quota_used: vec![],
                 },
             ],
             ..push(Mode::Full, 1, 0, 7)
@@ -789,6 +799,59 @@ mod tests {
             Some(sign(SECRET, body).as_bytes()),
             &SyncState::default(),
         )
+    }
+
+    #[test]
+    fn a_full_push_seeds_quota_usage_only_where_envoy_counts_nothing_yet() {
+        use crate::limits::{Counters, QuotaPeriod, QuotaUsed};
+        let mut r = record("k1", "t");
+        r.limits = vec!["10/day".parse().unwrap()];
+        let used = |n| QuotaUsed {
+            period: QuotaPeriod::Day,
+            since: 1_700_000_000 / 86_400 * 86_400,
+            used: n,
+        };
+        r.quota_used = vec![used(4)];
+        let h = crate::hash::sha256(b"k1");
+        let p1 = run(
+            &Push {
+                upserts: vec![r.clone()],
+                ..push(Mode::Full, 1, 0, 1)
+            },
+            &SyncState::default(),
+        )
+        .unwrap();
+        let mut entries = std::collections::HashMap::new();
+        apply(&mut entries, &SyncState::default(), &p1);
+        let s1 = p1.result();
+        let seeded = crate::entry::counters(visible_record(&entries[&h], &s1).unwrap()).unwrap();
+        assert_eq!(
+            seeded.0.len(),
+            1,
+            "an Envoy that just started gets the log's count"
+        );
+        let live = Counters(vec![(4, seeded.0[0].1 + 3)]);
+        let e = update_visible_record(&entries[&h], &s1, |rec| {
+            crate::entry::with_counters(rec, &live)
+        })
+        .unwrap();
+        entries.insert(h, e);
+        r.quota_used = vec![used(5)];
+        let p2 = run(
+            &Push {
+                upserts: vec![r],
+                ..push(Mode::Full, 2, 0, 2)
+            },
+            &s1,
+        )
+        .unwrap();
+        apply(&mut entries, &s1, &p2);
+        let served = visible_record(&entries[&h], &p2.result()).unwrap();
+        assert_eq!(
+            crate::entry::counters(served),
+            Some(live),
+            "what Envoy counted wins"
+        );
     }
 
     #[test]

@@ -52,7 +52,7 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 /// batch changes nothing; a push that never commits is never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked, key_ids, limit_records) =
+    let (state, upserts, deletes, revoked, key_ids, limit_records, seeds) =
         t.update(|current: &Snapshot| {
             let plan = plan(secret, body, signature, &current.state)?;
             check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
@@ -88,6 +88,17 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 }
             }
             next.state = plan.result();
+            // Quota usage a full push carries (counted from the request log):
+            // the counters a key starts from if this process holds none.
+            let seeds: Vec<(String, Vec<u8>)> = plan
+                .key_ids
+                .iter()
+                .zip(&plan.upserts)
+                .filter_map(|((key_id, _), (_, bytes))| {
+                    let seed = keygate_core::entry::counters(bytes)?;
+                    (!seed.0.is_empty()).then(|| (key_id.clone(), seed.encode()))
+                })
+                .collect();
             let out = (
                 next.state,
                 plan.upserts.len(),
@@ -95,6 +106,7 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 plan.revoked_sessions,
                 plan.key_ids,
                 plan.limit_records,
+                seeds,
             );
             Ok((next, out))
         })?;
@@ -106,6 +118,15 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
+    for (key_id, seed) in &seeds {
+        t.modify(
+            &keygate_core::shared_data::counter_key(key_id),
+            |current| match current.filter(|c| !c.is_empty()) {
+                Some(held) => held.to_vec(),
+                None => seed.clone(),
+            },
+        );
+    }
     // Plans and tenant limits: a tenant's counters go on (the slot's lock
     // orders this write with the gate's updates).
     for r in &limit_records {

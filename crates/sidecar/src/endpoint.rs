@@ -333,10 +333,30 @@ impl Endpoint {
         let set = as_set(snap);
         let revoked = revocations(snap, self.token_lifetime);
         let limits = snap.limit_records();
+        // A full set carries the quota usage counted from the request log
+        // now: after an Envoy restart, day and month quotas go on from it.
+        let usage = snap.quota_usage().unwrap_or_else(|e| {
+            log(&format!(
+                "{}: no quota usage from the request log ({e}); quotas restart from zero",
+                self.addr
+            ));
+            Default::default()
+        });
+        let used = |r: &CredentialRecord| CredentialRecord {
+            quota_used: usage.keys.get(&r.key_id).cloned().unwrap_or_default(),
+            ..r.clone()
+        };
+        let tenant_used = |r: &LimitRecord| LimitRecord {
+            quota_used: match r.kind {
+                LimitKind::Tenant => usage.tenants.get(&r.name).cloned().unwrap_or_default(),
+                LimitKind::Plan => vec![],
+            },
+            ..r.clone()
+        };
         let parts = with_limit_records(
-            limits.values().cloned().collect(),
+            limits.values().map(tenant_used).collect(),
             batches(
-                set.values().cloned().collect(),
+                set.values().map(used).collect(),
                 vec![],
                 revoked.iter().cloned().collect(),
             ),

@@ -314,6 +314,7 @@ mod tests {
                 limits: vec![],
                 plan: None,
                 tenant_limits: false,
+                quota_used: vec![],
             },
         }
     }

@@ -8,10 +8,11 @@ pub mod sqlite;
 mod sqlite_limits;
 
 use crate::error::{Error, Result};
-use keygate_core::limits::{check_limits, Limit};
+use keygate_core::limits::{check_limits, Limit, Period, QuotaPeriod, QuotaUsed};
 use keygate_core::sync::{LimitKind, LimitRecord, RevokedSession, StoreId};
 use keygate_core::CredentialRecord;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
 
 /// A credential as stored: the wire record plus bookkeeping. Hashes only.
@@ -44,7 +45,44 @@ pub struct Snapshot {
     /// Tenants with a plan or limits of their own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tenant_limits: Vec<TenantLimits>,
+    /// Where day and month quota usage is counted (stores that keep the
+    /// request log: SQLite). Read when a full set is pushed, not stored.
+    #[serde(skip)]
+    pub usage_source: UsageSource,
 }
+
+/// Day and month quota usage counted from the request log, for the keys
+/// and tenants with such quotas.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub keys: BTreeMap<String, Vec<QuotaUsed>>,
+    pub tenants: BTreeMap<String, Vec<QuotaUsed>>,
+}
+
+type UsageFn = dyn Fn(&Snapshot) -> Result<QuotaUsage> + Send + Sync;
+
+/// How a snapshot reads its quota usage on demand (none: no request log).
+#[derive(Clone, Default)]
+pub struct UsageSource(pub Option<std::sync::Arc<UsageFn>>);
+
+impl std::fmt::Debug for UsageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "UsageSource(log)"
+        } else {
+            "UsageSource(none)"
+        })
+    }
+}
+
+/// Snapshots compare by content; where usage comes from is no part of it.
+impl PartialEq for UsageSource {
+    fn eq(&self, _: &UsageSource) -> bool {
+        true
+    }
+}
+
+impl Eq for UsageSource {}
 
 /// A plan: a named limit set. Changing it changes every key on it with one
 /// pushed record (the filter reads the plan's entry on each request).
@@ -173,17 +211,46 @@ impl Snapshot {
         r
     }
 
+    /// The day/month quota periods of the limits a key meets (its own, else
+    /// its plan's, else its tenant's plan's), and of its tenant's.
+    pub fn quota_periods(&self, k: &StoredKey) -> (Vec<QuotaPeriod>, Vec<QuotaPeriod>) {
+        let r = self.wire_record(k);
+        let own: &[Limit] = if !r.limits.is_empty() {
+            &r.limits
+        } else {
+            r.plan
+                .as_deref()
+                .and_then(|p| self.plan(p))
+                .map_or(&[], |p| p.limits.as_slice())
+        };
+        let tenant = self
+            .tenant_limits_of(&r.tenant)
+            .map_or(&[][..], |t| t.limits.as_slice());
+        (quota_periods(own), quota_periods(tenant))
+    }
+
+    /// The quota usage counted from the request log now (empty for a
+    /// store without one).
+    pub fn quota_usage(&self) -> Result<QuotaUsage> {
+        match &self.usage_source.0 {
+            Some(read) => read(self),
+            None => Ok(QuotaUsage::default()),
+        }
+    }
+
     /// Every plan and tenant limit set, as pushed (keyed for diffing).
     pub fn limit_records(&self) -> std::collections::BTreeMap<(LimitKind, String), LimitRecord> {
         let plans = self.plans.iter().map(|p| LimitRecord {
             kind: LimitKind::Plan,
             name: p.name.clone(),
             limits: p.limits.clone(),
+            quota_used: vec![],
         });
         let tenants = self.tenant_limits.iter().map(|t| LimitRecord {
             kind: LimitKind::Tenant,
             name: t.tenant.clone(),
             limits: t.limits.clone(),
+            quota_used: vec![],
         });
         plans
             .chain(tenants)
@@ -237,6 +304,17 @@ pub fn sqlite_path(spec: &str) -> Option<&str> {
         .iter()
         .any(|ext| spec.ends_with(ext))
         .then_some(spec)
+}
+
+fn quota_periods(limits: &[Limit]) -> Vec<QuotaPeriod> {
+    limits
+        .iter()
+        .filter_map(|l| match l.period {
+            Period::Day => Some(QuotaPeriod::Day),
+            Period::Month => Some(QuotaPeriod::Month),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A fresh random store identity.

@@ -248,6 +248,8 @@ impl PgStore {
             revoked_sessions,
             plans: sets.plans,
             tenant_limits: sets.tenant_limits,
+            // The PostgreSQL store reads no request log (yet): no quota usage.
+            ..Snapshot::default()
         };
         snap.validate()?;
         Ok(snap)

@@ -250,6 +250,7 @@ impl SqliteStore {
                     limits: vec![],
                     plan: None,
                     tenant_limits: false,
+                    quota_used: vec![],
                 },
             });
         }
@@ -281,6 +282,18 @@ impl SqliteStore {
             ..Snapshot::default()
         };
         super::sqlite_limits::read(c, &mut snap, &self.sql_err(), &|e| self.corrupt(e))?;
+        let path = self.path.clone();
+        snap.usage_source = super::UsageSource(Some(std::sync::Arc::new(move |s: &Snapshot| {
+            // Its own read-only connection: the sync daemon asks from its
+            // endpoint threads, when it pushes a full set.
+            let shown = path.display().to_string();
+            let err = |e: rusqlite::Error| Error::Other(format!("quota usage in {shown}: {e}"));
+            let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(err)?;
+            c.busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(err)?;
+            super::sqlite_limits::read_quota_used(&c, s, &err)
+        })));
         Ok(snap)
     }
 
@@ -667,6 +680,64 @@ mod tests {
             .query_row("SELECT count(*) FROM key_limits", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 0);
+    }
+
+    #[test]
+    fn quota_usage_is_counted_from_the_hourly_usage_of_the_current_period() {
+        use crate::service::{KeyLimits, TenantLimitsChange};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let svc = Service::new(Box::new(SqliteStore::new(&path)));
+        svc.init_store().unwrap();
+        let l = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>();
+        let quota = svc
+            .create_key_limited(
+                new_key("acme", "q"),
+                KeyLimits {
+                    limits: l(&["100/min", "1000/day", "9000/month"]),
+                    plan: None,
+                },
+                1,
+            )
+            .unwrap();
+        let mut window = new_key("acme", "w");
+        window.kind = Kind::Default;
+        window.scopes = vec![];
+        let window = svc.create_key(window, 1).unwrap();
+        svc.set_tenant_limits(
+            "acme",
+            &TenantLimitsChange {
+                plan: None,
+                limits: Some(l(&["5000/day"])),
+            },
+        )
+        .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let this_hour = now / 3600 * 3600 * 1000;
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for (hour, key, n) in [
+            (this_hour, &quota.key_id, 7),
+            (this_hour - 40 * 86_400_000, &quota.key_id, 500), // another month
+            (this_hour, &window.key_id, 3),
+        ] {
+            c.execute(
+                "INSERT INTO usage_hourly (tenant, hour_ms, key_id, allowed, denied) VALUES ('acme', ?1, ?2, ?3, 0)",
+                params![hour, key, n],
+            )
+            .unwrap();
+        }
+        let usage = svc.snapshot().unwrap().quota_usage().unwrap();
+        let counts =
+            |v: &Vec<keygate_core::limits::QuotaUsed>| v.iter().map(|u| u.used).collect::<Vec<_>>();
+        assert_eq!(counts(&usage.keys[&quota.key_id]), vec![7, 7]);
+        assert!(
+            !usage.keys.contains_key(&window.key_id),
+            "a key without quotas costs no query"
+        );
+        assert_eq!(counts(&usage.tenants["acme"]), vec![10]);
     }
 
     #[test]

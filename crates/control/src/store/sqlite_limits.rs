@@ -2,8 +2,8 @@
 //! (migration 0004): read into and written from a [`Snapshot`], beside the
 //! key rows `sqlite.rs` handles.
 
-use super::{PlanDef, Snapshot, TenantLimits};
-use keygate_core::limits::Limit;
+use super::{PlanDef, QuotaUsage, Snapshot, TenantLimits};
+use keygate_core::limits::{Limit, QuotaUsed};
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
 
@@ -98,6 +98,73 @@ pub(super) fn read(
         }
     }
     Ok(())
+}
+
+/// Day and month usage of the keys and tenants with such quotas, from the
+/// hourly usage the log ingester keeps (allowed requests): one indexed sum
+/// per key and period, so only keys with quotas cost anything.
+pub(super) fn read_quota_used(
+    c: &Connection,
+    snap: &Snapshot,
+    sql: &dyn Fn(rusqlite::Error) -> super::Error,
+) -> super::Result<QuotaUsage> {
+    let mut out = QuotaUsage::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut by_key = Vec::new();
+    let mut by_tenant = std::collections::BTreeMap::new();
+    for k in &snap.keys {
+        let (own, tenant) = snap.quota_periods(k);
+        if !own.is_empty() {
+            by_key.push((k.record.key_id.clone(), k.record.tenant.clone(), own));
+        }
+        if !tenant.is_empty() {
+            by_tenant.insert(k.record.tenant.clone(), tenant);
+        }
+    }
+    let mut key_sum = c
+        .prepare_cached(
+            "SELECT COALESCE(SUM(allowed), 0) FROM usage_hourly \
+             WHERE tenant = ?1 AND key_id = ?2 AND hour_ms >= ?3",
+        )
+        .map_err(sql)?;
+    for (key_id, tenant, periods) in by_key {
+        let mut used = Vec::new();
+        for p in periods {
+            let since = p.start(now);
+            let n: i64 = key_sum
+                .query_row(params![tenant, key_id, to_i64(since) * 1000], |r| r.get(0))
+                .map_err(sql)?;
+            used.push(QuotaUsed {
+                period: p,
+                since,
+                used: to_u64(n),
+            });
+        }
+        out.keys.insert(key_id, used);
+    }
+    let mut tenant_sum = c
+        .prepare_cached(
+            "SELECT COALESCE(SUM(allowed), 0) FROM usage_hourly WHERE tenant = ?1 AND hour_ms >= ?2",
+        )
+        .map_err(sql)?;
+    for (tenant, periods) in by_tenant {
+        let mut used = Vec::new();
+        for p in periods {
+            let since = p.start(now);
+            let n: i64 = tenant_sum
+                .query_row(params![tenant, to_i64(since) * 1000], |r| r.get(0))
+                .map_err(sql)?;
+            used.push(QuotaUsed {
+                period: p,
+                since,
+                used: to_u64(n),
+            });
+        }
+        out.tenants.insert(tenant, used);
+    }
+    Ok(out)
 }
 
 /// Writes what differs between `old` and `new`. Plans go first when they
