@@ -193,3 +193,36 @@ def test_bad_limits_and_unknown_plans_are_refused_naming_the_option_and_change_n
         assert p.returncode != 0 and says in p.stderr, (args, p.stderr)
     assert keygate(store, "key", "list") == []
     assert keygate(store, "plan", "list") == []
+
+
+def allowed_in_log_store(store, key_id):
+    """Allowed requests of a key the log ingester has counted (usage_hourly)."""
+    import sqlite3
+    with sqlite3.connect(store) as c:
+        return c.execute("SELECT COALESCE(SUM(allowed), 0) FROM usage_hourly WHERE key_id = ?", (key_id,)).fetchone()[0]
+
+
+def test_a_day_quota_goes_on_after_an_envoy_restart_from_the_request_log(envoy_factory, tmp_path):
+    """Envoy loses its counters when it restarts; `keygate serve` ingests its
+    access log into the store and pushes the day's usage with the full set,
+    so the quota goes on. Over-admission is bounded by the requests admitted
+    but not yet ingested when Envoy restarted (none here: we wait for them)."""
+    from tests.test_api import Server
+    store = str(tmp_path / "keygate.db")
+    keygate(store, "store", "init")
+    log = tmp_path / "access.log"
+    k = create(store, "acme", "--limit", "100/min", "--limit", "5/day")
+    with envoy_factory(CONFIG, access_log=log) as envoy:
+        with Server(store, tmp_path, "--endpoint", f"http://127.0.0.1:{envoy.sync_port}", "--access-log", str(log)):
+            live(envoy, k["api_key"])
+            assert [get(envoy, k["api_key"]).status for _ in range(2)] == [200, 200]
+            assert wait_until(lambda: allowed_in_log_store(store, k["key_id"]) == 3, timeout=20), \
+                allowed_in_log_store(store, k["key_id"])
+            envoy.stop()
+            envoy.start()
+            # Served again after the full push: it goes on at 4 of 5.
+            live(envoy, k["api_key"])
+            assert get(envoy, k["api_key"]).status == 200
+            r = get(envoy, k["api_key"])
+            assert r.status == 429, r
+            assert "daily quota of 5" in r.json()["message"]

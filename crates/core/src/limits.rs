@@ -897,6 +897,35 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_entry_starts_from_its_seed_only_when_envoy_holds_none() {
+        let day = QuotaPeriod::Day.start(T0 / S);
+        let seed = seed_counters(
+            &[QuotaUsed {
+                period: QuotaPeriod::Day,
+                since: day,
+                used: 9,
+            }],
+            true,
+        );
+        let limits = [l("10/day")];
+        let mut cell = MemoryHost::default();
+        cell.store(
+            &tenant_key("t"),
+            &retarget_tenant_seeded(None, &limits, &seed),
+            None,
+        );
+        let s = acquire_tenant(&mut cell, "t", T0).unwrap().unwrap();
+        assert_eq!((s.allowed, s.remaining), (true, 0));
+        let held = cell.load(&tenant_key("t")).0;
+        let again = retarget_tenant_seeded(held.as_deref(), &limits, &Counters::default());
+        cell.store(&tenant_key("t"), &again, None);
+        assert!(
+            !acquire_tenant(&mut cell, "t", T0).unwrap().unwrap().allowed,
+            "held counters win"
+        );
+    }
+
+    #[test]
     fn plan_entries_round_trip_and_corrupt_ones_read_as_missing() {
         let limits = vec![l("100/min"), l("10000/day")];
         assert_eq!(decode_plan(Some(&encode_plan(&limits))), Some(limits));
