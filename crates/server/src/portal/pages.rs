@@ -62,6 +62,10 @@ pub struct KeyRow {
     pub has_secret: bool,
     pub created: String,
     pub last_used: String,
+    /// The key's own limits (`100/min, 10000/day`), or "-".
+    pub limits: String,
+    /// The key's plan, or "-" (its tenant's plan, if any, applies).
+    pub plan: String,
 }
 
 fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
@@ -93,6 +97,16 @@ fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
         has_secret: r.secret_hash.is_some(),
         created: time_text(k.created_at),
         last_used: used.map_or_else(|| "never".into(), time_text),
+        limits: if r.limits.is_empty() {
+            "-".into()
+        } else {
+            r.limits
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        plan: r.plan.clone().unwrap_or_else(|| "-".into()),
     }
 }
 
