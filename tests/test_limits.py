@@ -211,7 +211,7 @@ def test_a_day_quota_goes_on_after_an_envoy_restart_from_the_request_log(envoy_f
     store = str(tmp_path / "keygate.db")
     keygate(store, "store", "init")
     log = tmp_path / "access.log"
-    k = create(store, "acme", "--limit", "100/min", "--limit", "5/day")
+    k = create(store, "acme", "--limit", "5/min", "--limit", "5/day")
     with envoy_factory(CONFIG, access_log=log) as envoy:
         with Server(store, tmp_path, "--endpoint", f"http://127.0.0.1:{envoy.sync_port}", "--access-log", str(log)):
             live(envoy, k["api_key"])
