@@ -174,6 +174,11 @@ def check_enforces(name, envoy, header):
         raise RuntimeError(f"{name}: does not enforce (no key {denied.status}, bad key {wrong.status}, key {ok.status})")
     if ok.status != 200:
         raise RuntimeError(f"{name}: a valid request got {ok.status}")
+    if "three limits" in name:
+        # Measure only what the row says: the key's three limits and its tenant's.
+        policy = ok.header("ratelimit-policy") or ""
+        if policy.count(";q=") != 4 or "tenant-minute" not in policy:
+            raise RuntimeError(f"{name}: expected 3 key limits and a tenant limit, got {policy!r}")
 
 
 # The limits rows (issue 18): every key with three limits (a window, another
