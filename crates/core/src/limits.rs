@@ -21,8 +21,9 @@
 //! tenant entry, written by sync before any key refers to it (Envoy creates a
 //! missing shared-data key whatever CAS token the write carries, see
 //! [`crate::entry`]) and updated by CAS after the key's. A request the
-//! tenant refuses has then used the key's budget: limits over-count, never
-//! over-admit.
+//! tenant refuses is given back to the key ([`release_rules`]); if that
+//! update loses to endless contention it stays counted: limits over-count,
+//! never over-admit.
 
 use crate::error::ConfigError;
 use crate::rate_limit::{
@@ -454,6 +455,35 @@ pub fn acquire_rules(
         }
     });
     attempt.unwrap_or_else(|last| contended(last, now_ns))
+}
+
+/// Gives back the request [`acquire_rules`] took from every rule (the
+/// tenant refused it after the key admitted it), with CAS retry. A window
+/// regains one interval, a quota one request of the same period; other
+/// requests in between do not matter (both are sums). If contention outlasts
+/// the retries the request stays counted: over-count, never over-admit.
+pub fn release_rules(cell: &mut dyn CounterCell, key: &str, rules: &[Rule], now_ns: u64) {
+    let _ = update(cell, key, |bytes| {
+        let mut counters = Counters::decode(bytes);
+        for rule in rules {
+            let Some(state) = counters.get(rule.tag) else {
+                continue;
+            };
+            let given_back = match rule.kind {
+                RuleKind::Window(limit) => state.saturating_sub(limit.interval_ns()).max(1),
+                RuleKind::Quota { period, .. } => {
+                    let (index, _, _) = calendar(period, now_ns);
+                    if state >> USED_BITS == index && state & USED_MASK > 0 {
+                        state - 1
+                    } else {
+                        state
+                    }
+                }
+            };
+            counters.set(rule.tag, given_back);
+        }
+        Step::Write(counters.encode(), ())
+    });
 }
 
 // ---- quota usage reconciled from the request-log store ----
@@ -923,6 +953,19 @@ mod tests {
             !acquire_tenant(&mut cell, "t", T0).unwrap().unwrap().allowed,
             "held counters win"
         );
+    }
+
+    #[test]
+    fn a_released_request_gives_every_budget_back() {
+        let mut cell = MemoryHost::default();
+        let rules = rules(&[l("2/min"), l("2/day")], false);
+        assert!(acquire_rules(&mut cell, "r:k", &rules, T0).allowed);
+        assert!(acquire_rules(&mut cell, "r:k", &rules, T0).allowed);
+        assert!(!acquire_rules(&mut cell, "r:k", &rules, T0).allowed);
+        release_rules(&mut cell, "r:k", &rules, T0);
+        let s = acquire_rules(&mut cell, "r:k", &rules, T0);
+        assert!(s.allowed, "the released request is available again");
+        assert!(!acquire_rules(&mut cell, "r:k", &rules, T0).allowed);
     }
 
     #[test]

@@ -9,7 +9,8 @@ use crate::extract::{extract, ExtractError, Presented, Scheme};
 use crate::hash::{ct_eq, is_hex64, sha256, Digest};
 use crate::ip_rules::{client_ip, is_allowed};
 use crate::limits::{
-    acquire_rules, acquire_tenant, combine, decode_plan, plan_key, refusal_message, rules, Rule,
+    acquire_rules, acquire_tenant, combine, decode_plan, plan_key, refusal_message, release_rules,
+    rules, Rule,
 };
 use crate::path::normalize;
 use crate::rate_limit::RateStatus;
@@ -459,7 +460,18 @@ fn limit(
         None
     };
     match combine(key, tenant) {
-        Some(status) if !status.allowed => Err(rate_limited(status, cred)),
+        Some(status) if !status.allowed => {
+            // The tenant refused what the key admitted: the key gets it back.
+            if key.is_some() {
+                release_rules(
+                    host.counters(),
+                    &counter_key(&cred.key_id),
+                    key_rules,
+                    now_ns,
+                );
+            }
+            Err(rate_limited(status, cred))
+        }
         status => Ok(status),
     }
 }
@@ -565,12 +577,19 @@ mod tests {
             get(&p, &mut host, "a").outcome,
             Outcome::Allowed { .. }
         ));
+        let before = host.counters.get("r:k-b").cloned();
         let refused = get(&p, &mut host, "b");
         let (reason, message) = denied(&refused).unwrap();
         assert_eq!(reason, Reason::RateLimited);
         assert!(
             message.starts_with("Tenant rate limit exceeded"),
             "{message}"
+        );
+        let counted = |c: Option<&Vec<u8>>| crate::limits::Counters::decode(c.map(Vec::as_slice));
+        assert_eq!(
+            counted(host.counters.get("r:k-b")),
+            counted(before.as_ref()),
+            "what the tenant refused does not use the key's budget"
         );
         // A key flagged for tenant limits whose tenant entry is missing refuses.
         host.counters.remove(&tenant_key("acme"));
