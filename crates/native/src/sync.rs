@@ -52,64 +52,62 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 /// batch changes nothing; a push that never commits is never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked, key_ids, limit_records, seeds) =
-        t.update(|current: &Snapshot| {
-            let plan = plan(secret, body, signature, &current.state)?;
-            check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
-            let mut next = current.clone();
-            if current.state.pending.map(|p| p.stamp) != Some(plan.stamp) {
-                // A new push: whatever an abandoned one staged goes.
-                next.staged = imbl::HashMap::new();
-            }
-            for (hash, bytes) in &plan.upserts {
-                // `plan` validated each record; one that does not decode would
-                // be a core bug: refuse the push rather than half-apply.
-                decode_record(bytes, hash)
-                    .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
-                let entry = Entry {
-                    generation: plan.generation,
-                    bytes: bytes.clone().into_boxed_slice(),
+    let (state, upserts, deletes, revoked, key_ids, lim) = t.update(|current: &Snapshot| {
+        let plan = plan(secret, body, signature, &current.state)?;
+        check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
+        let mut next = current.clone();
+        if current.state.pending.map(|p| p.stamp) != Some(plan.stamp) {
+            // A new push: whatever an abandoned one staged goes.
+            next.staged = imbl::HashMap::new();
+        }
+        for (hash, bytes) in &plan.upserts {
+            // `plan` validated each record; one that does not decode would
+            // be a core bug: refuse the push rather than half-apply.
+            decode_record(bytes, hash)
+                .ok_or_else(|| SyncError::Invalid("unreadable credential record".into()))?;
+            let entry = Entry {
+                generation: plan.generation,
+                bytes: bytes.clone().into_boxed_slice(),
+            };
+            next.staged.insert(*hash, Some(Arc::new(entry)));
+        }
+        for hash in &plan.deletes {
+            next.staged.insert(*hash, None);
+        }
+        if let Some(commit) = plan.commit {
+            for (hash, entry) in std::mem::take(&mut next.staged) {
+                match entry {
+                    Some(e) => next.credentials.insert(hash, e),
+                    None => next.credentials.remove(&hash),
                 };
-                next.staged.insert(*hash, Some(Arc::new(entry)));
             }
-            for hash in &plan.deletes {
-                next.staged.insert(*hash, None);
+            if plan.full {
+                next.credentials
+                    .retain(|_, e| e.generation >= commit.generation);
             }
-            if let Some(commit) = plan.commit {
-                for (hash, entry) in std::mem::take(&mut next.staged) {
-                    match entry {
-                        Some(e) => next.credentials.insert(hash, e),
-                        None => next.credentials.remove(&hash),
-                    };
-                }
-                if plan.full {
-                    next.credentials
-                        .retain(|_, e| e.generation >= commit.generation);
-                }
-            }
-            next.state = plan.result();
-            // Quota usage a full push carries (counted from the request log):
-            // the counters a key starts from if this process holds none.
-            let seeds: Vec<(String, Vec<u8>)> = plan
-                .key_ids
-                .iter()
-                .zip(&plan.upserts)
-                .filter_map(|((key_id, _), (_, bytes))| {
-                    let seed = keygate_core::entry::counters(bytes)?;
-                    (!seed.0.is_empty()).then(|| (key_id.clone(), seed.encode()))
-                })
-                .collect();
-            let out = (
-                next.state,
-                plan.upserts.len(),
-                plan.deletes.len(),
-                plan.revoked_sessions,
-                plan.key_ids,
-                plan.limit_records,
-                seeds,
-            );
-            Ok((next, out))
-        })?;
+        }
+        next.state = plan.result();
+        // Quota usage a full push carries (counted from the request log):
+        // the counters a key starts from if this process holds none.
+        let seeds: Vec<(String, Vec<u8>)> = plan
+            .key_ids
+            .iter()
+            .zip(&plan.upserts)
+            .filter_map(|((key_id, _), (_, bytes))| {
+                let seed = keygate_core::entry::counters(bytes)?;
+                (!seed.0.is_empty()).then(|| (key_id.clone(), seed.encode()))
+            })
+            .collect();
+        let out = (
+            next.state,
+            plan.upserts.len(),
+            plan.deletes.len(),
+            plan.revoked_sessions,
+            plan.key_ids,
+            (plan.limit_records, seeds),
+        );
+        Ok((next, out))
+    })?;
     // Tokens name their key by id: the id → hash index (a stale entry is
     // harmless, the gate checks the credential it leads to).
     for (key_id, hash) in &key_ids {
@@ -118,6 +116,7 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
+    let (limit_records, seeds) = lim;
     for (key_id, seed) in &seeds {
         t.modify(
             &keygate_core::shared_data::counter_key(key_id),
