@@ -675,6 +675,19 @@ pub fn acquire_tenant(
     }
 }
 
+/// The tenant's limits as `RateLimit-Policy` lists them, read without
+/// counting (the key refused the request first); none if it has none or its
+/// entry cannot be read (the refusal stands either way).
+pub fn tenant_policies(cell: &mut dyn CounterCell, tenant: &str, now_ns: u64) -> Policies {
+    let mut out = Policies::default();
+    if let Some((limits, _)) = decode_tenant(cell.load(&tenant_key(tenant)).0.as_deref()) {
+        for rule in rules(&limits, true) {
+            out.push(rule.tag, step(&rule, None, now_ns).0.limit);
+        }
+    }
+    out
+}
+
 /// The status a response reports for a key's and its tenant's checks: a
 /// refusal if either refused, else the one with fewer requests remaining;
 /// the policies of both.

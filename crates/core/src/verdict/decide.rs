@@ -10,7 +10,7 @@ use crate::hash::{ct_eq, is_hex64, sha256, Digest};
 use crate::ip_rules::{client_ip, is_allowed};
 use crate::limits::{
     acquire_rules, acquire_tenant, combine, decode_plan, plan_key, refusal_message, release_rules,
-    rules, Rule,
+    rules, tenant_policies, Rule,
 };
 use crate::path::normalize;
 use crate::rate_limit::RateStatus;
@@ -450,7 +450,13 @@ fn limit(
             now_ns,
         )
     });
-    if let Some(status) = key.filter(|s| !s.allowed) {
+    if let Some(mut status) = key.filter(|s| !s.allowed) {
+        // Refused by the key: the tenant's budget is not touched, but its
+        // limits are listed too.
+        if cred.tenant_limits {
+            let tenant = tenant_policies(host.counters(), &cred.tenant, now_ns);
+            status.policies.extend(&tenant);
+        }
         return Err(rate_limited(status, cred));
     }
     let tenant = if cred.tenant_limits {
@@ -596,6 +602,35 @@ mod tests {
         assert_eq!(
             denied(&get(&p, &mut host, "a")).map(|(r, _)| r),
             Some(Reason::Internal)
+        );
+    }
+
+    #[test]
+    fn a_key_refusal_lists_the_tenant_limits_without_counting_them() {
+        use crate::limits::{retarget_tenant, tenant_key};
+        let p = policy(vec![], "");
+        let mut host = MemoryHost::default();
+        host.counters.insert(
+            tenant_key("acme"),
+            retarget_tenant(None, &["3/min".parse().unwrap()]),
+        );
+        store_key(&mut host, "a", |r| {
+            r.limits = vec!["1/min".parse().unwrap()];
+            r.tenant_limits = true;
+        });
+        assert!(matches!(
+            get(&p, &mut host, "a").outcome,
+            Outcome::Allowed { .. }
+        ));
+        let tenant_before = host.counters.get(&tenant_key("acme")).cloned();
+        let refused = get(&p, &mut host, "a");
+        let rate = refused.rate().unwrap();
+        assert!(!rate.allowed);
+        let tags: Vec<u8> = rate.policies.iter().map(|(t, _)| t).collect();
+        assert_eq!(tags, vec![2, 0x12]);
+        assert_eq!(
+            host.counters.get(&tenant_key("acme")),
+            tenant_before.as_ref()
         );
     }
 
