@@ -226,3 +226,30 @@ def test_a_day_quota_goes_on_after_an_envoy_restart_from_the_request_log(envoy_f
             r = get(envoy, k["api_key"])
             assert r.status == 429, r
             assert "daily quota of 5" in r.json()["message"]
+
+
+def test_usage_credits_run_out_with_a_clear_429_and_a_top_up_restores_them(rig):
+    envoy, store, _ = rig
+    k = create(store, "acme", "--limit", "100/min")
+    live(envoy, k["api_key"])
+    keygate(store, "key", "credits", k["key_id"], "--set", "2")
+    # The first answer that lists the credits used one of them.
+    assert wait_until(lambda: "credits" in policies(get(envoy, k["api_key"])), timeout=10)
+    r = get(envoy, k["api_key"])
+    assert r.status == 200
+    assert policies(r)["credits"] == (2, 0)
+    assert r.header("x-ratelimit-limit") == "100", "credits are not reported as the tightest window"
+    refused = get(envoy, k["api_key"])
+    assert refused.status == 429
+    assert refused.json()["message"] == "This API key has no usage credits left. Ask for a top-up."
+    assert refused.header("ratelimit").startswith('"credits";r=0;')
+    shown = keygate(store, "key", "show", k["key_id"])
+    assert shown["credits"]["balance"] == 2 and shown["credits"]["monthly"] is False
+    # A top-up is a new grant, counted from zero.
+    keygate(store, "key", "credits", k["key_id"], "--set", "3", "--monthly")
+    assert wait_until(lambda: get(envoy, k["api_key"]).status == 200, timeout=10)
+    assert [get(envoy, k["api_key"]).status for _ in range(3)] == [200, 200, 429]
+    keygate(store, "key", "credits", k["key_id"], "--remove")
+    assert wait_until(lambda: get(envoy, k["api_key"]).status == 200, timeout=10)
+    p = keygate(store, "key", "credits", k["key_id"], "--set", "5000000000", check=False, json_out=False)
+    assert p.returncode != 0 and "credits.balance" in p.stderr, p.stderr

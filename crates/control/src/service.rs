@@ -51,6 +51,9 @@ pub struct KeyPatch {
     pub limits: Option<Vec<keygate_core::limits::Limit>>,
     /// `Some(None)` takes the key off its plan (its tenant's then applies).
     pub plan: Option<Option<String>>,
+    /// A top-up: `Some(Some((balance, monthly)))` grants `balance` uses
+    /// from now (monthly: again on every 1st); `Some(None)` removes credits.
+    pub credits: Option<Option<(u64, bool)>>,
 }
 
 /// What `key create` shows, exactly once.
@@ -297,6 +300,7 @@ impl Service {
             plan: key_limits.plan.clone(),
             tenant_limits: false,
             quota_used: vec![],
+            credits: None,
         };
         keygate_core::Credential::try_from(&record).map_err(|e| Error::Other(e.to_string()))?;
         self.update(|snap| {
@@ -416,6 +420,14 @@ impl Service {
         if let Some(Some(p)) = &patch.plan {
             check_name("plan", p)?;
         }
+        if let Some(Some((balance, _))) = patch.credits {
+            if balance > u64::from(u32::MAX) {
+                return Err(Error::bad(
+                    "credits.balance",
+                    format!("at most {}", u32::MAX),
+                ));
+            }
+        }
         self.update(|snap| {
             let k = snap.find_mut(key_id)?;
             if k.record.tenant != tenant {
@@ -456,6 +468,16 @@ impl Service {
             }
             if let Some(p) = &patch.plan {
                 k.record.plan = p.clone();
+            }
+            if let Some(c) = patch.credits {
+                // Each top-up is a new grant (serial): Envoy counts it from zero.
+                let serial = k.record.credits.map_or(1, |old| old.serial.wrapping_add(1));
+                k.record.credits = c.map(|(balance, monthly)| keygate_core::limits::Credits {
+                    balance,
+                    serial,
+                    monthly,
+                    granted_at: now,
+                });
             }
             // Checked against the plans of this very snapshot.
             let plan = k.record.plan.clone();

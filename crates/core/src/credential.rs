@@ -6,7 +6,9 @@ use crate::error::ConfigError;
 // Re-exported: the sidecar validates names with it.
 use crate::hash::{ct_eq, parse_hex_digest, Digest};
 use crate::ip_rules::parse_allowed;
-use crate::limits::{check_limits, rules, seed_counters, Counters, Limit, QuotaUsed, Rule};
+use crate::limits::{
+    check_limits, rules, seed_counters_with, Counters, Credits, Limit, QuotaUsed, Rule,
+};
 pub use crate::names::check_name;
 use crate::names::check_scope_name;
 use crate::rate_limit::RateLimit;
@@ -93,6 +95,9 @@ pub struct CredentialRecord {
     /// full sync so quotas survive an Envoy restart (`crate::limits::QuotaUsed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quota_used: Vec<QuotaUsed>,
+    /// Usage credits, counted on top of the key's limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<Credits>,
 }
 
 fn default_environment() -> String {
@@ -134,6 +139,7 @@ pub struct Credential {
     /// Counters to start from when Envoy holds none (`quota_used`); not part
     /// of the record a shared-data entry reads back.
     pub seed: Counters,
+    pub credits: Option<Credits>,
 }
 
 impl TryFrom<&CredentialRecord> for Credential {
@@ -230,7 +236,8 @@ impl TryFrom<&CredentialRecord> for Credential {
             own_rules,
             plan: r.plan.clone(),
             tenant_limits: r.tenant_limits,
-            seed: seed_counters(&r.quota_used, false),
+            seed: seed_counters_with(&r.quota_used, false, r.credits),
+            credits: r.credits,
         })
     }
 }
@@ -309,6 +316,7 @@ pub(crate) mod tests {
             plan: None,
             tenant_limits: false,
             quota_used: vec![],
+            credits: None,
         }
     }
 

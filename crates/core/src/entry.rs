@@ -59,6 +59,7 @@ const F_EXPIRES: u8 = 32;
 const L_LIMITS: u8 = 1;
 const L_PLAN: u8 = 2;
 const L_TENANT: u8 = 4;
+const L_CREDITS: u8 = 8;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     // Names are checked to at most 64 bytes (`check_name`), scopes and IPs
@@ -145,12 +146,21 @@ pub fn encode(generation: u64, c: &Credential) -> Vec<u8> {
     if c.tenant_limits {
         limit_flags |= L_TENANT;
     }
+    if c.credits.is_some() {
+        limit_flags |= L_CREDITS;
+    }
     out.push(limit_flags);
     if !c.limits.is_empty() {
         out.extend_from_slice(&crate::limits::encode_plan(&c.limits));
     }
     if let Some(plan) = &c.plan {
         put_str(&mut out, plan);
+    }
+    if let Some(cr) = &c.credits {
+        out.extend_from_slice(&cr.balance.to_le_bytes());
+        out.extend_from_slice(&cr.serial.to_le_bytes());
+        out.push(u8::from(cr.monthly));
+        out.extend_from_slice(&cr.granted_at.to_le_bytes());
     }
     // No counters yet, or those seeded from the request log.
     let seeds: Vec<&(u8, u64)> = c.seed.0.iter().filter(|(t, _)| *t != 0).take(255).collect();
@@ -265,7 +275,19 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
     } else {
         None
     };
-    if limit_flags & !(L_LIMITS | L_PLAN | L_TENANT) != 0 || trailer_len(bytes)? != r.0.len() {
+    let credits = if limit_flags & L_CREDITS != 0 {
+        Some(crate::limits::Credits {
+            balance: r.u64()?,
+            serial: r.u32()?,
+            monthly: r.byte()? != 0,
+            granted_at: r.u64()?,
+        })
+    } else {
+        None
+    };
+    if limit_flags & !(L_LIMITS | L_PLAN | L_TENANT | L_CREDITS) != 0
+        || trailer_len(bytes)? != r.0.len()
+    {
         return None;
     }
     let record = CredentialRecord {
@@ -294,6 +316,7 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
         plan,
         tenant_limits: limit_flags & L_TENANT != 0,
         quota_used: vec![],
+        credits,
     };
     // Validated again: the entry came from the host.
     let cred = Credential::try_from(&record).ok()?;
@@ -407,6 +430,7 @@ mod tests {
             plan: None,
             tenant_limits: false,
             quota_used: vec![],
+            credits: None,
         };
         extra(&mut r);
         r
@@ -427,6 +451,12 @@ mod tests {
             r.limits = vec!["100/min".parse().unwrap(), "10000/day".parse().unwrap()];
             r.plan = Some("pro".into());
             r.tenant_limits = true;
+            r.credits = Some(crate::limits::Credits {
+                balance: 5_000,
+                serial: 3,
+                monthly: true,
+                granted_at: 1_750_000_000,
+            });
         });
         for r in [record(|_| {}), full, record(|r| r.rate_limit = None)] {
             let c = Credential::try_from(&r).unwrap();

@@ -203,6 +203,52 @@ pub enum RuleKind {
     /// A calendar quota (UTC); the state is the period's index (high 24
     /// bits) and the requests used in it (low 40 bits).
     Quota { count: u32, period: Period },
+    /// Usage credits ([`Credits`]); the state is the grant (serial, and
+    /// month with a monthly refill, high 32 bits) and the credits used
+    /// under it (low 32 bits).
+    Credits(Credits),
+}
+
+/// Tag of a key's usage credits among its counters.
+pub const TAG_CREDITS: u8 = 6;
+
+/// Usage credits: `balance` uses from the last top-up (each one gives a new
+/// `serial`, so Envoy starts the count again); with `monthly`, the balance
+/// comes back on the 1st of every month, 00:00 UTC.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Credits {
+    pub balance: u64,
+    #[serde(default)]
+    pub serial: u32,
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub monthly: bool,
+    /// Unix seconds of the top-up: the log counts uses from then on.
+    #[serde(default)]
+    pub granted_at: u64,
+}
+
+impl Credits {
+    pub fn rule(self) -> Rule {
+        Rule {
+            tag: TAG_CREDITS,
+            kind: RuleKind::Credits(self),
+        }
+    }
+
+    /// The grant a count belongs to now: the serial and, with a monthly
+    /// refill, the month; and when the balance comes back (ns), if ever.
+    fn grant(self, now_ns: u64) -> (u64, Option<u64>) {
+        if self.monthly {
+            let (month, _, end) = calendar(Period::Month, now_ns);
+            (
+                (u64::from(self.serial) << 16) | (month & 0xffff),
+                Some(end.saturating_mul(NANOS_PER_SEC)),
+            )
+        } else {
+            (u64::from(self.serial) << 16, None)
+        }
+    }
 }
 
 impl Rule {
@@ -289,6 +335,35 @@ const USED_MASK: u64 = (1 << USED_BITS) - 1;
 /// One rule's step: the status and the state to store if admitted.
 fn step(rule: &Rule, state: Option<u64>, now_ns: u64) -> (RateStatus, u64) {
     match rule.kind {
+        RuleKind::Credits(c) => {
+            let (grant, refill_ns) = c.grant(now_ns);
+            let used = state
+                .filter(|s| s >> 32 == grant)
+                .map_or(0, |s| s & 0xffff_ffff);
+            let allowed = used < c.balance;
+            let used_after = used + u64::from(allowed);
+            let status = RateStatus {
+                allowed,
+                limit: RateLimit {
+                    requests: u32::try_from(c.balance).unwrap_or(u32::MAX),
+                    // The time to the refill, or none: credits are no window.
+                    window_secs: refill_ns.map_or(0, |r| {
+                        u32::try_from(r.saturating_sub(now_ns) / NANOS_PER_SEC).unwrap_or(u32::MAX)
+                    }),
+                },
+                remaining: u32::try_from(c.balance.saturating_sub(used_after)).unwrap_or(u32::MAX),
+                reset_at_ns: refill_ns.unwrap_or(0),
+                retry_after_ns: match (allowed, refill_ns) {
+                    (true, _) => 0,
+                    (false, Some(r)) => r.saturating_sub(now_ns),
+                    // No refill: only a top-up helps; "a day" keeps clients polite.
+                    (false, None) => SECS_PER_DAY * NANOS_PER_SEC,
+                },
+                tag: rule.tag,
+                policies: Policies::default(),
+            };
+            (status, (grant << 32) | (used_after & 0xffff_ffff))
+        }
         RuleKind::Window(limit) => {
             let (mut status, new) = gcra(limit, state, now_ns);
             status.tag = rule.tag;
@@ -396,7 +471,10 @@ pub fn check_all(
         policies.push(rule.tag, status.limit);
         if status.allowed {
             next.set(rule.tag, state);
-            if report.is_none_or(|r| status.remaining < r.remaining) {
+            // Credits are reported only when nothing else limits the key:
+            // they are no window, and have no reset time of their own.
+            let eligible = rule.tag != TAG_CREDITS || report.is_none();
+            if eligible && report.is_none_or(|r| status.remaining < r.remaining) {
                 report = Some(status);
             }
         } else if refused.is_none_or(|r| status.retry_after_ns > r.retry_after_ns) {
@@ -470,6 +548,7 @@ pub fn release_rules(cell: &mut dyn CounterCell, key: &str, rules: &[Rule], now_
                 continue;
             };
             let given_back = match rule.kind {
+                RuleKind::Credits(_) => state.saturating_sub(u64::from(state & 0xffff_ffff > 0)),
                 RuleKind::Window(limit) => state.saturating_sub(limit.interval_ns()).max(1),
                 RuleKind::Quota { period, .. } => {
                     let (index, _, _) = calendar(period, now_ns);
@@ -507,13 +586,16 @@ pub struct QuotaUsed {
 pub enum QuotaPeriod {
     Day,
     Month,
+    /// The key's usage credits: uses since `since` (the top-up, or the
+    /// month's start with a monthly refill).
+    Credits,
 }
 
 impl QuotaPeriod {
     fn period(self) -> Period {
         match self {
             QuotaPeriod::Day => Period::Day,
-            QuotaPeriod::Month => Period::Month,
+            QuotaPeriod::Month | QuotaPeriod::Credits => Period::Month,
         }
     }
 
@@ -527,14 +609,24 @@ impl QuotaPeriod {
 /// false) or a tenant. A usage of a period other than `since`'s current one
 /// simply reads as stale later, as any old counter does.
 pub fn seed_counters(used: &[QuotaUsed], tenant: bool) -> Counters {
+    seed_counters_with(used, tenant, None)
+}
+
+/// [`seed_counters`] for a key with `credits`, whose used credits seed too.
+pub fn seed_counters_with(used: &[QuotaUsed], tenant: bool, credits: Option<Credits>) -> Counters {
     Counters(
         used.iter()
             .filter(|u| u.used > 0)
-            .map(|u| {
+            .filter_map(|u| {
+                if u.period == QuotaPeriod::Credits {
+                    let c = credits?;
+                    let (grant, _) = c.grant(u.since.saturating_mul(NANOS_PER_SEC));
+                    return Some((TAG_CREDITS, (grant << 32) | u.used.min(0xffff_ffff)));
+                }
                 let period = u.period.period();
                 let (index, _, _) = calendar(period, u.since.saturating_mul(NANOS_PER_SEC));
                 let tag = period as u8 | if tenant { TAG_TENANT } else { 0 };
-                (tag, (index << USED_BITS) | u.used.min(USED_MASK))
+                Some((tag, (index << USED_BITS) | u.used.min(USED_MASK)))
             })
             .collect(),
     )
@@ -714,6 +806,13 @@ pub fn refusal_message(status: &RateStatus) -> String {
         1 => "1 second".to_owned(),
         n => format!("{n} seconds"),
     };
+    if status.tag == TAG_CREDITS {
+        return if status.reset_at_ns > 0 {
+            format!("This API key has used all of its {} credits. They are refilled on the 1st at 00:00 UTC, in {wait}.", status.limit.requests)
+        } else {
+            "This API key has no usage credits left. Ask for a top-up.".to_owned()
+        };
+    }
     let whose = if status.tag & TAG_TENANT != 0 {
         "Tenant "
     } else {
@@ -979,6 +1078,50 @@ mod tests {
         let s = acquire_rules(&mut cell, "r:k", &rules, T0);
         assert!(s.allowed, "the released request is available again");
         assert!(!acquire_rules(&mut cell, "r:k", &rules, T0).allowed);
+    }
+
+    #[test]
+    fn credits_run_out_a_top_up_starts_again_and_a_monthly_refill_comes_back() {
+        let mut cell = MemoryHost::default();
+        let c = Credits {
+            balance: 2,
+            serial: 1,
+            monthly: false,
+            granted_at: 0,
+        };
+        let rules = vec![Rule::of_limit(&l("100/min"), false), c.rule()];
+        let s = acquire_rules(&mut cell, "r:k", &rules, T0);
+        assert_eq!(
+            (s.allowed, s.tag),
+            (true, 2),
+            "the window is reported, not the credits"
+        );
+        assert!(acquire_rules(&mut cell, "r:k", &rules, T0).allowed);
+        let refused = acquire_rules(&mut cell, "r:k", &rules, T0);
+        assert_eq!((refused.allowed, refused.tag), (false, TAG_CREDITS));
+        assert!(refusal_message(&refused).contains("no usage credits left"));
+        // A top-up is a new grant: counted from zero.
+        let topped = vec![Credits {
+            balance: 1,
+            serial: 2,
+            ..c
+        }
+        .rule()];
+        assert!(acquire_rules(&mut cell, "r:k", &topped, T0).allowed);
+        assert!(!acquire_rules(&mut cell, "r:k", &topped, T0).allowed);
+        // Monthly: used up in November, back on 1 December 00:00 UTC.
+        let monthly = vec![Credits {
+            balance: 1,
+            serial: 3,
+            monthly: true,
+            granted_at: 0,
+        }
+        .rule()];
+        assert!(acquire_rules(&mut cell, "r:k", &monthly, T0).allowed);
+        let refused = acquire_rules(&mut cell, "r:k", &monthly, T0);
+        assert_eq!(refused.reset_epoch_secs(), 1_701_388_800);
+        assert!(refusal_message(&refused).contains("refilled on the 1st"));
+        assert!(acquire_rules(&mut cell, "r:k", &monthly, 1_701_388_800 * S).allowed);
     }
 
     #[test]

@@ -141,6 +141,7 @@ pub fn policy_name(tag: u8) -> &'static str {
         0x13 => "tenant-hour",
         0x14 => "tenant-day",
         0x15 => "tenant-month",
+        6 => "credits",
         _ => "default",
     }
 }

@@ -229,6 +229,9 @@ fn key_view(k: &StoredKey, last_used: Option<u64>) -> Value {
         "last_used_at": last_used.map(rfc3339),
         "limits": r.limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "plan": r.plan,
+        "credits": r.credits.map(|c| json!({
+            "balance": c.balance, "monthly": c.monthly, "granted_at": rfc3339(c.granted_at)
+        })),
     })
 }
 
@@ -528,6 +531,9 @@ struct UpdateKey {
     /// Operator only; `null` takes the key off its plan.
     #[serde(default, deserialize_with = "present")]
     plan: Option<Option<String>>,
+    /// Operator only: a top-up of usage credits; `null` removes them.
+    #[serde(default, deserialize_with = "present")]
+    credits: Option<Option<crate::limits_api::CreditsIn>>,
 }
 
 async fn update_key(
@@ -571,6 +577,7 @@ async fn update_key(
         });
     }
     crate::limits_api::patch_limits(&who, body.limits, body.plan, &mut p, &mut changed)?;
+    crate::limits_api::patch_credits(&who, body.credits, &mut p, &mut changed)?;
     if let Some(e) = body.expires_at {
         changed.push("expires_at");
         p.expires_at = Some(

@@ -71,6 +71,30 @@ pub(crate) fn patch_limits(
     Ok(())
 }
 
+/// A top-up as the API takes it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreditsIn {
+    balance: u64,
+    #[serde(default)]
+    monthly: bool,
+}
+
+/// A key change's usage credits; only an operator may top up.
+pub(crate) fn patch_credits(
+    who: &Auth,
+    credits: Option<Option<CreditsIn>>,
+    patch: &mut KeyPatch,
+    changed: &mut Vec<&'static str>,
+) -> Result<(), ApiError> {
+    if let Some(c) = credits {
+        operator_for(who, "credits")?;
+        patch.credits = Some(c.map(|c| (c.balance, c.monthly)));
+        changed.push("credits");
+    }
+    Ok(())
+}
+
 fn strings(limits: &[Limit]) -> Vec<String> {
     limits.iter().map(Limit::to_string).collect()
 }

@@ -538,3 +538,68 @@ async fn tenant_limits_are_set_by_operators_and_read_by_the_tenant() {
     .await;
     assert_eq!(s, 404);
 }
+
+#[tokio::test]
+async fn credits_are_topped_up_by_operators_only_and_bounded() {
+    let f = fixture();
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.operator),
+        Some(r#"{"name":"x","scopes":["read"]}"#),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let uri = format!(
+        "/api/v1/tenants/acme/keys/{}",
+        v["key_id"].as_str().unwrap()
+    );
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.acme),
+        Some(r#"{"credits":{"balance":1000000}}"#),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.operator),
+        Some(r#"{"credits":{"balance":5000000000}}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (422, Some("credits.balance")),
+        "{v}"
+    );
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.operator),
+        Some(r#"{"credits":{"balance":100,"monthly":true}}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["credits"]["balance"].as_u64(),
+            v["credits"]["monthly"].as_bool()
+        ),
+        (Some(100), Some(true))
+    );
+    let (_, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.operator),
+        Some(r#"{"credits":null}"#),
+    )
+    .await;
+    assert!(v["credits"].is_null(), "{v}");
+}

@@ -200,6 +200,8 @@ pub enum KeyCommand {
     Scope(ScopeCommand),
     /// Sets a key's own limits (--limit, repeatable) or plan.
     Limits(crate::limits_cli::KeyLimitsArgs),
+    /// Tops up a key's usage credits (--set N [--monthly]) or removes them.
+    Credits(crate::limits_cli::KeyCreditsArgs),
 }
 
 #[derive(Subcommand)]

@@ -111,6 +111,38 @@ pub struct KeyLimitsArgs {
     pub no_plan: bool,
 }
 
+/// `keygate key credits KEY_ID …`: a top-up of usage credits.
+#[derive(Args)]
+pub struct KeyCreditsArgs {
+    pub key_id: String,
+    /// Grants this many uses from now (a top-up replaces what was left).
+    #[arg(long, value_name = "N", required_unless_present = "remove")]
+    pub set: Option<u64>,
+    /// Grants the same number again on the 1st of every month (00:00 UTC).
+    #[arg(long, requires = "set")]
+    pub monthly: bool,
+    /// Removes the key's credits.
+    #[arg(long, conflicts_with = "set")]
+    pub remove: bool,
+}
+
+/// `keygate key credits`.
+pub fn key_credits<W: Write>(
+    svc: &Service,
+    out: &mut Out<W>,
+    a: KeyCreditsArgs,
+    now: u64,
+) -> Result<keygate_control::store::StoredKey, CliError> {
+    let patch = KeyPatch {
+        credits: Some(a.set.map(|n| (n, a.monthly))),
+        ..KeyPatch::default()
+    };
+    let tenant = svc.show_key(&a.key_id)?.record.tenant;
+    let k = svc.patch_key(&tenant, &a.key_id, &patch, now)?;
+    out.key(&k)?;
+    Ok(k)
+}
+
 fn strings(limits: &[Limit]) -> Vec<String> {
     limits.iter().map(Limit::to_string).collect()
 }

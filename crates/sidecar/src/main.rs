@@ -160,6 +160,10 @@ fn key_command<W: Write>(
             let k = limits_cli::key_limits(svc, out, a, t)?;
             changed("key.update", &k)
         }
+        KeyCommand::Credits(a) => {
+            let k = limits_cli::key_credits(svc, out, a, t)?;
+            changed("key.credits", &k)
+        }
     };
     Ok(change)
 }

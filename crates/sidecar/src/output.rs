@@ -50,6 +50,9 @@ pub fn public_view(k: &StoredKey) -> Value {
         "expires_at": r.expires_at.map(rfc3339),
         "limits": r.limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "plan": r.plan,
+        "credits": r.credits.map(|c| json!({
+            "balance": c.balance, "monthly": c.monthly, "granted_at": rfc3339(c.granted_at)
+        })),
         "created_at": rfc3339(k.created_at),
         "updated_at": rfc3339(k.updated_at),
     })

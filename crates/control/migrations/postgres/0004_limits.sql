@@ -18,5 +18,6 @@ CREATE TABLE tenant_limits (
 CREATE TABLE key_limits (
     key_id TEXT PRIMARY KEY,
     limits JSONB NOT NULL DEFAULT '[]',
-    plan TEXT REFERENCES plans (name)
+    plan TEXT REFERENCES plans (name),
+    credits JSONB
 );

@@ -23,5 +23,8 @@ CREATE TABLE tenant_limits (
 CREATE TABLE key_limits (
     key_id TEXT PRIMARY KEY,
     limits TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(limits)),
-    plan TEXT REFERENCES plans (name)
+    plan TEXT REFERENCES plans (name),
+    -- Usage credits: {"balance", "serial", "monthly", "granted_at"}; what is
+    -- left is counted from request_logs since granted_at (or the month).
+    credits TEXT CHECK (credits IS NULL OR json_valid(credits))
 );

@@ -315,6 +315,7 @@ mod tests {
                 plan: None,
                 tenant_limits: false,
                 quota_used: vec![],
+                credits: None,
             },
         }
     }

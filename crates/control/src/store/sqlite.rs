@@ -251,6 +251,7 @@ impl SqliteStore {
                     plan: None,
                     tenant_limits: false,
                     quota_used: vec![],
+                    credits: None,
                 },
             });
         }
@@ -738,6 +739,33 @@ mod tests {
             "a key without quotas costs no query"
         );
         assert_eq!(counts(&usage.tenants["acme"]), vec![10]);
+        // Credits: uses since the top-up, from the request records.
+        let patch = crate::service::KeyPatch {
+            credits: Some(Some((10, false))),
+            ..Default::default()
+        };
+        let topped = svc.patch_key("acme", &window.key_id, &patch, 1).unwrap();
+        let granted_ms = topped.record.credits.unwrap().granted_at as i64 * 1000;
+        for (t, decision) in [
+            (granted_ms - 5, "allowed"),
+            (granted_ms + 5, "allowed"),
+            (granted_ms + 6, "denied"),
+        ] {
+            c.execute(
+                "INSERT INTO request_logs (time_ms, key_id, tenant, decision) VALUES (?1, ?2, 'acme', ?3)",
+                params![t, window.key_id, decision],
+            )
+            .unwrap();
+        }
+        let usage = svc.snapshot().unwrap().quota_usage().unwrap();
+        assert_eq!(
+            usage.keys[&window.key_id]
+                .iter()
+                .map(|u| (u.period, u.used))
+                .collect::<Vec<_>>(),
+            vec![(keygate_core::limits::QuotaPeriod::Credits, 1)],
+            "only the allowed request after the top-up"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! key rows `sqlite.rs` handles.
 
 use super::{PlanDef, QuotaUsage, Snapshot, TenantLimits};
-use keygate_core::limits::{Limit, QuotaUsed};
+use keygate_core::limits::{Credits, Limit, QuotaPeriod, QuotaUsed};
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
 
@@ -74,7 +74,7 @@ pub(super) fn read(
         });
     }
     let mut stmt = c
-        .prepare_cached("SELECT key_id, limits, plan FROM key_limits")
+        .prepare_cached("SELECT key_id, limits, plan, credits FROM key_limits")
         .map_err(sql)?;
     let rows = stmt
         .query_map([], |r| {
@@ -82,19 +82,26 @@ pub(super) fn read(
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
             ))
         })
         .map_err(sql)?;
-    let mut by_key: HashMap<String, (Vec<Limit>, Option<String>)> = HashMap::new();
+    type Extra = (Vec<Limit>, Option<String>, Option<Credits>);
+    let mut by_key: HashMap<String, Extra> = HashMap::new();
     for row in rows {
-        let (key_id, l, plan) = row.map_err(sql)?;
+        let (key_id, l, plan, credits) = row.map_err(sql)?;
         let parsed = limits(&l, &|e| corrupt(format!("key '{key_id}': {e}")))?;
-        by_key.insert(key_id, (parsed, plan));
+        let credits = credits
+            .map(|c| serde_json::from_str(&c))
+            .transpose()
+            .map_err(|e| corrupt(format!("key '{key_id}': credits: {e}")))?;
+        by_key.insert(key_id, (parsed, plan, credits));
     }
     for k in &mut snap.keys {
-        if let Some((l, plan)) = by_key.remove(&k.record.key_id) {
+        if let Some((l, plan, credits)) = by_key.remove(&k.record.key_id) {
             k.record.limits = l;
             k.record.plan = plan;
+            k.record.credits = credits;
         }
     }
     Ok(())
@@ -129,6 +136,36 @@ pub(super) fn read_quota_used(
              WHERE tenant = ?1 AND key_id = ?2 AND hour_ms >= ?3",
         )
         .map_err(sql)?;
+    // Credits: uses since the top-up (or, refilled monthly, since the later
+    // of the top-up and the month's start), from the request records
+    // themselves: a top-up mid-hour must not count the hour's earlier uses.
+    let mut credit_uses = c
+        .prepare_cached(
+            "SELECT count(*) FROM request_logs \
+             WHERE key_id = ?1 AND time_ms >= ?2 AND decision = 'allowed'",
+        )
+        .map_err(sql)?;
+    for k in &snap.keys {
+        let Some(cr) = k.record.credits else {
+            continue;
+        };
+        let since = if cr.monthly {
+            cr.granted_at.max(QuotaPeriod::Month.start(now))
+        } else {
+            cr.granted_at
+        };
+        let n: i64 = credit_uses
+            .query_row(params![k.record.key_id, to_i64(since) * 1000], |r| r.get(0))
+            .map_err(sql)?;
+        out.keys
+            .entry(k.record.key_id.clone())
+            .or_default()
+            .push(QuotaUsed {
+                period: QuotaPeriod::Credits,
+                since,
+                used: to_u64(n),
+            });
+    }
     for (key_id, tenant, periods) in by_key {
         let mut used = Vec::new();
         for p in periods {
@@ -142,7 +179,7 @@ pub(super) fn read_quota_used(
                 used: to_u64(n),
             });
         }
-        out.keys.insert(key_id, used);
+        out.keys.entry(key_id).or_default().extend(used);
     }
     let mut tenant_sum = c
         .prepare_cached(
@@ -209,27 +246,33 @@ pub(super) fn write(
         )
         .map_err(sql)?;
     }
-    let before: HashMap<&str, (&Vec<Limit>, &Option<String>)> = old
+    type Extra<'a> = (&'a Vec<Limit>, &'a Option<String>, &'a Option<Credits>);
+    let before: HashMap<&str, Extra> = old
         .keys
         .iter()
-        .map(|k| (k.record.key_id.as_str(), (&k.record.limits, &k.record.plan)))
+        .map(|k| {
+            let r = &k.record;
+            (r.key_id.as_str(), (&r.limits, &r.plan, &r.credits))
+        })
         .collect();
     let mut after = std::collections::HashSet::new();
     for k in &new.keys {
         let r = &k.record;
         after.insert(r.key_id.as_str());
-        let has = !r.limits.is_empty() || r.plan.is_some();
+        let has = !r.limits.is_empty() || r.plan.is_some() || r.credits.is_some();
         let had = before
             .get(r.key_id.as_str())
-            .is_some_and(|(l, p)| !l.is_empty() || p.is_some());
-        if before.get(r.key_id.as_str()) == Some(&(&r.limits, &r.plan)) {
+            .is_some_and(|(l, p, c)| !l.is_empty() || p.is_some() || c.is_some());
+        if before.get(r.key_id.as_str()) == Some(&(&r.limits, &r.plan, &r.credits)) {
             continue;
         }
         if has {
+            let credits = r.credits.and_then(|c| serde_json::to_string(&c).ok());
             tx.execute(
-                "INSERT INTO key_limits (key_id, limits, plan) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (key_id) DO UPDATE SET limits = excluded.limits, plan = excluded.plan",
-                params![r.key_id, json(&r.limits), r.plan],
+                "INSERT INTO key_limits (key_id, limits, plan, credits) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (key_id) DO UPDATE SET limits = excluded.limits, plan = excluded.plan, \
+                 credits = excluded.credits",
+                params![r.key_id, json(&r.limits), r.plan, credits],
             )
             .map_err(sql)?;
         } else if had {

@@ -442,6 +442,19 @@ fn limit(
             }
         }
     };
+    // Credits count on top of whichever limits apply.
+    let with_credits;
+    let key_rules: &[Rule] = match cred.credits {
+        None => key_rules,
+        Some(c) => {
+            with_credits = key_rules
+                .iter()
+                .copied()
+                .chain([c.rule()])
+                .collect::<Vec<_>>();
+            &with_credits
+        }
+    };
     let key = (!key_rules.is_empty()).then(|| {
         acquire_rules(
             host.counters(),
