@@ -117,11 +117,11 @@ fn tenant_view(t: &TenantLimits) -> Value {
 pub(crate) async fn list_plans(State(st): St, who: Auth) -> Result<Response, ApiError> {
     who.operator()?;
     let out = blocking(&st, |svc, _| {
-        let mut plans = Vec::new();
-        for p in svc.list_plans()? {
-            plans.push(plan_view(&p, svc.plan_users(&p.name)?));
-        }
-        Ok(plans)
+        Ok(svc
+            .plans_with_users()?
+            .iter()
+            .map(|(p, users)| plan_view(p, *users))
+            .collect::<Vec<_>>())
     })
     .await?;
     Ok(axum::Json(json!({"plans": out})).into_response())

@@ -201,11 +201,11 @@ pub fn plan_command<W: Write>(
             Some(("plan.create", name))
         }
         PlanCommand::List => {
-            let plans = svc.list_plans()?;
-            let mut rows = Vec::with_capacity(plans.len());
-            for p in &plans {
-                rows.push(plan_view(p, Some(svc.plan_users(&p.name)?)));
-            }
+            let rows = svc
+                .plans_with_users()?
+                .iter()
+                .map(|(p, users)| plan_view(p, Some(*users)))
+                .collect();
             let v = Value::Array(rows);
             out.either(&v, |w| {
                 writeln!(w, "{:<16} {:<6} {:<8} LIMITS", "PLAN", "KEYS", "TENANTS")?;

@@ -67,6 +67,17 @@ impl Service {
         Ok(self.snapshot()?.plans)
     }
 
+    /// Every plan with how many keys and tenants are on it, from one read
+    /// of the store.
+    pub fn plans_with_users(&self) -> Result<Vec<(PlanDef, (usize, usize))>> {
+        let snap = self.snapshot()?;
+        Ok(snap
+            .plans
+            .iter()
+            .map(|p| (p.clone(), users(&snap, &p.name)))
+            .collect())
+    }
+
     pub fn show_plan(&self, name: &str) -> Result<PlanDef> {
         self.snapshot()?
             .plan(name)

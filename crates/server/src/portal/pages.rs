@@ -66,6 +66,8 @@ pub struct KeyRow {
     pub limits: String,
     /// The key's plan, or "-" (its tenant's plan, if any, applies).
     pub plan: String,
+    /// The key's usage credits (`10000, refilled monthly`), or "-".
+    pub credits: String,
 }
 
 fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
@@ -107,6 +109,17 @@ fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
                 .join(", ")
         },
         plan: r.plan.clone().unwrap_or_else(|| "-".into()),
+        credits: r.credits.map_or_else(
+            || "-".into(),
+            |c| {
+                format!(
+                    "{} from {}{}",
+                    c.balance,
+                    time_text(c.granted_at),
+                    if c.monthly { ", refilled monthly" } else { "" }
+                )
+            },
+        ),
     }
 }
 

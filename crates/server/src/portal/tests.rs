@@ -284,4 +284,5 @@ async fn the_key_page_shows_the_keys_limits_and_plan() {
         "{page}"
     );
     assert!(page.contains("<dt>Plan</dt><dd>pro</dd>"), "{page}");
+    assert!(page.contains("<dt>Usage credits</dt><dd>-</dd>"), "{page}");
 }
