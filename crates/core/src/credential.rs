@@ -209,6 +209,13 @@ impl TryFrom<&CredentialRecord> for Credential {
             rl.validate().map_err(|e| e.under("rate_limit"))?;
         }
         check_limits("limits", &r.limits)?;
+        // The counter keeps 32 bits of uses (`crate::limits::RuleKind::Credits`).
+        if r.credits.is_some_and(|c| c.balance > u64::from(u32::MAX)) {
+            return Err(ConfigError::new(
+                "credits.balance",
+                format!("at most {}", u32::MAX),
+            ));
+        }
         if let Some(plan) = &r.plan {
             check_name("plan", plan)?;
         }
@@ -362,6 +369,26 @@ pub(crate) mod tests {
             Credential::try_from(&r).unwrap_err().field,
             "previous_secret_expires_at"
         );
+    }
+
+    #[test]
+    fn credits_beyond_what_the_counter_holds_are_refused() {
+        let mut r = record("k", "t");
+        r.credits = Some(crate::limits::Credits {
+            balance: u64::from(u32::MAX) + 1,
+            serial: 1,
+            monthly: false,
+            granted_at: 0,
+        });
+        assert_eq!(
+            Credential::try_from(&r).unwrap_err().field,
+            "credits.balance"
+        );
+        r.credits = r.credits.map(|c| crate::limits::Credits {
+            balance: u64::from(u32::MAX),
+            ..c
+        });
+        assert!(Credential::try_from(&r).is_ok());
     }
 
     #[test]
