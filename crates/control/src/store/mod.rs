@@ -306,6 +306,97 @@ pub fn sqlite_path(spec: &str) -> Option<&str> {
         .then_some(spec)
 }
 
+/// One count the quota usage needs from a store's log tables.
+pub(crate) enum UsageCount<'a> {
+    /// Allowed requests of a key since (hourly usage).
+    Key {
+        tenant: &'a str,
+        key_id: &'a str,
+        since_ms: i64,
+    },
+    /// Allowed requests of all of a tenant's keys since (hourly usage).
+    Tenant { tenant: &'a str, since_ms: i64 },
+    /// Allowed request records of a key since (exact: for credits, whose
+    /// top-up may fall inside an hour).
+    Records { key_id: &'a str, since_ms: i64 },
+}
+
+fn secs_ms(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+/// The quota and credit usage of `snap`'s keys and tenants that have
+/// quotas or credits, one count each (keys without cost nothing).
+pub(crate) fn count_quota_usage(
+    snap: &Snapshot,
+    count: &mut dyn FnMut(UsageCount<'_>) -> Result<u64>,
+) -> Result<QuotaUsage> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut out = QuotaUsage::default();
+    let mut tenants = BTreeMap::new();
+    for k in &snap.keys {
+        let r = &k.record;
+        let (own, tenant) = snap.quota_periods(k);
+        let mut used = Vec::new();
+        for period in own {
+            let since = period.start(now);
+            let n = count(UsageCount::Key {
+                tenant: &r.tenant,
+                key_id: &r.key_id,
+                since_ms: secs_ms(since),
+            })?;
+            used.push(QuotaUsed {
+                period,
+                since,
+                used: n,
+            });
+        }
+        if let Some(c) = r.credits {
+            // Since the top-up, or (refilled monthly) the later of the
+            // top-up and the month's start.
+            let since = if c.monthly {
+                c.granted_at.max(QuotaPeriod::Month.start(now))
+            } else {
+                c.granted_at
+            };
+            let n = count(UsageCount::Records {
+                key_id: &r.key_id,
+                since_ms: secs_ms(since),
+            })?;
+            used.push(QuotaUsed {
+                period: QuotaPeriod::Credits,
+                since,
+                used: n,
+            });
+        }
+        if !used.is_empty() {
+            out.keys.insert(r.key_id.clone(), used);
+        }
+        if !tenant.is_empty() {
+            tenants.insert(r.tenant.clone(), tenant);
+        }
+    }
+    for (tenant, periods) in tenants {
+        let mut used = Vec::new();
+        for period in periods {
+            let since = period.start(now);
+            let n = count(UsageCount::Tenant {
+                tenant: &tenant,
+                since_ms: secs_ms(since),
+            })?;
+            used.push(QuotaUsed {
+                period,
+                since,
+                used: n,
+            });
+        }
+        out.tenants.insert(tenant, used);
+    }
+    Ok(out)
+}
+
 fn quota_periods(limits: &[Limit]) -> Vec<QuotaPeriod> {
     limits
         .iter()

@@ -3,7 +3,7 @@
 //! key rows `sqlite.rs` handles.
 
 use super::{PlanDef, QuotaUsage, Snapshot, TenantLimits};
-use keygate_core::limits::{Credits, Limit, QuotaPeriod, QuotaUsed};
+use keygate_core::limits::{Credits, Limit};
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
 
@@ -107,101 +107,35 @@ pub(super) fn read(
     Ok(())
 }
 
-/// Day and month usage of the keys and tenants with such quotas, from the
-/// hourly usage the log ingester keeps (allowed requests): one indexed sum
-/// per key and period, so only keys with quotas cost anything.
+/// The usage counts of a SQLite store's log tables (`super::UsageCounts`).
 pub(super) fn read_quota_used(
     c: &Connection,
     snap: &Snapshot,
     sql: &dyn Fn(rusqlite::Error) -> super::Error,
 ) -> super::Result<QuotaUsage> {
-    let mut out = QuotaUsage::default();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut by_key = Vec::new();
-    let mut by_tenant = std::collections::BTreeMap::new();
-    for k in &snap.keys {
-        let (own, tenant) = snap.quota_periods(k);
-        if !own.is_empty() {
-            by_key.push((k.record.key_id.clone(), k.record.tenant.clone(), own));
+    let one = |query: &str, p: &[&dyn rusqlite::ToSql]| -> super::Result<u64> {
+        let mut stmt = c.prepare_cached(query).map_err(sql)?;
+        let n: i64 = stmt.query_row(p, |r| r.get(0)).map_err(sql)?;
+        Ok(to_u64(n))
+    };
+    super::count_quota_usage(snap, &mut |q| {
+        match q {
+            super::UsageCount::Key { tenant, key_id, since_ms } => one(
+                "SELECT COALESCE(SUM(allowed), 0) FROM usage_hourly \
+                 WHERE tenant = ?1 AND key_id = ?2 AND hour_ms >= ?3",
+                &[&tenant, &key_id, &since_ms],
+            ),
+            super::UsageCount::Tenant { tenant, since_ms } => one(
+                "SELECT COALESCE(SUM(allowed), 0) FROM usage_hourly WHERE tenant = ?1 AND hour_ms >= ?2",
+                &[&tenant, &since_ms],
+            ),
+            super::UsageCount::Records { key_id, since_ms } => one(
+                "SELECT count(*) FROM request_logs \
+                 WHERE key_id = ?1 AND time_ms >= ?2 AND decision = 'allowed'",
+                &[&key_id, &since_ms],
+            ),
         }
-        if !tenant.is_empty() {
-            by_tenant.insert(k.record.tenant.clone(), tenant);
-        }
-    }
-    let mut key_sum = c
-        .prepare_cached(
-            "SELECT COALESCE(SUM(allowed), 0) FROM usage_hourly \
-             WHERE tenant = ?1 AND key_id = ?2 AND hour_ms >= ?3",
-        )
-        .map_err(sql)?;
-    // Credits: uses since the top-up (or, refilled monthly, since the later
-    // of the top-up and the month's start), from the request records
-    // themselves: a top-up mid-hour must not count the hour's earlier uses.
-    let mut credit_uses = c
-        .prepare_cached(
-            "SELECT count(*) FROM request_logs \
-             WHERE key_id = ?1 AND time_ms >= ?2 AND decision = 'allowed'",
-        )
-        .map_err(sql)?;
-    for k in &snap.keys {
-        let Some(cr) = k.record.credits else {
-            continue;
-        };
-        let since = if cr.monthly {
-            cr.granted_at.max(QuotaPeriod::Month.start(now))
-        } else {
-            cr.granted_at
-        };
-        let n: i64 = credit_uses
-            .query_row(params![k.record.key_id, to_i64(since) * 1000], |r| r.get(0))
-            .map_err(sql)?;
-        out.keys
-            .entry(k.record.key_id.clone())
-            .or_default()
-            .push(QuotaUsed {
-                period: QuotaPeriod::Credits,
-                since,
-                used: to_u64(n),
-            });
-    }
-    for (key_id, tenant, periods) in by_key {
-        let mut used = Vec::new();
-        for p in periods {
-            let since = p.start(now);
-            let n: i64 = key_sum
-                .query_row(params![tenant, key_id, to_i64(since) * 1000], |r| r.get(0))
-                .map_err(sql)?;
-            used.push(QuotaUsed {
-                period: p,
-                since,
-                used: to_u64(n),
-            });
-        }
-        out.keys.entry(key_id).or_default().extend(used);
-    }
-    let mut tenant_sum = c
-        .prepare_cached(
-            "SELECT COALESCE(SUM(allowed), 0) FROM usage_hourly WHERE tenant = ?1 AND hour_ms >= ?2",
-        )
-        .map_err(sql)?;
-    for (tenant, periods) in by_tenant {
-        let mut used = Vec::new();
-        for p in periods {
-            let since = p.start(now);
-            let n: i64 = tenant_sum
-                .query_row(params![tenant, to_i64(since) * 1000], |r| r.get(0))
-                .map_err(sql)?;
-            used.push(QuotaUsed {
-                period: p,
-                since,
-                used: to_u64(n),
-            });
-        }
-        out.tenants.insert(tenant, used);
-    }
-    Ok(out)
+    })
 }
 
 /// Writes what differs between `old` and `new`. Plans go first when they
