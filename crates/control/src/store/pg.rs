@@ -248,7 +248,7 @@ impl PgStore {
             revoked_sessions,
             plans: sets.plans,
             tenant_limits: sets.tenant_limits,
-            // The PostgreSQL store reads no request log (yet): no quota usage.
+            usage_source: self.usage_source(),
             ..Snapshot::default()
         };
         snap.validate()?;
@@ -315,6 +315,51 @@ impl PgStore {
             .map_err(self.err())?;
         }
         Ok(())
+    }
+}
+
+impl PgStore {
+    /// Quota usage from the request-log tables `keygate serve` keeps in
+    /// this same database (its management database defaults to the store's
+    /// URL), through a connection of its own: the sync daemon asks from its
+    /// endpoint threads when it pushes a full set. Where those tables do not
+    /// exist (a separate `--db`), the push goes on without usage and says so.
+    fn usage_source(&self) -> super::UsageSource {
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        let (host, port) = (self.host.clone(), self.port);
+        super::UsageSource(Some(std::sync::Arc::new(move |snap: &Snapshot| {
+            let err = |e: postgres::Error| Error::Postgres {
+                host: host.clone(),
+                port,
+                detail: crate::db::pg_message(&e),
+            };
+            let mut c = config.connect(tls.clone()).map_err(err)?;
+            let mut one = |q: &str, p: &[&(dyn postgres::types::ToSql + Sync)]| -> Result<u64> {
+                let n: i64 = c.query_one(q, p).map_err(err)?.get(0);
+                Ok(u64::try_from(n).unwrap_or(0))
+            };
+            super::count_quota_usage(snap, &mut |q| match q {
+                super::UsageCount::Key {
+                    tenant,
+                    key_id,
+                    since_ms,
+                } => one(
+                    "SELECT COALESCE(SUM(allowed), 0)::bigint FROM usage_hourly \
+                     WHERE tenant = $1 AND key_id = $2 AND hour_ms >= $3",
+                    &[&tenant, &key_id, &since_ms],
+                ),
+                super::UsageCount::Tenant { tenant, since_ms } => one(
+                    "SELECT COALESCE(SUM(allowed), 0)::bigint FROM usage_hourly \
+                     WHERE tenant = $1 AND hour_ms >= $2",
+                    &[&tenant, &since_ms],
+                ),
+                super::UsageCount::Records { key_id, since_ms } => one(
+                    "SELECT count(*) FROM request_logs \
+                     WHERE key_id = $1 AND time_ms >= $2 AND decision = 'allowed'",
+                    &[&key_id, &since_ms],
+                ),
+            })
+        })))
     }
 }
 
