@@ -249,7 +249,6 @@ impl PgStore {
             plans: sets.plans,
             tenant_limits: sets.tenant_limits,
             usage_source: self.usage_source(),
-            ..Snapshot::default()
         };
         snap.validate()?;
         Ok(snap)
