@@ -15,6 +15,11 @@
 //! - and, if its tenant has limits, the tenant's (`tl:<tenant>`), shared by
 //!   every key of the tenant.
 //!
+//! Usage credits ([`Credits`]) count on top of whichever limits apply, and
+//! day/month quotas and credits start from the usage the management plane
+//! counted in its request log when Envoy holds no counter (a full push after
+//! a restart: [`QuotaUsed`]).
+//!
 //! Exactness: a key's counters (one `u64` per limit it has used, tagged by
 //! period) form one value updated by one compare-and-swap, so every limit of
 //! a key admits a request or none does. The tenant's counters live in the

@@ -12,6 +12,8 @@
 //! | `rs:<key id>`        | session revocations `{session: revoked_at_ms}`    |
 //! | `k:<key id>`         | the 15-byte hash prefix naming the `c:` entry of the store credential with this id, binary |
 //! | `cfg:ids`            | key ids plugin config defines `{id: "credentials[i]"}` |
+//! | `pl:<plan>`          | a plan's limits, binary (`crate::limits`), written by sync |
+//! | `tl:<tenant>`        | a tenant's limits and their counters, binary (`crate::limits`), written by sync |
 
 use crate::hash::Digest;
 
