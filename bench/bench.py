@@ -174,10 +174,23 @@ def check_enforces(name, envoy, header):
         raise RuntimeError(f"{name}: does not enforce (no key {denied.status}, bad key {wrong.status}, key {ok.status})")
     if ok.status != 200:
         raise RuntimeError(f"{name}: a valid request got {ok.status}")
+    if "three limits" in name:
+        # Measure only what the row says: the key's three limits and its tenant's.
+        policy = ok.header("ratelimit-policy") or ""
+        if policy.count(";q=") != 4 or "tenant-minute" not in policy:
+            raise RuntimeError(f"{name}: expected 3 key limits and a tenant limit, got {policy!r}")
 
 
-def load_through_sync(envoy, n, secret_of_0=None):
-    """Loads n credentials the way production does: a store, then `keygate sync`."""
+# The limits rows (issue 18): every key with three limits (a window, another
+# window, a calendar quota) and its tenant with a shared limit, against every
+# key with the one window of the other rows; both loaded through sync.
+THREE_LIMITS = ["1000000000/s", "1000000000/min", "1000000000/day"]
+TENANT_LIMITS = ["1000000000/min"]
+
+
+def load_through_sync(envoy, n, secret_of_0=None, limits=None):
+    """Loads n credentials the way production does: a store, then `keygate sync`.
+    limits="three": each key has THREE_LIMITS and each tenant TENANT_LIMITS."""
     store = WORK / f"store-{n}.json"
     started = time.monotonic()
     with open(store, "w") as f:
@@ -187,8 +200,15 @@ def load_through_sync(envoy, n, secret_of_0=None):
             if i:
                 f.write(",")
             rec = record(i, secret_hash=secret_of_0) if i == 0 and secret_of_0 else record(i)
+            if limits == "three":
+                rec.pop("rate_limit")
+                rec["limits"] = THREE_LIMITS
             f.write(json.dumps({"created_at": 0, "updated_at": 0, "record": rec}, separators=(",", ":")))
-        f.write("]}")
+        f.write("]")
+        if limits == "three":
+            tenants = sorted({record(i)["tenant"] for i in range(n)})
+            f.write(',"tenant_limits":' + json.dumps([{"tenant": t, "limits": TENANT_LIMITS} for t in tenants]))
+        f.write("}")
     written = time.monotonic()
     rss_before = rss_kib(envoy.proc.pid)
     proc = subprocess.run([str(KEYGATE), "--store", str(store), "sync", "--once", "--endpoint",
@@ -277,6 +297,10 @@ def main():
     envoy_setups += [("native-1k", keygate_config(plugin_1k, login=True), None, "native"),
                      *[(f"native-{n // 1000}k", keygate_config({"routes": ROUTES, "tokens": tokens}, login=True), n,
                         "native") for n in SIZES]]
+    # One limit versus three limits and a tenant limit, 1k keys via sync, each build.
+    for build in ("wasm", "native"):
+        for style in ("one", "three"):
+            envoy_setups.append((f"limits-{style}-{build}", keygate_config({"routes": ROUTES}), (1000, style), build))
     # (row name, envoy name, header or "token")
     rows = [
         ("bare Envoy", "bare", api_key),
@@ -297,6 +321,11 @@ def main():
                      (f"baseline wasm (BENCH_BASELINE_WASM), {n // 1000}k keys{via} (Basic key:secret)", name, basic),
                      (f"baseline wasm (BENCH_BASELINE_WASM), {n // 1000}k keys{via} (issued bearer token)", name,
                       "token")]
+    limit_rows = {build: (f"keygate {build}, 1k keys via sync, one limit (X-API-Key)",
+                          f"keygate {build}, 1k keys via sync, three limits + tenant limit (X-API-Key)")
+                  for build in ("wasm", "native")}
+    for build, (one, three) in limit_rows.items():
+        rows += [(one, f"limits-one-{build}", api_key), (three, f"limits-three-{build}", api_key)]
     only = os.environ.get("BENCH_ROWS")
     if only:
         rows = [r for r in rows if any(part in r[0] for part in only.split(","))]
@@ -310,8 +339,9 @@ def main():
                 continue
             print(f"starting: {name}", flush=True)
             envoys[name] = start(name, config, *build)
+            n, limits = n if isinstance(n, tuple) else (n, None)
             if n:
-                loads[name] = load_through_sync(envoys[name], n, secret_of_0=sha(SECRET))
+                loads[name] = load_through_sync(envoys[name], n, secret_of_0=sha(SECRET), limits=limits)
                 print(f"  loaded {n} credentials in {loads[name]['load_s']:.1f} s, "
                       f"{loads[name]['bytes_per_credential']:.0f} B RSS each", flush=True)
         measured = [r for r in rows if r[1] in envoys]
@@ -351,6 +381,12 @@ def main():
         print("\n| credentials loaded through `keygate sync` | load time | Envoy RSS per credential |\n|---|---|---|")
         for name, l in loads.items():
             print(f"| {name} | {l['load_s']:.1f} s | {l['bytes_per_credential']:.0f} B |")
+    for build, (one, three) in limit_rows.items():
+        if one in med and three in med:
+            print(f"\nlimits, {build}: three limits + tenant limit vs one limit, same run: "
+                  f"Envoy CPU/request {med[three]['cpu_us']:.1f} / {med[one]['cpu_us']:.1f} µs = "
+                  f"{med[three]['cpu_us'] / med[one]['cpu_us']:.2f}; rps {med[three]['rps']:.0f} / "
+                  f"{med[one]['rps']:.0f} = {med[three]['rps'] / med[one]['rps']:.2f}")
     print(f"\nwasm: {WASM.stat().st_size} bytes; wrk -t1 -c{CONNECTIONS} -d{DURATION}s x {ROUNDS} interleaved rounds; "
           f"Envoy --concurrency 1 on CPU 0, wrk on CPU 1; whole run {time.monotonic() - begun:.0f} s")
     return 0

@@ -7,13 +7,14 @@ use crate::host::{self, HostError, HostResult, Written};
 use keygate_core::config::{check_store_ids, merge_config_ids};
 use keygate_core::entry;
 use keygate_core::hash::Digest;
-use keygate_core::rate_limit::{decode_tat, encode_tat};
+use keygate_core::limits::Counters;
 use keygate_core::shared_data::{
     counter_key, credential_key, credential_key_of_prefix, key_id_find, key_id_slot, update,
     CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
 use keygate_core::sync::{
-    decode_entry, decode_state, is_visible, update_visible_record, visible_record, SyncState,
+    decode_entry, decode_state, is_visible, update_visible_record, visible_record, LimitRecord,
+    SyncState,
 };
 use keygate_core::token::VerifiedTokens;
 use keygate_core::{Credential, Policy};
@@ -164,8 +165,8 @@ impl EntryCounter {
             .bytes
             .as_deref()
             .and_then(|b| visible_record(b, &state));
-        match served.and_then(entry::tat) {
-            Some(tat) => Ok((tat.map(|t| encode_tat(t).to_vec()), self.cas)),
+        match served.and_then(entry::counters) {
+            Some(c) => Ok(((!c.0.is_empty()).then(|| c.encode()), self.cas)),
             None => {
                 self.bytes = None;
                 Ok((None, None))
@@ -174,11 +175,12 @@ impl EntryCounter {
     }
 
     fn store(&mut self, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
-        let (Some(bytes), Some(tat), Some(cas)) = (&self.bytes, decode_tat(Some(value)), cas)
-        else {
+        let (Some(bytes), Some(cas)) = (&self.bytes, cas) else {
             return Ok(false);
         };
-        let Some(updated) = update_visible_record(bytes, &self.state, |r| entry::with_tat(r, tat))
+        let counters = Counters::decode(Some(value));
+        let Some(updated) =
+            update_visible_record(bytes, &self.state, |r| entry::with_counters(r, &counters))
         else {
             return Ok(false);
         };
@@ -329,6 +331,24 @@ pub fn ensure_counter(key: &str) -> HostResult<()> {
     // An empty value may come back as no bytes; the CAS token tells presence.
     if let (_, None) = host::shared_get(key)? {
         host::shared_set(key, &[], None)?;
+    }
+    Ok(())
+}
+
+/// Writes a push's plan and tenant limits. A tenant entry holds counters
+/// the gate updates concurrently, so each write is a CAS update that keeps
+/// them (`LimitRecord::entry`); a plan entry is written the same way.
+pub fn apply_limit_records(records: &[LimitRecord]) -> Result<(), String> {
+    for r in records {
+        let mut cell = SharedCounters::default();
+        let written = update(&mut cell, &r.key(), |current| {
+            Step::Write(r.entry(current), ())
+        });
+        match (cell.error, written) {
+            (Some(e), _) => return Err(e.to_string()),
+            (None, Err(_)) => return Err(format!("{}: contention", r.key())),
+            (None, Ok(())) => {}
+        }
     }
     Ok(())
 }

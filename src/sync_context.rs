@@ -125,6 +125,7 @@ impl SyncContext {
             })?;
         }
         apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
+        crate::shared_store::apply_limit_records(&plan.limit_records).map_err(SyncError::Host)?;
         if let Some(commit) = &plan.commit {
             // Only if the claim still stands: a push that superseded this
             // one meanwhile keeps its own state.

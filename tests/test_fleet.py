@@ -32,10 +32,10 @@ def postgres(tmp_path_factory):
 @pytest.fixture
 def fleet(postgres, envoy_factory, tmp_path):
     subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "-d", "keygate", "-c",
-                    "DROP TABLE IF EXISTS keygate_meta, keygate_keys, keygate_revoked_sessions"],
+                    "DROP TABLE IF EXISTS keygate_meta, keygate_keys, keygate_revoked_sessions, keygate_limit_sets"],
                    check=True, capture_output=True, timeout=30)
     migrated = keygate(postgres.url, "store", "migrate", json_out=False)
-    assert "version 4" in migrated.stdout
+    assert "version 5" in migrated.stdout
     with (
         envoy_factory(CONFIG) as a,
         envoy_factory(CONFIG) as b,
@@ -95,7 +95,7 @@ def test_a_key_name_set_through_the_cli_round_trips_and_an_old_schema_is_migrate
     psql(pg, "ALTER TABLE keygate_keys DROP COLUMN name; UPDATE keygate_meta SET schema_version = 2")
     refused = keygate(pg.url, "key", "list", check=False)
     assert refused.returncode != 0 and "store migrate" in refused.stdout + refused.stderr
-    assert "version 4" in keygate(pg.url, "store", "migrate", json_out=False).stdout
+    assert "version 5" in keygate(pg.url, "store", "migrate", json_out=False).stdout
     listed = {x["key_id"]: x["name"] for x in keygate(pg.url, "key", "list")}
     assert listed.keys() == names.keys() and all(n in ("", None) for n in listed.values()), listed
     on_both(envoys, k["api_key"], 200)
@@ -165,7 +165,7 @@ def test_a_file_store_cannot_empty_an_envoy_fed_from_postgres(fleet, tmp_path):
 
 def test_store_init_on_postgres_gives_an_identity_once(postgres):
     subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "-d", "keygate", "-c",
-                    "DROP TABLE IF EXISTS keygate_meta, keygate_keys, keygate_revoked_sessions"],
+                    "DROP TABLE IF EXISTS keygate_meta, keygate_keys, keygate_revoked_sessions, keygate_limit_sets"],
                    check=True, capture_output=True, timeout=30)
     missing = keygate(postgres.url, "key", "list", check=False)
     assert missing.returncode == 1 and "store init" in missing.stdout + missing.stderr
@@ -174,3 +174,18 @@ def test_store_init_on_postgres_gives_an_identity_once(postgres):
     again = keygate(postgres.url, "store", "init", check=False)
     assert again.returncode == 1 and first["store_id"] in again.stderr
     assert keygate(postgres.url, "key", "list") == []
+
+
+def test_plans_and_tenant_limits_in_postgres_reach_every_envoy(fleet):
+    pg, envoys, _ = fleet
+    keygate(pg.url, "plan", "create", "free", "--limit", "1/min")
+    k = keygate(pg.url, "key", "create", "--tenant", "acme", "--scope", "read", "--plan", "free")
+    keygate(pg.url, "tenant", "limits", "acme", "--limit", "100/min")
+    shown = keygate(pg.url, "key", "show", k["key_id"])
+    assert (shown["plan"], keygate(pg.url, "plan", "show", "free")["limits"]) == ("free", ["1/min"])
+    # Counters are per Envoy: each admits its one request a minute, then refuses.
+    on_both(envoys, k["api_key"], 429)
+    for e in envoys:
+        r = request(e.port, "GET", "/v1/items", [("x-api-key", k["api_key"])])
+        assert '"minute";q=1;w=60' in r.header("ratelimit-policy"), r.headers
+        assert '"tenant-minute";q=100;w=60' in r.header("ratelimit-policy"), r.headers

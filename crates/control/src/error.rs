@@ -63,6 +63,9 @@ pub enum Error {
     #[error("a key with id '{0}' already exists: choose another --id")]
     KeyExists(String),
 
+    #[error("no plan named '{0}' (see `keygate plan list`)")]
+    NoSuchPlan(String),
+
     /// Bad input, naming the option or field at fault.
     #[error("{field}: {message}")]
     BadInput { field: String, message: String },
@@ -107,6 +110,7 @@ impl Error {
             Error::SchemaTooNew { .. } => "schema_too_new",
             Error::NoSuchKey(_) => "no_such_key",
             Error::KeyExists(_) => "key_exists",
+            Error::NoSuchPlan(_) => "no_such_plan",
             Error::BadInput { .. } => "bad_input",
             Error::TenantLimit { .. } => "tenant_limit",
             Error::Random(_) => "random",

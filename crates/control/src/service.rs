@@ -63,6 +63,13 @@ pub struct KeyPatch {
     pub owner: Option<Option<String>>,
     /// `Some(None)` removes the metadata.
     pub metadata: Option<Option<serde_json::Map<String, serde_json::Value>>>,
+    /// The key's own limits (`Some(vec![])` clears them: its plan applies).
+    pub limits: Option<Vec<keygate_core::limits::Limit>>,
+    /// `Some(None)` takes the key off its plan (its tenant's then applies).
+    pub plan: Option<Option<String>>,
+    /// A top-up: `Some(Some((balance, monthly)))` grants `balance` uses
+    /// from now (monthly: again on every 1st); `Some(None)` removes credits.
+    pub credits: Option<Option<(u64, bool)>>,
 }
 
 /// What `key create` shows, exactly once.
@@ -79,6 +86,9 @@ pub struct Created {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization_basic: Option<String>,
 }
+
+mod limits;
+pub use limits::{KeyLimits, TenantLimitsChange};
 
 pub struct Service {
     store: Box<dyn Store>,
@@ -279,6 +289,17 @@ impl Service {
     }
 
     pub fn create_key(&self, new: NewKey, now: u64) -> Result<Created> {
+        self.create_key_limited(new, KeyLimits::default(), now)
+    }
+
+    /// [`Service::create_key`] with the key's own limits and plan.
+    pub fn create_key_limited(
+        &self,
+        new: NewKey,
+        key_limits: KeyLimits,
+        now: u64,
+    ) -> Result<Created> {
+        key_limits.check()?;
         check_name("--tenant", &new.tenant)?;
         check_name("--env", &new.environment)?;
         if let Some(id) = &new.key_id {
@@ -349,6 +370,11 @@ impl Service {
             previous_key_hash: None,
             previous_key_expires_at: None,
             metadata: Default::default(),
+            limits: key_limits.limits.clone(),
+            plan: key_limits.plan.clone(),
+            tenant_limits: false,
+            quota_used: vec![],
+            credits: None,
         };
         keygate_core::Credential::try_from(&record).map_err(|e| Error::Other(e.to_string()))?;
         self.update(|snap| {
@@ -365,6 +391,7 @@ impl Service {
                 ));
             }
             check_room(snap, &new.tenant, new.kind)?;
+            limits::check_plan_exists(snap, "plan", record.plan.as_deref())?;
             snap.keys.push(StoredKey {
                 name: new.name.clone(),
                 created_at: now,
@@ -466,6 +493,21 @@ impl Service {
         if let Some(Some(m)) = &patch.metadata {
             check_metadata("metadata", &serde_json::Value::Object(m.clone()))?;
         }
+        if let Some(l) = &patch.limits {
+            keygate_core::limits::check_limits("limits", l)
+                .map_err(|e| Error::bad(&e.field, e.message))?;
+        }
+        if let Some(Some(p)) = &patch.plan {
+            check_name("plan", p)?;
+        }
+        if let Some(Some((balance, _))) = patch.credits {
+            if balance > u64::from(u32::MAX) {
+                return Err(Error::bad(
+                    "credits.balance",
+                    format!("at most {}", u32::MAX),
+                ));
+            }
+        }
         self.update(|snap| {
             let k = snap.find_mut(key_id)?;
             if k.record.tenant != tenant {
@@ -507,6 +549,26 @@ impl Service {
             if let Some(m) = &patch.metadata {
                 k.metadata = m.clone();
             }
+            if let Some(l) = &patch.limits {
+                k.record.limits = l.clone();
+            }
+            if let Some(p) = &patch.plan {
+                k.record.plan = p.clone();
+            }
+            if let Some(c) = patch.credits {
+                // Each top-up is a new grant (serial): Envoy counts it from zero.
+                let serial = k.record.credits.map_or(1, |old| old.serial.wrapping_add(1));
+                k.record.credits = c.map(|(balance, monthly)| keygate_core::limits::Credits {
+                    balance,
+                    serial,
+                    monthly,
+                    granted_at: now,
+                });
+            }
+            // Checked against the plans of this very snapshot.
+            let plan = k.record.plan.clone();
+            limits::check_plan_exists(snap, "plan", plan.as_deref())?;
+            let k = snap.find_mut(key_id)?;
             k.updated_at = now;
             Ok(k.clone())
         })

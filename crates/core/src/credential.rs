@@ -6,6 +6,9 @@ use crate::error::ConfigError;
 // Re-exported: the sidecar validates names with it.
 use crate::hash::{ct_eq, parse_hex_digest, Digest};
 use crate::ip_rules::parse_allowed;
+use crate::limits::{
+    check_limits, rules, seed_counters_with, Counters, Credits, Limit, QuotaUsed, Rule,
+};
 pub use crate::names::check_name;
 use crate::names::check_scope_name;
 use crate::rate_limit::RateLimit;
@@ -90,6 +93,25 @@ pub struct CredentialRecord {
     /// the whole object; only fields a gate forwards travel).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// The key's own limits besides `rate_limit` (`crate::limits`): any mix
+    /// of windows and calendar quotas, at most one per period.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
+    /// The plan whose limits apply when the key has none of its own. In a
+    /// push, the key's plan or else its tenant's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// The tenant has shared limits (`tl:<tenant>`, pushed by sync) this key
+    /// counts against too. Set by the sidecar when it builds a push.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub tenant_limits: bool,
+    /// Day and month quota usage counted from the request log, pushed by a
+    /// full sync so quotas survive an Envoy restart (`crate::limits::QuotaUsed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota_used: Vec<QuotaUsed>,
+    /// Usage credits, counted on top of the key's limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<Credits>,
 }
 
 fn default_environment() -> String {
@@ -128,6 +150,15 @@ pub struct Credential {
     pub previous_key: Option<(Digest, u64)>,
     /// Forwarded metadata fields and their header values.
     pub metadata: Vec<(String, String)>,
+    pub limits: Vec<Limit>,
+    /// `rate_limit` and `limits` as the decision applies them.
+    pub own_rules: Vec<Rule>,
+    pub plan: Option<String>,
+    pub tenant_limits: bool,
+    /// Counters to start from when Envoy holds none (`quota_used`); not part
+    /// of the record a shared-data entry reads back.
+    pub seed: Counters,
+    pub credits: Option<Credits>,
 }
 
 impl TryFrom<&CredentialRecord> for Credential {
@@ -225,6 +256,23 @@ impl TryFrom<&CredentialRecord> for Credential {
             ));
         }
         check_forwarded_metadata(&r.metadata)?;
+        check_limits("limits", &r.limits)?;
+        // The counter keeps 32 bits of uses (`crate::limits::RuleKind::Credits`).
+        if r.credits.is_some_and(|c| c.balance > u64::from(u32::MAX)) {
+            return Err(ConfigError::new(
+                "credits.balance",
+                format!("at most {}", u32::MAX),
+            ));
+        }
+        if let Some(plan) = &r.plan {
+            check_name("plan", plan)?;
+        }
+        let own_rules = r
+            .rate_limit
+            .map(Rule::of_rate_limit)
+            .into_iter()
+            .chain(rules(&r.limits, false))
+            .collect();
         Ok(Credential {
             key_id: r.key_id.clone(),
             key_hash,
@@ -246,6 +294,12 @@ impl TryFrom<&CredentialRecord> for Credential {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            limits: r.limits.clone(),
+            own_rules,
+            plan: r.plan.clone(),
+            tenant_limits: r.tenant_limits,
+            seed: seed_counters_with(&r.quota_used, false, r.credits),
+            credits: r.credits,
         })
     }
 }
@@ -398,6 +452,11 @@ pub(crate) mod tests {
             previous_key_hash: None,
             previous_key_expires_at: None,
             metadata: BTreeMap::new(),
+            limits: vec![],
+            plan: None,
+            tenant_limits: false,
+            quota_used: vec![],
+            credits: None,
         }
     }
 
@@ -443,6 +502,26 @@ pub(crate) mod tests {
             Credential::try_from(&r).unwrap_err().field,
             "previous_secret_expires_at"
         );
+    }
+
+    #[test]
+    fn credits_beyond_what_the_counter_holds_are_refused() {
+        let mut r = record("k", "t");
+        r.credits = Some(crate::limits::Credits {
+            balance: u64::from(u32::MAX) + 1,
+            serial: 1,
+            monthly: false,
+            granted_at: 0,
+        });
+        assert_eq!(
+            Credential::try_from(&r).unwrap_err().field,
+            "credits.balance"
+        );
+        r.credits = r.credits.map(|c| crate::limits::Credits {
+            balance: u64::from(u32::MAX),
+            ..c
+        });
+        assert!(Credential::try_from(&r).is_ok());
     }
 
     #[test]

@@ -27,7 +27,14 @@
 //! | 32 / 40 / 8 / 8 | secret hash, previous secret hash + until, limit (requests, window), expires at — each only when flagged |
 //! | str × 3 | key id, tenant, environment (empty = `live`), each a length byte and UTF-8 |
 //! | list × 2 | scopes, allowed IPs: a count byte (IPs: two bytes), then strings |
+//! | 1 | limit flags: own limits, plan, tenant limits |
+//! | list / str | own limits (a count byte, then period byte and u32 each), plan name — each only when flagged |
 //! | tagged × n | optional fields, each a tag byte and its value: [`T_OWNER`] a string; [`T_PREVIOUS_KEY`] 32-byte hash + 8-byte until; [`T_METADATA`] a count byte, then name and value strings |
+//! | 9 × n + 1 | counters of the limits besides the single window (tag, u64 each), then n: the entry's only part that grows with use |
+//!
+//! The counters trailer ends the entry and is read from its end, so a key
+//! with one limit (or none) pays one byte for it, and one with five pays 37:
+//! a counter appears when its limit is first used (`crate::limits`).
 //!
 //! A rolled key's old value has an alias entry under its own name:
 //! [`ALIAS`], the 17 hash bytes its name leaves out, and the full hash of
@@ -36,12 +43,13 @@
 
 use crate::credential::{Credential, CredentialRecord, Kind, Status};
 use crate::hash::Digest;
+use crate::limits::Counters;
 use crate::rate_limit::RateLimit;
 use crate::shared_data::NAME_HASH_BYTES;
 use subtle::ConstantTimeEq;
 
 /// Version byte of the layout above.
-pub const FORMAT: u8 = 1;
+pub const FORMAT: u8 = 2;
 const TAT_AT: usize = 1;
 const SUFFIX_AT: usize = 9;
 const HEAD: usize = SUFFIX_AT + 32 - NAME_HASH_BYTES;
@@ -60,6 +68,11 @@ pub const T_METADATA: u8 = 3;
 
 /// Version byte of an alias entry (a rolled key's old value).
 pub const ALIAS: u8 = 0xa1;
+// Limit flags (their own byte after the allowed IPs).
+const L_LIMITS: u8 = 1;
+const L_PLAN: u8 = 2;
+const L_TENANT: u8 = 4;
+const L_CREDITS: u8 = 8;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     // Names are checked to at most 64 bytes (`check_name`), scopes and IPs
@@ -136,8 +149,48 @@ pub fn encode(generation: u64, c: &Credential) -> Vec<u8> {
     for ip in c.allowed_ips.iter().take(ips) {
         put_str(&mut out, &ip.to_string());
     }
+    let mut limit_flags = 0;
+    if !c.limits.is_empty() {
+        limit_flags |= L_LIMITS;
+    }
+    if c.plan.is_some() {
+        limit_flags |= L_PLAN;
+    }
+    if c.tenant_limits {
+        limit_flags |= L_TENANT;
+    }
+    if c.credits.is_some() {
+        limit_flags |= L_CREDITS;
+    }
+    out.push(limit_flags);
+    if !c.limits.is_empty() {
+        out.extend_from_slice(&crate::limits::encode_plan(&c.limits));
+    }
+    if let Some(plan) = &c.plan {
+        put_str(&mut out, plan);
+    }
+    if let Some(cr) = &c.credits {
+        out.extend_from_slice(&cr.balance.to_le_bytes());
+        out.extend_from_slice(&cr.serial.to_le_bytes());
+        out.push(u8::from(cr.monthly));
+        out.extend_from_slice(&cr.granted_at.to_le_bytes());
+    }
     put_tagged(&mut out, c);
+    // No counters yet, or those seeded from the request log.
+    let seeds: Vec<&(u8, u64)> = c.seed.0.iter().filter(|(t, _)| *t != 0).take(255).collect();
+    for (tag, v) in &seeds {
+        out.push(*tag);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.push(seeds.len() as u8);
     out
+}
+
+/// The length of the counters trailer that ends `bytes`.
+fn trailer_len(bytes: &[u8]) -> Option<usize> {
+    let n = usize::from(*bytes.last()?);
+    let len = 9 * n + 1;
+    (bytes.len() >= HEAD + len).then_some(len)
 }
 
 fn put_tagged(out: &mut Vec<u8>, c: &Credential) {
@@ -268,9 +321,36 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
         .collect::<Option<Vec<_>>>()?;
     let ips = u16::from_le_bytes(r.array()?);
     let allowed_ips = (0..ips).map(|_| r.string()).collect::<Option<Vec<_>>>()?;
+    let limit_flags = r.byte()?;
+    let limits = if limit_flags & L_LIMITS != 0 {
+        let n = usize::from(*r.0.first()?);
+        crate::limits::decode_plan(r.take(1 + 5 * n))?
+    } else {
+        vec![]
+    };
+    let plan = if limit_flags & L_PLAN != 0 {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    let credits = if limit_flags & L_CREDITS != 0 {
+        Some(crate::limits::Credits {
+            balance: r.u64()?,
+            serial: r.u32()?,
+            monthly: r.byte()? != 0,
+            granted_at: r.u64()?,
+        })
+    } else {
+        None
+    };
+    if limit_flags & !(L_LIMITS | L_PLAN | L_TENANT | L_CREDITS) != 0 {
+        return None;
+    }
+    // Then the tagged fields, up to the counters trailer.
+    let trailer = trailer_len(bytes)?;
     let (mut owner, mut previous_key, mut metadata) = (None, None, Default::default());
     let mut last_tag = 0;
-    while !r.0.is_empty() {
+    while r.0.len() > trailer {
         let tag = r.byte()?;
         // Each tag once, in order: one encoding per credential.
         if tag <= last_tag {
@@ -287,6 +367,9 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
             }
             _ => return None,
         }
+    }
+    if r.0.len() != trailer {
+        return None;
     }
     let record = CredentialRecord {
         key_id,
@@ -314,6 +397,11 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
         previous_key_hash: previous_key.map(|(h, _)| hex::encode(h)),
         previous_key_expires_at: previous_key.map(|(_, until)| until),
         metadata,
+        limits,
+        plan,
+        tenant_limits: limit_flags & L_TENANT != 0,
+        quota_used: vec![],
+        credits,
     };
     // Validated again: the entry came from the host.
     let cred = Credential::try_from(&record).ok()?;
@@ -356,7 +444,48 @@ pub fn full_hash(prefix: &[u8], bytes: &[u8]) -> Option<Digest> {
 
 /// Everything but the rate-limit state: what a parsed copy depends on.
 pub fn record_bytes(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    Some((bytes.get(..TAT_AT)?, bytes.get(SUFFIX_AT..)?))
+    let end = bytes.len().checked_sub(trailer_len(bytes)?)?;
+    Some((bytes.get(..TAT_AT)?, bytes.get(SUFFIX_AT..end)?))
+}
+
+/// Every counter an entry holds: the single window's state (tag 0) and the
+/// trailer's. None for a deleted or foreign entry.
+pub fn counters(bytes: &[u8]) -> Option<Counters> {
+    let tat = tat(bytes)?;
+    let len = trailer_len(bytes)?;
+    let trailer = bytes.get(bytes.len() - len..bytes.len() - 1)?;
+    let mut c: Vec<(u8, u64)> = tat.map(|t| (0, t)).into_iter().collect();
+    c.extend(
+        Counters::decode(Some(trailer))
+            .0
+            .into_iter()
+            .filter(|(t, _)| *t != 0),
+    );
+    Some(Counters(c))
+}
+
+/// `bytes` with its counters replaced (None when it is no entry). The
+/// trailer is rewritten to exactly the counters besides tag 0.
+pub fn with_counters(bytes: &[u8], counters: &Counters) -> Option<Vec<u8>> {
+    let len = trailer_len(bytes)?;
+    let tat = counters.get(0);
+    let mut out = match tat {
+        Some(t) => with_tat(bytes, t)?,
+        None => bytes.to_vec(),
+    };
+    out.truncate(out.len() - len);
+    let others: Vec<&(u8, u64)> = counters
+        .0
+        .iter()
+        .filter(|(t, _)| *t != 0)
+        .take(255)
+        .collect();
+    for (tag, v) in &others {
+        out.push(*tag);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.push(others.len() as u8);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -386,6 +515,11 @@ mod tests {
             previous_key_hash: None,
             previous_key_expires_at: None,
             metadata: Default::default(),
+            limits: vec![],
+            plan: None,
+            tenant_limits: false,
+            quota_used: vec![],
+            credits: None,
         };
         extra(&mut r);
         r
@@ -412,6 +546,15 @@ mod tests {
             ]
             .into_iter()
             .collect();
+            r.limits = vec!["100/min".parse().unwrap(), "10000/day".parse().unwrap()];
+            r.plan = Some("pro".into());
+            r.tenant_limits = true;
+            r.credits = Some(crate::limits::Credits {
+                balance: 5_000,
+                serial: 3,
+                monthly: true,
+                granted_at: 1_750_000_000,
+            });
         });
         for r in [record(|_| {}), full, record(|r| r.rate_limit = None)] {
             let c = Credential::try_from(&r).unwrap();
@@ -489,11 +632,22 @@ mod tests {
     fn repeated_or_unknown_tags_are_refused() {
         let c = Credential::try_from(&record(|r| r.owner = Some("a".into()))).unwrap();
         let bytes = encode(1, &c);
-        let mut twice = bytes.clone();
-        twice.extend_from_slice(&[T_OWNER, 1, b'b']);
+        // Tagged fields sit before the counters trailer (here its count
+        // byte alone): insert there, as an encoder would have written them.
+        let before_trailer = |b: &[u8], extra: &[u8]| {
+            let mut out = b.to_vec();
+            let at = out.len() - 1;
+            out.splice(at..at, extra.iter().copied());
+            out
+        };
+        assert_eq!(
+            decode(&before_trailer(&bytes, &[]), &c.key_hash).map(|d| d.0),
+            Some(1)
+        );
+        let twice = before_trailer(&bytes, &[T_OWNER, 1, b'b']);
         assert_eq!(decode(&twice, &c.key_hash), None);
-        let mut unknown = encode(1, &Credential::try_from(&record(|_| {})).unwrap());
-        unknown.extend_from_slice(&[0x7f, 0]);
+        let plain = encode(1, &Credential::try_from(&record(|_| {})).unwrap());
+        let unknown = before_trailer(&plain, &[0x7f, 0]);
         assert_eq!(decode(&unknown, &c.key_hash), None);
     }
 
@@ -510,6 +664,28 @@ mod tests {
         assert_eq!(tat(&alias), None);
         let c = Credential::try_from(&record(|_| {})).unwrap();
         assert_eq!(alias_target(&encode(1, &c), &c.key_hash), None);
+    }
+
+    #[test]
+    fn counters_grow_the_trailer_only_and_never_change_the_record() {
+        let c = Credential::try_from(&record(|r| {
+            r.limits = vec!["10/s".parse().unwrap(), "100/day".parse().unwrap()]
+        }))
+        .unwrap();
+        let bytes = encode(3, &c);
+        assert_eq!(counters(&bytes), Some(Counters::default()));
+        let used = Counters(vec![(0, 7), (1, 99), (4, 5)]);
+        let written = with_counters(&bytes, &used).unwrap();
+        assert_eq!(written.len(), bytes.len() + 18);
+        assert_eq!(counters(&written), Some(used));
+        assert_eq!(record_bytes(&written), record_bytes(&bytes));
+        assert_eq!(decode(&written, &c.key_hash), Some((3, c.clone())));
+        // One limit pays one trailer byte; the single window none more.
+        let one = Credential::try_from(&record(|_| {})).unwrap();
+        let plain = encode(1, &one);
+        let once = with_counters(&plain, &Counters(vec![(0, 9)])).unwrap();
+        assert_eq!(once.len(), plain.len());
+        assert_eq!(tat(&once), Some(Some(9)));
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod extract;
 pub mod hash;
 pub mod ip_rules;
 pub mod key_format;
+pub mod limits;
 pub mod names;
 pub mod path;
 pub mod rate_limit;

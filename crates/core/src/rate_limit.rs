@@ -15,7 +15,7 @@ use crate::error::ConfigError;
 use crate::shared_data::{update, CounterCell, Step};
 use serde::{Deserialize, Serialize};
 
-const NANOS_PER_SEC: u64 = 1_000_000_000;
+pub(crate) const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// Longest window a limit may use.
 pub const MAX_WINDOW_SECS: u32 = 86_400;
 
@@ -40,11 +40,11 @@ impl RateLimit {
         Ok(())
     }
 
-    fn window_ns(&self) -> u64 {
+    pub(crate) fn window_ns(&self) -> u64 {
         u64::from(self.window_secs) * NANOS_PER_SEC
     }
 
-    fn interval_ns(&self) -> u64 {
+    pub(crate) fn interval_ns(&self) -> u64 {
         (self.window_ns() / u64::from(self.requests.max(1))).max(1)
     }
 }
@@ -59,6 +59,91 @@ pub struct RateStatus {
     pub reset_at_ns: u64,
     /// Nanoseconds until the next request would be admitted (0 when allowed).
     pub retry_after_ns: u64,
+    /// Which limit this status reports ([`policy_name`]): the tightest of
+    /// the request's limits (`crate::limits`).
+    pub tag: u8,
+    /// Every limit the request was checked against, for `RateLimit-Policy`.
+    pub policies: Policies,
+}
+
+/// Most limits one request is checked against: a key's own or plan limits
+/// (the legacy window and five periods) and its tenant's five periods.
+pub const MAX_POLICIES: usize = 12;
+
+/// The limits a request was checked against: (tag, quota, window seconds)
+/// each. Fixed size, so a [`RateStatus`] stays `Copy` and allocation-free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Policies {
+    items: [(u8, u32, u32); MAX_POLICIES],
+    len: u8,
+}
+
+impl Policies {
+    pub fn one(tag: u8, limit: RateLimit) -> Policies {
+        let mut p = Policies::default();
+        p.push(tag, limit);
+        p
+    }
+
+    /// Adds a limit; one past [`MAX_POLICIES`] is left out of the header.
+    pub fn push(&mut self, tag: u8, limit: RateLimit) {
+        if let Some(slot) = self.items.get_mut(usize::from(self.len)) {
+            *slot = (tag, limit.requests, limit.window_secs);
+            self.len += 1;
+        }
+    }
+
+    pub fn extend(&mut self, other: &Policies) {
+        for (tag, limit) in other.iter() {
+            self.push(tag, limit);
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u8, RateLimit)> + '_ {
+        self.items
+            .iter()
+            .take(usize::from(self.len))
+            .map(|&(tag, requests, window_secs)| {
+                (
+                    tag,
+                    RateLimit {
+                        requests,
+                        window_secs,
+                    },
+                )
+            })
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Tag of the single window limit (`rate_limit`, or the plugin's default).
+pub const TAG_DEFAULT: u8 = 0;
+/// Added to a period's tag for the tenant's limit of that period.
+pub const TAG_TENANT: u8 = 0x10;
+
+/// The name a limit has in the IETF `RateLimit-Policy` and `RateLimit` headers.
+pub fn policy_name(tag: u8) -> &'static str {
+    match tag {
+        1 => "second",
+        2 => "minute",
+        3 => "hour",
+        4 => "day",
+        5 => "month",
+        0x11 => "tenant-second",
+        0x12 => "tenant-minute",
+        0x13 => "tenant-hour",
+        0x14 => "tenant-day",
+        0x15 => "tenant-month",
+        6 => "credits",
+        _ => "default",
+    }
 }
 
 fn ceil_secs(ns: u64) -> u64 {
@@ -99,6 +184,8 @@ pub fn check(limit: RateLimit, stored_tat: Option<u64>, now_ns: u64) -> (RateSta
             remaining: 0,
             reset_at_ns: tat,
             retry_after_ns: used - window,
+            tag: TAG_DEFAULT,
+            policies: Policies::one(TAG_DEFAULT, limit),
         };
         return (status, None);
     }
@@ -114,6 +201,8 @@ pub fn check(limit: RateLimit, stored_tat: Option<u64>, now_ns: u64) -> (RateSta
         remaining,
         reset_at_ns: new_tat,
         retry_after_ns: 0,
+        tag: TAG_DEFAULT,
+        policies: Policies::one(TAG_DEFAULT, limit),
     };
     (status, Some(new_tat))
 }
@@ -154,6 +243,8 @@ pub fn acquire(cell: &mut dyn CounterCell, key: &str, limit: RateLimit, now_ns: 
             remaining: 0,
             reset_at_ns: now_ns,
             retry_after_ns: 0,
+            tag: TAG_DEFAULT,
+            policies: Policies::one(TAG_DEFAULT, limit),
         })
     }
 }

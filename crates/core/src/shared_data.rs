@@ -13,6 +13,8 @@
 //! | `rs:<key id>`        | session revocations `{session: revoked_at_ms}`    |
 //! | `kx:<4 hex>`         | one bucket of the key-id index of store credentials: per key id hashed into it, an 8-byte tag and the 15-byte hash prefix naming its `c:` entry, binary |
 //! | `cfg:ids`            | key ids plugin config defines `{id: "credentials[i]"}` |
+//! | `pl:<plan>`          | a plan's limits, binary (`crate::limits`), written by sync |
+//! | `tl:<tenant>`        | a tenant's limits and their counters, binary (`crate::limits`), written by sync |
 
 use crate::hash::Digest;
 

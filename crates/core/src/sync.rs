@@ -154,6 +154,58 @@ pub struct Push {
     /// Full: replace a set that came from another store.
     #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub takeover: bool,
+    /// Plans and tenant limits to write. Like session revocations they apply
+    /// as their batch arrives, not at the commit: a push that creates a plan
+    /// and keys on it writes the plan before any key on it is served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limit_records: Vec<LimitRecord>,
+}
+
+/// What a [`LimitRecord`] names.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitKind {
+    /// A plan (`pl:<name>`): limits of every key that refers to it.
+    Plan,
+    /// A tenant (`tl:<name>`): limits shared by all of its keys.
+    Tenant,
+}
+
+/// A plan's or a tenant's limits as a push carries them; no limits removes
+/// them (the entry stays, empty, so a key still naming it reads "none").
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRecord {
+    pub kind: LimitKind,
+    pub name: String,
+    #[serde(default)]
+    pub limits: Vec<crate::limits::Limit>,
+    /// A tenant's quota usage from the request log (full pushes): the
+    /// entry starts from it when Envoy holds none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota_used: Vec<crate::limits::QuotaUsed>,
+}
+
+impl LimitRecord {
+    /// The shared-data key of its entry.
+    pub fn key(&self) -> String {
+        match self.kind {
+            LimitKind::Plan => crate::limits::plan_key(&self.name),
+            LimitKind::Tenant => crate::limits::tenant_key(&self.name),
+        }
+    }
+
+    /// Its entry, given the one held (a tenant's counters go on).
+    pub fn entry(&self, current: Option<&[u8]>) -> Vec<u8> {
+        match self.kind {
+            LimitKind::Plan => crate::limits::encode_plan(&self.limits),
+            LimitKind::Tenant => crate::limits::retarget_tenant_seeded(
+                current,
+                &self.limits,
+                &crate::limits::seed_counters(&self.quota_used, true),
+            ),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -229,6 +281,8 @@ pub struct Plan {
     /// alias (among `upserts`), and the sync role carries the rate-limit
     /// state the old entry held over to the new one.
     pub rolled: Vec<(Digest, Digest)>,
+    /// Plan and tenant limits to write as the batch arrives.
+    pub limit_records: Vec<LimitRecord>,
 }
 
 impl Plan {
@@ -418,9 +472,9 @@ pub fn stage(
     // The key's rate-limit state goes on with its new value.
     let record = record.map(|r| {
         served_record
-            .and_then(entry::tat)
-            .flatten()
-            .and_then(|tat| entry::with_tat(r, tat))
+            .and_then(entry::counters)
+            .filter(|c| !c.0.is_empty())
+            .and_then(|c| entry::with_counters(r, &c))
             .unwrap_or_else(|| r.to_vec())
     });
     let unchanged = plan.full
@@ -478,7 +532,12 @@ pub fn plan(
         return Err(SyncError::BadSignature);
     }
     let push: Push = serde_json::from_slice(body).map_err(|e| SyncError::Invalid(e.to_string()))?;
-    if push.upserts.len() + push.deletes.len() + push.revoked_sessions.len() > MAX_PUSH_ITEMS {
+    if push.upserts.len()
+        + push.deletes.len()
+        + push.revoked_sessions.len()
+        + push.limit_records.len()
+        > MAX_PUSH_ITEMS
+    {
         return Err(SyncError::TooLarge);
     }
     let (claim, commit, stamp) = check_sequence(&push, state)?;
@@ -531,6 +590,12 @@ pub fn plan(
                 .map_err(|e| SyncError::Invalid(e.to_string()))?;
         }
     }
+    for (i, r) in push.limit_records.iter().enumerate() {
+        let field = |f: &str| format!("limit_records[{i}].{f}");
+        check_name(&field("name"), &r.name).map_err(|e| SyncError::Invalid(e.to_string()))?;
+        crate::limits::check_limits(&field("limits"), &r.limits)
+            .map_err(|e| SyncError::Invalid(e.to_string()))?;
+    }
     Ok(Plan {
         upserts,
         key_ids,
@@ -542,6 +607,7 @@ pub fn plan(
         generation: push.generation,
         full: push.mode == Mode::Full,
         rolled,
+        limit_records: push.limit_records,
     })
 }
 
@@ -742,7 +808,145 @@ mod tests {
             revoked_sessions: vec![],
             store_id: None,
             takeover: false,
+            limit_records: vec![],
         }
+    }
+
+    #[test]
+    fn limit_records_are_validated_naming_the_record_and_carried_in_the_plan() {
+        let tenant = LimitRecord {
+            kind: LimitKind::Tenant,
+            name: "acme".into(),
+            limits: vec!["100/min".parse().unwrap()],
+            quota_used: vec![],
+        };
+        let ok = Push {
+            limit_records: vec![tenant.clone()],
+            ..push(Mode::Full, 1, 0, 7)
+        };
+        let plan = run(&ok, &SyncState::default()).unwrap();
+        assert_eq!(plan.limit_records, vec![tenant.clone()]);
+        assert_eq!(tenant.key(), "tl:acme");
+        let bad = Push {
+            limit_records: vec![
+                tenant.clone(),
+                LimitRecord {
+                    kind: LimitKind::Plan,
+                    name: "pro".into(),
+                    limits: vec!["10/min".parse().unwrap(), "20/min".parse().unwrap()],
+                    quota_used: vec![],
+                },
+            ],
+            ..push(Mode::Full, 1, 0, 7)
+        };
+        match run(&bad, &SyncState::default()) {
+            Err(SyncError::Invalid(m)) => assert!(m.contains("limit_records[1].limits[1]"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let body = br#"{"mode":"full","generation":1,"version":1,"limit_records":[{"kind":"plan","name":"x","limits":["1/fortnight"]}]}"#;
+        assert!(matches!(
+            plan_body(body),
+            Err(SyncError::Invalid(m)) if m.contains("fortnight")
+        ));
+    }
+
+    fn plan_body(body: &[u8]) -> Result<Plan, SyncError> {
+        plan(
+            SECRET,
+            body,
+            Some(sign(SECRET, body).as_bytes()),
+            &SyncState::default(),
+        )
+    }
+
+    #[test]
+    fn a_full_push_seeds_quota_usage_only_where_envoy_counts_nothing_yet() {
+        use crate::limits::{Counters, QuotaPeriod, QuotaUsed};
+        let mut r = record("k1", "t");
+        r.limits = vec!["10/day".parse().unwrap()];
+        let used = |n| QuotaUsed {
+            period: QuotaPeriod::Day,
+            since: 1_700_000_000 / 86_400 * 86_400,
+            used: n,
+        };
+        r.quota_used = vec![used(4)];
+        let h = crate::hash::sha256(b"k1");
+        let p1 = run(
+            &Push {
+                upserts: vec![r.clone()],
+                ..push(Mode::Full, 1, 0, 1)
+            },
+            &SyncState::default(),
+        )
+        .unwrap();
+        let mut entries = std::collections::HashMap::new();
+        apply(&mut entries, &SyncState::default(), &p1);
+        let s1 = p1.result();
+        let seeded = crate::entry::counters(visible_record(&entries[&h], &s1).unwrap()).unwrap();
+        assert_eq!(
+            seeded.0.len(),
+            1,
+            "an Envoy that just started gets the log's count"
+        );
+        let live = Counters(vec![(4, seeded.0[0].1 + 3)]);
+        let e = update_visible_record(&entries[&h], &s1, |rec| {
+            crate::entry::with_counters(rec, &live)
+        })
+        .unwrap();
+        entries.insert(h, e);
+        r.quota_used = vec![used(5)];
+        let p2 = run(
+            &Push {
+                upserts: vec![r],
+                ..push(Mode::Full, 2, 0, 2)
+            },
+            &s1,
+        )
+        .unwrap();
+        apply(&mut entries, &s1, &p2);
+        let served = visible_record(&entries[&h], &p2.result()).unwrap();
+        assert_eq!(
+            crate::entry::counters(served),
+            Some(live),
+            "what Envoy counted wins"
+        );
+    }
+
+    #[test]
+    fn a_pushed_update_keeps_every_counter_of_the_key() {
+        let mut r = record("k1", "t");
+        r.limits = vec!["10/s".parse().unwrap(), "100/day".parse().unwrap()];
+        let p1 = run(
+            &Push {
+                upserts: vec![r.clone()],
+                ..push(Mode::Full, 1, 0, 1)
+            },
+            &SyncState::default(),
+        )
+        .unwrap();
+        let mut entries = std::collections::HashMap::new();
+        apply(&mut entries, &SyncState::default(), &p1);
+        let s1 = p1.result();
+        let h = crate::hash::sha256(b"k1");
+        let used = crate::limits::Counters(vec![(1, 5), (4, 6)]);
+        let e = update_visible_record(&entries[&h], &s1, |rec| {
+            crate::entry::with_counters(rec, &used)
+        })
+        .unwrap();
+        entries.insert(h, e);
+        r.scopes = vec!["write".into()];
+        let p2 = run(
+            &Push {
+                upserts: vec![r],
+                ..push(Mode::Incremental, 1, 1, 2)
+            },
+            &s1,
+        )
+        .unwrap();
+        apply(&mut entries, &s1, &p2);
+        let s2 = p2.result();
+        let served = visible_record(&entries[&h], &s2).unwrap();
+        assert_eq!(crate::entry::counters(served), Some(used));
     }
 
     fn run(p: &Push, state: &SyncState) -> Result<Plan, SyncError> {

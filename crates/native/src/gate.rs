@@ -11,11 +11,11 @@ use keygate_core::access_log::AccessRecord;
 use keygate_core::config::RateLimitHeaders;
 use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
-use keygate_core::rate_limit::RateStatus;
+use keygate_core::rate_limit::{policy_name, RateStatus};
 use keygate_core::shared_data::CounterCell;
 use keygate_core::token::MAX_LOGIN_BODY;
 use keygate_core::verdict::{
-    identity_spellings, is_login, login, rate_limit_headers, Headers, Login,
+    identity_spellings, is_login, login, policy_header, rate_limit_headers, Headers, Login,
 };
 use keygate_core::{decide, Credential, Decision, Denial, Host, Outcome, Policy};
 use std::borrow::Cow;
@@ -247,7 +247,10 @@ fn rate_headers(
 ) {
     let mut buf = [0u8; 64];
     let mut put = |name: &'static str, args: std::fmt::Arguments| {
-        if let Some(value) = render(&mut buf, args) {
+        if name == "ratelimit-policy" {
+            // Several limits make a long value: built as the core builds it.
+            f(name, &policy_header(rate));
+        } else if let Some(value) = render(&mut buf, args) {
             f(name, value);
         }
     };
@@ -260,17 +263,12 @@ fn rate_headers(
         );
     }
     if styles.ietf {
-        put(
-            "ratelimit-policy",
-            format_args!(
-                "\"default\";q={};w={}",
-                rate.limit.requests, rate.limit.window_secs
-            ),
-        );
+        put("ratelimit-policy", format_args!(""));
         put(
             "ratelimit",
             format_args!(
-                "\"default\";r={};t={}",
+                "\"{}\";r={};t={}",
+                policy_name(rate.tag),
                 rate.remaining,
                 rate.reset_in_secs(now_ns)
             ),
@@ -704,9 +702,23 @@ mod tests {
                 remaining,
                 reset_at_ns,
                 retry_after_ns: 0,
+                tag: 0,
+                policies: Default::default(),
             };
-            for (x_ratelimit, ietf) in [(true, true), (true, false), (false, true), (false, false)]
-            {
+            let mut several = rate;
+            several.tag = 0x12;
+            for (tag, q, w) in [(2, 100, 60), (4, 10_000, 86_400), (0x12, 50, 60)] {
+                several.policies.push(
+                    tag,
+                    RateLimit {
+                        requests: q,
+                        window_secs: w,
+                    },
+                );
+            }
+            for (rate, (x_ratelimit, ietf)) in [rate, several].into_iter().flat_map(|r| {
+                [(true, true), (true, false), (false, true), (false, false)].map(|s| (r, s))
+            }) {
                 let styles = RateLimitHeaders { x_ratelimit, ietf };
                 let mut ours = Vec::new();
                 rate_headers(&rate, styles, NOW, |n, v| ours.push((n, v.to_owned())));

@@ -56,7 +56,7 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 /// never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked, committed) =
+    let (state, upserts, deletes, revoked, committed, lim) =
         t.update(|current: &Snapshot, staged: &mut Staged| {
             let plan = plan(secret, body, signature, &current.state)?;
             check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
@@ -89,6 +89,19 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 staged.key_id(key_id, hash);
             }
             let committed = plan.commit.map(|_| staged.bytes());
+            // Quota usage a full push carries (counted from the request log):
+            // the counters a key starts from if this process holds none.
+            // (`key_ids` pairs with the credential upserts, which come first;
+            // roll aliases follow them and carry no counters.)
+            let seeds: Vec<(String, Vec<u8>)> = plan
+                .key_ids
+                .iter()
+                .zip(&plan.upserts)
+                .filter_map(|((key_id, _), (_, bytes))| {
+                    let seed = keygate_core::entry::counters(bytes)?;
+                    (!seed.0.is_empty()).then(|| (key_id.clone(), seed.encode()))
+                })
+                .collect();
             let next = match plan.commit {
                 Some(commit) => {
                     let next = staged.commit(current, commit, plan.full);
@@ -106,6 +119,7 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 plan.deletes.len(),
                 plan.revoked_sessions,
                 committed,
+                (plan.limit_records, seeds),
             );
             Ok((Some(next), out))
         })?;
@@ -123,6 +137,21 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
+    let (limit_records, seeds) = lim;
+    for (key_id, seed) in &seeds {
+        t.modify(
+            &keygate_core::shared_data::counter_key(key_id),
+            |current| match current.filter(|c| !c.is_empty()) {
+                Some(held) => held.to_vec(),
+                None => seed.clone(),
+            },
+        );
+    }
+    // Plans and tenant limits: a tenant's counters go on (the slot's lock
+    // orders this write with the gate's updates).
+    for r in &limit_records {
+        t.modify(&r.key(), |current| r.entry(current));
+    }
     log(
         abi::LOG_INFO,
         &format!(

@@ -105,11 +105,46 @@ pub fn routes() -> Vec<Route> {
             Method::DELETE,
             delete(revoke_token),
         ),
+        (
+            "/api/v1/tenants/{tenant}/limits",
+            Method::GET,
+            get(crate::limits_api::get_tenant_limits),
+        ),
+        (
+            "/api/v1/tenants/{tenant}/limits",
+            Method::PUT,
+            put(crate::limits_api::put_tenant_limits),
+        ),
+        (
+            "/api/v1/plans",
+            Method::GET,
+            get(crate::limits_api::list_plans),
+        ),
+        (
+            "/api/v1/plans",
+            Method::POST,
+            post(crate::limits_api::create_plan),
+        ),
+        (
+            "/api/v1/plans/{plan}",
+            Method::GET,
+            get(crate::limits_api::get_plan),
+        ),
+        (
+            "/api/v1/plans/{plan}",
+            Method::PUT,
+            put(crate::limits_api::put_plan),
+        ),
+        (
+            "/api/v1/plans/{plan}",
+            Method::DELETE,
+            delete(crate::limits_api::delete_plan),
+        ),
     ]
 }
 
 /// Runs `f` on the blocking pool with the service and the database.
-async fn blocking<R: Send + 'static>(
+pub(crate) async fn blocking<R: Send + 'static>(
     st: &Arc<AppState>,
     f: impl FnOnce(&Service, &mut Conn) -> Result<R, ApiError> + Send + 'static,
 ) -> Result<R, ApiError> {
@@ -123,7 +158,7 @@ async fn blocking<R: Send + 'static>(
     .map_err(|_| ApiError::internal())?
 }
 
-fn audit_record(
+pub(crate) fn audit_record(
     who: &Auth,
     tenant: &str,
     action: &str,
@@ -187,7 +222,7 @@ pub(crate) fn audited<T>(
     Ok(out)
 }
 
-fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
@@ -238,6 +273,11 @@ fn key_view(k: &StoredKey, last_used: Option<u64>) -> Value {
         "created_at": rfc3339(k.created_at),
         "updated_at": rfc3339(k.updated_at),
         "last_used_at": last_used.map(rfc3339),
+        "limits": r.limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "plan": r.plan,
+        "credits": r.credits.map(|c| json!({
+            "balance": c.balance, "monthly": c.monthly, "granted_at": rfc3339(c.granted_at)
+        })),
     })
 }
 
@@ -426,6 +466,11 @@ struct CreateKey {
     metadata: Option<Value>,
     /// `identifiable` or `hex64`; default: the server's.
     key_format: Option<KeyFormat>,
+    /// Operator only: `["100/min", "10000/day"]` (`keygate_core::limits`).
+    #[serde(default)]
+    limits: Vec<String>,
+    /// Operator only: the key's plan.
+    plan: Option<String>,
 }
 
 async fn create_key(
@@ -458,6 +503,7 @@ async fn create_key(
     if let Some(o) = &body.owner {
         keygate_control::service::check_key_owner("owner", o)?;
     }
+    let key_limits = crate::limits_api::key_limits(&who, &body.limits, body.plan.clone())?;
     let new = NewKey {
         key_id: None,
         name: body.name,
@@ -489,7 +535,7 @@ async fn create_key(
             "key.create",
             None,
             detail,
-            |svc| svc.create_key(new, now()),
+            |svc| svc.create_key_limited(new, key_limits, now()),
             |c| c.key_id.clone(),
         )?;
         let k = svc.tenant_key(&tenant, &c.key_id)?;
@@ -553,6 +599,14 @@ struct UpdateKey {
     owner: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     metadata: Option<Option<Value>>,
+    /// Operator only; `[]` clears the key's own limits.
+    limits: Option<Vec<String>>,
+    /// Operator only; `null` takes the key off its plan.
+    #[serde(default, deserialize_with = "present")]
+    plan: Option<Option<String>>,
+    /// Operator only: a top-up of usage credits; `null` removes them.
+    #[serde(default, deserialize_with = "present")]
+    credits: Option<Option<crate::limits_api::CreditsIn>>,
 }
 
 async fn update_key(
@@ -595,6 +649,8 @@ async fn update_key(
             StatusIn::Inactive => Status::Inactive,
         });
     }
+    crate::limits_api::patch_limits(&who, body.limits, body.plan, &mut p, &mut changed)?;
+    crate::limits_api::patch_credits(&who, body.credits, &mut p, &mut changed)?;
     if let Some(e) = body.expires_at {
         changed.push("expires_at");
         p.expires_at = Some(

@@ -102,6 +102,7 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
             Error::NoSuchKey(_) => ApiError::not_found("key"),
+            Error::NoSuchPlan(_) => ApiError::not_found("plan"),
             Error::KeyExists(_) => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             Error::TenantLimit {
                 tenant,

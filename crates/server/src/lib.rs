@@ -9,6 +9,7 @@ mod api;
 mod error;
 mod extract;
 mod limiter;
+mod limits_api;
 mod metrics;
 pub mod portal;
 

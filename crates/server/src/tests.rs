@@ -485,3 +485,269 @@ async fn bad_metadata_or_owner_is_422_naming_the_field_and_changes_nothing() {
     .await;
     assert!(list.to_string().contains(r#""owner":"bob""#), "{list}");
 }
+
+#[tokio::test]
+async fn plans_are_operator_only_and_bad_limits_are_422_naming_the_entry() {
+    let f = fixture();
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/plans",
+        Some(&f.acme),
+        Some(r#"{"name":"free","limits":["10/min"]}"#),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/plans",
+        Some(&f.operator),
+        Some(r#"{"name":"free","limits":["10/min","5/hour"]}"#),
+    )
+    .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["field"], "limits[1]", "{v}");
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/plans",
+        Some(&f.operator),
+        Some(r#"{"name":"free","limits":["10/fortnight"]}"#),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (422, Some("limits[0]")), "{v}");
+    let (s, v) = call(&f.app, "GET", "/api/v1/plans", Some(&f.operator), None).await;
+    assert_eq!(
+        (s, v["plans"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "nothing was created: {v}"
+    );
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/plans",
+        Some(&f.operator),
+        Some(r#"{"name":"free","limits":["10/min","1000/day"]}"#),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["limits"], json!(["10/min", "1000/day"]));
+    let (s, v) = call(
+        &f.app,
+        "PUT",
+        "/api/v1/plans/free",
+        Some(&f.operator),
+        Some(r#"{"limits":["20/min"]}"#),
+    )
+    .await;
+    assert_eq!((s, v["limits"].clone()), (200, json!(["20/min"])), "{v}");
+    let (s, _) = call(&f.app, "GET", "/api/v1/plans/nope", Some(&f.operator), None).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn a_key_on_an_unknown_plan_is_422_and_nothing_is_created() {
+    let f = fixture();
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.operator),
+        Some(r#"{"name":"x","scopes":["read"],"plan":"gold"}"#),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (422, Some("plan")), "{v}");
+    let (_, v) = call(
+        &f.app,
+        "GET",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.operator),
+        None,
+    )
+    .await;
+    assert_eq!(v["keys"].as_array().map(Vec::len), Some(0), "{v}");
+    // A tenant may not choose its own limits or plan.
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some(r#"{"name":"x","scopes":["read"],"limits":["1000000/s"]}"#),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.operator),
+        Some(r#"{"name":"x","scopes":["read"],"limits":["100/min","10000/day","200000/month"]}"#),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        v["key"]["limits"],
+        json!(["100/min", "10000/day", "200000/month"])
+    );
+    let id = v["key_id"].as_str().unwrap().to_owned();
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &format!("/api/v1/tenants/acme/keys/{id}"),
+        Some(&f.operator),
+        Some(r#"{"limits":["5/s","5/s"]}"#),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (422, Some("limits[1]")), "{v}");
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &format!("/api/v1/tenants/acme/keys/{id}"),
+        Some(&f.acme),
+        Some(r#"{"plan":null}"#),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    let (_, v) = call(
+        &f.app,
+        "GET",
+        &format!("/api/v1/tenants/acme/keys/{id}"),
+        Some(&f.acme),
+        None,
+    )
+    .await;
+    assert_eq!(
+        v["limits"],
+        json!(["100/min", "10000/day", "200000/month"]),
+        "unchanged: {v}"
+    );
+}
+
+#[tokio::test]
+async fn tenant_limits_are_set_by_operators_and_read_by_the_tenant() {
+    let f = fixture();
+    let (s, v) = call(
+        &f.app,
+        "PUT",
+        "/api/v1/tenants/acme/limits",
+        Some(&f.acme),
+        Some(r#"{"limits":["1000/min"]}"#),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = call(
+        &f.app,
+        "PUT",
+        "/api/v1/tenants/acme/limits",
+        Some(&f.operator),
+        Some(r#"{"plan":"pro"}"#),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (422, Some("plan")), "{v}");
+    let (s, v) = call(
+        &f.app,
+        "PUT",
+        "/api/v1/tenants/acme/limits",
+        Some(&f.operator),
+        Some(r#"{"limits":["1000/min","50/hour"]}"#),
+    )
+    .await;
+    assert_eq!((s, v["field"].as_str()), (422, Some("limits[1]")), "{v}");
+    let (s, v) = call(
+        &f.app,
+        "PUT",
+        "/api/v1/tenants/acme/limits",
+        Some(&f.operator),
+        Some(r#"{"limits":["1000/min"]}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = call(
+        &f.app,
+        "GET",
+        "/api/v1/tenants/acme/limits",
+        Some(&f.acme),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["limits"].clone(), v["plan"].clone()),
+        (200, json!(["1000/min"]), Value::Null),
+        "{v}"
+    );
+    let (s, _) = call(
+        &f.app,
+        "GET",
+        "/api/v1/tenants/other/limits",
+        Some(&f.acme),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn credits_are_topped_up_by_operators_only_and_bounded() {
+    let f = fixture();
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.operator),
+        Some(r#"{"name":"x","scopes":["read"]}"#),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let uri = format!(
+        "/api/v1/tenants/acme/keys/{}",
+        v["key_id"].as_str().unwrap()
+    );
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.acme),
+        Some(r#"{"credits":{"balance":1000000}}"#),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.operator),
+        Some(r#"{"credits":{"balance":5000000000}}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (422, Some("credits.balance")),
+        "{v}"
+    );
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.operator),
+        Some(r#"{"credits":{"balance":100,"monthly":true}}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["credits"]["balance"].as_u64(),
+            v["credits"]["monthly"].as_bool()
+        ),
+        (Some(100), Some(true))
+    );
+    let (_, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.operator),
+        Some(r#"{"credits":null}"#),
+    )
+    .await;
+    assert!(v["credits"].is_null(), "{v}");
+}

@@ -59,6 +59,12 @@ pub enum Command {
     /// The management server: REST API, /healthz, /metrics, with the sync
     /// daemon, the access-log ingester and the retention pruner in one process.
     Serve(ServeArgs),
+    /// Plans: named limit sets for keys and tenants.
+    #[command(subcommand)]
+    Plan(crate::limits_cli::PlanCommand),
+    /// Tenant-wide settings: plan and shared limits.
+    #[command(subcommand)]
+    Tenant(crate::limits_cli::TenantCommand),
 }
 
 #[derive(Subcommand)]
@@ -238,6 +244,10 @@ pub enum KeyCommand {
     /// Change a key's scopes.
     #[command(subcommand)]
     Scope(ScopeCommand),
+    /// Sets a key's own limits (--limit, repeatable) or plan.
+    Limits(crate::limits_cli::KeyLimitsArgs),
+    /// Tops up a key's usage credits (--set N [--monthly]) or removes them.
+    Credits(crate::limits_cli::KeyCreditsArgs),
 }
 
 #[derive(Subcommand)]
@@ -304,6 +314,8 @@ pub struct CreateArgs {
     /// Format of this key's value (default: --key-format).
     #[arg(long = "format", value_parser = parse_key_format)]
     pub format: Option<keygate_control::service::KeyFormat>,
+    #[command(flatten)]
+    pub key_limits: crate::limits_cli::KeyLimitArgs,
 }
 
 #[derive(Args)]

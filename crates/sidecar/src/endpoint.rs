@@ -6,12 +6,12 @@ use keygate_control::service::forwarded_metadata;
 use keygate_control::store::{Snapshot, StoredKey};
 use keygate_core::shared_data::key_id_slot;
 use keygate_core::sync::{
-    is_foreign, sign, Mode, Push, RevokedSession, StoreId, SyncState, MAX_PUSH_BYTES,
-    MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    is_foreign, sign, LimitKind, LimitRecord, Mode, Push, RevokedSession, StoreId, SyncState,
+    MAX_PUSH_BYTES, MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::CredentialRecord;
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,8 @@ struct Held {
     revoked: BTreeSet<RevokedSession>,
 }
 
+type LimitSet = BTreeMap<(LimitKind, String), LimitRecord>;
+
 /// Counters of one endpoint, shown in its log lines and status.
 #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Metrics {
@@ -85,6 +87,8 @@ enum Item<'a> {
     Upsert(&'a CredentialRecord),
     Delete(&'a str),
     Revoked(&'a RevokedSession),
+    /// A plan's or a tenant's limits.
+    Limit(&'a LimitRecord),
 }
 
 /// One batch: its upserts already serialized (each record once, straight
@@ -96,6 +100,24 @@ struct Batch {
     items: usize,
     deletes: Vec<String>,
     revoked: Vec<RevokedSession>,
+    limits: Vec<LimitRecord>,
+}
+
+/// The limit records that turn `held` into `now`: new or changed ones, and
+/// an empty one for each that went (the filter keeps no stale limits).
+fn limit_changes(held: &LimitSet, now: &LimitSet) -> Vec<LimitRecord> {
+    let changed = now
+        .iter()
+        .filter(|(k, r)| held.get(*k) != Some(r))
+        .map(|(_, r)| r.clone());
+    let gone = held
+        .iter()
+        .filter(|(k, _)| !now.contains_key(*k))
+        .map(|(_, r)| LimitRecord {
+            limits: vec![],
+            ..r.clone()
+        });
+    changed.chain(gone).collect()
 }
 
 /// Takes items into one batch of at most [`BATCH_ITEMS`] items and about
@@ -111,6 +133,7 @@ fn next_batch<'a>(items: &mut std::iter::Peekable<impl Iterator<Item = Item<'a>>
             Some(Item::Upsert(_)) => 0,
             Some(Item::Delete(d)) => d.len() + 3,
             Some(Item::Revoked(r)) => serde_json::to_vec(r).map_or(0, |v| v.len()) + 1,
+            Some(Item::Limit(r)) => serde_json::to_vec(r).map_or(0, |v| v.len()) + 1,
         };
         if b.items > 0 && bytes + size > BATCH_BYTES {
             break;
@@ -133,6 +156,10 @@ fn next_batch<'a>(items: &mut std::iter::Peekable<impl Iterator<Item = Item<'a>>
             }
             Some(Item::Revoked(r)) => {
                 b.revoked.push(r.clone());
+                bytes += size;
+            }
+            Some(Item::Limit(r)) => {
+                b.limits.push(r.clone());
                 bytes += size;
             }
             None => break,
@@ -211,14 +238,33 @@ fn now_secs() -> u64 {
 /// carries, and at a million keys a full push to drop 50 bytes would cost
 /// far more than it saves.) Borrowed, not copied, when nothing changes: the
 /// common case, and what keeps a million-key push cheap.
-fn pushed<'a>(k: &'a StoredKey, forward: &[String], now: u64) -> Cow<'a, CredentialRecord> {
+fn pushed<'a>(
+    snap: &Snapshot,
+    k: &'a StoredKey,
+    forward: &[String],
+    now: u64,
+) -> Cow<'a, CredentialRecord> {
     let metadata = forwarded_metadata(k.metadata.as_ref(), forward);
     let alias_ended = k.record.previous_key_expires_at.is_some_and(|t| t <= now);
-    if metadata == k.record.metadata && !alias_ended {
+    // The key's plan, or else its tenant's, and whether its tenant has
+    // shared limits (`Snapshot::wire_record`).
+    let tenant = snap.tenant_limits_of(&k.record.tenant);
+    let plan = match &k.record.plan {
+        Some(p) => Some(p),
+        None => tenant.and_then(|t| t.plan.as_ref()),
+    };
+    let tenant_limits = tenant.is_some_and(|t| !t.limits.is_empty());
+    if metadata == k.record.metadata
+        && !alias_ended
+        && plan == k.record.plan.as_ref()
+        && tenant_limits == k.record.tenant_limits
+    {
         return Cow::Borrowed(&k.record);
     }
     let mut r = k.record.clone();
     r.metadata = metadata;
+    r.plan = plan.cloned();
+    r.tenant_limits = tenant_limits;
     if alias_ended {
         r.previous_key_hash = None;
         r.previous_key_expires_at = None;
@@ -232,7 +278,10 @@ fn pushed_set<'a>(
     forward: &[String],
     now: u64,
 ) -> Vec<Cow<'a, CredentialRecord>> {
-    snap.keys.iter().map(|k| pushed(k, forward, now)).collect()
+    snap.keys
+        .iter()
+        .map(|k| pushed(snap, k, forward, now))
+        .collect()
 }
 
 /// The pushed records by key hash.
@@ -366,6 +415,7 @@ impl Endpoint {
             revoked_sessions: vec![],
             store_id: snap.store_id,
             takeover: self.takeover,
+            limit_records: vec![],
         };
         // Checked here too, so the operator gets the reason without a refused push.
         if !self.takeover && is_foreign(&probe, state) {
@@ -377,10 +427,48 @@ impl Endpoint {
         let at = now_secs();
         let set = pushed_set(snap, &self.forward_metadata, at);
         let revoked = revocations(snap, self.token_lifetime);
-        // Key hashes are unique in a valid store: each key is one upsert.
-        let items = in_entry_order(set.iter().map(|r| r.as_ref()))
+        let limits = snap.limit_records();
+        // A full set carries the quota usage counted from the request log
+        // now: after an Envoy restart, day and month quotas go on from it.
+        let usage = snap.quota_usage().unwrap_or_else(|e| {
+            log(&format!(
+                "{}: no quota usage from the request log ({e}); quotas restart from zero",
+                self.addr
+            ));
+            Default::default()
+        });
+        let set: Vec<Cow<CredentialRecord>> = set
             .into_iter()
-            .map(Item::Upsert)
+            .map(|r| match usage.keys.get(&r.key_id) {
+                Some(used) => Cow::Owned(CredentialRecord {
+                    quota_used: used.clone(),
+                    ..r.into_owned()
+                }),
+                None => r,
+            })
+            .collect();
+        let limit_items: Vec<LimitRecord> = limits
+            .values()
+            .map(|r| LimitRecord {
+                quota_used: match r.kind {
+                    LimitKind::Tenant => usage.tenants.get(&r.name).cloned().unwrap_or_default(),
+                    LimitKind::Plan => vec![],
+                },
+                ..r.clone()
+            })
+            .collect();
+        // Plan and tenant limit records first: the filter writes them as
+        // their batch arrives, so every plan a pushed key names exists
+        // before the push commits. Key hashes are unique in a valid store:
+        // each key is one upsert.
+        let items = limit_items
+            .iter()
+            .map(Item::Limit)
+            .chain(
+                in_entry_order(set.iter().map(|r| r.as_ref()))
+                    .into_iter()
+                    .map(Item::Upsert),
+            )
             .chain(revoked.iter().map(Item::Revoked));
         let n = self.send_batches(&probe, items, secret)?;
         self.metrics.full_pushes += 1;
@@ -428,6 +516,7 @@ impl Endpoint {
                         last: items.peek().is_none(),
                         deletes: part.deletes,
                         revoked_sessions: part.revoked,
+                        limit_records: part.limits,
                         ..base.clone()
                     };
                     let built = body(&push, &part.upserts)
@@ -481,6 +570,7 @@ impl Endpoint {
         let started = Instant::now();
         let (generation, version) = (held.generation, held.version);
         let held_snap = Arc::clone(&held.snap);
+        let held_limits = held_snap.limit_records();
         let revoked = revocations(snap, self.token_lifetime);
         let new_revocations: Vec<&RevokedSession> = revoked
             .iter()
@@ -512,11 +602,15 @@ impl Endpoint {
             revoked_sessions: vec![],
             store_id: snap.store_id,
             takeover: false,
+            limit_records: vec![],
         };
         let counts = (upserts.len(), deletes.len(), new_revocations.len());
-        let items = upserts
-            .into_iter()
-            .map(Item::Upsert)
+        let limits = snap.limit_records();
+        let limit_items = limit_changes(&held_limits, &limits);
+        let items = limit_items
+            .iter()
+            .map(Item::Limit)
+            .chain(upserts.into_iter().map(Item::Upsert))
             .chain(deletes.into_iter().map(Item::Delete))
             .chain(new_revocations.into_iter().map(Item::Revoked));
         let sent = self.send_batches(&base, items, secret);
@@ -745,7 +839,10 @@ mod tests {
             }],
             ..Snapshot::default()
         };
-        assert!(matches!(pushed(&plain.keys[0], &[], 99), Cow::Borrowed(_)));
+        assert!(matches!(
+            pushed(&plain, &plain.keys[0], &[], 99),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod cli;
 mod daemon;
 mod endpoint;
+mod limits_cli;
 mod logs;
 mod output;
 mod serve;
@@ -119,7 +120,7 @@ fn key_command<W: Write>(
                 metadata,
                 key_format: a.format,
             };
-            let c = svc.create_key(new, t)?;
+            let c = svc.create_key_limited(new, a.key_limits.parse()?, t)?;
             out.created(&c)?;
             Some(("key.create", c.key_id, c.tenant))
         }
@@ -203,6 +204,14 @@ fn key_command<W: Write>(
             let k = svc.set_scopes(&key_id, &scopes, t)?;
             out.key(&k)?;
             changed("key.update", &k)
+        }
+        KeyCommand::Limits(a) => {
+            let k = limits_cli::key_limits(svc, out, a, t)?;
+            changed("key.update", &k)
+        }
+        KeyCommand::Credits(a) => {
+            let k = limits_cli::key_credits(svc, out, a, t)?;
+            changed("key.credits", &k)
         }
     };
     Ok(change)
@@ -430,6 +439,20 @@ fn run<W: Write>(cli: Cli, out: &mut Out<W>) -> Result<(), CliError> {
             Ok(())
         }
         Command::Serve(args) => serve::run(store.ok_or(CliError::NoStore)?, args, style),
+        Command::Plan(cmd) => {
+            if let Some((action, plan)) = limits_cli::plan_command(&open(store)?, out, cmd, now())?
+            {
+                // Plans belong to no tenant: the audit names the plan.
+                cli_audit(store, (action, plan, String::new()));
+            }
+            Ok(())
+        }
+        Command::Tenant(cmd) => {
+            if let Some(tenant) = limits_cli::tenant_command(&open(store)?, out, cmd)? {
+                cli_audit(store, ("tenant.limits", tenant.clone(), tenant));
+            }
+            Ok(())
+        }
         Command::Session(SessionCommand::Revoke { key_id, session }) => {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

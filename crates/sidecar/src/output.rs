@@ -52,6 +52,11 @@ pub fn public_view(k: &StoredKey) -> Value {
         "owner": r.owner,
         "metadata": k.metadata,
         "previous_key_until": r.previous_key_expires_at.filter(|t| *t > crate::now()).map(rfc3339),
+        "limits": r.limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "plan": r.plan,
+        "credits": r.credits.map(|c| json!({
+            "balance": c.balance, "monthly": c.monthly, "granted_at": rfc3339(c.granted_at)
+        })),
         "created_at": rfc3339(k.created_at),
         "updated_at": rfc3339(k.updated_at),
     })

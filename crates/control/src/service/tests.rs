@@ -448,3 +448,136 @@ fn bad_owner_or_metadata_changes_nothing_and_names_the_field() {
     let k = f.svc.set_owner(&c.key_id, Some("bob"), 31).unwrap();
     assert_eq!(k.record.owner.as_deref(), Some("bob"));
 }
+
+fn limits(items: &[&str]) -> Vec<keygate_core::limits::Limit> {
+    items.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+#[test]
+fn a_plan_change_is_one_record_and_leaves_every_key_on_it_as_it_was() {
+    let f = fixture();
+    f.svc.create_plan("free", limits(&["10/min"]), 1).unwrap();
+    let on_plan = KeyLimits {
+        limits: vec![],
+        plan: Some("free".into()),
+    };
+    let a = f
+        .svc
+        .create_key_limited(new_key("acme", Kind::Scoped), on_plan.clone(), 1)
+        .unwrap();
+    let b = f
+        .svc
+        .create_key_limited(new_key("beta", Kind::Scoped), on_plan, 1)
+        .unwrap();
+    let before = f.svc.snapshot().unwrap();
+    f.svc
+        .set_plan_limits("free", limits(&["20/min", "1000/day"]), 2)
+        .unwrap();
+    let after = f.svc.snapshot().unwrap();
+    for id in [&a.key_id, &b.key_id] {
+        assert_eq!(before.find(id), after.find(id), "keys are not rewritten");
+    }
+    let changed: Vec<_> = after
+        .limit_records()
+        .into_iter()
+        .filter(|(k, r)| before.limit_records().get(k) != Some(r))
+        .collect();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].1.limits, limits(&["20/min", "1000/day"]));
+}
+
+#[test]
+fn a_used_plan_cannot_be_deleted_and_an_unknown_one_cannot_be_named() {
+    let f = fixture();
+    f.svc.create_plan("pro", limits(&["100/min"]), 1).unwrap();
+    f.svc
+        .set_tenant_limits(
+            "acme",
+            &TenantLimitsChange {
+                plan: Some(Some("pro".into())),
+                limits: None,
+            },
+        )
+        .unwrap();
+    let e = f.svc.delete_plan("pro").unwrap_err();
+    assert!(e.to_string().contains("1 tenant(s)"), "{e}");
+    let e = f
+        .svc
+        .create_key_limited(
+            new_key("acme", Kind::Scoped),
+            KeyLimits {
+                limits: vec![],
+                plan: Some("gold".into()),
+            },
+            1,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::BadInput { field, .. } if field == "plan"),
+        "{e}"
+    );
+    assert!(f.svc.list_keys(None).unwrap().is_empty(), "nothing created");
+    assert!(matches!(
+        f.svc.set_plan_limits("gold", limits(&["1/s"]), 1),
+        Err(Error::NoSuchPlan(_))
+    ));
+    assert!(matches!(
+        f.svc.create_plan("empty", vec![], 1),
+        Err(Error::BadInput { field, .. }) if field == "limits"
+    ));
+}
+
+#[test]
+fn a_pushed_key_carries_its_tenants_plan_and_tenant_limit_flag() {
+    let f = fixture();
+    f.svc.create_plan("pro", limits(&["100/min"]), 1).unwrap();
+    f.svc.create_plan("own", limits(&["5/s"]), 1).unwrap();
+    let plain = f.svc.create_key(new_key("acme", Kind::Scoped), 1).unwrap();
+    let own = f
+        .svc
+        .create_key_limited(
+            new_key("acme", Kind::Default),
+            KeyLimits {
+                limits: vec![],
+                plan: Some("own".into()),
+            },
+            1,
+        )
+        .unwrap();
+    f.svc
+        .set_tenant_limits(
+            "acme",
+            &TenantLimitsChange {
+                plan: Some(Some("pro".into())),
+                limits: Some(limits(&["1000/min"])),
+            },
+        )
+        .unwrap();
+    let snap = f.svc.snapshot().unwrap();
+    let wire = |id: &str| snap.wire_record(snap.find(id).unwrap());
+    assert_eq!(wire(&plain.key_id).plan.as_deref(), Some("pro"));
+    assert_eq!(wire(&own.key_id).plan.as_deref(), Some("own"));
+    assert!(wire(&plain.key_id).tenant_limits);
+    assert_eq!(
+        snap.find(&plain.key_id).unwrap().record.plan,
+        None,
+        "stored as set"
+    );
+    // Clearing the tenant's settings removes its row.
+    f.svc
+        .set_tenant_limits(
+            "acme",
+            &TenantLimitsChange {
+                plan: Some(None),
+                limits: Some(vec![]),
+            },
+        )
+        .unwrap();
+    let snap = f.svc.snapshot().unwrap();
+    assert!(snap.tenant_limits.is_empty());
+    assert!(
+        !snap
+            .wire_record(snap.find(&plain.key_id).unwrap())
+            .tenant_limits
+    );
+}

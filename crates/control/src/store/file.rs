@@ -315,6 +315,11 @@ mod tests {
                 previous_key_hash: None,
                 previous_key_expires_at: None,
                 metadata: Default::default(),
+                limits: vec![],
+                plan: None,
+                tenant_limits: false,
+                quota_used: vec![],
+                credits: None,
             },
             metadata: None,
         }

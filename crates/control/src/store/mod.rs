@@ -5,13 +5,16 @@
 pub mod file;
 pub mod pg;
 pub mod sqlite;
+mod sqlite_limits;
 
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::mgmt::AuditEntry;
-use keygate_core::sync::{RevokedSession, StoreId};
+use keygate_core::limits::{check_limits, Limit, Period, QuotaPeriod, QuotaUsed};
+use keygate_core::sync::{LimitKind, LimitRecord, RevokedSession, StoreId};
 use keygate_core::CredentialRecord;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
 
 /// A credential as stored: the wire record plus bookkeeping. Hashes only.
@@ -42,6 +45,72 @@ pub struct Snapshot {
     /// Token sessions revoked within the longest token lifetime.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_sessions: Vec<RevokedSession>,
+    /// Named limit sets keys and tenants refer to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plans: Vec<PlanDef>,
+    /// Tenants with a plan or limits of their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenant_limits: Vec<TenantLimits>,
+    /// Where day and month quota usage is counted (stores that keep the
+    /// request log: SQLite). Read when a full set is pushed, not stored.
+    #[serde(skip)]
+    pub usage_source: UsageSource,
+}
+
+/// Day and month quota usage counted from the request log, for the keys
+/// and tenants with such quotas.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub keys: BTreeMap<String, Vec<QuotaUsed>>,
+    pub tenants: BTreeMap<String, Vec<QuotaUsed>>,
+}
+
+type UsageFn = dyn Fn(&Snapshot) -> Result<QuotaUsage> + Send + Sync;
+
+/// How a snapshot reads its quota usage on demand (none: no request log).
+#[derive(Clone, Default)]
+pub struct UsageSource(pub Option<std::sync::Arc<UsageFn>>);
+
+impl std::fmt::Debug for UsageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "UsageSource(log)"
+        } else {
+            "UsageSource(none)"
+        })
+    }
+}
+
+/// Snapshots compare by content; where usage comes from is no part of it.
+impl PartialEq for UsageSource {
+    fn eq(&self, _: &UsageSource) -> bool {
+        true
+    }
+}
+
+impl Eq for UsageSource {}
+
+/// A plan: a named limit set. Changing it changes every key on it with one
+/// pushed record (the filter reads the plan's entry on each request).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanDef {
+    pub name: String,
+    pub limits: Vec<Limit>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// A tenant's limit settings: the plan of its keys that name none, and
+/// limits shared by all of its keys (on top of each key's own).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
 }
 
 impl Snapshot {
@@ -90,7 +159,121 @@ impl Snapshot {
             }
         }
         keygate_core::credential::check_tenant_limits(self.keys.iter().map(|k| &k.record))
-            .map_err(Error::Invalid)
+            .map_err(Error::Invalid)?;
+        self.validate_limits()
+    }
+
+    /// Plans are valid and unique, every plan named exists, tenant limits valid.
+    fn validate_limits(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for p in &self.plans {
+            keygate_core::credential::check_name("plan", &p.name)
+                .and_then(|()| check_limits("limits", &p.limits))
+                .map_err(|e| Error::Invalid(format!("plan '{}': {e}", p.name)))?;
+            if !names.insert(p.name.as_str()) {
+                return Err(Error::Invalid(format!("plan '{}' appears twice", p.name)));
+            }
+        }
+        fn missing<'a>(
+            names: &std::collections::HashSet<&str>,
+            plan: &'a Option<String>,
+        ) -> Option<&'a String> {
+            plan.as_ref().filter(|p| !names.contains(p.as_str()))
+        }
+        for k in &self.keys {
+            if let Some(p) = missing(&names, &k.record.plan) {
+                return Err(Error::Invalid(format!(
+                    "key '{}' is on plan '{p}', which does not exist",
+                    k.record.key_id
+                )));
+            }
+        }
+        let mut tenants = std::collections::HashSet::new();
+        for t in &self.tenant_limits {
+            keygate_core::credential::check_name("tenant", &t.tenant)
+                .and_then(|()| check_limits("limits", &t.limits))
+                .map_err(|e| Error::Invalid(format!("tenant '{}': {e}", t.tenant)))?;
+            if let Some(p) = missing(&names, &t.plan) {
+                return Err(Error::Invalid(format!(
+                    "tenant '{}' is on plan '{p}', which does not exist",
+                    t.tenant
+                )));
+            }
+            if !tenants.insert(t.tenant.as_str()) {
+                return Err(Error::Invalid(format!(
+                    "tenant '{}' appears twice",
+                    t.tenant
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn plan(&self, name: &str) -> Option<&PlanDef> {
+        self.plans.iter().find(|p| p.name == name)
+    }
+
+    pub fn tenant_limits_of(&self, tenant: &str) -> Option<&TenantLimits> {
+        self.tenant_limits.iter().find(|t| t.tenant == tenant)
+    }
+
+    /// A key's record as pushed to Envoy: its plan, or else its tenant's,
+    /// and whether its tenant has shared limits.
+    pub fn wire_record(&self, k: &StoredKey) -> CredentialRecord {
+        let mut r = k.record.clone();
+        let tenant = self.tenant_limits_of(&r.tenant);
+        if r.plan.is_none() {
+            r.plan = tenant.and_then(|t| t.plan.clone());
+        }
+        r.tenant_limits = tenant.is_some_and(|t| !t.limits.is_empty());
+        r
+    }
+
+    /// The day/month quota periods of the limits a key meets (its own, else
+    /// its plan's, else its tenant's plan's), and of its tenant's.
+    pub fn quota_periods(&self, k: &StoredKey) -> (Vec<QuotaPeriod>, Vec<QuotaPeriod>) {
+        let r = self.wire_record(k);
+        let own: &[Limit] = if !r.limits.is_empty() {
+            &r.limits
+        } else {
+            r.plan
+                .as_deref()
+                .and_then(|p| self.plan(p))
+                .map_or(&[], |p| p.limits.as_slice())
+        };
+        let tenant = self
+            .tenant_limits_of(&r.tenant)
+            .map_or(&[][..], |t| t.limits.as_slice());
+        (quota_periods(own), quota_periods(tenant))
+    }
+
+    /// The quota usage counted from the request log now (empty for a
+    /// store without one).
+    pub fn quota_usage(&self) -> Result<QuotaUsage> {
+        match &self.usage_source.0 {
+            Some(read) => read(self),
+            None => Ok(QuotaUsage::default()),
+        }
+    }
+
+    /// Every plan and tenant limit set, as pushed (keyed for diffing).
+    pub fn limit_records(&self) -> std::collections::BTreeMap<(LimitKind, String), LimitRecord> {
+        let plans = self.plans.iter().map(|p| LimitRecord {
+            kind: LimitKind::Plan,
+            name: p.name.clone(),
+            limits: p.limits.clone(),
+            quota_used: vec![],
+        });
+        let tenants = self.tenant_limits.iter().map(|t| LimitRecord {
+            kind: LimitKind::Tenant,
+            name: t.tenant.clone(),
+            limits: t.limits.clone(),
+            quota_used: vec![],
+        });
+        plans
+            .chain(tenants)
+            .map(|r| ((r.kind, r.name.clone()), r))
+            .collect()
     }
 }
 
@@ -188,6 +371,108 @@ pub fn sqlite_path(spec: &str) -> Option<&str> {
         .iter()
         .any(|ext| spec.ends_with(ext))
         .then_some(spec)
+}
+
+/// One count the quota usage needs from a store's log tables.
+pub(crate) enum UsageCount<'a> {
+    /// Allowed requests of a key since (hourly usage).
+    Key {
+        tenant: &'a str,
+        key_id: &'a str,
+        since_ms: i64,
+    },
+    /// Allowed requests of all of a tenant's keys since (hourly usage).
+    Tenant { tenant: &'a str, since_ms: i64 },
+    /// Allowed request records of a key since (exact: for credits, whose
+    /// top-up may fall inside an hour).
+    Records { key_id: &'a str, since_ms: i64 },
+}
+
+fn secs_ms(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+/// The quota and credit usage of `snap`'s keys and tenants that have
+/// quotas or credits, one count each (keys without cost nothing).
+pub(crate) fn count_quota_usage(
+    snap: &Snapshot,
+    count: &mut dyn FnMut(UsageCount<'_>) -> Result<u64>,
+) -> Result<QuotaUsage> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut out = QuotaUsage::default();
+    let mut tenants = BTreeMap::new();
+    for k in &snap.keys {
+        let r = &k.record;
+        let (own, tenant) = snap.quota_periods(k);
+        let mut used = Vec::new();
+        for period in own {
+            let since = period.start(now);
+            let n = count(UsageCount::Key {
+                tenant: &r.tenant,
+                key_id: &r.key_id,
+                since_ms: secs_ms(since),
+            })?;
+            used.push(QuotaUsed {
+                period,
+                since,
+                used: n,
+            });
+        }
+        if let Some(c) = r.credits {
+            // Since the top-up, or (refilled monthly) the later of the
+            // top-up and the month's start.
+            let since = if c.monthly {
+                c.granted_at.max(QuotaPeriod::Month.start(now))
+            } else {
+                c.granted_at
+            };
+            let n = count(UsageCount::Records {
+                key_id: &r.key_id,
+                since_ms: secs_ms(since),
+            })?;
+            used.push(QuotaUsed {
+                period: QuotaPeriod::Credits,
+                since,
+                used: n,
+            });
+        }
+        if !used.is_empty() {
+            out.keys.insert(r.key_id.clone(), used);
+        }
+        if !tenant.is_empty() {
+            tenants.insert(r.tenant.clone(), tenant);
+        }
+    }
+    for (tenant, periods) in tenants {
+        let mut used = Vec::new();
+        for period in periods {
+            let since = period.start(now);
+            let n = count(UsageCount::Tenant {
+                tenant: &tenant,
+                since_ms: secs_ms(since),
+            })?;
+            used.push(QuotaUsed {
+                period,
+                since,
+                used: n,
+            });
+        }
+        out.tenants.insert(tenant, used);
+    }
+    Ok(out)
+}
+
+fn quota_periods(limits: &[Limit]) -> Vec<QuotaPeriod> {
+    limits
+        .iter()
+        .filter_map(|l| match l.period {
+            Period::Day => Some(QuotaPeriod::Day),
+            Period::Month => Some(QuotaPeriod::Month),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A fresh random store identity.

@@ -28,7 +28,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 pub const CHANNEL: &str = "keygate_changes";
-const SCHEMA_VERSION: i32 = 4;
+const SCHEMA_VERSION: i32 = 5;
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How long the LISTEN connection sits silent before it is probed; a dead
@@ -37,7 +37,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const LISTEN_PROBE: Duration = Duration::from_secs(30);
 
 /// Versioned, idempotent steps; `schema_version` records the last applied.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     "
 CREATE TABLE IF NOT EXISTS keygate_meta (
     id integer PRIMARY KEY CHECK (id = 1),
@@ -71,7 +71,24 @@ CREATE TABLE IF NOT EXISTS keygate_revoked_sessions (
     // Key metadata objects (the record carries only what a push forwards).
     "ALTER TABLE keygate_keys ADD COLUMN IF NOT EXISTS metadata text;
      UPDATE keygate_meta SET schema_version = 4 WHERE id = 1 AND schema_version < 4;",
+    // Plans and tenant limits, one JSON document (keys carry their own
+    // limits and plan in their record).
+    "CREATE TABLE IF NOT EXISTS keygate_limit_sets (
+         id integer PRIMARY KEY CHECK (id = 1),
+         body text NOT NULL
+     );
+     UPDATE keygate_meta SET schema_version = 5 WHERE id = 1 AND schema_version < 5;",
 ];
+
+/// The `keygate_limit_sets` document.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitSets {
+    #[serde(default)]
+    plans: Vec<super::PlanDef>,
+    #[serde(default)]
+    tenant_limits: Vec<super::TenantLimits>,
+}
 
 pub struct PgStore {
     /// As given (it may hold a password: never shown).
@@ -259,11 +276,22 @@ impl PgStore {
                 revoked_at_ms: r.get::<_, i64>(2) as u64,
             })
             .collect();
+        let sets: LimitSets = match tx
+            .query_opt("SELECT body FROM keygate_limit_sets WHERE id = 1", &[])
+            .map_err(self.err())?
+        {
+            Some(row) => serde_json::from_str(row.get::<_, &str>(0))
+                .map_err(|e| Error::Invalid(format!("plans and tenant limits: {e}")))?,
+            None => LimitSets::default(),
+        };
         let snap = Snapshot {
             store_id,
             version: version as u64,
             keys,
             revoked_sessions,
+            plans: sets.plans,
+            tenant_limits: sets.tenant_limits,
+            usage_source: self.usage_source(),
         };
         snap.validate()?;
         Ok(snap)
@@ -326,6 +354,19 @@ impl PgStore {
                 )
                 .map_err(self.err())?;
             }
+        }
+        if before.plans != after.plans || before.tenant_limits != after.tenant_limits {
+            let body = serde_json::to_string(&LimitSets {
+                plans: after.plans.clone(),
+                tenant_limits: after.tenant_limits.clone(),
+            })
+            .map_err(|e| Error::Other(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO keygate_limit_sets (id, body) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET body = $1",
+                &[&body],
+            )
+            .map_err(self.err())?;
         }
         Ok(())
     }
@@ -538,6 +579,49 @@ impl PgStore {
             .map_err(self.err())?;
         }
         Ok(())
+    }
+
+    /// Quota usage from the request-log tables `keygate serve` keeps in
+    /// this same database (its management database defaults to the store's
+    /// URL), through a connection of its own: the sync daemon asks from its
+    /// endpoint threads when it pushes a full set. Where those tables do not
+    /// exist (a separate `--db`), the push goes on without usage and says so.
+    fn usage_source(&self) -> super::UsageSource {
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        let (host, port) = (self.host.clone(), self.port);
+        super::UsageSource(Some(std::sync::Arc::new(move |snap: &Snapshot| {
+            let err = |e: postgres::Error| Error::Postgres {
+                host: host.clone(),
+                port,
+                detail: crate::db::pg_message(&e),
+            };
+            let mut c = config.connect(tls.clone()).map_err(err)?;
+            let mut one = |q: &str, p: &[&(dyn postgres::types::ToSql + Sync)]| -> Result<u64> {
+                let n: i64 = c.query_one(q, p).map_err(err)?.get(0);
+                Ok(u64::try_from(n).unwrap_or(0))
+            };
+            super::count_quota_usage(snap, &mut |q| match q {
+                super::UsageCount::Key {
+                    tenant,
+                    key_id,
+                    since_ms,
+                } => one(
+                    "SELECT COALESCE(SUM(allowed), 0)::bigint FROM usage_hourly \
+                     WHERE tenant = $1 AND key_id = $2 AND hour_ms >= $3",
+                    &[&tenant, &key_id, &since_ms],
+                ),
+                super::UsageCount::Tenant { tenant, since_ms } => one(
+                    "SELECT COALESCE(SUM(allowed), 0)::bigint FROM usage_hourly \
+                     WHERE tenant = $1 AND hour_ms >= $2",
+                    &[&tenant, &since_ms],
+                ),
+                super::UsageCount::Records { key_id, since_ms } => one(
+                    "SELECT count(*) FROM request_logs \
+                     WHERE key_id = $1 AND time_ms >= $2 AND decision = 'allowed'",
+                    &[&key_id, &since_ms],
+                ),
+            })
+        })))
     }
 }
 

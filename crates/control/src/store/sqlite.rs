@@ -257,6 +257,12 @@ impl SqliteStore {
                     previous_key_hash: None,
                     previous_key_expires_at: None,
                     metadata: Default::default(),
+                    // Filled from `key_limits` (see `sqlite_limits`).
+                    limits: vec![],
+                    plan: None,
+                    tenant_limits: false,
+                    quota_used: vec![],
+                    credits: None,
                 },
                 metadata: None,
             });
@@ -282,12 +288,27 @@ impl SqliteStore {
             .map_err(self.sql_err())?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(self.sql_err())?;
-        Ok(Snapshot {
+        let mut snap = Snapshot {
             store_id: Some(store_id),
             version: to_u64(version),
             keys,
             revoked_sessions,
-        })
+            ..Snapshot::default()
+        };
+        super::sqlite_limits::read(c, &mut snap, &self.sql_err(), &|e| self.corrupt(e))?;
+        let path = self.path.clone();
+        snap.usage_source = super::UsageSource(Some(std::sync::Arc::new(move |s: &Snapshot| {
+            // Its own read-only connection: the sync daemon asks from its
+            // endpoint threads, when it pushes a full set.
+            let shown = path.display().to_string();
+            let err = |e: rusqlite::Error| Error::Other(format!("quota usage in {shown}: {e}"));
+            let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(err)?;
+            c.busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(err)?;
+            super::sqlite_limits::read_quota_used(&c, s, &err)
+        })));
+        Ok(snap)
     }
 
     /// Fills each key's owner, metadata and rolled-away value (columns of
@@ -447,6 +468,7 @@ impl SqliteStore {
                 .map_err(&e)?;
             }
         }
+        super::sqlite_limits::write(tx, old, new, &self.sql_err())?;
         tx.execute(
             "UPDATE store_meta SET version = ?1 WHERE id = 1",
             [to_i64(new.version)],
@@ -852,5 +874,146 @@ mod tests {
         assert_eq!(got.store_id, id);
         assert_eq!(s.load().unwrap().keys, from.keys);
         assert!(s.import(&from).is_err(), "a second import is refused");
+    }
+
+    #[test]
+    fn plans_tenant_limits_and_key_limits_round_trip_through_sqlite() {
+        use crate::service::{KeyLimits, TenantLimitsChange};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let svc = Service::new(Box::new(SqliteStore::new(&path)));
+        svc.init_store().unwrap();
+        let l = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>();
+        svc.create_plan("pro", l(&["100/min", "10000/day"]), 5)
+            .unwrap();
+        let c = svc
+            .create_key_limited(
+                new_key("acme", "a"),
+                KeyLimits {
+                    limits: l(&["10/s", "200000/month"]),
+                    plan: Some("pro".into()),
+                },
+                10,
+            )
+            .unwrap();
+        svc.set_tenant_limits(
+            "acme",
+            &TenantLimitsChange {
+                plan: Some(Some("pro".into())),
+                limits: Some(l(&["500/min"])),
+            },
+        )
+        .unwrap();
+        let snap = svc.snapshot().unwrap();
+        let again = SqliteStore::new(&path).load().unwrap();
+        assert_eq!(again, snap);
+        let k = again.find(&c.key_id).unwrap();
+        assert_eq!(k.record.limits, l(&["10/s", "200000/month"]));
+        assert_eq!(k.record.plan.as_deref(), Some("pro"));
+        assert_eq!(again.plans.len(), 1);
+        assert_eq!(again.tenant_limits[0].limits, l(&["500/min"]));
+        // Removing them removes their rows.
+        svc.revoke_key(&c.key_id).unwrap();
+        svc.set_tenant_limits(
+            "acme",
+            &TenantLimitsChange {
+                plan: Some(None),
+                limits: Some(vec![]),
+            },
+        )
+        .unwrap();
+        svc.delete_plan("pro").unwrap();
+        let empty = SqliteStore::new(&path).load().unwrap();
+        assert!(empty.plans.is_empty() && empty.tenant_limits.is_empty());
+        let rows: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM key_limits", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
+
+    #[test]
+    fn quota_usage_is_counted_from_the_hourly_usage_of_the_current_period() {
+        use crate::service::{KeyLimits, TenantLimitsChange};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let svc = Service::new(Box::new(SqliteStore::new(&path)));
+        svc.init_store().unwrap();
+        let l = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>();
+        let quota = svc
+            .create_key_limited(
+                new_key("acme", "q"),
+                KeyLimits {
+                    limits: l(&["100/min", "1000/day", "9000/month"]),
+                    plan: None,
+                },
+                1,
+            )
+            .unwrap();
+        let mut window = new_key("acme", "w");
+        window.kind = Kind::Default;
+        window.scopes = vec![];
+        let window = svc.create_key(window, 1).unwrap();
+        svc.set_tenant_limits(
+            "acme",
+            &TenantLimitsChange {
+                plan: None,
+                limits: Some(l(&["5000/day"])),
+            },
+        )
+        .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let this_hour = now / 3600 * 3600 * 1000;
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for (hour, key, n) in [
+            (this_hour, &quota.key_id, 7),
+            (this_hour - 40 * 86_400_000, &quota.key_id, 500), // another month
+            (this_hour, &window.key_id, 3),
+        ] {
+            c.execute(
+                "INSERT INTO usage_hourly (tenant, hour_ms, key_id, allowed, denied) VALUES ('acme', ?1, ?2, ?3, 0)",
+                params![hour, key, n],
+            )
+            .unwrap();
+        }
+        let usage = svc.snapshot().unwrap().quota_usage().unwrap();
+        let counts =
+            |v: &Vec<keygate_core::limits::QuotaUsed>| v.iter().map(|u| u.used).collect::<Vec<_>>();
+        assert_eq!(counts(&usage.keys[&quota.key_id]), vec![7, 7]);
+        assert!(
+            !usage.keys.contains_key(&window.key_id),
+            "a key without quotas costs no query"
+        );
+        assert_eq!(counts(&usage.tenants["acme"]), vec![10]);
+        // Credits: uses since the top-up, from the request records.
+        let patch = crate::service::KeyPatch {
+            credits: Some(Some((10, false))),
+            ..Default::default()
+        };
+        let topped = svc.patch_key("acme", &window.key_id, &patch, 1).unwrap();
+        let granted_ms = topped.record.credits.unwrap().granted_at as i64 * 1000;
+        for (t, decision) in [
+            (granted_ms - 5, "allowed"),
+            (granted_ms + 5, "allowed"),
+            (granted_ms + 6, "denied"),
+        ] {
+            c.execute(
+                "INSERT INTO request_logs (time_ms, key_id, tenant, decision) VALUES (?1, ?2, 'acme', ?3)",
+                params![t, window.key_id, decision],
+            )
+            .unwrap();
+        }
+        let usage = svc.snapshot().unwrap().quota_usage().unwrap();
+        assert_eq!(
+            usage.keys[&window.key_id]
+                .iter()
+                .map(|u| (u.period, u.used))
+                .collect::<Vec<_>>(),
+            vec![(keygate_core::limits::QuotaPeriod::Credits, 1)],
+            "only the allowed request after the top-up"
+        );
     }
 }

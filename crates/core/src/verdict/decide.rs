@@ -9,8 +9,12 @@ use crate::extract::{extract, ExtractError, Presented, Scheme};
 use crate::hash::{ct_eq, is_hex64, sha256, Digest};
 use crate::ip_rules::{client_ip, is_allowed};
 use crate::key_format::{self, Shape};
+use crate::limits::{
+    acquire_rules, acquire_tenant, combine, decode_plan, plan_key, refusal_message, release_rules,
+    rules, tenant_policies, Rule,
+};
 use crate::path::normalize;
-use crate::rate_limit::{acquire, RateStatus};
+use crate::rate_limit::RateStatus;
 use crate::scope::{grants, Access};
 use crate::shared_data::{counter_key, revocations_key, CounterCell};
 use crate::token::{self, Claims, TokenError, Tokens, VerifiedTokens};
@@ -209,6 +213,9 @@ fn authorize(
 
 /// Who is calling: the live credential behind an API key (and secret) or,
 /// when `allow_tokens`, behind an issued bearer token (then with its session).
+// The refusal carries its rate status, whose policy list is inline (no
+// allocation per request): a large error value, on the cold path.
+#[allow(clippy::result_large_err)]
 pub(super) fn authenticate(
     policy: &Policy,
     presented: &Presented,
@@ -262,6 +269,7 @@ pub(super) fn authenticate(
 }
 
 /// The credential behind a presented key's hash, its secret checked.
+#[allow(clippy::result_large_err)]
 fn authenticate_hash(
     policy: &Policy,
     presented: &Presented,
@@ -341,6 +349,9 @@ pub(super) fn is_bound(tokens: &Tokens, claims: &Claims, cred: &Credential, now_
 /// A token is only as good as the key behind it: the credential is looked up
 /// live and the token's reference recomputed, so revoking, deactivating,
 /// re-creating or re-secreting the key stops its tokens at once.
+// The refusal carries its rate status, whose policy list is inline (no
+// allocation per request): a large error value, on the cold path.
+#[allow(clippy::result_large_err)]
 fn authenticate_token(
     policy: &Policy,
     tokens: &Tokens,
@@ -433,31 +444,124 @@ pub(super) fn check_credential(
             );
         }
     }
-    let rate = match cred.rate_limit.or(policy.rate_limit) {
-        None => None,
-        Some(limit) => {
-            let status = acquire(host.counters(), &counter_key(&cred.key_id), limit, now_ns);
-            if !status.allowed {
-                let message = match status.retry_after_secs() {
-                    1 => "Rate limit exceeded. Try again in 1 second.".to_owned(),
-                    n => format!("Rate limit exceeded. Try again in {n} seconds."),
-                };
-                let denial = Denial {
-                    rate: Some(status),
-                    ..Denial::new(Reason::RateLimited, message)
-                };
-                return Outcome::Denied {
-                    denial,
-                    credential: Some(cred),
-                };
-            }
-            Some(status)
-        }
+    let rate = match limit(policy, &cred, host, now_ns) {
+        Ok(rate) => rate,
+        Err(refusal) => return refusal,
     };
     Outcome::Allowed {
         credential: cred,
         rate,
     }
+}
+
+/// Takes the request from every budget it counts against (`crate::limits`):
+/// the key's own limits, else its plan's, else the plugin's default; then
+/// its tenant's. The status to report, or the refusal.
+// The refusal carries its rate status, whose policy list is inline (no
+// allocation per request): a large error value, on the cold path.
+#[allow(clippy::result_large_err)]
+fn limit(
+    policy: &Policy,
+    cred: &Rc<Credential>,
+    host: &mut dyn Host,
+    now_ns: u64,
+) -> Result<Option<RateStatus>, Outcome> {
+    let plan_rules;
+    let default_rule;
+    let key_rules: &[Rule] = if !cred.own_rules.is_empty() {
+        &cred.own_rules
+    } else {
+        let plan = match &cred.plan {
+            None => None,
+            // A plan is written by sync before any key on it is served: one
+            // that cannot be read refuses the request.
+            Some(name) => Some(
+                decode_plan(host.counters().load(&plan_key(name)).0.as_deref())
+                    .ok_or_else(|| unreadable_limits(cred))?,
+            ),
+        };
+        match plan.filter(|limits| !limits.is_empty()) {
+            Some(limits) => {
+                plan_rules = rules(&limits, false);
+                &plan_rules
+            }
+            None => {
+                default_rule = policy.rate_limit.map(Rule::of_rate_limit);
+                default_rule.as_slice()
+            }
+        }
+    };
+    // Credits count on top of whichever limits apply.
+    let with_credits;
+    let key_rules: &[Rule] = match cred.credits {
+        None => key_rules,
+        Some(c) => {
+            with_credits = key_rules
+                .iter()
+                .copied()
+                .chain([c.rule()])
+                .collect::<Vec<_>>();
+            &with_credits
+        }
+    };
+    let key = (!key_rules.is_empty()).then(|| {
+        acquire_rules(
+            host.counters(),
+            &counter_key(&cred.key_id),
+            key_rules,
+            now_ns,
+        )
+    });
+    if let Some(mut status) = key.filter(|s| !s.allowed) {
+        // Refused by the key: the tenant's budget is not touched, but its
+        // limits are listed too.
+        if cred.tenant_limits {
+            let tenant = tenant_policies(host.counters(), &cred.tenant, now_ns);
+            status.policies.extend(&tenant);
+        }
+        return Err(rate_limited(status, cred));
+    }
+    let tenant = if cred.tenant_limits {
+        acquire_tenant(host.counters(), &cred.tenant, now_ns)
+            .map_err(|_| unreadable_limits(cred))?
+    } else {
+        None
+    };
+    match combine(key, tenant) {
+        Some(status) if !status.allowed => {
+            // The tenant refused what the key admitted: the key gets it back.
+            if key.is_some() {
+                release_rules(
+                    host.counters(),
+                    &counter_key(&cred.key_id),
+                    key_rules,
+                    now_ns,
+                );
+            }
+            Err(rate_limited(status, cred))
+        }
+        status => Ok(status),
+    }
+}
+
+fn rate_limited(status: RateStatus, cred: &Rc<Credential>) -> Outcome {
+    let denial = Denial {
+        rate: Some(status),
+        ..Denial::new(Reason::RateLimited, refusal_message(&status))
+    };
+    Outcome::Denied {
+        denial,
+        credential: Some(cred.clone()),
+    }
+}
+
+/// Fail closed: a plan or tenant entry that cannot be read refuses.
+fn unreadable_limits(cred: &Rc<Credential>) -> Outcome {
+    deny(
+        Reason::Internal,
+        "The gateway could not process this request",
+        Some(cred),
+    )
 }
 
 #[cfg(test)]
@@ -466,6 +570,131 @@ mod tests {
     use crate::credential::{Kind, Status};
     use crate::hash::to_hex;
     use crate::testing::{denied, policy, rec, req, run, MemoryHost, NOW};
+
+    fn store_key(
+        host: &mut MemoryHost,
+        key: &str,
+        edit: impl FnOnce(&mut crate::CredentialRecord),
+    ) {
+        let mut r = crate::credential::tests::record(key, "acme");
+        r.key_id = format!("k-{key}");
+        edit(&mut r);
+        let c = Credential::try_from(&r).unwrap();
+        host.dynamic.insert(c.key_hash, Rc::new(c));
+    }
+
+    fn get(p: &crate::Policy, host: &mut MemoryHost, key: &str) -> Decision {
+        run(p, &req("GET", "/v1/items", &[("x-api-key", key)]), host)
+    }
+
+    #[test]
+    fn a_key_on_a_plan_meets_the_plans_limits_and_a_missing_plan_refuses() {
+        use crate::limits::{encode_plan, plan_key};
+        let p = policy(vec![], r#","rate_limit":{"requests":100,"window_secs":60}"#);
+        let mut host = MemoryHost::default();
+        store_key(&mut host, "planned", |r| r.plan = Some("free".into()));
+        assert_eq!(
+            denied(&get(&p, &mut host, "planned")).map(|(r, _)| r),
+            Some(Reason::Internal),
+            "a plan that cannot be read refuses"
+        );
+        host.counters
+            .insert(plan_key("free"), encode_plan(&["1/min".parse().unwrap()]));
+        let d = get(&p, &mut host, "planned");
+        assert_eq!(d.rate().map(|r| (r.limit.requests, r.tag)), Some((1, 2)));
+        let refused = get(&p, &mut host, "planned");
+        assert_eq!(denied(&refused).map(|(r, _)| r), Some(Reason::RateLimited));
+        // A plan without limits leaves the plugin's default.
+        host.counters.insert(plan_key("free"), encode_plan(&[]));
+        let d = get(&p, &mut host, "planned");
+        assert_eq!(d.rate().map(|r| (r.limit.requests, r.tag)), Some((100, 0)));
+    }
+
+    #[test]
+    fn own_limits_win_over_the_plan_and_the_tenant_limit_counts_on_top() {
+        use crate::limits::{encode_plan, plan_key, retarget_tenant, tenant_key};
+        let p = policy(vec![], "");
+        let mut host = MemoryHost::default();
+        host.counters
+            .insert(plan_key("free"), encode_plan(&["1/min".parse().unwrap()]));
+        host.counters.insert(
+            tenant_key("acme"),
+            retarget_tenant(None, &["3/min".parse().unwrap()]),
+        );
+        for key in ["a", "b"] {
+            store_key(&mut host, key, |r| {
+                r.plan = Some("free".into());
+                r.limits = vec!["10/min".parse().unwrap(), "1000/day".parse().unwrap()];
+                r.tenant_limits = true;
+            });
+        }
+        let d = get(&p, &mut host, "a");
+        let rate = d.rate().unwrap();
+        let names: Vec<u8> = rate.policies.iter().map(|(t, _)| t).collect();
+        assert_eq!(
+            names,
+            vec![2, 4, 0x12],
+            "own minute and day, the tenant's minute"
+        );
+        assert_eq!((rate.tag, rate.remaining), (0x12, 2));
+        assert!(matches!(
+            get(&p, &mut host, "b").outcome,
+            Outcome::Allowed { .. }
+        ));
+        assert!(matches!(
+            get(&p, &mut host, "a").outcome,
+            Outcome::Allowed { .. }
+        ));
+        let before = host.counters.get("r:k-b").cloned();
+        let refused = get(&p, &mut host, "b");
+        let (reason, message) = denied(&refused).unwrap();
+        assert_eq!(reason, Reason::RateLimited);
+        assert!(
+            message.starts_with("Tenant rate limit exceeded"),
+            "{message}"
+        );
+        let counted = |c: Option<&Vec<u8>>| crate::limits::Counters::decode(c.map(Vec::as_slice));
+        assert_eq!(
+            counted(host.counters.get("r:k-b")),
+            counted(before.as_ref()),
+            "what the tenant refused does not use the key's budget"
+        );
+        // A key flagged for tenant limits whose tenant entry is missing refuses.
+        host.counters.remove(&tenant_key("acme"));
+        assert_eq!(
+            denied(&get(&p, &mut host, "a")).map(|(r, _)| r),
+            Some(Reason::Internal)
+        );
+    }
+
+    #[test]
+    fn a_key_refusal_lists_the_tenant_limits_without_counting_them() {
+        use crate::limits::{retarget_tenant, tenant_key};
+        let p = policy(vec![], "");
+        let mut host = MemoryHost::default();
+        host.counters.insert(
+            tenant_key("acme"),
+            retarget_tenant(None, &["3/min".parse().unwrap()]),
+        );
+        store_key(&mut host, "a", |r| {
+            r.limits = vec!["1/min".parse().unwrap()];
+            r.tenant_limits = true;
+        });
+        assert!(matches!(
+            get(&p, &mut host, "a").outcome,
+            Outcome::Allowed { .. }
+        ));
+        let tenant_before = host.counters.get(&tenant_key("acme")).cloned();
+        let refused = get(&p, &mut host, "a");
+        let rate = refused.rate().unwrap();
+        assert!(!rate.allowed);
+        let tags: Vec<u8> = rate.policies.iter().map(|(t, _)| t).collect();
+        assert_eq!(tags, vec![2, 0x12]);
+        assert_eq!(
+            host.counters.get(&tenant_key("acme")),
+            tenant_before.as_ref()
+        );
+    }
 
     #[test]
     fn valid_key_is_allowed_with_identity_headers() {

@@ -9,4 +9,4 @@ pub mod reply;
 
 pub use self::decide::{decide, Decision, Headers, Host, Outcome, TokenSession};
 pub use self::login::{is_login, login, Login};
-pub use self::reply::{identity_spellings, rate_limit_headers, UpstreamHeaders};
+pub use self::reply::{identity_spellings, policy_header, rate_limit_headers, UpstreamHeaders};

@@ -3,7 +3,7 @@
 
 use super::decide::{Decision, Headers, Outcome};
 use crate::config::{Policy, RateLimitHeaders};
-use crate::rate_limit::RateStatus;
+use crate::rate_limit::{policy_name, Policies, RateStatus};
 
 /// Header edits on the request before it goes upstream.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -81,6 +81,30 @@ pub fn identity_spellings<'n>(
 }
 
 /// Rate-limit response headers, in the enabled styles.
+/// The IETF `RateLimit-Policy` value: every limit the request met, named
+/// as `crate::rate_limit::policy_name` says (`"minute";q=100;w=60, …`).
+pub fn policy_header(status: &RateStatus) -> String {
+    let one = Policies::one(status.tag, status.limit);
+    let policies = if status.policies.is_empty() {
+        &one
+    } else {
+        &status.policies
+    };
+    let mut out = String::with_capacity(32 * policies.len());
+    for (i, (tag, limit)) in policies.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&format!(
+            "\"{}\";q={};w={}",
+            policy_name(tag),
+            limit.requests,
+            limit.window_secs
+        ));
+    }
+    out
+}
+
 pub fn rate_limit_headers(
     status: &RateStatus,
     styles: RateLimitHeaders,
@@ -93,17 +117,12 @@ pub fn rate_limit_headers(
         h.push(("x-ratelimit-reset", status.reset_epoch_secs().to_string()));
     }
     if styles.ietf {
-        h.push((
-            "ratelimit-policy",
-            format!(
-                "\"default\";q={};w={}",
-                status.limit.requests, status.limit.window_secs
-            ),
-        ));
+        h.push(("ratelimit-policy", policy_header(status)));
         h.push((
             "ratelimit",
             format!(
-                "\"default\";r={};t={}",
+                "\"{}\";r={};t={}",
+                policy_name(status.tag),
                 status.remaining,
                 status.reset_in_secs(now_ns)
             ),

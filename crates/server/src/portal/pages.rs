@@ -71,6 +71,12 @@ pub struct KeyRow {
     pub metadata: String,
     /// Until when a rolled-away value still works ("" for none).
     pub previous_key_until: String,
+    /// The key's own limits (`100/min, 10000/day`), or "-".
+    pub limits: String,
+    /// The key's plan, or "-" (its tenant's plan, if any, applies).
+    pub plan: String,
+    /// The key's usage credits (`10000, refilled monthly`), or "-".
+    pub credits: String,
 }
 
 fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
@@ -115,6 +121,27 @@ fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
             .filter(|t| *t > now())
             .map(time_text)
             .unwrap_or_default(),
+        limits: if r.limits.is_empty() {
+            "-".into()
+        } else {
+            r.limits
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        plan: r.plan.clone().unwrap_or_else(|| "-".into()),
+        credits: r.credits.map_or_else(
+            || "-".into(),
+            |c| {
+                format!(
+                    "{} from {}{}",
+                    c.balance,
+                    time_text(c.granted_at),
+                    if c.monthly { ", refilled monthly" } else { "" }
+                )
+            },
+        ),
     }
 }
 

@@ -285,3 +285,49 @@ fn the_usage_chart_has_one_bar_per_bucket_and_keeps_the_totals() {
     // The point at 99 is outside the three 10 ms buckets starting at 0.
     assert_eq!((a, d, n), (5, 1, 3));
 }
+
+#[tokio::test]
+async fn the_key_page_shows_the_keys_limits_and_plan() {
+    let fx = fixture();
+    let kid = {
+        let svc = fx.state.svc.lock().unwrap();
+        svc.create_plan("pro", vec!["100/min".parse().unwrap()], now())
+            .unwrap();
+        let new = keygate_control::service::NewKey {
+            key_id: None,
+            name: "limited".into(),
+            tenant: "acme".into(),
+            environment: "live".into(),
+            kind: keygate_core::credential::Kind::Scoped,
+            scopes: vec!["read".into()],
+            allowed_ips: vec![],
+            rate_limit: None,
+            expires_at: None,
+            with_secret: false,
+            key_value: None,
+            secret_value: None,
+            ..Default::default()
+        };
+        let limits = keygate_control::service::KeyLimits {
+            limits: vec!["10/s".parse().unwrap(), "10000/day".parse().unwrap()],
+            plan: Some("pro".into()),
+        };
+        svc.create_key_limited(new, limits, now()).unwrap().key_id
+    };
+    let (cookie, _) = sign_in(&fx, "acme").await;
+    let (s, _, page) = send(
+        &fx.app,
+        "GET",
+        &format!("/portal/keys/{kid}"),
+        Some(&cookie),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(
+        page.contains("<dt>Limits</dt><dd>10/s, 10000/day</dd>"),
+        "{page}"
+    );
+    assert!(page.contains("<dt>Plan</dt><dd>pro</dd>"), "{page}");
+    assert!(page.contains("<dt>Usage credits</dt><dd>-</dd>"), "{page}");
+}
