@@ -31,7 +31,9 @@ pub const LAYOUT_KEY: &str = "sync:layout";
 /// sidecar for a full push (`sync::reported_state`, `sync::check_layout`)
 /// instead of serving or patching entries it would misread.
 ///
-/// 2: the key-id index in `kx:` buckets (1 had one `k:<key id>` per key).
+/// 2: the key-id index in `kx:` buckets (1 had one `k:<key id>` per key);
+/// credential entries in format 2 (own limits, tagged owner / rolled key /
+/// metadata, counters trailer); plan and tenant-limit entries.
 pub const LAYOUT: u32 = 2;
 
 /// Whether the `sync:layout` entry names this build's [`LAYOUT`].
