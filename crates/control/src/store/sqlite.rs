@@ -296,8 +296,16 @@ impl SqliteStore {
             ..Snapshot::default()
         };
         super::sqlite_limits::read(c, &mut snap, &self.sql_err(), &|e| self.corrupt(e))?;
+        snap.usage_source = self.log_usage();
+        Ok(snap)
+    }
+
+    /// Usage counted from this file's request log, through a read-only
+    /// connection of its own: the sync daemon asks from its endpoint
+    /// threads, when it pushes a full set.
+    fn log_usage(&self) -> super::UsageSource {
         let path = self.path.clone();
-        snap.usage_source = super::UsageSource(Some(std::sync::Arc::new(move |s: &Snapshot| {
+        super::UsageSource(Some(std::sync::Arc::new(move |s: &Snapshot| {
             // Its own read-only connection: the sync daemon asks from its
             // endpoint threads, when it pushes a full set.
             let shown = path.display().to_string();
@@ -307,8 +315,7 @@ impl SqliteStore {
             c.busy_timeout(std::time::Duration::from_secs(5))
                 .map_err(err)?;
             super::sqlite_limits::read_quota_used(&c, s, &err)
-        })));
-        Ok(snap)
+        })))
     }
 
     /// Fills each key's owner, metadata and rolled-away value (columns of
@@ -597,6 +604,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn usage_source(&self) -> super::UsageSource {
+        self.log_usage()
+    }
+
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
