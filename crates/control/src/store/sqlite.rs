@@ -1101,6 +1101,9 @@ mod tests {
         let (status, error) = svc.credits_status(&svc.list_keys(None).unwrap(), 2);
         assert!(error.is_none());
         let st = status[&k.key_id];
-        assert_eq!((st.balance, st.used, st.remaining, st.refills_at), (5, None, None, None));
+        assert_eq!(
+            (st.balance, st.used, st.remaining, st.refills_at),
+            (5, None, None, None)
+        );
     }
 }

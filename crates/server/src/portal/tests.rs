@@ -419,10 +419,19 @@ async fn the_limits_page_shows_the_tenants_plan_shared_limits_and_each_keys_limi
     let (s, _, page) = send(&fx.app, "GET", "/portal/limits", Some(&cookie), None).await;
     assert_eq!(s, 200);
     assert!(page.contains("<strong>free</strong>: 10/min"), "{page}");
-    assert!(page.contains("<dd id=\"tenant-limits\">1000/min</dd>"), "{page}");
+    assert!(
+        page.contains("<dd id=\"tenant-limits\">1000/min</dd>"),
+        "{page}"
+    );
     assert!(page.contains("<a href=\"/portal/limits\" aria-current=\"page\">Limits</a>"));
-    assert!(page.contains(&format!("/portal/keys/{via_tenant}")), "{page}");
-    assert!(page.contains("10/min (plan free, your tenant&#39;s)"), "{page}");
+    assert!(
+        page.contains(&format!("/portal/keys/{via_tenant}")),
+        "{page}"
+    );
+    assert!(
+        page.contains("10/min (plan free, your tenant&#39;s)"),
+        "{page}"
+    );
     assert!(page.contains("100/min, 5000/day (plan pro)"), "{page}");
     assert!(page.contains("97 of 100 left (3 used since"), "{page}");
     // Read-only: no form but sign-out's.
@@ -445,8 +454,14 @@ async fn the_limits_page_shows_the_tenants_plan_shared_limits_and_each_keys_limi
         page.contains("<dd id=\"effective-limits\">100/min, 5000/day (plan pro)</dd>"),
         "{page}"
     );
-    assert!(page.contains("<dd id=\"tenant-limits\">1000/min</dd>"), "{page}");
-    assert!(page.contains("<dd id=\"credits\">97 of 100 left (3 used since"), "{page}");
+    assert!(
+        page.contains("<dd id=\"tenant-limits\">1000/min</dd>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<dd id=\"credits\">97 of 100 left (3 used since"),
+        "{page}"
+    );
     let (s, _, page) = send(
         &fx.app,
         "GET",
@@ -456,9 +471,11 @@ async fn the_limits_page_shows_the_tenants_plan_shared_limits_and_each_keys_limi
     )
     .await;
     assert_eq!(s, 404);
-    assert!(!page.contains("4242") && !page.contains("secretplan"), "{page}");
+    assert!(
+        !page.contains("4242") && !page.contains("secretplan"),
+        "{page}"
+    );
     // Signed out: no limits page.
     let (s, _, _) = send(&fx.app, "GET", "/portal/limits", None, None).await;
     assert_ne!(s, 200);
 }
-
