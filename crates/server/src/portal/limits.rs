@@ -46,7 +46,7 @@ pub(super) fn effective_text(snap: &Snapshot, k: &StoredKey) -> String {
             limits_text(&limits),
             if via_tenant { ", your tenant's" } else { "" }
         ),
-        EffectiveLimits::Default => "the deployment's default rate limit".into(),
+        EffectiveLimits::Default => "the gateway's default rate limit, if it sets one".into(),
     }
 }
 
