@@ -10,6 +10,7 @@ portal sessions fenced off from the API."""
 import os
 import re
 import subprocess
+import time
 import urllib.parse
 
 import pytest
@@ -125,3 +126,22 @@ def test_a_portal_session_is_no_api_token_and_no_api_token_is_a_portal_session(r
     assert portal_ids and not (portal_ids & api_token_ids), "a portal session is listed as an API token"
     # A tenant API token in the cookie is no portal session.
     assert portal_http(f"{base}/portal/keys", cookie=f"keygate_portal={rig['acme']}")[0] == 401
+
+
+def test_the_credits_left_are_counted_from_the_request_log_in_postgresql(rig):
+    # A tenant of its own: the module's other tests fill acme's key allowance.
+    k = create_key(rig, "credited", rig["op"], name="pg credited")
+    path = f"/api/v1/tenants/credited/keys/{k['key_id']}"
+    s, v = call(rig["server"], "PATCH", path, rig["op"], {"credits": {"balance": 10}})
+    assert s == 200 and v["credits"]["used"] == 0, v
+    h = [("x-api-key", k["api_key"])]
+    # Every allowed request after the top-up counts, pushed yet or not.
+    allowed = 0
+    for _ in range(50):
+        r = request(rig["envoy"].port, "GET", "/v1/items", h)
+        allowed += r.status == 200
+        if '"credits"' in (r.header("ratelimit-policy") or "") and allowed >= 3:
+            break
+        time.sleep(0.05)
+    assert wait_until(lambda: call(rig["server"], "GET", path, rig["op"])[1]["credits"]["remaining"] == 10 - allowed,
+                      timeout=10), call(rig["server"], "GET", path, rig["op"])[1]

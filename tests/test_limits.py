@@ -259,3 +259,55 @@ def test_usage_credits_run_out_with_a_clear_429_and_a_top_up_restores_them(rig):
     assert wait_until(lambda: get(envoy, k["api_key"]).status == 200, timeout=10)
     p = keygate(store, "key", "credits", k["key_id"], "--set", "5000000000", check=False, json_out=False)
     assert p.returncode != 0 and "credits.balance" in p.stderr, p.stderr
+
+
+def test_the_api_cli_and_portal_show_the_credits_left_a_few_seconds_after_the_requests(envoy_factory, tmp_path):
+    """Remaining credits = balance - allowed requests since the top-up,
+    counted from the request log `keygate serve` ingests from Envoy's access
+    log: shown by the API, `key show`/`key list` and the portal soon after."""
+    from tests.test_api import Server, call, portal_http, portal_session, token
+    store = str(tmp_path / "keygate.db")
+    keygate(store, "store", "init")
+    log = tmp_path / "access.log"
+    k = create(store, "acme")
+    keygate(store, "key", "credits", k["key_id"], "--set", "10")
+    other = create(store, "globex")
+    keygate(store, "plan", "create", "globexonly", "--limit", "7/min")
+    keygate(store, "tenant", "limits", "globex", "--plan", "globexonly", "--limit", "4242/hour")
+    op = token(store, "--operator")
+    with envoy_factory(CONFIG, access_log=log) as envoy:
+        with Server(store, tmp_path, "--endpoint", f"http://127.0.0.1:{envoy.sync_port}",
+                    "--access-log", str(log)) as server:
+            live(envoy, k["api_key"])  # the first allowed request
+            statuses = [get(envoy, k["api_key"]).status for _ in range(3)]
+            assert statuses == [200, 200, 200]
+            n = 4
+            path = f"/api/v1/tenants/acme/keys/{k['key_id']}"
+
+            def credits():
+                s, v = call(server, "GET", path, op)
+                assert s == 200, v
+                return v["credits"]
+            started = time.monotonic()
+            assert wait_until(lambda: credits()["remaining"] == 10 - n, timeout=15), credits()
+            lag = time.monotonic() - started
+            print(f"credits shown {lag:.2f} s after the last request")
+            assert lag < 5, f"the API showed the credits left {lag:.1f} s after the requests"
+            c = credits()
+            assert (c["balance"], c["used"], c["remaining"], c["refills_at"]) == (10, n, 10 - n, None), c
+            shown = keygate(store, "key", "show", k["key_id"])
+            assert (shown["credits"]["used"], shown["credits"]["remaining"]) == (n, 10 - n), shown
+            table = keygate(store, "key", "list", "--tenant", "acme", json_out=False).stdout
+            assert f"{10 - n}/10" in table, table
+            # The portal, over HTTP: the key page and the Limits page.
+            s, v = call(server, "POST", "/api/v1/tenants/acme/portal-sessions", op, {})
+            assert s == 201, v
+            cookie = portal_session(v["url"])
+            base = f"http://127.0.0.1:{server.port}"
+            s, _, page = portal_http(f"{base}/portal/keys/{k['key_id']}", cookie=cookie)
+            assert s == 200 and f'<dd id="credits">{10 - n} of 10 left ({n} used since' in page, page
+            s, _, page = portal_http(f"{base}/portal/limits", cookie=cookie)
+            assert s == 200 and f"{10 - n} of 10 left" in page, page
+            assert "the gateway&#39;s default rate limit, if it sets one" in page, page
+            for theirs in (other["key_id"], "globexonly", "4242"):
+                assert theirs not in page, f"{theirs} shown to acme"

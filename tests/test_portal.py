@@ -153,6 +153,8 @@ def test_a_tenant_manages_a_key_end_to_end_in_the_browser(rig, browser):
     drv.get(f"http://127.0.0.1:{rig['server'].port}/portal/usage")
     assert "allowed" in text(drv) and drv.find_elements(By.CSS_SELECTOR, "svg rect.allowed")
     shot(drv, "portal-usage")
+    follow(drv, By.LINK_TEXT, "Limits")  # read-only: the key's limits in effect
+    assert "Limits in effect" in text(drv) and HTML_NAME in text(drv)
 
     drv.get(key_url)
     follow(drv, By.ID, "delete")

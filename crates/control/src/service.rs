@@ -270,6 +270,43 @@ impl Service {
         self.store.init()
     }
 
+    /// The usage credits of `keys` with credits, with what they used
+    /// counted from the store's request log (see
+    /// [`store::UsageSource::credits_used`]). A log that cannot be read
+    /// leaves `used` unknown rather than failing the read of the keys; its
+    /// error is returned beside for the caller to log.
+    pub fn credits_status(
+        &self,
+        keys: &[StoredKey],
+        now_secs: u64,
+    ) -> (
+        std::collections::BTreeMap<String, store::CreditsStatus>,
+        Option<Error>,
+    ) {
+        let (used, error) = if keys.iter().any(|k| k.record.credits.is_some()) {
+            match self.store.usage_source().credits_used(keys) {
+                Ok(u) => (u, None),
+                Err(e) => (None, Some(e)),
+            }
+        } else {
+            (None, None)
+        };
+        let status = keys
+            .iter()
+            .filter_map(|k| {
+                let c = k.record.credits?;
+                let u = used
+                    .as_ref()
+                    .map(|m| m.get(&k.record.key_id).copied().unwrap_or(0));
+                Some((
+                    k.record.key_id.clone(),
+                    store::CreditsStatus::new(c, u, now_secs),
+                ))
+            })
+            .collect();
+        (status, error)
+    }
+
     pub fn snapshot(&self) -> Result<Snapshot> {
         self.store.load()
     }

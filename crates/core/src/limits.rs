@@ -608,6 +608,12 @@ impl QuotaPeriod {
     pub fn start(self, now_secs: u64) -> u64 {
         calendar(self.period(), now_secs.saturating_mul(NANOS_PER_SEC)).1
     }
+
+    /// The start of the next period (when a quota or a monthly refill
+    /// comes back).
+    pub fn end(self, now_secs: u64) -> u64 {
+        calendar(self.period(), now_secs.saturating_mul(NANOS_PER_SEC)).2
+    }
 }
 
 /// The counters a set of usages seeds (tag, state), for a key (`tenant`

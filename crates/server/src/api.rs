@@ -13,7 +13,7 @@ use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use keygate_control::logs::{query_logs, LogQuery};
 use keygate_control::mgmt::{self, Audit, Role};
 use keygate_control::service::{check_metadata, parse_rate, KeyFormat, KeyPatch, NewKey};
-use keygate_control::store::StoredKey;
+use keygate_control::store::{CreditsStatus, StoredKey};
 use keygate_control::usage::{query_usage, Bucket, UsageQuery};
 use keygate_control::{Conn, Service};
 use keygate_core::credential::{Kind, Status};
@@ -250,8 +250,34 @@ fn query<Q>(q: Result<Query<Q>, QueryRejection>) -> Result<Q, ApiError> {
         .map_err(|e| ApiError::invalid("query", e.body_text()))
 }
 
-/// A key as the API shows it: never a secret or a hash.
-fn key_view(k: &StoredKey, last_used: Option<u64>) -> Value {
+/// The usage credits of `keys`, by key id, with what they used counted
+/// from the request log (a log that cannot be read is logged and leaves
+/// `used`/`remaining` null).
+pub(crate) fn credits_of(svc: &Service, keys: &[StoredKey]) -> BTreeMap<String, CreditsStatus> {
+    let (status, error) = svc.credits_status(keys, now());
+    if let Some(e) = error {
+        eprintln!(
+            "{}",
+            json!({"level": "warn", "message": format!("usage credits: request log not read: {e}")})
+        );
+    }
+    status
+}
+
+fn credits_view(c: &CreditsStatus) -> Value {
+    json!({
+        "balance": c.balance,
+        "used": c.used,
+        "remaining": c.remaining,
+        "monthly": c.monthly,
+        "granted_at": rfc3339(c.granted_at),
+        "refills_at": c.refills_at.map(rfc3339),
+    })
+}
+
+/// A key as the API shows it: never a secret or a hash. `credits` is the
+/// key's credit status (from [`credits_of`]).
+fn key_view(k: &StoredKey, last_used: Option<u64>, credits: Option<&CreditsStatus>) -> Value {
     let r = &k.record;
     json!({
         "key_id": r.key_id,
@@ -275,8 +301,8 @@ fn key_view(k: &StoredKey, last_used: Option<u64>) -> Value {
         "last_used_at": last_used.map(rfc3339),
         "limits": r.limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "plan": r.plan,
-        "credits": r.credits.map(|c| json!({
-            "balance": c.balance, "monthly": c.monthly, "granted_at": rfc3339(c.granted_at)
+        "credits": credits.map(credits_view).or_else(|| r.credits.map(|c| {
+            credits_view(&CreditsStatus::new(c, None, now()))
         })),
     })
 }
@@ -428,8 +454,10 @@ async fn list_keys(
         } else {
             None
         };
+        let owned: Vec<StoredKey> = page.iter().map(|k| (*k).clone()).collect();
+        let credits = credits_of(svc, &owned);
         Ok(json!({
-            "keys": page.iter().map(|k| key_view(k, used.get(&k.record.key_id).copied())).collect::<Vec<_>>(),
+            "keys": page.iter().map(|k| key_view(k, used.get(&k.record.key_id).copied(), credits.get(&k.record.key_id))).collect::<Vec<_>>(),
             "next_cursor": next,
         }))
     })
@@ -542,7 +570,8 @@ async fn create_key(
         if mgmt::get_tenant(db, &tenant)?.is_none() {
             mgmt::put_tenant(db, &tenant, None, now())?;
         }
-        let mut v = json!({"key_id": c.key_id, "api_key": c.api_key, "key": key_view(&k, None)});
+        let mut v =
+            json!({"key_id": c.key_id, "api_key": c.api_key, "key": key_view(&k, None, None)});
         if let Some(s) = c.secret {
             v["secret"] = json!(s);
         }
@@ -564,7 +593,8 @@ async fn get_key(
             .into_iter()
             .find(|(id, _)| *id == key_id)
             .map(|(_, t)| t);
-        Ok(key_view(&k, used))
+        let credits = credits_of(svc, std::slice::from_ref(&k));
+        Ok(key_view(&k, used, credits.get(&k.record.key_id)))
     })
     .await?;
     Ok(axum::Json(out).into_response())
@@ -683,7 +713,8 @@ async fn update_key(
             |svc| svc.patch_key(&tenant, &key_id, &p, now()),
             |_| key_id.clone(),
         )?;
-        Ok(key_view(&k, None))
+        let credits = credits_of(svc, std::slice::from_ref(&k));
+        Ok(key_view(&k, None, credits.get(&k.record.key_id)))
     })
     .await?;
     Ok(axum::Json(out).into_response())

@@ -741,6 +741,65 @@ async fn credits_are_topped_up_by_operators_only_and_bounded() {
         ),
         (Some(100), Some(true))
     );
+    // What is left, counted from the request log: the allowed requests
+    // since the top-up, seen by the tenant in the key and in the list.
+    let key_id = uri.rsplit('/').next().unwrap().to_owned();
+    let granted = humantime::parse_rfc3339(v["credits"]["granted_at"].as_str().unwrap())
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let keygate_control::Conn::Sqlite(c) = Db::sqlite(f._dir.path().join("k.db")).open().unwrap()
+    else {
+        panic!("SQLite")
+    };
+    for (t, decision) in [
+        (granted - 1000, "allowed"),
+        (granted + 1, "allowed"),
+        (granted + 2, "allowed"),
+        (granted + 3, "denied"),
+        (granted + 4, "allowed"),
+    ] {
+        c.execute(
+            &format!(
+                "INSERT INTO request_logs (time_ms, key_id, tenant, decision) \
+                 VALUES ({t}, '{key_id}', 'acme', '{decision}')"
+            ),
+            (),
+        )
+        .unwrap();
+    }
+    let (s, v) = call(&f.app, "GET", &uri, Some(&f.acme), None).await;
+    assert_eq!(s, 200, "{v}");
+    let cr = &v["credits"];
+    assert_eq!(
+        (
+            cr["balance"].as_u64(),
+            cr["used"].as_u64(),
+            cr["remaining"].as_u64()
+        ),
+        (Some(100), Some(3), Some(97)),
+        "{v}"
+    );
+    assert!(
+        cr["refills_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("-01T00:00:00Z")),
+        "{v}"
+    );
+    let (_, v) = call(
+        &f.app,
+        "GET",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        None,
+    )
+    .await;
+    assert_eq!(
+        v["keys"][0]["credits"]["remaining"].as_u64(),
+        Some(97),
+        "{v}"
+    );
     let (_, v) = call(
         &f.app,
         "PATCH",

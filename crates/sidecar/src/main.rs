@@ -125,11 +125,14 @@ fn key_command<W: Write>(
             Some(("key.create", c.key_id, c.tenant))
         }
         KeyCommand::List { tenant } => {
-            out.keys(&svc.list_keys(tenant.as_deref())?)?;
+            let keys = svc.list_keys(tenant.as_deref())?;
+            out.keys(&keys, &credits_of(svc, &keys, t))?;
             None
         }
         KeyCommand::Show { key_id } => {
-            out.key(&svc.show_key(&key_id)?)?;
+            let k = svc.show_key(&key_id)?;
+            let credits = credits_of(svc, std::slice::from_ref(&k), t);
+            out.key_with(&k, credits.get(&key_id))?;
             None
         }
         KeyCommand::RotateSecret { key_id, grace } => {
@@ -619,4 +622,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The usage credits of `keys` with what they used, counted from the
+/// store's request log; a log that cannot be read is a warning (the keys
+/// still show, with the balance only).
+fn credits_of(
+    svc: &Service,
+    keys: &[keygate_control::store::StoredKey],
+    now: u64,
+) -> std::collections::BTreeMap<String, keygate_control::store::CreditsStatus> {
+    let (status, error) = svc.credits_status(keys, now);
+    if let Some(e) = error {
+        eprintln!("keygate: warning: usage credits used not counted: {e}");
+    }
+    status
 }

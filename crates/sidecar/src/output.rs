@@ -3,9 +3,10 @@
 //! the program quietly instead of panicking.
 
 use keygate_control::service::Created;
-use keygate_control::store::StoredKey;
+use keygate_control::store::{CreditsStatus, StoredKey};
 use keygate_core::credential::{Kind, Status};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -32,8 +33,44 @@ fn status_str(s: Status) -> &'static str {
     }
 }
 
+/// A key's usage credits: `used`/`remaining` from the request log when
+/// `credits` has them (`key show`, `key list`), else the balance only.
+fn credits_view(k: &StoredKey, credits: Option<&CreditsStatus>) -> Option<Value> {
+    let c = credits.copied().or_else(|| {
+        k.record
+            .credits
+            .map(|c| CreditsStatus::new(c, None, crate::now()))
+    })?;
+    Some(json!({
+        "balance": c.balance,
+        "used": c.used,
+        "remaining": c.remaining,
+        "monthly": c.monthly,
+        "granted_at": rfc3339(c.granted_at),
+        "refills_at": c.refills_at.map(rfc3339),
+    }))
+}
+
+/// The CREDITS column: `remaining/balance`, or the balance alone when
+/// what was used is unknown, or "-".
+fn credits_cell(k: &StoredKey, credits: Option<&CreditsStatus>) -> String {
+    match credits.copied().or_else(|| {
+        k.record
+            .credits
+            .map(|c| CreditsStatus::new(c, None, crate::now()))
+    }) {
+        Some(CreditsStatus {
+            remaining: Some(left),
+            balance,
+            ..
+        }) => format!("{left}/{balance}"),
+        Some(c) => c.balance.to_string(),
+        None => "-".to_owned(),
+    }
+}
+
 /// A key as the CLI shows it: no key hash, no secret hash.
-pub fn public_view(k: &StoredKey) -> Value {
+pub fn public_view(k: &StoredKey, credits: Option<&CreditsStatus>) -> Value {
     let r = &k.record;
     json!({
         "key_id": r.key_id,
@@ -54,9 +91,7 @@ pub fn public_view(k: &StoredKey) -> Value {
         "previous_key_until": r.previous_key_expires_at.filter(|t| *t > crate::now()).map(rfc3339),
         "limits": r.limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "plan": r.plan,
-        "credits": r.credits.map(|c| json!({
-            "balance": c.balance, "monthly": c.monthly, "granted_at": rfc3339(c.granted_at)
-        })),
+        "credits": credits_view(k, credits),
         "created_at": rfc3339(k.created_at),
         "updated_at": rfc3339(k.updated_at),
     })
@@ -82,7 +117,12 @@ impl<W: Write> Out<W> {
     }
 
     pub fn key(&mut self, k: &StoredKey) -> io::Result<()> {
-        let v = public_view(k);
+        self.key_with(k, None)
+    }
+
+    /// A key with its credit status counted from the request log.
+    pub fn key_with(&mut self, k: &StoredKey, credits: Option<&CreditsStatus>) -> io::Result<()> {
+        let v = public_view(k, credits);
         self.either(&v, |w| {
             if let Some(map) = v.as_object() {
                 for (name, value) in map {
@@ -98,13 +138,31 @@ impl<W: Write> Out<W> {
         })
     }
 
-    pub fn keys(&mut self, keys: &[StoredKey]) -> io::Result<()> {
-        let v = Value::Array(keys.iter().map(public_view).collect());
+    /// Keys with their credit status by key id (see [`Out::key_with`]).
+    pub fn keys(
+        &mut self,
+        keys: &[StoredKey],
+        credits: &BTreeMap<String, CreditsStatus>,
+    ) -> io::Result<()> {
+        let v = Value::Array(
+            keys.iter()
+                .map(|k| public_view(k, credits.get(&k.record.key_id)))
+                .collect(),
+        );
         self.either(&v, |w| {
             writeln!(
                 w,
-                "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} {:<20} {:<21} ALLOWED IPS",
-                "KEY ID", "TENANT", "ENV", "KIND", "STATUS", "SCOPES", "RATE", "OWNER", "EXPIRES"
+                "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} {:<20} {:<21} {:<13} ALLOWED IPS",
+                "KEY ID",
+                "TENANT",
+                "ENV",
+                "KIND",
+                "STATUS",
+                "SCOPES",
+                "RATE",
+                "OWNER",
+                "EXPIRES",
+                "CREDITS"
             )?;
             for k in keys {
                 let r = &k.record;
@@ -128,7 +186,7 @@ impl<W: Write> Out<W> {
                 };
                 writeln!(
                     w,
-                    "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} {:<20} {:<21} {ips}",
+                    "{:<24} {:<12} {:<6} {:<8} {:<9} {:<18} {:<10} {:<20} {:<21} {:<13} {ips}",
                     r.key_id,
                     r.tenant,
                     r.environment,
@@ -137,7 +195,8 @@ impl<W: Write> Out<W> {
                     scopes,
                     rate,
                     r.owner.as_deref().unwrap_or("-"),
-                    expires
+                    expires,
+                    credits_cell(k, credits.get(&r.key_id))
                 )?;
             }
             Ok(())

@@ -10,7 +10,7 @@ mod sqlite_limits;
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::mgmt::AuditEntry;
-use keygate_core::limits::{check_limits, Limit, Period, QuotaPeriod, QuotaUsed};
+use keygate_core::limits::{check_limits, Credits, Limit, Period, QuotaPeriod, QuotaUsed};
 use keygate_core::sync::{LimitKind, LimitRecord, RevokedSession, StoreId};
 use keygate_core::CredentialRecord;
 use serde::{Deserialize, Serialize};
@@ -70,6 +70,90 @@ type UsageFn = dyn Fn(&Snapshot) -> Result<QuotaUsage> + Send + Sync;
 /// How a snapshot reads its quota usage on demand (none: no request log).
 #[derive(Clone, Default)]
 pub struct UsageSource(pub Option<std::sync::Arc<UsageFn>>);
+
+impl UsageSource {
+    /// The credits each of `keys` with credits has used, counted from the
+    /// request log as a full push counts them (allowed requests since the
+    /// top-up, or since the month's start when refilled monthly); `None`
+    /// for a store without a request log. Only credit counts are made:
+    /// the keys are counted with their limits and plans left out.
+    pub fn credits_used(&self, keys: &[StoredKey]) -> Result<Option<BTreeMap<String, u64>>> {
+        let Some(read) = &self.0 else {
+            return Ok(None);
+        };
+        let keys: Vec<StoredKey> = keys
+            .iter()
+            .filter(|k| k.record.credits.is_some())
+            .map(|k| {
+                let mut k = k.clone();
+                k.record.limits.clear();
+                k.record.plan = None;
+                k
+            })
+            .collect();
+        if keys.is_empty() {
+            return Ok(Some(BTreeMap::new()));
+        }
+        let usage = read(&Snapshot {
+            keys,
+            ..Snapshot::default()
+        })?;
+        Ok(Some(
+            usage
+                .keys
+                .into_iter()
+                .filter_map(|(id, used)| {
+                    used.iter()
+                        .find(|u| u.period == QuotaPeriod::Credits)
+                        .map(|u| (id, u.used))
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// A key's usage credits as the API, the CLI and the portal show them.
+/// `used` and `remaining` come from the request log, so they lag Envoy by
+/// the ingest delay; both are `None` where no log is kept or readable.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreditsStatus {
+    pub balance: u64,
+    pub used: Option<u64>,
+    pub remaining: Option<u64>,
+    pub monthly: bool,
+    /// Unix seconds of the top-up.
+    pub granted_at: u64,
+    /// Unix seconds of the next monthly refill, if refilled.
+    pub refills_at: Option<u64>,
+}
+
+impl CreditsStatus {
+    pub fn new(c: Credits, used: Option<u64>, now_secs: u64) -> CreditsStatus {
+        CreditsStatus {
+            balance: c.balance,
+            used,
+            remaining: used.map(|u| c.balance.saturating_sub(u)),
+            monthly: c.monthly,
+            granted_at: c.granted_at,
+            refills_at: c.monthly.then(|| QuotaPeriod::Month.end(now_secs)),
+        }
+    }
+}
+
+/// Where the limits a key meets come from (README "Several limits").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EffectiveLimits {
+    /// The key's own `limits` (and single `rate_limit`).
+    Own,
+    /// Those of a plan: the key's, or (`via_tenant`) its tenant's.
+    Plan {
+        name: String,
+        limits: Vec<Limit>,
+        via_tenant: bool,
+    },
+    /// The plugin's default `rate_limit` (Envoy's config, not the store's).
+    Default,
+}
 
 impl std::fmt::Debug for UsageSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -229,6 +313,32 @@ impl Snapshot {
         r
     }
 
+    /// Which limits a key meets: its own, else its plan's (the key's, else
+    /// its tenant's), else the plugin's default. The tenant's shared
+    /// limits apply on top of any of these.
+    pub fn effective_limits(&self, k: &StoredKey) -> EffectiveLimits {
+        let r = &k.record;
+        if !r.limits.is_empty() || r.rate_limit.is_some() {
+            return EffectiveLimits::Own;
+        }
+        let (name, via_tenant) = match &r.plan {
+            Some(p) => (Some(p.clone()), false),
+            None => (
+                self.tenant_limits_of(&r.tenant)
+                    .and_then(|t| t.plan.clone()),
+                true,
+            ),
+        };
+        match name.and_then(|n| self.plan(&n)) {
+            Some(p) => EffectiveLimits::Plan {
+                name: p.name.clone(),
+                limits: p.limits.clone(),
+                via_tenant,
+            },
+            None => EffectiveLimits::Default,
+        }
+    }
+
     /// The day/month quota periods of the limits a key meets (its own, else
     /// its plan's, else its tenant's plan's), and of its tenant's.
     pub fn quota_periods(&self, k: &StoredKey) -> (Vec<QuotaPeriod>, Vec<QuotaPeriod>) {
@@ -340,6 +450,10 @@ pub trait Store: Send {
     /// The management database ([`crate::db`]) this store lives in, if any.
     fn database(&self) -> Option<Db> {
         None
+    }
+    /// Where this store's request-log usage is counted (none: no log).
+    fn usage_source(&self) -> UsageSource {
+        UsageSource::default()
     }
     /// A cheap token that changes whenever the store may have changed.
     fn change_token(&self) -> Result<String>;

@@ -291,7 +291,7 @@ impl PgStore {
             revoked_sessions,
             plans: sets.plans,
             tenant_limits: sets.tenant_limits,
-            usage_source: self.usage_source(),
+            usage_source: self.log_usage(),
         };
         snap.validate()?;
         Ok(snap)
@@ -586,7 +586,7 @@ impl PgStore {
     /// URL), through a connection of its own: the sync daemon asks from its
     /// endpoint threads when it pushes a full set. Where those tables do not
     /// exist (a separate `--db`), the push goes on without usage and says so.
-    fn usage_source(&self) -> super::UsageSource {
+    fn log_usage(&self) -> super::UsageSource {
         let (config, tls) = (self.config.clone(), self.tls.clone());
         let (host, port) = (self.host.clone(), self.port);
         super::UsageSource(Some(std::sync::Arc::new(move |snap: &Snapshot| {
@@ -631,6 +631,10 @@ fn parse_id(s: &str) -> Result<StoreId> {
 }
 
 impl Store for PgStore {
+    fn usage_source(&self) -> super::UsageSource {
+        self.log_usage()
+    }
+
     fn describe(&self) -> String {
         format!("PostgreSQL at {}:{}", self.host, self.port)
     }

@@ -296,8 +296,16 @@ impl SqliteStore {
             ..Snapshot::default()
         };
         super::sqlite_limits::read(c, &mut snap, &self.sql_err(), &|e| self.corrupt(e))?;
+        snap.usage_source = self.log_usage();
+        Ok(snap)
+    }
+
+    /// Usage counted from this file's request log, through a read-only
+    /// connection of its own: the sync daemon asks from its endpoint
+    /// threads, when it pushes a full set.
+    fn log_usage(&self) -> super::UsageSource {
         let path = self.path.clone();
-        snap.usage_source = super::UsageSource(Some(std::sync::Arc::new(move |s: &Snapshot| {
+        super::UsageSource(Some(std::sync::Arc::new(move |s: &Snapshot| {
             // Its own read-only connection: the sync daemon asks from its
             // endpoint threads, when it pushes a full set.
             let shown = path.display().to_string();
@@ -307,8 +315,7 @@ impl SqliteStore {
             c.busy_timeout(std::time::Duration::from_secs(5))
                 .map_err(err)?;
             super::sqlite_limits::read_quota_used(&c, s, &err)
-        })));
-        Ok(snap)
+        })))
     }
 
     /// Fills each key's owner, metadata and rolled-away value (columns of
@@ -597,6 +604,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn usage_source(&self) -> super::UsageSource {
+        self.log_usage()
+    }
+
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
@@ -1014,6 +1025,85 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(keygate_core::limits::QuotaPeriod::Credits, 1)],
             "only the allowed request after the top-up"
+        );
+    }
+
+    #[test]
+    fn credits_status_counts_the_allowed_requests_since_the_top_up_from_the_request_log() {
+        use crate::service::KeyLimits;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let svc = Service::new(Box::new(SqliteStore::new(&path)));
+        svc.init_store().unwrap();
+        // A key with a day quota as well: only its credits are counted.
+        let k = svc
+            .create_key_limited(
+                new_key("acme", "c"),
+                KeyLimits {
+                    limits: vec!["1000/day".parse().unwrap()],
+                    plan: None,
+                },
+                1,
+            )
+            .unwrap();
+        let plain = svc.create_key(new_key("acme", "p"), 1).unwrap();
+        let patch = crate::service::KeyPatch {
+            credits: Some(Some((10, true))),
+            ..Default::default()
+        };
+        // Monthly credits count from the later of the top-up and the
+        // month's start: a top-up made now.
+        let real_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let topped = svc.patch_key("acme", &k.key_id, &patch, real_now).unwrap();
+        let granted_ms = topped.record.credits.unwrap().granted_at as i64 * 1000;
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for (t, decision) in [
+            (granted_ms - 5, "allowed"),
+            (granted_ms + 1, "allowed"),
+            (granted_ms + 2, "allowed"),
+            (granted_ms + 3, "allowed"),
+            (granted_ms + 4, "denied"),
+        ] {
+            c.execute(
+                "INSERT INTO request_logs (time_ms, key_id, tenant, decision) VALUES (?1, ?2, 'acme', ?3)",
+                params![t, k.key_id, decision],
+            )
+            .unwrap();
+        }
+        let keys = svc.list_keys(Some("acme")).unwrap();
+        let now = topped.record.credits.unwrap().granted_at;
+        let (status, error) = svc.credits_status(&keys, now);
+        assert!(error.is_none(), "{error:?}");
+        assert!(!status.contains_key(&plain.key_id), "no credits, no entry");
+        let st = status[&k.key_id];
+        assert_eq!((st.balance, st.used, st.remaining), (10, Some(3), Some(7)));
+        assert!(st.monthly);
+        let next_month = keygate_core::limits::QuotaPeriod::Month.end(now);
+        assert_eq!(st.refills_at, Some(next_month));
+        assert!(next_month > now && next_month - now <= 31 * 86_400);
+    }
+
+    #[test]
+    fn credits_status_of_a_store_without_a_request_log_shows_the_balance_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let svc = Service::new(Box::new(crate::store::file::FileStore::new(&path)));
+        svc.init_store().unwrap();
+        let k = svc.create_key(new_key("acme", "c"), 1).unwrap();
+        let patch = crate::service::KeyPatch {
+            credits: Some(Some((5, false))),
+            ..Default::default()
+        };
+        svc.patch_key("acme", &k.key_id, &patch, 1).unwrap();
+        let (status, error) = svc.credits_status(&svc.list_keys(None).unwrap(), 2);
+        assert!(error.is_none());
+        let st = status[&k.key_id];
+        assert_eq!(
+            (st.balance, st.used, st.remaining, st.refills_at),
+            (5, None, None, None)
         );
     }
 }

@@ -19,6 +19,7 @@
 //! inline script or style), `X-Frame-Options: DENY` and
 //! `Referrer-Policy: no-referrer`. Templates are askama's, escaped by default.
 
+mod limits;
 mod pages;
 
 use crate::error::ApiError;
@@ -72,6 +73,7 @@ pub fn router() -> Router<Arc<AppState>> {
         )
         .route("/portal/logs", get(pages::logs))
         .route("/portal/usage", get(pages::usage))
+        .route("/portal/limits", get(limits::limits))
         .route("/portal/static/portal.css", get(css))
         .route("/portal/static/portal.js", get(js))
         .layer(middleware::from_fn(security_headers))

@@ -27,7 +27,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 type St = State<Arc<AppState>>;
 
-async fn blocking<R: Send + 'static>(
+pub(super) async fn blocking<R: Send + 'static>(
     st: &Arc<AppState>,
     f: impl FnOnce(&Service, &mut Conn) -> Result<R, PortalError> + Send + 'static,
 ) -> Result<R, PortalError> {
@@ -41,7 +41,7 @@ async fn blocking<R: Send + 'static>(
     .map_err(|_| PortalError::internal())?
 }
 
-fn time_text(secs: u64) -> String {
+pub(super) fn time_text(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
         .to_string()
         .replace('T', " ")
@@ -75,8 +75,13 @@ pub struct KeyRow {
     pub limits: String,
     /// The key's plan, or "-" (its tenant's plan, if any, applies).
     pub plan: String,
-    /// The key's usage credits (`10000, refilled monthly`), or "-".
+    /// The key's usage credits (`10000, refilled monthly`), or "-"; on the
+    /// key page what is left of them.
     pub credits: String,
+    /// On the key page: the limits the key meets and where they come from.
+    pub effective_limits: String,
+    /// On the key page: its tenant's shared limits ("none").
+    pub tenant_limits: String,
 }
 
 fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
@@ -142,6 +147,8 @@ fn key_row(k: &StoredKey, used: Option<u64>) -> KeyRow {
                 )
             },
         ),
+        effective_limits: String::new(),
+        tenant_limits: String::new(),
     }
 }
 
@@ -634,7 +641,18 @@ async fn key_page(
                 revoked: x.revoked_at_ms.is_some(),
             })
             .collect::<Vec<_>>();
-        Ok((key_row(&k, used), sessions))
+        let mut row = key_row(&k, used);
+        // What the key meets, read-only: operators set limits and plans.
+        let snap = svc.snapshot()?;
+        row.effective_limits = super::limits::effective_text(&snap, &k);
+        row.tenant_limits = snap
+            .tenant_limits_of(&tenant)
+            .map_or_else(|| "none".into(), |t| super::limits::limits_text(&t.limits));
+        let credits = crate::api::credits_of(svc, std::slice::from_ref(&k));
+        if k.record.credits.is_some() {
+            row.credits = super::limits::credits_text(credits.get(&k.record.key_id));
+        }
+        Ok((row, sessions))
     })
     .await?;
     let ips_value = ips_value.unwrap_or_else(|| k.allowed_ips_lines.clone());

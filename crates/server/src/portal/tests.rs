@@ -329,5 +329,153 @@ async fn the_key_page_shows_the_keys_limits_and_plan() {
         "{page}"
     );
     assert!(page.contains("<dt>Plan</dt><dd>pro</dd>"), "{page}");
-    assert!(page.contains("<dt>Usage credits</dt><dd>-</dd>"), "{page}");
+    assert!(
+        page.contains("<dt>Usage credits</dt><dd id=\"credits\">-</dd>"),
+        "{page}"
+    );
+    // The key's own limits win over its plan's.
+    assert!(
+        page.contains("<dd id=\"effective-limits\">10/s, 10000/day (the key&#39;s own)</dd>"),
+        "{page}"
+    );
+}
+
+/// A scoped key for `tenant` named `name`, on `plan` if given.
+fn limited_key(fx: &Fx, tenant: &str, name: &str, plan: Option<&str>) -> String {
+    let svc = fx.state.svc.lock().unwrap();
+    let new = keygate_control::service::NewKey {
+        name: name.into(),
+        tenant: tenant.into(),
+        environment: "live".into(),
+        kind: keygate_core::credential::Kind::Scoped,
+        scopes: vec!["read".into()],
+        ..Default::default()
+    };
+    let limits = keygate_control::service::KeyLimits {
+        limits: vec![],
+        plan: plan.map(Into::into),
+    };
+    svc.create_key_limited(new, limits, now()).unwrap().key_id
+}
+
+/// Allowed requests of `key_id` in the request log, `n` of them, now.
+fn log_allowed(fx: &Fx, tenant: &str, key_id: &str, n: usize) {
+    let db = fx.state.db.lock().unwrap();
+    let keygate_control::Conn::Sqlite(c) = &*db else {
+        panic!("the fixture's database is SQLite")
+    };
+    let t = (now() * 1000 + 500) as i64;
+    for i in 0..n {
+        c.execute(
+            &format!(
+                "INSERT INTO request_logs (time_ms, key_id, tenant, decision) \
+                 VALUES ({}, '{key_id}', '{tenant}', 'allowed')",
+                t + i as i64
+            ),
+            (),
+        )
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_limits_page_shows_the_tenants_plan_shared_limits_and_each_keys_limits_only_its_own() {
+    use keygate_control::service::TenantLimitsChange;
+    let fx = fixture();
+    {
+        let svc = fx.state.svc.lock().unwrap();
+        let l = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<_>>();
+        svc.create_plan("free", l(&["10/min"]), now()).unwrap();
+        svc.create_plan("pro", l(&["100/min", "5000/day"]), now())
+            .unwrap();
+        svc.create_plan("secretplan", l(&["7/min"]), now()).unwrap();
+        for (tenant, plan, limits) in [
+            ("acme", "free", l(&["1000/min"])),
+            ("other", "secretplan", l(&["4242/hour"])),
+        ] {
+            svc.set_tenant_limits(
+                tenant,
+                &TenantLimitsChange {
+                    plan: Some(Some(plan.into())),
+                    limits: Some(limits),
+                },
+            )
+            .unwrap();
+        }
+    }
+    let via_tenant = limited_key(&fx, "acme", "bytenant", None);
+    let on_pro = limited_key(&fx, "acme", "onpro", Some("pro"));
+    let theirs = limited_key(&fx, "other", "theirkey", None);
+    {
+        let svc = fx.state.svc.lock().unwrap();
+        let patch = keygate_control::service::KeyPatch {
+            credits: Some(Some((100, false))),
+            ..Default::default()
+        };
+        svc.patch_key("acme", &on_pro, &patch, now()).unwrap();
+    }
+    log_allowed(&fx, "acme", &on_pro, 3);
+    let (cookie, _) = sign_in(&fx, "acme").await;
+    let (s, _, page) = send(&fx.app, "GET", "/portal/limits", Some(&cookie), None).await;
+    assert_eq!(s, 200);
+    assert!(page.contains("<strong>free</strong>: 10/min"), "{page}");
+    assert!(
+        page.contains("<dd id=\"tenant-limits\">1000/min</dd>"),
+        "{page}"
+    );
+    assert!(page.contains("<a href=\"/portal/limits\" aria-current=\"page\">Limits</a>"));
+    assert!(
+        page.contains(&format!("/portal/keys/{via_tenant}")),
+        "{page}"
+    );
+    assert!(
+        page.contains("10/min (plan free, your tenant&#39;s)"),
+        "{page}"
+    );
+    assert!(page.contains("100/min, 5000/day (plan pro)"), "{page}");
+    assert!(page.contains("97 of 100 left (3 used since"), "{page}");
+    // Read-only: no form but sign-out's.
+    assert_eq!(page.matches("<form").count(), 1, "{page}");
+    // Nothing of the other tenant.
+    for secret in [theirs.as_str(), "theirkey", "secretplan", "7/min", "4242"] {
+        assert!(!page.contains(secret), "{secret} shown to acme: {page}");
+    }
+    // The key page says the same for one key, and another tenant's key is 404.
+    let (s, _, page) = send(
+        &fx.app,
+        "GET",
+        &format!("/portal/keys/{on_pro}"),
+        Some(&cookie),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(
+        page.contains("<dd id=\"effective-limits\">100/min, 5000/day (plan pro)</dd>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<dd id=\"tenant-limits\">1000/min</dd>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<dd id=\"credits\">97 of 100 left (3 used since"),
+        "{page}"
+    );
+    let (s, _, page) = send(
+        &fx.app,
+        "GET",
+        &format!("/portal/keys/{theirs}"),
+        Some(&cookie),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    assert!(
+        !page.contains("4242") && !page.contains("secretplan"),
+        "{page}"
+    );
+    // Signed out: no limits page.
+    let (s, _, _) = send(&fx.app, "GET", "/portal/limits", None, None).await;
+    assert_ne!(s, 200);
 }
