@@ -1062,7 +1062,9 @@ mod tests {
     #[test]
     fn the_owner_field_is_stored_and_lines_without_it_have_none() {
         let line = |owner: &str| {
-            format!(r#"{{"time":"2026-11-24T02:12:24.582Z","key_id":"k1","tenant":"acme","status":200{owner}}}"#)
+            format!(
+                r#"{{"time":"2026-11-24T02:12:24.582Z","key_id":"k1","tenant":"acme","status":200{owner}}}"#
+            )
         };
         let with = parse_line(line(r#","owner":"alice@example.com""#).as_bytes()).unwrap();
         assert_eq!(with.owner.as_deref(), Some("alice@example.com"));

@@ -177,7 +177,10 @@ not json at all
         let mut out = Vec::new();
         print_table(&mut out, &read(log.as_bytes(), &none())).unwrap();
         let out = String::from_utf8(out).unwrap();
-        assert!(out.lines().next().is_some_and(|h| h.contains(" OWNER ")), "{out}");
+        assert!(
+            out.lines().next().is_some_and(|h| h.contains(" OWNER ")),
+            "{out}"
+        );
         let owners: Vec<_> = out
             .lines()
             .skip(1)

@@ -1022,8 +1022,13 @@ pub fn request_owner_is_stored_listed_and_filtered(db: &Db, dir: &Path) {
     assert_eq!(ids, ["a2", "a1", "a0"]);
     let other = page(&mut conn, "other", Some("alice@example.com"), 100, None);
     assert_eq!(other.records.len(), 2);
-    assert!(other.records.iter().all(|r| r.tenant.as_deref() == Some("other")));
-    assert!(page(&mut conn, "acme", Some("alice"), 100, None).records.is_empty());
+    assert!(other
+        .records
+        .iter()
+        .all(|r| r.tenant.as_deref() == Some("other")));
+    assert!(page(&mut conn, "acme", Some("alice"), 100, None)
+        .records
+        .is_empty());
 
     // At 10M rows a rare owner must not scan the tenant's records: the
     // filter is a range of the partial (tenant, owner, time) index.
