@@ -6,7 +6,9 @@
 //! Environment: KEYGATE_BENCH_ROWS (stored rows for the query part, default
 //! 10,000,000), KEYGATE_BENCH_INGEST (records ingested from a log file,
 //! default 500,000), KEYGATE_BENCH_DIR (where the database goes, default a
-//! temp dir, removed at the end); KEYGATE_BENCH_PG_URL (also ingest the log
+//! temp dir, removed at the end); KEYGATE_BENCH_OWNERS=0 (ingested lines
+//! without the `owner` field; default: half the keys have one);
+//! KEYGATE_BENCH_PG_URL (also ingest the log
 //! into that empty PostgreSQL database). The queries expect at least
 //! 100,000 rows.
 
@@ -209,9 +211,12 @@ fn record(i: u64, time_ms: i64) -> String {
     )
 }
 
-/// Half the keys have an owner (one per key), so half the records carry one.
+/// Half the keys have an owner (one per key), so half the records carry one;
+/// none with KEYGATE_BENCH_OWNERS=0 (the access log before owners).
 fn owner(key: u64) -> Option<String> {
-    key.is_multiple_of(2).then(|| format!("user{key}"))
+    static OWNERS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let owners = *OWNERS.get_or_init(|| env_num("KEYGATE_BENCH_OWNERS", 1) != 0);
+    (owners && key.is_multiple_of(2)).then(|| format!("user{key}"))
 }
 
 fn write_log(path: &Path, n: u64, start_ms: i64) -> std::io::Result<()> {
