@@ -283,3 +283,81 @@ def test_the_access_log_names_the_owner_of_a_key_that_has_one(envoy_factory, tmp
         by_key = {r["key_id"]: r for r in records()}
         assert by_key["owned"]["owner"] == "alice@example.com"
         assert by_key["plain"]["owner"] in (None, "-")
+
+
+def test_the_owner_reaches_the_api_logs_within_2_seconds_is_filterable_and_stays_in_its_tenant(envoy_factory,
+                                                                                              tmp_path):
+    import subprocess
+    import time
+    from tests.harness import KEYGATE
+    store = str(tmp_path / "keygate.db")
+    keygate(store, "store", "init")
+    log = tmp_path / "access.log"
+    with envoy_factory(CONFIG, access_log=log) as envoy:
+        with Server(store, tmp_path, "--endpoint", f"http://127.0.0.1:{envoy.sync_port}",
+                    "--access-log", str(log)) as srv:
+            op = token(store, "--operator")
+            acme, globex = token(store, "--tenant", "acme"), token(store, "--tenant", "globex")
+
+            def make(tenant, tok, name, **fields):
+                s, v = call(srv, "POST", f"/api/v1/tenants/{tenant}/keys", tok,
+                            {"name": name, "scopes": ["read"], **fields})
+                assert s == 201, v
+                becomes(envoy, v["api_key"], 200)
+                return v
+            owned = make("acme", acme, "owned", owner="alice@example.com")
+            plain = make("acme", acme, "plain")
+            # The same owner name in another tenant: its records stay there.
+            theirs = make("globex", globex, "theirs", owner="alice@example.com")
+            assert get(envoy, theirs["api_key"]).status == 200
+            assert get(envoy, plain["api_key"]).status == 200
+            t0 = time.monotonic()
+            assert request(envoy.port, "GET", "/v1/items/owned-here", [("x-api-key", owned["api_key"])]).status == 200
+
+            def logs(tenant, tok, query):
+                s, v = call(srv, "GET", f"/api/v1/tenants/{tenant}/logs?{query}", tok)
+                assert s == 200, v
+                return v["records"]
+            recs = wait_until(lambda: logs("acme", acme, "path=/v1/items/owned-here"), timeout=5, interval=0.05)
+            took = time.monotonic() - t0
+            assert recs, "the request never showed up"
+            assert took < 2.0, took
+            assert (recs[0]["key_id"], recs[0]["owner"]) == (owned["key_id"], "alice@example.com")
+            # Filtered by owner: only that key's records of this tenant; a
+            # key without an owner shows null.
+            mine = logs("acme", acme, "owner=alice@example.com&limit=1000")
+            assert mine and {(r["key_id"], r["owner"]) for r in mine} == {(owned["key_id"], "alice@example.com")}
+            assert all(r["owner"] is None for r in logs("acme", acme, f"key_id={plain['key_id']}"))
+            assert logs("acme", acme, f"key_id={plain['key_id']}")
+            assert logs("acme", acme, "owner=bob") == []
+            # Another tenant never sees them, by owner or by key id; its own
+            # "alice" records are its own.
+            assert wait_until(lambda: logs("globex", globex, "owner=alice@example.com"), timeout=5)
+            assert {r["key_id"] for r in logs("globex", globex, "owner=alice@example.com&limit=1000")} == \
+                {theirs["key_id"]}
+            assert logs("globex", globex, f"key_id={owned['key_id']}") == []
+            assert call(srv, "GET", "/api/v1/tenants/acme/logs?owner=alice@example.com", globex)[0] == 404
+            # A value no key can have is refused naming the field.
+            for bad in ["has%20space", "", "a" * 129]:
+                s, e = call(srv, "GET", f"/api/v1/tenants/acme/logs?owner={bad}", acme)
+                assert (s, e.get("field")) == (422, "owner"), (bad, e)
+            # The OpenAPI document lists the filter and the field.
+            doc = call(srv, "GET", "/api/v1/openapi.json")[1]
+            params = {p["name"] for p in doc["paths"]["/api/v1/tenants/{tenant}/logs"]["get"]["parameters"]}
+            assert "owner" in params and "owner" in doc["components"]["schemas"]["LogRecord"]["properties"]
+
+            # The portal's request log has an Owner column.
+            s, link = call(srv, "POST", "/api/v1/tenants/acme/portal-sessions", op)
+            url = link["url"].replace("http://127.0.0.1:8080", f"http://127.0.0.1:{srv.port}")
+            opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+            with opener.open(url, timeout=10) as r:
+                r.read()
+            with opener.open(f"http://127.0.0.1:{srv.port}/portal/logs?key={owned['key_id']}", timeout=10) as r:
+                page = r.read().decode()
+            assert '<th scope="col">Owner</th>' in page
+            assert '<td data-label="Owner">alice@example.com</td>' in page, page
+
+            # `keygate logs` prints it per record too.
+            table = subprocess.run([str(KEYGATE), "logs", "--file", str(log), "--key", owned["key_id"]],
+                                   capture_output=True, text=True, timeout=30, check=True).stdout
+            assert " OWNER " in table.splitlines()[0] and "alice@example.com" in table, table

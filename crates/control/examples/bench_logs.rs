@@ -6,7 +6,9 @@
 //! Environment: KEYGATE_BENCH_ROWS (stored rows for the query part, default
 //! 10,000,000), KEYGATE_BENCH_INGEST (records ingested from a log file,
 //! default 500,000), KEYGATE_BENCH_DIR (where the database goes, default a
-//! temp dir, removed at the end); KEYGATE_BENCH_PG_URL (also ingest the log
+//! temp dir, removed at the end); KEYGATE_BENCH_OWNERS=0 (ingested lines
+//! without the `owner` field; default: half the keys have one);
+//! KEYGATE_BENCH_PG_URL (also ingest the log
 //! into that empty PostgreSQL database). The queries expect at least
 //! 100,000 rows.
 
@@ -122,6 +124,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         assert!(q.cursor.is_some());
     });
+    measure("last 50 records of one owner in a tenant", || {
+        n += 1;
+        let tenant = n % TENANTS;
+        let page = query_logs(
+            &mut conn,
+            &LogQuery {
+                tenant: Some(format!("t{tenant}")),
+                owner: Some(format!("user{}", tenant * KEYS_PER_TENANT)),
+                ..LogQuery::default()
+            },
+        );
+        assert_eq!(page.map(|p| p.records.len()).ok(), Some(50));
+    });
     measure("tenant 4xx in one day, 50", || {
         n += 1;
         let page = query_logs(
@@ -178,7 +193,7 @@ fn record(i: u64, time_ms: i64) -> String {
             r#"{{"time":"{}","method":"GET","path":"/v1/items/{}","status":{},"#,
             r#""client_ip":"10.1.{}.{}","duration_ms":1,"request_id":"{:08x}-7c1d-4f1e-9a55-{:012x}","#,
             r#""decision":"{}","reason":{},"key_id":"k{}","tenant":"t{}","environment":"live","#,
-            r#""scope_required":"read","rate_remaining":"41"}}"#,
+            r#""scope_required":"read","rate_remaining":"41","owner":{}}}"#,
             "\n"
         ),
         humantime::format_rfc3339_millis(at),
@@ -192,7 +207,16 @@ fn record(i: u64, time_ms: i64) -> String {
         if denied { r#""rate_limited""# } else { "null" },
         key,
         key / KEYS_PER_TENANT,
+        owner(key).map_or("null".into(), |o| format!(r#""{o}""#)),
     )
+}
+
+/// Half the keys have an owner (one per key), so half the records carry one;
+/// none with KEYGATE_BENCH_OWNERS=0 (the access log before owners).
+fn owner(key: u64) -> Option<String> {
+    static OWNERS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let owners = *OWNERS.get_or_init(|| env_num("KEYGATE_BENCH_OWNERS", 1) != 0);
+    (owners && key.is_multiple_of(2)).then(|| format!("user{key}"))
 }
 
 fn write_log(path: &Path, n: u64, start_ms: i64) -> std::io::Result<()> {
@@ -235,7 +259,7 @@ fn bulk_load(db: &Db, rows: u64) -> Result<(), Box<dyn std::error::Error>> {
     let span = DAYS * DAY_MS;
     c.execute_batch(
         "DROP INDEX request_logs_tenant_time; DROP INDEX request_logs_key_time;
-         DROP INDEX request_logs_time;",
+         DROP INDEX request_logs_time; DROP INDEX request_logs_tenant_owner_time;",
     )?;
     c.execute_batch("BEGIN")?;
     for k in 0..KEYS {
@@ -254,14 +278,15 @@ fn bulk_load(db: &Db, rows: u64) -> Result<(), Box<dyn std::error::Error>> {
         &format!(
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n LIMIT {rows})
              INSERT INTO request_logs (time_ms, key_id, tenant, environment, method, path,
-                 client_ip, status, decision, reason, request_id)
+                 client_ip, status, decision, reason, request_id, owner)
              SELECT {START_MS} + i * {span} / {rows}, 'k' || (i % {KEYS}),
                  't' || ((i % {KEYS}) / {KEYS_PER_TENANT}), 'live', 'GET',
                  '/v1/items/' || (i % 997), '10.1.' || ((i / 256) % 256) || '.' || (i % 256),
                  CASE WHEN i % 10 = 0 THEN 429 ELSE 200 END,
                  CASE WHEN i % 10 = 0 THEN 'denied' ELSE 'allowed' END,
                  CASE WHEN i % 10 = 0 THEN 'rate_limited' END,
-                 printf('%08x-7c1d-4f1e-9a55-%012x', i, i)
+                 printf('%08x-7c1d-4f1e-9a55-%012x', i, i),
+                 CASE WHEN i % 2 = 0 THEN 'user' || (i % {KEYS}) END
              FROM n"
         ),
         [],
@@ -274,6 +299,8 @@ fn bulk_load(db: &Db, rows: u64) -> Result<(), Box<dyn std::error::Error>> {
          CREATE INDEX request_logs_tenant_time ON request_logs (tenant, time_ms);
          CREATE INDEX request_logs_key_time ON request_logs (key_id, time_ms);
          CREATE INDEX request_logs_time ON request_logs (time_ms);
+         CREATE INDEX request_logs_tenant_owner_time ON request_logs (tenant, owner, time_ms)
+             WHERE owner IS NOT NULL;
          COMMIT;
          ANALYZE;",
     )?;

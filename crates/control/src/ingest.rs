@@ -51,6 +51,9 @@ struct Line<'a> {
     tenant: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     environment: Option<Cow<'a, str>>,
+    /// The key's owner (absent in lines from before owners were logged).
+    #[serde(borrow, default)]
+    owner: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     method: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -101,6 +104,8 @@ pub struct Row {
     pub key_id: Option<String>,
     pub tenant: Option<String>,
     pub environment: Option<String>,
+    /// The key's owner as the filter saw it at request time.
+    pub owner: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,
     pub client_ip: Option<String>,
@@ -166,6 +171,7 @@ pub fn parse_line(line: &[u8]) -> Option<Row> {
         key_id: cut(l.key_id, MAX_FIELD_LEN),
         tenant: cut(l.tenant, MAX_FIELD_LEN),
         environment: cut(l.environment, MAX_FIELD_LEN),
+        owner: cut(l.owner, MAX_FIELD_LEN),
         method: cut(l.method, 16),
         path: cut(l.path, MAX_PATH_LEN),
         client_ip: cut(l.client_ip, 64),
@@ -862,7 +868,7 @@ const UPSERT_SESSION_PG: &str = "INSERT INTO sessions \
      issued_ms = GREATEST(coalesce(sessions.issued_ms, 0), excluded.issued_ms)";
 
 const INSERT_COLUMNS: &str = "time_ms, key_id, tenant, environment, method, path, client_ip, \
-     status, decision, reason, request_id";
+     status, decision, reason, request_id, owner";
 const UPSERT_USAGE: &str = "INSERT INTO usage_hourly (tenant, hour_ms, key_id, allowed, denied) \
      VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, hour_ms, key_id) DO UPDATE SET \
      allowed = usage_hourly.allowed + excluded.allowed, \
@@ -893,7 +899,7 @@ fn commit_sqlite(
     let mut last_id = None;
     if !rows.is_empty() {
         let mut insert = tx.prepare_cached(&format!(
-            "INSERT INTO request_logs ({INSERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            "INSERT INTO request_logs ({INSERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
         ))?;
         for r in rows {
             insert.execute(rusqlite::params![
@@ -907,7 +913,8 @@ fn commit_sqlite(
                 r.status,
                 r.decision,
                 r.reason,
-                r.request_id
+                r.request_id,
+                r.owner
             ])?;
         }
         last_id = Some(tx.last_insert_rowid());
@@ -972,6 +979,7 @@ fn commit_pg(
                 Type::INT8,
                 t.clone(),
                 t.clone(),
+                t.clone(),
                 t,
             ],
         );
@@ -988,6 +996,7 @@ fn commit_pg(
                 &r.decision,
                 &r.reason,
                 &r.request_id,
+                &r.owner,
             ])?;
         }
         w.finish()?;
@@ -1051,6 +1060,23 @@ mod tests {
     }
 
     #[test]
+    fn the_owner_field_is_stored_and_lines_without_it_have_none() {
+        let line = |owner: &str| {
+            format!(
+                r#"{{"time":"2026-11-24T02:12:24.582Z","key_id":"k1","tenant":"acme","status":200{owner}}}"#
+            )
+        };
+        let with = parse_line(line(r#","owner":"alice@example.com""#).as_bytes()).unwrap();
+        assert_eq!(with.owner.as_deref(), Some("alice@example.com"));
+        // Lines written before the access log had the field, and Envoy's
+        // empty filter state ("" or "-"), store NULL.
+        for old in ["", r#","owner":"""#, r#","owner":"-""#, r#","owner":null"#] {
+            let r = parse_line(line(old).as_bytes()).unwrap();
+            assert_eq!((r.owner, r.key_id.as_deref()), (None, Some("k1")), "{old}");
+        }
+    }
+
+    #[test]
     fn lines_without_a_valid_time_are_not_records() {
         for bad in [
             &br#"{"status":200}"#[..],
@@ -1085,6 +1111,7 @@ mod tests {
             key_id: Some(key.into()),
             tenant: Some("t".into()),
             environment: None,
+            owner: None,
             method: None,
             path: None,
             client_ip: None,

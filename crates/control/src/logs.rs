@@ -54,6 +54,8 @@ pub struct LogQuery {
     pub decision: Option<String>,
     pub path_prefix: Option<String>,
     pub client_ip: Option<String>,
+    /// The key owner the access log recorded (exact match).
+    pub owner: Option<String>,
     /// Inclusive, Unix ms.
     pub since_ms: Option<i64>,
     /// Exclusive, Unix ms.
@@ -75,6 +77,8 @@ pub struct LogRecord {
     pub key_name: Option<String>,
     pub tenant: Option<String>,
     pub environment: Option<String>,
+    /// The key's owner at request time, as the access log recorded it.
+    pub owner: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,
     pub client_ip: Option<String>,
@@ -119,7 +123,7 @@ fn rfc3339_ms(ms: i64) -> String {
 }
 
 const SELECT: &str = "SELECT l.id, l.time_ms, l.key_id, k.name, l.tenant, l.environment, \
-     l.method, l.path, l.client_ip, l.status, l.decision, l.reason, l.request_id \
+     l.method, l.path, l.client_ip, l.status, l.decision, l.reason, l.request_id, l.owner \
      FROM request_logs l LEFT JOIN keys k ON k.key_id = l.key_id WHERE 1 = 1";
 
 fn build(q: &LogQuery) -> Result<(String, Vec<Param>, u32), DbError> {
@@ -142,6 +146,8 @@ fn build(q: &LogQuery) -> Result<(String, Vec<Param>, u32), DbError> {
     eq(&mut sql, "key_id", &q.key_id);
     eq(&mut sql, "decision", &q.decision);
     eq(&mut sql, "client_ip", &q.client_ip);
+    // With the tenant, an index range (request_logs_tenant_owner_time).
+    eq(&mut sql, "owner", &q.owner);
     if let Some(prefix) = &q.path_prefix {
         // Not LIKE: SQLite's LIKE ignores case and both treat % and _ as
         // wildcards; this compares the prefix exactly on both databases.
@@ -207,7 +213,7 @@ pub fn query_logs(conn: &mut Conn, q: &LogQuery) -> Result<LogPage, DbError> {
                         r.get(6)?,
                         r.get(7)?,
                         r.get(8)?,
-                        None,
+                        r.get(13)?,
                     ],
                     r.get(9)?,
                     [r.get(10)?, r.get(11)?, r.get(12)?],
@@ -231,7 +237,7 @@ pub fn query_logs(conn: &mut Conn, q: &LogQuery) -> Result<LogPage, DbError> {
                             r.get(6),
                             r.get(7),
                             r.get(8),
-                            None,
+                            r.get(13),
                         ],
                         r.get(9),
                         [r.get(10), r.get(11), r.get(12)],
@@ -243,7 +249,7 @@ pub fn query_logs(conn: &mut Conn, q: &LogQuery) -> Result<LogPage, DbError> {
     let mut records: Vec<LogRecord> = raw
         .into_iter()
         .map(|(id, time_ms, s, status, [decision, reason, request_id])| {
-            let [key_id, key_name, tenant, environment, method, path, client_ip, _] = s;
+            let [key_id, key_name, tenant, environment, method, path, client_ip, owner] = s;
             LogRecord {
                 id,
                 time: rfc3339_ms(time_ms),
@@ -252,6 +258,7 @@ pub fn query_logs(conn: &mut Conn, q: &LogQuery) -> Result<LogPage, DbError> {
                 key_name,
                 tenant,
                 environment,
+                owner,
                 method,
                 path,
                 client_ip,

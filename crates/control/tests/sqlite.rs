@@ -24,6 +24,16 @@ fn token_sessions_are_recorded_and_revived() {
 }
 
 #[test]
+fn request_owner_is_stored_listed_and_filtered_by_tenant_and_owner() {
+    run(common::request_owner_is_stored_listed_and_filtered);
+}
+
+#[test]
+fn migration_5_keeps_old_records_without_an_owner() {
+    run(common::migration_5_keeps_old_records_without_an_owner);
+}
+
+#[test]
 fn malformed_lines_are_skipped_and_counted() {
     run(common::malformed_lines_are_skipped_and_counted);
 }

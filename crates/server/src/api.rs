@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use keygate_control::logs::{query_logs, LogQuery};
 use keygate_control::mgmt::{self, Audit, Role};
-use keygate_control::service::{check_metadata, parse_rate, KeyFormat, KeyPatch, NewKey};
+use keygate_control::service::{
+    check_key_owner, check_metadata, parse_rate, KeyFormat, KeyPatch, NewKey,
+};
 use keygate_control::store::{CreditsStatus, StoredKey};
 use keygate_control::usage::{query_usage, Bucket, UsageQuery};
 use keygate_control::{Conn, Service};
@@ -981,6 +983,7 @@ struct LogParams {
     decision: Option<String>,
     path: Option<String>,
     client_ip: Option<String>,
+    owner: Option<String>,
     since: Option<String>,
     until: Option<String>,
     limit: Option<u32>,
@@ -1003,6 +1006,11 @@ async fn logs(
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let q = query(q)?;
+    // Checked as a key's owner is: a value no key can have is a mistake
+    // (a typo, a quoted name), not an empty result.
+    if let Some(o) = &q.owner {
+        check_key_owner("owner", o)?;
+    }
     let lq = LogQuery {
         tenant: Some(tenant),
         key_id: q.key_id,
@@ -1010,6 +1018,7 @@ async fn logs(
         decision: q.decision,
         path_prefix: q.path,
         client_ip: q.client_ip,
+        owner: q.owner,
         since_ms: time_ms("since", &q.since)?,
         until_ms: time_ms("until", &q.until)?,
         limit: q.limit,
@@ -1021,6 +1030,7 @@ async fn logs(
             "time": r.time,
             "key_id": r.key_id,
             "key_name": r.key_name,
+            "owner": r.owner,
             "method": r.method,
             "path": r.path,
             "client_ip": r.client_ip,

@@ -810,3 +810,71 @@ async fn credits_are_topped_up_by_operators_only_and_bounded() {
     .await;
     assert!(v["credits"].is_null(), "{v}");
 }
+
+#[tokio::test]
+async fn logs_show_the_owner_and_filter_by_it_within_the_tenant_and_refuse_a_bad_one() {
+    let fx = fixture();
+    let mut db = Db::sqlite(fx._dir.path().join("k.db")).open().unwrap();
+    let keygate_control::Conn::Sqlite(c) = &mut db else {
+        panic!("sqlite")
+    };
+    c.execute_batch(
+        "INSERT INTO request_logs (time_ms, key_id, tenant, request_id, owner) VALUES \
+         (1000, 'k1', 'acme', 'mine', 'alice@example.com'), (2000, 'k2', 'acme', 'none', NULL), \
+         (3000, 'k3', 'globex', 'theirs', 'alice@example.com')",
+    )
+    .unwrap();
+    let ids = |v: &Value| -> Vec<(String, Value)> {
+        v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["request_id"].as_str().unwrap().to_owned(),
+                    r["owner"].clone(),
+                )
+            })
+            .collect()
+    };
+    let (s, all) = call(
+        &fx.app,
+        "GET",
+        "/api/v1/tenants/acme/logs",
+        Some(&fx.acme),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{all}");
+    assert_eq!(
+        ids(&all),
+        vec![
+            ("none".to_owned(), Value::Null),
+            ("mine".to_owned(), json!("alice@example.com"))
+        ]
+    );
+    let (s, mine) = call(
+        &fx.app,
+        "GET",
+        "/api/v1/tenants/acme/logs?owner=alice@example.com",
+        Some(&fx.acme),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{mine}");
+    assert_eq!(
+        ids(&mine),
+        vec![("mine".to_owned(), json!("alice@example.com"))]
+    );
+    for bad in ["has%20space", "", "caf%C3%A9"] {
+        let (s, e) = call(
+            &fx.app,
+            "GET",
+            &format!("/api/v1/tenants/acme/logs?owner={bad}"),
+            Some(&fx.acme),
+            None,
+        )
+        .await;
+        assert_eq!((s, e["field"].as_str()), (422, Some("owner")), "{bad}: {e}");
+    }
+}

@@ -14,6 +14,9 @@ pub struct Record {
     pub key_id: Option<String>,
     #[serde(default)]
     pub tenant: Option<String>,
+    /// The key's owner (absent in lines from before owners were logged).
+    #[serde(default)]
+    pub owner: Option<String>,
     #[serde(default)]
     pub method: Option<String>,
     #[serde(default)]
@@ -111,18 +114,24 @@ pub fn since(d: Duration) -> SystemTime {
 }
 
 pub fn print_table(w: &mut impl std::io::Write, records: &[Record]) -> std::io::Result<()> {
-    let s = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    // Envoy prints an unset filter-state field as "" or "-".
+    let s = |v: &Option<String>| {
+        v.clone()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "-".into())
+    };
     writeln!(
         w,
-        "{:<24} {:<22} {:<7} {:<32} {:<16} {:<6} REASON",
-        "TIME", "KEY ID", "METHOD", "PATH", "CLIENT IP", "STATUS"
+        "{:<24} {:<22} {:<20} {:<7} {:<32} {:<16} {:<6} REASON",
+        "TIME", "KEY ID", "OWNER", "METHOD", "PATH", "CLIENT IP", "STATUS"
     )?;
     for r in records {
         writeln!(
             w,
-            "{:<24} {:<22} {:<7} {:<32} {:<16} {:<6} {}",
+            "{:<24} {:<22} {:<20} {:<7} {:<32} {:<16} {:<6} {}",
             s(&r.time),
             s(&r.key_id),
+            s(&r.owner),
             s(&r.method),
             s(&r.path),
             s(&r.client_ip),
@@ -154,6 +163,30 @@ not json at all
             since: None,
             status: None,
         }
+    }
+
+    #[test]
+    fn the_table_shows_the_owner_and_a_dash_without_one() {
+        let log = concat!(
+            r#"{"time":"t1","key_id":"k1","owner":"alice@example.com","status":200}"#,
+            "\n",
+            r#"{"time":"t2","key_id":"k2","owner":"-","status":200}"#,
+            "\n",
+            r#"{"time":"t3","key_id":"k3","status":200}"#
+        );
+        let mut out = Vec::new();
+        print_table(&mut out, &read(log.as_bytes(), &none())).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.lines().next().is_some_and(|h| h.contains(" OWNER ")),
+            "{out}"
+        );
+        let owners: Vec<_> = out
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().nth(2).unwrap_or_default())
+            .collect();
+        assert_eq!(owners, ["alice@example.com", "-", "-"], "{out}");
     }
 
     #[test]

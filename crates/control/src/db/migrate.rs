@@ -33,6 +33,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0004_limits.sql"),
         include_str!("../../migrations/postgres/0004_limits.sql"),
     ),
+    (
+        5,
+        "request_log_owner",
+        include_str!("../../migrations/sqlite/0005_request_log_owner.sql"),
+        include_str!("../../migrations/postgres/0005_request_log_owner.sql"),
+    ),
 ];
 
 /// The schema version this build creates and understands.

@@ -938,6 +938,181 @@ pub fn migration_2_fences_portal_tokens_made_before_it(db: &Db, _dir: &Path) {
     );
 }
 
+/// `line(r)` with the access log's `owner` field set to `owner`.
+fn owner_line(r: &Rec, owner: &str) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&line(r)).unwrap();
+    v["owner"] = owner.into();
+    v.to_string() + "\n"
+}
+
+pub fn request_owner_is_stored_listed_and_filtered(db: &Db, dir: &Path) {
+    let log = dir.join("access.log");
+    let mut text = String::new();
+    // acme: 3 records of alice's key, 2 old-format lines without the field,
+    // 1 with Envoy's empty filter state; another tenant: 2 of an "alice"
+    // there (owners are per tenant, the filter must not cross).
+    for i in 0..3i64 {
+        text += &owner_line(&rec(T0 + i * 1000, format!("a{i}")), "alice@example.com");
+    }
+    for i in 0..2i64 {
+        let mut r = rec(T0 + 10_000 + i, format!("n{i}"));
+        r.key = Some("k2");
+        text += &line(&r);
+    }
+    text += &owner_line(&rec(T0 + 20_000, "dash"), "-");
+    for i in 0..2i64 {
+        let mut r = rec(T0 + 30_000 + i, format!("o{i}"));
+        r.key = Some("other-key");
+        r.tenant = Some("other");
+        text += &owner_line(&r, "alice@example.com");
+    }
+    append(&log, &text);
+    assert_eq!(ingester(db, &log).poll_once().unwrap().records, 8);
+
+    let mut conn = db.open().unwrap();
+    let page = |conn: &mut Conn, tenant: &str, owner: Option<&str>, limit, cursor| {
+        query_logs(
+            conn,
+            &LogQuery {
+                tenant: Some(tenant.into()),
+                owner: owner.map(Into::into),
+                limit: Some(limit),
+                cursor,
+                ..LogQuery::default()
+            },
+        )
+        .unwrap()
+    };
+    let all = page(&mut conn, "acme", None, 100, None);
+    let got: Vec<_> = all
+        .records
+        .iter()
+        .map(|r| (r.request_id.clone().unwrap(), r.owner.clone()))
+        .collect();
+    let alice = || Some("alice@example.com".to_owned());
+    assert_eq!(
+        got,
+        vec![
+            ("dash".to_owned(), None),
+            ("n1".to_owned(), None),
+            ("n0".to_owned(), None),
+            ("a2".to_owned(), alice()),
+            ("a1".to_owned(), alice()),
+            ("a0".to_owned(), alice()),
+        ]
+    );
+
+    // The filter, paged: alice's three acme records and none of the other
+    // tenant's, newest first, across a cursor.
+    let first = page(&mut conn, "acme", Some("alice@example.com"), 2, None);
+    let rest = page(
+        &mut conn,
+        "acme",
+        Some("alice@example.com"),
+        2,
+        first.next_cursor.clone(),
+    );
+    assert!(rest.next_cursor.is_none());
+    let ids: Vec<_> = first
+        .records
+        .iter()
+        .chain(&rest.records)
+        .map(|r| r.request_id.clone().unwrap())
+        .collect();
+    assert_eq!(ids, ["a2", "a1", "a0"]);
+    let other = page(&mut conn, "other", Some("alice@example.com"), 100, None);
+    assert_eq!(other.records.len(), 2);
+    assert!(other
+        .records
+        .iter()
+        .all(|r| r.tenant.as_deref() == Some("other")));
+    assert!(page(&mut conn, "acme", Some("alice"), 100, None)
+        .records
+        .is_empty());
+
+    // At 10M rows a rare owner must not scan the tenant's records: the
+    // filter is a range of the partial (tenant, owner, time) index.
+    if let Conn::Sqlite(c) = &conn {
+        let plan: Vec<String> = c
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT l.id FROM request_logs l \
+                 LEFT JOIN keys k ON k.key_id = l.key_id WHERE 1 = 1 \
+                 AND l.tenant = ?1 AND l.owner = ?2 ORDER BY l.time_ms DESC, l.id DESC LIMIT 51",
+            )
+            .unwrap()
+            .query_map(["acme", "alice@example.com"], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("request_logs_tenant_owner_time")),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|p| p.contains("TEMP B-TREE")), "{plan:?}");
+    }
+}
+
+/// A database made before migration 5 keeps its records (owner NULL) and
+/// stores owners from then on.
+pub fn migration_5_keeps_old_records_without_an_owner(db: &Db, dir: &Path) {
+    let (files, done) = match db {
+        Db::Sqlite(_) => (
+            [
+                include_str!("../../migrations/sqlite/0001_init.sql"),
+                include_str!("../../migrations/sqlite/0002_tokens_sessions.sql"),
+                include_str!("../../migrations/sqlite/0003_key_identity.sql"),
+                include_str!("../../migrations/sqlite/0004_limits.sql"),
+            ],
+            "PRAGMA user_version = 4;".to_owned(),
+        ),
+        Db::Postgres(_) => (
+            [
+                include_str!("../../migrations/postgres/0001_init.sql"),
+                include_str!("../../migrations/postgres/0002_tokens_sessions.sql"),
+                include_str!("../../migrations/postgres/0003_key_identity.sql"),
+                include_str!("../../migrations/postgres/0004_limits.sql"),
+            ],
+            "CREATE TABLE schema_migrations (version bigint PRIMARY KEY, name text NOT NULL, \
+             applied_at bigint NOT NULL); INSERT INTO schema_migrations VALUES \
+             (1, 'init', 0), (2, 'tokens_sessions', 0), (3, 'key_identity', 0), (4, 'limits', 0);"
+                .to_owned(),
+        ),
+    };
+    let old = files.concat()
+        + "INSERT INTO request_logs (time_ms, key_id, tenant, request_id) \
+           VALUES (1795514400000, 'k1', 'acme', 'before');"
+        + &done;
+    match db.connect().unwrap() {
+        Conn::Sqlite(c) => c.execute_batch(&old).unwrap(),
+        Conn::Postgres(mut c) => c.batch_execute(&old).unwrap(),
+    }
+    let log = dir.join("access.log");
+    append(&log, &owner_line(&rec(T0 + 1000, "after"), "bob"));
+    // The ingester's own connection (db.open) applies migration 5.
+    assert_eq!(ingester(db, &log).poll_once().unwrap().records, 1);
+    let mut conn = db.open().unwrap();
+    let got: Vec<_> = query_logs(
+        &mut conn,
+        &LogQuery {
+            tenant: Some("acme".into()),
+            ..LogQuery::default()
+        },
+    )
+    .unwrap()
+    .records
+    .into_iter()
+    .map(|r| (r.request_id.unwrap(), r.owner))
+    .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("after".to_owned(), Some("bob".to_owned())),
+            ("before".to_owned(), None)
+        ]
+    );
+}
+
 pub const ALL: &[(&str, Scenario)] = &[
     ("partial_last_line", partial_last_line_waits_for_its_newline),
     ("malformed", malformed_lines_are_skipped_and_counted),
@@ -973,5 +1148,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "store_tables",
         store_changes_reach_the_tables_logs_and_sessions_are_read_from,
+    ),
+    ("owner", request_owner_is_stored_listed_and_filtered),
+    (
+        "migration_5",
+        migration_5_keeps_old_records_without_an_owner,
     ),
 ];

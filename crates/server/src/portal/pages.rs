@@ -1033,6 +1033,8 @@ pub struct LogParams {
 pub struct LogRow {
     pub time: String,
     pub key_name: String,
+    /// The key's owner when the request was made ("—" without one).
+    pub owner: String,
     pub method: String,
     pub path: String,
     pub client_ip: String,
@@ -1153,6 +1155,7 @@ pub async fn logs(
                         .filter(|n| !n.is_empty())
                         .or_else(|| r.key_id.clone())
                         .unwrap_or_else(|| "—".into()),
+                    owner: r.owner.clone().unwrap_or_else(|| "—".into()),
                     method: r.method.clone().unwrap_or_default(),
                     path: r.path.clone().unwrap_or_default(),
                     client_ip: r.client_ip.clone().unwrap_or_default(),
