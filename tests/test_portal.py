@@ -155,6 +155,7 @@ def test_a_tenant_manages_a_key_end_to_end_in_the_browser(rig, browser):
     shot(drv, "portal-usage")
     follow(drv, By.LINK_TEXT, "Limits")  # read-only: the key's limits in effect
     assert "Limits in effect" in text(drv) and HTML_NAME in text(drv)
+    shot(drv, "portal-limits")
 
     drv.get(key_url)
     follow(drv, By.ID, "delete")
