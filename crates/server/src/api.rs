@@ -208,6 +208,18 @@ pub(crate) fn audited<T>(
     object_of: impl FnOnce(&T) -> String,
 ) -> Result<T, keygate_control::Error> {
     let record = audit_record(who, tenant, action, object, detail);
+    audited_as(svc, db, record, change, object_of)
+}
+
+/// [`audited`] with the record already built (e.g. one that names no
+/// tenant: plans belong to none).
+pub(crate) fn audited_as<T>(
+    svc: &Service,
+    db: &mut Conn,
+    record: Audit,
+    change: impl FnOnce(&Service) -> Result<T, keygate_control::Error>,
+    object_of: impl FnOnce(&T) -> String,
+) -> Result<T, keygate_control::Error> {
     let (out, done) = svc.audited(record.clone(), change)?;
     if !done {
         let mut record = record;

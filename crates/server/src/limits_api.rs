@@ -4,7 +4,7 @@
 //! tenant may consume, so only operators change them; a tenant token may
 //! read its own tenant's limits.
 
-use crate::api::{audit_record, blocking, rfc3339};
+use crate::api::{audit_record, audited_as, blocking, rfc3339};
 use crate::error::ApiError;
 use crate::extract::{Auth, Json};
 use crate::{now, AppState};
@@ -22,8 +22,7 @@ use std::sync::Arc;
 type St = State<Arc<AppState>>;
 
 /// Runs a change with its audit record (`tenant` None for plans, which
-/// belong to no tenant): in the change's transaction when the store is the
-/// management database, else just after it (see `api::audited`).
+/// belong to no tenant), as [`crate::api::audited`] does.
 #[allow(clippy::too_many_arguments)]
 fn audited<T>(
     svc: &Service,
@@ -43,18 +42,7 @@ fn audited<T>(
         detail,
     );
     record.tenant = tenant.map(str::to_owned);
-    let (out, done) = svc.audited(record.clone(), change)?;
-    if !done {
-        // The change is made; a lost audit record is reported, not turned
-        // into a failure the client would retry (and so repeat the change).
-        if let Err(e) = keygate_control::mgmt::record(db, &record.entry()) {
-            eprintln!(
-                "{}",
-                json!({"level": "error", "message": format!("audit record lost: {e}")})
-            );
-        }
-    }
-    Ok(out)
+    audited_as(svc, db, record, change, |_| object.to_owned())
 }
 
 fn parse(field: &str, items: &[String]) -> Result<Vec<Limit>, ApiError> {
