@@ -246,14 +246,7 @@ fn pushed<'a>(
 ) -> Cow<'a, CredentialRecord> {
     let metadata = forwarded_metadata(k.metadata.as_ref(), forward);
     let alias_ended = k.record.previous_key_expires_at.is_some_and(|t| t <= now);
-    // The key's plan, or else its tenant's, and whether its tenant has
-    // shared limits (`Snapshot::wire_record`).
-    let tenant = snap.tenant_limits_of(&k.record.tenant);
-    let plan = match &k.record.plan {
-        Some(p) => Some(p),
-        None => tenant.and_then(|t| t.plan.as_ref()),
-    };
-    let tenant_limits = tenant.is_some_and(|t| !t.limits.is_empty());
+    let (plan, tenant_limits) = snap.wire_limits(&k.record);
     if metadata == k.record.metadata
         && !alias_ended
         && plan == k.record.plan.as_ref()

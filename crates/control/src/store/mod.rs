@@ -304,13 +304,22 @@ impl Snapshot {
     /// A key's record as pushed to Envoy: its plan, or else its tenant's,
     /// and whether its tenant has shared limits.
     pub fn wire_record(&self, k: &StoredKey) -> CredentialRecord {
+        let (plan, tenant_limits) = self.wire_limits(&k.record);
         let mut r = k.record.clone();
-        let tenant = self.tenant_limits_of(&r.tenant);
-        if r.plan.is_none() {
-            r.plan = tenant.and_then(|t| t.plan.clone());
-        }
-        r.tenant_limits = tenant.is_some_and(|t| !t.limits.is_empty());
+        r.plan = plan.cloned();
+        r.tenant_limits = tenant_limits;
         r
+    }
+
+    /// The plan and tenant-limit flag a record is pushed with (see
+    /// [`Snapshot::wire_record`]), without copying the record.
+    pub fn wire_limits<'a>(&'a self, r: &'a CredentialRecord) -> (Option<&'a String>, bool) {
+        let tenant = self.tenant_limits_of(&r.tenant);
+        let plan = r
+            .plan
+            .as_ref()
+            .or_else(|| tenant.and_then(|t| t.plan.as_ref()));
+        (plan, tenant.is_some_and(|t| !t.limits.is_empty()))
     }
 
     /// Which limits a key meets: its own, else its plan's (the key's, else
@@ -342,12 +351,12 @@ impl Snapshot {
     /// The day/month quota periods of the limits a key meets (its own, else
     /// its plan's, else its tenant's plan's), and of its tenant's.
     pub fn quota_periods(&self, k: &StoredKey) -> (Vec<QuotaPeriod>, Vec<QuotaPeriod>) {
-        let r = self.wire_record(k);
+        let r = &k.record;
         let own: &[Limit] = if !r.limits.is_empty() {
             &r.limits
         } else {
-            r.plan
-                .as_deref()
+            self.wire_limits(r)
+                .0
                 .and_then(|p| self.plan(p))
                 .map_or(&[], |p| p.limits.as_slice())
         };
