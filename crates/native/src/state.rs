@@ -497,13 +497,14 @@ pub fn lookup(hash: &Digest) -> Option<Rc<Credential>> {
     // A rolled key's old value names the credential now (the core checks
     // the deadline); one hop only.
     if let Some(target) = keygate_core::entry::alias_target(record, hash) {
-        return lookup_entry(&snapshot, &target);
+        let record = snapshot.credentials.get(target.get(..NAME_HASH_BYTES)?)?;
+        return parsed(record, &target);
     }
-    lookup_entry(&snapshot, hash)
+    parsed(record, hash)
 }
 
-fn lookup_entry(snapshot: &Snapshot, hash: &Digest) -> Option<Rc<Credential>> {
-    let record = snapshot.credentials.get(hash.get(..NAME_HASH_BYTES)?)?;
+/// The credential `record` (stored under `hash`), parsed once per worker.
+fn parsed(record: &[u8], hash: &Digest) -> Option<Rc<Credential>> {
     CACHE.with(|cache| {
         let mut cache = cache.try_borrow_mut().ok()?;
         if let Some((cached, cred)) = cache.get(hash) {
