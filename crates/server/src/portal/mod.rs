@@ -174,6 +174,7 @@ fn csrf_for(session_token: &str) -> String {
 }
 
 /// A signed-in portal user: one tenant.
+#[derive(Clone)]
 pub struct Session {
     pub principal: Principal,
     pub tenant: String,

@@ -531,12 +531,7 @@ async fn made(
     form: CreateForm,
 ) -> Result<Response, PortalError> {
     let tenant = s.tenant.clone();
-    let s2 = Session {
-        principal: s.principal.clone(),
-        tenant: s.tenant.clone(),
-        ip: s.ip,
-        csrf: s.csrf.clone(),
-    };
+    let s2 = s.clone();
     let made = blocking(st, move |svc, db| {
         let detail = json!({"kind": new.kind, "scopes": new.scopes, "with_secret": new.with_secret, "via": "portal"});
         let made = crate::api::audited(
@@ -686,12 +681,7 @@ pub async fn rotate(
 ) -> Result<Response, PortalError> {
     s.check_csrf(&f.csrf)?;
     let tenant = s.tenant.clone();
-    let s2 = Session {
-        principal: s.principal.clone(),
-        tenant: s.tenant.clone(),
-        ip: s.ip,
-        csrf: s.csrf.clone(),
-    };
+    let s2 = s.clone();
     let kid = key_id.clone();
     let secret = blocking(&st, move |svc, db| {
         // Regenerating replaces the secret at once (no grace period): the
@@ -761,12 +751,7 @@ pub async fn roll(
         }
     };
     let tenant = s.tenant.clone();
-    let s2 = Session {
-        principal: s.principal.clone(),
-        tenant: s.tenant.clone(),
-        ip: s.ip,
-        csrf: s.csrf.clone(),
-    };
+    let s2 = s.clone();
     let kid = key_id.clone();
     let rolled = blocking(&st, move |svc, db| {
         Ok(crate::api::audited(
@@ -830,12 +815,7 @@ pub async fn set_status(
     let tenant = s.tenant.clone();
     let kid = key_id.clone();
     let word = f.status.clone();
-    let s2 = Session {
-        principal: s.principal.clone(),
-        tenant: s.tenant.clone(),
-        ip: s.ip,
-        csrf: s.csrf.clone(),
-    };
+    let s2 = s.clone();
     blocking(&st, move |svc, db| {
         let patch = KeyPatch {
             status: Some(status),
@@ -876,12 +856,7 @@ pub async fn set_ips(
     let tenant = s.tenant.clone();
     let kid = key_id.clone();
     let ips = list(&f.allowed_ips);
-    let s2 = Session {
-        principal: s.principal.clone(),
-        tenant: s.tenant.clone(),
-        ip: s.ip,
-        csrf: s.csrf.clone(),
-    };
+    let s2 = s.clone();
     let out = blocking(&st, move |svc, db| {
         let patch = KeyPatch {
             allowed_ips: Some(ips.clone()),
