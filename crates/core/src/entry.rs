@@ -24,7 +24,7 @@
 //! | 1 | flags: default kind, inactive, secret, previous secret, rate limit, expiry, environment, more flags |
 //! | 1 | more flags (only when flagged): own limits, plan, tenant limits, credits |
 //! | 32 / 32 + varint / 2 varints / varint | secret hash, previous secret hash + until, rate limit (requests, window), expires at — each only when flagged |
-//! | str × 2 (+ 1) | key id, tenant, then the environment only when flagged (else `live`); each a length byte and UTF-8 |
+//! | str × 2 (+ 1) | key id, tenant, then the environment only when flagged (else `live`); each a varint length and UTF-8 |
 //! | 1 | scopes: bits 0–2 for `read`, `write`, `admin` when the scopes are those in this order; else `0x80` + n, then n strings |
 //! | varint + n × (1 + 0–16) | allowed IPs: n, then per network a code (IPv4: prefix length 0–32; IPv6: 33 + prefix length) and the network's address bytes the prefix covers |
 //! | list / str / 4 varints | own limits (`crate::limits::encode_plan`), plan name, credits (balance, serial, monthly as 0/1, granted at) — each only when flagged |
@@ -105,13 +105,10 @@ pub const T_METADATA: u8 = 3;
 pub const ALIAS: u8 = 0xa1;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    // Names are checked to at most 128 bytes (`check_name`), scopes and
-    // metadata are short too; a longer string is cut rather than corrupting
-    // the layout (and then fails validation on the way back).
-    let bytes = s.as_bytes();
-    let len = bytes.len().min(255);
-    out.push(len as u8);
-    out.extend_from_slice(bytes.get(..len).unwrap_or_default());
+    // A varint length: one byte up to 127, two for the longest values
+    // (metadata values up to 256 characters, names up to 128).
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
 }
 
 /// LEB128: 7 bits a byte, low bits first.
@@ -333,7 +330,7 @@ impl<'a> Reader<'a> {
         u32::try_from(self.varint()?).ok()
     }
     fn string(&mut self) -> Option<String> {
-        let len = usize::from(self.byte()?);
+        let len = usize::try_from(self.varint()?).ok()?;
         String::from_utf8(self.take(len)?.to_vec()).ok()
     }
     fn scopes(&mut self) -> Option<Vec<String>> {
@@ -860,6 +857,21 @@ mod tests {
         for v in variants {
             round_trips(&cred(v));
         }
+    }
+
+    #[test]
+    fn the_longest_values_round_trip_whole() {
+        let c = cred(|r| {
+            r.key_id = "k".repeat(128);
+            r.owner = Some("o".repeat(crate::credential::MAX_OWNER_LEN));
+            r.metadata = [(
+                "m".repeat(64),
+                "v".repeat(crate::credential::MAX_METADATA_VALUE_LEN),
+            )]
+            .into_iter()
+            .collect();
+        });
+        round_trips(&c);
     }
 
     #[test]
