@@ -393,6 +393,10 @@ pub fn visible_record<'a>(entry: &'a [u8], state: &SyncState) -> Option<&'a [u8]
 
 /// The entry with its served record replaced by `f` of it (the gate's
 /// rate-limit step updates the state inside it); None when nothing is served.
+/// Committed slots older than the served one are left out: no reader takes
+/// them again (stamps only grow), and an entry a push updated would
+/// otherwise keep its old value beside the new one until its next update.
+/// Slots above the committed stamp (a push in progress) stay.
 pub fn update_visible_record(
     entry: &[u8],
     state: &SyncState,
@@ -400,9 +404,16 @@ pub fn update_visible_record(
 ) -> Option<Vec<u8>> {
     let slots = decode_slots(entry)?;
     let served = visible(&slots, state)?.as_ptr();
+    let served_stamp = slots
+        .iter()
+        .find(|s| s.record.is_some_and(|r| r.as_ptr() == served))?
+        .stamp;
     let mut f = Some(f);
     let mut out = Vec::with_capacity(slots.len());
     for s in &slots {
+        if s.committed(state) && s.stamp < served_stamp {
+            continue;
+        }
         let record = match s.record {
             Some(r) if r.as_ptr() == served => Some((f.take()?)(r)?),
             other => other.map(<[u8]>::to_vec),
@@ -1399,6 +1410,28 @@ mod tests {
         let s1 = p1.result();
         assert_eq!(tat(&entries, &s1), Some(Some(42)), "kept by the new value");
         assert_eq!(served(&entries, &s1, "k1").as_deref(), Some("id-k1"));
+        // Two slots since the change; the next counted request leaves the
+        // old value out (no reader takes it again) and changes nothing else.
+        assert_eq!(decode_slots(&entries[&h]).unwrap().len(), 2);
+        let counted =
+            update_visible_record(&entries[&h], &s1, |r| crate::entry::with_tat(r, 43)).unwrap();
+        let slots = decode_slots(&counted).unwrap();
+        assert_eq!(slots.len(), 1);
+        assert_eq!(slots[0].stamp, s1.stamp);
+        entries.insert(h, counted);
+        assert_eq!(tat(&entries, &s1), Some(Some(43)));
+        assert_eq!(served(&entries, &s1, "k1").as_deref(), Some("id-k1"));
+        // A push in progress keeps its staged slot through a counted request.
+        let mut next = push(Mode::Incremental, 1, 2, 3);
+        next.upserts = vec![record("k1", "third")];
+        let p2 = run(&next, &s1).unwrap();
+        apply(&mut entries, &s1, &p2);
+        let counted =
+            update_visible_record(&entries[&h], &s1, |r| crate::entry::with_tat(r, 44)).unwrap();
+        assert_eq!(decode_slots(&counted).unwrap().len(), 2);
+        entries.insert(h, counted);
+        assert_eq!(tat(&entries, &s1), Some(Some(44)));
+        assert!(visible_record(&entries[&h], &p2.result()).is_some());
     }
 
     #[test]
