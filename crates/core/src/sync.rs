@@ -6,8 +6,9 @@
 //! - `sync:state`: the [`SyncState`] (generation, version, committed stamp,
 //!   pending push);
 //! - `c:<key hash prefix>`: one entry per credential: up to two [`Slot`]s,
-//!   the committed value and one staged by the push in progress, each a
-//!   binary record with its generation and rate-limit state ([`crate::entry`]).
+//!   the committed value and one staged by the push in progress, each its
+//!   stamp and generation around a binary record that holds the key's
+//!   rate-limit state ([`crate::entry`], [`encode_slots`]).
 //!
 //! Every push, incremental or full, may span any number of batches and
 //! becomes visible all at once: its batches stage their writes under a new

@@ -266,8 +266,8 @@ impl Staging {
 pub struct Snapshot {
     /// The committed set: hash prefix → record. Every entry is current:
     /// a full push replaces the table and an incremental one writes under
-    /// the generation held, so no generation is kept per entry (the record
-    /// carries its own anyway).
+    /// the generation held, so no generation is kept per entry (nor does
+    /// the record carry one: `keygate_core::entry`).
     pub credentials: Table,
     /// Key id → hash prefix of its credential (may lead to a deleted one).
     pub key_ids: Table,
