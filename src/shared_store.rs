@@ -13,8 +13,7 @@ use keygate_core::shared_data::{
     CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
 use keygate_core::sync::{
-    decode_entry, decode_state, is_visible, update_visible_record, visible_record, LimitRecord,
-    SyncState,
+    decode_record, decode_state, update_visible_record, visible_record, LimitRecord, SyncState,
 };
 use keygate_core::token::VerifiedTokens;
 use keygate_core::{Credential, Policy};
@@ -33,7 +32,7 @@ const CACHE_CAPACITY: usize = 16_384;
 /// policy itself stays immutable.
 #[derive(Default)]
 pub struct CredentialCache {
-    entries: HashMap<Digest, (Vec<u8>, u64, Rc<Credential>)>,
+    entries: HashMap<Digest, (Vec<u8>, Rc<Credential>)>,
     /// Key id → the name prefix the key-id index gave last: a hint tried
     /// before the index (one bucket read and a hash less per token use).
     /// Only a credential that is served and has this id is taken from it,
@@ -96,33 +95,30 @@ impl CredentialCache {
         let Some(served) = visible_record(&bytes, &state) else {
             return Ok(None);
         };
-        let Some((head, record)) = entry::record_bytes(served) else {
+        let Some(record) = entry::record_bytes(served) else {
             return Ok(None);
         };
-        let cached = self.entries.get(hash).filter(|(kept, _, _)| {
-            kept.get(..head.len()) == Some(head) && kept.get(head.len()..) == Some(record)
-        });
-        let (generation, cred) = match cached {
-            Some((_, generation, cred)) => (*generation, cred.clone()),
+        let cached = self
+            .entries
+            .get(hash)
+            .filter(|(kept, _)| kept.as_slice() == record);
+        let cred = match cached {
+            Some((_, cred)) => cred.clone(),
             None => {
                 // A corrupt or foreign entry is treated as absent: the sync
                 // role validates before writing, so this only guards against
                 // the unexpected.
-                let Some((generation, cred)) = decode_entry(served, hash) else {
+                let Some(cred) = decode_record(served, hash) else {
                     return Ok(None);
                 };
                 let cred = Rc::new(cred);
                 if self.entries.len() >= CACHE_CAPACITY {
                     self.entries.clear();
                 }
-                let kept = [head, record].concat();
-                self.entries.insert(*hash, (kept, generation, cred.clone()));
-                (generation, cred)
+                self.entries.insert(*hash, (record.to_vec(), cred.clone()));
+                cred
             }
         };
-        if !is_visible(generation, &state) {
-            return Ok(None);
-        }
         let counter = EntryCounter {
             counter_key: counter_key(&cred.key_id),
             name,

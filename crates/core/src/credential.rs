@@ -21,7 +21,7 @@ pub const MAX_SCOPED_PER_TENANT: usize = 5;
 /// Most default (full-access) credentials one tenant may hold.
 pub const MAX_DEFAULT_PER_TENANT: usize = 1;
 const MAX_SCOPES: usize = 32;
-const MAX_ALLOWED_IPS: usize = 256;
+pub(crate) const MAX_ALLOWED_IPS: usize = 256;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]

@@ -4,62 +4,97 @@
 //! Why binary and why the counter inside: at a million credentials every
 //! byte of an entry is paid a million times in Envoy's memory. The JSON
 //! record plus a separate `r:<key id>` counter entry cost ~417 B of Envoy RSS
-//! per credential; one binary entry costs ~180 B.
+//! per credential; one binary entry costs ~160 B (tree node 96 B, value
+//! block 64 B: see bench/RESULTS.md, "p4-entry").
 //!
 //! Why the counter inside is exact: Envoy creates a missing shared-data key
 //! whatever CAS token the write carries, so a counter entry created on first
 //! use could be created by two workers at once, each admitting "the first"
 //! request. The credential entry always exists before a request can use it
-//! (the sync role writes it; a deletion leaves an empty entry, never a
-//! missing key), so every rate-limit update is a CAS write on an existing
-//! entry: two workers never both admit on the same old state. A counter
-//! starts as 0 (never used) and costs nothing until then.
+//! (the sync role writes it; a deletion leaves an entry without a record,
+//! never a missing key), so every rate-limit update is a CAS write on an
+//! existing entry: two workers never both admit on the same old state.
 //!
-//! Layout (little endian):
+//! Layout (varints are LEB128, fixed-width integers little endian):
 //!
 //! | bytes | field |
 //! |---|---|
 //! | 1 | format, [`FORMAT`] |
-//! | 8 | rate-limit state: GCRA theoretical arrival time, 0 = unused |
 //! | 17 | the key hash bytes the entry's name leaves out (`shared_data::credential_key`) |
-//! | varint | generation |
-//! | 1 | flags: default kind, inactive, secret, previous secret, rate limit, expiry |
-//! | 32 / 40 / 8 / 8 | secret hash, previous secret hash + until, limit (requests, window), expires at — each only when flagged |
-//! | str × 3 | key id, tenant, environment (empty = `live`), each a length byte and UTF-8 |
-//! | list × 2 | scopes, allowed IPs: a count byte (IPs: two bytes), then strings |
-//! | 1 | limit flags: own limits, plan, tenant limits |
-//! | list / str | own limits (a count byte, then period byte and u32 each), plan name — each only when flagged |
-//! | tagged × n | optional fields, each a tag byte and its value: [`T_OWNER`] a string; [`T_PREVIOUS_KEY`] 32-byte hash + 8-byte until; [`T_METADATA`] a count byte, then name and value strings |
-//! | 9 × n + 1 | counters of the limits besides the single window (tag, u64 each), then n: the entry's only part that grows with use |
+//! | 1 | flags: default kind, inactive, secret, previous secret, rate limit, expiry, environment, more flags |
+//! | 1 | more flags (only when flagged): own limits, plan, tenant limits, credits |
+//! | 32 / 32 + varint / 2 varints / varint | secret hash, previous secret hash + until, rate limit (requests, window), expires at — each only when flagged |
+//! | str × 2 (+ 1) | key id, tenant, then the environment only when flagged (else `live`); each a varint length and UTF-8 |
+//! | 1 | scopes: bits 0–2 for `read`, `write`, `admin` when the scopes are those in this order; else `0x80` + n, then n strings |
+//! | varint + n × (1 + 0–16) | allowed IPs: n, then per network a code (IPv4: prefix length 0–32; IPv6: 33 + prefix length) and the network's address bytes the prefix covers |
+//! | list / str / 4 varints | own limits (`crate::limits::encode_plan`), plan name, credits (balance, serial, monthly as 0/1, granted at) — each only when flagged |
+//! | tagged × n | optional fields, each a tag byte and its value: [`T_OWNER`] a string; [`T_PREVIOUS_KEY`] 32-byte hash + varint until; [`T_METADATA`] a count byte, then name and value strings |
+//! | 9 × n (+ 8) + 1 | the counters trailer: the counters of limits besides the single window (tag, u64 each), then the single window's state (GCRA theoretical arrival time, u64) when it was used, then n, plus `0x80` when the window's state is there |
 //!
-//! The counters trailer ends the entry and is read from its end, so a key
-//! with one limit (or none) pays one byte for it, and one with five pays 37:
-//! a counter appears when its limit is first used (`crate::limits`).
+//! No generation: the slot an entry's record sits in carries it
+//! (`crate::sync::encode_slots`), and the native build keeps none per entry.
+//!
+//! The counters trailer ends the entry and is read from its end, so an
+//! unused key pays one byte for it, one with the single window used nine,
+//! and every other limit's counter nine more once it is first used
+//! (`crate::limits`). The native build keeps its counters apart and stores
+//! this record with the trailer its push wrote (one byte, or the seeded
+//! quota counters).
+//!
+//! Why the entry keeps all 17 hash bytes its name leaves out: the name's
+//! 15 bytes (120 bits) find the entry, these complete the key's SHA-256, and
+//! a key is served only if all 32 bytes match (a wrong key never matches:
+//! two keys sharing a 15-byte prefix each read the other's entry as absent).
+//! Fewer bytes would still make a wrong key's match hopeless, but the token
+//! path needs the full hash: a token names its key by id, and its
+//! credential reference is an HMAC of the full key hash
+//! (`crate::token::Tokens::credential_ref`), rebuilt from the name and these
+//! bytes ([`full_hash`]).
 //!
 //! A rolled key's old value has an alias entry under its own name:
 //! [`ALIAS`], the 17 hash bytes its name leaves out, and the full hash of
 //! the credential it now names (50 bytes, no counter: the credential's
 //! counter is the one both values spend).
 
-use crate::credential::{Credential, CredentialRecord, Kind, Status};
+use crate::credential::{Credential, CredentialRecord, Kind, Status, MAX_ALLOWED_IPS};
 use crate::hash::Digest;
 use crate::limits::Counters;
 use crate::rate_limit::RateLimit;
 use crate::shared_data::NAME_HASH_BYTES;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use subtle::ConstantTimeEq;
 
 /// Version byte of the layout above.
-pub const FORMAT: u8 = 2;
-const TAT_AT: usize = 1;
-const SUFFIX_AT: usize = 9;
-const HEAD: usize = SUFFIX_AT + 32 - NAME_HASH_BYTES;
+pub const FORMAT: u8 = 3;
+const SUFFIX_AT: usize = 1;
+const SUFFIX: usize = 32 - NAME_HASH_BYTES;
+/// Format, hash suffix, flags: the shortest entry before its trailer.
+const HEAD: usize = SUFFIX_AT + SUFFIX + 1;
 
 const F_DEFAULT: u8 = 1;
 const F_INACTIVE: u8 = 2;
 const F_SECRET: u8 = 4;
 const F_PREVIOUS: u8 = 8;
-const F_LIMIT: u8 = 16;
-const F_EXPIRES: u8 = 32;
+const F_LIMIT: u8 = 0x10;
+const F_EXPIRES: u8 = 0x20;
+const F_ENVIRONMENT: u8 = 0x40;
+const F_MORE: u8 = 0x80;
+
+// More flags (their own byte, only when [`F_MORE`] is set).
+const L_LIMITS: u8 = 1;
+const L_PLAN: u8 = 2;
+const L_TENANT: u8 = 4;
+const L_CREDITS: u8 = 8;
+
+/// Scopes stored as bits (in this order) when a key's scopes are these.
+const STANDARD_SCOPES: [&str; 3] = ["read", "write", "admin"];
+/// The scopes byte of a list of names.
+const S_NAMED: u8 = 0x80;
+
+/// The trailer's last byte: set when the single window's state is there.
+const C_WINDOW: u8 = 0x80;
+/// Most counters the trailer holds besides the single window's.
+const MAX_COUNTERS: usize = 0x7f;
 
 /// Optional fields after the lists, each behind its tag (absent: not set).
 pub const T_OWNER: u8 = 1;
@@ -68,23 +103,16 @@ pub const T_METADATA: u8 = 3;
 
 /// Version byte of an alias entry (a rolled key's old value).
 pub const ALIAS: u8 = 0xa1;
-// Limit flags (their own byte after the allowed IPs).
-const L_LIMITS: u8 = 1;
-const L_PLAN: u8 = 2;
-const L_TENANT: u8 = 4;
-const L_CREDITS: u8 = 8;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    // Names are checked to at most 64 bytes (`check_name`), scopes and IPs
-    // are short too; a longer string is cut rather than corrupting the layout
-    // (and then fails validation on the way back).
-    let bytes = s.as_bytes();
-    let len = bytes.len().min(255);
-    out.push(len as u8);
-    out.extend_from_slice(bytes.get(..len).unwrap_or_default());
+    // A varint length: one byte up to 127, two for the longest values
+    // (metadata values up to 256 characters, names up to 128).
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+/// LEB128: 7 bits a byte, low bits first.
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -92,77 +120,131 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-/// The entry for a validated credential at `generation`, counter unused.
-pub fn encode(generation: u64, c: &Credential) -> Vec<u8> {
-    let mut out = Vec::with_capacity(96);
+/// Reads a [`put_varint`] from the front of `bytes`; None past its end or
+/// past 64 bits.
+pub(crate) fn take_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (b, rest) = bytes.split_first()?;
+        *bytes = rest;
+        v |= u64::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+fn put_scopes(out: &mut Vec<u8>, scopes: &[String]) {
+    // Bits when the scopes are standard names in their order (so the
+    // scopes header sent upstream reads the same); names otherwise.
+    let bits = scopes.iter().try_fold((0u8, 0usize), |(bits, next), s| {
+        let at = STANDARD_SCOPES.iter().position(|x| x == s)?;
+        (at >= next).then_some((bits | 1 << at, at + 1))
+    });
+    match bits {
+        Some((bits, _)) => out.push(bits),
+        None => {
+            let n = scopes.len().min(usize::from(!S_NAMED));
+            out.push(S_NAMED | n as u8);
+            for s in scopes.iter().take(n) {
+                put_str(out, s);
+            }
+        }
+    }
+}
+
+fn put_net(out: &mut Vec<u8>, net: &IpNet) {
+    let len = net.prefix_len();
+    let covered = usize::from(len).div_ceil(8);
+    match net {
+        IpNet::V4(n) => {
+            out.push(len);
+            out.extend_from_slice(n.network().octets().get(..covered).unwrap_or_default());
+        }
+        IpNet::V6(n) => {
+            out.push(33 + len);
+            out.extend_from_slice(n.network().octets().get(..covered).unwrap_or_default());
+        }
+    }
+}
+
+/// The counters trailer: `others` (tag, value), then the window's state.
+fn put_counters<'a>(
+    out: &mut Vec<u8>,
+    window: Option<u64>,
+    others: impl Iterator<Item = &'a (u8, u64)>,
+) {
+    let mut n = 0u8;
+    for (tag, v) in others.filter(|(t, _)| *t != 0).take(MAX_COUNTERS) {
+        out.push(*tag);
+        out.extend_from_slice(&v.to_le_bytes());
+        n += 1;
+    }
+    if let Some(tat) = window {
+        out.extend_from_slice(&tat.to_le_bytes());
+        n |= C_WINDOW;
+    }
+    out.push(n);
+}
+
+/// The entry for a validated credential, counters unused (or those seeded
+/// from the request log).
+pub fn encode(c: &Credential) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
     out.push(FORMAT);
-    out.extend_from_slice(&0u64.to_le_bytes());
     out.extend_from_slice(c.key_hash.get(NAME_HASH_BYTES..).unwrap_or_default());
-    put_varint(&mut out, generation);
-    let mut flags = 0;
-    if c.kind == Kind::Default {
-        flags |= F_DEFAULT;
-    }
-    if !c.active {
-        flags |= F_INACTIVE;
-    }
-    flags |= [
+    let more = [
+        (!c.limits.is_empty(), L_LIMITS),
+        (c.plan.is_some(), L_PLAN),
+        (c.tenant_limits, L_TENANT),
+        (c.credits.is_some(), L_CREDITS),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .fold(0, |acc, (_, f)| acc | f);
+    let flags = [
+        (c.kind == Kind::Default, F_DEFAULT),
+        (!c.active, F_INACTIVE),
         (c.secret_hash.is_some(), F_SECRET),
         (c.previous_secret.is_some(), F_PREVIOUS),
         (c.rate_limit.is_some(), F_LIMIT),
         (c.expires_at.is_some(), F_EXPIRES),
+        (c.environment != "live", F_ENVIRONMENT),
+        (more != 0, F_MORE),
     ]
     .iter()
     .filter(|(on, _)| *on)
     .fold(0, |acc, (_, f)| acc | f);
     out.push(flags);
+    if more != 0 {
+        out.push(more);
+    }
     if let Some(h) = &c.secret_hash {
         out.extend_from_slice(h);
     }
     if let Some((h, until)) = &c.previous_secret {
         out.extend_from_slice(h);
-        out.extend_from_slice(&until.to_le_bytes());
+        put_varint(&mut out, *until);
     }
     if let Some(l) = &c.rate_limit {
-        out.extend_from_slice(&l.requests.to_le_bytes());
-        out.extend_from_slice(&l.window_secs.to_le_bytes());
+        put_varint(&mut out, u64::from(l.requests));
+        put_varint(&mut out, u64::from(l.window_secs));
     }
     if let Some(at) = c.expires_at {
-        out.extend_from_slice(&at.to_le_bytes());
+        put_varint(&mut out, at);
     }
     put_str(&mut out, &c.key_id);
     put_str(&mut out, &c.tenant);
-    put_str(
-        &mut out,
-        if c.environment == "live" {
-            ""
-        } else {
-            &c.environment
-        },
-    );
-    out.push(c.scopes.len().min(255) as u8);
-    for s in c.scopes.iter().take(255) {
-        put_str(&mut out, s);
+    if flags & F_ENVIRONMENT != 0 {
+        put_str(&mut out, &c.environment);
     }
-    let ips = c.allowed_ips.len().min(u16::MAX as usize);
-    out.extend_from_slice(&(ips as u16).to_le_bytes());
-    for ip in c.allowed_ips.iter().take(ips) {
-        put_str(&mut out, &ip.to_string());
+    put_scopes(&mut out, &c.scopes);
+    let ips = c.allowed_ips.len().min(MAX_ALLOWED_IPS);
+    put_varint(&mut out, ips as u64);
+    for net in c.allowed_ips.iter().take(ips) {
+        put_net(&mut out, net);
     }
-    let mut limit_flags = 0;
-    if !c.limits.is_empty() {
-        limit_flags |= L_LIMITS;
-    }
-    if c.plan.is_some() {
-        limit_flags |= L_PLAN;
-    }
-    if c.tenant_limits {
-        limit_flags |= L_TENANT;
-    }
-    if c.credits.is_some() {
-        limit_flags |= L_CREDITS;
-    }
-    out.push(limit_flags);
     if !c.limits.is_empty() {
         out.extend_from_slice(&crate::limits::encode_plan(&c.limits));
     }
@@ -170,27 +252,15 @@ pub fn encode(generation: u64, c: &Credential) -> Vec<u8> {
         put_str(&mut out, plan);
     }
     if let Some(cr) = &c.credits {
-        out.extend_from_slice(&cr.balance.to_le_bytes());
-        out.extend_from_slice(&cr.serial.to_le_bytes());
+        put_varint(&mut out, cr.balance);
+        put_varint(&mut out, u64::from(cr.serial));
         out.push(u8::from(cr.monthly));
-        out.extend_from_slice(&cr.granted_at.to_le_bytes());
+        put_varint(&mut out, cr.granted_at);
     }
     put_tagged(&mut out, c);
     // No counters yet, or those seeded from the request log.
-    let seeds: Vec<&(u8, u64)> = c.seed.0.iter().filter(|(t, _)| *t != 0).take(255).collect();
-    for (tag, v) in &seeds {
-        out.push(*tag);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out.push(seeds.len() as u8);
+    put_counters(&mut out, None, c.seed.0.iter());
     out
-}
-
-/// The length of the counters trailer that ends `bytes`.
-fn trailer_len(bytes: &[u8]) -> Option<usize> {
-    let n = usize::from(*bytes.last()?);
-    let len = 9 * n + 1;
-    (bytes.len() >= HEAD + len).then_some(len)
 }
 
 fn put_tagged(out: &mut Vec<u8>, c: &Credential) {
@@ -201,7 +271,7 @@ fn put_tagged(out: &mut Vec<u8>, c: &Credential) {
     if let Some((h, until)) = &c.previous_key {
         out.push(T_PREVIOUS_KEY);
         out.extend_from_slice(h);
-        out.extend_from_slice(&until.to_le_bytes());
+        put_varint(out, *until);
     }
     if !c.metadata.is_empty() {
         out.push(T_METADATA);
@@ -215,7 +285,7 @@ fn put_tagged(out: &mut Vec<u8>, c: &Credential) {
 
 /// The alias entry naming `target` under `old`'s name.
 pub fn encode_alias(old: &Digest, target: &Digest) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 32 - NAME_HASH_BYTES + 32);
+    let mut out = Vec::with_capacity(1 + SUFFIX + 32);
     out.push(ALIAS);
     out.extend_from_slice(old.get(NAME_HASH_BYTES..).unwrap_or_default());
     out.extend_from_slice(target);
@@ -229,7 +299,7 @@ pub fn alias_target(bytes: &[u8], hash: &Digest) -> Option<Digest> {
     if r.byte()? != ALIAS {
         return None;
     }
-    let suffix = r.take(32 - NAME_HASH_BYTES)?;
+    let suffix = r.take(SUFFIX)?;
     if !bool::from(suffix.ct_eq(hash.get(NAME_HASH_BYTES..)?)) {
         return None;
     }
@@ -253,52 +323,108 @@ impl<'a> Reader<'a> {
     fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N)?.try_into().ok()
     }
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.array().map(u64::from_le_bytes)
-    }
     fn varint(&mut self) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f).checked_shl(shift)?;
-            if b & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
+        take_varint(&mut self.0)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        u32::try_from(self.varint()?).ok()
     }
     fn string(&mut self) -> Option<String> {
-        let len = usize::from(self.byte()?);
+        let len = usize::try_from(self.varint()?).ok()?;
         String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+    fn scopes(&mut self) -> Option<Vec<String>> {
+        let b = self.byte()?;
+        if b & S_NAMED != 0 {
+            return (0..b & !S_NAMED).map(|_| self.string()).collect();
+        }
+        if usize::from(b) >> STANDARD_SCOPES.len() != 0 {
+            return None;
+        }
+        Some(
+            STANDARD_SCOPES
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| b >> i & 1 != 0)
+                .map(|(_, s)| (*s).to_owned())
+                .collect(),
+        )
+    }
+    fn net(&mut self) -> Option<IpNet> {
+        let code = self.byte()?;
+        let net = if code <= 32 {
+            let mut a = [0u8; 4];
+            let k = usize::from(code).div_ceil(8);
+            a.get_mut(..k)?.copy_from_slice(self.take(k)?);
+            IpNet::V4(Ipv4Net::new(a.into(), code).ok()?)
+        } else {
+            let len = code - 33;
+            let mut a = [0u8; 16];
+            let k = usize::from(len).div_ceil(8);
+            a.get_mut(..k)?.copy_from_slice(self.take(k)?);
+            IpNet::V6(Ipv6Net::new(a.into(), len).ok()?)
+        };
+        // As `crate::ip_rules::parse_allowed` requires: no host bits.
+        (net.trunc() == net).then_some(net)
     }
 }
 
-/// The generation and credential stored in `bytes` under the name of
-/// `hash`; None for a deleted, corrupt or foreign entry (one whose other
-/// hash bytes differ: two keys sharing a 15-byte prefix).
-pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
-    let mut r = Reader(bytes);
-    if r.byte()? != FORMAT {
+/// The counters trailer that ends a credential entry: where it starts, the
+/// single window's state, and the other counters' bytes (9 each).
+struct Trailer<'a> {
+    start: usize,
+    window: Option<u64>,
+    others: &'a [u8],
+}
+
+fn trailer(bytes: &[u8]) -> Option<Trailer<'_>> {
+    if bytes.first() != Some(&FORMAT) {
         return None;
     }
-    r.take(8)?;
-    let suffix = r.take(32 - NAME_HASH_BYTES)?;
+    let last = *bytes.last()?;
+    let n = usize::from(last & !C_WINDOW);
+    let window_len = if last & C_WINDOW != 0 { 8 } else { 0 };
+    let end = bytes.len() - 1;
+    let start = end.checked_sub(9 * n + window_len)?;
+    if start < HEAD {
+        return None;
+    }
+    let window = match bytes.get(end - window_len..end)? {
+        [] => None,
+        w => Some(u64::from_le_bytes(w.try_into().ok()?)),
+    };
+    Some(Trailer {
+        start,
+        window,
+        others: bytes.get(start..end - window_len)?,
+    })
+}
+
+/// The credential stored in `bytes` under the name of `hash`; None for a
+/// deleted, corrupt or foreign entry (one whose other hash bytes differ:
+/// two keys sharing a 15-byte prefix).
+pub fn decode(bytes: &[u8], hash: &Digest) -> Option<Credential> {
+    let t = trailer(bytes)?;
+    let mut r = Reader(bytes.get(..t.start)?);
+    r.byte()?;
+    let suffix = r.take(SUFFIX)?;
     if !bool::from(suffix.ct_eq(hash.get(NAME_HASH_BYTES..)?)) {
         return None;
     }
-    let generation = r.varint()?;
     let flags = r.byte()?;
     let on = |f: u8| flags & f != 0;
+    let more = if on(F_MORE) { r.byte()? } else { 0 };
+    // A more-flags byte is written only when it has a flag set.
+    if (on(F_MORE) && more == 0) || more & !(L_LIMITS | L_PLAN | L_TENANT | L_CREDITS) != 0 {
+        return None;
+    }
     let secret_hash = if on(F_SECRET) {
         Some(hex::encode(r.take(32)?))
     } else {
         None
     };
     let (previous_secret_hash, previous_secret_expires_at) = if on(F_PREVIOUS) {
-        (Some(hex::encode(r.take(32)?)), Some(r.u64()?))
+        (Some(hex::encode(r.take(32)?)), Some(r.varint()?))
     } else {
         (None, None)
     };
@@ -310,47 +436,54 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
     } else {
         None
     };
-    let expires_at = if on(F_EXPIRES) { Some(r.u64()?) } else { None };
+    let expires_at = if on(F_EXPIRES) {
+        Some(r.varint()?)
+    } else {
+        None
+    };
     let key_id = r.string()?;
     let tenant = r.string()?;
-    let environment = Some(r.string()?)
-        .filter(|e| !e.is_empty())
-        .unwrap_or_else(|| "live".to_owned());
-    let scopes = (0..r.byte()?)
-        .map(|_| r.string())
-        .collect::<Option<Vec<_>>>()?;
-    let ips = u16::from_le_bytes(r.array()?);
-    let allowed_ips = (0..ips).map(|_| r.string()).collect::<Option<Vec<_>>>()?;
-    let limit_flags = r.byte()?;
-    let limits = if limit_flags & L_LIMITS != 0 {
+    let environment = if on(F_ENVIRONMENT) {
+        // "live" is the flag's absence: one encoding per credential.
+        Some(r.string()?).filter(|e| e != "live")?
+    } else {
+        "live".to_owned()
+    };
+    let scopes = r.scopes()?;
+    let ips = usize::try_from(r.varint()?).ok()?;
+    if ips > MAX_ALLOWED_IPS {
+        return None;
+    }
+    let allowed_ips = (0..ips).map(|_| r.net()).collect::<Option<Vec<_>>>()?;
+    let limits = if more & L_LIMITS != 0 {
         let n = usize::from(*r.0.first()?);
         crate::limits::decode_plan(r.take(1 + 5 * n))?
     } else {
         vec![]
     };
-    let plan = if limit_flags & L_PLAN != 0 {
+    let plan = if more & L_PLAN != 0 {
         Some(r.string()?)
     } else {
         None
     };
-    let credits = if limit_flags & L_CREDITS != 0 {
+    let credits = if more & L_CREDITS != 0 {
         Some(crate::limits::Credits {
-            balance: r.u64()?,
+            balance: r.varint()?,
             serial: r.u32()?,
-            monthly: r.byte()? != 0,
-            granted_at: r.u64()?,
+            monthly: match r.byte()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
+            granted_at: r.varint()?,
         })
     } else {
         None
     };
-    if limit_flags & !(L_LIMITS | L_PLAN | L_TENANT | L_CREDITS) != 0 {
-        return None;
-    }
     // Then the tagged fields, up to the counters trailer.
-    let trailer = trailer_len(bytes)?;
     let (mut owner, mut previous_key, mut metadata) = (None, None, Default::default());
     let mut last_tag = 0;
-    while r.0.len() > trailer {
+    while !r.0.is_empty() {
         let tag = r.byte()?;
         // Each tag once, in order: one encoding per credential.
         if tag <= last_tag {
@@ -359,7 +492,7 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
         last_tag = tag;
         match tag {
             T_OWNER => owner = Some(r.string()?),
-            T_PREVIOUS_KEY => previous_key = Some((r.array::<32>()?, r.u64()?)),
+            T_PREVIOUS_KEY => previous_key = Some((r.array::<32>()?, r.varint()?)),
             T_METADATA => {
                 metadata = (0..r.byte()?)
                     .map(|_| Some((r.string()?, r.string()?)))
@@ -367,9 +500,6 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
             }
             _ => return None,
         }
-    }
-    if r.0.len() != trailer {
-        return None;
     }
     let record = CredentialRecord {
         key_id,
@@ -385,7 +515,9 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
         tenant,
         environment,
         scopes,
-        allowed_ips,
+        // Checked above as `parse_allowed` checks them, and set below:
+        // already binary, no need to print and parse them again.
+        allowed_ips: vec![],
         rate_limit,
         status: if on(F_INACTIVE) {
             Status::Inactive
@@ -399,33 +531,32 @@ pub fn decode(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
         metadata,
         limits,
         plan,
-        tenant_limits: limit_flags & L_TENANT != 0,
+        tenant_limits: more & L_TENANT != 0,
         quota_used: vec![],
         credits,
     };
     // Validated again: the entry came from the host.
     let cred = Credential::try_from(&record).ok()?;
-    Some((generation, cred))
+    Some(Credential {
+        allowed_ips,
+        ..cred
+    })
 }
 
 /// The rate-limit state an entry holds: None for a deleted or foreign one,
 /// Some(None) for a counter not used yet.
 pub fn tat(bytes: &[u8]) -> Option<Option<u64>> {
-    if bytes.first() != Some(&FORMAT) {
-        return None;
-    }
-    let tat = u64::from_le_bytes(bytes.get(TAT_AT..SUFFIX_AT)?.try_into().ok()?);
-    Some((tat != 0).then_some(tat))
+    trailer(bytes).map(|t| t.window)
 }
 
 /// `bytes` with its rate-limit state replaced (None when it is no entry).
 pub fn with_tat(bytes: &[u8], tat: u64) -> Option<Vec<u8>> {
-    if bytes.first() != Some(&FORMAT) || bytes.len() < HEAD {
-        return None;
-    }
-    let mut out = bytes.to_vec();
-    out.get_mut(TAT_AT..SUFFIX_AT)?
-        .copy_from_slice(&tat.max(1).to_le_bytes());
+    let t = trailer(bytes)?;
+    let mut out = Vec::with_capacity(t.start + t.others.len() + 9);
+    out.extend_from_slice(bytes.get(..t.start)?);
+    out.extend_from_slice(t.others);
+    out.extend_from_slice(&tat.to_le_bytes());
+    out.push((t.others.len() / 9) as u8 | C_WINDOW);
     Some(out)
 }
 
@@ -438,53 +569,40 @@ pub fn full_hash(prefix: &[u8], bytes: &[u8]) -> Option<Digest> {
     let mut hash = [0u8; 32];
     hash.get_mut(..NAME_HASH_BYTES)?.copy_from_slice(prefix);
     hash.get_mut(NAME_HASH_BYTES..)?
-        .copy_from_slice(bytes.get(SUFFIX_AT..HEAD)?);
+        .copy_from_slice(bytes.get(SUFFIX_AT..SUFFIX_AT + SUFFIX)?);
     Some(hash)
 }
 
-/// Everything but the rate-limit state: what a parsed copy depends on.
-pub fn record_bytes(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = bytes.len().checked_sub(trailer_len(bytes)?)?;
-    Some((bytes.get(..TAT_AT)?, bytes.get(SUFFIX_AT..end)?))
+/// Everything but the counters: what a parsed copy depends on.
+pub fn record_bytes(bytes: &[u8]) -> Option<&[u8]> {
+    bytes.get(..trailer(bytes)?.start)
 }
 
 /// Every counter an entry holds: the single window's state (tag 0) and the
-/// trailer's. None for a deleted or foreign entry.
+/// trailer's others. None for a deleted or foreign entry.
 pub fn counters(bytes: &[u8]) -> Option<Counters> {
-    let tat = tat(bytes)?;
-    let len = trailer_len(bytes)?;
-    let trailer = bytes.get(bytes.len() - len..bytes.len() - 1)?;
-    let mut c: Vec<(u8, u64)> = tat.map(|t| (0, t)).into_iter().collect();
-    c.extend(
-        Counters::decode(Some(trailer))
-            .0
-            .into_iter()
-            .filter(|(t, _)| *t != 0),
-    );
+    let t = trailer(bytes)?;
+    let mut c: Vec<(u8, u64)> = t.window.map(|w| (0, w)).into_iter().collect();
+    if !t.others.is_empty() {
+        c.extend(
+            Counters::decode(Some(t.others))
+                .0
+                .into_iter()
+                .filter(|(t, _)| *t != 0),
+        );
+    }
     Some(Counters(c))
 }
 
 /// `bytes` with its counters replaced (None when it is no entry). The
-/// trailer is rewritten to exactly the counters besides tag 0.
+/// trailer is rewritten to exactly these counters.
 pub fn with_counters(bytes: &[u8], counters: &Counters) -> Option<Vec<u8>> {
-    let len = trailer_len(bytes)?;
-    let tat = counters.get(0);
-    let mut out = match tat {
-        Some(t) => with_tat(bytes, t)?,
-        None => bytes.to_vec(),
-    };
-    out.truncate(out.len() - len);
-    let others: Vec<&(u8, u64)> = counters
-        .0
-        .iter()
-        .filter(|(t, _)| *t != 0)
-        .take(255)
-        .collect();
-    for (tag, v) in &others {
-        out.push(*tag);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out.push(others.len() as u8);
+    let t = trailer(bytes)?;
+    let mut out = Vec::with_capacity(t.start + 9 * counters.0.len() + 1);
+    out.extend_from_slice(bytes.get(..t.start)?);
+    // Without the window's state, the one held stays (as the other
+    // counters, it only ever goes on).
+    put_counters(&mut out, counters.get(0).or(t.window), counters.0.iter());
     Some(out)
 }
 
@@ -501,7 +619,7 @@ mod tests {
             previous_secret_hash: None,
             previous_secret_expires_at: None,
             kind: Kind::Scoped,
-            tenant: "t0".into(),
+            tenant: "t199999".into(),
             environment: "live".into(),
             scopes: vec!["read".into()],
             allowed_ips: vec!["127.0.0.0/8".into()],
@@ -525,16 +643,33 @@ mod tests {
         r
     }
 
+    fn cred(extra: impl FnOnce(&mut CredentialRecord)) -> Credential {
+        Credential::try_from(&record(extra)).unwrap()
+    }
+
+    fn round_trips(c: &Credential) {
+        let bytes = encode(c);
+        assert_eq!(decode(&bytes, &c.key_hash).as_ref(), Some(c), "{bytes:?}");
+    }
+
     #[test]
     fn every_field_round_trips() {
-        let full = record(|r| {
+        let full = cred(|r| {
             r.secret_hash = Some(hex::encode(sha256(b"s")));
             r.previous_secret_hash = Some(hex::encode(sha256(b"old")));
             r.previous_secret_expires_at = Some(1_800_000_000);
             r.kind = Kind::Default;
             r.environment = "test".into();
-            r.scopes = vec!["read".into(), "write".into()];
-            r.allowed_ips = vec!["10.0.0.0/8".into(), "2001:db8::/32".into()];
+            r.scopes = vec!["read".into(), "write".into(), "billing:export".into()];
+            r.allowed_ips = vec![
+                "10.0.0.0/8".into(),
+                "2001:db8::/32".into(),
+                "192.168.1.7".into(),
+                "::1".into(),
+                "172.16.0.0/12".into(),
+                "0.0.0.0/0".into(),
+                "::/0".into(),
+            ];
             r.status = Status::Inactive;
             r.expires_at = Some(1_900_000_000);
             r.owner = Some("alice@example.com".into());
@@ -550,30 +685,119 @@ mod tests {
             r.plan = Some("pro".into());
             r.tenant_limits = true;
             r.credits = Some(crate::limits::Credits {
-                balance: 5_000,
-                serial: 3,
+                balance: u64::from(u32::MAX),
+                serial: u32::MAX,
                 monthly: true,
-                granted_at: 1_750_000_000,
+                granted_at: u64::MAX,
             });
         });
-        for r in [record(|_| {}), full, record(|r| r.rate_limit = None)] {
-            let c = Credential::try_from(&r).unwrap();
-            let bytes = encode(7, &c);
-            assert_eq!(decode(&bytes, &c.key_hash), Some((7, c)));
+        for c in [cred(|_| {}), full, cred(|r| r.rate_limit = None)] {
+            round_trips(&c);
         }
     }
 
     #[test]
-    fn a_typical_entry_is_small_and_its_name_fits_a_short_string() {
-        let c = Credential::try_from(&record(|_| {})).unwrap();
-        assert!(encode(1, &c).len() <= 80, "{}", encode(1, &c).len());
+    fn the_bench_entry_fits_a_64_byte_heap_block_used_or_not() {
+        // Envoy's value is a libc++ string: a heap block of (n + 16) & !15
+        // bytes for n over 22, so n ≤ 63 is the 64-byte class; the slot
+        // header (`crate::sync::encode_slots`) takes 2 bytes of it.
+        let c = cred(|_| {});
+        let bytes = encode(&c);
+        assert_eq!(bytes.len(), 52, "{bytes:?}");
+        let used = with_tat(&bytes, u64::MAX).unwrap();
+        assert_eq!(used.len(), 60);
+        assert!(2 + used.len() <= 63);
         assert_eq!(crate::shared_data::credential_key(&c.key_hash).len(), 22);
     }
 
     #[test]
+    fn standard_scopes_are_one_byte_and_any_other_list_keeps_its_order() {
+        let size = |scopes: &[&str]| {
+            let c = cred(|r| r.scopes = scopes.iter().map(|s| (*s).to_owned()).collect());
+            round_trips(&c);
+            encode(&c).len()
+        };
+        let base = size(&[]);
+        assert_eq!(size(&["read"]), base);
+        assert_eq!(size(&["read", "write", "admin"]), base);
+        assert_eq!(size(&["write", "admin"]), base);
+        // Another order is sent upstream as written: stored as names.
+        assert_eq!(size(&["write", "read"]), base + 11);
+        assert_eq!(size(&["read", "read"]), base + 10);
+        assert_eq!(size(&["orders"]), base + 7);
+        assert_eq!(size(&["read", "orders"]), base + 12);
+        // Bits beyond the three standard scopes are refused.
+        let c = cred(|r| r.scopes = vec![]);
+        let mut bytes = encode(&c);
+        let at = 1 + SUFFIX + 1 + 6 + 14 + 8;
+        assert_eq!(bytes[at], 0);
+        bytes[at] = 8;
+        assert_eq!(decode(&bytes, &c.key_hash), None);
+        bytes[at] = 7;
+        assert!(decode(&bytes, &c.key_hash).is_some());
+    }
+
+    #[test]
+    fn every_prefix_length_round_trips_and_costs_the_bytes_it_covers() {
+        let plain = encode(&cred(|r| r.allowed_ips = vec![])).len();
+        for len in 0..=32u8 {
+            let net = format!(
+                "{}/{len}",
+                Ipv4Net::new([255; 4].into(), len)
+                    .unwrap()
+                    .trunc()
+                    .network()
+            );
+            let c = cred(|r| r.allowed_ips = vec![net]);
+            round_trips(&c);
+            assert_eq!(encode(&c).len(), plain + 1 + usize::from(len).div_ceil(8));
+        }
+        for len in 0..=128u8 {
+            let net = Ipv6Net::new([0xffff; 8].into(), len)
+                .unwrap()
+                .trunc()
+                .to_string();
+            let c = cred(|r| r.allowed_ips = vec![net]);
+            round_trips(&c);
+            assert_eq!(encode(&c).len(), plain + 1 + usize::from(len).div_ceil(8));
+        }
+        let most: Vec<String> = (0..MAX_ALLOWED_IPS)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        round_trips(&cred(|r| r.allowed_ips = most));
+    }
+
+    #[test]
+    fn a_network_with_host_bits_or_a_bad_prefix_is_refused() {
+        let c = cred(|r| r.allowed_ips = vec!["10.0.0.0/7".into()]);
+        let bytes = encode(&c);
+        let at = bytes.iter().rposition(|b| *b == 7).unwrap();
+        assert_eq!(bytes[at + 1], 10);
+        let mut host_bits = bytes.clone();
+        host_bits[at + 1] = 11;
+        assert_eq!(decode(&host_bits, &c.key_hash), None);
+        let mut bad_prefix = bytes.clone();
+        bad_prefix[at] = 33 + 129;
+        assert_eq!(decode(&bad_prefix, &c.key_hash), None);
+    }
+
+    #[test]
+    fn live_is_the_environment_flag_absent() {
+        let live = cred(|_| {});
+        let test = cred(|r| r.environment = "test".into());
+        assert_eq!(encode(&test).len(), encode(&live).len() + 5);
+        round_trips(&test);
+        // "live" written out is not this layout's encoding of it.
+        let mut bytes = encode(&cred(|r| r.environment = "lave".into()));
+        let at = bytes.windows(4).position(|w| w == b"lave").unwrap();
+        bytes[at + 1] = b'i';
+        assert_eq!(decode(&bytes, &live.key_hash), None);
+    }
+
+    #[test]
     fn a_key_sharing_the_name_prefix_is_not_found() {
-        let c = Credential::try_from(&record(|_| {})).unwrap();
-        let bytes = encode(1, &c);
+        let c = cred(|_| {});
+        let bytes = encode(&c);
         let mut other = c.key_hash;
         other[31] ^= 1;
         let name = crate::shared_data::credential_key;
@@ -583,55 +807,84 @@ mod tests {
 
     #[test]
     fn the_name_prefix_and_the_entry_give_back_the_full_hash() {
-        let c = Credential::try_from(&record(|_| {})).unwrap();
-        let bytes = with_tat(&encode(1, &c), 9).unwrap();
+        let c = cred(|_| {});
+        let bytes = with_tat(&encode(&c), 9).unwrap();
         let prefix = crate::shared_data::name_prefix(&c.key_hash);
         assert_eq!(full_hash(prefix, &bytes), Some(c.key_hash));
         assert_eq!(full_hash(prefix, b""), None);
         assert_eq!(full_hash(&c.key_hash, &bytes), None);
-        assert_eq!(full_hash(prefix, bytes.get(..20).unwrap()), None);
+        assert_eq!(full_hash(prefix, bytes.get(..10).unwrap()), None);
     }
 
     #[test]
     fn the_counter_starts_unused_and_survives_in_place() {
-        let c = Credential::try_from(&record(|_| {})).unwrap();
-        let bytes = encode(3, &c);
+        let c = cred(|_| {});
+        let bytes = encode(&c);
         assert_eq!(tat(&bytes), Some(None));
         let used = with_tat(&bytes, 42).unwrap();
         assert_eq!(tat(&used), Some(Some(42)));
+        assert_eq!(tat(&with_tat(&used, 43).unwrap()), Some(Some(43)));
         assert_eq!(record_bytes(&used), record_bytes(&bytes));
-        assert_eq!(decode(&used, &c.key_hash), Some((3, c)));
+        assert_eq!(decode(&used, &c.key_hash), Some(c));
         assert_eq!(tat(b""), None);
         assert_eq!(with_tat(b"", 1), None);
     }
 
     #[test]
     fn each_optional_field_round_trips_alone() {
-        let variants: [fn(&mut CredentialRecord); 3] = [
+        let variants: [fn(&mut CredentialRecord); 10] = [
             |r| r.owner = Some("svc:billing".into()),
             |r| {
                 r.previous_key_hash = Some(hex::encode(sha256(b"old")));
                 r.previous_key_expires_at = Some(5);
             },
             |r| r.metadata = [("tier".into(), "1".into())].into_iter().collect(),
+            |r| r.secret_hash = Some(hex::encode(sha256(b"s"))),
+            |r| r.expires_at = Some(0),
+            |r| r.kind = Kind::Default,
+            |r| r.limits = vec!["5/s".parse().unwrap()],
+            |r| r.plan = Some("free".into()),
+            |r| r.tenant_limits = true,
+            |r| {
+                r.credits = Some(crate::limits::Credits {
+                    balance: 0,
+                    serial: 0,
+                    monthly: false,
+                    granted_at: 0,
+                })
+            },
         ];
         for v in variants {
-            let c = Credential::try_from(&record(v)).unwrap();
-            assert_eq!(decode(&encode(2, &c), &c.key_hash), Some((2, c)));
+            round_trips(&cred(v));
         }
     }
 
     #[test]
-    fn an_owner_costs_its_length_and_two_bytes() {
-        let plain = Credential::try_from(&record(|_| {})).unwrap();
-        let owned = Credential::try_from(&record(|r| r.owner = Some("alice".into()))).unwrap();
-        assert_eq!(encode(1, &owned).len(), encode(1, &plain).len() + 2 + 5);
+    fn the_longest_values_round_trip_whole() {
+        let c = cred(|r| {
+            r.key_id = "k".repeat(128);
+            r.owner = Some("o".repeat(crate::credential::MAX_OWNER_LEN));
+            r.metadata = [(
+                "m".repeat(64),
+                "v".repeat(crate::credential::MAX_METADATA_VALUE_LEN),
+            )]
+            .into_iter()
+            .collect();
+        });
+        round_trips(&c);
     }
 
     #[test]
-    fn repeated_or_unknown_tags_are_refused() {
-        let c = Credential::try_from(&record(|r| r.owner = Some("a".into()))).unwrap();
-        let bytes = encode(1, &c);
+    fn an_owner_costs_its_length_and_two_bytes() {
+        let plain = cred(|_| {});
+        let owned = cred(|r| r.owner = Some("alice".into()));
+        assert_eq!(encode(&owned).len(), encode(&plain).len() + 2 + 5);
+    }
+
+    #[test]
+    fn repeated_or_unknown_tags_and_flags_are_refused() {
+        let c = cred(|r| r.owner = Some("a".into()));
+        let bytes = encode(&c);
         // Tagged fields sit before the counters trailer (here its count
         // byte alone): insert there, as an encoder would have written them.
         let before_trailer = |b: &[u8], extra: &[u8]| {
@@ -640,15 +893,20 @@ mod tests {
             out.splice(at..at, extra.iter().copied());
             out
         };
-        assert_eq!(
-            decode(&before_trailer(&bytes, &[]), &c.key_hash).map(|d| d.0),
-            Some(1)
-        );
+        assert!(decode(&before_trailer(&bytes, &[]), &c.key_hash).is_some());
         let twice = before_trailer(&bytes, &[T_OWNER, 1, b'b']);
         assert_eq!(decode(&twice, &c.key_hash), None);
-        let plain = encode(1, &Credential::try_from(&record(|_| {})).unwrap());
+        let plain = encode(&cred(|_| {}));
         let unknown = before_trailer(&plain, &[0x7f, 0]);
         assert_eq!(decode(&unknown, &c.key_hash), None);
+        // A more-flags byte with no flag, or an unknown one.
+        let mut more = plain.clone();
+        more[1 + SUFFIX] |= F_MORE;
+        for extra in [0, 0x10] {
+            let mut b = more.clone();
+            b.insert(1 + SUFFIX + 1, extra);
+            assert_eq!(decode(&b, &c.key_hash), None);
+        }
     }
 
     #[test]
@@ -662,41 +920,63 @@ mod tests {
         // An alias is no credential entry, and has no counter.
         assert_eq!(decode(&alias, &old), None);
         assert_eq!(tat(&alias), None);
-        let c = Credential::try_from(&record(|_| {})).unwrap();
-        assert_eq!(alias_target(&encode(1, &c), &c.key_hash), None);
+        assert_eq!(counters(&alias), None);
+        let c = cred(|_| {});
+        assert_eq!(alias_target(&encode(&c), &c.key_hash), None);
     }
 
     #[test]
     fn counters_grow_the_trailer_only_and_never_change_the_record() {
-        let c = Credential::try_from(&record(|r| {
-            r.limits = vec!["10/s".parse().unwrap(), "100/day".parse().unwrap()]
-        }))
-        .unwrap();
-        let bytes = encode(3, &c);
+        let c = cred(|r| r.limits = vec!["10/s".parse().unwrap(), "100/day".parse().unwrap()]);
+        let bytes = encode(&c);
         assert_eq!(counters(&bytes), Some(Counters::default()));
         let used = Counters(vec![(0, 7), (1, 99), (4, 5)]);
         let written = with_counters(&bytes, &used).unwrap();
-        assert_eq!(written.len(), bytes.len() + 18);
+        assert_eq!(written.len(), bytes.len() + 8 + 18);
         assert_eq!(counters(&written), Some(used));
         assert_eq!(record_bytes(&written), record_bytes(&bytes));
-        assert_eq!(decode(&written, &c.key_hash), Some((3, c.clone())));
-        // One limit pays one trailer byte; the single window none more.
-        let one = Credential::try_from(&record(|_| {})).unwrap();
-        let plain = encode(1, &one);
+        assert_eq!(decode(&written, &c.key_hash), Some(c.clone()));
+        // Counters without the window's state keep the one held.
+        let others = Counters(vec![(1, 100)]);
+        let kept = with_counters(&written, &others).unwrap();
+        assert_eq!(counters(&kept), Some(Counters(vec![(0, 7), (1, 100)])));
+        // The single window used: eight bytes more, no tag.
+        let plain = encode(&cred(|_| {}));
         let once = with_counters(&plain, &Counters(vec![(0, 9)])).unwrap();
-        assert_eq!(once.len(), plain.len());
+        assert_eq!(once.len(), plain.len() + 8);
         assert_eq!(tat(&once), Some(Some(9)));
+        assert_eq!(counters(&once), Some(Counters(vec![(0, 9)])));
+    }
+
+    #[test]
+    fn seeded_counters_start_in_the_trailer() {
+        let c = cred(|r| {
+            r.limits = vec!["100/day".parse().unwrap()];
+            r.quota_used = vec![crate::limits::QuotaUsed {
+                period: crate::limits::QuotaPeriod::Day,
+                since: 1_700_000_000,
+                used: 12,
+            }];
+        });
+        let bytes = encode(&c);
+        let held = counters(&bytes).unwrap();
+        assert_eq!(held.0.len(), 1, "{held:?}");
+        assert_eq!(tat(&bytes), Some(None));
+        // The record read back has no seed of its own: it lives in the trailer.
+        let back = decode(&bytes, &c.key_hash).unwrap();
+        assert_eq!(back.key_id, c.key_id);
     }
 
     #[test]
     fn truncated_or_padded_entries_are_refused() {
-        let c = Credential::try_from(&record(|_| {})).unwrap();
-        let bytes = encode(1, &c);
-        for n in 0..bytes.len() {
-            assert_eq!(decode(bytes.get(..n).unwrap(), &c.key_hash), None);
+        for c in [cred(|_| {}), cred(|r| r.owner = Some("o".into()))] {
+            let bytes = with_tat(&encode(&c), 77).unwrap();
+            for n in 0..bytes.len() {
+                assert_eq!(decode(bytes.get(..n).unwrap(), &c.key_hash), None, "{n}");
+            }
+            let mut padded = bytes.clone();
+            padded.push(0);
+            assert_eq!(decode(&padded, &c.key_hash), None);
         }
-        let mut padded = bytes.clone();
-        padded.push(0);
-        assert_eq!(decode(&padded, &c.key_hash), None);
     }
 }

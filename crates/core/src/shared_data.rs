@@ -7,7 +7,7 @@
 //! |----------------------|---------------------------------------------------|
 //! | `sync:state`         | the sync state (generation, version, pending)     |
 //! | `sync:layout`        | the [`LAYOUT`] the committed set was written in (decimal) |
-//! | `c:<b64url hash[..15]>` | one credential pushed by sync and its rate-limit state, binary (`crate::entry`) |
+//! | `c:<b64url hash[..15]>` | one credential pushed by sync and its rate-limit state: slots (`crate::sync::encode_slots`) of binary records (`crate::entry`) |
 //! | `r:<key id>`         | rate-limit state of a credential from the plugin config (theoretical arrival time, LE) |
 //! | `tok:<key id>`       | tokens issued per session (JSON)                  |
 //! | `rs:<key id>`        | session revocations `{session: revoked_at_ms}`    |
@@ -34,7 +34,10 @@ pub const LAYOUT_KEY: &str = "sync:layout";
 /// 2: the key-id index in `kx:` buckets (1 had one `k:<key id>` per key);
 /// credential entries in format 2 (own limits, tagged owner / rolled key /
 /// metadata, counters trailer); plan and tenant-limit entries.
-pub const LAYOUT: u32 = 2;
+/// 3: credential entries in format 3 (no generation, varint numbers,
+/// scopes as bits, binary networks, the window's state in the trailer) in
+/// slots with varint headers (`crate::sync::encode_slots`).
+pub const LAYOUT: u32 = 3;
 
 /// Whether the `sync:layout` entry names this build's [`LAYOUT`].
 pub fn is_current_layout(entry: Option<&[u8]>) -> bool {

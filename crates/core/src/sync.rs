@@ -6,8 +6,9 @@
 //! - `sync:state`: the [`SyncState`] (generation, version, committed stamp,
 //!   pending push);
 //! - `c:<key hash prefix>`: one entry per credential: up to two [`Slot`]s,
-//!   the committed value and one staged by the push in progress, each a
-//!   binary record with its generation and rate-limit state ([`crate::entry`]).
+//!   the committed value and one staged by the push in progress, each its
+//!   stamp and generation around a binary record that holds the key's
+//!   rate-limit state ([`crate::entry`], [`encode_slots`]).
 //!
 //! Every push, incremental or full, may span any number of batches and
 //! becomes visible all at once: its batches stage their writes under a new
@@ -321,24 +322,19 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> bool {
     mac.verify_slice(&tag).is_ok()
 }
 
-/// The entry of a record at `generation` (as a push plans it), rate-limit
-/// state unused; empty — read back as deleted — for an invalid record, which
-/// a push refuses before it gets here.
-pub fn encode_entry(generation: u64, record: &CredentialRecord) -> Vec<u8> {
+/// The entry of a record (as a push plans it), rate-limit state unused;
+/// empty — read back as deleted — for an invalid record, which a push
+/// refuses before it gets here. Its generation is its slot's.
+pub fn encode_entry(record: &CredentialRecord) -> Vec<u8> {
     Credential::try_from(record)
-        .map(|c| entry::encode(generation, &c))
+        .map(|c| entry::encode(&c))
         .unwrap_or_default()
 }
 
-/// The generation and credential of the entry stored under `hash`; None for
-/// a deleted or corrupt one.
-pub fn decode_entry(bytes: &[u8], hash: &Digest) -> Option<(u64, Credential)> {
-    entry::decode(bytes, hash)
-}
-
-/// The credential a slot's record (an entry) holds; None for a corrupt one.
+/// The credential a slot's record (an entry) holds; None for a deleted or
+/// corrupt one.
 pub fn decode_record(bytes: &[u8], hash: &Digest) -> Option<Credential> {
-    entry::decode(bytes, hash).map(|(_, c)| c)
+    entry::decode(bytes, hash)
 }
 
 /// One value of an entry, written by the push with `stamp`.
@@ -378,14 +374,30 @@ pub fn visible<'a, R>(slots: &'a [Slot<R>], state: &SyncState) -> Option<&'a R> 
     slot.record.as_ref()
 }
 
-/// The record the reader of an entry's bytes is served, if any.
+/// The record the reader of an entry's bytes is served, if any. Reads the
+/// slots in place: no allocation on the request path.
 pub fn visible_record<'a>(entry: &'a [u8], state: &SyncState) -> Option<&'a [u8]> {
-    let slots = decode_slots(entry)?;
-    visible(&slots, state).copied()
+    let mut rest = entry;
+    let mut newest: Option<Slot<&[u8]>> = None;
+    while !rest.is_empty() {
+        let s = next_slot(&mut rest)?;
+        if s.committed(state) && newest.as_ref().is_none_or(|n| s.stamp >= n.stamp) {
+            newest = Some(s);
+        }
+    }
+    let slot = newest?;
+    if !is_visible(slot.generation, state) {
+        return None;
+    }
+    slot.record
 }
 
 /// The entry with its served record replaced by `f` of it (the gate's
 /// rate-limit step updates the state inside it); None when nothing is served.
+/// Committed slots older than the served one are left out: no reader takes
+/// them again (stamps only grow), and an entry a push updated would
+/// otherwise keep its old value beside the new one until its next update.
+/// Slots above the committed stamp (a push in progress) stay.
 pub fn update_visible_record(
     entry: &[u8],
     state: &SyncState,
@@ -393,9 +405,16 @@ pub fn update_visible_record(
 ) -> Option<Vec<u8>> {
     let slots = decode_slots(entry)?;
     let served = visible(&slots, state)?.as_ptr();
+    let served_stamp = slots
+        .iter()
+        .find(|s| s.record.is_some_and(|r| r.as_ptr() == served))?
+        .stamp;
     let mut f = Some(f);
     let mut out = Vec::with_capacity(slots.len());
     for s in &slots {
+        if s.committed(state) && s.stamp < served_stamp {
+            continue;
+        }
         let record = match s.record {
             Some(r) if r.as_ptr() == served => Some((f.take()?)(r)?),
             other => other.map(<[u8]>::to_vec),
@@ -409,42 +428,66 @@ pub fn update_visible_record(
     Some(encode_slots(&out))
 }
 
-const SLOT_HEADER: usize = 8 + 8 + 4;
-
-/// Slots as bytes: per slot, stamp and generation (u64 LE), record length
-/// (u32 LE, 0 for deleted) and the record.
+/// Slots as bytes. Per slot: a varint of its stamp times two, plus one when
+/// another slot follows; a varint of its generation; when another slot
+/// follows, a varint of its record's length (0: deleted); then the record.
+/// The last slot's record is the rest of the entry (none: deleted), so the
+/// usual entry, one committed slot, pays two or three bytes for its header
+/// (20 before: at a million keys the difference decides the size class of
+/// Envoy's heap block for the value, bench/RESULTS.md "p4-entry").
 pub fn encode_slots(slots: &[Slot<Vec<u8>>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         slots
             .iter()
-            .map(|s| SLOT_HEADER + s.record.as_ref().map_or(0, Vec::len))
+            .map(|s| 12 + s.record.as_ref().map_or(0, Vec::len))
             .sum(),
     );
-    for s in slots {
+    for (i, s) in slots.iter().enumerate() {
         let record = s.record.as_deref().unwrap_or_default();
-        out.extend_from_slice(&s.stamp.to_le_bytes());
-        out.extend_from_slice(&s.generation.to_le_bytes());
-        out.extend_from_slice(&u32::try_from(record.len()).unwrap_or(0).to_le_bytes());
+        let more = i + 1 < slots.len();
+        // Stamps count pushes from 1: never near 2^63.
+        entry::put_varint(
+            &mut out,
+            (s.stamp.min(u64::MAX >> 1) << 1) | u64::from(more),
+        );
+        entry::put_varint(&mut out, s.generation);
+        if more {
+            entry::put_varint(&mut out, record.len() as u64);
+        }
         out.extend_from_slice(record);
     }
     out
+}
+
+/// The next slot at the front of `bytes`, which then holds the rest; None
+/// for a malformed one.
+fn next_slot<'a>(bytes: &mut &'a [u8]) -> Option<Slot<&'a [u8]>> {
+    let head = entry::take_varint(bytes)?;
+    let generation = entry::take_varint(bytes)?;
+    let len = if head & 1 == 1 {
+        let len = usize::try_from(entry::take_varint(bytes)?).ok()?;
+        // Another slot follows: it cannot be empty.
+        if len >= bytes.len() {
+            return None;
+        }
+        len
+    } else {
+        bytes.len()
+    };
+    let (record, rest) = (bytes.get(..len)?, bytes.get(len..)?);
+    *bytes = rest;
+    Some(Slot {
+        stamp: head >> 1,
+        generation,
+        record: (len > 0).then_some(record),
+    })
 }
 
 /// The slots of an entry; None for a malformed one (treated as absent).
 pub fn decode_slots(mut bytes: &[u8]) -> Option<Vec<Slot<&[u8]>>> {
     let mut slots = Vec::with_capacity(2);
     while !bytes.is_empty() {
-        let header = bytes.get(..SLOT_HEADER)?;
-        let stamp = u64::from_le_bytes(header.get(..8)?.try_into().ok()?);
-        let generation = u64::from_le_bytes(header.get(8..16)?.try_into().ok()?);
-        let len = u32::from_le_bytes(header.get(16..20)?.try_into().ok()?) as usize;
-        let record = bytes.get(SLOT_HEADER..SLOT_HEADER + len)?;
-        slots.push(Slot {
-            stamp,
-            generation,
-            record: (len > 0).then_some(record),
-        });
-        bytes = bytes.get(SLOT_HEADER + len..)?;
+        slots.push(next_slot(&mut bytes)?);
     }
     Some(slots)
 }
@@ -548,7 +591,7 @@ pub fn plan(
         let c = Credential::try_from(r)
             .map_err(|e| SyncError::Invalid(e.under(&format!("upserts[{i}]")).to_string()))?;
         key_ids.push((c.key_id.clone(), c.key_hash));
-        upserts.push((c.key_hash, entry::encode(push.generation, &c)));
+        upserts.push((c.key_hash, entry::encode(&c)));
         if let Some((old, _)) = c.previous_key {
             rolled.push((c.key_hash, old));
         }
@@ -1025,7 +1068,7 @@ mod tests {
         assert_eq!(reported_state(state, Some(&current)), state);
         // Written by an older filter (no marker) or another layout: version
         // 0, which no sidecar holds, so it answers with a full push.
-        for other in [None, Some(&b"1"[..]), Some(&b"x"[..])] {
+        for other in [None, Some(&b"1"[..]), Some(&b"2"[..]), Some(&b"x"[..])] {
             let reported = reported_state(state, other);
             assert_eq!(reported.version, 0, "{other:?}");
             assert_eq!(reported.generation, 3);
@@ -1073,8 +1116,8 @@ mod tests {
         assert_eq!(plan.upserts.len(), 1);
         let (hash, entry) = &plan.upserts[0];
         assert_eq!(crate::entry::tat(entry), Some(None), "counter unused");
-        let (generation, cred) = decode_entry(entry, hash).unwrap();
-        assert_eq!((generation, cred.key_id.as_str()), (1, "id-k1"));
+        let cred = decode_record(entry, hash).unwrap();
+        assert_eq!((plan.generation, cred.key_id.as_str()), (1, "id-k1"));
     }
 
     #[test]
@@ -1368,6 +1411,53 @@ mod tests {
         let s1 = p1.result();
         assert_eq!(tat(&entries, &s1), Some(Some(42)), "kept by the new value");
         assert_eq!(served(&entries, &s1, "k1").as_deref(), Some("id-k1"));
+        // Two slots since the change; the next counted request leaves the
+        // old value out (no reader takes it again) and changes nothing else.
+        assert_eq!(decode_slots(&entries[&h]).unwrap().len(), 2);
+        let counted =
+            update_visible_record(&entries[&h], &s1, |r| crate::entry::with_tat(r, 43)).unwrap();
+        let slots = decode_slots(&counted).unwrap();
+        assert_eq!(slots.len(), 1);
+        assert_eq!(slots[0].stamp, s1.stamp);
+        entries.insert(h, counted);
+        assert_eq!(tat(&entries, &s1), Some(Some(43)));
+        assert_eq!(served(&entries, &s1, "k1").as_deref(), Some("id-k1"));
+        // A push in progress keeps its staged slot through a counted request.
+        let mut next = push(Mode::Incremental, 1, 2, 3);
+        next.upserts = vec![record("k1", "third")];
+        let p2 = run(&next, &s1).unwrap();
+        apply(&mut entries, &s1, &p2);
+        let counted =
+            update_visible_record(&entries[&h], &s1, |r| crate::entry::with_tat(r, 44)).unwrap();
+        assert_eq!(decode_slots(&counted).unwrap().len(), 2);
+        entries.insert(h, counted);
+        assert_eq!(tat(&entries, &s1), Some(Some(44)));
+        assert!(visible_record(&entries[&h], &p2.result()).is_some());
+    }
+
+    #[test]
+    fn an_entry_as_the_previous_layout_wrote_it_is_never_served() {
+        // Layout 2: 20-byte slot headers (stamp, generation u64; length
+        // u32) around a format-2 record. After a filter update the gate
+        // reads it as nothing, until the full push the state endpoint asks
+        // for (`reported_state`) rewrites it.
+        let hash = crate::hash::sha256(b"k1");
+        let mut record = vec![2u8];
+        record.extend_from_slice(&[0; 8]);
+        record.extend_from_slice(&hash[15..]);
+        record.extend_from_slice(b"\x01\x00\x05id-k1\x01t\x00\x00\x00\x00\x00\x00");
+        let mut old = Vec::new();
+        for (stamp, generation) in [(1u64, 1u64), (2, 1)] {
+            old.extend_from_slice(&stamp.to_le_bytes());
+            old.extend_from_slice(&generation.to_le_bytes());
+            old.extend_from_slice(&(record.len() as u32).to_le_bytes());
+            old.extend_from_slice(&record);
+        }
+        for state in [held(1, 1), held(1, 7), SyncState::default()] {
+            let served = visible_record(&old, &state);
+            assert!(served.and_then(|r| decode_record(r, &hash)).is_none());
+            assert!(served.and_then(crate::entry::counters).is_none());
+        }
     }
 
     #[test]
@@ -1391,6 +1481,47 @@ mod tests {
         assert_eq!((back[1].stamp, back[1].record), (3, None));
         assert!(decode_slots(&bytes[..bytes.len() - 1]).is_none());
         assert!(decode_slots(b"short").is_none());
+        // One committed slot, the usual entry: a two-byte header while
+        // stamps and generations stay under 64 and 128.
+        let one = |stamp, generation, record: Option<&[u8]>| {
+            encode_slots(&[Slot {
+                stamp,
+                generation,
+                record: record.map(<[u8]>::to_vec),
+            }])
+        };
+        assert_eq!(one(63, 127, Some(b"rec")).len(), 2 + 3);
+        assert_eq!(one(64, 128, Some(b"rec")).len(), 4 + 3);
+        assert_eq!(one(5, 1, None).len(), 2, "a delete is its header");
+        // Any stamp, generation and record length reads back, in either slot.
+        for (stamp, generation, len) in [(1, 1, 1), (300, 70_000, 200), (1 << 40, u64::MAX, 3)] {
+            let record = vec![0x5a; len];
+            let slots = vec![
+                Slot {
+                    stamp,
+                    generation,
+                    record: Some(record.clone()),
+                },
+                Slot {
+                    stamp: stamp + 1,
+                    generation: generation / 2,
+                    record: Some(record[..len / 2 + 1].to_vec()),
+                },
+            ];
+            let bytes = encode_slots(&slots);
+            let back: Vec<Slot<Vec<u8>>> = decode_slots(&bytes)
+                .unwrap()
+                .into_iter()
+                .map(|s| Slot {
+                    stamp: s.stamp,
+                    generation: s.generation,
+                    record: s.record.map(<[u8]>::to_vec),
+                })
+                .collect();
+            assert_eq!(back, slots);
+        }
+        // A first slot claiming the whole rest leaves no room for the next.
+        assert!(decode_slots(&[3, 1, 2, 0xaa, 0xbb]).is_none());
         // A delete committed at stamp 3 hides the record of stamp 1.
         let state = SyncState {
             generation: 2,

@@ -266,8 +266,8 @@ impl Staging {
 pub struct Snapshot {
     /// The committed set: hash prefix → record. Every entry is current:
     /// a full push replaces the table and an incremental one writes under
-    /// the generation held, so no generation is kept per entry (the record
-    /// carries its own anyway).
+    /// the generation held, so no generation is kept per entry (nor does
+    /// the record carry one: `keygate_core::entry`).
     pub credentials: Table,
     /// Key id → hash prefix of its credential (may lead to a deleted one).
     pub key_ids: Table,
@@ -544,14 +544,14 @@ mod tests {
 
     const NOW: u64 = 1_700_000_000_000_000_000;
 
-    fn record(key_id: &str, hash: Digest, generation: u64) -> Vec<u8> {
+    fn record(key_id: &str, hash: Digest) -> Vec<u8> {
         let record = CredentialRecord {
             key_id: key_id.into(),
             key_hash: keygate_core::hash::to_hex(&hash),
             tenant: "t".into(),
             ..serde_json::from_str(r#"{"key_id":"x","key_hash":"","tenant":"t"}"#).unwrap()
         };
-        encode_entry(generation, &record)
+        encode_entry(&record)
     }
 
     #[test]
@@ -603,7 +603,7 @@ mod tests {
         let (old, new, kept) = ([7u8; 32], [8u8; 32], [9u8; 32]);
         t.update(|s, staged| {
             for (hash, id) in [(old, "gen-1"), (kept, "kept-1")] {
-                staged.upsert(&hash, &record(id, hash, 1));
+                staged.upsert(&hash, &record(id, hash));
                 staged.key_id(id, &hash);
             }
             let next = staged.commit(s, state(1), true);
@@ -621,7 +621,7 @@ mod tests {
         );
         // An incremental push: a new key, another deleted.
         t.update(|s, staged| {
-            staged.upsert(&new, &record("gen-2", new, 1));
+            staged.upsert(&new, &record("gen-2", new));
             staged.key_id("gen-2", &new);
             staged.delete(&kept);
             let next = staged.commit(s, state(1), false);
@@ -634,7 +634,7 @@ mod tests {
         assert!(lookup_key_id("kept-1").is_none());
         // A full set of `new` only: `old` is gone, `new` answers.
         t.update(|s, staged| {
-            staged.upsert(&new, &record("gen-2", new, 2));
+            staged.upsert(&new, &record("gen-2", new));
             staged.key_id("gen-2", &new);
             let next = staged.commit(s, state(2), true);
             *staged = Staged::default();
