@@ -7,11 +7,10 @@
 //!   [`Table`]): each shard its entries ordered by bucket after a directory
 //!   of where each bucket starts, all the shards a commit builds in one
 //!   allocation (~100 B per credential at the bench's ~80-byte records).
-//!   Workers read it without
-//!   locks; a push's batches are staged aside, and its last batch builds
-//!   the next table (rebuilding only the shards it touches, sharing the
-//!   rest) and swaps it in with its new state in one store, so a push is
-//!   applied atomically.
+//!   Workers read it without locks; a push's batches are staged aside, and
+//!   its last batch builds the next table (rebuilding only the shards it
+//!   touches, sharing the rest) and swaps it in with its new state in one
+//!   store, so a push is applied atomically.
 //! - The key-id index (tokens name their key by id) is a second such table,
 //!   key id → the 15-byte hash prefix of its credential.
 //! - Counters: one slot per key, created at first use, locked from the read
