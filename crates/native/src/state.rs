@@ -111,13 +111,15 @@ fn u32_at(data: &[u8], at: usize) -> Option<usize> {
 
 /// One shard: a range of a chunk (the one allocation a commit writes all
 /// the shards it builds into), made of the bucket count `B` (u32), a
-/// directory of `B + 1` offsets (u32, from the shard's start: where each
-/// bucket's entries start, then the end), and the entries, ordered by
-/// bucket. The directory costs 4 bytes per bucket, 1–2 per entry, where a
-/// hash table of offsets cost ~10 (slots for twice the entries, plus
-/// control bytes); and one chunk per commit wastes none of the ~18 B per
-/// entry that rounding 4,096 separate ~25 KB blocks up to the allocator's
-/// size classes did.
+/// directory of `B + 1` slots, and the entries, ordered by bucket. A slot
+/// is where its bucket's entries start (u32, from the shard's start; the
+/// last slot: the end) and a 32-bit filter of their hashes (two bits an
+/// entry), so a key that is not there is mostly refused from the
+/// directory alone. The directory costs 8 bytes per bucket, 2–4 per entry,
+/// where a hash table of offsets cost ~10 (slots for twice the entries,
+/// plus control bytes); and one chunk per commit wastes none of the ~18 B
+/// per entry that rounding 4,096 separate ~25 KB blocks up to the
+/// allocator's size classes did.
 #[derive(Clone)]
 struct Shard {
     chunk: Arc<Box<[u8]>>,
@@ -129,6 +131,15 @@ struct Shard {
 /// A write to a shard being built: bucket hash, key, arrival, value (None:
 /// removed).
 type Write<'a> = (u64, &'a [u8], u32, Option<&'a [u8]>);
+
+/// A directory slot's bytes.
+const SLOT: usize = 8;
+
+/// The bits `mixed` sets in its bucket's filter: from bits the bucket
+/// (the top 32) and the shard do not use.
+fn filter_bits(mixed: u64) -> u32 {
+    (1 << ((mixed >> 16) & 31)) | (1 << ((mixed >> 21) & 31))
+}
 
 /// The bucket of `mixed` (a [`bucket_hash`]) among `buckets`: monotone in
 /// `mixed`, so entries sorted by it are sorted by bucket for any count.
@@ -144,9 +155,14 @@ impl Shard {
     fn get(&self, key: &[u8], h: u64) -> Option<&[u8]> {
         let data = self.data();
         let buckets = u32_at(data, 0)?;
-        let b = bucket_of(bucket_hash(h), buckets);
-        let mut at = u32_at(data, 4 + 4 * b)?;
-        let end = u32_at(data, 8 + 4 * b)?;
+        let mixed = bucket_hash(h);
+        let slot = 4 + SLOT * bucket_of(mixed, buckets);
+        let bits = filter_bits(mixed);
+        if u32_at(data, slot + 4)? as u32 & bits != bits {
+            return None;
+        }
+        let mut at = u32_at(data, slot)?;
+        let end = u32_at(data, slot + SLOT)?;
         while at < end {
             let (k, v, next) = entry_at(data, at)?;
             if k == stored_key(key) {
@@ -160,7 +176,7 @@ impl Shard {
     fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let data = self.data();
         let buckets = u32_at(data, 0).unwrap_or(0);
-        let mut at = 4 + 4 * (buckets + 1);
+        let mut at = 4 + SLOT * (buckets + 1);
         std::iter::from_fn(move || {
             let (k, v, next) = entry_at(data, at)?;
             at = next;
@@ -214,15 +230,16 @@ fn write_shard<'a>(
     drop(all);
     let buckets = live.len().div_ceil(per_bucket).max(1);
     let start = out.len();
-    let head = 4 + 4 * (buckets + 1);
+    let head = 4 + SLOT * (buckets + 1);
     out.extend_from_slice(&(buckets as u32).to_le_bytes());
     out.resize(start + head, 0);
     let mut len = 0u32;
     let mut next_bucket = 0;
+    let slot = |bucket: usize| start + 4 + SLOT * bucket;
     let mark = |out: &mut Vec<u8>, bucket: usize| {
         let at = out.len() - start;
-        if let Some(slot) = out.get_mut(start + 4 + 4 * bucket..start + 8 + 4 * bucket) {
-            slot.copy_from_slice(&(at as u32).to_le_bytes());
+        if let Some(offset) = out.get_mut(slot(bucket)..slot(bucket) + 4) {
+            offset.copy_from_slice(&(at as u32).to_le_bytes());
         }
     };
     for (mixed, k, v) in live {
@@ -235,6 +252,10 @@ fn write_shard<'a>(
         while next_bucket <= b {
             mark(out, next_bucket);
             next_bucket += 1;
+        }
+        if let Some(filter) = out.get_mut(slot(b) + 4..slot(b) + 8) {
+            let bits = u32_at(filter, 0).unwrap_or(0) as u32 | filter_bits(mixed);
+            filter.copy_from_slice(&bits.to_le_bytes());
         }
         put_entry(out, k, None, v);
         len += 1;
@@ -314,10 +335,10 @@ impl Table {
                 .filter_map(|i| self.shards.get(i))
                 .map(|old| {
                     let kept = if replace { 0 } else { old.end - old.start };
-                    kept + 12 + 4 * old.len as usize
+                    kept + 4 + SLOT + SLOT * old.len as usize
                 })
                 .sum::<usize>()
-            + 4 * (starts[SHARDS] + SHARDS);
+            + SLOT * (starts[SHARDS] + SHARDS);
         let mut chunk = Vec::with_capacity(room);
         let mut placed = Vec::with_capacity(SHARDS);
         for (i, old) in self.shards.iter().enumerate() {
@@ -876,9 +897,9 @@ mod tests {
         let keys: Vec<[u8; 15]> = (0..250u8).map(|i| [i; 15]).collect();
         let record = [7u8; 80];
         let shard = Shard::build(keys.iter().map(|k| (&k[..], Some(&record[..]))), 2);
-        // Directory: the count and 126 offsets; entries: length, key,
+        // Directory: the count and 126 slots; entries: length, key,
         // length, record.
-        let expected = 4 + 4 * (125 + 1) + 250 * (1 + 15 + 1 + 80);
+        let expected = 4 + 8 * (125 + 1) + 250 * (1 + 15 + 1 + 80);
         assert_eq!(shard.data().len(), expected);
         assert_eq!(shard.chunk.len(), expected);
     }
