@@ -296,6 +296,11 @@ impl Table {
     /// The table with `changes` applied in order (None: remove). `replace`:
     /// the changes are the whole new content (a full push).
     fn apply(&self, changes: &Staging, replace: bool, per_bucket: usize) -> Table {
+        // Nothing to change (a push that staged nothing for this table):
+        // every chunk is as live as after the last commit.
+        if changes.data.is_empty() && !replace {
+            return self.clone();
+        }
         // The staged entries grouped by shard in one list (a counting sort:
         // no per-shard vectors growing on the way).
         let staged: Vec<(u16, u32)> = changes
@@ -920,6 +925,9 @@ mod tests {
             .filter(|(a, b)| Arc::ptr_eq(&a.chunk, &b.chunk) && a.start == b.start)
             .count();
         assert_eq!(shared, SHARDS - 1);
+        let same = next.apply(&Staging::default(), false, 2);
+        assert!(Arc::ptr_eq(&same.shards, &next.shards));
+        assert_eq!(Table::default().apply(&one, true, 2).len(), 1);
     }
 
     #[test]
