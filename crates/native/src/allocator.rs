@@ -1,6 +1,6 @@
-//! The module's global allocator: large blocks (a push's staging arenas,
-//! each up to ~100 MB at 1M credentials) straight from the kernel, the rest
-//! from the process's `malloc`.
+//! The module's global allocator: large blocks (a push's staging arenas
+//! and the tables' chunks, each up to ~100 MB at 1M credentials) straight
+//! from the kernel, the rest from the process's `malloc`.
 //!
 //! Why: inside Envoy `malloc` is Envoy's tcmalloc (it exports the symbol).
 //! tcmalloc keeps freed pages mapped and gives them back only when Envoy
@@ -14,7 +14,7 @@ use std::ptr;
 
 /// Blocks this big or bigger are mapped: far above what a request or a
 /// batch allocates (a batch body is at most 384 KiB), so only the push's
-/// arenas and the largest tables take the syscalls.
+/// arenas and the tables' chunks of large commits take the syscalls.
 const LARGE: usize = 1 << 20;
 
 /// `mmap` hands out page-aligned memory; pages are at least 4 KiB.
