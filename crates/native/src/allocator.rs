@@ -13,7 +13,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
 
 /// Blocks this big or bigger are mapped: far above what a request or a
-/// batch allocates (a batch body is at most 384 KiB), so only the push's
+/// batch allocates (a push body is at most 768 KiB), so only the push's
 /// arenas and the tables' chunks of large commits take the syscalls.
 const LARGE: usize = 1 << 20;
 
