@@ -19,6 +19,8 @@
 compile_error!("keygate-native must be built with panic=unwind: use `make native`");
 
 mod abi;
+// mmap/mremap: Linux, where Envoy's dynamic modules run.
+#[cfg(target_os = "linux")]
 mod allocator;
 mod config;
 mod envoy;
@@ -38,6 +40,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 /// Large blocks from the kernel, returned at once (see [`allocator`]).
+#[cfg(target_os = "linux")]
 #[global_allocator]
 static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
