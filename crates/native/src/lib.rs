@@ -19,6 +19,9 @@
 compile_error!("keygate-native must be built with panic=unwind: use `make native`");
 
 mod abi;
+// mmap/mremap: Linux, where Envoy's dynamic modules run.
+#[cfg(target_os = "linux")]
+mod allocator;
 mod config;
 mod envoy;
 mod gate;
@@ -35,6 +38,11 @@ use keygate_core::config::Role;
 use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+
+/// Large blocks from the kernel, returned at once (see [`allocator`]).
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
 /// The per-stream object Envoy holds for us.
 enum Filter {

@@ -4,11 +4,13 @@
 //! here every worker reads one table directly.
 //!
 //! - Credentials: an immutable sharded table behind an [`ArcSwap`] (see
-//!   [`Table`]): each shard one byte arena plus an index of offsets, ~100 B
-//!   per credential. Workers read it without locks; a push's batches are
-//!   staged aside, and its last batch builds the next table (rebuilding only
-//!   the shards it touches, sharing the rest) and swaps it in with its new
-//!   state in one store, so a push is applied atomically.
+//!   [`Table`]): each shard its entries ordered by bucket after a directory
+//!   of where each bucket starts, all the shards a commit builds in one
+//!   allocation (~100 B per credential at the bench's ~80-byte records).
+//!   Workers read it without locks; a push's batches are staged aside, and
+//!   its last batch builds the next table (rebuilding only the shards it
+//!   touches, sharing the rest) and swaps it in with its new state in one
+//!   store, so a push is applied atomically.
 //! - The key-id index (tokens name their key by id) is a second such table,
 //!   key id → the 15-byte hash prefix of its credential.
 //! - Counters: one slot per key, created at first use, locked from the read
@@ -45,11 +47,17 @@ fn shard_of(h: u64) -> usize {
     (h >> 52) as usize % SHARDS
 }
 
-/// The index's hash: mixed again so its top bits (hashbrown's tag) are not
-/// the shard's bits, which every entry of a shard shares.
+/// The hash a shard orders and buckets its entries by: mixed again so its
+/// top bits are not the shard's bits, which every entry of a shard shares.
 fn bucket_hash(h: u64) -> u64 {
     h.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
+
+/// Entries per bucket of the credential table's shards: a lookup reads the
+/// bucket's start in the directory, then ~1–2 records of ~100 B.
+const CREDENTIALS_PER_BUCKET: usize = 2;
+/// Entries per bucket of the key-id table (entries of ~30 B).
+const KEY_IDS_PER_BUCKET: usize = 4;
 
 /// One entry of an arena: key length (1 byte), key, value length (LEB128
 /// varint), value. Returns (key, value, next offset).
@@ -70,166 +78,361 @@ fn entry_at(data: &[u8], at: usize) -> Option<(&[u8], &[u8], usize)> {
     None
 }
 
-fn put_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
-    // Keys are hash prefixes (15 bytes) or key ids (checked to 64 bytes).
-    let key = key.get(..255).unwrap_or(key);
+/// Keys are hash prefixes (15 bytes) or key ids (checked to 64 bytes).
+fn stored_key(key: &[u8]) -> &[u8] {
+    key.get(..255).unwrap_or(key)
+}
+
+/// Bytes [`put_entry`] writes.
+fn entry_len(key: &[u8], value_len: usize) -> usize {
+    let varint = (usize::BITS - (value_len | 1).leading_zeros()).div_ceil(7) as usize;
+    1 + stored_key(key).len() + varint + value_len
+}
+
+/// Writes an entry whose value is `flag` (if any) followed by `value`.
+fn put_entry(out: &mut Vec<u8>, key: &[u8], flag: Option<u8>, value: &[u8]) {
+    let key = stored_key(key);
     out.push(key.len() as u8);
     out.extend_from_slice(key);
-    let mut n = value.len();
+    let mut n = value.len() + usize::from(flag.is_some());
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
         n >>= 7;
     }
     out.push(n as u8);
+    out.extend(flag);
     out.extend_from_slice(value);
 }
 
-/// One shard: its entries back to back in one allocation, and a hash index
-/// of their offsets (4 bytes per slot).
-#[derive(Default)]
+fn u32_at(data: &[u8], at: usize) -> Option<usize> {
+    let bytes = data.get(at..at + 4)?;
+    Some(u32::from_le_bytes(bytes.try_into().ok()?) as usize)
+}
+
+/// One shard: a range of a chunk (the one allocation a commit writes all
+/// the shards it builds into), made of the bucket count `B` (u32), a
+/// directory of `B + 1` slots, and the entries, ordered by bucket. A slot
+/// is where its bucket's entries start (u32, from the shard's start; the
+/// last slot: the end) and a 32-bit filter of their hashes (two bits an
+/// entry), so a key that is not there is mostly refused from the
+/// directory alone. The directory costs 8 bytes per bucket, 2–4 per entry,
+/// where a hash table of offsets cost ~10 (slots for twice the entries,
+/// plus control bytes); and one chunk per commit wastes none of the ~18 B
+/// per entry that rounding 4,096 separate ~25 KB blocks up to the
+/// allocator's size classes did.
+#[derive(Clone)]
 struct Shard {
-    data: Box<[u8]>,
-    index: hashbrown::HashTable<u32>,
+    chunk: Arc<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    len: u32,
+}
+
+/// A write to a shard being built: bucket hash, key, arrival, value (None:
+/// removed).
+type Write<'a> = (u64, &'a [u8], u32, Option<&'a [u8]>);
+
+/// A directory slot's bytes.
+const SLOT: usize = 8;
+
+/// The bits `mixed` sets in its bucket's filter: from bits the bucket
+/// (the top 32) and the shard do not use.
+fn filter_bits(mixed: u64) -> u32 {
+    (1 << ((mixed >> 16) & 31)) | (1 << ((mixed >> 21) & 31))
+}
+
+/// The bucket of `mixed` (a [`bucket_hash`]) among `buckets`: monotone in
+/// `mixed`, so entries sorted by it are sorted by bucket for any count.
+fn bucket_of(mixed: u64, buckets: usize) -> usize {
+    (((mixed >> 32) * buckets as u64) >> 32) as usize
 }
 
 impl Shard {
-    fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        let h = bucket_hash(fnv(key));
-        let at = self.index.find(h, |&at| {
-            entry_at(&self.data, at as usize).is_some_and(|(k, _, _)| k == key)
-        })?;
-        entry_at(&self.data, *at as usize).map(|(_, v, _)| v)
+    fn data(&self) -> &[u8] {
+        self.chunk.get(self.start..self.end).unwrap_or_default()
     }
 
-    /// A shard of exactly these entries (the last of equal keys wins;
-    /// None values are left out).
-    fn build<'a>(entries: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Shard {
-        let mut latest: hashbrown::HashMap<&[u8], Option<&[u8]>, FnvBuild> =
-            hashbrown::HashMap::default();
-        for (k, v) in entries {
-            latest.insert(k, v);
+    fn get(&self, key: &[u8], h: u64) -> Option<&[u8]> {
+        let data = self.data();
+        let buckets = u32_at(data, 0)?;
+        let mixed = bucket_hash(h);
+        let slot = 4 + SLOT * bucket_of(mixed, buckets);
+        let bits = filter_bits(mixed);
+        if u32_at(data, slot + 4)? as u32 & bits != bits {
+            return None;
         }
-        let live = latest.iter().filter_map(|(k, v)| Some((*k, (*v)?)));
-        let size: usize = live.clone().map(|(k, v)| 6 + k.len() + v.len()).sum();
-        let mut data = Vec::with_capacity(size);
-        let mut offsets = Vec::with_capacity(latest.len());
-        for (k, v) in live {
-            let Ok(at) = u32::try_from(data.len()) else {
-                break;
-            };
-            put_entry(&mut data, k, v);
-            offsets.push(at);
+        let mut at = u32_at(data, slot)?;
+        let end = u32_at(data, slot + SLOT)?;
+        while at < end {
+            let (k, v, next) = entry_at(data, at)?;
+            if k == stored_key(key) {
+                return Some(v);
+            }
+            at = next;
         }
-        let data = data.into_boxed_slice();
-        let hash_at =
-            |at: &u32| entry_at(&data, *at as usize).map_or(0, |(k, _, _)| bucket_hash(fnv(k)));
-        let mut index = hashbrown::HashTable::with_capacity(offsets.len());
-        for at in offsets {
-            index.insert_unique(hash_at(&at), at, hash_at);
-        }
-        Shard { data, index }
+        None
     }
 
     fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let mut at = 0;
+        let data = self.data();
+        let buckets = u32_at(data, 0).unwrap_or(0);
+        let mut at = 4 + SLOT * (buckets + 1);
         std::iter::from_fn(move || {
-            let (k, v, next) = entry_at(&self.data, at)?;
+            let (k, v, next) = entry_at(data, at)?;
             at = next;
             Some((k, v))
         })
     }
-}
 
-#[derive(Clone, Copy, Default)]
-struct FnvBuild;
-
-impl std::hash::BuildHasher for FnvBuild {
-    type Hasher = FnvHasher;
-    fn build_hasher(&self) -> FnvHasher {
-        FnvHasher(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-struct FnvHasher(u64);
-
-impl std::hash::Hasher for FnvHasher {
-    fn finish(&self) -> u64 {
-        bucket_hash(self.0)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    /// A shard of exactly these entries in a chunk of its own.
+    #[cfg(test)]
+    fn build<'a>(
+        entries: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        per_bucket: usize,
+    ) -> Shard {
+        let mut out = Vec::new();
+        let len = write_shard(entries, per_bucket, &mut out);
+        let end = out.len();
+        Shard {
+            chunk: Arc::new(out.into_boxed_slice()),
+            start: 0,
+            end,
+            len,
         }
     }
+}
+
+/// Appends to `out` a shard of exactly these entries (the last of equal
+/// keys wins; None values are left out), `per_bucket` entries to a bucket;
+/// returns how many it holds.
+fn write_shard<'a>(
+    entries: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    per_bucket: usize,
+    out: &mut Vec<u8>,
+) -> u32 {
+    // Sorted by bucket hash, then key, then arrival: equal keys end up
+    // side by side with the last write last.
+    let mut all: Vec<Write> = entries
+        .enumerate()
+        .map(|(seq, (k, v))| {
+            let k = stored_key(k);
+            (bucket_hash(fnv(k)), k, seq as u32, v)
+        })
+        .collect();
+    all.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    let mut live: Vec<(u64, &[u8], &[u8])> = Vec::with_capacity(all.len());
+    for (i, &(mixed, k, _, v)) in all.iter().enumerate() {
+        let last_of_key = all.get(i + 1).is_none_or(|next| next.1 != k);
+        if let (true, Some(v)) = (last_of_key, v) {
+            live.push((mixed, k, v));
+        }
+    }
+    drop(all);
+    let buckets = live.len().div_ceil(per_bucket).max(1);
+    let start = out.len();
+    let head = 4 + SLOT * (buckets + 1);
+    out.extend_from_slice(&(buckets as u32).to_le_bytes());
+    out.resize(start + head, 0);
+    let mut len = 0u32;
+    let mut next_bucket = 0;
+    let slot = |bucket: usize| start + 4 + SLOT * bucket;
+    let mark = |out: &mut Vec<u8>, bucket: usize| {
+        let at = out.len() - start;
+        if let Some(offset) = out.get_mut(slot(bucket)..slot(bucket) + 4) {
+            offset.copy_from_slice(&(at as u32).to_le_bytes());
+        }
+    };
+    for (mixed, k, v) in live {
+        // Offsets are u32: a shard over 4 GiB (16 TiB a table) keeps the
+        // entries that fit.
+        if out.len() - start + entry_len(k, v.len()) > u32::MAX as usize {
+            break;
+        }
+        let b = bucket_of(mixed, buckets);
+        while next_bucket <= b {
+            mark(out, next_bucket);
+            next_bucket += 1;
+        }
+        if let Some(filter) = out.get_mut(slot(b) + 4..slot(b) + 8) {
+            let bits = u32_at(filter, 0).unwrap_or(0) as u32 | filter_bits(mixed);
+            filter.copy_from_slice(&bits.to_le_bytes());
+        }
+        put_entry(out, k, None, v);
+        len += 1;
+    }
+    while next_bucket <= buckets {
+        mark(out, next_bucket);
+        next_bucket += 1;
+    }
+    len
 }
 
 /// An immutable map of byte keys to byte values in [`SHARDS`] shards.
 #[derive(Clone)]
 pub struct Table {
-    shards: Arc<[Arc<Shard>]>,
+    shards: Arc<[Shard]>,
 }
 
 impl Default for Table {
     fn default() -> Table {
+        let empty = Shard {
+            chunk: Arc::new(Box::default()),
+            start: 0,
+            end: 0,
+            len: 0,
+        };
         Table {
-            shards: (0..SHARDS).map(|_| Arc::new(Shard::default())).collect(),
+            shards: (0..SHARDS).map(|_| empty.clone()).collect(),
         }
     }
 }
 
 impl Table {
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        self.shards.get(shard_of(fnv(key)))?.get(key)
+        let h = fnv(stored_key(key));
+        self.shards.get(shard_of(h))?.get(key, h)
     }
 
     /// The table with `changes` applied in order (None: remove). `replace`:
     /// the changes are the whole new content (a full push).
-    fn apply(&self, changes: &Staging, replace: bool) -> Table {
-        let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
-        for at in changes.offsets() {
-            if let Some((k, _, _)) = entry_at(&changes.data, at) {
-                if let Some(list) = by_shard.get_mut(shard_of(fnv(k))) {
-                    list.push(at as u32);
-                }
+    fn apply(&self, changes: &Staging, replace: bool, per_bucket: usize) -> Table {
+        // Nothing to change (a push that staged nothing for this table):
+        // every chunk is as live as after the last commit.
+        if changes.data.is_empty() && !replace {
+            return self.clone();
+        }
+        // The staged entries grouped by shard in one list (a counting sort:
+        // no per-shard vectors growing on the way).
+        let staged: Vec<(u16, u32)> = changes
+            .offsets()
+            .filter_map(|at| {
+                let (k, _, _) = entry_at(&changes.data, at)?;
+                Some((shard_of(fnv(k)) as u16, u32::try_from(at).ok()?))
+            })
+            .collect();
+        let mut starts = vec![0usize; SHARDS + 1];
+        for &(shard, _) in &staged {
+            if let Some(n) = starts.get_mut(usize::from(shard) + 1) {
+                *n += 1;
             }
         }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        let mut fill = starts.clone();
+        let mut grouped = vec![0u32; staged.len()];
+        for (shard, at) in staged {
+            if let Some(slot) = fill.get_mut(usize::from(shard)) {
+                if let Some(g) = grouped.get_mut(*slot) {
+                    *g = at;
+                }
+                *slot += 1;
+            }
+        }
+        let rebuilt = |i: usize| replace || starts[i] < starts[i + 1];
+        // Shards this commit replaces leave their bytes in the chunk they
+        // were in. A chunk that would keep less than two thirds of its
+        // bytes live gives its remaining shards to the new chunk (copied as
+        // they are), so it is freed once no snapshot holds it and the
+        // table never holds more than 1.5 times its shards' bytes; a chunk
+        // is reclaimed every few incremental commits, not at each one.
+        let mut live: HashMap<*const Box<[u8]>, (usize, usize)> = HashMap::new();
+        for (i, old) in self.shards.iter().enumerate() {
+            let held = live
+                .entry(Arc::as_ptr(&old.chunk))
+                .or_insert((old.chunk.len(), 0));
+            if !rebuilt(i) {
+                held.1 += old.end - old.start;
+            }
+        }
+        let moved = |old: &Shard| {
+            live.get(&Arc::as_ptr(&old.chunk))
+                .is_some_and(|&(size, kept)| 3 * kept < 2 * size)
+        };
+        // Room for every shard rebuilt: the staged bytes (each entry there
+        // is longer than its copy), the entries kept and each directory;
+        // and for the shards moved. Pages a large chunk does not touch cost
+        // nothing, and the chunk is cut to what was written.
+        let room: usize = changes.data.len()
+            + self
+                .shards
+                .iter()
+                .enumerate()
+                .filter(|&(i, old)| !rebuilt(i) && moved(old))
+                .map(|(_, old)| old.end - old.start)
+                .sum::<usize>()
+            + (0..SHARDS)
+                .filter(|&i| rebuilt(i))
+                .filter_map(|i| self.shards.get(i))
+                .map(|old| {
+                    let kept = if replace { 0 } else { old.end - old.start };
+                    kept + 4 + SLOT + SLOT * old.len as usize
+                })
+                .sum::<usize>()
+            + SLOT * (starts[SHARDS] + SHARDS);
+        let mut chunk = Vec::with_capacity(room);
+        let mut placed = Vec::with_capacity(SHARDS);
+        for (i, old) in self.shards.iter().enumerate() {
+            if !rebuilt(i) {
+                placed.push(moved(old).then(|| {
+                    let start = chunk.len();
+                    chunk.extend_from_slice(old.data());
+                    (start, chunk.len(), old.len)
+                }));
+                continue;
+            }
+            let changed = grouped.get(starts[i]..starts[i + 1]).unwrap_or_default();
+            let kept = old
+                .entries()
+                .filter(|_| !replace)
+                .map(|(k, v)| (k, Some(v)));
+            let new = changed.iter().filter_map(|&at| {
+                let (k, v, _) = entry_at(&changes.data, at as usize)?;
+                // A staged value starts with 1 (upsert) or 0 (delete).
+                let (flag, v) = v.split_first()?;
+                Some((k, (*flag == 1).then_some(v)))
+            });
+            let start = chunk.len();
+            let len = write_shard(kept.chain(new), per_bucket, &mut chunk);
+            placed.push(Some((start, chunk.len(), len)));
+        }
+        let chunk = Arc::new(chunk.into_boxed_slice());
         let shards = self
             .shards
             .iter()
-            .zip(&by_shard)
-            .map(|(old, changed)| {
-                if changed.is_empty() && !replace {
-                    return old.clone();
-                }
-                let kept = old
-                    .entries()
-                    .filter(|_| !replace)
-                    .map(|(k, v)| (k, Some(v)));
-                let new = changed.iter().filter_map(|&at| {
-                    let (k, v, _) = entry_at(&changes.data, at as usize)?;
-                    // A staged value starts with 1 (upsert) or 0 (delete).
-                    let (flag, v) = v.split_first()?;
-                    Some((k, (*flag == 1).then_some(v)))
-                });
-                Arc::new(Shard::build(kept.chain(new)))
+            .zip(placed)
+            .map(|(old, placed)| match placed {
+                Some((start, end, len)) => Shard {
+                    chunk: chunk.clone(),
+                    start,
+                    end,
+                    len,
+                },
+                None => old.clone(),
             })
             .collect();
         Table { shards }
     }
 
-    /// Entries and bytes held (arenas plus indexes), for the sync log.
+    /// Entries and bytes held (the chunks the shards are in), for the
+    /// sync log.
     pub fn size(&self) -> (usize, usize) {
-        self.shards.iter().fold((0, 0), |(n, bytes), s| {
-            (
-                n + s.index.len(),
-                bytes + s.data.len() + s.index.allocation_size(),
-            )
-        })
+        let mut chunks: Vec<(*const Box<[u8]>, usize)> = self
+            .shards
+            .iter()
+            .map(|s| (Arc::as_ptr(&s.chunk), s.chunk.len()))
+            .collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        (
+            self.shards.iter().map(|s| s.len as usize).sum(),
+            chunks.iter().map(|c| c.1).sum(),
+        )
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.index.len()).sum()
+        self.shards.iter().map(|s| s.len as usize).sum()
     }
 }
 
@@ -238,16 +441,16 @@ impl Table {
 #[derive(Default)]
 pub struct Staging {
     data: Vec<u8>,
-    count: usize,
 }
 
 impl Staging {
     pub fn put(&mut self, key: &[u8], value: Option<&[u8]>) {
-        let mut v = Vec::with_capacity(1 + value.map_or(0, <[u8]>::len));
-        v.push(u8::from(value.is_some()));
-        v.extend_from_slice(value.unwrap_or_default());
-        put_entry(&mut self.data, key, &v);
-        self.count += 1;
+        put_entry(
+            &mut self.data,
+            key,
+            Some(u8::from(value.is_some())),
+            value.unwrap_or_default(),
+        );
     }
 
     fn offsets(&self) -> impl Iterator<Item = usize> + '_ {
@@ -312,8 +515,12 @@ impl Staged {
     /// a full push's set replaces the committed one.
     pub fn commit(&self, current: &Snapshot, state: SyncState, full: bool) -> Snapshot {
         Snapshot {
-            credentials: current.credentials.apply(&self.credentials, full),
-            key_ids: current.key_ids.apply(&self.key_ids, full),
+            credentials: current
+                .credentials
+                .apply(&self.credentials, full, CREDENTIALS_PER_BUCKET),
+            key_ids: current
+                .key_ids
+                .apply(&self.key_ids, full, KEY_IDS_PER_BUCKET),
             state,
         }
     }
@@ -651,6 +858,46 @@ mod tests {
     }
 
     #[test]
+    fn a_shard_of_any_size_finds_each_of_its_keys_and_no_other() {
+        for n in [0usize, 1, 2, 3, 7, 64, 1000] {
+            for per_bucket in [1, 2, 4] {
+                let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("k{i}").into_bytes()).collect();
+                let values: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; i % 300]).collect();
+                let shard = Shard::build(
+                    keys.iter()
+                        .zip(&values)
+                        .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
+                    per_bucket,
+                );
+                assert_eq!(shard.len as usize, n);
+                for (k, v) in keys.iter().zip(&values) {
+                    assert_eq!(shard.get(k, fnv(k)), Some(v.as_slice()), "n={n}");
+                }
+                for miss in [&b"k-1"[..], b"", b"other"] {
+                    assert_eq!(shard.get(miss, fnv(miss)), None);
+                }
+                let mut listed: Vec<_> = shard.entries().map(|(k, _)| k.to_vec()).collect();
+                listed.sort();
+                let mut expected = keys.clone();
+                expected.sort();
+                assert_eq!(listed, expected);
+            }
+        }
+    }
+
+    #[test]
+    fn a_shard_takes_exactly_its_size() {
+        let keys: Vec<[u8; 15]> = (0..250u8).map(|i| [i; 15]).collect();
+        let record = [7u8; 80];
+        let shard = Shard::build(keys.iter().map(|k| (&k[..], Some(&record[..]))), 2);
+        // Directory: the count and 126 slots; entries: length, key,
+        // length, record.
+        let expected = 4 + 8 * (125 + 1) + 250 * (1 + 15 + 1 + 80);
+        assert_eq!(shard.data().len(), expected);
+        assert_eq!(shard.chunk.len(), expected);
+    }
+
+    #[test]
     fn a_table_keeps_the_last_write_of_a_key_and_finds_every_key() {
         let mut changes = Staging::default();
         let keys: Vec<String> = (0..20_000).map(|i| format!("key-{i}")).collect();
@@ -659,7 +906,7 @@ mod tests {
         }
         changes.put(b"key-5", Some(b"second"));
         changes.put(b"key-6", None);
-        let table = Table::default().apply(&changes, true);
+        let table = Table::default().apply(&changes, true, 2);
         assert_eq!(table.len(), 19_999);
         assert_eq!(table.get(b"key-5"), Some(&b"second"[..]));
         assert_eq!(table.get(b"key-6"), None);
@@ -668,15 +915,54 @@ mod tests {
         // An incremental change rebuilds one shard and shares the others.
         let mut one = Staging::default();
         one.put(b"key-6", Some(b"back"));
-        let next = table.apply(&one, false);
+        let next = table.apply(&one, false, 2);
         assert_eq!(next.len(), 20_000);
         assert_eq!(next.get(b"key-6"), Some(&b"back"[..]));
         let shared = table
             .shards
             .iter()
             .zip(next.shards.iter())
-            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .filter(|(a, b)| Arc::ptr_eq(&a.chunk, &b.chunk) && a.start == b.start)
             .count();
         assert_eq!(shared, SHARDS - 1);
+        let same = next.apply(&Staging::default(), false, 2);
+        assert!(Arc::ptr_eq(&same.shards, &next.shards));
+        assert_eq!(Table::default().apply(&one, true, 2).len(), 1);
+    }
+
+    #[test]
+    fn incremental_changes_keep_every_key_and_hold_at_most_half_again_the_live_shards() {
+        let mut all = Staging::default();
+        for i in 0..20_000 {
+            all.put(format!("key-{i}").as_bytes(), Some(b"0"));
+        }
+        let mut table = Table::default().apply(&all, true, 2);
+        let (_, full) = table.size();
+        for round in 1..=40u8 {
+            let mut some = Staging::default();
+            for i in (usize::from(round)..20_000).step_by(37) {
+                some.put(format!("key-{i}").as_bytes(), Some(&[round]));
+            }
+            table = table.apply(&some, false, 2);
+            let live: usize = table.shards.iter().map(|s| s.end - s.start).sum();
+            let (n, held) = table.size();
+            assert_eq!(n, 20_000);
+            assert!(
+                2 * held <= 3 * live,
+                "round {round}: {held} held for {live}"
+            );
+            assert!(2 * held <= 3 * full);
+        }
+        for i in 0..20_000usize {
+            let last = (1..=40u8)
+                .rev()
+                .find(|r| i >= usize::from(*r) && (i - usize::from(*r)) % 37 == 0);
+            let expected = last.map_or(b"0".to_vec(), |r| vec![r]);
+            assert_eq!(
+                table.get(format!("key-{i}").as_bytes()),
+                Some(&expected[..]),
+                "key-{i}"
+            );
+        }
     }
 }
