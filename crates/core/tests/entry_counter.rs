@@ -220,3 +220,79 @@ fn requests_counted_between_staging_and_commit_stay_counted() {
     assert!(Request::lookup(&mut shared, &h).count());
     assert_eq!(served_counters(&mut shared, &h), Some(after(6)));
 }
+
+/// An entry as layout 2 wrote it (`shared_data::LAYOUT`): per slot a
+/// 20-byte header (stamp, generation u64; record length u32, all LE) and a
+/// format-2 record, here with its single window used.
+fn layout_2_entry(hash: &Digest, slots: &[(u64, u64)]) -> Vec<u8> {
+    let mut record = vec![2u8];
+    record.extend_from_slice(&[0; 8]);
+    record.extend_from_slice(&hash[15..]);
+    record.extend_from_slice(b"\x01\x00\x05id-k1\x01t\x00\x00\x00\x00\x00");
+    record.extend_from_slice(&(NOW + 5).to_le_bytes());
+    record.push(0x80);
+    let mut out = Vec::new();
+    for (stamp, generation) in slots {
+        out.extend_from_slice(&stamp.to_le_bytes());
+        out.extend_from_slice(&generation.to_le_bytes());
+        out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+        out.extend_from_slice(&record);
+    }
+    out
+}
+
+#[test]
+fn a_full_push_over_entries_of_the_previous_layout_serves_them_with_fresh_counters() {
+    let h = sha256(b"k1");
+    let olds: [&[(u64, u64)]; 5] = [
+        &[(1, 1)],
+        &[(1, 1), (2, 1)],
+        &[(3, 2), (4, 3)],
+        &[(200, 7)],
+        &[(300, 70_000), (1 << 40, u64::MAX)],
+    ];
+    for old in olds {
+        let mut shared = MemoryHost::default();
+        let &(stamp, generation) = old.last().unwrap();
+        let held = SyncState {
+            generation: generation.min(1 << 40),
+            version: 9,
+            stamp,
+            ..SyncState::default()
+        };
+        commit(&mut shared, &held);
+        shared.store(&credential_key(&h), &layout_2_entry(&h, old), None);
+        // Never served as it is (the state endpoint asks for a full push).
+        assert_eq!(served_counters(&mut shared, &h), None, "{old:?}");
+        let s = push_batch(
+            &mut shared,
+            &full(
+                held.generation + 1,
+                1,
+                vec![record("k1", "t"), record("k2", "t")],
+            ),
+        );
+        assert_eq!(
+            served_counters(&mut shared, &h),
+            None,
+            "before the commit {old:?}"
+        );
+        commit(&mut shared, &s);
+        let (bytes, _) = shared.load(&credential_key(&h));
+        let bytes = bytes.unwrap();
+        assert_eq!(decode_slots(&bytes).map(|s| s.len()), Some(1), "{old:?}");
+        let served = visible_record(&bytes, &s).unwrap();
+        assert_eq!(
+            decode_record(served, &h).map(|c| c.key_id),
+            Some("id-k1".into())
+        );
+        assert_eq!(
+            served_counters(&mut shared, &h),
+            Some(Counters::default()),
+            "{old:?}"
+        );
+        // The gate counts in it from there.
+        assert!(Request::lookup(&mut shared, &h).count());
+        assert_eq!(served_counters(&mut shared, &h), Some(after(1)), "{old:?}");
+    }
+}
