@@ -980,7 +980,16 @@ mod tests {
             let mut rest = b;
             take_varint(&mut rest).filter(|_| rest.is_empty())
         };
-        for v in [0, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX >> 1, u64::MAX] {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            u64::from(u32::MAX),
+            u64::MAX >> 1,
+            u64::MAX,
+        ] {
             let mut b = Vec::new();
             put_varint(&mut b, v);
             assert_eq!(read(&b), Some(v), "{b:?}");
