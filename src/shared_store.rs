@@ -7,13 +7,12 @@ use crate::host::{self, HostError, HostResult, Written};
 use keygate_core::config::{check_store_ids, merge_config_ids};
 use keygate_core::entry;
 use keygate_core::hash::Digest;
-use keygate_core::limits::Counters;
 use keygate_core::shared_data::{
     counter_key, credential_key, credential_key_of_prefix, key_id_find, key_id_slot, update,
     CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
 use keygate_core::sync::{
-    decode_record, decode_state, update_visible_record, visible_record, LimitRecord, SyncState,
+    decode_record, decode_state, visible_record, EntryCell, LimitRecord, SyncState,
 };
 use keygate_core::token::VerifiedTokens;
 use keygate_core::{Credential, Policy};
@@ -121,66 +120,30 @@ impl CredentialCache {
         };
         let counter = EntryCounter {
             counter_key: counter_key(&cred.key_id),
-            name,
-            bytes: Some(bytes),
-            cas,
-            fresh: true,
-            state,
+            cell: EntryCell::new(name, bytes, cas, state),
         };
         Ok(Some((cred, counter)))
     }
 }
 
 /// The rate-limit state inside a credential entry, as a counter cell: the
-/// decision asks for `r:<key id>` and gets the entry's state instead. The
-/// first read reuses the bytes of the lookup (no host call); after a CAS
-/// conflict the entry is read again. A deleted entry is never written back:
-/// the update then gives up and the request is refused.
+/// decision asks for `r:<key id>` and gets the entry's state instead
+/// (`keygate_core::sync::EntryCell`, over the host's shared data).
 pub struct EntryCounter {
     counter_key: String,
-    name: String,
-    /// The entry as last read; None once it turned out deleted or foreign.
-    bytes: Option<Vec<u8>>,
-    cas: Option<u32>,
-    /// `bytes` comes from the lookup and was not handed out yet.
-    fresh: bool,
-    /// Which of the entry's slots is served.
-    state: SyncState,
+    cell: EntryCell,
 }
 
 impl EntryCounter {
     fn load(&mut self) -> HostResult<(Option<Vec<u8>>, Option<u32>)> {
-        if !self.fresh && self.bytes.is_some() {
-            let (bytes, cas) = host::shared_get(&self.name)?;
-            self.bytes = bytes;
-            self.cas = cas;
-        }
-        self.fresh = false;
-        let state = self.state;
-        let served = self
-            .bytes
-            .as_deref()
-            .and_then(|b| visible_record(b, &state));
-        match served.and_then(entry::counters) {
-            Some(c) => Ok(((!c.0.is_empty()).then(|| c.encode()), self.cas)),
-            None => {
-                self.bytes = None;
-                Ok((None, None))
-            }
-        }
+        self.cell.load(&mut host::shared_get)
     }
 
     fn store(&mut self, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
-        let (Some(bytes), Some(cas)) = (&self.bytes, cas) else {
+        let Some((name, updated, cas)) = self.cell.updated(value, cas) else {
             return Ok(false);
         };
-        let counters = Counters::decode(Some(value));
-        let Some(updated) =
-            update_visible_record(bytes, &self.state, |r| entry::with_counters(r, &counters))
-        else {
-            return Ok(false);
-        };
-        Ok(host::shared_set(&self.name, &updated, Some(cas))? == Written::Yes)
+        Ok(host::shared_set(name, &updated, Some(cas))? == Written::Yes)
     }
 }
 

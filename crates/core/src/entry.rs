@@ -120,16 +120,23 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-/// Reads a [`put_varint`] from the front of `bytes`; None past its end or
-/// past 64 bits.
+/// Reads a [`put_varint`] from the front of `bytes`; None past its end,
+/// past 64 bits, or for any encoding [`put_varint`] does not write: one
+/// encoding per value, as for the rest of an entry (no bits dropped from a
+/// tenth byte, no zero last byte padding a shorter value).
 pub(crate) fn take_varint(bytes: &mut &[u8]) -> Option<u64> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let (b, rest) = bytes.split_first()?;
         *bytes = rest;
-        v |= u64::from(b & 0x7f).checked_shl(shift)?;
+        let low = u64::from(b & 0x7f);
+        // The tenth byte carries bit 63 alone.
+        if shift == 63 && low > 1 {
+            return None;
+        }
+        v |= low << shift;
         if b & 0x80 == 0 {
-            return Some(v);
+            return (shift == 0 || low != 0).then_some(v);
         }
     }
     None
@@ -965,6 +972,42 @@ mod tests {
         // The record read back has no seed of its own: it lives in the trailer.
         let back = decode(&bytes, &c.key_hash).unwrap();
         assert_eq!(back.key_id, c.key_id);
+    }
+
+    #[test]
+    fn a_varint_reads_back_only_as_put_varint_writes_it() {
+        let read = |b: &[u8]| {
+            let mut rest = b;
+            take_varint(&mut rest).filter(|_| rest.is_empty())
+        };
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            u64::from(u32::MAX),
+            u64::MAX >> 1,
+            u64::MAX,
+        ] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!(read(&b), Some(v), "{b:?}");
+        }
+        let mut max = vec![0xff; 9];
+        max.push(0x01);
+        assert_eq!(read(&max), Some(u64::MAX));
+        // A tenth byte above 1 would drop its bits: another value's bytes.
+        for last in [0x02, 0x03, 0x7f] {
+            *max.last_mut().unwrap() = last;
+            assert_eq!(read(&max), None, "{last:#x}");
+        }
+        // Eleven bytes, and a zero last byte padding a shorter value.
+        assert_eq!(read(&[0xff; 11]), None);
+        for padded in [&[0x80, 0x00][..], &[0x81, 0x00], &[0xac, 0x82, 0x00]] {
+            assert_eq!(read(padded), None, "{padded:?}");
+        }
+        assert_eq!(read(&[0xac, 0x02]), Some(300));
     }
 
     #[test]

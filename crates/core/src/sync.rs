@@ -33,6 +33,7 @@ use crate::entry;
 use crate::error::ConfigError;
 use crate::hash::{parse_hex_digest, Digest};
 use crate::names::check_name;
+use crate::shared_data::STATE_KEY;
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -394,14 +395,22 @@ pub fn visible_record<'a>(entry: &'a [u8], state: &SyncState) -> Option<&'a [u8]
 
 /// The entry with its served record replaced by `f` of it (the gate's
 /// rate-limit step updates the state inside it); None when nothing is served.
-/// Committed slots older than the served one are left out: no reader takes
-/// them again (stamps only grow), and an entry a push updated would
-/// otherwise keep its old value beside the new one until its next update.
-/// Slots above the committed stamp (a push in progress) stay.
+///
+/// `f` also rewrites each staged record (a push in progress, above the
+/// committed stamp), in the same write: the push copied the counters into
+/// it when it staged it ([`stage`]), and takes over with them at its
+/// commit, so a request counted in between must be counted there too, or
+/// the commit would hand the key back the budget it spent meanwhile. A
+/// staged record `f` cannot rewrite (a delete, an alias) stays as it is.
+///
+/// Committed slots older than the served one are left out: an entry a push
+/// updated would otherwise keep its old value beside the new one until its
+/// next update. A worker that read the state before that commit finds then
+/// no slot it serves, and reads the state again ([`EntryCell`]).
 pub fn update_visible_record(
     entry: &[u8],
     state: &SyncState,
-    f: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+    mut f: impl FnMut(&[u8]) -> Option<Vec<u8>>,
 ) -> Option<Vec<u8>> {
     let slots = decode_slots(entry)?;
     let served = visible(&slots, state)?.as_ptr();
@@ -409,14 +418,14 @@ pub fn update_visible_record(
         .iter()
         .find(|s| s.record.is_some_and(|r| r.as_ptr() == served))?
         .stamp;
-    let mut f = Some(f);
     let mut out = Vec::with_capacity(slots.len());
     for s in &slots {
         if s.committed(state) && s.stamp < served_stamp {
             continue;
         }
         let record = match s.record {
-            Some(r) if r.as_ptr() == served => Some((f.take()?)(r)?),
+            Some(r) if r.as_ptr() == served => Some(f(r)?),
+            Some(r) if !s.committed(state) => Some(f(r).unwrap_or_else(|| r.to_vec())),
             other => other.map(<[u8]>::to_vec),
         };
         out.push(Slot {
@@ -426,6 +435,90 @@ pub fn update_visible_record(
         });
     }
     Some(encode_slots(&out))
+}
+
+/// A shared-data read: an entry's bytes and CAS token ((None, None) when
+/// absent), or the host's error.
+pub type SharedRead<'a, E> = &'a mut dyn FnMut(&str) -> Result<(Option<Vec<u8>>, Option<u32>), E>;
+
+/// The rate-limit state inside a credential entry, as the gate's counter
+/// cell sees it (the host's side lives with the host: the filter's
+/// `shared_store::EntryCounter`). The first read reuses the entry as the
+/// lookup read it (no host call); after a CAS conflict the entry is read
+/// again. A deleted entry is never written back: the update then gives up
+/// and the request is refused.
+#[derive(Debug, Clone)]
+pub struct EntryCell {
+    name: String,
+    /// The entry as last read; None once it turned out deleted or foreign.
+    bytes: Option<Vec<u8>>,
+    cas: Option<u32>,
+    /// `bytes` comes from the lookup and was not handed out yet.
+    fresh: bool,
+    /// Which of the entry's slots is served.
+    state: SyncState,
+}
+
+impl EntryCell {
+    /// The entry `name` as the lookup read it under `state`.
+    pub fn new(name: String, bytes: Vec<u8>, cas: Option<u32>, state: SyncState) -> EntryCell {
+        EntryCell {
+            name,
+            bytes: Some(bytes),
+            cas,
+            fresh: true,
+            state,
+        }
+    }
+
+    /// The counters of the served record (encoded as
+    /// [`crate::limits::Counters`]) and the CAS token to write them back
+    /// with; (None, None) once the entry serves nothing.
+    pub fn load<E>(&mut self, get: SharedRead<'_, E>) -> Result<(Option<Vec<u8>>, Option<u32>), E> {
+        if !self.fresh && self.bytes.is_some() {
+            (self.bytes, self.cas) = get(&self.name)?;
+            let unserved = self
+                .bytes
+                .as_deref()
+                .is_some_and(|b| visible_record(b, &self.state).is_none());
+            if unserved {
+                // A push committed after this request read the state, and a
+                // worker that read the new one wrote the entry without the
+                // slot served before (`update_visible_record`). The state
+                // as it is now serves the entry's newest value: take it, or
+                // a key well under its budget would be refused. Once per
+                // conflict, so bounded by the update's attempts.
+                let (state, _) = get(STATE_KEY)?;
+                self.state = decode_state(state.as_deref());
+            }
+        }
+        self.fresh = false;
+        let served = self
+            .bytes
+            .as_deref()
+            .and_then(|b| visible_record(b, &self.state));
+        match served.and_then(entry::counters) {
+            Some(c) => Ok(((!c.0.is_empty()).then(|| c.encode()), self.cas)),
+            None => {
+                self.bytes = None;
+                Ok((None, None))
+            }
+        }
+    }
+
+    /// The entry with `value` (encoded counters) as its served record's
+    /// counters, staged records' too (see [`update_visible_record`]), and
+    /// the CAS token to write it with; None when there is nothing to write
+    /// (the entry serves nothing).
+    pub fn updated(&self, value: &[u8], cas: Option<u32>) -> Option<(&str, Vec<u8>, u32)> {
+        let (Some(bytes), Some(cas)) = (&self.bytes, cas) else {
+            return None;
+        };
+        let counters = crate::limits::Counters::decode(Some(value));
+        let updated =
+            update_visible_record(bytes, &self.state, |r| entry::with_counters(r, &counters))?;
+        Some((&self.name, updated, cas))
+    }
 }
 
 /// Slots as bytes. Per slot: a varint of its stamp times two, plus one when

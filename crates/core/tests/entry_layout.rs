@@ -204,7 +204,12 @@ proptest! {
         if let Some(back) = decode(&bytes, &c.key_hash) {
             // Validated on the way back: it is a credential the push could
             // have carried, under the same key.
-            prop_assert_eq!(back.key_hash, c.key_hash);
+            // Only under that key: its other hash bytes are checked, and
+            // with the name's they give back the full hash.
+            let mut other = c.key_hash;
+            other[31] ^= 1;
+            prop_assert_eq!(decode(&bytes, &other), None);
+            prop_assert_eq!(full_hash(name_prefix(&c.key_hash), &bytes), Some(c.key_hash));
             let again = encode(&back);
             prop_assert_eq!(decode(&again, &c.key_hash), Some(back.clone()));
         }
