@@ -804,6 +804,8 @@ fn check_sequence(
 pub const BINARY_MAGIC: &[u8; 3] = b"KGP";
 /// The binary push format this build writes and reads.
 pub const BINARY_VERSION: u8 = 1;
+/// [`BINARY_VERSION`] as the value of [`FORMAT_HEADER`].
+pub const BINARY_VERSION_TEXT: &str = "1";
 /// Header of the state reply naming the binary push format version the
 /// filter reads. Absent (an older filter): the sidecar pushes JSON.
 pub const FORMAT_HEADER: &str = "x-keygate-push-format";
@@ -986,14 +988,14 @@ fn wire_to_record(w: WireRecord<'_>) -> CredentialRecord {
         plan: w.plan.map(Cow::into_owned),
         tenant_limits: w.tenant_limits,
         quota_used: w.quota_used.into_owned(),
-        credits: w
-            .credits
-            .map(|(balance, serial, monthly, granted_at)| crate::limits::Credits {
+        credits: w.credits.map(
+            |(balance, serial, monthly, granted_at)| crate::limits::Credits {
                 balance,
                 serial,
                 monthly,
                 granted_at,
-            }),
+            },
+        ),
     }
 }
 
@@ -1237,7 +1239,12 @@ mod tests {
         let out = plan(SECRET, &json, Some(sign(SECRET, &json).as_bytes()), state);
         match encode_binary(p) {
             Ok(binary) => {
-                let bin = plan(SECRET, &binary, Some(sign(SECRET, &binary).as_bytes()), state);
+                let bin = plan(
+                    SECRET,
+                    &binary,
+                    Some(sign(SECRET, &binary).as_bytes()),
+                    state,
+                );
                 assert_eq!(bin, out, "binary and JSON bodies plan alike");
             }
             // Only a digest that is not hex cannot be encoded: JSON refuses it too.
@@ -1348,7 +1355,12 @@ mod tests {
         encode_binary_record(&mut bin, &r).unwrap();
         let json = serde_json::to_vec(&r).unwrap();
         assert!(bin.len() <= 100, "{} bytes", bin.len());
-        assert!(bin.len() * 2 < json.len(), "{} vs {}", bin.len(), json.len());
+        assert!(
+            bin.len() * 2 < json.len(),
+            "{} vs {}",
+            bin.len(),
+            json.len()
+        );
     }
 
     #[test]
@@ -1395,7 +1407,9 @@ mod tests {
         body.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
         assert_eq!(plan_body(&body), Err(SyncError::TooLarge));
         let too_many = Push {
-            upserts: (0..=MAX_PUSH_ITEMS).map(|i| record(&format!("k{i}"), "t")).collect(),
+            upserts: (0..=MAX_PUSH_ITEMS)
+                .map(|i| record(&format!("k{i}"), "t"))
+                .collect(),
             ..push(Mode::Full, 1, 0, 1)
         };
         let body = encode_binary(&too_many).unwrap();
@@ -1407,12 +1421,20 @@ mod tests {
     }
 
     #[test]
+    fn the_format_header_names_the_binary_version() {
+        assert_eq!(BINARY_VERSION_TEXT, BINARY_VERSION.to_string());
+    }
+
+    #[test]
     fn an_unknown_binary_format_version_is_refused_by_name() {
         let mut body = encode_binary(&push(Mode::Full, 1, 0, 1)).unwrap();
         body[3] = 2;
         match plan_body(&body) {
             Err(SyncError::Invalid(m)) => {
-                assert!(m.contains("format 2") && m.contains("reads format 1"), "{m}")
+                assert!(
+                    m.contains("format 2") && m.contains("reads format 1"),
+                    "{m}"
+                )
             }
             other => panic!("{other:?}"),
         }
