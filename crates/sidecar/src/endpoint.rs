@@ -102,6 +102,15 @@ enum Format {
     Binary,
 }
 
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Json => "JSON",
+            Format::Binary => "binary",
+        }
+    }
+}
+
 /// One batch: its upserts already serialized (each record once, straight
 /// into the body; see [`body`]), its other items as the push carries them.
 #[derive(Default)]
@@ -517,10 +526,11 @@ impl Endpoint {
         let n = self.send_batches(&probe, items, secret)?;
         self.metrics.full_pushes += 1;
         log(&format!(
-            "{}: full push of {} credentials and {} session revocations in {n} batches, store {} generation {generation} version {} ({:.1} ms)",
+            "{}: full push of {} credentials and {} session revocations in {n} batches ({}), store {} generation {generation} version {} ({:.1} ms)",
             self.addr,
             snap.keys.len(),
             revoked.len(),
+            self.format.name(),
             id_str(snap.store_id),
             snap.version,
             started.elapsed().as_secs_f64() * 1e3
@@ -674,11 +684,12 @@ impl Endpoint {
             Ok(n) => {
                 self.metrics.incremental_pushes += 1;
                 log(&format!(
-                    "{}: pushed {} upserts, {} deletes, {} session revocations in {n} batches, version {} -> {} ({:.1} ms)",
+                    "{}: pushed {} upserts, {} deletes, {} session revocations in {n} batches ({}), version {} -> {} ({:.1} ms)",
                     self.addr,
                     counts.0,
                     counts.1,
                     counts.2,
+                    self.format.name(),
                     base.base_version,
                     base.version,
                     started.elapsed().as_secs_f64() * 1e3
@@ -932,6 +943,41 @@ mod tests {
         assert!(host_port("https://127.0.0.1:10001").is_err());
         assert!(host_port("http://127.0.0.1:10001/path").is_err());
         assert!(host_port("localhost").is_err());
+    }
+
+    /// A one-request HTTP server answering the state request with `extra`
+    /// headers; returns its address.
+    fn state_server(extra: &'static str) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = r#"{"generation":1,"version":2,"stamp":1}"#;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(reply.as_bytes()).unwrap();
+        });
+        addr
+    }
+
+    #[test]
+    fn binary_pushes_are_sent_only_to_a_filter_that_names_the_format() {
+        for (extra, expected) in [
+            ("x-keygate-push-format: 1\r\n", Format::Binary),
+            // An older filter names none; a newer one may name another format.
+            ("", Format::Json),
+            ("x-keygate-push-format: 2\r\n", Format::Json),
+        ] {
+            let mut ep = Endpoint::new(&state_server(extra), false).unwrap();
+            let state = ep.state().unwrap();
+            assert_eq!((state.generation, state.version), (1, 2));
+            assert_eq!(ep.format, expected, "{extra:?}");
+        }
     }
 
     #[test]
