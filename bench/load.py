@@ -19,7 +19,10 @@ LOAD_ROUNDS (default 1; each round a fresh Envoy), LOAD_PERF=DIR (record
 them with `perf report -i DIR/<build>-sidecar.data`), LOAD_BASE=DIR (also
 measure another release in the same run, e.g. main's: DIR holds its
 keygate_filter.wasm, libkeygate_native.so and keygate; each round runs
-every build with it first, then with this tree's artifacts)."""
+every build with it first, then with this tree's artifacts), LOAD_CHECKED
+(default 1: the store gets the `<store>.checked` note keygate leaves after
+its own writes, so it is read as keygate would read a store it wrote;
+0: as a file edited by hand, validated in full)."""
 
 import os
 import re
@@ -37,6 +40,7 @@ BUILDS = [b for b in os.environ.get("LOAD_BUILDS", "wasm,native").split(",") if 
 ROUNDS = int(os.environ.get("LOAD_ROUNDS", "1"))
 PERF = os.environ.get("LOAD_PERF")
 BASE = os.environ.get("LOAD_BASE")
+CHECKED = os.environ.get("LOAD_CHECKED", "1") == "1"
 
 
 def write_store(n):
@@ -50,6 +54,18 @@ def write_store(n):
                     f.write(",")
                 f.write(json.dumps({"created_at": 0, "updated_at": 0, "record": record(i)}, separators=(",", ":")))
             f.write("]}")
+    note = path.with_name(path.name + ".checked")
+    if CHECKED and not note.exists():
+        # What keygate writes beside a store it wrote: CRC-32 (zlib's is
+        # crc32fast's) and length of the file. Older releases ignore it.
+        import zlib
+        crc = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                crc = zlib.crc32(chunk, crc)
+        note.write_text(f"{crc:08x} {path.stat().st_size}\n")
+    elif not CHECKED and note.exists():
+        note.unlink()
     return path
 
 

@@ -26,6 +26,10 @@
 //! Session revocations are the one exception to staging: they apply as soon
 //! as their batch arrives, because they only ever refuse more and the store
 //! already holds them.
+//!
+//! A push travels as JSON or, what the sidecar sends to a filter that says
+//! it reads it ([`FORMAT_HEADER`]), in the binary form described at
+//! [`BINARY_MAGIC`]; both decode into the same [`Push`] ([`decode_push`]).
 
 use crate::credential::{Credential, CredentialRecord};
 use crate::entry;
