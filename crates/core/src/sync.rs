@@ -31,7 +31,7 @@
 //! it reads it ([`FORMAT_HEADER`]), in the binary form described at
 //! [`BINARY_MAGIC`]; both decode into the same [`Push`] ([`decode_push`]).
 
-use crate::credential::{Credential, CredentialRecord};
+use crate::credential::{Credential, CredentialRecord, RecordHashes};
 use crate::entry;
 use crate::error::ConfigError;
 use crate::hash::{parse_hex_digest, Digest};
@@ -536,21 +536,19 @@ pub fn plan(
     if !verify(secret, body, signature) {
         return Err(SyncError::BadSignature);
     }
-    let push = decode_push(body)?;
-    if push.upserts.len()
-        + push.deletes.len()
-        + push.revoked_sessions.len()
-        + push.limit_records.len()
+    let (push, records) = decode_for_plan(body)?;
+    if records.len() + push.deletes.len() + push.revoked_sessions.len() + push.limit_records.len()
         > MAX_PUSH_ITEMS
     {
         return Err(SyncError::TooLarge);
     }
     let (claim, commit, stamp) = check_sequence(&push, state)?;
-    let mut upserts = Vec::with_capacity(push.upserts.len());
-    let mut key_ids = Vec::with_capacity(push.upserts.len());
+    let mut upserts = Vec::with_capacity(records.len());
+    let mut key_ids = Vec::with_capacity(records.len());
     let mut rolled = Vec::new();
-    for (i, r) in push.upserts.iter().enumerate() {
-        let c = Credential::try_from(r)
+    for (i, (r, hashes)) in records.into_iter().enumerate() {
+        // The record moves into its credential: nothing is copied twice.
+        let c = Credential::from_parts(r, hashes)
             .map_err(|e| SyncError::Invalid(e.under(&format!("upserts[{i}]")).to_string()))?;
         key_ids.push((c.key_id.clone(), c.key_hash));
         upserts.push((c.key_hash, entry::encode(push.generation, &c)));
@@ -968,13 +966,18 @@ pub fn encode_binary(push: &Push) -> Result<Vec<u8>, String> {
     binary_body(push, push.upserts.len(), &records)
 }
 
+/// The record with its digests in hex, as JSON carries it.
 fn wire_to_record(w: WireRecord<'_>) -> CredentialRecord {
-    let hex = |d: Option<Digest>| d.as_ref().map(crate::hash::to_hex);
+    wire_to_record_with(w, crate::hash::to_hex)
+}
+
+fn wire_to_record_with(w: WireRecord<'_>, hex: impl Fn(&Digest) -> String) -> CredentialRecord {
+    let opt = |d: Option<Digest>| d.as_ref().map(&hex);
     CredentialRecord {
         key_id: w.key_id.into_owned(),
-        key_hash: crate::hash::to_hex(&w.key_hash),
-        secret_hash: hex(w.secret_hash),
-        previous_secret_hash: hex(w.previous_secret_hash),
+        key_hash: hex(&w.key_hash),
+        secret_hash: opt(w.secret_hash),
+        previous_secret_hash: opt(w.previous_secret_hash),
         previous_secret_expires_at: w.previous_secret_expires_at,
         kind: w.kind,
         tenant: w.tenant.into_owned(),
@@ -985,7 +988,7 @@ fn wire_to_record(w: WireRecord<'_>) -> CredentialRecord {
         status: w.status,
         expires_at: w.expires_at,
         owner: w.owner.map(Cow::into_owned),
-        previous_key_hash: hex(w.previous_key_hash),
+        previous_key_hash: opt(w.previous_key_hash),
         previous_key_expires_at: w.previous_key_expires_at,
         metadata: w.metadata.into_owned(),
         limits: w.limits.into_owned(),
@@ -1003,9 +1006,54 @@ fn wire_to_record(w: WireRecord<'_>) -> CredentialRecord {
     }
 }
 
+/// A record [`plan`] validates: its digests as bytes (its hex fields left
+/// empty), so they are neither written out as hex nor parsed back.
+fn wire_to_parts(w: WireRecord<'_>) -> (CredentialRecord, RecordHashes) {
+    let hashes = RecordHashes::of_bytes(
+        w.key_hash,
+        w.secret_hash,
+        w.previous_secret_hash,
+        w.previous_key_hash,
+    );
+    let record = CredentialRecord {
+        key_hash: String::new(),
+        secret_hash: None,
+        previous_secret_hash: None,
+        previous_key_hash: None,
+        ..wire_to_record_with(w, |_| String::new())
+    };
+    (record, hashes)
+}
+
+/// A push's upserts as [`plan`] takes them.
+type Records = Vec<(CredentialRecord, RecordHashes)>;
+
+/// The push without its upserts, and the upserts as [`plan`] validates them.
+fn decode_for_plan(body: &[u8]) -> Result<(Push, Records), SyncError> {
+    match body.strip_prefix(BINARY_MAGIC.as_slice()) {
+        Some(rest) => {
+            let (push, wire) = decode_binary(rest)?;
+            Ok((push, wire.into_iter().map(wire_to_parts).collect()))
+        }
+        None => {
+            let mut push: Push =
+                serde_json::from_slice(body).map_err(|e| SyncError::Invalid(e.to_string()))?;
+            let records = core::mem::take(&mut push.upserts)
+                .into_iter()
+                .map(|r| {
+                    let hashes = RecordHashes::parse(&r);
+                    (r, hashes)
+                })
+                .collect();
+            Ok((push, records))
+        }
+    }
+}
+
 /// Reads a binary body (after its magic): the version, the head, then
-/// exactly the upserts it counts, and nothing after them.
-fn decode_binary(body: &[u8]) -> Result<Push, SyncError> {
+/// exactly the upserts it counts, and nothing after them. The push comes
+/// without its upserts, which follow as read.
+fn decode_binary(body: &[u8]) -> Result<(Push, Vec<WireRecord<'_>>), SyncError> {
     let invalid = |what: &str, e: postcard::Error| {
         SyncError::Invalid(format!(
             "binary push (format {BINARY_VERSION}): {what}: {e}"
@@ -1033,7 +1081,7 @@ fn decode_binary(body: &[u8]) -> Result<Push, SyncError> {
     for i in 0..count {
         let (r, next) = postcard::take_from_bytes::<WireRecord>(rest)
             .map_err(|e| invalid(&format!("upserts[{i}]"), e))?;
-        upserts.push(wire_to_record(r));
+        upserts.push(r);
         rest = next;
     }
     if !rest.is_empty() {
@@ -1042,14 +1090,14 @@ fn decode_binary(body: &[u8]) -> Result<Push, SyncError> {
             rest.len()
         )));
     }
-    Ok(Push {
+    let push = Push {
         mode: head.mode,
         generation: head.generation,
         base_version: head.base_version,
         version: head.version,
         batch: head.batch,
         last: head.last,
-        upserts,
+        upserts: vec![],
         deletes: head.deletes.iter().map(crate::hash::to_hex).collect(),
         revoked_sessions: head.revoked_sessions.into_owned(),
         store_id: head.store_id.map(StoreId),
@@ -1064,13 +1112,20 @@ fn decode_binary(body: &[u8]) -> Result<Push, SyncError> {
                 quota_used: r.quota_used.into_owned(),
             })
             .collect(),
-    })
+    };
+    Ok((push, upserts))
 }
 
 /// A push body, binary (it starts with [`BINARY_MAGIC`]) or JSON.
 pub fn decode_push(body: &[u8]) -> Result<Push, SyncError> {
     match body.strip_prefix(BINARY_MAGIC.as_slice()) {
-        Some(rest) => decode_binary(rest),
+        Some(rest) => {
+            let (push, wire) = decode_binary(rest)?;
+            Ok(Push {
+                upserts: wire.into_iter().map(wire_to_record).collect(),
+                ..push
+            })
+        }
         None => serde_json::from_slice(body).map_err(|e| SyncError::Invalid(e.to_string())),
     }
 }
