@@ -16,22 +16,31 @@ Usage: `.venv/bin/python -m bench.load` (after `make wasm native sidecar`).
 Env: LOAD_N (default 1000000), LOAD_BUILDS (default "wasm,native"),
 LOAD_ROUNDS (default 1; each round a fresh Envoy), LOAD_PERF=DIR (record
 `perf` profiles of the sidecar and of Envoy during the sync into DIR; read
-them with `perf report -i DIR/<build>-sidecar.data`)."""
+them with `perf report -i DIR/<build>-sidecar.data`), LOAD_BASE=DIR (also
+measure another release in the same run, e.g. main's: DIR holds its
+keygate_filter.wasm, libkeygate_native.so and keygate; each round runs
+every build with it first, then with this tree's artifacts), LOAD_CHECKED
+(default 1: the store gets the `<store>.checked` note keygate leaves after
+its own writes, so it is read as keygate would read a store it wrote;
+0: as a file edited by hand, validated in full)."""
 
 import os
 import re
+from pathlib import Path
 import resource
 import subprocess
 import sys
 import time
 
 from bench.bench import ROUTES, WORK, cpu_seconds, keygate_config, record, rss_kib, start
-from tests.harness import KEYGATE
+from tests.harness import KEYGATE, NATIVE_DIR
 
 N = int(os.environ.get("LOAD_N", "1000000"))
 BUILDS = [b for b in os.environ.get("LOAD_BUILDS", "wasm,native").split(",") if b]
 ROUNDS = int(os.environ.get("LOAD_ROUNDS", "1"))
 PERF = os.environ.get("LOAD_PERF")
+BASE = os.environ.get("LOAD_BASE")
+CHECKED = os.environ.get("LOAD_CHECKED", "1") == "1"
 
 
 def write_store(n):
@@ -45,12 +54,36 @@ def write_store(n):
                     f.write(",")
                 f.write(json.dumps({"created_at": 0, "updated_at": 0, "record": record(i)}, separators=(",", ":")))
             f.write("]}")
+    note = path.with_name(path.name + ".checked")
+    if CHECKED and not note.exists():
+        # What keygate writes beside a store it wrote: CRC-32 (zlib's is
+        # crc32fast's) and length of the file. Older releases ignore it.
+        import zlib
+        crc = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                crc = zlib.crc32(chunk, crc)
+        note.write_text(f"{crc:08x} {path.stat().st_size}\n")
+    elif not CHECKED and note.exists():
+        note.unlink()
     return path
 
 
-def one(build, store, rnd):
+def one(build, store, rnd, base=None):
+    """One sync of `store` into a fresh Envoy; `base`: a directory with
+    another release's artifacts to use instead of this tree's."""
     config = keygate_config({"routes": ROUTES, "tokens": {"lifetime_secs": 86400}}, login=True)
-    envoy = start(f"load-{build}-{rnd}", config, build)
+    keygate = KEYGATE
+    if base:
+        keygate = Path(base) / "keygate"
+        for lst in config["static_resources"]["listeners"]:
+            for f in lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+                if f["name"] == "keygate" and "vm_config" in f["typed_config"].get("config", {}):
+                    f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(
+                        Path(base) / "keygate_filter.wasm")
+    # Read by Envoy at start (the native build's module directory).
+    os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(base or NATIVE_DIR)
+    envoy = start(f"load-{build}{'-base' if base else ''}-{rnd}", config, build)
     try:
         rss0 = rss_kib(envoy.proc.pid)
         cpu0 = cpu_seconds(envoy.proc.pid)
@@ -63,7 +96,7 @@ def one(build, store, rnd):
             wrap = ["perf", "record", "-g", "-o", f"{PERF}/{build}-sidecar.data", "--"]
             time.sleep(1)
         t0 = time.monotonic()
-        proc = subprocess.run([*wrap, str(KEYGATE), "--store", str(store), "sync", "--once", "--endpoint",
+        proc = subprocess.run([*wrap, str(keygate), "--store", str(store), "sync", "--once", "--endpoint",
                                f"http://127.0.0.1:{envoy.sync_port}"], capture_output=True, text=True, timeout=1800,
                               env={**os.environ, "KEYGATE_SYNC_SECRET": envoy.sync_secret})
         wall = time.monotonic() - t0
@@ -78,7 +111,7 @@ def one(build, store, rnd):
         read = re.search(r"read (\d+) keys? .* in ([\d.]+) ms", proc.stderr)
         push = re.search(r"full push of (\d+) credentials .* in (\d+) batches.*\(([\d.]+) ms\)", proc.stderr)
         return {
-            "build": build, "wall": wall,
+            "build": f"{build} (LOAD_BASE)" if base else build, "wall": wall,
             "read_s": float(read[2]) / 1e3 if read else None,
             "push_s": float(push[3]) / 1e3 if push else None,
             "batches": int(push[2]) if push else None,
@@ -97,11 +130,12 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for rnd in range(ROUNDS):
         for build in BUILDS:
-            r = one(build, store, rnd)
-            fmt = lambda v, unit="s": "-" if v is None else f"{v:.2f} {unit}"
-            print(f"| {r['build']} | {r['wall']:.2f} s | {fmt(r['read_s'])} | {fmt(r['push_s'])} | {r['batches']} "
-                  f"| {r['sidecar_user']:.2f} + {r['sidecar_sys']:.2f} s | {r['envoy_cpu']:.2f} s "
-                  f"| {r['rss_per_cred']:.0f} B |", flush=True)
+            for base in ([BASE] if BASE else []) + [None]:
+                r = one(build, store, rnd, base)
+                fmt = lambda v, unit="s": "-" if v is None else f"{v:.2f} {unit}"  # noqa: E731
+                print(f"| {r['build']} | {r['wall']:.2f} s | {fmt(r['read_s'])} | {fmt(r['push_s'])} | {r['batches']} "
+                      f"| {r['sidecar_user']:.2f} + {r['sidecar_sys']:.2f} s | {r['envoy_cpu']:.2f} s "
+                      f"| {r['rss_per_cred']:.0f} B |", flush=True)
     print(f"load average: {os.getloadavg()[0]:.1f}")
     return 0
 

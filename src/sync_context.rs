@@ -14,8 +14,8 @@ use keygate_core::shared_data::{
 };
 use keygate_core::sync::{
     check_config_ids, check_layout, decode_state, encode_state, plan, reported_state, stage,
-    visible_record, Plan, SyncError, SyncState, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER,
-    STATE_PATH,
+    visible_record, Plan, SyncError, SyncState, BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES,
+    PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use log::{error, info, warn};
@@ -42,7 +42,12 @@ impl SyncContext {
     }
 
     fn reply(&self, status: u16, body: &serde_json_body::Body) {
-        let headers = [("content-type", "application/json")];
+        // The binary push format this filter reads, so a sidecar knows it
+        // may send it (an older filter sends no such header: JSON only).
+        let headers = [
+            ("content-type", "application/json"),
+            (FORMAT_HEADER, BINARY_VERSION_TEXT),
+        ];
         if let Err(e) = host::send_reply(status, &headers, &body.render()) {
             error!("cannot send the {status} reply: {e}");
         }

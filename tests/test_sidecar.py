@@ -159,6 +159,9 @@ def test_envoy_restart_is_resynced(rig, envoy_factory):
     envoy.start()  # same ports, empty shared data
     becomes(envoy, h, 200)
     assert "full push" in sidecar.log()
+    # This release's filter reads binary pushes; the sidecar uses them for both kinds.
+    assert "batches (binary)" in sidecar.log()
+    assert "batches (JSON)" not in sidecar.log()
 
 
 def test_envoy_keeps_the_last_good_set_while_the_sidecar_is_down(rig):

@@ -110,6 +110,93 @@ def test_full_push_in_batches_keeps_old_keys_until_commit_then_drops_absent_ones
     assert [status_of(envoy, k) for k in ("old-key", "kept-key", "new-key")] == [401, 200, 200]
 
 
+# The binary push body (README "Sync protocol"), written here from its
+# description: "KGP", the format version, then postcard (varints, strings
+# as length + bytes, options as 0/1 + value, every field in order).
+def _varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _str(s):
+    b = s.encode()
+    return _varint(len(b)) + b
+
+
+def _seq(items, enc):
+    return _varint(len(items)) + b"".join(enc(i) for i in items)
+
+
+def _opt(v, enc):
+    return b"\x00" if v is None else b"\x01" + enc(v)
+
+
+def _record(r):
+    digest = lambda h: bytes.fromhex(h)  # noqa: E731
+    rl = r.get("rate_limit")
+    return b"".join([
+        _str(r["key_id"]), digest(r["key_hash"]), _opt(r.get("secret_hash"), digest),
+        b"\x00", b"\x00",  # previous secret hash, its deadline
+        _varint({"default": 0, "scoped": 1}[r.get("kind", "scoped")]), _str(r["tenant"]),
+        _str(r.get("environment", "live")), _seq(r.get("scopes", []), _str), _seq(r.get("allowed_ips", []), _str),
+        _opt(rl, lambda v: _varint(v["requests"]) + _varint(v["window_secs"])),
+        _varint({"active": 0, "inactive": 1}[r.get("status", "active")]),
+        b"\x00", b"\x00", b"\x00", b"\x00",  # expires_at, owner, previous key hash, its deadline
+        b"\x00", b"\x00", b"\x00", b"\x00", b"\x00", b"\x00",  # metadata, limits, plan, tenant_limits, quota_used, credits
+    ])
+
+
+def binary(p, version=1):
+    head = b"".join([
+        _varint({"incremental": 0, "full": 1}[p["mode"]]), _varint(p["generation"]), _varint(p.get("base_version", 0)),
+        _varint(p["version"]), _varint(p.get("batch", 0)), b"\x01" if p.get("last") else b"\x00",
+        b"\x00", b"\x00",  # store_id, takeover
+        _seq(p.get("deletes", []), bytes.fromhex), b"\x00", b"\x00",  # deletes, revoked sessions, limit records
+    ])
+    upserts = p.get("upserts", [])
+    return b"KGP" + bytes([version]) + head + _varint(len(upserts)) + b"".join(_record(r) for r in upserts)
+
+
+def test_a_binary_push_applies_like_its_json_and_bad_ones_change_nothing(envoy):
+    r = request(envoy.sync_port, "GET", STATE)
+    assert r.header("x-keygate-push-format") == "1"  # the sidecar sends binary only when told so
+    one = cred("k1", "key-1", scopes=["read"], allowed_ips=["127.0.0.0/8"],
+               rate_limit={"requests": 100, "window_secs": 60})
+    body = binary(full(1, 1, [one, cred("k2", "key-2", secret="s2", kind="default", status="inactive")]))
+    assert len(body) < len(json.dumps(full(1, 1, [one])).encode())
+    r = push(envoy, None, raw=body)
+    assert r.status == 200, r.body
+    assert r.json() == {"generation": 1, "version": 1, "stamp": 1}
+    assert status_of(envoy, "key-1") == 200
+    assert status_of(envoy, "key-2") == 401  # inactive
+    update = binary(incr(1, 1, 2, [cred("k3", "key-3", scopes=["read"])],
+                         deletes=[hashlib.sha256(b"key-1").hexdigest()]))
+    bad_ip = binary(incr(1, 1, 2, [cred("k3", "key-3", allowed_ips=["not-an-ip"])]))
+    refused = {
+        "forged": push(envoy, None, raw=update, signature=sign(update, "another-secret-that-is-long-enough-000")),
+        "changed-after-signing": push(envoy, None, raw=update[:-1] + b"x", signature=sign(update)),
+        "truncated": push(envoy, None, raw=update[:-5]),
+        "trailing": push(envoy, None, raw=update + b"\x00"),
+        "unknown-version": push(envoy, None, raw=b"KGP\x02" + update[4:]),
+        "bad-record": push(envoy, None, raw=bad_ip),
+    }
+    assert {k: r.status for k, r in refused.items()} == {
+        "forged": 401, "changed-after-signing": 401, "truncated": 400, "trailing": 400,
+        "unknown-version": 400, "bad-record": 400,
+    }
+    assert "format 2" in refused["unknown-version"].json()["error"]
+    assert "upserts[0].allowed_ips[0]" in refused["bad-record"].json()["error"]
+    assert state(envoy) == {"generation": 1, "version": 1, "stamp": 1}
+    assert status_of(envoy, "key-1") == 200  # nothing of the refused pushes applied
+    assert push(envoy, None, raw=update).status == 200
+    assert [status_of(envoy, k) for k in ("key-1", "key-3")] == [401, 200]
+
+
 def test_unknown_paths_and_methods_on_the_sync_listener_get_404(envoy):
     assert request(envoy.sync_port, "GET", "/v1/items").status == 404
     assert request(envoy.sync_port, "DELETE", STATE).status == 404

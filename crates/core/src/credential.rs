@@ -14,6 +14,7 @@ use crate::names::check_scope_name;
 use crate::rate_limit::RateLimit;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Most scoped credentials one tenant may hold.
@@ -161,25 +162,84 @@ pub struct Credential {
     pub credits: Option<Credits>,
 }
 
+/// A record's digests, each already decoded but any error not yet raised:
+/// validation reports them where it always has, among the other checks. A
+/// binary sync push carries them as bytes ([`RecordHashes::of_bytes`]);
+/// its record's hex fields are then left empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHashes {
+    key_hash: Result<Digest, &'static str>,
+    secret_hash: Option<Result<Digest, &'static str>>,
+    previous_secret_hash: Option<Result<Digest, &'static str>>,
+    previous_key_hash: Option<Result<Digest, &'static str>>,
+}
+
+impl RecordHashes {
+    /// Those of a record's hex fields.
+    pub fn parse(r: &CredentialRecord) -> RecordHashes {
+        let opt = |h: &Option<String>| h.as_deref().map(parse_hex_digest);
+        RecordHashes {
+            key_hash: parse_hex_digest(&r.key_hash),
+            secret_hash: opt(&r.secret_hash),
+            previous_secret_hash: opt(&r.previous_secret_hash),
+            previous_key_hash: opt(&r.previous_key_hash),
+        }
+    }
+
+    /// Digests carried as bytes.
+    pub fn of_bytes(
+        key_hash: Digest,
+        secret_hash: Option<Digest>,
+        previous_secret_hash: Option<Digest>,
+        previous_key_hash: Option<Digest>,
+    ) -> RecordHashes {
+        RecordHashes {
+            key_hash: Ok(key_hash),
+            secret_hash: secret_hash.map(Ok),
+            previous_secret_hash: previous_secret_hash.map(Ok),
+            previous_key_hash: previous_key_hash.map(Ok),
+        }
+    }
+}
+
 impl TryFrom<&CredentialRecord> for Credential {
     type Error = ConfigError;
 
     fn try_from(r: &CredentialRecord) -> Result<Self, ConfigError> {
+        Credential::build(Cow::Borrowed(r), RecordHashes::parse(r))
+    }
+}
+
+impl Credential {
+    /// [`Credential::try_from`] of a record the caller no longer needs: its
+    /// strings move into the credential instead of being copied.
+    pub fn from_record(r: CredentialRecord) -> Result<Credential, ConfigError> {
+        let hashes = RecordHashes::parse(&r);
+        Credential::build(Cow::Owned(r), hashes)
+    }
+
+    /// A record whose digests came as bytes (`hashes`; its hex fields are
+    /// not read), validated like any other.
+    pub fn from_parts(
+        r: CredentialRecord,
+        hashes: RecordHashes,
+    ) -> Result<Credential, ConfigError> {
+        Credential::build(Cow::Owned(r), hashes)
+    }
+
+    fn build(r: Cow<'_, CredentialRecord>, h: RecordHashes) -> Result<Self, ConfigError> {
         check_name("key_id", &r.key_id)?;
         check_name("tenant", &r.tenant)?;
         check_name("environment", &r.environment)?;
-        let key_hash =
-            parse_hex_digest(&r.key_hash).map_err(|e| ConfigError::new("key_hash", e))?;
-        let secret_hash = r
+        let key_hash = h.key_hash.map_err(|e| ConfigError::new("key_hash", e))?;
+        let secret_hash = h
             .secret_hash
-            .as_deref()
-            .map(parse_hex_digest)
             .transpose()
             .map_err(|e| ConfigError::new("secret_hash", e))?;
-        let previous_secret = match (&r.previous_secret_hash, r.previous_secret_expires_at) {
+        let previous_secret = match (h.previous_secret_hash, r.previous_secret_expires_at) {
             (None, None) => None,
             (Some(h), Some(until)) => Some((
-                parse_hex_digest(h).map_err(|e| ConfigError::new("previous_secret_hash", e))?,
+                h.map_err(|e| ConfigError::new("previous_secret_hash", e))?,
                 until,
             )),
             (Some(_), None) => {
@@ -230,10 +290,10 @@ impl TryFrom<&CredentialRecord> for Credential {
         if let Some(owner) = &r.owner {
             check_owner("owner", owner)?;
         }
-        let previous_key = match (&r.previous_key_hash, r.previous_key_expires_at) {
+        let previous_key = match (h.previous_key_hash, r.previous_key_expires_at) {
             (None, None) => None,
             (Some(h), Some(until)) => Some((
-                parse_hex_digest(h).map_err(|e| ConfigError::new("previous_key_hash", e))?,
+                h.map_err(|e| ConfigError::new("previous_key_hash", e))?,
                 until,
             )),
             (Some(_), None) => {
@@ -273,33 +333,55 @@ impl TryFrom<&CredentialRecord> for Credential {
             .into_iter()
             .chain(rules(&r.limits, false))
             .collect();
+        let seed = seed_counters_with(&r.quota_used, false, r.credits);
+        let (kind, rate_limit, active) = (r.kind, r.rate_limit, r.status == Status::Active);
+        let (expires_at, tenant_limits, credits) = (r.expires_at, r.tenant_limits, r.credits);
+        // Moved out of an owned record; copied (only what is kept) from a borrowed one.
+        let (key_id, tenant, environment, scopes, owner, metadata, limits, plan) = match r {
+            Cow::Owned(r) => (
+                r.key_id,
+                r.tenant,
+                r.environment,
+                r.scopes,
+                r.owner,
+                r.metadata,
+                r.limits,
+                r.plan,
+            ),
+            Cow::Borrowed(r) => (
+                r.key_id.clone(),
+                r.tenant.clone(),
+                r.environment.clone(),
+                r.scopes.clone(),
+                r.owner.clone(),
+                r.metadata.clone(),
+                r.limits.clone(),
+                r.plan.clone(),
+            ),
+        };
         Ok(Credential {
-            key_id: r.key_id.clone(),
+            key_id,
             key_hash,
             secret_hash,
             previous_secret,
-            kind: r.kind,
-            tenant: r.tenant.clone(),
-            environment: r.environment.clone(),
-            scopes_header: r.scopes.join(" "),
-            scopes: r.scopes.clone(),
+            kind,
+            tenant,
+            environment,
+            scopes_header: scopes.join(" "),
+            scopes,
             allowed_ips,
-            rate_limit: r.rate_limit,
-            active: r.status == Status::Active,
-            expires_at: r.expires_at,
-            owner: r.owner.clone(),
+            rate_limit,
+            active,
+            expires_at,
+            owner,
             previous_key,
-            metadata: r
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            limits: r.limits.clone(),
+            metadata: metadata.into_iter().collect(),
+            limits,
             own_rules,
-            plan: r.plan.clone(),
-            tenant_limits: r.tenant_limits,
-            seed: seed_counters_with(&r.quota_used, false, r.credits),
-            credits: r.credits,
+            plan,
+            tenant_limits,
+            seed,
+            credits,
         })
     }
 }
@@ -458,6 +540,47 @@ pub(crate) mod tests {
             quota_used: vec![],
             credits: None,
         }
+    }
+
+    #[test]
+    fn a_record_with_its_digests_as_bytes_validates_to_the_same_credential() {
+        let mut r = record("k", "t");
+        r.secret_hash = Some(to_hex(&sha256(b"s")));
+        r.previous_key_hash = Some(to_hex(&sha256(b"k-old")));
+        r.previous_key_expires_at = Some(9);
+        let by_hex = Credential::try_from(&r).unwrap();
+        assert_eq!(Credential::from_record(r.clone()).unwrap(), by_hex);
+        let bytes = RecordHashes::of_bytes(
+            sha256(b"k"),
+            Some(sha256(b"s")),
+            None,
+            Some(sha256(b"k-old")),
+        );
+        let hexless = CredentialRecord {
+            key_hash: String::new(),
+            secret_hash: None,
+            previous_key_hash: None,
+            ..r.clone()
+        };
+        assert_eq!(Credential::from_parts(hexless, bytes).unwrap(), by_hex);
+        // Errors come in the order they always did: the key id before the hash.
+        let bad = CredentialRecord {
+            key_id: "bad id".into(),
+            key_hash: "nope".into(),
+            ..r.clone()
+        };
+        let err = Credential::from_record(bad).unwrap_err().to_string();
+        assert!(err.starts_with("key_id"), "{err}");
+        // A deadline without its hash is refused whichever way digests come.
+        let orphan = CredentialRecord {
+            previous_key_hash: None,
+            ..r
+        };
+        let bytes = RecordHashes::of_bytes(sha256(b"k"), None, None, None);
+        let err = Credential::from_parts(orphan, bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("previous_key_hash"), "{err}");
     }
 
     #[test]

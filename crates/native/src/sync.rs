@@ -10,8 +10,8 @@ use crate::envoy::{log, Stream};
 use crate::state::{tables, Snapshot, Staged};
 use keygate_core::shared_data::{revocations_key, CONFIG_IDS_KEY};
 use keygate_core::sync::{
-    check_config_ids, decode_record, plan, RevokedSession, SyncError, SyncState, MAX_PUSH_BYTES,
-    PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    check_config_ids, decode_record, plan, RevokedSession, SyncError, SyncState,
+    BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use std::collections::BTreeMap;
@@ -43,7 +43,11 @@ fn render(body: &Body) -> Vec<u8> {
 fn reply(stream: Stream, status: u16, body: &Body) {
     stream.send_response(
         status,
-        &[("content-type", "application/json")],
+        // The binary push format this module reads (see the wasm build).
+        &[
+            ("content-type", "application/json"),
+            (FORMAT_HEADER, BINARY_VERSION_TEXT),
+        ],
         &render(body),
         "keygate_sync",
     );

@@ -6,8 +6,9 @@ use keygate_control::service::forwarded_metadata;
 use keygate_control::store::{Snapshot, StoredKey};
 use keygate_core::shared_data::key_id_slot;
 use keygate_core::sync::{
-    is_foreign, sign, LimitKind, LimitRecord, Mode, Push, RevokedSession, StoreId, SyncState,
-    MAX_PUSH_BYTES, MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    binary_body, encode_binary_record, is_foreign, sign, LimitKind, LimitRecord, Mode, Push,
+    RevokedSession, StoreId, SyncState, BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES,
+    MAX_PUSH_ITEMS, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::CredentialRecord;
 use std::borrow::Cow;
@@ -91,12 +92,32 @@ enum Item<'a> {
     Limit(&'a LimitRecord),
 }
 
+/// How a push body is written: binary (`keygate_core::sync`'s format, a
+/// third of the bytes for Envoy to authenticate and parse) when the filter
+/// says it reads it, else JSON (an older filter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+enum Format {
+    #[default]
+    Json,
+    Binary,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Json => "JSON",
+            Format::Binary => "binary",
+        }
+    }
+}
+
 /// One batch: its upserts already serialized (each record once, straight
 /// into the body; see [`body`]), its other items as the push carries them.
 #[derive(Default)]
 struct Batch {
-    /// The upserts as JSON objects separated by commas.
+    /// The upserts: JSON objects separated by commas, or binary records.
     upserts: Vec<u8>,
+    upsert_count: usize,
     items: usize,
     deletes: Vec<String>,
     revoked: Vec<RevokedSession>,
@@ -121,8 +142,13 @@ fn limit_changes(held: &LimitSet, now: &LimitSet) -> Vec<LimitRecord> {
 }
 
 /// Takes items into one batch of at most [`BATCH_ITEMS`] items and about
-/// [`BATCH_BYTES`] bytes (at least one item, if any is left).
-fn next_batch<'a>(items: &mut std::iter::Peekable<impl Iterator<Item = Item<'a>>>) -> Batch {
+/// [`BATCH_BYTES`] bytes (at least one item, if any is left). Fails only
+/// for a record the binary format cannot carry (a digest that is not hex,
+/// which a valid store never holds and the filter would refuse anyway).
+fn next_batch<'a>(
+    items: &mut std::iter::Peekable<impl Iterator<Item = Item<'a>>>,
+    format: Format,
+) -> Result<Batch, String> {
     let mut b = Batch::default();
     let mut bytes = 0;
     while b.items < BATCH_ITEMS {
@@ -140,14 +166,20 @@ fn next_batch<'a>(items: &mut std::iter::Peekable<impl Iterator<Item = Item<'a>>
         }
         match items.next() {
             Some(Item::Upsert(r)) => {
-                if !b.upserts.is_empty() {
-                    b.upserts.push(b',');
-                }
                 let before = b.upserts.len();
-                // Serializing a record into a Vec cannot fail (string keys only).
-                if serde_json::to_writer(&mut b.upserts, r).is_err() {
-                    b.upserts.truncate(before);
+                match format {
+                    Format::Binary => encode_binary_record(&mut b.upserts, r)?,
+                    Format::Json => {
+                        if !b.upserts.is_empty() {
+                            b.upserts.push(b',');
+                        }
+                        // Serializing a record into a Vec cannot fail (string keys only).
+                        if serde_json::to_writer(&mut b.upserts, r).is_err() {
+                            b.upserts.truncate(before);
+                        }
+                    }
                 }
+                b.upsert_count += 1;
                 bytes += b.upserts.len() - before + 1;
             }
             Some(Item::Delete(d)) => {
@@ -166,14 +198,22 @@ fn next_batch<'a>(items: &mut std::iter::Peekable<impl Iterator<Item = Item<'a>>
         }
         b.items += 1;
     }
-    b
+    Ok(b)
+}
+
+/// The body of `push` with the batch's upserts (`push` itself carries none).
+fn body(push: &Push, count: usize, upserts: &[u8], format: Format) -> Result<Vec<u8>, String> {
+    match format {
+        Format::Binary => binary_body(push, count, upserts),
+        Format::Json => json_body(push, upserts).map_err(|e| e.to_string()),
+    }
 }
 
 /// The push's JSON with `upserts` (records already serialized, comma
 /// separated) as its upserts: `push` itself carries none, so its
 /// `"upserts":[]` is the one place they go. A key can never contain that
 /// text unescaped inside a JSON string, so this finds the field itself.
-fn body(push: &Push, upserts: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+fn json_body(push: &Push, upserts: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
     const EMPTY: &[u8] = b"\"upserts\":[]";
     let mut out = Vec::with_capacity(upserts.len() + 512);
     serde_json::to_writer(&mut out, push)?;
@@ -193,6 +233,8 @@ pub struct Endpoint {
     url: String,
     agent: ureq::Agent,
     held: Option<Held>,
+    /// How pushes are written, from the filter's last state reply.
+    format: Format,
     pub metrics: Metrics,
     pub takeover: bool,
     /// Revocations older than this cannot match a live token: not pushed.
@@ -336,6 +378,7 @@ impl Endpoint {
             addr,
             agent,
             held: None,
+            format: Format::Json,
             metrics: Metrics::default(),
             takeover,
             token_lifetime: Duration::from_secs(keygate_core::token::MAX_LIFETIME_SECS),
@@ -379,9 +422,26 @@ impl Endpoint {
         })
     }
 
-    pub fn state(&self) -> Result<SyncState, Error> {
+    /// What Envoy holds; also learns which push format its filter reads.
+    pub fn state(&mut self) -> Result<SyncState, Error> {
         let url = format!("{}{STATE_PATH}", self.url);
-        self.reply("state request", self.agent.get(&url).call())
+        let r = self.agent.get(&url).call();
+        let binary = r.as_ref().ok().is_some_and(|r| {
+            r.headers()
+                .get(FORMAT_HEADER)
+                .is_some_and(|v| v.as_bytes() == BINARY_VERSION_TEXT.as_bytes())
+        });
+        let state = self.reply("state request", r)?;
+        let format = if binary { Format::Binary } else { Format::Json };
+        if format != self.format && format == Format::Json {
+            log(&format!(
+                "{}: Envoy's keygate filter does not read binary pushes (format {BINARY_VERSION_TEXT}; \
+                 an older or newer release than this sidecar): pushing JSON, which Envoy applies more slowly",
+                self.addr
+            ));
+        }
+        self.format = format;
+        Ok(state)
     }
 
     /// The whole set under a generation newer than anything the endpoint has seen.
@@ -466,10 +526,11 @@ impl Endpoint {
         let n = self.send_batches(&probe, items, secret)?;
         self.metrics.full_pushes += 1;
         log(&format!(
-            "{}: full push of {} credentials and {} session revocations in {n} batches, store {} generation {generation} version {} ({:.1} ms)",
+            "{}: full push of {} credentials and {} session revocations in {n} batches ({}), store {} generation {generation} version {} ({:.1} ms)",
             self.addr,
             snap.keys.len(),
             revoked.len(),
+            self.format.name(),
             id_str(snap.store_id),
             snap.version,
             started.elapsed().as_secs_f64() * 1e3
@@ -499,11 +560,22 @@ impl Endpoint {
         secret: &[u8],
     ) -> Result<usize, Error> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(Vec<u8>, String), Error>>(AHEAD);
+        let format = self.format;
+        let failed = |detail: String| Error::BadReply {
+            what: "push",
+            detail,
+        };
         std::thread::scope(|s| {
             s.spawn(move || {
                 let mut items = items.peekable();
                 for i in 0u32.. {
-                    let part = next_batch(&mut items);
+                    let part = match next_batch(&mut items, format) {
+                        Ok(part) => part,
+                        Err(e) => {
+                            let _ = tx.send(Err(failed(e)));
+                            return;
+                        }
+                    };
                     let push = Push {
                         batch: i,
                         last: items.peek().is_none(),
@@ -512,15 +584,12 @@ impl Endpoint {
                         limit_records: part.limits,
                         ..base.clone()
                     };
-                    let built = body(&push, &part.upserts)
+                    let built = body(&push, part.upsert_count, &part.upserts, format)
                         .map(|b| {
                             let sig = sign(secret, &b);
                             (b, sig)
                         })
-                        .map_err(|e| Error::BadReply {
-                            what: "push",
-                            detail: e.to_string(),
-                        });
+                        .map_err(failed);
                     // The sender stopped (a batch failed): nothing more to build.
                     if tx.send(built).is_err() || push.last {
                         return;
@@ -542,10 +611,14 @@ impl Endpoint {
 
     fn post(&self, body: &[u8], sig: &str) -> Result<SyncState, Error> {
         let url = format!("{}{PUSH_PATH}", self.url);
+        let content_type = match self.format {
+            Format::Binary => "application/octet-stream",
+            Format::Json => "application/json",
+        };
         let r = self
             .agent
             .post(&url)
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .header(SIGNATURE_HEADER, sig)
             .send(body);
         self.reply("push", r)
@@ -611,11 +684,12 @@ impl Endpoint {
             Ok(n) => {
                 self.metrics.incremental_pushes += 1;
                 log(&format!(
-                    "{}: pushed {} upserts, {} deletes, {} session revocations in {n} batches, version {} -> {} ({:.1} ms)",
+                    "{}: pushed {} upserts, {} deletes, {} session revocations in {n} batches ({}), version {} -> {} ({:.1} ms)",
                     self.addr,
                     counts.0,
                     counts.1,
                     counts.2,
+                    self.format.name(),
                     base.base_version,
                     base.version,
                     started.elapsed().as_secs_f64() * 1e3
@@ -686,11 +760,11 @@ impl Endpoint {
 mod tests {
     use super::*;
 
-    fn all_batches<'a>(items: impl Iterator<Item = Item<'a>>) -> Vec<Push> {
+    fn all_batches<'a>(items: impl Iterator<Item = Item<'a>>, format: Format) -> Vec<Push> {
         let mut items = items.peekable();
         let mut out = vec![];
         loop {
-            let part = next_batch(&mut items);
+            let part = next_batch(&mut items, format).unwrap();
             let push = Push {
                 batch: out.len() as u32,
                 last: items.peek().is_none(),
@@ -698,9 +772,10 @@ mod tests {
                 revoked_sessions: part.revoked,
                 ..Push::default()
             };
-            let bytes = body(&push, &part.upserts).unwrap();
+            let bytes = body(&push, part.upsert_count, &part.upserts, format).unwrap();
             assert!(bytes.len() <= MAX_PUSH_BYTES, "{} bytes", bytes.len());
-            let back: Push = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(bytes.starts_with(b"KGP"), format == Format::Binary);
+            let back = keygate_core::sync::decode_push(&bytes).unwrap();
             assert!(
                 back.upserts.len() + back.deletes.len() + back.revoked_sessions.len()
                     <= BATCH_ITEMS
@@ -725,6 +800,12 @@ mod tests {
 
     #[test]
     fn any_number_of_items_is_split_into_batches_the_filter_accepts() {
+        for format in [Format::Json, Format::Binary] {
+            split_into_accepted_batches(format);
+        }
+    }
+
+    fn split_into_accepted_batches(format: Format) {
         let revoked: Vec<RevokedSession> = (0..50_000)
             .map(|i| RevokedSession {
                 key_id: format!("key-{}", i % 10),
@@ -739,7 +820,7 @@ mod tests {
             .map(Item::Upsert)
             .chain(deletes.iter().map(|d| Item::Delete(d)))
             .chain(revoked.iter().map(Item::Revoked));
-        let parts = all_batches(items);
+        let parts = all_batches(items, format);
         assert!(parts.len() >= 26, "{}", parts.len());
         assert_eq!(parts.iter().filter(|p| p.last).count(), 1);
         assert!(parts.last().unwrap().last);
@@ -754,7 +835,7 @@ mod tests {
             .collect();
         assert_eq!(sent_revoked, revoked);
         // Nothing to push is still one (empty) batch that commits the version.
-        let empty = all_batches(std::iter::empty());
+        let empty = all_batches(std::iter::empty(), format);
         assert_eq!(empty.len(), 1);
         assert!(empty[0].last && empty[0].upserts.is_empty());
     }
@@ -783,19 +864,33 @@ mod tests {
             store_id: Some(StoreId(7)),
             ..Push::default()
         };
-        let back: Push = serde_json::from_slice(&body(&push, &joined).unwrap()).unwrap();
+        let back: Push = serde_json::from_slice(&json_body(&push, &joined).unwrap()).unwrap();
         assert_eq!(
             back,
             Push {
-                upserts: records,
+                upserts: records.clone(),
                 ..push.clone()
             }
         );
         // No records: the push as it is.
         assert_eq!(
-            body(&push, b"").unwrap(),
+            json_body(&push, b"").unwrap(),
             serde_json::to_vec(&push).unwrap()
         );
+        // The binary body decodes to the same push.
+        let mut records_bin = vec![];
+        for r in &records {
+            encode_binary_record(&mut records_bin, r).unwrap();
+        }
+        let bin = body(&push, records.len(), &records_bin, Format::Binary).unwrap();
+        assert_eq!(
+            keygate_core::sync::decode_push(&bin).unwrap(),
+            Push {
+                upserts: records,
+                ..push.clone()
+            }
+        );
+        assert!(bin.len() * 2 < json_body(&push, &joined).unwrap().len());
     }
 
     #[test]
@@ -850,6 +945,41 @@ mod tests {
         assert!(host_port("localhost").is_err());
     }
 
+    /// A one-request HTTP server answering the state request with `extra`
+    /// headers; returns its address.
+    fn state_server(extra: &'static str) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = r#"{"generation":1,"version":2,"stamp":1}"#;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(reply.as_bytes()).unwrap();
+        });
+        addr
+    }
+
+    #[test]
+    fn binary_pushes_are_sent_only_to_a_filter_that_names_the_format() {
+        for (extra, expected) in [
+            ("x-keygate-push-format: 1\r\n", Format::Binary),
+            // An older filter names none; a newer one may name another format.
+            ("", Format::Json),
+            ("x-keygate-push-format: 2\r\n", Format::Json),
+        ] {
+            let mut ep = Endpoint::new(&state_server(extra), false).unwrap();
+            let state = ep.state().unwrap();
+            assert_eq!((state.generation, state.version), (1, 2));
+            assert_eq!(ep.format, expected, "{extra:?}");
+        }
+    }
+
     #[test]
     fn an_unreachable_endpoint_fails_fast_with_a_hint() {
         // A port nobody listens on (bound, then closed).
@@ -858,7 +988,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let ep = Endpoint::new(&format!("http://127.0.0.1:{port}"), false).unwrap();
+        let mut ep = Endpoint::new(&format!("http://127.0.0.1:{port}"), false).unwrap();
         let started = Instant::now();
         let err = ep.state().unwrap_err();
         assert!(started.elapsed() < TIMEOUT, "{err}");
