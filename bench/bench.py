@@ -13,12 +13,14 @@ Env: BENCH_DURATION (s per run, default 5), BENCH_ROUNDS (default 3),
 BENCH_SIZES (credential counts loaded through the sync path, default
 "100000,1000000"), BENCH_CONNECTIONS (default 32)."""
 
+import atexit
 import base64
 import copy
 import hashlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +37,8 @@ SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1000000").split(",") if 
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 ONLY = os.environ.get("BENCH_ONLY")
 WORK = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
+# Removed at exit: a 1M-key store is ~250 MB per run.
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 ROUTES = [{"methods": ["GET"], "path_prefix": "/v1", "scope": "read"}]
 LIMIT = {"requests": 1_000_000_000, "window_secs": 60}

@@ -5,7 +5,9 @@ change (create → 200 on both, revoke → 401 on both). Part of `make bench`
 when PostgreSQL is installed."""
 
 import http.client
+import atexit
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -46,6 +48,8 @@ def main():
         print("\nFleet propagation: skipped, PostgreSQL is not installed (apt-get install postgresql).")
         return 0
     work = Path(tempfile.mkdtemp(prefix="keygate-fleet-"))
+    # Removed at exit: a 1M-key store is ~250 MB per run.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     pg = Postgres(work).init().start().create_db()
     created, revoked, envoys, sidecars = [], [], [], []
     try:

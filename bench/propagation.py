@@ -7,7 +7,9 @@ For each round: `keygate key create` → poll the gate with the new key until
 connection, so each probe costs a fraction of a millisecond."""
 
 import http.client
+import atexit
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -43,6 +45,8 @@ def wait_for(conn, key, want):
 
 def measure(rounds=ROUNDS):
     work = Path(tempfile.mkdtemp(prefix="keygate-prop-"))
+    # Removed at exit: a 1M-key store is ~250 MB per run.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     store = work / "store.json"
     created, revoked = [], []
     with EchoServer() as echo:

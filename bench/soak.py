@@ -12,10 +12,12 @@ the sidecar, checking that nothing breaks and memory stays flat.
 SOAK_SECONDS (default 300) sets the length. Exits non-zero on any 5xx, wrong
 verdict or RSS growth over 10 %."""
 
+import atexit
 import base64
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,8 @@ def rss_kib(pid):
 
 def main():
     work = Path(tempfile.mkdtemp(prefix="keygate-soak-"))
+    # Removed at exit: a 1M-key store is ~250 MB per run.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     store = work / "store.json"
     config = render({"routes": [{"path_prefix": "/v1", "scope": "read"}]}, gate_port=free_port(),
                     admin_port=free_port(), upstream_port=free_port())
