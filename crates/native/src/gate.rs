@@ -175,11 +175,14 @@ fn filter_state_key(field: &'static str) -> Cow<'static, str> {
 /// The access-log fields of a decision, as `AccessRecord::fields` names
 /// and renders them (`access_fields_match_the_core_record` checks it), handed
 /// to `f` without building the record: no copies of the credential's
-/// strings, no vector. Absent fields are skipped, as there.
-fn decision_fields(d: &Decision, mut f: impl FnMut(&'static str, &str)) {
+/// strings, no vector. Absent fields are skipped, as there; so is what a
+/// header carries (an allowed request's identity and scope, the remaining
+/// budget when `x_ratelimit` headers are on).
+fn decision_fields(d: &Decision, x_ratelimit: bool, mut f: impl FnMut(&'static str, &str)) {
     let (decision, reason, credential, rate) = match &d.outcome {
         Outcome::Public => ("public", None, None, None),
-        Outcome::Allowed { credential, rate } => ("allowed", None, Some(&**credential), *rate),
+        // Identity in the request headers set for the upstream.
+        Outcome::Allowed { rate, .. } => ("allowed", None, None, *rate),
         Outcome::Denied { denial, credential } => (
             "denied",
             Some(denial.reason.as_str()),
@@ -199,20 +202,32 @@ fn decision_fields(d: &Decision, mut f: impl FnMut(&'static str, &str)) {
             f("wasm.keygate_owner", owner);
         }
     }
-    if let Some(scope) = &d.required_scope {
+    if let Some(scope) = d.required_scope.as_ref().filter(|_| decision != "allowed") {
         f("wasm.keygate_scope_required", scope);
     }
-    if let Some(rate) = rate {
-        let mut buf = [0u8; 10];
+    if let Some(rate) = rate.filter(|_| !x_ratelimit) {
+        let mut buf = [0u8; 20];
         f(
             "wasm.keygate_rate_remaining",
-            decimal(rate.remaining, &mut buf),
+            decimal(rate.remaining.into(), &mut buf),
+        );
+    }
+    if let Some(s) = &d.session {
+        f("wasm.keygate_session_id", &s.id);
+        let mut buf = [0u8; 20];
+        f(
+            "wasm.keygate_session_issued_ms",
+            decimal(s.issued_ms, &mut buf),
+        );
+        f(
+            "wasm.keygate_session_expires_ms",
+            decimal(s.expires_ms, &mut buf),
         );
     }
 }
 
-/// `n` in decimal, written into `buf` (a u32 has at most 10 digits).
-fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &str {
+/// `n` in decimal, written into `buf` (a u64 has at most 20 digits).
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
     let mut start = buf.len();
     loop {
         start -= 1;
@@ -315,11 +330,12 @@ impl Gate {
     }
 
     /// Filter state for the access log under the wasm build's names
-    /// (`wasm.keygate_<field>`), so one envoy.yaml serves both builds; the
+    /// (`wasm.keygate_<field>`, only what no header carries), so one
+    /// envoy.yaml serves both builds; the
     /// decision counter; and, if enabled, one JSON log line.
     fn record(&self, stream: Stream, record: &AccessRecord, policy: &Policy) {
         if policy.access_log_fields {
-            for (name, value) in record.fields() {
+            for (name, value) in record.fields(policy.rate_limit_headers.x_ratelimit) {
                 stream.set_filter_state(&filter_state_key(name), &value);
             }
         }
@@ -338,7 +354,11 @@ impl Gate {
     fn record_decision(&self, stream: Stream, decision: &Decision, policy: &Policy) {
         if policy.access_log_fields {
             profile::within(Step::FilterState, || {
-                decision_fields(decision, |key, value| stream.set_filter_state(key, value));
+                decision_fields(
+                    decision,
+                    policy.rate_limit_headers.x_ratelimit,
+                    |key, value| stream.set_filter_state(key, value),
+                );
             });
         }
         if let Some(id) = self.config.decision_counter(decision) {
@@ -662,15 +682,30 @@ mod tests {
         assert!(decisions
             .iter()
             .any(|d| matches!(&d.outcome, Outcome::Denied { denial, .. } if denial.reason == Reason::RateLimited)));
-        for d in &decisions {
-            let mut written = Vec::new();
-            decision_fields(d, |k, v| written.push((k.to_owned(), v.to_owned())));
-            let expected: Vec<(String, String)> = AccessRecord::of_decision(d)
-                .fields()
-                .into_iter()
-                .map(|(k, v)| (format!("wasm.{k}"), v))
-                .collect();
-            assert_eq!(written, expected, "{d:?}");
+        let mut with_session = decide(
+            &policy(),
+            &request("GET", "/v1/items", Some(KEY)),
+            &mut MemoryHost::default(),
+            NOW,
+        );
+        with_session.session = Some(keygate_core::verdict::TokenSession {
+            id: "phone".into(),
+            issued_ms: 1_000,
+            expires_ms: 61_000,
+        });
+        for d in decisions.iter().chain([&with_session]) {
+            for x_ratelimit in [true, false] {
+                let mut written = Vec::new();
+                decision_fields(d, x_ratelimit, |k, v| {
+                    written.push((k.to_owned(), v.to_owned()))
+                });
+                let expected: Vec<(String, String)> = AccessRecord::of_decision(d)
+                    .fields(x_ratelimit)
+                    .into_iter()
+                    .map(|(k, v)| (format!("wasm.{k}"), v))
+                    .collect();
+                assert_eq!(written, expected, "{d:?}");
+            }
         }
     }
 
@@ -752,8 +787,8 @@ mod tests {
 
     #[test]
     fn decimal_renders_like_to_string() {
-        for n in [0, 7, 10, 99, 1000, 4_294_967_295] {
-            let mut buf = [0u8; 10];
+        for n in [0, 7, 10, 99, 1000, 4_294_967_295, u64::MAX] {
+            let mut buf = [0u8; 20];
             assert_eq!(decimal(n, &mut buf), n.to_string());
         }
     }
