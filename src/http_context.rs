@@ -319,10 +319,10 @@ impl GateContext {
             host::set_request_header(name, None)?;
         }
         for (name, value) in &edits.set {
-            if sent(name) {
+            // An empty value (a key without scopes) only a set can write.
+            if sent(name) || value.is_empty() {
                 host::set_request_header(name, Some(value))?;
-            } else if !value.is_empty() {
-                // Envoy refuses an empty added value; absent either way.
+            } else {
                 host::add_request_header(name, value)?;
             }
         }
