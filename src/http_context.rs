@@ -5,7 +5,7 @@
 use crate::host::{self, HostError};
 use crate::metrics::Metrics;
 use crate::shared_store::{CredentialCache, SharedCounters};
-use keygate_core::access_log::AccessRecord;
+use keygate_core::access_log::{decision_fields, decision_outcome, AccessRecord};
 use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::RateStatus;
@@ -86,6 +86,33 @@ impl GateContext {
         }
     }
 
+    /// [`GateContext::record`] for a decision, without building its record
+    /// (copies of the credential's strings, a vector, the outcome's name)
+    /// unless the decision log line asks for one.
+    fn record_decision(&self, decision: &Decision, policy: &Policy) {
+        if policy.access_log_fields {
+            let mut failed = None;
+            decision_fields(
+                decision,
+                policy.rate_limit_headers.x_ratelimit,
+                |name, value| {
+                    if failed.is_none() {
+                        failed = host::set_property(name, value.as_bytes()).err();
+                    }
+                },
+            );
+            if let Some(e) = failed {
+                warn!("access-log fields incomplete: {e}");
+            }
+        }
+        self.metrics.count(&decision_outcome(&decision.outcome));
+        if policy.log_decisions {
+            if let Ok(line) = serde_json::to_string(&AccessRecord::of_decision(decision)) {
+                info!("decision {line}");
+            }
+        }
+    }
+
     fn reply(&self, denial: &Denial, policy: Option<&Policy>) {
         let headers = denial.headers(policy.map_or("keygate", |p| p.realm.as_str()));
         self.send_local(
@@ -143,7 +170,7 @@ impl GateContext {
                 required_scope: None,
                 session: None,
             };
-            self.record(&AccessRecord::of_decision(&decision), policy);
+            self.record_decision(&decision, policy);
         }
         self.reply(&denial, policy);
         Action::Pause
@@ -309,7 +336,11 @@ impl GateContext {
         let edits = decision.upstream_headers(policy, headers);
         let names = host::request_header_names()?;
         let sent = |name: &str| names.iter().any(|n| n == name);
-        // A denial goes nowhere: only the exact names matter to its record.
+        // Identity headers spelled another way (`x_keygate_tenant`): many
+        // upstream frameworks read them as the real one. The shipped Envoy
+        // configs reject such requests outright (`headers_with_underscores_action:
+        // REJECT_REQUEST`); this covers configs that do not. A denial goes
+        // nowhere: only the exact names matter to its record.
         let spellings = match decision.outcome {
             Outcome::Denied { .. } => Vec::new(),
             _ => identity_spellings(policy, names.iter().map(String::as_str)),
@@ -420,7 +451,7 @@ impl HttpContext for GateContext {
         if let Err(e) = applied {
             return self.fail(e, Some(&policy));
         }
-        self.record(&AccessRecord::of_decision(&decision), &policy);
+        self.record_decision(&decision, &policy);
         match &decision.outcome {
             Outcome::Denied { denial, .. } => {
                 self.stage = Stage::Answered;

@@ -201,6 +201,81 @@ impl AccessRecord {
     }
 }
 
+/// The metric outcome of a decision, as [`AccessRecord::outcome`] names it,
+/// without building the record (no allocation but for a denial).
+pub fn decision_outcome(outcome: &Outcome) -> std::borrow::Cow<'static, str> {
+    match outcome {
+        Outcome::Allowed { .. } => "allowed".into(),
+        Outcome::Public => "public".into(),
+        Outcome::Denied { denial, .. } => format!("denied_{}", denial.reason.as_str()).into(),
+    }
+}
+
+/// The filter-state fields of a decision, as [`AccessRecord::fields`] names
+/// and renders them (a test checks it), handed to `f` without building the
+/// record: no copies of the credential's strings, no vector. Both builds
+/// write an allowed request's fields through this on the hot path.
+pub fn decision_fields(d: &Decision, x_ratelimit: bool, mut f: impl FnMut(&'static str, &str)) {
+    let (decision, reason, credential, rate) = match &d.outcome {
+        Outcome::Public => ("public", None, None, None),
+        // Its identity is in the request headers set for the upstream.
+        Outcome::Allowed { rate, .. } => ("allowed", None, None, *rate),
+        Outcome::Denied { denial, credential } => (
+            "denied",
+            Some(denial.reason.as_str()),
+            credential.as_deref(),
+            denial.rate,
+        ),
+    };
+    f("keygate_decision", decision);
+    if let Some(reason) = reason {
+        f("keygate_reason", reason);
+    }
+    if let Some(c) = credential {
+        f("keygate_key_id", &c.key_id);
+        f("keygate_tenant", &c.tenant);
+        f("keygate_environment", &c.environment);
+        if let Some(owner) = &c.owner {
+            f("keygate_owner", owner);
+        }
+    }
+    if let Some(scope) = d.required_scope.as_ref().filter(|_| decision != "allowed") {
+        f("keygate_scope_required", scope);
+    }
+    let mut buf = [0u8; 20];
+    if let Some(rate) = rate.filter(|_| !x_ratelimit) {
+        f(
+            "keygate_rate_remaining",
+            decimal(rate.remaining.into(), &mut buf),
+        );
+    }
+    if let Some(s) = &d.session {
+        f("keygate_session_id", &s.id);
+        f("keygate_session_issued_ms", decimal(s.issued_ms, &mut buf));
+        f(
+            "keygate_session_expires_ms",
+            decimal(s.expires_ms, &mut buf),
+        );
+    }
+}
+
+/// `n` in decimal, written into `buf` (a u64 has at most 20 digits).
+fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
+    let (mut rest, mut used) = (n, 0);
+    for slot in buf.iter_mut().rev() {
+        // `rest % 10` < 10: the cast cannot truncate.
+        *slot = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        used += 1;
+        if rest == 0 {
+            break;
+        }
+    }
+    buf.get(buf.len() - used..)
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .unwrap_or("0")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +423,60 @@ mod tests {
         let f = AccessRecord::of_decision(&denied).fields(true);
         assert!(f.contains(&("keygate_tenant", "acme".into())));
         assert!(f.contains(&("keygate_scope_required", "write".into())));
+    }
+
+    #[test]
+    fn decision_fields_match_the_record_and_its_outcome() {
+        use crate::testing::{policy, rec, req, MemoryHost, NOW};
+        let mut r = rec("k1", "key-one");
+        r.rate_limit = Some(crate::rate_limit::RateLimit {
+            requests: 2,
+            window_secs: 60,
+        });
+        r.owner = Some("alice".into());
+        let p = policy(vec![r], "");
+        let mut host = MemoryHost::default();
+        let mut decisions: Vec<Decision> = [
+            ("GET", "/v1/items", Some("key-one")),
+            ("GET", "/health", None),
+            ("GET", "/v1/items", Some("nope")),
+            ("GET", "/v1/items", None),
+            ("GET", "/admin/x", Some("key-one")),
+            ("GET", "/v1/items", Some("key-one")),
+            ("GET", "/v1/items", Some("key-one")),
+        ]
+        .iter()
+        .map(|(m, path, key)| {
+            let h: Vec<(&str, &str)> = key.iter().map(|k| ("x-api-key", *k)).collect();
+            crate::verdict::decide(&p, &req(m, path, &h), &mut host, NOW)
+        })
+        .collect();
+        assert!(decisions.iter().any(|d| matches!(&d.outcome,
+            Outcome::Denied { denial, .. } if denial.reason == Reason::RateLimited)));
+        let mut token = crate::verdict::decide(&p, &req("GET", "/v1/items", &[]), &mut host, NOW);
+        token.session = Some(TokenSession {
+            id: "phone".into(),
+            issued_ms: 1_000,
+            expires_ms: u64::MAX,
+        });
+        decisions.push(token);
+        for d in &decisions {
+            let record = AccessRecord::of_decision(d);
+            assert_eq!(decision_outcome(&d.outcome), record.outcome());
+            for x_ratelimit in [true, false] {
+                let mut written = Vec::new();
+                decision_fields(d, x_ratelimit, |k, v| written.push((k, v.to_owned())));
+                assert_eq!(written, record.fields(x_ratelimit), "{d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn decimal_renders_like_to_string() {
+        for n in [0, 7, 10, 99, 1000, 4_294_967_295, u64::MAX] {
+            let mut buf = [0u8; 20];
+            assert_eq!(decimal(n, &mut buf), n.to_string());
+        }
     }
 
     #[test]

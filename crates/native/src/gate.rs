@@ -7,7 +7,7 @@ use crate::config::FilterConfig;
 use crate::envoy::{log, HeaderViewList, Stream};
 use crate::profile::{self, Step};
 use crate::state::{lookup, Counters};
-use keygate_core::access_log::AccessRecord;
+use keygate_core::access_log::{decision_fields, AccessRecord};
 use keygate_core::config::RateLimitHeaders;
 use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
@@ -172,76 +172,6 @@ fn filter_state_key(field: &'static str) -> Cow<'static, str> {
     })
 }
 
-/// The access-log fields of a decision, as `AccessRecord::fields` names
-/// and renders them (`access_fields_match_the_core_record` checks it), handed
-/// to `f` without building the record: no copies of the credential's
-/// strings, no vector. Absent fields are skipped, as there; so is what a
-/// header carries (an allowed request's identity and scope, the remaining
-/// budget when `x_ratelimit` headers are on).
-fn decision_fields(d: &Decision, x_ratelimit: bool, mut f: impl FnMut(&'static str, &str)) {
-    let (decision, reason, credential, rate) = match &d.outcome {
-        Outcome::Public => ("public", None, None, None),
-        // Identity in the request headers set for the upstream.
-        Outcome::Allowed { rate, .. } => ("allowed", None, None, *rate),
-        Outcome::Denied { denial, credential } => (
-            "denied",
-            Some(denial.reason.as_str()),
-            credential.as_deref(),
-            denial.rate,
-        ),
-    };
-    f("wasm.keygate_decision", decision);
-    if let Some(reason) = reason {
-        f("wasm.keygate_reason", reason);
-    }
-    if let Some(c) = credential {
-        f("wasm.keygate_key_id", &c.key_id);
-        f("wasm.keygate_tenant", &c.tenant);
-        f("wasm.keygate_environment", &c.environment);
-        if let Some(owner) = &c.owner {
-            f("wasm.keygate_owner", owner);
-        }
-    }
-    if let Some(scope) = d.required_scope.as_ref().filter(|_| decision != "allowed") {
-        f("wasm.keygate_scope_required", scope);
-    }
-    if let Some(rate) = rate.filter(|_| !x_ratelimit) {
-        let mut buf = [0u8; 20];
-        f(
-            "wasm.keygate_rate_remaining",
-            decimal(rate.remaining.into(), &mut buf),
-        );
-    }
-    if let Some(s) = &d.session {
-        f("wasm.keygate_session_id", &s.id);
-        let mut buf = [0u8; 20];
-        f(
-            "wasm.keygate_session_issued_ms",
-            decimal(s.issued_ms, &mut buf),
-        );
-        f(
-            "wasm.keygate_session_expires_ms",
-            decimal(s.expires_ms, &mut buf),
-        );
-    }
-}
-
-/// `n` in decimal, written into `buf` (a u64 has at most 20 digits).
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
-    let mut start = buf.len();
-    loop {
-        start -= 1;
-        // `n % 10` < 10: the cast cannot truncate.
-        buf[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // ASCII digits only.
-    std::str::from_utf8(&buf[start..]).unwrap_or("0")
-}
-
 /// Every name [`rate_headers`] may set.
 const RATE_HEADER_NAMES: [&str; 5] = [
     "x-ratelimit-limit",
@@ -357,7 +287,7 @@ impl Gate {
                 decision_fields(
                     decision,
                     policy.rate_limit_headers.x_ratelimit,
-                    |key, value| stream.set_filter_state(key, value),
+                    |name, value| stream.set_filter_state(&filter_state_key(name), value),
                 );
             });
         }
@@ -677,39 +607,6 @@ mod tests {
     }
 
     #[test]
-    fn access_fields_match_the_core_record() {
-        let decisions = decisions();
-        assert!(decisions
-            .iter()
-            .any(|d| matches!(&d.outcome, Outcome::Denied { denial, .. } if denial.reason == Reason::RateLimited)));
-        let mut with_session = decide(
-            &policy(),
-            &request("GET", "/v1/items", Some(KEY)),
-            &mut MemoryHost::default(),
-            NOW,
-        );
-        with_session.session = Some(keygate_core::verdict::TokenSession {
-            id: "phone".into(),
-            issued_ms: 1_000,
-            expires_ms: 61_000,
-        });
-        for d in decisions.iter().chain([&with_session]) {
-            for x_ratelimit in [true, false] {
-                let mut written = Vec::new();
-                decision_fields(d, x_ratelimit, |k, v| {
-                    written.push((k.to_owned(), v.to_owned()))
-                });
-                let expected: Vec<(String, String)> = AccessRecord::of_decision(d)
-                    .fields(x_ratelimit)
-                    .into_iter()
-                    .map(|(k, v)| (format!("wasm.{k}"), v))
-                    .collect();
-                assert_eq!(written, expected, "{d:?}");
-            }
-        }
-    }
-
-    #[test]
     fn decision_counters_are_the_core_outcome_names() {
         for d in decisions() {
             let slot = crate::config::decision_slot(&d.outcome);
@@ -783,13 +680,5 @@ mod tests {
             identity_spellings(&p, names.into_iter().filter(|n| may_respell(n))),
             all
         );
-    }
-
-    #[test]
-    fn decimal_renders_like_to_string() {
-        for n in [0, 7, 10, 99, 1000, 4_294_967_295, u64::MAX] {
-            let mut buf = [0u8; 20];
-            assert_eq!(decimal(n, &mut buf), n.to_string());
-        }
     }
 }
