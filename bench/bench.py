@@ -377,7 +377,8 @@ def main():
         for rnd in range(ROUNDS):
             for row, name, _ in measured:
                 results[row].append(wrk(envoys[name], headers[row]))
-                print(f"  round {rnd + 1}/{ROUNDS} {row}: {results[row][-1]['rps']:.0f} rps", flush=True)
+                print(f"  round {rnd + 1}/{ROUNDS} {row}: {results[row][-1]['rps']:.0f} rps, "
+                      f"{results[row][-1]['cpu_us']:.1f} µs Envoy CPU/request", flush=True)
         rss = {name: rss_kib(e.proc.pid) for name, e in envoys.items()}
     finally:
         for e in envoys.values():
