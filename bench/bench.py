@@ -11,7 +11,9 @@ worthless.
 
 Env: BENCH_DURATION (s per run, default 5), BENCH_ROUNDS (default 3),
 BENCH_SIZES (credential counts loaded through the sync path, default
-"100000,1000000"), BENCH_CONNECTIONS (default 32)."""
+"100000,1000000"), BENCH_CONNECTIONS (default 32); BENCH_BASELINE_WASM (a
+.wasm) and BENCH_BASELINE_NATIVE (a module name, see baseline_native_config)
+add the same rows for another build, measured in the same run."""
 
 import atexit
 import base64
@@ -30,6 +32,7 @@ from pathlib import Path
 
 
 from tests.harness import KEYGATE, WASM, Envoy, free_port, keygate, render, request
+from tests.harness import native_config as dynamic_module_config
 
 DURATION = int(os.environ.get("BENCH_DURATION", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -266,6 +269,21 @@ def baseline_config(plugin, sync=False):
     return config
 
 
+# Another native module measured beside this one: the name of a copy of
+# e.g. main's libkeygate_native.so as lib<name>.so in the module directory
+# (KEYGATE_NATIVE_DIR, which holds this branch's libkeygate_native.so too).
+BASELINE_NATIVE = os.environ.get("BENCH_BASELINE_NATIVE")
+
+
+def baseline_native_config(plugin):
+    config = dynamic_module_config(keygate_config(plugin, login=True))
+    for f in gate_filters(config):
+        if "dynamic_module_config" in f.get("typed_config", {}):
+            f["typed_config"]["dynamic_module_config"]["name"] = BASELINE_NATIVE
+    config["static_resources"]["listeners"] = config["static_resources"]["listeners"][:1]
+    return config
+
+
 def login(envoy, key):
     r = request(envoy.port, "POST", "/auth/login", [], json.dumps({"api_key": key}).encode())
     if r.status != 200:
@@ -301,6 +319,8 @@ def main():
     envoy_setups += [("native-1k", keygate_config(plugin_1k, login=True), None, "native"),
                      *[(f"native-{n // 1000}k", keygate_config({"routes": ROUTES, "tokens": tokens}, login=True), n,
                         "native") for n in SIZES]]
+    if BASELINE_NATIVE:
+        envoy_setups.append(("baseline-native-1k", baseline_native_config(plugin_1k), None, "native"))
     # One limit versus three limits and a tenant limit, 1k keys via sync, each build.
     for build in ("wasm", "native"):
         for style in ("one", "three"):
@@ -325,6 +345,11 @@ def main():
                      (f"baseline wasm (BENCH_BASELINE_WASM), {n // 1000}k keys{via} (Basic key:secret)", name, basic),
                      (f"baseline wasm (BENCH_BASELINE_WASM), {n // 1000}k keys{via} (issued bearer token)", name,
                       "token")]
+    if BASELINE_NATIVE:
+        rows += [("baseline native (BENCH_BASELINE_NATIVE), 1k keys (X-API-Key)", "baseline-native-1k", api_key),
+                 ("baseline native (BENCH_BASELINE_NATIVE), 1k keys (Basic key:secret)", "baseline-native-1k", basic),
+                 ("baseline native (BENCH_BASELINE_NATIVE), 1k keys (issued bearer token)", "baseline-native-1k",
+                  "token")]
     limit_rows = {build: (f"keygate {build}, 1k keys via sync, one limit (X-API-Key)",
                           f"keygate {build}, 1k keys via sync, three limits + tenant limit (X-API-Key)")
                   for build in ("wasm", "native")}
@@ -356,7 +381,8 @@ def main():
         for rnd in range(ROUNDS):
             for row, name, _ in measured:
                 results[row].append(wrk(envoys[name], headers[row]))
-                print(f"  round {rnd + 1}/{ROUNDS} {row}: {results[row][-1]['rps']:.0f} rps", flush=True)
+                print(f"  round {rnd + 1}/{ROUNDS} {row}: {results[row][-1]['rps']:.0f} rps, "
+                      f"{results[row][-1]['cpu_us']:.1f} µs Envoy CPU/request", flush=True)
         rss = {name: rss_kib(e.proc.pid) for name, e in envoys.items()}
     finally:
         for e in envoys.values():

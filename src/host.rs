@@ -95,6 +95,15 @@ pub fn set_request_header(name: &str, value: Option<&str>) -> HostResult<()> {
     )
 }
 
+/// Adds a request header (the client did not send it: no search, no
+/// removal first).
+pub fn add_request_header(name: &str, value: &str) -> HostResult<()> {
+    named(
+        "add_request_header",
+        hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value),
+    )
+}
+
 /// Adds a response header. Cheaper than replacing one, which makes Envoy
 /// look for and remove existing values first.
 pub fn add_response_header(name: &str, value: &str) -> HostResult<()> {

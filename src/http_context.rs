@@ -5,7 +5,7 @@
 use crate::host::{self, HostError};
 use crate::metrics::Metrics;
 use crate::shared_store::{CredentialCache, SharedCounters};
-use keygate_core::access_log::AccessRecord;
+use keygate_core::access_log::{decision_fields, decision_outcome, AccessRecord};
 use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::RateStatus;
@@ -65,11 +65,12 @@ impl GateContext {
         }
     }
 
-    /// Filter state for Envoy's access log (`%FILTER_STATE(wasm.keygate_<field>:…)%`),
-    /// the decision counter and, if enabled, one JSON log line.
+    /// Filter state for Envoy's access log (`%FILTER_STATE(wasm.keygate_<field>:…)%`,
+    /// only what no header carries: see [`AccessRecord::fields`]), the
+    /// decision counter and, if enabled, one JSON log line.
     fn record(&self, record: &AccessRecord, policy: &Policy) {
         if policy.access_log_fields {
-            for (name, value) in record.fields() {
+            for (name, value) in record.fields(policy.rate_limit_headers.x_ratelimit) {
                 // The decision stands without its log fields: say so once.
                 if let Err(e) = host::set_property(name, value.as_bytes()) {
                     warn!("access-log fields incomplete: {e}");
@@ -80,6 +81,33 @@ impl GateContext {
         self.metrics.count(&record.outcome());
         if policy.log_decisions {
             if let Ok(line) = serde_json::to_string(record) {
+                info!("decision {line}");
+            }
+        }
+    }
+
+    /// [`GateContext::record`] for a decision, without building its record
+    /// (copies of the credential's strings, a vector, the outcome's name)
+    /// unless the decision log line asks for one.
+    fn record_decision(&self, decision: &Decision, policy: &Policy) {
+        if policy.access_log_fields {
+            let mut failed = None;
+            decision_fields(
+                decision,
+                policy.rate_limit_headers.x_ratelimit,
+                |name, value| {
+                    if failed.is_none() {
+                        failed = host::set_property(name, value.as_bytes()).err();
+                    }
+                },
+            );
+            if let Some(e) = failed {
+                warn!("access-log fields incomplete: {e}");
+            }
+        }
+        self.metrics.count(&decision_outcome(&decision.outcome));
+        if policy.log_decisions {
+            if let Ok(line) = serde_json::to_string(&AccessRecord::of_decision(decision)) {
                 info!("decision {line}");
             }
         }
@@ -127,6 +155,13 @@ impl GateContext {
         error!("refusing a request: {e}");
         let denial = Denial::new(Reason::Internal, INTERNAL_MESSAGE);
         if let Some(policy) = policy {
+            // The access log reads identity from the request headers: a
+            // client's copies must not stand in this record. Best effort
+            // (the host is failing; after a login's headers the calls are
+            // refused, and the login removed them already).
+            for name in policy.headers.all() {
+                let _ = host::set_request_header(name, None);
+            }
             let decision = Decision {
                 outcome: Outcome::Denied {
                     denial: denial.clone(),
@@ -135,7 +170,7 @@ impl GateContext {
                 required_scope: None,
                 session: None,
             };
-            self.record(&AccessRecord::of_decision(&decision), policy);
+            self.record_decision(&decision, policy);
         }
         self.reply(&denial, policy);
         Action::Pause
@@ -290,41 +325,52 @@ impl GateContext {
     }
 
     /// Applies the decision's header edits; the first failure is returned.
+    /// One call lists the names the client sent: only those are removed or
+    /// replaced; the other identity headers are added, which costs Envoy no
+    /// search.
     fn edit_request_headers(
         decision: &Decision,
         policy: &Policy,
         headers: &RequestHeaders,
     ) -> Result<(), HostError> {
         let edits = decision.upstream_headers(policy, headers);
-        if !matches!(decision.outcome, Outcome::Denied { .. }) {
-            Self::strip_identity_spellings(policy)?;
-        }
-        for name in &edits.remove {
+        let names = host::request_header_names()?;
+        let sent = |name: &str| names.iter().any(|n| n == name);
+        // Identity headers spelled another way (`x_keygate_tenant`): many
+        // upstream frameworks read them as the real one. The shipped Envoy
+        // configs reject such requests outright (`headers_with_underscores_action:
+        // REJECT_REQUEST`); this covers configs that do not. A denial goes
+        // nowhere: only the exact names matter to its record.
+        let spellings = match decision.outcome {
+            Outcome::Denied { .. } => Vec::new(),
+            _ => identity_spellings(policy, names.iter().map(String::as_str)),
+        };
+        let removed = edits.remove.iter().copied().filter(|n| sent(n));
+        for name in removed.chain(spellings) {
             host::set_request_header(name, None)?;
         }
         for (name, value) in &edits.set {
-            host::set_request_header(name, Some(value))?;
-        }
-        Ok(())
-    }
-
-    /// Identity headers spelled another way (`x_keygate_tenant`): many
-    /// upstream frameworks read them as the real one. The shipped Envoy
-    /// configs reject such requests outright (`headers_with_underscores_action:
-    /// REJECT_REQUEST`); this covers configs that do not.
-    fn strip_identity_spellings(policy: &Policy) -> Result<(), HostError> {
-        let names = host::request_header_names()?;
-        for name in identity_spellings(policy, names.iter().map(String::as_str)) {
-            host::set_request_header(name, None)?;
+            // An empty value (a key without scopes) only a set can write.
+            if sent(name) || value.is_empty() {
+                host::set_request_header(name, Some(value))?;
+            } else {
+                host::add_request_header(name, value)?;
+            }
         }
         Ok(())
     }
 
     /// A login never goes upstream, but the buffer filter after keygate
-    /// sees its headers: no client-sent identity reaches anything.
+    /// sees its headers, and the access log reads identity from them: no
+    /// client-sent identity, in any spelling, stays.
     fn strip_all_identity(policy: &Policy) -> Result<(), HostError> {
-        Self::strip_identity_spellings(policy)?;
-        for name in policy.headers.all() {
+        let names = host::request_header_names()?;
+        let identity = policy.headers.all();
+        let sent = identity
+            .iter()
+            .copied()
+            .filter(|n| names.iter().any(|s| s == n));
+        for name in sent.chain(identity_spellings(policy, names.iter().map(String::as_str))) {
             host::set_request_header(name, None)?;
         }
         Ok(())
@@ -405,7 +451,7 @@ impl HttpContext for GateContext {
         if let Err(e) = applied {
             return self.fail(e, Some(&policy));
         }
-        self.record(&AccessRecord::of_decision(&decision), &policy);
+        self.record_decision(&decision, &policy);
         match &decision.outcome {
             Outcome::Denied { denial, .. } => {
                 self.stage = Stage::Answered;

@@ -4,6 +4,7 @@ counter; `keygate logs` reads the log; no secret is ever written."""
 import base64
 import json
 import re
+import socket
 import subprocess
 
 import pytest
@@ -44,6 +45,9 @@ CASES = [
 ]
 
 
+CRED_TENANT = {c["key_id"]: c["tenant"] for c in CONFIG["credentials"]}
+
+
 def counters(envoy):
     text = envoy.admin("/stats/prometheus")
     return {m[0]: int(m[1]) for m in re.findall(r'^(?:envoy_dynamicmodulescustom_)?keygate_requests_total\{outcome="(\w+)"\} (\d+)', text, re.M)}
@@ -80,12 +84,17 @@ def test_each_outcome_has_a_record_with_the_right_fields(logged, case):
     _, method, _, status, decision, reason, key_id, _ = next(c for c in CASES if c[0] == case)
     assert logged["responses"][case].status == status
     r = record_for(logged["records"], case)
-    assert (r["method"], r["status"], r["decision"], r["reason"], r["key_id"]) == (method, status, decision, reason,
-                                                                                   key_id)
+    # Absent values are left out; the identity fields join a request header
+    # and filter state, "" when neither has a value (envoy/envoy.yaml).
+    assert (r["method"], r["status"], r["decision"], r.get("reason"), r.get("key_id") or None) == (
+        method, status, decision, reason, key_id)
     assert r["client_ip"] == "127.0.0.1" and isinstance(r["duration_ms"], int)
     if key_id:
-        assert r["tenant"] and r["environment"] == "live"
+        assert r["tenant"] == CRED_TENANT[key_id] and r["environment"] == "live"
+    else:
+        assert not (r.get("tenant") or r.get("environment") or r.get("owner")), r
     if case == "limited1":
+        # From keygate's x-ratelimit-remaining response header.
         assert r["rate_remaining"] == "0"
     if case == "scope":
         assert r["scope_required"] == "write"
@@ -94,7 +103,10 @@ def test_each_outcome_has_a_record_with_the_right_fields(logged, case):
 def test_login_is_logged_as_an_allowed_login(logged):
     assert logged["login"].status == 200
     r = next(r for r in logged["records"] if r["path"] == "/auth/login")
-    assert (r["decision"], r["reason"], r["key_id"]) == ("allowed", "login", "log-read")
+    # A login's identity is filter state (it never goes upstream).
+    assert (r["decision"], r["reason"], r["key_id"], r["tenant"], r["environment"]) == (
+        "allowed", "login", "log-read", CRED_TENANT["log-read"], "live")
+    assert r["session_expires_ms"]
 
 
 def test_counters_move_by_exactly_the_requests_made(logged):
@@ -135,3 +147,59 @@ def test_keygate_logs_filters_by_key_tenant_and_status(logged):
     table = subprocess.run([str(KEYGATE), "logs", "--file", str(log), "--key", "log-read"], capture_output=True,
                            text=True, timeout=30, check=True).stdout
     assert "KEY ID" in table and "/v1/items/scope" in table and "log-inactive" not in table
+
+
+SPOOF = [("x-keygate-tenant", "victim"), ("x-keygate-key-id", "victim-key"), ("x-keygate-environment", "victim-env"),
+         ("x-keygate-owner", "victim-owner")]
+# path → (method, headers, body, status): every way keygate decides a request.
+SPOOFED = {
+    "/health": ("GET", [], None, 200),
+    "/webhooks/spoof-public": ("POST", [], b"{}", 200),
+    "/v1/items/spoof-allowed": ("GET", [("x-api-key", SECRETS["read"])], None, 200),
+    "/v1/items/spoof-missing": ("GET", [], None, 401),
+    "/v1/items/spoof-unknown": ("GET", [("x-api-key", "no-such-key-123")], None, 401),
+    "/v1/items/spoof-scope": ("POST", [("x-api-key", SECRETS["read"])], b"{}", 403),
+    "/v1/items/spoof-ip": ("GET", [("x-api-key", SECRETS["ip"])], None, 403),
+    "/v1/items/spoof-inactive": ("GET", [("x-api-key", SECRETS["inactive"])], None, 403),
+}
+
+
+def no_host_request(port, path):
+    """HTTP/1.1 without Host: Envoy answers 400 itself, before any filter."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\n".encode() + b"".join(f"{n}: {v}\r\n".encode() for n, v in SPOOF)
+                  + b"\r\n")
+        return s.recv(64).split(b"\r\n")[0]
+
+
+def test_spoofed_identity_headers_never_reach_a_record_keygate_decided(envoy_factory, tmp_path):
+    log = tmp_path / "access.log"
+    with envoy_factory(CONFIG, access_log=log) as envoy:
+        for path, (method, headers, body, status) in SPOOFED.items():
+            assert request(envoy.port, method, path, SPOOF + headers, body).status == status, path
+        login = json.dumps({"api_key": SECRETS["read"]}).encode()
+        assert request(envoy.port, "POST", "/auth/login", SPOOF, login).status == 200
+        assert request(envoy.port, "POST", "/auth/login", SPOOF, b"not json").status == 400
+        assert request(envoy.port, "POST", "/auth/login", SPOOF, json.dumps({"api_key": "nope-123"}).encode()).status \
+            == 401
+        assert no_host_request(envoy.port, "/v1/items/spoof-no-host").startswith(b"HTTP/1.1 400")
+        want = len(SPOOFED) + 4
+        records = wait_until(lambda: [json.loads(l) for l in log.read_text().splitlines()]
+                             if log.exists() and len(log.read_text().splitlines()) >= want else None)
+    assert records and len(records) == want, records
+    decided = [r for r in records if r.get("decision")]
+    assert len(decided) == want - 1
+    for r in decided:
+        assert "victim" not in json.dumps(r), r
+    allowed = next(r for r in decided if r["path"] == "/v1/items/spoof-allowed")
+    assert (allowed["key_id"], allowed["tenant"], allowed["environment"], allowed.get("owner") or None) == \
+        ("log-read", "acme", "live", None)
+    logins = [r for r in decided if r["path"] == "/auth/login"]
+    assert sorted((r["status"], r.get("key_id") or None) for r in logins) == \
+        [(200, "log-read"), (400, None), (401, None)]
+    # Envoy logs the request it refused with what the client sent, but with
+    # no decision: nothing that reads the log attributes it to anyone.
+    refused = next(r for r in records if r["path"] == "/v1/items/spoof-no-host")
+    assert refused["status"] == 400 and "decision" not in refused
+    assert keygate_logs(log, "--tenant", "victim") == [] and keygate_logs(log, "--key", "victim-key") == []
+    assert {r["key_id"] for r in keygate_logs(log)} == {"log-read", "log-ip", "log-inactive"}

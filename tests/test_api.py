@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -216,6 +217,49 @@ def test_a_request_through_envoy_shows_in_the_api_logs_within_2_seconds(rig):
     used = {x["key_id"]: x["last_used_at"] for x in v["keys"]}
     assert wait_until(lambda: call(srv, "GET", "/api/v1/tenants/acme/usage", rig["acme"])[1]["points"], timeout=3)
     assert k["key_id"] in used
+
+
+def test_spoofed_identity_headers_never_reach_a_tenants_request_logs(rig):
+    """The access log reads identity from the headers keygate sets: a client
+    sending them on its own, on any path, is never attributed to their tenant
+    or key, nor is a request Envoy refused before keygate saw it."""
+    envoy, srv = rig["envoy"], rig["server"]
+    victim = create_key(rig, "globex", rig["globex"], name="victim key")
+    k = create_key(rig, "acme", rig["acme"], name="spoofing key")
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 200,
+                      timeout=5)
+    spoof = [("x-keygate-tenant", "globex"), ("x-keygate-key-id", victim["key_id"]),
+             ("x-keygate-environment", "live"), ("x-keygate-owner", "mallory")]
+    with socket.create_connection(("127.0.0.1", envoy.port), timeout=5) as s:
+        s.sendall(b"GET /v1/items/spoof-api-no-host HTTP/1.1\r\n"
+                  + b"".join(f"{n}: {v}\r\n".encode() for n, v in spoof) + b"\r\n")
+        assert s.recv(64).startswith(b"HTTP/1.1 400")
+    sent = [("GET", "/webhooks/spoof-api-public", [], None, 200),
+            ("GET", "/v1/items/spoof-api-missing", [], None, 401),
+            ("GET", "/v1/items/spoof-api-unknown", [("x-api-key", "kg_no_such_key_0000")], None, 401),
+            ("POST", "/v1/items/spoof-api-scope", [("x-api-key", k["api_key"])], b"{}", 403),
+            ("POST", "/auth/login", [], json.dumps({"api_key": k["api_key"]}).encode(), 200),
+            ("POST", "/auth/login", [], b"not json", 400),
+            ("GET", "/v1/items/spoof-api-allowed", [("x-api-key", k["api_key"])], None, 200)]
+    for method, path, headers, body, status in sent:
+        assert request(envoy.port, method, path, spoof + headers, body).status == status, path
+
+    def acme_allowed():
+        s, v = call(srv, "GET", "/api/v1/tenants/acme/logs?path=/v1/items/spoof-api-allowed", rig["acme"])
+        return v["records"] if s == 200 and v["records"] else None
+
+    # Ingested in order: once the last request shows, every earlier one has.
+    recs = wait_until(acme_allowed, timeout=10)
+    assert recs and (recs[0]["key_id"], recs[0]["decision"], recs[0].get("owner")) == (k["key_id"], "allowed", None)
+    s, v = call(srv, "GET", "/api/v1/tenants/globex/logs", rig["globex"])
+    assert s == 200 and [r for r in v["records"] if "spoof" in (r["path"] or "") or r["key_id"] == victim["key_id"]] \
+        == [], v["records"]
+    s, v = call(srv, "GET", f"/api/v1/tenants/globex/logs?key_id={victim['key_id']}", rig["globex"])
+    assert s == 200 and v["records"] == []
+    s, v = call(srv, "GET", "/api/v1/tenants/globex/usage", rig["globex"])
+    assert s == 200 and victim["key_id"] not in {x["key_id"] for x in v["keys"] if x.get("last_used_at")}
+    s, v = call(srv, "GET", "/api/v1/tenants/acme/logs?path=/auth/login", rig["acme"])
+    assert s == 200 and k["key_id"] in {r["key_id"] for r in v["records"]}
 
 
 def test_oversize_and_malformed_bodies_are_refused_in_the_error_shape(rig):

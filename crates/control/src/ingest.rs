@@ -165,18 +165,28 @@ pub fn parse_line(line: &[u8]) -> Option<Row> {
         }),
         _ => None,
     };
+    let decision = cut(l.decision, 32);
+    // The identity fields of envoy/envoy.yaml's format read request headers
+    // keygate sets. Envoy logs a request it refuses before any filter runs
+    // (a missing Host header) with the headers the client sent: only a
+    // record keygate decided (it writes the decision as filter state, which
+    // no client can) attributes a request to a key and tenant.
+    fn ours<T>(decided: bool, v: Option<T>) -> Option<T> {
+        v.filter(|_| decided)
+    }
+    let decided = decision.is_some();
     Some(Row {
-        session,
+        session: ours(decided, session),
         time_ms,
-        key_id: cut(l.key_id, MAX_FIELD_LEN),
-        tenant: cut(l.tenant, MAX_FIELD_LEN),
-        environment: cut(l.environment, MAX_FIELD_LEN),
-        owner: cut(l.owner, MAX_FIELD_LEN),
+        key_id: ours(decided, cut(l.key_id, MAX_FIELD_LEN)),
+        tenant: ours(decided, cut(l.tenant, MAX_FIELD_LEN)),
+        environment: ours(decided, cut(l.environment, MAX_FIELD_LEN)),
+        owner: ours(decided, cut(l.owner, MAX_FIELD_LEN)),
         method: cut(l.method, 16),
         path: cut(l.path, MAX_PATH_LEN),
         client_ip: cut(l.client_ip, 64),
         status: l.status,
-        decision: cut(l.decision, 32),
+        decision,
         reason: cut(l.reason, 64),
         request_id: cut(l.request_id, 128),
     })
@@ -1063,7 +1073,7 @@ mod tests {
     fn the_owner_field_is_stored_and_lines_without_it_have_none() {
         let line = |owner: &str| {
             format!(
-                r#"{{"time":"2026-11-24T02:12:24.582Z","key_id":"k1","tenant":"acme","status":200{owner}}}"#
+                r#"{{"time":"2026-11-24T02:12:24.582Z","key_id":"k1","tenant":"acme","status":200,"decision":"allowed"{owner}}}"#
             )
         };
         let with = parse_line(line(r#","owner":"alice@example.com""#).as_bytes()).unwrap();
@@ -1074,6 +1084,41 @@ mod tests {
             let r = parse_line(line(old).as_bytes()).unwrap();
             assert_eq!((r.owner, r.key_id.as_deref()), (None, Some("k1")), "{old}");
         }
+    }
+
+    #[test]
+    fn identity_counts_only_in_a_record_keygate_decided() {
+        // Envoy refused this request before keygate ran (no Host header):
+        // the identity fields show what the client sent.
+        let spoofed = parse_line(
+            br#"{"time":"2026-11-24T02:12:24.582Z","status":400,"key_id":"victim-key","tenant":"victim","environment":"live","owner":"bob","session_issued_ms":"1","session_expires_ms":"2"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                spoofed.key_id,
+                spoofed.tenant,
+                spoofed.environment,
+                spoofed.owner,
+                spoofed.session
+            ),
+            (None, None, None, None, None)
+        );
+        // The record format of envoy/envoy.yaml: absent fields left out, a
+        // two-source field "" when neither source has it.
+        let public = parse_line(
+            br#"{"time":"2026-11-24T02:12:24.582Z","status":200,"decision":"public","key_id":"","tenant":""}"#,
+        )
+        .unwrap();
+        assert_eq!((public.key_id, public.tenant), (None, None));
+        let allowed = parse_line(
+            br#"{"time":"2026-11-24T02:12:24.582Z","status":200,"decision":"allowed","key_id":"k1","tenant":"acme","rate_remaining":"4"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (allowed.key_id.as_deref(), allowed.tenant.as_deref()),
+            (Some("k1"), Some("acme"))
+        );
     }
 
     #[test]

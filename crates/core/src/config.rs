@@ -165,8 +165,9 @@ pub struct PluginConfig {
     /// Also log one JSON line per decision through Envoy's log (info level).
     #[serde(default)]
     pub log_decisions: bool,
-    /// Expose each decision to Envoy's access log as filter state (one host
-    /// call per field, a few per cent of throughput); false turns it off.
+    /// Expose each decision to Envoy's access log as filter state: what no
+    /// header carries (see `access_log::AccessRecord::fields`; one object for
+    /// an allowed request); false turns it off.
     #[serde(default = "default_true")]
     pub access_log_fields: bool,
     /// Prefixes of identifiable keys (`<prefix>_<env>_<random><checksum>`,

@@ -97,12 +97,30 @@ impl Filter {
     }
 }
 
+impl Record {
+    /// As envoy/envoy.yaml logs them: a field joining two sources is ""
+    /// when neither has it, and the identity fields (read from request
+    /// headers keygate sets) count only in a record keygate decided: Envoy
+    /// logs a request it refuses before any filter runs with whatever
+    /// identity headers the client sent.
+    fn normalized(mut self) -> Record {
+        let decided = self.decision.as_deref().is_some_and(|d| !d.is_empty());
+        for field in [&mut self.key_id, &mut self.tenant, &mut self.owner] {
+            if !decided || field.as_deref() == Some("") {
+                *field = None;
+            }
+        }
+        self
+    }
+}
+
 /// Reads records from `input`, skipping lines that are not JSON records.
 pub fn read(input: impl BufRead, filter: &Filter) -> Vec<Record> {
     input
         .lines()
         .map_while(Result::ok)
         .filter_map(|l| serde_json::from_str::<Record>(&l).ok())
+        .map(Record::normalized)
         .filter(|r| filter.matches(r))
         .collect()
 }
@@ -168,11 +186,11 @@ not json at all
     #[test]
     fn the_table_shows_the_owner_and_a_dash_without_one() {
         let log = concat!(
-            r#"{"time":"t1","key_id":"k1","owner":"alice@example.com","status":200}"#,
+            r#"{"time":"t1","key_id":"k1","owner":"alice@example.com","status":200,"decision":"allowed"}"#,
             "\n",
-            r#"{"time":"t2","key_id":"k2","owner":"-","status":200}"#,
+            r#"{"time":"t2","key_id":"k2","owner":"-","status":200,"decision":"allowed"}"#,
             "\n",
-            r#"{"time":"t3","key_id":"k3","status":200}"#
+            r#"{"time":"t3","key_id":"k3","status":200,"decision":"allowed"}"#
         );
         let mut out = Vec::new();
         print_table(&mut out, &read(log.as_bytes(), &none())).unwrap();
@@ -192,6 +210,23 @@ not json at all
     #[test]
     fn only_requests_with_a_credential_are_listed() {
         assert_eq!(run(none()), vec![Some(200), Some(403), Some(429)]);
+    }
+
+    #[test]
+    fn a_record_keygate_did_not_decide_names_no_key() {
+        // Envoy answered these itself; the identity is what a client sent.
+        // And a public request's two-source fields are "".
+        let log = concat!(
+            r#"{"time":"t1","key_id":"victim-key","tenant":"victim","status":400}"#,
+            "\n",
+            r#"{"time":"t2","key_id":"","tenant":"","status":200,"decision":"public"}"#,
+        );
+        assert!(read(log.as_bytes(), &none()).is_empty());
+        let by_tenant = Filter {
+            tenant: Some("victim".into()),
+            ..none()
+        };
+        assert!(read(log.as_bytes(), &by_tenant).is_empty());
     }
 
     #[test]
@@ -237,13 +272,13 @@ not json at all
     #[test]
     fn rate_remaining_is_a_number_whether_logged_as_string_or_number() {
         let log = concat!(
-            r#"{"key_id":"k1","status":200,"rate_remaining":"4"}"#,
+            r#"{"key_id":"k1","decision":"allowed","status":200,"rate_remaining":"4"}"#,
             "\n",
-            r#"{"key_id":"k1","status":200,"rate_remaining":3}"#,
+            r#"{"key_id":"k1","decision":"allowed","status":200,"rate_remaining":3}"#,
             "\n",
-            r#"{"key_id":"k1","status":401,"rate_remaining":null}"#,
+            r#"{"key_id":"k1","decision":"allowed","status":401,"rate_remaining":null}"#,
             "\n",
-            r#"{"key_id":"k1","status":401,"rate_remaining":"-"}"#
+            r#"{"key_id":"k1","decision":"allowed","status":401,"rate_remaining":"-"}"#
         );
         let got: Vec<_> = read(log.as_bytes(), &none())
             .iter()

@@ -887,6 +887,20 @@ mod tests {
     }
 
     #[test]
+    fn a_denial_drops_spoofed_identity_too_for_the_access_log() {
+        let p = policy(vec![rec("k1", "key-one")], "");
+        let h = req(
+            "GET",
+            "/v1",
+            &[("x-api-key", "no-such-key"), ("x-keygate-tenant", "evil")],
+        );
+        let d = run(&p, &h, &mut MemoryHost::default());
+        assert!(matches!(d.outcome, Outcome::Denied { .. }));
+        let edits = d.upstream_headers(&p, &h);
+        assert_eq!((edits.remove, edits.set), (p.headers.all(), vec![]));
+    }
+
+    #[test]
     fn missing_and_unknown_keys_are_401() {
         let p = policy(vec![rec("k1", "key-one")], "");
         let d = run(&p, &req("GET", "/v1", &[]), &mut MemoryHost::default());

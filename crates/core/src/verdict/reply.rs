@@ -15,6 +15,9 @@ pub struct UpstreamHeaders<'a> {
 impl Decision {
     /// Request header edits: identity headers a client sent are always
     /// dropped; on success the credential is stripped and the identity set.
+    /// A denied request never goes upstream, but Envoy's access log reads
+    /// the identity of a request from these headers (envoy/envoy.yaml): a
+    /// client's copies must not stand in a denial's record either.
     pub fn upstream_headers<'a>(
         &'a self,
         policy: &'a Policy,
@@ -23,8 +26,8 @@ impl Decision {
         let present = |name: &str| headers.get(name).is_some();
         let mut edits = UpstreamHeaders::default();
         match &self.outcome {
-            // Removing is one host call; asking first would be one more.
-            Outcome::Public => edits.remove = policy.headers.all().to_vec(),
+            // The filter removes only those the client sent.
+            Outcome::Public | Outcome::Denied { .. } => edits.remove = policy.headers.all(),
             Outcome::Allowed { credential: c, .. } => {
                 edits.remove = ["authorization", policy.api_key_header.as_str()]
                     .into_iter()
@@ -50,7 +53,6 @@ impl Decision {
                     }
                 }
             }
-            Outcome::Denied { .. } => {}
         }
         edits
     }
