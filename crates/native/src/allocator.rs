@@ -127,8 +127,7 @@ mod tests {
     fn a_reserve_of_a_mebibyte_or_more_is_mapped_whole_pages() {
         // glibc's own large blocks sit 16 bytes into their mapping (its
         // header): page alignment shows the block came from `map`.
-        let mut v: Vec<u8> = Vec::new();
-        v.reserve(LARGE);
+        let mut v: Vec<u8> = Vec::with_capacity(LARGE);
         assert!(mapped(Layout::array::<u8>(v.capacity()).unwrap()));
         assert_eq!(v.as_ptr() as usize % MAP_ALIGN, 0);
         v.extend((0..LARGE).map(|i| (i % 251) as u8));
