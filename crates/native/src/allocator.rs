@@ -122,4 +122,41 @@ mod tests {
         let v = vec![0u64; LARGE];
         assert!(v.iter().all(|&x| x == 0));
     }
+
+    #[test]
+    fn a_reserve_of_a_mebibyte_or_more_is_mapped_whole_pages() {
+        // glibc's own large blocks sit 16 bytes into their mapping (its
+        // header): page alignment shows the block came from `map`.
+        let mut v: Vec<u8> = Vec::with_capacity(LARGE);
+        assert!(mapped(Layout::array::<u8>(v.capacity()).unwrap()));
+        assert_eq!(v.as_ptr() as usize % MAP_ALIGN, 0);
+        v.extend((0..LARGE).map(|i| (i % 251) as u8));
+        // Grown by `mremap`: still whole pages, bytes kept.
+        v.reserve(LARGE * 3);
+        assert_eq!(v.as_ptr() as usize % MAP_ALIGN, 0);
+        assert!(v.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    }
+
+    #[test]
+    fn a_large_block_aligned_past_a_page_comes_from_system_and_round_trips() {
+        let align = MAP_ALIGN * 4;
+        let layout = Layout::from_size_align(LARGE * 2, align).unwrap();
+        assert!(!mapped(layout), "mmap only promises page alignment");
+        // SAFETY: a non-zero layout; the block is written and read within
+        // its size and released with the layout it was obtained with.
+        unsafe {
+            let p = Allocator.alloc(layout);
+            assert!(!p.is_null());
+            assert_eq!(p as usize % align, 0);
+            for i in 0..layout.size() {
+                p.add(i).write((i % 253) as u8);
+            }
+            let bigger = LARGE * 4;
+            let q = Allocator.realloc(p, layout, bigger);
+            assert!(!q.is_null());
+            assert_eq!(q as usize % align, 0, "realloc keeps the alignment");
+            assert!((0..layout.size()).all(|i| q.add(i).read() == (i % 253) as u8));
+            Allocator.dealloc(q, Layout::from_size_align(bigger, align).unwrap());
+        }
+    }
 }

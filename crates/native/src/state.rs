@@ -191,7 +191,8 @@ impl Shard {
         per_bucket: usize,
     ) -> Shard {
         let mut out = Vec::new();
-        let len = write_shard(entries, per_bucket, &mut out);
+        let len = write_shard(entries, per_bucket, SHARD_LIMIT, &mut out)
+            .expect("a test shard under 4 GiB");
         let end = out.len();
         Shard {
             chunk: Arc::new(out.into_boxed_slice()),
@@ -202,14 +203,25 @@ impl Shard {
     }
 }
 
+/// Most bytes a shard (and a push's staging arena) may hold: offsets in
+/// them are u32.
+const SHARD_LIMIT: usize = u32::MAX as usize;
+
+/// A commit that would not fit the tables' u32 offsets (a shard or a
+/// push's staged writes over 4 GiB). Nothing is dropped silently: the push
+/// is refused and the tables stay as they were.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooBig;
+
 /// Appends to `out` a shard of exactly these entries (the last of equal
 /// keys wins; None values are left out), `per_bucket` entries to a bucket;
-/// returns how many it holds.
+/// returns how many it holds, or `TooBig` past `limit` bytes.
 fn write_shard<'a>(
     entries: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
     per_bucket: usize,
+    limit: usize,
     out: &mut Vec<u8>,
-) -> u32 {
+) -> Result<u32, TooBig> {
     // Sorted by bucket hash, then key, then arrival: equal keys end up
     // side by side with the last write last.
     let mut all: Vec<Write> = entries
@@ -242,11 +254,14 @@ fn write_shard<'a>(
             offset.copy_from_slice(&(at as u32).to_le_bytes());
         }
     };
+    if head > limit {
+        return Err(TooBig);
+    }
     for (mixed, k, v) in live {
-        // Offsets are u32: a shard over 4 GiB (16 TiB a table) keeps the
-        // entries that fit.
-        if out.len() - start + entry_len(k, v.len()) > u32::MAX as usize {
-            break;
+        // Offsets are u32: a shard over 4 GiB (16 TiB a table) is refused
+        // rather than cut short (a cut could lose a staged delete).
+        if out.len() - start + entry_len(k, v.len()) > limit {
+            return Err(TooBig);
         }
         let b = bucket_of(mixed, buckets);
         while next_bucket <= b {
@@ -264,7 +279,7 @@ fn write_shard<'a>(
         mark(out, next_bucket);
         next_bucket += 1;
     }
-    len
+    Ok(len)
 }
 
 /// An immutable map of byte keys to byte values in [`SHARDS`] shards.
@@ -295,30 +310,52 @@ impl Table {
 
     /// The table with `changes` applied in order (None: remove). `replace`:
     /// the changes are the whole new content (a full push).
-    fn apply(&self, changes: &Staging, replace: bool, per_bucket: usize) -> Table {
+    fn apply(&self, changes: &Staging, replace: bool, per_bucket: usize) -> Result<Table, TooBig> {
+        self.apply_within(changes, replace, per_bucket, SHARD_LIMIT)
+    }
+
+    /// [`Table::apply`] with shards and the staging arena held to `limit`
+    /// bytes (tests use a small one).
+    fn apply_within(
+        &self,
+        changes: &Staging,
+        replace: bool,
+        per_bucket: usize,
+        limit: usize,
+    ) -> Result<Table, TooBig> {
         // Nothing to change (a push that staged nothing for this table):
         // every chunk is as live as after the last commit.
         if changes.data.is_empty() && !replace {
-            return self.clone();
+            return Ok(self.clone());
+        }
+        // Staged entries are addressed by u32 offsets: an arena past the
+        // limit is refused, not cut short.
+        if changes.data.len() > limit {
+            return Err(TooBig);
         }
         // The staged entries grouped by shard in one list (a counting sort:
         // no per-shard vectors growing on the way).
         let staged: Vec<(u16, u32)> = changes
             .offsets()
-            .filter_map(|at| {
-                let (k, _, _) = entry_at(&changes.data, at)?;
-                Some((shard_of(fnv(k)) as u16, u32::try_from(at).ok()?))
+            .map(|at| {
+                let (k, _, _) = entry_at(&changes.data, at).ok_or(TooBig)?;
+                let at = u32::try_from(at).map_err(|_| TooBig)?;
+                Ok((shard_of(fnv(k)) as u16, at))
             })
-            .collect();
+            .collect::<Result<_, TooBig>>()?;
         let mut starts = vec![0usize; SHARDS + 1];
         for &(shard, _) in &staged {
             if let Some(n) = starts.get_mut(usize::from(shard) + 1) {
                 *n += 1;
             }
         }
-        for i in 1..starts.len() {
-            starts[i] += starts[i - 1];
+        // Running sums: starts[i] becomes where shard i's entries begin.
+        let mut total = 0;
+        for n in starts.iter_mut() {
+            total += *n;
+            *n = total;
         }
+        let staged_count = staged.len();
         let mut fill = starts.clone();
         let mut grouped = vec![0u32; staged.len()];
         for (shard, at) in staged {
@@ -329,7 +366,12 @@ impl Table {
                 *slot += 1;
             }
         }
-        let rebuilt = |i: usize| replace || starts[i] < starts[i + 1];
+        // Shard i's staged entries (empty for a shard out of range).
+        let range = |i: usize| match (starts.get(i), starts.get(i + 1)) {
+            (Some(&a), Some(&b)) => a..b,
+            _ => 0..0,
+        };
+        let rebuilt = |i: usize| replace || !range(i).is_empty();
         // Shards this commit replaces leave their bytes in the chunk they
         // were in. A chunk that would keep less than two thirds of its
         // bytes live gives its remaining shards to the new chunk (copied as
@@ -369,7 +411,7 @@ impl Table {
                     kept + 4 + SLOT + SLOT * old.len as usize
                 })
                 .sum::<usize>()
-            + SLOT * (starts[SHARDS] + SHARDS);
+            + SLOT * (staged_count + SHARDS);
         let mut chunk = Vec::with_capacity(room);
         let mut placed = Vec::with_capacity(SHARDS);
         for (i, old) in self.shards.iter().enumerate() {
@@ -381,11 +423,12 @@ impl Table {
                 }));
                 continue;
             }
-            let changed = grouped.get(starts[i]..starts[i + 1]).unwrap_or_default();
-            let kept = old
-                .entries()
-                .filter(|_| !replace)
-                .map(|(k, v)| (k, Some(v)));
+            let changed = grouped.get(range(i)).unwrap_or_default();
+            // A full push keeps nothing: the old entries are not even read.
+            let kept = (!replace)
+                .then(|| old.entries().map(|(k, v)| (k, Some(v))))
+                .into_iter()
+                .flatten();
             let new = changed.iter().filter_map(|&at| {
                 let (k, v, _) = entry_at(&changes.data, at as usize)?;
                 // A staged value starts with 1 (upsert) or 0 (delete).
@@ -393,7 +436,7 @@ impl Table {
                 Some((k, (*flag == 1).then_some(v)))
             });
             let start = chunk.len();
-            let len = write_shard(kept.chain(new), per_bucket, &mut chunk);
+            let len = write_shard(kept.chain(new), per_bucket, limit, &mut chunk)?;
             placed.push(Some((start, chunk.len(), len)));
         }
         let chunk = Arc::new(chunk.into_boxed_slice());
@@ -411,7 +454,7 @@ impl Table {
                 None => old.clone(),
             })
             .collect();
-        Table { shards }
+        Ok(Table { shards })
     }
 
     /// Entries and bytes held (the chunks the shards are in), for the
@@ -512,17 +555,25 @@ impl Staged {
     }
 
     /// The snapshot `current` becomes when this push commits with `state`;
-    /// a full push's set replaces the committed one.
-    pub fn commit(&self, current: &Snapshot, state: SyncState, full: bool) -> Snapshot {
-        Snapshot {
-            credentials: current
-                .credentials
-                .apply(&self.credentials, full, CREDENTIALS_PER_BUCKET),
+    /// a full push's set replaces the committed one. `TooBig`: the push
+    /// cannot be applied whole, so it is not applied at all.
+    pub fn commit(
+        &self,
+        current: &Snapshot,
+        state: SyncState,
+        full: bool,
+    ) -> Result<Snapshot, TooBig> {
+        Ok(Snapshot {
+            credentials: current.credentials.apply(
+                &self.credentials,
+                full,
+                CREDENTIALS_PER_BUCKET,
+            )?,
             key_ids: current
                 .key_ids
-                .apply(&self.key_ids, full, KEY_IDS_PER_BUCKET),
+                .apply(&self.key_ids, full, KEY_IDS_PER_BUCKET)?,
             state,
-        }
+        })
     }
 }
 
@@ -552,6 +603,12 @@ pub struct Tables {
     counters: ArcSwap<imbl::HashMap<String, SlotRef>>,
     /// Serialises writers (sync pushes, new counter slots); readers never take it.
     writer: Mutex<()>,
+    /// Snapshots replaced while a worker may still hold them (the sync
+    /// role's, under the writer lock). Held here so a worker's guard is
+    /// never the last reference: freeing a table (one `munmap` of up to
+    /// ~100 MB, see allocator.rs) happens at a later update, on the sync
+    /// side, never on a request.
+    retired: Mutex<Vec<Arc<Snapshot>>>,
 }
 
 /// The process's tables, shared by every worker and both roles.
@@ -562,6 +619,7 @@ pub fn tables() -> &'static Tables {
         staged: Mutex::new(Staged::default()),
         counters: ArcSwap::from_pointee(imbl::HashMap::new()),
         writer: Mutex::new(()),
+        retired: Mutex::new(Vec::new()),
     })
 }
 
@@ -580,9 +638,17 @@ impl Tables {
         let _writer = self.writer.lock();
         let current = self.snapshot.load_full();
         let mut staged = self.staged.lock();
-        let (next, out) = f(&current, &mut staged)?;
+        let result = f(&current, &mut staged);
+        let mut retired = self.retired.lock();
+        // Snapshots no worker holds any more (only this list does) are
+        // freed here, by the sync role. `store` pays off arc_swap's
+        // borrowed references, so a worker's guard is counted in
+        // `strong_count` from then on.
+        retired.retain(|old| Arc::strong_count(old) > 1);
+        let (next, out) = result?;
         if let Some(next) = next {
             self.snapshot.store(Arc::new(next));
+            retired.push(current);
         }
         Ok(out)
     }
@@ -813,7 +879,7 @@ mod tests {
                 staged.upsert(&hash, &record(id, hash));
                 staged.key_id(id, &hash);
             }
-            let next = staged.commit(s, state(1), true);
+            let next = staged.commit(s, state(1), true).unwrap();
             *staged = Staged::default();
             Ok::<_, ()>((Some(next), ()))
         })
@@ -831,7 +897,7 @@ mod tests {
             staged.upsert(&new, &record("gen-2", new));
             staged.key_id("gen-2", &new);
             staged.delete(&kept);
-            let next = staged.commit(s, state(1), false);
+            let next = staged.commit(s, state(1), false).unwrap();
             *staged = Staged::default();
             Ok::<_, ()>((Some(next), ()))
         })
@@ -843,7 +909,7 @@ mod tests {
         t.update(|s, staged| {
             staged.upsert(&new, &record("gen-2", new));
             staged.key_id("gen-2", &new);
-            let next = staged.commit(s, state(2), true);
+            let next = staged.commit(s, state(2), true).unwrap();
             *staged = Staged::default();
             Ok::<_, ()>((Some(next), ()))
         })
@@ -906,7 +972,7 @@ mod tests {
         }
         changes.put(b"key-5", Some(b"second"));
         changes.put(b"key-6", None);
-        let table = Table::default().apply(&changes, true, 2);
+        let table = Table::default().apply(&changes, true, 2).unwrap();
         assert_eq!(table.len(), 19_999);
         assert_eq!(table.get(b"key-5"), Some(&b"second"[..]));
         assert_eq!(table.get(b"key-6"), None);
@@ -915,7 +981,7 @@ mod tests {
         // An incremental change rebuilds one shard and shares the others.
         let mut one = Staging::default();
         one.put(b"key-6", Some(b"back"));
-        let next = table.apply(&one, false, 2);
+        let next = table.apply(&one, false, 2).unwrap();
         assert_eq!(next.len(), 20_000);
         assert_eq!(next.get(b"key-6"), Some(&b"back"[..]));
         let shared = table
@@ -925,9 +991,9 @@ mod tests {
             .filter(|(a, b)| Arc::ptr_eq(&a.chunk, &b.chunk) && a.start == b.start)
             .count();
         assert_eq!(shared, SHARDS - 1);
-        let same = next.apply(&Staging::default(), false, 2);
+        let same = next.apply(&Staging::default(), false, 2).unwrap();
         assert!(Arc::ptr_eq(&same.shards, &next.shards));
-        assert_eq!(Table::default().apply(&one, true, 2).len(), 1);
+        assert_eq!(Table::default().apply(&one, true, 2).unwrap().len(), 1);
     }
 
     #[test]
@@ -936,14 +1002,14 @@ mod tests {
         for i in 0..20_000 {
             all.put(format!("key-{i}").as_bytes(), Some(b"0"));
         }
-        let mut table = Table::default().apply(&all, true, 2);
+        let mut table = Table::default().apply(&all, true, 2).unwrap();
         let (_, full) = table.size();
         for round in 1..=40u8 {
             let mut some = Staging::default();
             for i in (usize::from(round)..20_000).step_by(37) {
                 some.put(format!("key-{i}").as_bytes(), Some(&[round]));
             }
-            table = table.apply(&some, false, 2);
+            table = table.apply(&some, false, 2).unwrap();
             let live: usize = table.shards.iter().map(|s| s.end - s.start).sum();
             let (n, held) = table.size();
             assert_eq!(n, 20_000);
@@ -964,5 +1030,87 @@ mod tests {
                 "key-{i}"
             );
         }
+    }
+
+    fn fresh_tables() -> Tables {
+        Tables {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            staged: Mutex::new(Staged::default()),
+            counters: ArcSwap::from_pointee(imbl::HashMap::new()),
+            writer: Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn commit_one(t: &Tables, hash: Digest, generation: u64) {
+        t.update(|s, staged| {
+            staged.upsert(&hash, &record("retire", hash));
+            let next = staged.commit(s, state(generation), true)?;
+            *staged = Staged::default();
+            Ok::<_, TooBig>((Some(next), ()))
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_replaced_snapshot_a_worker_still_reads_is_freed_by_the_sync_role_not_the_worker() {
+        let t = fresh_tables();
+        commit_one(&t, [1u8; 32], 1);
+        // A worker mid-lookup holds the committed snapshot.
+        let reader = t.snapshot.load();
+        let first = Arc::downgrade(&*reader);
+        commit_one(&t, [2u8; 32], 2);
+        assert_eq!(t.retired.lock().len(), 1);
+        assert_eq!(first.strong_count(), 2, "the retired list and the worker");
+        drop(reader);
+        assert!(
+            first.upgrade().is_some(),
+            "the worker's drop was not the last reference"
+        );
+        // The next update frees it (only the list held it) and retires the
+        // snapshot it replaces: the list holds what readers may still use.
+        commit_one(&t, [3u8; 32], 3);
+        assert!(first.upgrade().is_none(), "freed by the sync role's update");
+        assert_eq!(t.retired.lock().len(), 1);
+        let refused: Result<(), ()> = t.update(|_, _| Err(()));
+        assert!(refused.is_err());
+        assert!(
+            t.retired.lock().is_empty(),
+            "drained once no reader holds it"
+        );
+    }
+
+    #[test]
+    fn a_commit_over_the_shard_limit_is_refused_and_changes_nothing() {
+        let mut all = Staging::default();
+        for i in 0..200 {
+            all.put(format!("key-{i}").as_bytes(), Some(&[7u8; 40]));
+        }
+        let table = Table::default().apply(&all, true, 2).unwrap();
+        // Every shard holds at most a few entries: ~50 bytes each plus its
+        // directory, so 1 KiB fits any shard and 64 bytes fits none that
+        // holds one.
+        let mut change = Staging::default();
+        change.put(b"key-1", None);
+        change.put(b"key-new", Some(&[9u8; 40]));
+        assert_eq!(
+            table.apply_within(&change, false, 2, 64).err(),
+            Some(TooBig)
+        );
+        assert_eq!(table.apply_within(&all, true, 2, 64).err(), Some(TooBig));
+        // A staging arena past the limit is refused before any shard is built.
+        assert!(change.data.len() > 20);
+        assert_eq!(
+            table.apply_within(&change, false, 2, 20).err(),
+            Some(TooBig)
+        );
+        // Nothing changed, and the same change under a roomy limit applies
+        // whole (the delete included).
+        assert_eq!(table.len(), 200);
+        assert!(table.get(b"key-1").is_some());
+        let next = table.apply_within(&change, false, 2, 1024).unwrap();
+        assert_eq!(next.len(), 200);
+        assert_eq!(next.get(b"key-1"), None);
+        assert_eq!(next.get(b"key-new"), Some(&[9u8; 40][..]));
     }
 }

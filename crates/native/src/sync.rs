@@ -7,7 +7,7 @@
 use crate::abi;
 use crate::config::FilterConfig;
 use crate::envoy::{log, Stream};
-use crate::state::{tables, Snapshot, Staged};
+use crate::state::{tables, Snapshot, Staged, TooBig};
 use keygate_core::shared_data::{revocations_key, CONFIG_IDS_KEY};
 use keygate_core::sync::{
     check_config_ids, decode_record, plan, RevokedSession, SyncError, SyncState,
@@ -109,8 +109,16 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
             let next = match plan.commit {
                 Some(commit) => {
                     let next = staged.commit(current, commit, plan.full);
+                    // Committed or refused, the push's staged writes go; a
+                    // refused one leaves the tables and the state as they
+                    // were (never a partly applied push).
                     *staged = Staged::default();
-                    next
+                    next.map_err(|TooBig| {
+                        SyncError::Host(
+                            "push refused: the credential tables would exceed 4 GiB in one shard"
+                                .into(),
+                        )
+                    })?
                 }
                 None => Snapshot {
                     state: plan.result(),
