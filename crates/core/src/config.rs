@@ -75,8 +75,21 @@ impl Default for HeaderNames {
     }
 }
 
+/// The default identity header names, field by field. `envoy/envoy.yaml`'s
+/// access-log format reads these, so a client-sent copy is removed even when
+/// the configuration renames the header: otherwise a format left at the
+/// defaults would log the client's value next to a real decision.
+pub const LOGGED_IDENTITY: [(&str, &str); 5] = [
+    ("headers.tenant", "x-keygate-tenant"),
+    ("headers.environment", "x-keygate-environment"),
+    ("headers.key_id", "x-keygate-key-id"),
+    ("headers.scopes", "x-keygate-scopes"),
+    ("headers.owner", "x-keygate-owner"),
+];
+
 impl HeaderNames {
-    /// Every identity header keygate sets, so every one a client sends is
+    /// Every identity header keygate sets, and the default names the access
+    /// log reads ([`LOGGED_IDENTITY`]), so every one a client sends is
     /// removed.
     pub fn all(&self) -> Vec<&str> {
         let mut all = vec![
@@ -87,6 +100,11 @@ impl HeaderNames {
             &self.owner,
         ];
         all.extend(self.metadata.values().map(String::as_str));
+        for (_, name) in LOGGED_IDENTITY {
+            if !all.contains(&name) {
+                all.push(name);
+            }
+        }
         all
     }
 }
@@ -301,6 +319,18 @@ impl TryFrom<PluginConfig> for Policy {
 
     fn try_from(raw: PluginConfig) -> Result<Policy, ConfigError> {
         check_header_name("api_key_header", &raw.api_key_header)?;
+        // The access log reads identity from the default names: a key header
+        // under one of them would be logged, another field's value under one
+        // would be logged as the wrong fact.
+        if LOGGED_IDENTITY
+            .iter()
+            .any(|(_, n)| *n == raw.api_key_header)
+        {
+            return Err(ConfigError::new(
+                "api_key_header",
+                "must not be an identity header name the access log reads (x-keygate-tenant, x-keygate-environment, x-keygate-key-id, x-keygate-scopes, x-keygate-owner)",
+            ));
+        }
         let h = &raw.headers;
         for (field, name) in [
             ("headers.tenant", &h.tenant),
@@ -312,6 +342,15 @@ impl TryFrom<PluginConfig> for Policy {
             check_header_name(field, name)?;
             if *name == raw.api_key_header {
                 return Err(ConfigError::new(field, "must differ from api_key_header"));
+            }
+            if let Some((owner, _)) = LOGGED_IDENTITY
+                .iter()
+                .find(|(f, n)| n == name && f != &field)
+            {
+                return Err(ConfigError::new(
+                    field,
+                    format!("'{name}' is the access log's header for {owner}"),
+                ));
             }
         }
         check_metadata_headers(h, &raw.api_key_header)?;
@@ -443,7 +482,8 @@ fn check_metadata_headers(h: &HeaderNames, api_key_header: &str) -> Result<(), C
         let at = format!("headers.metadata.{field}");
         crate::credential::check_metadata_field(&at, field)?;
         check_header_name(&at, header)?;
-        if header == api_key_header || fixed.contains(&header) || !seen.insert(header) {
+        let logged = LOGGED_IDENTITY.iter().any(|(_, n)| n == header);
+        if header == api_key_header || fixed.contains(&header) || logged || !seen.insert(header) {
             return Err(ConfigError::new(
                 &at,
                 format!("'{header}' is already used by another header"),
@@ -459,6 +499,35 @@ mod tests {
 
     fn err(json: &str) -> ConfigError {
         Policy::from_json(json.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn renamed_identity_headers_still_strip_the_names_the_access_log_reads() {
+        let p = Policy::from_json(
+            br#"{"headers":{"tenant":"x-tenant","key_id":"x-key-id","environment":"x-env","owner":"x-owner","scopes":"x-scopes"}}"#,
+        )
+        .unwrap();
+        let all = p.headers.all();
+        for (_, logged) in LOGGED_IDENTITY {
+            assert!(all.contains(&logged), "{logged} not stripped: {all:?}");
+        }
+        assert!(all.contains(&"x-tenant") && all.contains(&"x-key-id"));
+        // Defaults: each name once.
+        let d = HeaderNames::default();
+        assert_eq!(d.all().len(), 5);
+    }
+
+    #[test]
+    fn a_header_the_access_log_reads_as_identity_is_refused_for_anything_else() {
+        let e = err(r#"{"api_key_header":"x-keygate-key-id"}"#);
+        assert_eq!(e.field, "api_key_header");
+        let e = err(r#"{"headers":{"tenant":"x-keygate-key-id","key_id":"x-id"}}"#);
+        assert_eq!(e.field, "headers.tenant");
+        assert!(e.to_string().contains("headers.key_id"), "{e}");
+        let e = err(r#"{"headers":{"tenant":"x-tenant","metadata":{"tier":"x-keygate-tenant"}}}"#);
+        assert_eq!(e.field, "headers.metadata.tier");
+        // A field keeping its own default name is fine.
+        assert!(Policy::from_json(br#"{"headers":{"tenant":"x-keygate-tenant"}}"#).is_ok());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! and rate-limit headers on the reply. (Refusal bodies: [`crate::denial`].)
 
 use super::decide::{Decision, Headers, Outcome};
-use crate::config::{Policy, RateLimitHeaders};
+use crate::config::{Policy, RateLimitHeaders, LOGGED_IDENTITY};
 use crate::rate_limit::{policy_name, Policies, RateStatus};
 
 /// Header edits on the request before it goes upstream.
@@ -50,6 +50,16 @@ impl Decision {
                     match c.metadata.iter().find(|(k, _)| k == field) {
                         Some((_, value)) => edits.set.push((header.as_str(), value.as_str())),
                         None => edits.remove.push(header.as_str()),
+                    }
+                }
+                // Renamed identity headers: the default names the access log
+                // reads must not pass as the client sent them either.
+                for (_, name) in LOGGED_IDENTITY {
+                    if present(name)
+                        && !edits.set.iter().any(|(n, _)| *n == name)
+                        && !edits.remove.contains(&name)
+                    {
+                        edits.remove.push(name);
                     }
                 }
             }
