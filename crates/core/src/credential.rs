@@ -515,32 +515,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::hash::{sha256, to_hex};
 
-    pub fn record(key: &str, tenant: &str) -> CredentialRecord {
-        CredentialRecord {
-            key_id: format!("id-{key}"),
-            key_hash: to_hex(&sha256(key.as_bytes())),
-            secret_hash: None,
-            previous_secret_hash: None,
-            previous_secret_expires_at: None,
-            kind: Kind::Scoped,
-            tenant: tenant.into(),
-            environment: "live".into(),
-            scopes: vec!["read".into()],
-            allowed_ips: vec![],
-            rate_limit: None,
-            status: Status::Active,
-            expires_at: None,
-            owner: None,
-            previous_key_hash: None,
-            previous_key_expires_at: None,
-            metadata: BTreeMap::new(),
-            limits: vec![],
-            plan: None,
-            tenant_limits: false,
-            quota_used: vec![],
-            credits: None,
-        }
-    }
+    pub use crate::testing::record;
 
     #[test]
     fn a_record_with_its_digests_as_bytes_validates_to_the_same_credential() {

@@ -2,8 +2,9 @@
 //! data in memory, with Envoy's compare-and-swap semantics. Used by the unit
 //! tests and (through the `testing` feature) by crates/core/tests.
 
-use crate::credential::Credential;
+use crate::credential::{Credential, CredentialRecord, Kind, Status};
 use crate::hash::Digest;
+use crate::hash::{sha256, to_hex};
 use crate::shared_data::CounterCell;
 use crate::token::VerifiedTokens;
 use crate::verdict::Host;
@@ -87,6 +88,36 @@ pub const NOW: u64 = 1_700_000_000_000_000_000;
 
 #[cfg(test)]
 pub use verdict_fixtures::*;
+
+/// A scoped, active `live` credential record of `key` (id `id-<key>`, the
+/// `read` scope, no limits): the one record the core's tests and the
+/// integration tests start from.
+pub fn record(key: &str, tenant: &str) -> CredentialRecord {
+    CredentialRecord {
+        key_id: format!("id-{key}"),
+        key_hash: to_hex(&sha256(key.as_bytes())),
+        secret_hash: None,
+        previous_secret_hash: None,
+        previous_secret_expires_at: None,
+        kind: Kind::Scoped,
+        tenant: tenant.into(),
+        environment: "live".into(),
+        scopes: vec!["read".into()],
+        allowed_ips: vec![],
+        rate_limit: None,
+        status: Status::Active,
+        expires_at: None,
+        owner: None,
+        previous_key_hash: None,
+        previous_key_expires_at: None,
+        metadata: Default::default(),
+        limits: vec![],
+        plan: None,
+        tenant_limits: false,
+        quota_used: vec![],
+        credits: None,
+    }
+}
 
 /// A policy with public, read, write and admin routes, requests and their
 /// refusals, as the verdict tests use them.

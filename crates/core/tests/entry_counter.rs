@@ -5,9 +5,8 @@
 //! CAS loop the gate uses (`limits::acquire_rules`), and the sync role
 //! stages and commits as `src/sync_context.rs` does.
 
-use keygate_core::credential::{Kind, Status};
 use keygate_core::entry;
-use keygate_core::hash::{sha256, to_hex, Digest};
+use keygate_core::hash::{sha256, Digest};
 use keygate_core::limits::{acquire_rules, rules, Counters, Rule};
 use keygate_core::shared_data::{counter_key, credential_key, CounterCell, STATE_KEY};
 use keygate_core::sync::{
@@ -23,28 +22,8 @@ const NOW: u64 = 1_700_000_000_000_000_000;
 
 fn record(key: &str, tenant: &str) -> CredentialRecord {
     CredentialRecord {
-        key_id: format!("id-{key}"),
-        key_hash: to_hex(&sha256(key.as_bytes())),
-        secret_hash: None,
-        previous_secret_hash: None,
-        previous_secret_expires_at: None,
-        kind: Kind::Scoped,
-        tenant: tenant.into(),
-        environment: "live".into(),
-        scopes: vec!["read".into()],
-        allowed_ips: vec![],
-        rate_limit: None,
-        status: Status::Active,
-        expires_at: None,
-        owner: None,
-        previous_key_hash: None,
-        previous_key_expires_at: None,
-        metadata: Default::default(),
         limits: vec!["100/min".parse().unwrap(), "1000/day".parse().unwrap()],
-        plan: None,
-        tenant_limits: false,
-        quota_used: vec![],
-        credits: None,
+        ..keygate_core::testing::record(key, tenant)
     }
 }
 
