@@ -11,6 +11,7 @@ sys.path edits. Fixtures live in tests/conftest.py; every helper is here."""
 import copy
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -56,8 +57,24 @@ def envoy_binary():
     return str(Path(envoy.__file__).parent / "_bin" / "envoy")
 
 
+# Ports handed out come from below the kernel's ephemeral range (32768+ by
+# default): a port the kernel picked for `bind(0)` can be taken again as the
+# local port of any outgoing connection (a client, Envoy's upstream) before
+# the process it was meant for binds it. Each test process starts at its own
+# offset and, `_PORTS` being one iterator, never hands out a port twice.
+_PORTS_START = 20000 + (os.getpid() * 7919) % 12000
+_PORTS = itertools.chain(range(_PORTS_START, 32768), range(20000, _PORTS_START))
+
+
 def free_port():
-    with socket.socket() as s:
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # all 12,768 used: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -10,8 +10,9 @@ docs/screenshots/ (the README's pictures), otherwise to a temp directory."""
 
 import base64
 import os
-import tempfile
 import re
+import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -33,6 +34,7 @@ if not Path(CHROMEDRIVER).exists():
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium==4.51.0")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -85,9 +87,23 @@ def text(drv):
 
 
 def fill(drv, field, value):
-    el = drv.find_element(By.ID, field)
-    el.clear()
-    el.send_keys(value)
+    # Looked up again if the page was still being replaced when first found
+    # (Chrome then reports the node as stale or "not in the document").
+    for attempt in range(5):
+        try:
+            el = drv.find_element(By.ID, field)
+            el.clear()
+            el.send_keys(value)
+            return
+        except WebDriverException as e:
+            if attempt == 4 or not replaced_meanwhile(e):
+                raise
+            time.sleep(0.2)
+
+
+def replaced_meanwhile(e):
+    """The element came from a document that has since been replaced."""
+    return isinstance(e, StaleElementReferenceException) or "does not belong to the document" in str(e)
 
 
 def follow(drv, by, value):
@@ -97,6 +113,8 @@ def follow(drv, by, value):
     page = drv.find_element(By.TAG_NAME, "html")
     drv.find_element(by, value).click()
     WebDriverWait(drv, 20).until(expected_conditions.staleness_of(page))
+    WebDriverWait(drv, 20, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 def basic(key, secret):
