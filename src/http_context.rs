@@ -177,10 +177,10 @@ impl GateContext {
     }
 }
 
-/// The request headers, fetched from Envoy in one call on first use: every
-/// host call costs Envoy ~2 µs whatever it returns, so one copy of the whole
-/// map is cheaper than the 4–6 single reads a decision makes (bench/RESULTS.md
-/// "p5-wasm"). Only valid while the request headers are (in
+/// The request headers, fetched from Envoy in one call on first use: one
+/// copy of the whole map costs Envoy less CPU than the 4–5 single reads a
+/// decision makes (bench/RESULTS.md "p5-wasm"), and the header edits need
+/// the whole list anyway. Only valid while the request headers are (in
 /// `on_http_request_headers`). A failed fetch counts as no headers for the
 /// decision, and is kept so that the request is refused with a 500 whatever
 /// the decision said.
