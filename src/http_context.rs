@@ -19,7 +19,7 @@ use keygate_core::{Credential, Denial, Policy};
 use log::{error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use std::cell::{Cell, RefCell, RefMut};
+use std::cell::{Cell, OnceCell, RefCell, RefMut};
 use std::rc::Rc;
 
 /// The body message of a 500: what failed is logged, not told the client.
@@ -177,37 +177,40 @@ impl GateContext {
     }
 }
 
-/// Request headers read from Envoy one by one, on demand, and remembered:
-/// fetching the whole map costs more than the few a decision needs. Only
-/// valid while the request headers are (in `on_http_request_headers`). A
-/// failed read counts as absent for the decision, and is kept so that the
-/// request is refused with a 500 whatever the decision said.
+/// The request headers, fetched from Envoy in one call on first use: one
+/// copy of the whole map costs Envoy less CPU than the 4–5 single reads a
+/// decision makes (bench/RESULTS.md "p5-wasm"), and the header edits need
+/// the whole list anyway. Only valid while the request headers are (in
+/// `on_http_request_headers`). A failed fetch counts as no headers for the
+/// decision, and is kept so that the request is refused with a 500 whatever
+/// the decision said.
 #[derive(Default)]
 struct RequestHeaders {
-    seen: RefCell<Vec<(String, Option<Vec<u8>>)>>,
+    all: OnceCell<Vec<(String, Vec<u8>)>>,
     error: Cell<Option<HostError>>,
 }
 
 impl Headers for RequestHeaders {
+    /// The first value of `name`, as Envoy's single-header read gives it.
     fn get(&self, name: &str) -> Option<Vec<u8>> {
-        if let Some((_, v)) = self.seen.borrow().iter().find(|(n, _)| n == name) {
-            return v.clone();
-        }
-        let value = match host::request_header(name) {
-            Ok(v) => v,
-            Err(e) => {
-                self.error.set(self.error.get().or(Some(e)));
-                None
-            }
-        };
-        self.seen
-            .borrow_mut()
-            .push((name.to_owned(), value.clone()));
-        value
+        self.pairs()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
     }
 }
 
 impl RequestHeaders {
+    /// Every header the client sent (after Envoy's own edits), in order.
+    fn pairs(&self) -> &[(String, Vec<u8>)] {
+        self.all.get_or_init(|| {
+            host::request_headers().unwrap_or_else(|e| {
+                self.error.set(self.error.get().or(Some(e)));
+                Vec::new()
+            })
+        })
+    }
+
     fn snapshot(&self, names: &[&str]) -> Vec<(String, Vec<u8>)> {
         names
             .iter()
@@ -324,18 +327,22 @@ impl GateContext {
         }
     }
 
-    /// Applies the decision's header edits; the first failure is returned.
-    /// One call lists the names the client sent: only those are removed or
-    /// replaced; the other identity headers are added, which costs Envoy no
-    /// search.
+    /// Applies the decision's header edits in one call, the first failure
+    /// returned. Envoy replaces the whole map with the list given, so the
+    /// list is what the old per-header calls left: the client's headers in
+    /// their order without the removed and replaced names, then the set
+    /// ones in order (a replace in Envoy removes and appends). No call when
+    /// nothing changes.
     fn edit_request_headers(
         decision: &Decision,
         policy: &Policy,
         headers: &RequestHeaders,
     ) -> Result<(), HostError> {
         let edits = decision.upstream_headers(policy, headers);
-        let names = host::request_header_names()?;
-        let sent = |name: &str| names.iter().any(|n| n == name);
+        let sent = headers.pairs();
+        if let Some(e) = headers.error() {
+            return Err(e);
+        }
         // Identity headers spelled another way (`x_keygate_tenant`): many
         // upstream frameworks read them as the real one. The shipped Envoy
         // configs reject such requests outright (`headers_with_underscores_action:
@@ -343,34 +350,35 @@ impl GateContext {
         // nowhere: only the exact names matter to its record.
         let spellings = match decision.outcome {
             Outcome::Denied { .. } => Vec::new(),
-            _ => identity_spellings(policy, names.iter().map(String::as_str)),
+            _ => identity_spellings(policy, sent.iter().map(|(n, _)| n.as_str())),
         };
-        let removed = edits.remove.iter().copied().filter(|n| sent(n));
-        for name in removed.chain(spellings) {
-            host::set_request_header(name, None)?;
+        let dropped = |name: &str| {
+            edits.remove.contains(&name)
+                || spellings.contains(&name)
+                || edits.set.iter().any(|(n, _)| *n == name)
+        };
+        if edits.set.is_empty() && !sent.iter().any(|(n, _)| dropped(n)) {
+            return Ok(());
         }
-        for (name, value) in &edits.set {
-            // An empty value (a key without scopes) only a set can write.
-            if sent(name) || value.is_empty() {
-                host::set_request_header(name, Some(value))?;
-            } else {
-                host::add_request_header(name, value)?;
-            }
-        }
-        Ok(())
+        let kept = sent
+            .iter()
+            .filter(|(n, _)| !dropped(n))
+            .map(|(n, v)| (n.as_str(), v.as_slice()));
+        let set = edits.set.iter().map(|(n, v)| (*n, v.as_bytes()));
+        host::set_request_headers(kept.chain(set).collect())
     }
 
     /// A login never goes upstream, but the buffer filter after keygate
     /// sees its headers, and the access log reads identity from them: no
     /// client-sent identity, in any spelling, stays.
-    fn strip_all_identity(policy: &Policy) -> Result<(), HostError> {
-        let names = host::request_header_names()?;
+    fn strip_all_identity(policy: &Policy, headers: &RequestHeaders) -> Result<(), HostError> {
+        let names: Vec<&str> = headers.pairs().iter().map(|(n, _)| n.as_str()).collect();
+        if let Some(e) = headers.error() {
+            return Err(e);
+        }
         let identity = policy.headers.all();
-        let sent = identity
-            .iter()
-            .copied()
-            .filter(|n| names.iter().any(|s| s == n));
-        for name in sent.chain(identity_spellings(policy, names.iter().map(String::as_str))) {
+        let sent = identity.iter().copied().filter(|n| names.contains(n));
+        for name in sent.chain(identity_spellings(policy, names.iter().copied())) {
             host::set_request_header(name, None)?;
         }
         Ok(())
@@ -423,7 +431,7 @@ impl HttpContext for GateContext {
             if let Some(e) = headers.error() {
                 return self.fail(e, Some(&policy));
             }
-            if let Err(e) = Self::strip_all_identity(&policy) {
+            if let Err(e) = Self::strip_all_identity(&policy, &headers) {
                 return self.fail(e, Some(&policy));
             }
             if end_of_stream {
@@ -514,8 +522,10 @@ impl HttpContext for GateContext {
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
         if let (Some(rate), Some(policy)) = (&self.rate, &self.policy) {
-            // Added, not replaced: keygate owns these names, and replacing
-            // makes Envoy search and remove before it adds.
+            // Added one call each, not replaced (keygate owns these names,
+            // and replacing makes Envoy search and remove first), and not
+            // as one read and rewrite of the whole map: measured, that cost
+            // Envoy more CPU than the five adds (bench/RESULTS.md "p5-wasm").
             for (name, value) in rate_limit_headers(rate, policy.rate_limit_headers, self.now_ns) {
                 // The upstream already answered: missing headers are logged,
                 // the response still goes out.

@@ -223,6 +223,18 @@ def test_client_sent_identity_headers_never_reach_upstream(gate, proto):
     assert not any(name.startswith("x-keygate-") for name, _ in r.upstream_headers())
 
 
+def test_other_client_headers_reach_upstream_in_order_with_repeats(gate, proto):
+    # The wasm build rewrites the whole request header map in one call: every
+    # header it does not own must survive, in the client's order, repeats kept.
+    sent = [("a-first", "1"), ("x-keygate-tenant", "evil"), ("b-repeated", "2"), ("x-api-key", "read-key"),
+            ("b-repeated", "3"), ("c-last", "4")]
+    up = get(gate, headers=sent, proto=proto).upstream_headers()
+    assert [h for h in up if h[0] in ("a-first", "b-repeated", "c-last")] == [
+        ("a-first", "1"), ("b-repeated", "2"), ("b-repeated", "3"), ("c-last", "4")]
+    assert [v for n, v in up if n == "x-keygate-tenant"] == ["acme"]
+    assert "x-api-key" not in dict(up)
+
+
 def test_hex_key_is_accepted_and_hashed_as_presented(gate):
     assert get(gate, headers=[("x-api-key", HEX_KEY)]).status == 200
 
