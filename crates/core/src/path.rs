@@ -69,8 +69,10 @@ pub fn normalize(raw: &[u8]) -> Result<String, PathError> {
     if out.is_empty() || (trailing && !segments.is_empty()) {
         out.push(b'/');
     }
-    // Non-UTF-8 bytes are kept visible but harmless for matching.
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    // Non-UTF-8 bytes are kept visible but harmless for matching; a UTF-8
+    // path (the usual one) keeps its buffer instead of being copied.
+    Ok(String::from_utf8(out)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 #[cfg(test)]

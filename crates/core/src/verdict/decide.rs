@@ -101,6 +101,12 @@ impl Decision {
 /// all headers at once costs more than the few the decision needs.
 pub trait Headers {
     fn get(&self, name: &str) -> Option<Vec<u8>>;
+
+    /// Whether the request has `name`; a host that can tell without
+    /// copying the value overrides this.
+    fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
 }
 
 impl Headers for [(String, Vec<u8>)] {
