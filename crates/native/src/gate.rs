@@ -84,13 +84,19 @@ impl HeaderViews {
     /// (`x_keygate_tenant`): removed like the identity headers themselves.
     fn identity_spellings(&self, policy: &Policy) -> Vec<String> {
         // Filtered on bytes first: UTF-8 is checked only for the rare
-        // candidate, not for every header name of every request.
-        let names = self.views.as_slice().iter().filter_map(|h| {
-            // SAFETY: views are valid while `self` lives (see `fetch`).
-            let key = unsafe { view(h.key_ptr, h.key_length) };
-            may_respell(key).then(|| std::str::from_utf8(key).unwrap_or_default())
-        });
-        identity_spellings(policy, names)
+        // candidate, and without one the core (which lists the identity
+        // names first) is not asked at all.
+        let names = || {
+            self.views.as_slice().iter().filter_map(|h| {
+                // SAFETY: views are valid while `self` lives (see `fetch`).
+                let key = unsafe { view(h.key_ptr, h.key_length) };
+                may_respell(key).then(|| std::str::from_utf8(key).unwrap_or_default())
+            })
+        };
+        if names().next().is_none() {
+            return Vec::new();
+        }
+        identity_spellings(policy, names())
             .into_iter()
             .map(str::to_owned)
             .collect()
