@@ -137,6 +137,26 @@ impl Headers for HeaderViews {
         Some(joined)
     }
 
+    /// A single value (the usual case) as a view, no copy.
+    fn get_ref(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        if name == "x-forwarded-for" && !self.xff_trusted {
+            return None;
+        }
+        let mut first: Option<&[u8]> = None;
+        for h in self.views.as_slice() {
+            // SAFETY: views are valid while `self` lives (see `fetch`).
+            if unsafe { view(h.key_ptr, h.key_length) } == name.as_bytes() {
+                if first.is_some() {
+                    // Repeated: joined, as `get` does.
+                    return self.get(name).map(Cow::Owned);
+                }
+                // SAFETY: as above.
+                first = Some(unsafe { view(h.value_ptr, h.value_length) });
+            }
+        }
+        first.map(Cow::Borrowed)
+    }
+
     /// No copy of the value: presence is all the header edits ask.
     fn has(&self, name: &str) -> bool {
         if name == "x-forwarded-for" && !self.xff_trusted {
@@ -742,6 +762,52 @@ mod tests {
                 assert!(ours.iter().all(|(n, _)| RATE_HEADER_NAMES.contains(n)));
             }
         }
+    }
+
+    /// Views over Rust strings, as Envoy's `get_headers` hands them.
+    fn views(headers: &[(&'static str, &'static str)], xff_trusted: bool) -> HeaderViews {
+        let list = headers
+            .iter()
+            .map(|(k, v)| crate::abi::EnvoyHttpHeader {
+                key_ptr: k.as_ptr().cast(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_length: v.len(),
+            })
+            .collect();
+        HeaderViews {
+            views: crate::envoy::HeaderViewList::Heap(list),
+            xff_trusted,
+        }
+    }
+
+    #[test]
+    fn borrowed_header_reads_agree_with_copied_ones() {
+        let h = views(
+            &[
+                (":path", "/v1/items"),
+                ("x-api-key", "a"),
+                ("x-api-key", "b"),
+                ("x-forwarded-for", "10.0.0.1"),
+            ],
+            false,
+        );
+        for name in [":path", "x-api-key", "x-forwarded-for", "authorization"] {
+            let got = Headers::get(&h, name);
+            assert_eq!(h.get_ref(name).map(|v| v.into_owned()), got, "{name}");
+            assert_eq!(Headers::has(&h, name), got.is_some(), "{name}");
+        }
+        assert!(matches!(
+            h.get_ref(":path"),
+            Some(Cow::Borrowed(b"/v1/items"))
+        ));
+        assert_eq!(h.get_ref("x-api-key").as_deref(), Some(&b"a,b"[..]));
+        assert_eq!(h.get_ref("x-forwarded-for"), None);
+        let trusted = views(&[("x-forwarded-for", "10.0.0.1")], true);
+        assert_eq!(
+            trusted.get_ref("x-forwarded-for").as_deref(),
+            Some(&b"10.0.0.1"[..])
+        );
     }
 
     #[test]
