@@ -11,7 +11,7 @@ use keygate_core::access_log::{decision_fields, AccessRecord};
 use keygate_core::config::RateLimitHeaders;
 use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
-use keygate_core::rate_limit::{policy_name, Policies, RateStatus};
+use keygate_core::rate_limit::{policy_name, RateStatus};
 use keygate_core::shared_data::CounterCell;
 use keygate_core::token::MAX_LOGIN_BODY;
 use keygate_core::verdict::{
@@ -229,27 +229,18 @@ fn rate_headers(
     now_ns: u64,
     mut f: impl FnMut(&'static str, &str),
 ) {
-    let mut out = ValueBuf::new();
-    // Numbers always fit (at most 20 digits): the None arm never runs.
-    let mut number = |name: &'static str, n: u64, out: &mut ValueBuf| {
-        if let Some(value) = out.start().num(n).fits() {
-            f(name, value);
-        }
-    };
     if styles.x_ratelimit {
-        number("x-ratelimit-limit", rate.limit.requests.into(), &mut out);
-        number("x-ratelimit-remaining", rate.remaining.into(), &mut out);
-        number("x-ratelimit-reset", rate.reset_epoch_secs(), &mut out);
+        let mut digits = itoa::Buffer::new();
+        f("x-ratelimit-limit", digits.format(rate.limit.requests));
+        f("x-ratelimit-remaining", digits.format(rate.remaining));
+        f("x-ratelimit-reset", digits.format(rate.reset_epoch_secs()));
     }
     if styles.ietf {
-        let one = Policies::one(rate.tag, rate.limit);
-        let policies = if rate.policies.is_empty() {
-            &one
-        } else {
-            &rate.policies
-        };
-        out.start();
-        for (i, (tag, limit)) in policies.iter().enumerate() {
+        let mut out = ValueBuf::new();
+        // The one limit of the status when it lists none (as the core's
+        // `policy_header`), else every limit it lists.
+        let one = rate.policies.is_empty().then_some((rate.tag, rate.limit));
+        for (i, (tag, limit)) in one.into_iter().chain(rate.policies.iter()).enumerate() {
             if i > 0 {
                 out.text(", ");
             }
