@@ -13,12 +13,13 @@ use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::{policy_name, RateStatus};
 use keygate_core::shared_data::CounterCell;
-use keygate_core::token::MAX_LOGIN_BODY;
+use keygate_core::token::{VerifiedTokens, MAX_LOGIN_BODY};
 use keygate_core::verdict::{
     identity_spellings, is_login, login, policy_header, rate_limit_headers, Headers, Login,
 };
 use keygate_core::{decide, Credential, Decision, Denial, Host, Outcome, Policy};
 use std::borrow::Cow;
+use std::cell::RefMut;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -166,14 +167,15 @@ impl Headers for HeaderViews {
     }
 }
 
-/// The host side of a decision: the process-wide tables and Envoy's
-/// computed client address.
-struct NativeHost {
+/// The host side of a decision: the process-wide tables, Envoy's
+/// computed client address and this worker's verified tokens.
+struct NativeHost<'t> {
     stream: Stream,
     counters: Counters,
+    verified_tokens: Option<RefMut<'t, VerifiedTokens>>,
 }
 
-impl Host for NativeHost {
+impl Host for NativeHost<'_> {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>> {
         lookup(key_hash)
     }
@@ -188,6 +190,10 @@ impl Host for NativeHost {
 
     fn counters(&mut self) -> &mut dyn CounterCell {
         &mut self.counters
+    }
+
+    fn verified_tokens(&mut self) -> Option<&mut VerifiedTokens> {
+        self.verified_tokens.as_deref_mut()
     }
 }
 
@@ -444,6 +450,7 @@ impl Gate {
             let mut host = NativeHost {
                 stream,
                 counters: Counters::default(),
+                verified_tokens: None,
             };
             login(policy, &headers, body, &mut host, self.now_ns)
         };
@@ -470,10 +477,11 @@ impl Gate {
 
     pub fn on_request_headers(&mut self, stream: Stream, end_of_stream: bool) -> u32 {
         let mut timer = profile::Timer::start();
-        let Some(policy) = self.config.policy() else {
+        let Some(worker) = self.config.worker() else {
             unavailable(stream);
             return abi::HEADERS_STOP_ITERATION;
         };
+        let policy = worker.policy;
         self.now_ns = now_ns();
         timer.lap(Step::Policy);
         // SAFETY: dropped below before the first header change.
@@ -509,6 +517,7 @@ impl Gate {
             let mut host = NativeHost {
                 stream,
                 counters: Counters::default(),
+                verified_tokens: worker.verified_tokens.try_borrow_mut().ok(),
             };
             decide(&policy, &headers, &mut host, self.now_ns)
         };
