@@ -24,6 +24,12 @@ pub fn parse_allowed(s: &str) -> Result<IpNet, String> {
 /// Parses Envoy's `source.address` (`1.2.3.4:5678`, `[::1]:5678`) or a bare address.
 pub fn parse_socket_ip(s: &str) -> Option<IpAddr> {
     let s = s.trim();
+    // Envoy's usual `a.b.c.d:port`: one ':' is never an IPv6 address (they
+    // have two or more) nor IPv4 (none), so the whole-string parse below
+    // would fail; straight to the address before the port.
+    if !s.starts_with('[') && s.bytes().filter(|&b| b == b':').count() == 1 {
+        return s.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok());
+    }
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(ip);
     }
@@ -63,6 +69,43 @@ pub fn is_allowed(allow: &[IpNet], ip: Option<IpAddr>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parse before the `a.b.c.d:port` shortcut, kept to check it.
+    fn parse_without_shortcut(s: &str) -> Option<IpAddr> {
+        let s = s.trim();
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Some(ip);
+        }
+        if let Some(rest) = s.strip_prefix('[') {
+            return rest.split_once(']').and_then(|(ip, _)| ip.parse().ok());
+        }
+        s.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok())
+    }
+
+    #[test]
+    fn the_ipv4_port_shortcut_parses_as_before() {
+        for s in [
+            "127.0.0.1:54321",
+            " 10.0.0.1:80 ",
+            "10.0.0.1",
+            "10.0.0.1:",
+            ":80",
+            "::1",
+            "[::1]:80",
+            "[10.0.0.1]:80",
+            "::ffff:10.0.0.1",
+            "[::ffff:10.0.0.1]:443",
+            "2001:db8::1",
+            "host:80",
+            "1.2.3.4:5:6",
+            "",
+            ":",
+            "[",
+            "1.2.3.999:80",
+        ] {
+            assert_eq!(parse_socket_ip(s), parse_without_shortcut(s), "{s:?}");
+        }
+    }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| parse_allowed(s).unwrap()).collect()

@@ -21,12 +21,25 @@ pub enum PathError {
 const MAX_PATH: usize = 8192;
 
 pub fn normalize(raw: &[u8]) -> Result<String, PathError> {
+    normalize_with(raw, is_normal)
+}
+
+/// [`normalize`], with the test for paths that need no work passed in (the
+/// tests check the shortcut against the full work).
+fn normalize_with(raw: &[u8], already_normal: fn(&[u8]) -> bool) -> Result<String, PathError> {
     let raw = raw
         .split(|&b| b == b'?' || b == b'#')
         .next()
         .unwrap_or_default();
     if raw.first() != Some(&b'/') || raw.len() > MAX_PATH {
         return Err(PathError::NotAbsolute);
+    }
+    if already_normal(raw) {
+        // The usual request path: nothing to decode or resolve, so the
+        // result is the path itself (one copy instead of three buffers).
+        if let Ok(path) = std::str::from_utf8(raw) {
+            return Ok(path.to_owned());
+        }
     }
     let mut decoded = Vec::with_capacity(raw.len());
     let mut i = 0;
@@ -69,13 +82,65 @@ pub fn normalize(raw: &[u8]) -> Result<String, PathError> {
     if out.is_empty() || (trailing && !segments.is_empty()) {
         out.push(b'/');
     }
-    // Non-UTF-8 bytes are kept visible but harmless for matching.
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    // Non-UTF-8 bytes are kept visible but harmless for matching; a UTF-8
+    // path (the usual one) keeps its buffer instead of being copied.
+    Ok(String::from_utf8(out)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
+/// Whether `raw` (absolute, query cut) is already what [`normalize`]
+/// returns: no escape, no refused byte, no empty, `.` or `..` segment
+/// other than the one a trailing `/` leaves.
+fn is_normal(raw: &[u8]) -> bool {
+    let refused = |b: u8| b == b'%' || b == b'\\' || b == b';' || b < 0x20 || b == 0x7f;
+    if raw.iter().any(|&b| refused(b)) {
+        return false;
+    }
+    let Some(rest) = raw.strip_prefix(b"/") else {
+        return false;
+    };
+    if rest.is_empty() {
+        return true;
+    }
+    let rest = rest.strip_suffix(b"/").unwrap_or(rest);
+    !rest.is_empty()
+        && rest
+            .split(|&b| b == b'/')
+            .all(|seg| !matches!(seg, b"" | b"." | b".."))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`normalize`] without its shortcut for paths already normal.
+    fn slow(raw: &str) -> Result<String, PathError> {
+        normalize_with(raw.as_bytes(), |_| false)
+    }
+
+    #[test]
+    fn the_shortcut_for_normal_paths_changes_no_result() {
+        let parts = [
+            "", "/", "a", ".", "..", "%61", "b;", "é", "\\", "//", "x/", "?q", "#f",
+        ];
+        let mut checked = 0;
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    let p = format!("/{a}{b}/{c}");
+                    assert_eq!(normalize(p.as_bytes()), slow(&p), "{p:?}");
+                    checked += 1;
+                }
+            }
+        }
+        let invalid = b"/a/\xff/b";
+        assert_eq!(
+            normalize(invalid),
+            normalize_with(invalid, |_| false),
+            "non-UTF-8"
+        );
+        assert!(checked > 1000);
+    }
 
     fn n(p: &str) -> Result<String, PathError> {
         normalize(p.as_bytes())

@@ -10,6 +10,7 @@ use keygate_core::access_log::outcomes;
 use keygate_core::config::{check_store_ids, merge_config_ids, Role};
 use keygate_core::denial::Reason;
 use keygate_core::shared_data::{counter_key, CONFIG_IDS_KEY};
+use keygate_core::token::VerifiedTokens;
 use keygate_core::{Decision, Outcome, Policy};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -17,6 +18,13 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One `filter_config` as Envoy loaded it. Read-only once built.
+/// What one worker keeps per filter configuration.
+#[derive(Clone)]
+pub struct Worker {
+    pub policy: Rc<Policy>,
+    pub verified_tokens: Rc<RefCell<VerifiedTokens>>,
+}
+
 pub struct FilterConfig {
     id: u64,
     json: Vec<u8>,
@@ -116,22 +124,32 @@ impl FilterConfig {
     /// validated when the config was created, so compiling cannot fail short
     /// of a changed environment, which then fails closed (`None`).
     pub fn policy(&self) -> Option<Rc<Policy>> {
+        self.worker().map(|w| w.policy)
+    }
+
+    /// [`FilterConfig::policy`] with this worker's tokens already verified
+    /// under it (as the wasm build keeps them per VM): one cache per
+    /// compiled policy, so a changed set of signing keys starts empty.
+    pub fn worker(&self) -> Option<Worker> {
         // A few configs per worker at most (gate, sync, reloads): a short list.
         const MAX_CONFIGS_PER_WORKER: usize = 16;
         thread_local! {
-            static POLICIES: RefCell<Vec<(u64, Rc<Policy>)>> = const { RefCell::new(Vec::new()) };
+            static POLICIES: RefCell<Vec<(u64, Worker)>> = const { RefCell::new(Vec::new()) };
         }
         POLICIES.with(|cell| {
             let mut list = cell.try_borrow_mut().ok()?;
-            if let Some((_, p)) = list.iter().find(|(id, _)| *id == self.id) {
-                return Some(p.clone());
+            if let Some((_, w)) = list.iter().find(|(id, _)| *id == self.id) {
+                return Some(w.clone());
             }
-            let policy = Rc::new(compile(&self.json).ok()?);
+            let worker = Worker {
+                policy: Rc::new(compile(&self.json).ok()?),
+                verified_tokens: Rc::default(),
+            };
             if list.len() >= MAX_CONFIGS_PER_WORKER {
                 list.remove(0);
             }
-            list.push((self.id, policy.clone()));
-            Some(policy)
+            list.push((self.id, worker.clone()));
+            Some(worker)
         })
     }
 
@@ -172,5 +190,33 @@ pub(crate) fn decision_outcome(slot: usize) -> String {
         n => Reason::ALL
             .get(n - 2)
             .map_or_else(String::new, |r| format!("denied_{}", r.as_str())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(id: u64) -> FilterConfig {
+        FilterConfig {
+            id,
+            json: b"{}".to_vec(),
+            role: Role::Gate,
+            counters: HashMap::new(),
+            decision_counters: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn verified_tokens_are_kept_per_config_on_a_worker() {
+        let (a, b) = (config(1_000_001), config(1_000_002));
+        let (a1, a2, b1) = (
+            a.worker().unwrap(),
+            a.worker().unwrap(),
+            b.worker().unwrap(),
+        );
+        assert!(Rc::ptr_eq(&a1.policy, &a2.policy));
+        assert!(Rc::ptr_eq(&a1.verified_tokens, &a2.verified_tokens));
+        assert!(!Rc::ptr_eq(&a1.verified_tokens, &b1.verified_tokens));
     }
 }

@@ -13,20 +13,23 @@ use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::{policy_name, RateStatus};
 use keygate_core::shared_data::CounterCell;
-use keygate_core::token::MAX_LOGIN_BODY;
+use keygate_core::token::{VerifiedTokens, MAX_LOGIN_BODY};
 use keygate_core::verdict::{
     identity_spellings, is_login, login, policy_header, rate_limit_headers, Headers, Login,
 };
 use keygate_core::{decide, Credential, Decision, Denial, Host, Outcome, Policy};
 use std::borrow::Cow;
+use std::cell::RefMut;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub struct Gate {
     config: Arc<FilterConfig>,
-    /// Rate status to report on the upstream's response.
-    rate: Option<RateStatus>,
+    /// Rate status to report on the upstream's response, and in which
+    /// header styles (kept from the request: the response hook then needs
+    /// no policy lookup).
+    rate: Option<(RateStatus, RateLimitHeaders)>,
     now_ns: u64,
     /// A login waiting for its body: the request headers it needs later.
     login_headers: Option<Vec<(String, Vec<u8>)>>,
@@ -81,12 +84,20 @@ impl HeaderViews {
     /// Names sent that spell an identity header another way
     /// (`x_keygate_tenant`): removed like the identity headers themselves.
     fn identity_spellings(&self, policy: &Policy) -> Vec<String> {
-        let names = self.views.as_slice().iter().map(|h| {
-            // SAFETY: views are valid while `self` lives (see `fetch`).
-            let key = unsafe { view(h.key_ptr, h.key_length) };
-            std::str::from_utf8(key).unwrap_or_default()
-        });
-        identity_spellings(policy, names.filter(|n| may_respell(n)))
+        // Filtered on bytes first: UTF-8 is checked only for the rare
+        // candidate, and without one the core (which lists the identity
+        // names first) is not asked at all.
+        let names = || {
+            self.views.as_slice().iter().filter_map(|h| {
+                // SAFETY: views are valid while `self` lives (see `fetch`).
+                let key = unsafe { view(h.key_ptr, h.key_length) };
+                may_respell(key).then(|| std::str::from_utf8(key).unwrap_or_default())
+            })
+        };
+        if names().next().is_none() {
+            return Vec::new();
+        }
+        identity_spellings(policy, names())
             .into_iter()
             .map(str::to_owned)
             .collect()
@@ -97,8 +108,8 @@ impl HeaderViews {
 /// name with a `_` or an uppercase letter can (without either, a match is the
 /// exact name, which `identity_spellings` leaves out). Envoy hands names in
 /// lowercase with `-`, so this usually skips every header in one scan.
-fn may_respell(name: &str) -> bool {
-    name.bytes().any(|b| b == b'_' || b.is_ascii_uppercase())
+fn may_respell(name: &[u8]) -> bool {
+    name.iter().any(|&b| b == b'_' || b.is_ascii_uppercase())
 }
 
 /// A slice of Envoy's memory; a null pointer is an empty slice.
@@ -126,16 +137,45 @@ impl Headers for HeaderViews {
         }
         Some(joined)
     }
+
+    /// A single value (the usual case) as a view, no copy.
+    fn get_ref(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        if name == "x-forwarded-for" && !self.xff_trusted {
+            return None;
+        }
+        let mut first: Option<&[u8]> = None;
+        for h in self.views.as_slice() {
+            // SAFETY: views are valid while `self` lives (see `fetch`).
+            if unsafe { view(h.key_ptr, h.key_length) } == name.as_bytes() {
+                if first.is_some() {
+                    // Repeated: joined, as `get` does.
+                    return self.get(name).map(Cow::Owned);
+                }
+                // SAFETY: as above.
+                first = Some(unsafe { view(h.value_ptr, h.value_length) });
+            }
+        }
+        first.map(Cow::Borrowed)
+    }
+
+    /// No copy of the value: presence is all the header edits ask.
+    fn has(&self, name: &str) -> bool {
+        if name == "x-forwarded-for" && !self.xff_trusted {
+            return false;
+        }
+        self.values(name).next().is_some()
+    }
 }
 
-/// The host side of a decision: the process-wide tables and Envoy's
-/// computed client address.
-struct NativeHost {
+/// The host side of a decision: the process-wide tables, Envoy's
+/// computed client address and this worker's verified tokens.
+struct NativeHost<'t> {
     stream: Stream,
     counters: Counters,
+    verified_tokens: Option<RefMut<'t, VerifiedTokens>>,
 }
 
-impl Host for NativeHost {
+impl Host for NativeHost<'_> {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>> {
         lookup(key_hash)
     }
@@ -150,6 +190,10 @@ impl Host for NativeHost {
 
     fn counters(&mut self) -> &mut dyn CounterCell {
         &mut self.counters
+    }
+
+    fn verified_tokens(&mut self) -> Option<&mut VerifiedTokens> {
+        self.verified_tokens.as_deref_mut()
     }
 }
 
@@ -182,53 +226,109 @@ const RATE_HEADER_NAMES: [&str; 5] = [
 ];
 
 /// The response headers of `rate_limit_headers` (same names, values and
-/// order; `rate_headers_match_the_core` checks it), each rendered into a
-/// stack buffer and handed to `f`: no string per header.
+/// order; `rate_headers_match_the_core` checks it), each rendered into one
+/// stack buffer and handed to `f`: no string, no formatting machinery, no
+/// allocation per header (these run on every allowed response).
 fn rate_headers(
     rate: &RateStatus,
     styles: RateLimitHeaders,
     now_ns: u64,
     mut f: impl FnMut(&'static str, &str),
 ) {
-    let mut buf = [0u8; 64];
-    let mut put = |name: &'static str, args: std::fmt::Arguments| {
-        if name == "ratelimit-policy" {
-            // Several limits make a long value: built as the core builds it.
-            f(name, &policy_header(rate));
-        } else if let Some(value) = render(&mut buf, args) {
-            f(name, value);
-        }
-    };
     if styles.x_ratelimit {
-        put("x-ratelimit-limit", format_args!("{}", rate.limit.requests));
-        put("x-ratelimit-remaining", format_args!("{}", rate.remaining));
-        put(
-            "x-ratelimit-reset",
-            format_args!("{}", rate.reset_epoch_secs()),
-        );
+        let mut digits = itoa::Buffer::new();
+        f("x-ratelimit-limit", digits.format(rate.limit.requests));
+        f("x-ratelimit-remaining", digits.format(rate.remaining));
+        f("x-ratelimit-reset", digits.format(rate.reset_epoch_secs()));
     }
     if styles.ietf {
-        put("ratelimit-policy", format_args!(""));
-        put(
-            "ratelimit",
-            format_args!(
-                "\"{}\";r={};t={}",
-                policy_name(rate.tag),
-                rate.remaining,
-                rate.reset_in_secs(now_ns)
-            ),
-        );
+        let mut out = ValueBuf::new();
+        // The one limit of the status when it lists none (as the core's
+        // `policy_header`), else every limit it lists.
+        let one = rate.policies.is_empty().then_some((rate.tag, rate.limit));
+        for (i, (tag, limit)) in one.into_iter().chain(rate.policies.iter()).enumerate() {
+            if i > 0 {
+                out.text(", ");
+            }
+            out.quoted(policy_name(tag))
+                .text(";q=")
+                .num(limit.requests)
+                .text(";w=")
+                .num(limit.window_secs);
+        }
+        match out.fits() {
+            Some(value) => f("ratelimit-policy", value),
+            // Cannot happen for MAX_POLICIES limits (see VALUE_BUF); kept
+            // exact all the same.
+            None => f("ratelimit-policy", &policy_header(rate)),
+        }
+        out.start()
+            .quoted(policy_name(rate.tag))
+            .text(";r=")
+            .num(rate.remaining)
+            .text(";t=")
+            .num(rate.reset_in_secs(now_ns));
+        if let Some(value) = out.fits() {
+            f("ratelimit", value);
+        }
     }
 }
 
-/// `args` written into `buf`; None if it does not fit (never for the
-/// numbers above: the longest value is under 50 bytes).
-fn render<'b>(buf: &'b mut [u8; 64], args: std::fmt::Arguments) -> Option<&'b str> {
-    use std::io::Write;
-    let mut rest = &mut buf[..];
-    rest.write_fmt(args).ok()?;
-    let used = 64 - rest.len();
-    std::str::from_utf8(buf.get(..used)?).ok()
+/// Room for the longest rate-limit header value: `RateLimit-Policy` with
+/// `MAX_POLICIES` limits of ~45 bytes each (`"tenant-minute";q=<u32>;w=<u32>, `).
+const VALUE_BUF: usize = 48 * keygate_core::rate_limit::MAX_POLICIES;
+
+/// A header value written in place; past its room it only records that it
+/// overflowed (then `fits` is None and the caller falls back).
+struct ValueBuf {
+    bytes: [u8; VALUE_BUF],
+    len: usize,
+    overflow: bool,
+}
+
+impl ValueBuf {
+    fn new() -> ValueBuf {
+        ValueBuf {
+            bytes: [0; VALUE_BUF],
+            len: 0,
+            overflow: false,
+        }
+    }
+
+    fn start(&mut self) -> &mut ValueBuf {
+        self.len = 0;
+        self.overflow = false;
+        self
+    }
+
+    fn text(&mut self, s: &str) -> &mut ValueBuf {
+        let end = self.len + s.len();
+        match self.bytes.get_mut(self.len..end) {
+            Some(dst) => {
+                dst.copy_from_slice(s.as_bytes());
+                self.len = end;
+            }
+            None => self.overflow = true,
+        }
+        self
+    }
+
+    fn quoted(&mut self, s: &str) -> &mut ValueBuf {
+        self.text("\"").text(s).text("\"")
+    }
+
+    fn num(&mut self, n: impl itoa::Integer) -> &mut ValueBuf {
+        let mut digits = itoa::Buffer::new();
+        self.text(digits.format(n))
+    }
+
+    fn fits(&self) -> Option<&str> {
+        if self.overflow {
+            return None;
+        }
+        // Only ASCII was written (digits, names, punctuation).
+        std::str::from_utf8(self.bytes.get(..self.len)?).ok()
+    }
 }
 
 /// No policy on this worker (its compilation failed after the main thread
@@ -350,6 +450,7 @@ impl Gate {
             let mut host = NativeHost {
                 stream,
                 counters: Counters::default(),
+                verified_tokens: None,
             };
             login(policy, &headers, body, &mut host, self.now_ns)
         };
@@ -376,10 +477,11 @@ impl Gate {
 
     pub fn on_request_headers(&mut self, stream: Stream, end_of_stream: bool) -> u32 {
         let mut timer = profile::Timer::start();
-        let Some(policy) = self.config.policy() else {
+        let Some(worker) = self.config.worker() else {
             unavailable(stream);
             return abi::HEADERS_STOP_ITERATION;
         };
+        let policy = worker.policy;
         self.now_ns = now_ns();
         timer.lap(Step::Policy);
         // SAFETY: dropped below before the first header change.
@@ -415,6 +517,7 @@ impl Gate {
             let mut host = NativeHost {
                 stream,
                 counters: Counters::default(),
+                verified_tokens: worker.verified_tokens.try_borrow_mut().ok(),
             };
             decide(&policy, &headers, &mut host, self.now_ns)
         };
@@ -470,7 +573,7 @@ impl Gate {
                 abi::HEADERS_STOP_ITERATION
             }
             Outcome::Allowed { rate, .. } => {
-                self.rate = *rate;
+                self.rate = rate.map(|r| (r, policy.rate_limit_headers));
                 abi::HEADERS_CONTINUE
             }
             Outcome::Public => abi::HEADERS_CONTINUE,
@@ -528,28 +631,29 @@ impl Gate {
 
     pub fn on_response_headers(&mut self, stream: Stream) -> u32 {
         let mut timer = profile::Timer::start();
-        if let (Some(rate), Some(policy)) = (&self.rate, self.config.policy()) {
+        if let Some((rate, styles)) = &self.rate {
             // As on the request: a header the upstream sent is replaced, the
             // others are added, which costs Envoy less than a replacing set.
-            let sent: Vec<&'static str> = {
+            // Which of RATE_HEADER_NAMES the upstream sent, one bit each.
+            let sent: u8 = {
                 // SAFETY: dropped before the first response header change.
                 let present = unsafe { HeaderViews::fetch_response(stream) };
                 RATE_HEADER_NAMES
-                    .into_iter()
-                    .filter(|n| present.has(n))
-                    .collect()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| present.has(n))
+                    .fold(0, |bits, (i, _)| bits | 1 << i)
             };
             timer.lap(Step::ResponsePlan);
-            rate_headers(
-                rate,
-                policy.rate_limit_headers,
-                self.now_ns,
-                |name, value| {
-                    if sent.contains(&name) || !stream.add_response_header(name, value) {
-                        stream.set_response_header(name, Some(value));
-                    }
-                },
-            );
+            rate_headers(rate, *styles, self.now_ns, |name, value| {
+                let was_sent = RATE_HEADER_NAMES
+                    .iter()
+                    .position(|n| *n == name)
+                    .is_some_and(|i| sent & 1 << i != 0);
+                if was_sent || !stream.add_response_header(name, value) {
+                    stream.set_response_header(name, Some(value));
+                }
+            });
             timer.lap(Step::ResponseHeaders);
         }
         abi::HEADERS_CONTINUE
@@ -660,6 +764,52 @@ mod tests {
         }
     }
 
+    /// Views over Rust strings, as Envoy's `get_headers` hands them.
+    fn views(headers: &[(&'static str, &'static str)], xff_trusted: bool) -> HeaderViews {
+        let list = headers
+            .iter()
+            .map(|(k, v)| crate::abi::EnvoyHttpHeader {
+                key_ptr: k.as_ptr().cast(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_length: v.len(),
+            })
+            .collect();
+        HeaderViews {
+            views: crate::envoy::HeaderViewList::Heap(list),
+            xff_trusted,
+        }
+    }
+
+    #[test]
+    fn borrowed_header_reads_agree_with_copied_ones() {
+        let h = views(
+            &[
+                (":path", "/v1/items"),
+                ("x-api-key", "a"),
+                ("x-api-key", "b"),
+                ("x-forwarded-for", "10.0.0.1"),
+            ],
+            false,
+        );
+        for name in [":path", "x-api-key", "x-forwarded-for", "authorization"] {
+            let got = Headers::get(&h, name);
+            assert_eq!(h.get_ref(name).map(|v| v.into_owned()), got, "{name}");
+            assert_eq!(Headers::has(&h, name), got.is_some(), "{name}");
+        }
+        assert!(matches!(
+            h.get_ref(":path"),
+            Some(Cow::Borrowed(b"/v1/items"))
+        ));
+        assert_eq!(h.get_ref("x-api-key").as_deref(), Some(&b"a,b"[..]));
+        assert_eq!(h.get_ref("x-forwarded-for"), None);
+        let trusted = views(&[("x-forwarded-for", "10.0.0.1")], true);
+        assert_eq!(
+            trusted.get_ref("x-forwarded-for").as_deref(),
+            Some(&b"10.0.0.1"[..])
+        );
+    }
+
     #[test]
     fn prefiltered_identity_spellings_are_the_core_ones() {
         let p = policy();
@@ -677,7 +827,7 @@ mod tests {
         let all = identity_spellings(&p, names);
         assert!(all.len() >= 3, "{all:?}");
         assert_eq!(
-            identity_spellings(&p, names.into_iter().filter(|n| may_respell(n))),
+            identity_spellings(&p, names.into_iter().filter(|n| may_respell(n.as_bytes()))),
             all
         );
     }

@@ -18,6 +18,7 @@ use crate::rate_limit::RateStatus;
 use crate::scope::{grants, Access};
 use crate::shared_data::{counter_key, revocations_key, CounterCell};
 use crate::token::{self, Claims, TokenError, Tokens, VerifiedTokens};
+use std::borrow::Cow;
 use std::rc::Rc;
 
 /// What the decision needs from its surroundings (Envoy, or a test double).
@@ -101,6 +102,18 @@ impl Decision {
 /// all headers at once costs more than the few the decision needs.
 pub trait Headers {
     fn get(&self, name: &str) -> Option<Vec<u8>>;
+
+    /// Whether the request has `name`; a host that can tell without
+    /// copying the value overrides this.
+    fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// [`Headers::get`], borrowed where the host can (a single value it
+    /// holds already): the headers every decision reads cost no copy then.
+    fn get_ref(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        self.get(name).map(Cow::Owned)
+    }
 }
 
 impl Headers for [(String, Vec<u8>)] {
@@ -149,9 +162,9 @@ pub fn decide(
     host: &mut dyn Host,
     now_ns: u64,
 ) -> Decision {
-    let method = headers.get(":method").unwrap_or_default();
+    let method = headers.get_ref(":method").unwrap_or_default();
     let method = std::str::from_utf8(&method).unwrap_or("");
-    let path = match normalize(&headers.get(":path").unwrap_or_default()) {
+    let path = match normalize(&headers.get_ref(":path").unwrap_or_default()) {
         Ok(p) => p,
         Err(_) => {
             return Decision {
@@ -186,8 +199,8 @@ fn authorize(
     host: &mut dyn Host,
     now_ns: u64,
 ) -> (Outcome, Option<TokenSession>) {
-    let authorization = headers.get("authorization");
-    let api_key = headers.get(&policy.api_key_header);
+    let authorization = headers.get_ref("authorization");
+    let api_key = headers.get_ref(&policy.api_key_header);
     let presented = match extract(authorization.as_deref(), api_key.as_deref()) {
         Ok(p) => p,
         Err(ExtractError::Missing) => {

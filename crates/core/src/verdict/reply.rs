@@ -23,7 +23,7 @@ impl Decision {
         policy: &'a Policy,
         headers: &dyn Headers,
     ) -> UpstreamHeaders<'a> {
-        let present = |name: &str| headers.get(name).is_some();
+        let present = |name: &str| headers.has(name);
         let mut edits = UpstreamHeaders::default();
         match &self.outcome {
             // The filter removes only those the client sent.
