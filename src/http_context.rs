@@ -365,7 +365,24 @@ impl GateContext {
             .filter(|(n, _)| !dropped(n))
             .map(|(n, v)| (n.as_str(), v.as_slice()));
         let set = edits.set.iter().map(|(n, v)| (*n, v.as_bytes()));
-        host::set_request_headers(kept.chain(set).collect())
+        let pairs: Vec<(&str, &[u8])> = kept.chain(set).collect();
+        if fits_one_map_write(&pairs) {
+            return host::set_request_headers(pairs);
+        }
+        // Over the host's limits for one map: it would read the list as
+        // empty and leave the request with no headers at all. One call per
+        // edit instead (rare: only where Envoy accepts this many headers).
+        let mut removed: Vec<&str> = Vec::new();
+        for (name, _) in sent.iter().filter(|(n, _)| dropped(n)) {
+            if !removed.contains(&name.as_str()) {
+                removed.push(name);
+                host::set_request_header(name, None)?;
+            }
+        }
+        for (name, value) in &edits.set {
+            host::set_request_header(name, Some(value))?;
+        }
+        Ok(())
     }
 
     /// A login never goes upstream, but the buffer filter after keygate
@@ -548,4 +565,20 @@ impl GateContext {
             Stage::Headers | Stage::Login(_) | Stage::Answered => Action::Pause,
         }
     }
+}
+
+/// Whether proxy-wasm-cpp-host takes `pairs` as one header map: it reads a
+/// map of more than 1024 pairs or 1 MiB serialized (`PROXY_WASM_HOST_PAIRS_MAX_COUNT`,
+/// `…_MAX_BYTES`) as an empty one, and Envoy would then replace every
+/// request header with nothing.
+fn fits_one_map_write(pairs: &[(&str, &[u8])]) -> bool {
+    const MAX_PAIRS: usize = 1024;
+    const MAX_BYTES: usize = 1 << 20;
+    // The SDK's layout: a count, two lengths per pair, each name and value
+    // followed by a NUL.
+    let bytes = 4 + pairs
+        .iter()
+        .map(|(n, v)| 8 + n.len() + 1 + v.len() + 1)
+        .sum::<usize>();
+    pairs.len() <= MAX_PAIRS && bytes <= MAX_BYTES
 }

@@ -1,6 +1,7 @@
 """End-to-end: the keygate filter in a real Envoy (foundation behaviour)."""
 
 import base64
+import http.client
 import json
 import time
 
@@ -231,6 +232,28 @@ def test_other_client_headers_reach_upstream_in_order_with_repeats(gate, proto):
     up = get(gate, headers=sent, proto=proto).upstream_headers()
     assert [h for h in up if h[0] in ("a-first", "b-repeated", "c-last")] == [
         ("a-first", "1"), ("b-repeated", "2"), ("b-repeated", "3"), ("c-last", "4")]
+    assert [v for n, v in up if n == "x-keygate-tenant"] == ["acme"]
+    assert "x-api-key" not in dict(up)
+
+
+def test_a_request_with_more_headers_than_one_host_map_write_keeps_them_all(envoy_factory, proto, monkeypatch):
+    # Over 1024 headers (an operator raised Envoy's limit): proxy-wasm would
+    # read a one-call rewrite of the map as empty, so the wasm build edits
+    # header by header there. Every header still reaches upstream, edited.
+    def raise_limit(config):
+        for lst in config["static_resources"]["listeners"]:
+            if lst["name"] == "gate":
+                hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+                hcm.setdefault("common_http_protocol_options", {})["max_headers_count"] = 2000
+                hcm["max_request_headers_kb"] = 96
+    monkeypatch.setattr(http.client, "_MAXHEADERS", 5000)  # the echo upstream's parser
+    many = [(f"h-{i:04d}", str(i)) for i in range(1100)]
+    sent = [("x-keygate-tenant", "evil"), *many, ("x-api-key", "read-key")]
+    with envoy_factory(CONFIG, mutate=raise_limit) as envoy:
+        r = get(envoy, headers=sent, proto=proto)
+    assert r.status == 200, r.body[:300]
+    up = r.upstream_headers()
+    assert [h for h in up if h[0].startswith("h-")] == many
     assert [v for n, v in up if n == "x-keygate-tenant"] == ["acme"]
     assert "x-api-key" not in dict(up)
 

@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// One `filter_config` as Envoy loaded it. Read-only once built.
 /// What one worker keeps per filter configuration.
 #[derive(Clone)]
 pub struct Worker {
@@ -25,6 +24,7 @@ pub struct Worker {
     pub verified_tokens: Rc<RefCell<VerifiedTokens>>,
 }
 
+/// One `filter_config` as Envoy loaded it. Read-only once built.
 pub struct FilterConfig {
     id: u64,
     json: Vec<u8>,
