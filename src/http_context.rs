@@ -19,6 +19,7 @@ use keygate_core::{Credential, Denial, Policy};
 use log::{error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use std::borrow::Cow;
 use std::cell::{Cell, OnceCell, RefCell, RefMut};
 use std::rc::Rc;
 
@@ -197,6 +198,18 @@ impl Headers for RequestHeaders {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.clone())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.pairs().iter().any(|(n, _)| n == name)
+    }
+
+    /// The map is held for the whole callback: no copy.
+    fn get_ref(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        self.pairs()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| Cow::Borrowed(v.as_slice()))
     }
 }
 
