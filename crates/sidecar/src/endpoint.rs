@@ -4,7 +4,7 @@
 
 use keygate_control::service::forwarded_metadata;
 use keygate_control::store::{Snapshot, StoredKey};
-use keygate_core::shared_data::key_id_slot;
+use keygate_core::shared_data::{key_id_bucket, KEY_ID_BUCKETS};
 use keygate_core::sync::{
     binary_body, encode_binary_record, is_foreign, sign, LimitKind, LimitRecord, Mode, Push,
     RevokedSession, StoreId, SyncState, BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES,
@@ -338,12 +338,40 @@ fn occupied<'a>(set: &'a [Cow<'a, CredentialRecord>]) -> BTreeSet<&'a str> {
 /// key-id index (`shared_data::key_id_slot`): a batch then rewrites ~65
 /// buckets of ~15 ids each instead of one bucket per key. Order does not
 /// matter to correctness: a push applies as a whole.
+///
+/// A stable counting sort by bucket number: at a million keys, sorting by
+/// the buckets' names (a string built per key, compared O(n log n) times)
+/// was ~0.3 s of the push's start, before the first batch could go.
 fn in_entry_order<'a>(
     records: impl Iterator<Item = &'a CredentialRecord>,
 ) -> Vec<&'a CredentialRecord> {
-    let mut out: Vec<&CredentialRecord> = records.collect();
-    out.sort_by_cached_key(|r| key_id_slot(&r.key_id).0);
-    out
+    let keyed: Vec<(u32, &CredentialRecord)> = records
+        .map(|r| (key_id_bucket(&r.key_id), r))
+        .collect();
+    // Counted per bucket, then turned into where each bucket's records
+    // begin in the output.
+    let mut starts = vec![0usize; KEY_ID_BUCKETS as usize];
+    for (b, _) in &keyed {
+        if let Some(n) = starts.get_mut(*b as usize) {
+            *n += 1;
+        }
+    }
+    let mut sum = 0;
+    for n in starts.iter_mut() {
+        let count = *n;
+        *n = sum;
+        sum += count;
+    }
+    let mut out: Vec<Option<&CredentialRecord>> = vec![None; keyed.len()];
+    for (b, r) in keyed {
+        if let Some(at) = starts.get_mut(b as usize) {
+            if let Some(slot) = out.get_mut(*at) {
+                *slot = Some(r);
+            }
+            *at += 1;
+        }
+    }
+    out.into_iter().flatten().collect()
 }
 
 /// The revocations that can still refuse a token: one revoked at `t`
@@ -796,6 +824,23 @@ mod tests {
             "allowed_ips": ["10.0.0.0/8", "192.0.2.7"],
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_full_push_orders_records_by_index_bucket_name_keeping_store_order_within_one() {
+        // 200,000 ids fill 65,536 buckets ~3 deep: ties are common.
+        let records: Vec<CredentialRecord> = (0..200_000).map(record).collect();
+        let mut expected: Vec<(String, usize)> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (keygate_core::shared_data::key_id_slot(&r.key_id).0, i))
+            .collect();
+        expected.sort();
+        let got: Vec<usize> = in_entry_order(records.iter())
+            .into_iter()
+            .map(|r| r.key_id["key-".len()..].parse().unwrap())
+            .collect();
+        assert_eq!(got, expected.into_iter().map(|(_, i)| i).collect::<Vec<_>>());
     }
 
     #[test]
