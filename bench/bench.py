@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -218,15 +219,28 @@ def load_through_sync(envoy, n, secret_of_0=None, limits=None):
         f.write("}")
     written = time.monotonic()
     rss_before = rss_kib(envoy.proc.pid)
+    cpu_before = cpu_seconds(envoy.proc.pid)
+    ru_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([str(KEYGATE), "--store", str(store), "sync", "--once", "--endpoint",
                            f"http://127.0.0.1:{envoy.sync_port}"], capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "KEYGATE_SYNC_SECRET": envoy.sync_secret})
     if proc.returncode != 0:
         raise RuntimeError(f"sync of {n} credentials failed: {proc.stderr[-2000:]}")
     loaded = time.monotonic()
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     store.unlink()
     rss_after = rss_kib(envoy.proc.pid)
-    return {"load_s": loaded - written, "bytes_per_credential": (rss_after - rss_before) * 1024 / n}
+    # The sidecar's own phases (its log), so the figure says where it went.
+    read = re.search(r"read \d+ keys? .* in ([\d.]+) ms", proc.stderr)
+    push = re.search(r"full push of .*\(([\d.]+) ms\)", proc.stderr)
+    return {"load_s": loaded - written, "bytes_per_credential": (rss_after - rss_before) * 1024 / n,
+            "read_s": float(read[1]) / 1e3 if read else None, "push_s": float(push[1]) / 1e3 if push else None,
+            "envoy_cpu_s": cpu_seconds(envoy.proc.pid) - cpu_before,
+            "sidecar_cpu_s": ru.ru_utime + ru.ru_stime - ru_before.ru_utime - ru_before.ru_stime}
+
+
+def fmt_s(v):
+    return "-" if v is None else f"{v:.1f} s"
 
 
 def cpu_seconds(pid):
@@ -371,8 +385,11 @@ def main():
             n, limits = n if isinstance(n, tuple) else (n, None)
             if n:
                 loads[name] = load_through_sync(envoys[name], n, secret_of_0=sha(SECRET), limits=limits)
-                print(f"  loaded {n} credentials in {loads[name]['load_s']:.1f} s, "
-                      f"{loads[name]['bytes_per_credential']:.0f} B RSS each", flush=True)
+                ld = loads[name]
+                print(f"  loaded {n} credentials in {ld['load_s']:.1f} s (store read {fmt_s(ld['read_s'])}, "
+                      f"push {fmt_s(ld['push_s'])}, sidecar CPU {ld['sidecar_cpu_s']:.1f} s, "
+                      f"Envoy CPU {ld['envoy_cpu_s']:.1f} s), "
+                      f"{ld['bytes_per_credential']:.0f} B RSS each", flush=True)
         measured = [r for r in rows if r[1] in envoys]
         for row, name, header in measured:
             headers[row] = login(envoys[name], "bench-key-1") if header == "token" else header
@@ -408,9 +425,11 @@ def main():
                      f"| {m['p50']:.2f} ms | {m['p99']:.2f} ms | {rss[name] / 1024:.0f} MiB |")
     print("\n" + "\n".join(lines))
     if loads:
-        print("\n| credentials loaded through `keygate sync` | load time | Envoy RSS per credential |\n|---|---|---|")
+        print("\n| credentials loaded through `keygate sync` | load time | store read | push | sidecar CPU "
+              "| Envoy CPU | Envoy RSS per credential |\n|---|---|---|---|---|---|---|")
         for name, l in loads.items():
-            print(f"| {name} | {l['load_s']:.1f} s | {l['bytes_per_credential']:.0f} B |")
+            print(f"| {name} | {l['load_s']:.1f} s | {fmt_s(l['read_s'])} | {fmt_s(l['push_s'])} "
+                  f"| {l['sidecar_cpu_s']:.1f} s | {l['envoy_cpu_s']:.1f} s | {l['bytes_per_credential']:.0f} B |")
     for build, (one, three) in limit_rows.items():
         if one in med and three in med:
             print(f"\nlimits, {build}: three limits + tenant limit vs one limit, same run: "

@@ -93,7 +93,7 @@ def one(build, store, rnd, base=None):
             os.makedirs(PERF, exist_ok=True)
             perf = subprocess.Popen(["perf", "record", "-g", "-o", f"{PERF}/{build}-envoy.data", "-p",
                                      str(envoy.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wrap = ["perf", "record", "-g", "-o", f"{PERF}/{build}-sidecar.data", "--"]
+            wrap = ["perf", "record", "-F", "1000", "--call-graph", "dwarf,16384", "-o", f"{PERF}/{build}-sidecar.data", "--"]
             time.sleep(1)
         t0 = time.monotonic()
         proc = subprocess.run([*wrap, str(keygate), "--store", str(store), "sync", "--once", "--endpoint",

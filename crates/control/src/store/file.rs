@@ -453,6 +453,68 @@ mod tests {
     }
 
     #[test]
+    fn a_large_store_is_refused_for_the_first_bad_record_as_a_small_one_is() {
+        // From 20,000 keys validation runs on two threads; what it reports
+        // must not depend on that: the first record in store order that
+        // fails, its own checks before uniqueness, then rolled values.
+        for n in [50, 30_000] {
+            let store = |edit: &dyn Fn(&mut Vec<StoredKey>)| {
+                let mut keys: Vec<StoredKey> = (0..n)
+                    .map(|i| key(&format!("k{i}"), &format!("t{}", i / 5), Kind::Scoped))
+                    .collect();
+                edit(&mut keys);
+                Snapshot {
+                    keys,
+                    ..Snapshot::default()
+                }
+                .validate()
+                .map_err(|e| e.to_string())
+            };
+            let (early, late) = (n - 20, n - 10);
+            assert_eq!(store(&|_| {}), Ok(()));
+            let invalid = |k: &mut StoredKey| k.record.key_hash = "not hex".into();
+            let dup_id = |k: &mut StoredKey| k.record.key_id = "k0".into();
+            // An invalid record before a duplicate: the invalid one.
+            let err = store(&|ks| {
+                invalid(&mut ks[early]);
+                dup_id(&mut ks[late]);
+            })
+            .unwrap_err();
+            assert!(err.contains(&format!("(key 'k{early}': ")), "{n}: {err}");
+            // A duplicate before an invalid record: the duplicate.
+            let err = store(&|ks| {
+                dup_id(&mut ks[early]);
+                invalid(&mut ks[late]);
+            })
+            .unwrap_err();
+            assert!(err.contains("key id 'k0' appears twice"), "{n}: {err}");
+            // One record both: its own check first.
+            let err = store(&|ks| {
+                invalid(&mut ks[late]);
+                dup_id(&mut ks[late]);
+            })
+            .unwrap_err();
+            assert!(err.contains("key 'k0': "), "{n}: {err}");
+            let err = store(&|ks| ks[late].record.key_hash = ks[early].record.key_hash.clone())
+                .unwrap_err();
+            assert!(
+                err.contains(&format!("key 'k{late}' reuses another key's hash")),
+                "{n}: {err}"
+            );
+            // A rolled-away value that another key has.
+            let err = store(&|ks| {
+                ks[early].record.previous_key_hash = Some(ks[0].record.key_hash.clone());
+                ks[early].record.previous_key_expires_at = Some(u64::MAX);
+            })
+            .unwrap_err();
+            assert!(
+                err.contains(&format!("key 'k{early}' keeps a rolled-away value")),
+                "{n}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn corrupt_store_is_refused_loudly() {
         let (_d, store) = temp_store();
         fs::write(store.path(), b"{\"version\": 3, \"keys\": [").unwrap();
