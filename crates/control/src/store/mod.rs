@@ -221,12 +221,18 @@ impl Snapshot {
         // ~0.5 s of a load. The error is the one a single pass reports:
         // the first record in store order that fails any check, its own
         // checks before uniqueness; then rolled values, then tenants.
+        // A thread the OS refuses (pid or nproc limits) means one pass on
+        // this thread, not a panic.
         let (own, unique) = if self.keys.len() >= PARALLEL_VALIDATION_FROM {
             std::thread::scope(|s| {
-                let own = s.spawn(|| self.check_records());
-                let unique = self.unique_hashes();
-                let own = own.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-                (own, unique)
+                match std::thread::Builder::new().spawn_scoped(s, || self.check_records()) {
+                    Ok(own) => {
+                        let unique = self.unique_hashes();
+                        let own = own.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                        (own, unique)
+                    }
+                    Err(_) => (self.check_records(), self.unique_hashes()),
+                }
             })
         } else {
             (self.check_records(), self.unique_hashes())
