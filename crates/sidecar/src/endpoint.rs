@@ -382,15 +382,22 @@ fn encode_in_entry_order(
     } else {
         records.len()
     });
+    // No second thread for a small set, nor when the OS refuses one.
     let (first, second) = std::thread::scope(|s| {
-        let later = s.spawn(|| encode(second));
-        let first = encode(first);
-        (
-            first,
-            later
+        let later = match second {
+            [] => None,
+            _ => std::thread::Builder::new()
+                .spawn_scoped(s, || encode(second))
+                .ok(),
+        };
+        let first_part = encode(first);
+        let second_part = match later {
+            Some(later) => later
                 .join()
                 .unwrap_or_else(|e| std::panic::resume_unwind(e)),
-        )
+            None => encode(second),
+        };
+        (first_part, second_part)
     });
     // In store order: the first half's error, if any, is the first one.
     let (mut bytes, mut keyed) = first?;
