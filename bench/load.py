@@ -56,17 +56,39 @@ def write_store(n):
             f.write("]}")
     note = path.with_name(path.name + ".checked")
     if CHECKED and not note.exists():
-        # What keygate writes beside a store it wrote: CRC-32 (zlib's is
-        # crc32fast's) and length of the file. Older releases ignore it.
+        # For the note keygate writes beside a store it wrote (see
+        # write_note): CRC-32 (zlib's is crc32fast's) of the file.
         import zlib
         crc = 0
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 crc = zlib.crc32(chunk, crc)
-        note.write_text(f"{crc:08x} {path.stat().st_size}\n")
+        CRC[path] = crc
     elif not CHECKED and note.exists():
         note.unlink()
     return path
+
+
+CRC = {}
+
+
+def write_note(store, keygate):
+    """The `.checked` note as the keygate binary that reads it writes it:
+    since session 5 it names keygate's version and validation rules (bump
+    RULES with crates/control's VALIDATION_RULES); before, "crc len"."""
+    if store not in CRC:
+        return
+    crc, size = CRC[store], store.stat().st_size
+    note = store.with_name(store.name + ".checked")
+    if b"keygate-store-note " in Path(keygate).read_bytes():
+        version = subprocess.run([str(keygate), "--version"], capture_output=True, text=True,
+                                 check=True).stdout.split()[1]
+        note.write_text(f"keygate-store-note {version} rules {RULES} {crc:08x} {size}\n")
+    else:
+        note.write_text(f"{crc:08x} {size}\n")
+
+
+RULES = 1
 
 
 def one(build, store, rnd, base=None):
@@ -95,6 +117,7 @@ def one(build, store, rnd, base=None):
                                      str(envoy.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wrap = ["perf", "record", "-F", "1000", "--call-graph", "dwarf,16384", "-o", f"{PERF}/{build}-sidecar.data", "--"]
             time.sleep(1)
+        write_note(store, keygate)
         t0 = time.monotonic()
         proc = subprocess.run([*wrap, str(keygate), "--store", str(store), "sync", "--once", "--endpoint",
                                f"http://127.0.0.1:{envoy.sync_port}"], capture_output=True, text=True, timeout=1800,

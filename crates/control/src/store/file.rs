@@ -11,14 +11,19 @@
 //!
 //! Every write is validated first, so a file keygate wrote needs no
 //! validation when it is read back: beside the store, `<store>.checked`
-//! holds the CRC-32 and length of the bytes last written. A read whose
-//! bytes match it skips [`Snapshot::validate`] (at a million keys a third
-//! of the load); any other file (edited by hand, restored from a backup, a
+//! holds the CRC-32 and length of the bytes last written, and the keygate
+//! version and validation rules that checked them. A read by the same
+//! keygate whose bytes match it skips [`Snapshot::validate`] (at a million
+//! keys a third of the load); any other file (edited by hand, restored from a backup, a
 //! write that crashed before the note) is validated in full as before. The
 //! note guards against accidents, not attackers: whoever can write the
 //! store can write valid records of their choosing anyway.
 
 use super::{new_store_id, Change, Snapshot, Store};
+
+/// Bumped whenever [`Snapshot::validate`] checks something it did not
+/// before: notes written under older rules are then not trusted.
+const VALIDATION_RULES: u32 = 1;
 use crate::error::{Error, Result};
 use notify::Watcher as _;
 use std::fs::{self, File, OpenOptions};
@@ -131,9 +136,17 @@ impl FileStore {
         Ok(f)
     }
 
-    /// The note of the bytes last written and validated ("crc len").
+    /// The note of the bytes last written and validated: which keygate
+    /// validated them and by which rules, then "crc len". A keygate of
+    /// another version (whose validation may check more) trusts no note
+    /// but its own, so after an upgrade the first read validates in full.
     fn check_note(bytes: &[u8]) -> String {
-        format!("{:08x} {}\n", crc32fast::hash(bytes), bytes.len())
+        format!(
+            "keygate-store-note {} rules {VALIDATION_RULES} {:08x} {}\n",
+            env!("CARGO_PKG_VERSION"),
+            crc32fast::hash(bytes),
+            bytes.len()
+        )
     }
 
     /// Whether `bytes` are what keygate last wrote (and so validated).
@@ -443,6 +456,18 @@ mod tests {
         fs::write(store.path(), serde_json::to_vec(&snap).unwrap()).unwrap();
         assert_eq!(store.load().unwrap().keys[0].record.scopes, ["read"]);
         add(&store, key("b", "t", Kind::Scoped)).unwrap();
+        assert!(store.written_by_us(&fs::read(store.path()).unwrap()));
+        // A note written by another keygate version or under other
+        // validation rules is not believed (e.g. one from before an upgrade).
+        let note = d.0.join("store.json.checked");
+        let current = fs::read_to_string(&note).unwrap();
+        let older = current.replacen(env!("CARGO_PKG_VERSION"), "0.0.1", 1);
+        fs::write(&note, &older).unwrap();
+        assert!(!store.written_by_us(&fs::read(store.path()).unwrap()));
+        let crc_and_len = current.splitn(5, ' ').nth(4).unwrap();
+        fs::write(&note, crc_and_len).unwrap(); // the note format before versions
+        assert!(!store.written_by_us(&fs::read(store.path()).unwrap()));
+        fs::write(&note, &current).unwrap();
         assert!(store.written_by_us(&fs::read(store.path()).unwrap()));
         // A note that is a link is not believed.
         let note = d.0.join("store.json.checked");
