@@ -34,6 +34,11 @@ class EchoHandler(BaseHTTPRequestHandler):
             indent=2,
         ).encode() + b"\n"
         self.send_response(200)
+        # Tests ask for response headers an upstream of theirs would send:
+        # `x-echo-set: name=value` (repeatable).
+        for spec in self.headers.get_all("x-echo-set") or []:
+            name, _, value = spec.partition("=")
+            self.send_header(name.strip(), value.strip())
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.end_headers()

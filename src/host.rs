@@ -104,12 +104,11 @@ pub fn set_request_header(name: &str, value: Option<&str>) -> HostResult<()> {
     )
 }
 
-/// Adds a response header. Cheaper than replacing one, which makes Envoy
-/// look for and remove existing values first.
-pub fn add_response_header(name: &str, value: &str) -> HostResult<()> {
+/// Sets a response header: any copies the upstream sent are replaced.
+pub fn set_response_header(name: &str, value: &str) -> HostResult<()> {
     named(
-        "add_response_header",
-        hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value),
+        "set_response_header",
+        hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)),
     )
 }
 

@@ -27,6 +27,8 @@ CONFIG = {
         # One budget per protocol, for the rate-limit header test.
         *[cred(f"t-rl-{p}", f"rl-{p}-key", tenant="umbrella", scopes=["read"],
                rate_limit={"requests": 3, "window_secs": 60}) for p in PROTOCOLS],
+        *[cred(f"t-rl-up-{p}", f"rl-up-{p}-key", tenant="umbrella", scopes=["read"],
+               rate_limit={"requests": 10, "window_secs": 60}) for p in PROTOCOLS],
     ],
 }
 
@@ -279,6 +281,18 @@ def test_rate_limit_headers_count_down_and_429_over_each_protocol(gate, proto):
     r = get(gate, headers=key, proto=proto)
     assert_denied(r, 429, "rate_limit_exceeded")
     assert int(r.header("retry-after")) >= 1
+
+
+def test_rate_limit_headers_the_upstream_sent_are_replaced_by_keygates(gate, proto):
+    # The client sees one budget, keygate's, whatever the upstream says (both builds).
+    upstream = [("x-echo-set", f"{name}=upstream") for name in
+                ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit", "ratelimit-policy")]
+    r = get(gate, headers=[("x-api-key", f"rl-up-{proto}-key"), *upstream], proto=proto)
+    assert r.status == 200, r
+    for name in ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit", "ratelimit-policy"):
+        values = [v for n, v in r.headers if n == name]
+        assert len(values) == 1 and values[0] != "upstream", (name, values)
+    assert [v for n, v in r.headers if n == "x-ratelimit-remaining"] == ["9"]
 
 
 def test_h2c_prior_knowledge_is_served_as_http2(gate):
