@@ -36,7 +36,6 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="pip install seleni
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 HTML_NAME = '<img src=x id=pwned><script>document.title="pwned"</script>'
@@ -112,7 +111,18 @@ def follow(drv, by, value):
     the old page's elements)."""
     page = drv.find_element(By.TAG_NAME, "html")
     drv.find_element(by, value).click()
-    WebDriverWait(drv, 20).until(expected_conditions.staleness_of(page))
+
+    def page_replaced(_):
+        # Selenium's staleness_of, except that Chrome may report the old
+        # page's node as "not in the document" rather than stale.
+        try:
+            page.is_enabled()
+            return False
+        except WebDriverException as e:
+            if replaced_meanwhile(e):
+                return True
+            raise
+    WebDriverWait(drv, 20).until(page_replaced)
     WebDriverWait(drv, 20, ignored_exceptions=(WebDriverException,)).until(
         lambda d: d.execute_script("return document.readyState") == "complete")
 
