@@ -619,33 +619,13 @@ mod tests {
     use crate::hash::sha256;
 
     fn record(extra: impl FnOnce(&mut CredentialRecord)) -> CredentialRecord {
-        let mut r = CredentialRecord {
-            key_id: "bench-0000001".into(),
-            key_hash: hex::encode(sha256(b"bench-key-1")),
-            secret_hash: None,
-            previous_secret_hash: None,
-            previous_secret_expires_at: None,
-            kind: Kind::Scoped,
-            tenant: "t199999".into(),
-            environment: "live".into(),
-            scopes: vec!["read".into()],
-            allowed_ips: vec!["127.0.0.0/8".into()],
-            rate_limit: Some(RateLimit {
-                requests: 1_000_000_000,
-                window_secs: 60,
-            }),
-            status: Status::Active,
-            expires_at: None,
-            owner: None,
-            previous_key_hash: None,
-            previous_key_expires_at: None,
-            metadata: Default::default(),
-            limits: vec![],
-            plan: None,
-            tenant_limits: false,
-            quota_used: vec![],
-            credits: None,
-        };
+        let mut r = crate::testing::record("bench-key-1", "t199999");
+        r.key_id = "bench-0000001".into();
+        r.allowed_ips = vec!["127.0.0.0/8".into()];
+        r.rate_limit = Some(RateLimit {
+            requests: 1_000_000_000,
+            window_secs: 60,
+        });
         extra(&mut r);
         r
     }
