@@ -194,10 +194,7 @@ struct RequestHeaders {
 impl Headers for RequestHeaders {
     /// The first value of `name`, as Envoy's single-header read gives it.
     fn get(&self, name: &str) -> Option<Vec<u8>> {
-        self.pairs()
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
+        self.get_ref(name).map(Cow::into_owned)
     }
 
     fn has(&self, name: &str) -> bool {
