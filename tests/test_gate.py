@@ -355,8 +355,12 @@ def test_documented_demo_keys_work_with_envoy_yaml(envoy_factory):
         (json.dumps({"credentials": [cred("a", "k", allowed_ips=["10.0.0/8"])]}), "credentials[0].allowed_ips[0]"),
         (json.dumps({"rate_limit": {"requests": 0, "window_secs": 60}}), "rate_limit.requests"),
         (json.dumps({"unknown_option": True}), "unknown field `unknown_option`"),
+        (json.dumps({"rate_limit": {"requests": "5", "window_secs": 60}}), "rate_limit.requests: invalid type: string"),
+        (json.dumps({"role": "gateway"}), "role: unknown variant `gateway`"),
+        (json.dumps({"credentials": [{**cred("a", "k"), "scopes": "read"}]}), "credentials[0].scopes: invalid type"),
     ],
-    ids=["bad-json", "route-path", "key-hash", "cidr", "rate-limit", "unknown-field"],
+    ids=["bad-json", "route-path", "key-hash", "cidr", "rate-limit", "unknown-field", "mistyped-value", "unknown-variant",
+         "mistyped-nested"],
 )
 def test_invalid_plugin_config_is_refused_by_envoy_naming_the_field(envoy_factory, raw, field):
     with envoy_factory(raw=raw, wait=False) as envoy:
@@ -365,3 +369,4 @@ def test_invalid_plugin_config_is_refused_by_envoy_naming_the_field(envoy_factor
         log = envoy.log()
         assert "keygate: invalid plugin configuration" in log
         assert field in log
+        assert "invalid plugin configuration: invalid plugin configuration" not in log

@@ -261,10 +261,7 @@ impl Policy {
         bytes: &[u8],
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Policy, ConfigError> {
-        let mut raw: PluginConfig = serde_json::from_slice(bytes).map_err(|e| {
-            // serde names unknown or mistyped fields in its message.
-            ConfigError::new("", format!("invalid plugin configuration: {e}"))
-        })?;
+        let mut raw: PluginConfig = parse_json(bytes)?;
         if raw.sync_secret.is_none() {
             raw.sync_secret = env(SYNC_SECRET_ENV).filter(|s| !s.is_empty());
         }
@@ -279,6 +276,30 @@ impl Policy {
         policy.tokens = tokens;
         Ok(policy)
     }
+}
+
+/// Deserializes `bytes`, naming the field a type, value or unknown-field
+/// error is about (`rate_limit.requests: invalid type: string "5", …`):
+/// serde's own message names only the offending value or key.
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        json_error(&field, e.into_inner())
+    })?;
+    // Trailing characters after the object.
+    de.end().map_err(|e| json_error("", e))?;
+    Ok(value)
+}
+
+fn json_error(field: &str, e: serde_json::Error) -> ConfigError {
+    let message = if e.is_syntax() || e.is_eof() {
+        format!("not valid JSON: {e}")
+    } else {
+        e.to_string()
+    };
+    ConfigError::new(field, message)
 }
 
 /// The `cfg:ids` entry with `policy`'s key ids merged in (other gate configs
@@ -566,13 +587,34 @@ mod tests {
     }
 
     #[test]
+    fn mistyped_values_are_refused_naming_their_field_path() {
+        let e = err(r#"{"rate_limit": {"requests": "5", "window_secs": 60}}"#);
+        assert_eq!(e.field, "rate_limit.requests", "{e}");
+        assert!(e.message.contains("invalid type: string"), "{e}");
+        let e = err(r#"{"credentials": [{"key_id": "a", "key_hash": 7}]}"#);
+        assert_eq!(e.field, "credentials[0].key_hash", "{e}");
+        let e = err(r#"{"role": "gateway"}"#);
+        assert_eq!(e.field, "role", "{e}");
+        assert!(e.message.contains("unknown variant `gateway`"), "{e}");
+        let e = err(r#"{"rate_limit": {"requests": 5, "window_secs": 60, "burst": 1}}"#);
+        assert_eq!(e.field, "rate_limit.burst", "{e}");
+        assert!(e.message.contains("unknown field `burst`"), "{e}");
+        // The message carries no prefix of its own: callers add one.
+        assert!(
+            !e.to_string().contains("invalid plugin configuration"),
+            "{e}"
+        );
+        let e = err(r#"{} x"#);
+        assert_eq!(e.field, "");
+        assert!(e.message.contains("not valid JSON"), "{e}");
+    }
+
+    #[test]
     fn unknown_fields_and_bad_json_are_refused_with_the_field_named() {
         assert!(err(r#"{"rate_limits": {}}"#)
             .to_string()
             .contains("unknown field `rate_limits`"));
-        assert!(err("not json")
-            .to_string()
-            .contains("invalid plugin configuration"));
+        assert!(err("not json").to_string().contains("not valid JSON"));
         assert!(err(r#"{"trusted_xff_hops": -1}"#)
             .to_string()
             .contains("invalid value"));
