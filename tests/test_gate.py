@@ -358,9 +358,11 @@ def test_documented_demo_keys_work_with_envoy_yaml(envoy_factory):
         (json.dumps({"rate_limit": {"requests": "5", "window_secs": 60}}), "rate_limit.requests: invalid type: string"),
         (json.dumps({"role": "gateway"}), "role: unknown variant `gateway`"),
         (json.dumps({"credentials": [{**cred("a", "k"), "scopes": "read"}]}), "credentials[0].scopes: invalid type"),
+        (json.dumps({"scope_hierarchy": [], "routes": [{"path_prefix": "/v1", "scope": "read"}]}),
+         "scope_hierarchy: is empty"),
     ],
     ids=["bad-json", "route-path", "key-hash", "cidr", "rate-limit", "unknown-field", "mistyped-value", "unknown-variant",
-         "mistyped-nested"],
+         "mistyped-nested", "no-strictest-scope"],
 )
 def test_invalid_plugin_config_is_refused_by_envoy_naming_the_field(envoy_factory, raw, field):
     with envoy_factory(raw=raw, wait=False) as envoy:

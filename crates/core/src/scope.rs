@@ -32,12 +32,13 @@ pub struct RouteRuleConfig {
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Unmatched {
-    /// The strongest scope of `scope_hierarchy` (any valid key if the
-    /// hierarchy is empty): an unusual method or path gets no weaker
-    /// treatment than the strictest rule.
+    /// The strongest scope of `scope_hierarchy`: an unusual method or path
+    /// gets no weaker treatment than the strictest rule. With an empty
+    /// hierarchy it is any valid key if no rule requires a scope, and a
+    /// configuration error if one does.
     #[default]
     Strictest,
-    /// Any valid key, whatever its scopes (the behaviour before 0.3).
+    /// Any valid key, whatever its scopes.
     AnyKey,
 }
 
@@ -183,9 +184,21 @@ impl Routes {
                 access,
             });
         }
+        let scoped = compiled
+            .iter()
+            .any(|r| matches!(r.access, Access::Scope(_)));
         let default = match (default_scope, unmatched, hierarchy.first()) {
             (None, None | Some(Unmatched::Strictest), Some(strongest)) => {
                 Access::Scope(required(strongest, hierarchy))
+            }
+            // Rules require scopes but none is the strictest: "strictest"
+            // would quietly become "any valid key", weaker than every rule.
+            (None, None | Some(Unmatched::Strictest), None) if scoped => {
+                return Err(ConfigError::new(
+                    "scope_hierarchy",
+                    "is empty, so no scope is the strictest for requests no route matches: \
+                     set default_scope, or \"unmatched\": \"any_key\" to accept any valid key there",
+                ))
             }
             (None, _, _) => Access::Authenticated,
             (Some(_), Some(Unmatched::AnyKey), _) => {
@@ -296,8 +309,19 @@ mod tests {
         let rules = [rule(&["GET"], "/v1", Some("read"), false)];
         let any = Routes::compile_with(&rules, None, Some(Unmatched::AnyKey), &h()).unwrap();
         assert_eq!(any.access("POST", "/v1"), &Access::Authenticated);
-        let flat = Routes::compile_with(&rules, None, None, &[]).unwrap();
+        // An empty hierarchy has no strictest scope: refused where rules
+        // require scopes, any valid key where none does.
+        let flat = Routes::compile_with(&rules, None, None, &[]);
+        assert_eq!(flat.unwrap_err().field, "scope_hierarchy");
+        let flat = Routes::compile_with(&rules, None, Some(Unmatched::Strictest), &[]);
+        assert_eq!(flat.unwrap_err().field, "scope_hierarchy");
+        let flat = Routes::compile_with(&rules, None, Some(Unmatched::AnyKey), &[]).unwrap();
         assert_eq!(flat.access("POST", "/v1"), &Access::Authenticated);
+        let flat = Routes::compile_with(&rules, Some("read"), None, &[]).unwrap();
+        assert_eq!(scope_of(flat.access("POST", "/v1")), Some("read"));
+        let unscoped = [rule(&[], "/v1", None, false)];
+        let flat = Routes::compile_with(&unscoped, None, None, &[]).unwrap();
+        assert_eq!(flat.access("POST", "/other"), &Access::Authenticated);
         let write = Routes::compile_with(&rules, Some("write"), None, &h()).unwrap();
         assert_eq!(scope_of(write.access("POST", "/v1")), Some("write"));
         let both = Routes::compile_with(&rules, Some("write"), Some(Unmatched::AnyKey), &h());
