@@ -212,6 +212,9 @@ def test_credential_is_stripped_and_identity_injected_upstream(gate, proto):
     up = dict(r.upstream_headers())
     assert "authorization" not in up and "basic-secret" not in r.body.decode()
     assert (up["x-keygate-tenant"], up["x-keygate-scopes"]) == ("globex", "read write")
+    # A default (full-access) key holds every scope: the upstream is told which.
+    up = dict(get(gate, headers=[("x-api-key", "default-key")], proto=proto).upstream_headers())
+    assert (up["x-keygate-key-id"], up["x-keygate-scopes"]) == ("t-default", "admin write read")
 
 
 def test_client_sent_identity_headers_never_reach_upstream(gate, proto):

@@ -237,6 +237,10 @@ pub struct Policy {
     pub access_log_fields: bool,
     /// Identifiable-key prefixes checked by checksum before any lookup.
     pub key_prefixes: Vec<String>,
+    /// What a default (full-access) key sends as its scopes header: every
+    /// scope this gate knows, `scope_hierarchy` first, then those rules
+    /// name outside it.
+    pub full_access_scopes: String,
 }
 
 const MAX_XFF_HOPS: u32 = 16;
@@ -457,6 +461,13 @@ impl TryFrom<PluginConfig> for Policy {
             }
         }
         check_tenant_limits(&raw.credentials).map_err(|e| ConfigError::new("credentials", e))?;
+        let mut known: Vec<&str> = raw.scope_hierarchy.iter().map(String::as_str).collect();
+        for s in routes.required_scopes() {
+            if !known.contains(&s) {
+                known.push(s);
+            }
+        }
+        let full_access_scopes = known.join(" ");
         Ok(Policy {
             role: raw.role,
             key_format: raw.key_format,
@@ -480,6 +491,7 @@ impl TryFrom<PluginConfig> for Policy {
             log_decisions: raw.log_decisions,
             access_log_fields: raw.access_log_fields,
             key_prefixes: raw.key_prefixes,
+            full_access_scopes,
         })
     }
 }

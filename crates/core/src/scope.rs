@@ -219,6 +219,18 @@ impl Routes {
     }
 
     /// `path` must already be normalised (see [`crate::path::normalize`]).
+    /// Every scope a rule or the unmatched default requires, in rule order.
+    pub fn required_scopes(&self) -> impl Iterator<Item = &str> {
+        self.rules
+            .iter()
+            .map(|r| &r.access)
+            .chain(std::iter::once(&self.default))
+            .filter_map(|a| match a {
+                Access::Scope(s) => Some(s.name.as_str()),
+                _ => None,
+            })
+    }
+
     pub fn access(&self, method: &str, path: &str) -> &Access {
         self.rules
             .iter()

@@ -1110,6 +1110,35 @@ mod tests {
     }
 
     #[test]
+    fn a_default_key_tells_the_upstream_every_scope_the_gate_knows() {
+        let mut d = rec("k2", "default-key");
+        d.kind = Kind::Default;
+        d.scopes = vec![];
+        let scopes_sent = |extra: &str| {
+            let p = policy(vec![rec("k1", "reader"), d.clone()], extra);
+            let mut host = MemoryHost::default();
+            let mut sent = vec![];
+            for key in ["default-key", "reader"] {
+                let h = req("GET", "/v1/x", &[("x-api-key", key)]);
+                let decision = run(&p, &h, &mut host);
+                let edits = decision.upstream_headers(&p, &h);
+                let scopes = edits.set.iter().find(|(n, _)| *n == "x-keygate-scopes");
+                sent.push(scopes.map(|(_, v)| v.to_string()));
+            }
+            sent
+        };
+        // The hierarchy first, then scopes only rules name.
+        assert_eq!(
+            scopes_sent(""),
+            [Some("admin write read".into()), Some("read".into())]
+        );
+        assert_eq!(
+            scopes_sent(r#","scope_hierarchy":["write","read","audit"]"#),
+            [Some("write read audit admin".into()), Some("read".into())]
+        );
+    }
+
+    #[test]
     fn path_tricks_cannot_dodge_the_admin_rule() {
         let p = policy(vec![rec("k1", "reader")], "");
         for path in [

@@ -3,6 +3,7 @@
 
 use super::decide::{Decision, Headers, Outcome};
 use crate::config::{Policy, RateLimitHeaders, LOGGED_IDENTITY};
+use crate::credential::Kind;
 use crate::rate_limit::{policy_name, Policies, RateStatus};
 
 /// Header edits on the request before it goes upstream.
@@ -34,11 +35,16 @@ impl Decision {
                     .filter(|h| present(h))
                     .collect();
                 let h = &policy.headers;
+                // A default key holds every scope: the upstream is told which.
+                let scopes = match c.kind {
+                    Kind::Default => policy.full_access_scopes.as_str(),
+                    Kind::Scoped => c.scopes_header.as_str(),
+                };
                 edits.set = vec![
                     (h.tenant.as_str(), c.tenant.as_str()),
                     (h.environment.as_str(), c.environment.as_str()),
                     (h.key_id.as_str(), c.key_id.as_str()),
-                    (h.scopes.as_str(), c.scopes_header.as_str()),
+                    (h.scopes.as_str(), scopes),
                 ];
                 // Owner and metadata headers the key does not set must not
                 // pass as the client sent them.
