@@ -29,7 +29,9 @@ GATE_PORT = int(os.environ.get("KEYGATE_PORT", "10000"))
 ADMIN_PORT = int(os.environ.get("KEYGATE_ADMIN_PORT", "9901"))
 SYNC_PORT = int(os.environ.get("KEYGATE_SYNC_PORT", "10001"))
 API_PORT = int(os.environ.get("KEYGATE_API_PORT", "8080"))
-STORE = Path(os.environ.get("KEYGATE_STORE", ROOT / ".keygate" / "demo.db"))
+# Not KEYGATE_STORE: a user who exported it for another store would get a
+# demo whose banner lists keys that store does not hold.
+STORE = Path(os.environ.get("KEYGATE_DEMO_STORE", ROOT / ".keygate" / "demo.db")).resolve()
 # Tokens, tenants, audit and request logs: the store itself when it is SQLite.
 DB = STORE if STORE.suffix in (".db", ".sqlite", ".sqlite3") else STORE.parent / "keygate.db"
 API_TOKEN = STORE.parent / "api-token"
@@ -67,6 +69,24 @@ def prepare_store():
     return True
 
 
+def missing_demo_keys():
+    """Demo keys the store does not hold as active (revoked, or another store)."""
+    missing = []
+    for key_id in DEMO_KEYS:
+        proc = subprocess.run([str(KEYGATE), "--store", str(STORE), "key", "show", key_id],
+                              capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            missing.append(key_id)
+    return missing
+
+
+def write_private(path, text):
+    """A secret file only this user can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def fresh_api_token():
     """A new operator token for this run, saved 0600; the previous run's is revoked."""
     id_file = API_TOKEN.with_name("api-token.id")
@@ -94,7 +114,7 @@ def portal_link():
         return f"(no portal link: {e})"
 
 
-def banner(port, admin_port, api_token=None):
+def banner(port, admin_port, api_token, sync_secret_file):
     base = f"http://127.0.0.1:{port}"
     api = f"http://127.0.0.1:{API_PORT}"
     partner = DEMO_KEYS["acme-partner"]
@@ -129,6 +149,7 @@ Manage keys live: the sidecar pushes every change into Envoy, no restart
   {KEYGATE} key activate acme-read
   {KEYGATE} session revoke --key acme-default --session demo   # its tokens: 401
   {KEYGATE} key revoke <key-id>          # then 401
+  {KEYGATE} sync --endpoint http://127.0.0.1:{SYNC_PORT} --secret-file {sync_secret_file} --once
 
 Management API (keygate serve; OpenAPI at {api}/api/v1/openapi.json):
   export KEYGATE_API_URL={api}
@@ -160,6 +181,13 @@ def main():
         print(f"could not prepare the demo store {STORE}: {e}", file=sys.stderr)
         return 1
     print(f"{'Created' if created else 'Using'} the demo store {STORE}.", flush=True)
+    missing = missing_demo_keys()
+    if missing:
+        print(f"note: the demo store no longer holds {', '.join(missing)} (revoked?): the banner's keys for "
+              f"them will get 401; `rm -rf {STORE.parent}` starts fresh.", flush=True)
+    # The sync secret of this run, for trying `keygate sync` by hand.
+    sync_secret_file = STORE.parent / "sync-secret"
+    write_private(sync_secret_file, sync_secret + "\n")
     # The demo keys come from the store; the plugin config keeps none, so each
     # key id exists once (envoy/envoy.yaml's inline keys remain for the tests
     # and as the documented plugin-config alternative).
@@ -171,6 +199,9 @@ def main():
                         sync_port=SYNC_PORT, access_log=access_log)
         envoy = Envoy(config, concurrency=2, workdir=workdir, sync_secret=sync_secret,
                       token_keys=f"demo:{secrets.token_hex(32)}")
+        # Beside the other logs, kept after exit (config errors show there).
+        envoy.log_path = STORE.parent / "envoy.log"
+        envoy.log_path.unlink(missing_ok=True)
         # `keygate serve` is the sidecar: it syncs Envoy (an API change is
         # pushed at once), ingests the access log and answers the API.
         sidecar = Server(str(STORE), STORE.parent, "--listen", f"127.0.0.1:{API_PORT}", "--db", str(DB),
@@ -180,7 +211,7 @@ def main():
             api_token = fresh_api_token()
             envoy.start()
             sidecar.start()
-            banner(GATE_PORT, ADMIN_PORT, api_token)
+            banner(GATE_PORT, ADMIN_PORT, api_token, sync_secret_file)
             print(f"Envoy log:   {envoy.log_path}\nSidecar log: {sidecar.log_path}\nAccess log:  {access_log}\n"
                   f"Requests of a key: {KEYGATE} logs --file {access_log} --key acme-read\n"
                   f"Metrics:     curl -s http://127.0.0.1:{ADMIN_PORT}/stats/prometheus | grep keygate_requests_total", flush=True)

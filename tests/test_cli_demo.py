@@ -12,8 +12,10 @@ import time
 from tests.harness import KEYGATE, ROOT, free_port, request, wait_until
 
 
-def start_demo(store, ports):
-    env = {**os.environ, "KEYGATE_STORE": str(store), "KEYGATE_PORT": str(ports[0]),
+def start_demo(store, ports, tmpdir):
+    # KEYGATE_STORE names another store: the demo keeps to its own.
+    env = {**os.environ, "KEYGATE_STORE": str(store.parent / "not-the-demo.json"), "TMPDIR": str(tmpdir),
+           "KEYGATE_DEMO_STORE": str(store), "KEYGATE_PORT": str(ports[0]),
            "KEYGATE_ADMIN_PORT": str(ports[1]), "KEYGATE_SYNC_PORT": str(ports[2]),
            "KEYGATE_API_PORT": str(free_port())}
     store.parent.mkdir(parents=True, exist_ok=True)
@@ -38,13 +40,23 @@ def test_demo_keys_are_in_the_store_and_managed_by_the_cli(tmp_path):
     store = tmp_path / "demo" / "demo-store.json"
     ports = [free_port(), free_port(), free_port()]
     cli = [str(KEYGATE), "--store", str(store)]
-    proc, out = start_demo(store, ports)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc, out = start_demo(store, ports, tmpdir)
     try:
         banner = out.read_text()
         assert "Created the demo store" in banner and "rm -rf" in banner
-        assert "from the next request" not in banner
-        workdir = re.search(r"Envoy log:\s+(\S+)/envoy\.log", banner).group(1)
+        assert "from the next request" not in banner and "no longer holds" not in banner
+        assert re.search(r"Envoy log:\s+(\S+)", banner).group(1) == str(store.parent / "envoy.log")
+        assert list(tmpdir.iterdir()), "the run keeps its Envoy config in a temporary directory"
         assert wait_until(lambda: status(ports[0], "demo-acme-read-key") == 200, timeout=10)
+        # The banner's `keygate sync` line works: the run's secret is in a private file.
+        secret_file = store.parent / "sync-secret"
+        assert oct(secret_file.stat().st_mode & 0o777) == "0o600"
+        assert f"--secret-file {secret_file}" in banner
+        synced = subprocess.run([*cli, "sync", "--endpoint", f"http://127.0.0.1:{ports[2]}", "--secret-file",
+                                 str(secret_file), "--once"], capture_output=True, text=True, timeout=60)
+        assert synced.returncode == 0, synced.stderr
         assert status(ports[0], "demo-acme-suspended-key") == 403
         shown = subprocess.run([*cli, "--json", "key", "show", "acme-read"], capture_output=True, text=True)
         assert shown.returncode == 0, shown.stderr
@@ -53,14 +65,18 @@ def test_demo_keys_are_in_the_store_and_managed_by_the_cli(tmp_path):
         revoked = subprocess.run([*cli, "session", "revoke", "--key", "acme-default", "--session", "demo"],
                                  capture_output=True, text=True)
         assert revoked.returncode == 0, revoked.stderr
+        subprocess.run([*cli, "key", "revoke", "acme-suspended"], check=True, capture_output=True)
     finally:
         stop_demo(proc)
-    assert not os.path.exists(workdir), "the run's temporary directory is removed"
+    assert not list(tmpdir.iterdir()), "the run's temporary directory is removed"
+    assert "keygate" in (store.parent / "envoy.log").read_text(), "Envoy's log is kept beside the store"
 
-    # A restart keeps the store as it was left.
-    proc, out = start_demo(store, ports)
+    # A restart keeps the store as it was left, and says which demo key is gone.
+    proc, out = start_demo(store, ports, tmpdir)
     try:
-        assert "Using the demo store" in out.read_text()
+        banner = out.read_text()
+        assert "Using the demo store" in banner
+        assert "the demo store no longer holds acme-suspended (revoked?)" in banner
         time.sleep(0.5)
         assert wait_until(lambda: status(ports[0], "demo-acme-default-key") == 200, timeout=10)
         assert status(ports[0], "demo-acme-read-key") == 403

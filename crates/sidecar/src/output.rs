@@ -213,7 +213,7 @@ impl<W: Write> Out<W> {
             };
             writeln!(
                 w,
-                "Created key {} (tenant {}, env {}, {} scopes: {})",
+                "Created key {} (tenant {}, env {}, {} key, scopes: {})",
                 c.key_id,
                 c.tenant,
                 c.environment,
