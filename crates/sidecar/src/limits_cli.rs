@@ -127,9 +127,10 @@ pub struct KeyCreditsArgs {
 }
 
 /// `keygate key credits`.
-pub fn key_credits<W: Write>(
+/// Sets or clears a key's credits; the caller shows the key with what it
+/// used, as `key show` does.
+pub fn key_credits(
     svc: &Service,
-    out: &mut Out<W>,
     a: KeyCreditsArgs,
     now: u64,
 ) -> Result<keygate_control::store::StoredKey, CliError> {
@@ -138,9 +139,7 @@ pub fn key_credits<W: Write>(
         ..KeyPatch::default()
     };
     let tenant = svc.show_key(&a.key_id)?.record.tenant;
-    let k = svc.patch_key(&tenant, &a.key_id, &patch, now)?;
-    out.key(&k)?;
-    Ok(k)
+    Ok(svc.patch_key(&tenant, &a.key_id, &patch, now)?)
 }
 
 fn strings(limits: &[Limit]) -> Vec<String> {

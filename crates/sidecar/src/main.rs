@@ -213,7 +213,9 @@ fn key_command<W: Write>(
             changed("key.update", &k)
         }
         KeyCommand::Credits(a) => {
-            let k = limits_cli::key_credits(svc, out, a, t)?;
+            let k = limits_cli::key_credits(svc, a, t)?;
+            let credits = credits_of(svc, std::slice::from_ref(&k), t);
+            out.key_with(&k, credits.get(&k.record.key_id))?;
             changed("key.credits", &k)
         }
     };

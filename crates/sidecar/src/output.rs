@@ -171,9 +171,19 @@ impl<W: Write> Out<W> {
                 } else {
                     r.scopes.join(",")
                 };
-                let rate = r.rate_limit.map_or("default".to_owned(), |l| {
-                    format!("{}/{}s", l.requests, l.window_secs)
-                });
+                // The key's own rules, else its plan, else the tenant's
+                // plan or the gateway's default.
+                let own = r
+                    .rate_limit
+                    .map(|l| format!("{}/{}s", l.requests, l.window_secs))
+                    .into_iter()
+                    .chain(r.limits.iter().map(ToString::to_string))
+                    .collect::<Vec<_>>();
+                let rate = match (&own[..], &r.plan) {
+                    ([], Some(plan)) => format!("plan:{plan}"),
+                    ([], None) => "default".to_owned(),
+                    (own, _) => own.join(","),
+                };
                 let ips = if r.allowed_ips.is_empty() {
                     "any".to_owned()
                 } else {
