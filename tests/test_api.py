@@ -19,6 +19,10 @@ import pytest
 
 from tests.harness import KEYGATE, ROUTES, SYNC_SECRET, Managed, free_port, keygate, request, wait_until
 
+# The bound on every wait for a change to show (in Envoy, in the logs): generous,
+# since five test runs may share two cores; a wait ends as soon as the change shows.
+SOON = 30
+
 CONFIG = {"routes": ROUTES, "rate_limit": {"requests": 1000, "window_secs": 60},
           "tokens": {"login_path": "/auth/login", "lifetime_secs": 7200}}
 
@@ -130,6 +134,29 @@ def create_key(rig, tenant, tok, **fields):
     s, v = call(rig["server"], "POST", f"/api/v1/tenants/{tenant}/keys", tok, body)
     assert s == 201, v
     return v
+
+
+def live(rig, headers, expected=200, timeout=SOON):
+    """Waits (bounded) until Envoy answers `expected` for a request with `headers`."""
+    got = wait_until(lambda: request(rig["envoy"].port, "GET", "/v1/items", headers).status == expected,
+                     timeout=timeout, interval=0.1)
+    assert got, f"Envoy still answers {request(rig['envoy'].port, 'GET', '/v1/items', headers).status}, " \
+                f"not {expected}, after {timeout} s"
+
+
+def synced(rig):
+    """Returns once Envoy holds every change made before the call: a key made
+    now is live only in a push of a snapshot that has every earlier change
+    (snapshots are the whole store, pushed in order). Deleted again, so a
+    tenant's key allowance never fills."""
+    k = create_key(rig, "sync-barrier", rig["op"], name="barrier")
+    live(rig, [("x-api-key", k["api_key"])])
+    assert call(rig["server"], "DELETE", f"/api/v1/tenants/sync-barrier/keys/{k['key_id']}", rig["op"])[0] == 204
+
+
+def as_stored(view):
+    """A key as the API shows it, less what Envoy's traffic updates."""
+    return {f: v for f, v in view.items() if f != "last_used_at"}
 
 
 def test_a_tenant_token_never_reads_or_changes_another_tenants_objects(rig):
@@ -510,3 +537,125 @@ def test_kill_9_mid_ingest_and_mid_write_loses_nothing_committed_and_duplicates_
         stop_writing.set()
         stop_creating.set()
         server.stop()
+
+
+# --- cross-tenant isolation, route by route (audit p6 item 7) -----------------
+# Each test below uses tenants of its own: a tenant holds at most 5 scoped
+# keys, and the module's other tests fill acme's.
+
+def test_usage_of_another_tenants_key_is_404_on_the_tenant_token_and_operator_path_forms(rig):
+    srv, op = rig["server"], rig["op"]
+    owner_tok = token(rig["store"], "--tenant", "usage-owner")
+    other_tok = token(rig["store"], "--tenant", "usage-other")
+    theirs = create_key(rig, "usage-owner", owner_tok, name="usage owner key")
+    mine = create_key(rig, "usage-other", other_tok, name="usage other key")
+    kid = theirs["key_id"]
+    live(rig, [("x-api-key", theirs["api_key"])])
+    assert request(rig["envoy"].port, "GET", "/v1/items/usage-probe", [("x-api-key", theirs["api_key"])]).status == 200
+
+    def owner_points():
+        s, v = call(srv, "GET", f"/api/v1/tenants/usage-owner/usage?key_id={kid}", owner_tok)
+        assert s == 200, v
+        return [p for p in v["points"] if p["key_id"] == kid and p["allowed"]]
+    # There is usage to leak: its owner sees it (ingested from Envoy's log).
+    assert wait_until(owner_points, timeout=SOON, interval=0.2), "the owner never saw its key's usage"
+    # The other tenant's own key answers on the same route: the 404s below are the key's, not the route's.
+    for tok in (other_tok, op):
+        s, v = call(srv, "GET", f"/api/v1/tenants/usage-other/usage?key_id={mine['key_id']}", tok)
+        assert s == 200 and [k["key_id"] for k in v["keys"]] == [mine["key_id"]], v
+    for tok, who in ((other_tok, "tenant token"), (op, "operator")):
+        for gran in ("hour", "day"):
+            url = f"/api/v1/tenants/usage-other/usage?key_id={kid}&granularity={gran}"
+            s, v = call(srv, "GET", url, tok)
+            assert (s, v and v.get("error"), v and v.get("message")) == (404, "not_found", "no such key"), \
+                (who, url, s, v)
+            assert kid not in json.dumps(v) and "usage owner key" not in json.dumps(v)
+        # Unfiltered, the other tenant's usage names none of the owner's keys or points.
+        s, v = call(srv, "GET", "/api/v1/tenants/usage-other/usage", tok)
+        assert s == 200 and kid not in json.dumps(v), (who, v)
+    # A tenant token on the owner's path: 404, as for every route of another tenant.
+    s, v = call(srv, "GET", f"/api/v1/tenants/usage-owner/usage?key_id={kid}", other_tok)
+    assert (s, v["error"]) == (404, "not_found") and kid not in json.dumps(v), v
+    assert owner_points(), "the owner's usage is gone"
+
+
+def test_an_operator_cannot_revoke_a_tenants_token_through_another_tenants_path(rig):
+    srv, op = rig["server"], rig["op"]
+    s, v = call(srv, "POST", "/api/v1/tenants/token-owner/tokens", op, {})
+    assert s == 201, v
+    tid, tok = v["token_id"], v["token"]
+    create_key(rig, "token-other", op, name="makes token-other a tenant")
+    s, v = call(srv, "DELETE", f"/api/v1/tenants/token-other/tokens/{tid}", op)
+    assert (s, v["error"], v["message"]) == (404, "not_found", "no such token"), (s, v)
+    # The token still works, is listed unrevoked under its tenant, and no audit record says otherwise.
+    assert call(srv, "GET", "/api/v1/tenants/token-owner/keys", tok)[0] == 200
+    listed = {t["token_id"]: t for t in call(srv, "GET", "/api/v1/tenants/token-owner/tokens", op)[1]["tokens"]}
+    assert listed[tid]["revoked_at"] is None, listed[tid]
+    assert tid not in {t["token_id"] for t in call(srv, "GET", "/api/v1/tenants/token-other/tokens", op)[1]["tokens"]}
+    for tenant in ("token-owner", "token-other"):
+        recs = call(srv, "GET", f"/api/v1/tenants/{tenant}/audit", op)[1]["records"]
+        assert not [r for r in recs if r["action"] == "token.revoke"], recs
+    # On its own tenant's path the same call revokes it: the refusal above was the path's.
+    assert call(srv, "DELETE", f"/api/v1/tenants/token-owner/tokens/{tid}", op)[0] == 204
+    s, v = call(srv, "GET", "/api/v1/tenants/token-owner/keys", tok)
+    assert (s, v["error"]) == (401, "invalid_token"), (s, v)
+
+
+def test_an_operator_on_another_tenants_path_never_reads_or_changes_a_key_or_its_sessions(rig):
+    """Every route naming a key, with the operator token, on a tenant that is
+    not the key's: 404, and the key, its secret, its value and its session
+    stay as they were, in the store and in Envoy."""
+    srv, op, envoy = rig["server"], rig["op"], rig["envoy"]
+    owner_tok = token(rig["store"], "--tenant", "keys-owner")
+    k = create_key(rig, "keys-owner", owner_tok, name="owned key", with_secret=True)
+    kid = k["key_id"]
+    create_key(rig, "keys-other", op, name="makes keys-other a tenant")
+    import base64
+    basic = [("authorization", "Basic " + base64.b64encode(f"{k['api_key']}:{k['secret']}".encode()).decode())]
+    live(rig, basic)
+    r = request(envoy.port, "POST", "/auth/login", [("content-type", "application/json")],
+                json.dumps({"api_key": k["api_key"], "api_secret": k["secret"], "session_id": "owners-phone"}).encode())
+    assert r.status == 200, r
+    bearer = [("authorization", f"Bearer {r.json()['access_token']}")]
+    assert request(envoy.port, "GET", "/v1/items", bearer).status == 200
+
+    def sessions():
+        s, v = call(srv, "GET", f"/api/v1/tenants/keys-owner/keys/{kid}/sessions", owner_tok)
+        assert s == 200, v
+        return {x["session_id"]: x["revoked"] for x in v["sessions"]}
+    assert wait_until(lambda: "owners-phone" in sessions(), timeout=SOON, interval=0.2), sessions()
+    before = as_stored(call(srv, "GET", f"/api/v1/tenants/keys-owner/keys/{kid}", owner_tok)[1])
+    # Bodies that would change the key if the route took it.
+    bodies = {("patch", "/api/v1/tenants/{tenant}/keys/{key_id}"): {"name": "taken", "status": "inactive",
+                                                                     "scopes": ["write"],
+                                                                     "allowed_ips": ["10.0.0.0/8"]},
+              ("post", "/api/v1/tenants/{tenant}/keys/{key_id}/rotate-secret"): {"grace_seconds": 0},
+              ("post", "/api/v1/tenants/{tenant}/keys/{key_id}/roll"): {"grace_seconds": 0}}
+    doc = call(srv, "GET", "/api/v1/openapi.json")[1]
+    probed = set()
+    for path, ops in doc["paths"].items():
+        if "{key_id}" not in path:
+            continue
+        for method in ops:
+            body = bodies.get((method, path), {} if method in ("post", "put", "patch") else None)
+            url = path.replace("{tenant}", "keys-other").replace("{key_id}", kid) \
+                .replace("{session_id}", "owners-phone")
+            s, v = call(srv, method.upper(), url, op, body)
+            assert (s, v and v.get("error"), v and v.get("message")) == (404, "not_found", "no such key"), \
+                (method, url, s, v)
+            assert "owners-phone" not in json.dumps(v) and "owned key" not in json.dumps(v)
+            probed.add((method, path.removeprefix("/api/v1/tenants/{tenant}/keys/{key_id}")))
+    assert {("get", ""), ("patch", ""), ("delete", ""), ("post", "/rotate-secret"), ("post", "/roll"),
+            ("get", "/sessions"), ("delete", "/sessions"), ("delete", "/sessions/{session_id}")} <= probed, probed
+    # Its owner sees it unchanged, with its session live; nothing was audited against it.
+    s, v = call(srv, "GET", f"/api/v1/tenants/keys-owner/keys/{kid}", owner_tok)
+    assert s == 200 and as_stored(v) == before, (before, v)
+    assert sessions() == {"owners-phone": False}
+    recs = call(srv, "GET", "/api/v1/tenants/keys-owner/audit", op)[1]["records"]
+    assert [r["action"] for r in recs if r["object"] == kid] == ["key.create"], recs
+    assert call(srv, "GET", "/api/v1/tenants/keys-other/audit", op)[1]["records"][0]["action"] == "key.create"
+    # And Envoy, once it holds every change made so far: the same value,
+    # secret (no roll, no rotation), status, scopes, addresses and session.
+    synced(rig)
+    assert request(envoy.port, "GET", "/v1/items", basic).status == 200
+    assert request(envoy.port, "GET", "/v1/items", bearer).status == 200
