@@ -188,21 +188,15 @@ def test_a_tenant_token_never_reads_or_changes_another_tenants_objects(rig):
     assert call(srv, "GET", "/api/v1/audit", acme)[0] == 403
 
 
-def test_a_key_created_through_the_api_works_through_envoy_at_least_as_fast_as_a_cli_change(rig):
+def test_keys_created_through_the_api_and_the_cli_both_work_through_envoy_and_are_audited(rig):
+    """How soon a change reaches Envoy is measured by `make bench`
+    (bench/propagation.py), never asserted here: on a shared machine a time
+    budget fails for reasons that are not the product's."""
     envoy, srv = rig["envoy"], rig["server"]
-
-    def live_after(make):
-        k, t0 = make(), time.monotonic()
-        assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status
-                          == 200, timeout=10), k["key_id"]
-        return time.monotonic() - t0, k
-
-    api_s, k = live_after(lambda: create_key(rig, "initech", rig["op"]))
-    cli_s, by_cli = live_after(lambda: keygate(rig["store"], "key", "create", "--tenant", "initech", "--scope", "read"))
-    # The API wakes the in-process daemon at once; the CLI (another process)
-    # is seen at the daemon's once-a-second check.
-    assert api_s < 1.0, api_s
-    assert api_s <= cli_s + 0.25, (api_s, cli_s)
+    k = create_key(rig, "initech", rig["op"])
+    live(rig, [("x-api-key", k["api_key"])])
+    by_cli = keygate(rig["store"], "key", "create", "--tenant", "initech", "--scope", "read")
+    live(rig, [("x-api-key", by_cli["api_key"])])
     # Both changes are in the audit trail: the API's with its token id, the CLI's as the CLI's.
     recs = call(srv, "GET", "/api/v1/tenants/initech/audit", rig["op"])[1]["records"]
     by = {r["object"]: r for r in recs if r["action"] == "key.create"}
@@ -210,16 +204,16 @@ def test_a_key_created_through_the_api_works_through_envoy_at_least_as_fast_as_a
     assert by[by_cli["key_id"]]["detail"] == {"via": "cli"} and by[by_cli["key_id"]]["actor_token_id"] is None
     s, _ = call(srv, "DELETE", f"/api/v1/tenants/initech/keys/{k['key_id']}", rig["op"])
     assert s == 204
-    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 401,
-                      timeout=2)
+    live(rig, [("x-api-key", k["api_key"])], 401)
+    assert request(envoy.port, "GET", "/v1/items", [("x-api-key", by_cli["api_key"])]).status == 200
 
 
-def test_a_request_through_envoy_shows_in_the_api_logs_within_2_seconds(rig):
+def test_a_request_through_envoy_shows_in_the_api_logs(rig):
+    """Found by polling within a generous bound; the ingest lag itself is
+    measured by `make bench` (bench/ingest_lag.py)."""
     envoy, srv = rig["envoy"], rig["server"]
     k = create_key(rig, "acme", rig["acme"], name="logged key")
-    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 200,
-                      timeout=5)
-    t0 = time.monotonic()
+    live(rig, [("x-api-key", k["api_key"])])
     r = request(envoy.port, "GET", "/v1/items/find-me", [("x-api-key", k["api_key"])])
     assert r.status == 200
 
@@ -228,10 +222,8 @@ def test_a_request_through_envoy_shows_in_the_api_logs_within_2_seconds(rig):
                     rig["acme"])
         return v["records"] if s == 200 and v["records"] else None
 
-    recs = wait_until(found, timeout=5, interval=0.05)
-    took = time.monotonic() - t0
-    assert recs, "the request never showed up"
-    assert took < 2.0, took
+    recs = wait_until(found, timeout=SOON, interval=0.1)
+    assert recs, f"the request never showed up in the API's logs within {SOON} s"
     rec = recs[0]
     assert (rec["key_id"], rec["key_name"], rec["method"], rec["status"], rec["decision"]) == \
         (k["key_id"], "logged key", "GET", 200, "allowed")
@@ -242,7 +234,7 @@ def test_a_request_through_envoy_shows_in_the_api_logs_within_2_seconds(rig):
     s, v = call(srv, "GET", "/api/v1/tenants/acme/usage?granularity=hour", rig["acme"])
     assert s == 200
     used = {x["key_id"]: x["last_used_at"] for x in v["keys"]}
-    assert wait_until(lambda: call(srv, "GET", "/api/v1/tenants/acme/usage", rig["acme"])[1]["points"], timeout=3)
+    assert wait_until(lambda: call(srv, "GET", "/api/v1/tenants/acme/usage", rig["acme"])[1]["points"], timeout=SOON)
     assert k["key_id"] in used
 
 
@@ -254,7 +246,7 @@ def test_spoofed_identity_headers_never_reach_a_tenants_request_logs(rig):
     victim = create_key(rig, "globex", rig["globex"], name="victim key")
     k = create_key(rig, "acme", rig["acme"], name="spoofing key")
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 200,
-                      timeout=5)
+                      timeout=SOON)
     spoof = [("x-keygate-tenant", "globex"), ("x-keygate-key-id", victim["key_id"]),
              ("x-keygate-environment", "live"), ("x-keygate-owner", "mallory")]
     with socket.create_connection(("127.0.0.1", envoy.port), timeout=5) as s:
@@ -276,7 +268,7 @@ def test_spoofed_identity_headers_never_reach_a_tenants_request_logs(rig):
         return v["records"] if s == 200 and v["records"] else None
 
     # Ingested in order: once the last request shows, every earlier one has.
-    recs = wait_until(acme_allowed, timeout=10)
+    recs = wait_until(acme_allowed, timeout=SOON)
     assert recs and (recs[0]["key_id"], recs[0]["decision"], recs[0].get("owner")) == (k["key_id"], "allowed", None)
     s, v = call(srv, "GET", "/api/v1/tenants/globex/logs", rig["globex"])
     assert s == 200 and [r for r in v["records"] if "spoof" in (r["path"] or "") or r["key_id"] == victim["key_id"]] \
@@ -318,10 +310,10 @@ def test_the_sixth_scoped_key_gets_409_and_the_api_flow_works_end_to_end(rig):
     assert sorted(k["key_id"] for k in first["keys"] + rest["keys"]) == sorted(k["key_id"] for k in keys)
     k = keys[0]
     h = [("x-api-key", k["api_key"])]
-    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", h).status == 200, timeout=5)
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", h).status == 200, timeout=SOON)
     s, v = call(srv, "PATCH", f"/api/v1/tenants/hooli/keys/{k['key_id']}", tok, {"status": "inactive"})
     assert s == 200 and v["status"] == "inactive"
-    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", h).status == 403, timeout=2)
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", h).status == 403, timeout=SOON)
     s, v = call(srv, "GET", "/api/v1/tenants/hooli/audit", tok)
     actions = [r["action"] for r in v["records"]]
     assert actions[0] == "key.update" and "tenant.create" in actions
@@ -333,11 +325,11 @@ def test_rotate_secret_keeps_the_old_one_for_the_grace_period(rig):
     k = create_key(rig, "umbrella", tok, with_secret=True)
     import base64
     basic = lambda s: [("authorization", "Basic " + base64.b64encode(f"{k['api_key']}:{s}".encode()).decode())]
-    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", basic(k["secret"])).status == 200, timeout=5)
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", basic(k["secret"])).status == 200, timeout=SOON)
     s, v = call(srv, "POST", f"/api/v1/tenants/umbrella/keys/{k['key_id']}/rotate-secret", tok,
                 {"grace_seconds": 600})
     assert s == 200 and v["secret"] != k["secret"] and v["previous_secret_valid_until"]
-    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", basic(v["secret"])).status == 200, timeout=2)
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", basic(v["secret"])).status == 200, timeout=SOON)
     assert request(envoy.port, "GET", "/v1/items", basic(k["secret"])).status == 200
 
 
@@ -345,7 +337,7 @@ def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
     srv, tok, envoy = rig["server"], rig["acme"], rig["envoy"]
     k = create_key(rig, "acme", tok, name="sessions")
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", [("x-api-key", k["api_key"])]).status == 200,
-                      timeout=5)
+                      timeout=SOON)
 
     def login(session):
         r = request(envoy.port, "POST", "/auth/login", [("content-type", "application/json")],
@@ -365,14 +357,14 @@ def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
     # Live sessions come from Envoy's access log (the login answers and the
     # token's use), within the ingester's poll.
     assert wait_until(lambda: {"phone", "laptop"} <= listed().keys() and listed()["phone"]["last_seen_at"],
-                      timeout=5), listed()
+                      timeout=SOON), listed()
     phone = listed()["phone"]
     seen = datetime.datetime.fromisoformat(phone["last_seen_at"].replace("Z", "+00:00")).timestamp()
     assert abs(seen - used) <= 2, (phone, used)
     assert not phone["revoked"] and phone["created_at"] <= phone["last_seen_at"] < phone["expires_at"]
     s, _ = call(srv, "DELETE", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions/phone", tok)
     assert s == 204
-    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", a).status == 401, timeout=2)
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", a).status == 401, timeout=SOON)
     assert request(envoy.port, "GET", "/v1/items", b).status == 200
     s, v = call(srv, "GET", "/api/v1/tenants/acme/sessions", tok)
     assert s == 200 and {(x["key_id"], x["session_id"], x["revoked"]) for x in v["sessions"]} >= \
@@ -387,17 +379,17 @@ def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
     # refused, also after later changes are pushed.
     again = login("phone")
     assert request(envoy.port, "GET", "/v1/items", again).status == 200
-    assert wait_until(lambda: not listed()["phone"]["revoked"], timeout=5), listed()
+    assert wait_until(lambda: not listed()["phone"]["revoked"], timeout=SOON), listed()
     create_key(rig, "laterco", rig["op"], name="a later change")
     s, _ = call(srv, "DELETE", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions/laptop", tok)
     assert s == 204
-    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", b).status == 401, timeout=2)
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", b).status == 401, timeout=SOON)
     assert request(envoy.port, "GET", "/v1/items", a).status == 401
     assert request(envoy.port, "GET", "/v1/items", again).status == 200
     # Revoking all of the key's sessions: one change, one audit record.
     s, v = call(srv, "DELETE", f"/api/v1/tenants/acme/keys/{k['key_id']}/sessions", tok)
     assert s == 200 and v["revoked"] >= 3, v
-    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", again).status == 401, timeout=2)
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", again).status == 401, timeout=SOON)
     recs = call(srv, "GET", "/api/v1/tenants/acme/audit", rig["op"])[1]["records"]
     assert [r["object"] for r in recs if r["action"] == "session.revoke_all"] == [k["key_id"]]
 
