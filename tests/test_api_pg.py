@@ -18,6 +18,7 @@ import pytest
 from tests.harness import keygate, pg_bindir, Postgres, request, wait_until
 from tests.test_api import (  # noqa: F401  (imported tests run here against PostgreSQL)
     CONFIG, Server, call, create_key, portal_http, portal_session, token,
+    test_a_key_id_reused_in_another_tenant_lists_none_of_the_old_keys_sessions,
     test_a_request_through_envoy_shows_in_the_api_logs,
     test_a_tenant_token_never_reads_or_changes_another_tenants_objects,
     test_an_operator_cannot_revoke_a_tenants_token_through_another_tenants_path,
