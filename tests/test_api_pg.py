@@ -18,13 +18,17 @@ import pytest
 from tests.harness import keygate, pg_bindir, Postgres, request, wait_until
 from tests.test_api import (  # noqa: F401  (imported tests run here against PostgreSQL)
     CONFIG, Server, call, create_key, portal_http, portal_session, token,
-    test_a_key_created_through_the_api_works_through_envoy_at_least_as_fast_as_a_cli_change,
-    test_a_request_through_envoy_shows_in_the_api_logs_within_2_seconds,
+    test_a_key_id_reused_in_another_tenant_lists_none_of_the_old_keys_sessions,
+    test_a_request_through_envoy_shows_in_the_api_logs,
     test_a_tenant_token_never_reads_or_changes_another_tenants_objects,
+    test_an_operator_cannot_revoke_a_tenants_token_through_another_tenants_path,
     test_healthz_reports_the_store_each_envoy_and_ingest_lag,
+    test_keys_created_through_the_api_and_the_cli_both_work_through_envoy_and_are_audited,
+    test_no_token_on_another_tenants_path_reads_or_changes_a_key_or_its_sessions,
     test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy,
     test_rotate_secret_keeps_the_old_one_for_the_grace_period,
     test_the_sixth_scoped_key_gets_409_and_the_api_flow_works_end_to_end,
+    test_usage_of_another_tenants_key_is_404_on_the_tenant_token_and_operator_path_forms,
 )
 
 

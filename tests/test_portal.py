@@ -9,6 +9,7 @@ each page are taken on every run; KEYGATE_SCREENSHOTS=1 writes them to
 docs/screenshots/ (the README's pictures), otherwise to a temp directory."""
 
 import base64
+import json
 import os
 import re
 import tempfile
@@ -19,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.harness import keygate, request, wait_until
-from tests.test_api import CONFIG, Server, call, portal_http as http, portal_session as session, token
+from tests.test_api import (
+    CONFIG, Server, as_stored, call, create_key, live, portal_http as http, portal_session as session, synced, token,
+)
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 # A test run leaves the committed pictures alone unless asked to refresh them.
@@ -284,3 +287,98 @@ def test_the_cli_mints_a_link_that_works_once(rig):
                 "--base-url", f"http://127.0.0.1:{rig['server'].port}")
     session(v["url"])
     assert http(v["url"])[0] == 410
+
+
+# --- cross-tenant isolation of every portal page (audit p6 item 7) ------------
+
+FORM = [("Content-Type", "application/x-www-form-urlencoded")]
+NO_SUCH = "There is no such page or key."
+
+
+def csrf_of(rig, cookie):
+    _, _, page = http(f"http://127.0.0.1:{rig['server'].port}/portal/keys", cookie=cookie)
+    return re.search(r'name="csrf" value="([0-9a-f]{64})"', page).group(1)
+
+
+def post(rig, cookie, path, fields):
+    return http(f"http://127.0.0.1:{rig['server'].port}{path}", cookie=cookie,
+                data=urllib.parse.urlencode(fields).encode(), headers=FORM)
+
+
+def test_another_tenants_key_cannot_be_rolled_disabled_restricted_or_have_a_session_revoked_in_the_portal(rig):
+    srv, op, envoy = rig["server"], rig["op"], rig["envoy"]
+    theirs = create_key(rig, "portal-victim", op, name="victim key")
+    kid = theirs["key_id"]
+    by_key = [("x-api-key", theirs["api_key"])]
+    live(rig, by_key)
+    r = request(envoy.port, "POST", "/auth/login", [("content-type", "application/json")],
+                json.dumps({"api_key": theirs["api_key"], "session_id": "victims-laptop"}).encode())
+    assert r.status == 200, r
+    bearer = [("authorization", f"Bearer {r.json()['access_token']}")]
+
+    def sessions():
+        s, v = call(srv, "GET", f"/api/v1/tenants/portal-victim/keys/{kid}/sessions", op)
+        assert s == 200, v
+        return {x["session_id"]: x["revoked"] for x in v["sessions"]}
+    assert wait_until(lambda: "victims-laptop" in sessions(), timeout=30, interval=0.2), sessions()
+    before = as_stored(call(srv, "GET", f"/api/v1/tenants/portal-victim/keys/{kid}", op)[1])
+
+    mine = create_key(rig, "portal-thief", op, name="thief key")
+    cookie = session(link(rig, "portal-thief"))
+    csrf = csrf_of(rig, cookie)
+    forms = [("roll", {"csrf": csrf, "grace_seconds": "0"}, 200),
+             ("status", {"csrf": csrf, "status": "inactive"}, 303),
+             ("ips", {"csrf": csrf, "allowed_ips": "10.0.0.0/8"}, 303),
+             ("sessions/victims-laptop/revoke", {"csrf": csrf}, 303)]
+    for action, fields, _ in forms:
+        s, _, page = post(rig, cookie, f"/portal/keys/{kid}/{action}", fields)
+        assert s == 404 and NO_SUCH in page, (action, s, page[-600:])
+        assert "victim key" not in page and "victims-laptop" not in page, action
+    # The same forms on the session's own key do what they say: the 404s were the key's.
+    for action, fields, ok in forms:
+        s, _, page = post(rig, cookie, f"/portal/keys/{mine['key_id']}/{action}", fields)
+        assert s == ok, (action, s, page[-600:])
+    # Its owner sees the key unchanged, the session live, no change audited.
+    s, v = call(srv, "GET", f"/api/v1/tenants/portal-victim/keys/{kid}", op)
+    assert s == 200 and as_stored(v) == before, (before, v)
+    assert sessions() == {"victims-laptop": False}
+    recs = call(srv, "GET", "/api/v1/tenants/portal-victim/audit", op)[1]["records"]
+    assert [r["action"] for r in recs if r["object"] == kid] == ["key.create"], recs
+    # And Envoy, holding every change made so far: the same value (no roll),
+    # active, from any address, its session's token still accepted.
+    synced(rig)
+    assert envoy_status(rig, by_key) == 200
+    assert envoy_status(rig, bearer) == 200
+
+
+def test_the_portal_logs_and_usage_never_show_another_tenants_key_or_its_requests(rig):
+    srv, op, envoy = rig["server"], rig["op"], rig["envoy"]
+    theirs = create_key(rig, "portal-watched", op, name="watched key")
+    mine = create_key(rig, "portal-snoop", op, name="snoop key")
+    for k, path in ((theirs, "/v1/items/watched-only-path"), (mine, "/v1/items/snoop-own-path")):
+        live(rig, [("x-api-key", k["api_key"])])
+        assert request(envoy.port, "GET", path, [("x-api-key", k["api_key"])]).status == 200
+
+    def owner_sees():
+        s, v = call(srv, "GET", "/api/v1/tenants/portal-watched/logs?path=/v1/items/watched-only-path", op)
+        return s == 200 and v["records"]
+    # The other tenant's request is in the store: there is something to leak.
+    assert wait_until(owner_sees, timeout=30, interval=0.2), "the owner never saw its request"
+    base = f"http://127.0.0.1:{srv.port}"
+    cookie = session(link(rig, "portal-snoop"))
+
+    def own_request_shown():
+        s, _, page = http(f"{base}/portal/logs", cookie=cookie)
+        return s == 200 and "/v1/items/snoop-own-path" in page and page
+    page = wait_until(own_request_shown, timeout=30, interval=0.2)
+    assert page, "the portal never showed the session's own request"
+    leaks = (theirs["key_id"], "watched key", "watched-only-path", "portal-watched")
+    assert not [x for x in leaks if x in page], page
+    s, _, page = http(f"{base}/portal/logs?key={theirs['key_id']}", cookie=cookie)
+    assert s == 200 and "No requests match." in page, (s, page[-800:])
+    assert not [x for x in leaks if x in page], page
+    for url in ("/portal/usage", f"/portal/usage?key={theirs['key_id']}", f"/portal/usage?key_id={theirs['key_id']}"):
+        s, _, page = http(base + url, cookie=cookie)
+        assert s == 200 and f"snoop key ({mine['key_id']})" in page, (url, s, page[-800:])
+        assert not [x for x in leaks if x in page], (url, page)
+    assert owner_sees(), "the owner's records are gone"

@@ -59,6 +59,20 @@ def use(envoy, token, proto="http1"):
     return request(envoy.port, "GET", "/v1/items", [("authorization", f"Bearer {token}")], proto=proto)
 
 
+def sync_requests(envoy):
+    """Requests Envoy's sync listener has received: state questions and pushes."""
+    line = envoy.admin("/stats?filter=^http.keygate_sync.downstream_rq_total$").strip()
+    return int(line.rsplit(":", 1)[1]) if line else 0
+
+
+def reconciled(envoy, passes, timeout=60):
+    """Waits until the sync daemon has asked `envoy` what it holds `passes`
+    more times (once per reconcile interval), bounded by `timeout`."""
+    start = sync_requests(envoy)
+    assert wait_until(lambda: sync_requests(envoy) >= start + passes, timeout=timeout, interval=0.1), \
+        f"the daemon asked Envoy {sync_requests(envoy) - start} times in {timeout} s, not {passes}"
+
+
 def sidecar_with_status(store, endpoints, workdir, status_file):
     s = Sidecar(store, endpoints, workdir=workdir)
     s.args += ["--status-file", str(status_file)]
@@ -157,12 +171,19 @@ def test_a_refused_push_is_reported_once_and_the_rest_of_the_fleet_stays_in_sync
         bad.start()
         try:
             good_ep, bad_ep = f"127.0.0.1:{good.sync_port}", f"127.0.0.1:{bad.sync_port}"
+
+            def refused_pushes():
+                return ((read_status(status_file) or {}).get("endpoints", {}).get(bad_ep, {})
+                        .get("metrics", {}).get("refused_pushes"))
             with sidecar_with_status(store, [f"http://{good_ep}", f"http://{bad_ep}"], tmp_path, status_file) as sync:
                 k1 = keygate(store, "key", "create", "--tenant", "acme", "--scope", "read")
                 assert wait_until(lambda: status(good, k1["api_key"], proto) == 200, timeout=10)
                 assert wait_until(lambda: (read_status(status_file) or {}).get("endpoints", {})
                                   .get(bad_ep, {}).get("state") == "refused", timeout=10)
-                time.sleep(3)  # 15 reconcile intervals
+                # The daemon asks each Envoy what it holds every reconcile
+                # interval; 15 such questions to the refusing one are 15
+                # chances to push it again, whatever the machine's speed.
+                reconciled(bad, 15)
                 st = read_status(status_file)
                 assert st["healthy"] is False
                 assert st["endpoints"][good_ep]["state"] == "in_sync"
@@ -170,10 +191,10 @@ def test_a_refused_push_is_reported_once_and_the_rest_of_the_fleet_stays_in_sync
                 assert 1 <= refused <= 2, f"a refused push is not retried in a loop: {st}"
                 # A store change is pushed to the good Envoy at once and tried once on the bad one.
                 k2 = keygate(store, "key", "create", "--tenant", "acme", "--scope", "read")
-                assert wait_until(lambda: status(good, k2["api_key"], proto) == 200, timeout=5)
-                time.sleep(1)
-                st = read_status(status_file)
-                assert st["endpoints"][bad_ep]["metrics"]["refused_pushes"] <= refused + 1
+                assert wait_until(lambda: status(good, k2["api_key"], proto) == 200, timeout=30)
+                assert wait_until(lambda: refused_pushes() == refused + 1, timeout=30), read_status(status_file)
+                reconciled(bad, 5)
+                assert refused_pushes() == refused + 1, read_status(status_file)
                 assert status(bad, k2["api_key"], proto) == 401
                 log = sync.log()
             assert 1 <= log.count("Envoy refused the push (401)") <= 2, log[-2000:]

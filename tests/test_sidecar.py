@@ -7,6 +7,7 @@ import hmac
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 
@@ -292,29 +293,90 @@ def test_the_filter_itself_refuses_a_full_push_from_another_store(rig):
     assert status(envoy, key_header(k["api_key"])) == 401
 
 
+class HungEndpoint:
+    """A sync endpoint that accepts connections and never answers. Tells,
+    for each connection, whether the client has given up on it yet (closed
+    it: the sidecar does after its request timeout)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.closed = []  # one Event per accepted connection, set once the client closes it
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            closed = threading.Event()
+            with self.lock:
+                self.closed.append(closed)
+            t = threading.Thread(target=self._hold, args=(conn, closed), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _hold(self, conn, closed):
+        conn.settimeout(0.2)
+        with conn:
+            while not self.stop.is_set():
+                try:
+                    if not conn.recv(65536):
+                        break
+                except socket.timeout:
+                    continue
+                except OSError:
+                    break
+        closed.set()
+
+    def next_connection(self, timeout=30):
+        """The next connection the sidecar opens from now on (its Event)."""
+        with self.lock:
+            n = len(self.closed)
+        assert wait_until(lambda: len(self.closed) > n, timeout=timeout), \
+            f"the sidecar opened no connection to the hung endpoint in {timeout} s"
+        with self.lock:
+            return self.closed[n]
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+        for t in self.threads:
+            t.join(5)
+
+
 def test_a_hung_endpoint_does_not_delay_the_others(envoy_factory, tmp_path):
     """One endpoint accepts connections and never answers: the live Envoy
-    still gets every change at once (each endpoint has its own thread)."""
-    import socket
-    import time
-
-    hung = socket.socket()
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(16)
+    gets each change while the sidecar is still waiting on the hung one
+    (each endpoint has its own thread). A serial sync would deliver it only
+    after giving up on the hung endpoint (its 5 s request timeout)."""
+    hung = HungEndpoint()
     store = tmp_path / "store.json"
     try:
         with envoy_factory(CONFIG) as envoy:
-            endpoints = [f"http://127.0.0.1:{hung.getsockname()[1]}", f"http://127.0.0.1:{envoy.sync_port}"]
+            endpoints = [f"http://127.0.0.1:{hung.port}", f"http://127.0.0.1:{envoy.sync_port}"]
             with Sidecar(store, endpoints, workdir=tmp_path):
-                time.sleep(0.5)
-                k = create(store, "--tenant", "acme", "--scope", "read")
-                started = time.monotonic()
-                becomes(envoy, key_header(k["api_key"]), 200, timeout=10)
-                # A serial sync would wait out the hung endpoint's 5 s timeout first.
-                assert time.monotonic() - started < 2.0
-                keygate(store, "key", "revoke", k["key_id"])
-                started = time.monotonic()
-                becomes(envoy, key_header(k["api_key"]), 401, timeout=10)
-                assert time.monotonic() - started < 2.0
+                for change in ("create", "revoke"):
+                    # Made just after the sidecar starts waiting on the hung endpoint.
+                    waiting = hung.next_connection()
+                    if change == "create":
+                        k = create(store, "--tenant", "acme", "--scope", "read")
+                        becomes(envoy, key_header(k["api_key"]), 200, timeout=30)
+                    else:
+                        keygate(store, "key", "revoke", k["key_id"])
+                        becomes(envoy, key_header(k["api_key"]), 401, timeout=30)
+                    assert not waiting.is_set(), \
+                        f"the {change} reached the live Envoy only after the sidecar gave up on the hung endpoint"
+                    # ... which it does in the end: the check above can tell the two apart.
+                    assert wait_until(waiting.is_set, timeout=30), "the sidecar never gave up on the hung endpoint"
     finally:
         hung.close()
