@@ -270,7 +270,9 @@ def test_the_api_cli_and_portal_show_the_credits_left_after_the_requests(envoy_f
     keygate(store, "store", "init")
     log = tmp_path / "access.log"
     k = create(store, "acme")
-    keygate(store, "key", "credits", k["key_id"], "--set", "10")
+    granted = keygate(store, "key", "credits", k["key_id"], "--set", "10")
+    # What `key credits` prints counts usage as `key show` does: none yet.
+    assert (granted["credits"]["used"], granted["credits"]["remaining"]) == (0, 10), granted
     other = create(store, "globex")
     keygate(store, "plan", "create", "globexonly", "--limit", "7/min")
     keygate(store, "tenant", "limits", "globex", "--plan", "globexonly", "--limit", "4242/hour")
@@ -310,3 +312,18 @@ def test_the_api_cli_and_portal_show_the_credits_left_after_the_requests(envoy_f
             assert "the gateway&#39;s default rate limit, if it sets one" in page, page
             for theirs in (other["key_id"], "globexonly", "4242"):
                 assert theirs not in page, f"{theirs} shown to acme"
+
+
+def test_key_list_shows_each_keys_own_limits_or_its_plan(tmp_path):
+    store = str(tmp_path / "keygate.db")
+    keygate(store, "store", "init")
+    keygate(store, "plan", "create", "free", "--limit", "2/min")
+    own = create(store, "acme", "--limit", "100/min", "--limit", "5000/day")
+    on_plan = create(store, "acme", "--plan", "free")
+    plain = create(store, "acme")
+    table = keygate(store, "key", "list", "--tenant", "acme", json_out=False).stdout
+    rate = {}
+    for line in table.splitlines()[1:]:
+        cells = line.split()
+        rate[cells[0]] = cells[6]
+    assert rate == {own["key_id"]: "100/min,5000/day", on_plan["key_id"]: "plan:free", plain["key_id"]: "default"}, table
