@@ -674,3 +674,21 @@ def test_a_key_id_reused_in_another_tenant_lists_none_of_the_old_keys_sessions(r
     assert (s, v["sessions"]) == (200, []), v
     s, v = call(srv, "GET", "/api/v1/tenants/reuse-new/sessions", op)
     assert (s, v["sessions"]) == (200, []), v
+
+
+def test_cli_token_list_is_a_table_with_status_and_expiry_and_no_token(tmp_path):
+    store = str(tmp_path / "keygate.db")
+    keygate(store, "store", "init")
+    op = keygate(store, "token", "create", "--operator")
+    tenant = keygate(store, "token", "create", "--tenant", "acme", "--expires", "30d")
+    keygate(store, "token", "revoke", op["token_id"])
+    table = keygate(store, "token", "list", json_out=False).stdout
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["TOKEN", "ID", "ROLE", "TENANT"], table
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows[op["token_id"]][1:4] == ["operator", "-", "revoked"], table
+    assert rows[op["token_id"]][5] == "never", table
+    acme = rows[tenant["token_id"]]
+    assert acme[1:4] == ["tenant", "acme", "active"], table
+    assert acme[5].startswith(str(time.gmtime(time.time() + 30 * 86400).tm_year)), table
+    assert op["token"] not in table and tenant["token"] not in table

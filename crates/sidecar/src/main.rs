@@ -541,24 +541,33 @@ fn token_command<W: Write>(
         TokenCommand::List { tenant, db } => {
             let mut conn = management_db(store, db.as_deref())?.open()?;
             let list = mgmt::list_tokens(&mut conn, tenant.as_deref())?;
-            let text = list
-                .iter()
-                .map(|t| {
+            let when = |t: Option<u64>| t.map_or_else(|| "-".to_owned(), output::rfc3339);
+            let header = format!(
+                "{:<24}  {:<8}  {:<12}  {:<7}  {:<20}  {:<20}  LAST USED",
+                "TOKEN ID", "ROLE", "TENANT", "STATUS", "CREATED", "EXPIRES"
+            );
+            let text = std::iter::once(header)
+                .chain(list.iter().map(|t| {
+                    let expired = t.expires_at.is_some_and(|e| e <= now());
                     format!(
-                        "{}  {:8}  {:12}  {}",
+                        "{:<24}  {:<8}  {:<12}  {:<7}  {:<20}  {:<20}  {}",
                         t.token_id,
                         match t.role {
                             Role::Operator => "operator",
                             Role::Tenant => "tenant",
                         },
                         t.tenant.as_deref().unwrap_or("-"),
-                        if t.revoked_at.is_some() {
-                            "revoked"
-                        } else {
-                            "active"
-                        }
+                        match (t.revoked_at, expired) {
+                            (Some(_), _) => "revoked",
+                            (None, true) => "expired",
+                            (None, false) => "active",
+                        },
+                        output::rfc3339(t.created_at),
+                        t.expires_at
+                            .map_or_else(|| "never".to_owned(), output::rfc3339),
+                        when(t.last_used_at),
                     )
-                })
+                }))
                 .collect::<Vec<_>>()
                 .join("\n");
             out.done(
