@@ -497,6 +497,7 @@ struct CreateKey {
     scopes: Vec<String>,
     #[serde(default)]
     allowed_ips: Vec<String>,
+    /// Operator only: the key's own rate limit, e.g. `100/min`.
     rate_limit: Option<String>,
     environment: Option<String>,
     #[serde(default)]
@@ -525,6 +526,11 @@ async fn create_key(
     check_tenant_name(&tenant)?;
     if body.name.trim().is_empty() {
         return Err(ApiError::invalid("name", "is required"));
+    }
+    // A key's own rate limit replaces its plan's limits and the gateway's
+    // default, so it is a limit like `limits`: operators set it.
+    if body.rate_limit.is_some() {
+        crate::limits_api::operator_for(&who, "rate_limit")?;
     }
     let rate_limit = body
         .rate_limit
@@ -634,6 +640,7 @@ struct UpdateKey {
     name: Option<String>,
     scopes: Option<Vec<String>>,
     allowed_ips: Option<Vec<String>>,
+    /// Operator only; `null` removes the key's own rate limit.
     #[serde(default, deserialize_with = "present")]
     rate_limit: Option<Option<String>>,
     status: Option<StatusIn>,
@@ -678,6 +685,8 @@ async fn update_key(
         p.allowed_ips = Some(ips);
     }
     if let Some(r) = body.rate_limit {
+        // Also `null`: clearing the key's own rate limit changes its limits.
+        crate::limits_api::operator_for(&who, "rate_limit")?;
         changed.push("rate_limit");
         p.rate_limit = Some(
             r.as_deref()

@@ -49,7 +49,8 @@ fn parse(field: &str, items: &[String]) -> Result<Vec<Limit>, ApiError> {
     parse_limits(field, items).map_err(|e| ApiError::invalid(e.field, e.message))
 }
 
-fn operator_for(who: &Auth, field: &str) -> Result<(), ApiError> {
+/// Refuses a tenant token that sets `field`, a limit: 403 naming the field.
+pub(crate) fn operator_for(who: &Auth, field: &str) -> Result<(), ApiError> {
     who.operator().map_err(|_| {
         ApiError::forbidden(&format!(
             "{field}: only an operator token sets limits and plans"

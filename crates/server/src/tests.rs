@@ -171,7 +171,7 @@ async fn bad_input_names_the_field_and_unknown_fields_are_refused() {
         &f.app,
         "POST",
         "/api/v1/tenants/acme/keys",
-        Some(&f.acme),
+        Some(&f.operator),
         Some(r#"{"name":"k","scopes":["read"],"rate_limit":"lots"}"#),
     )
     .await;
@@ -215,7 +215,7 @@ async fn keys_never_show_secrets_after_creation_and_patch_changes_them() {
         &f.app,
         "PATCH",
         &format!("/api/v1/tenants/acme/keys/{id}"),
-        Some(&f.acme),
+        Some(&f.operator),
         Some(r#"{"status":"inactive","rate_limit":"100/min","name":"renamed"}"#),
     )
     .await;
@@ -877,4 +877,87 @@ async fn logs_show_the_owner_and_filter_by_it_within_the_tenant_and_refuse_a_bad
         .await;
         assert_eq!((s, e["field"].as_str()), (422, Some("owner")), "{bad}: {e}");
     }
+}
+
+/// A key's own rate limit replaces its plan's limits in the gateway, so a
+/// tenant that could set one would lift the limits its operator chose.
+#[tokio::test]
+async fn a_tenant_token_cannot_set_or_clear_a_keys_rate_limit_but_an_operator_can() {
+    let f = fixture();
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some(r#"{"name":"fast","scopes":["read"],"rate_limit":"1000000/1s"}"#),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(v["error"], "forbidden");
+    assert!(
+        v["message"].as_str().unwrap().starts_with("rate_limit: "),
+        "{v}"
+    );
+    let (_, list) = call(
+        &f.app,
+        "GET",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.operator),
+        None,
+    )
+    .await;
+    assert_eq!(list["keys"].as_array().unwrap().len(), 0, "{list}");
+
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.operator),
+        Some(r#"{"name":"k","scopes":["read"],"rate_limit":"5/min"}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, v["key"]["rate_limit"].as_str()),
+        (201, Some("5/60s")),
+        "{v}"
+    );
+    let id = v["key_id"].as_str().unwrap().to_owned();
+    let uri = format!("/api/v1/tenants/acme/keys/{id}");
+    for body in [
+        r#"{"rate_limit":"1000000/1s"}"#,
+        r#"{"rate_limit":null}"#,
+        r#"{"name":"renamed","rate_limit":"10/min"}"#,
+    ] {
+        let (s, v) = call(&f.app, "PATCH", &uri, Some(&f.acme), Some(body)).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (403, Some("forbidden")),
+            "{body}: {v}"
+        );
+    }
+    let (_, k) = call(&f.app, "GET", &uri, Some(&f.acme), None).await;
+    assert_eq!(
+        (k["rate_limit"].as_str(), k["name"].as_str()),
+        (Some("5/60s"), Some("k")),
+        "{k}"
+    );
+    // What the tenant may change still works without the field.
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.acme),
+        Some(r#"{"name":"mine"}"#),
+    )
+    .await;
+    assert_eq!((s, v["rate_limit"].as_str()), (200, Some("5/60s")), "{v}");
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.operator),
+        Some(r#"{"rate_limit":null}"#),
+    )
+    .await;
+    assert_eq!((s, v["rate_limit"].clone()), (200, Value::Null), "{v}");
 }

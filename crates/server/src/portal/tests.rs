@@ -479,3 +479,39 @@ async fn the_limits_page_shows_the_tenants_plan_shared_limits_and_each_keys_limi
     let (s, _, _) = send(&fx.app, "GET", "/portal/limits", None, None).await;
     assert_ne!(s, 200);
 }
+
+/// Only operators set limits: the create form offers no rate limit, and a
+/// crafted form that carries one is refused and makes no key.
+#[tokio::test]
+async fn the_create_form_has_no_rate_limit_and_a_posted_one_is_refused() {
+    let fx = fixture();
+    let (cookie, csrf) = sign_in(&fx, "acme").await;
+    let (_, _, page) = send(&fx.app, "GET", "/portal/keys", Some(&cookie), None).await;
+    assert!(!page.contains("name=\"rate_limit\""), "{page}");
+    assert!(page.contains("id=\"limits-note\""), "{page}");
+    let form = format!("csrf={csrf}&name=fast&scopes=read&rate_limit=1000000%2F1s");
+    let (s, _, page) = send(&fx.app, "POST", "/portal/keys", Some(&cookie), Some(&form)).await;
+    assert_eq!(s, 403, "{page}");
+    assert!(page.contains("set by your operator"), "{page}");
+    let keys = fx
+        .state
+        .svc
+        .lock()
+        .unwrap()
+        .list_keys(Some("acme"))
+        .unwrap();
+    assert!(keys.is_empty(), "a key was made");
+    // The same form without the field makes a key without a rate limit of its own.
+    let form = format!("csrf={csrf}&name=plain&scopes=read&rate_limit=");
+    let (s, _, page) = send(&fx.app, "POST", "/portal/keys", Some(&cookie), Some(&form)).await;
+    assert_eq!(s, 201, "{page}");
+    let keys = fx
+        .state
+        .svc
+        .lock()
+        .unwrap()
+        .list_keys(Some("acme"))
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].record.rate_limit, None);
+}
