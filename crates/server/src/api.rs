@@ -3,10 +3,10 @@
 //! the audit trail and answers JSON. Another tenant's objects answer 404.
 
 use crate::error::ApiError;
-use crate::extract::{Auth, Json, JsonOrEmpty};
+use crate::extract::{Auth, Json, JsonOrEmpty, Path};
 use crate::{now, AppState};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
@@ -357,8 +357,8 @@ struct PutTenant {
 
 async fn put_tenant(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     JsonOrEmpty(body): JsonOrEmpty<PutTenant>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -400,8 +400,8 @@ async fn put_tenant(
 
 async fn get_tenant(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
@@ -429,8 +429,8 @@ const MAX_PAGE: u32 = 500;
 
 async fn list_keys(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -518,8 +518,8 @@ struct CreateKey {
 
 async fn create_key(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     Json(body): Json<CreateKey>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -603,8 +603,8 @@ async fn create_key(
 
 async fn get_key(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
@@ -662,8 +662,8 @@ struct UpdateKey {
 
 async fn update_key(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
     Json(body): Json<UpdateKey>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -745,8 +745,8 @@ async fn update_key(
 
 async fn delete_key(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     blocking(&st, move |svc, db| {
@@ -780,8 +780,8 @@ const MAX_GRACE: u64 = 30 * 86_400;
 
 async fn rotate_secret(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
     JsonOrEmpty(body): JsonOrEmpty<Rotate>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -829,8 +829,8 @@ struct Roll {
 /// owner, metadata, rate-limit state, logs, usage).
 async fn roll_key(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
     JsonOrEmpty(body): JsonOrEmpty<Roll>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -874,8 +874,8 @@ async fn roll_key(
 
 async fn list_sessions(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
@@ -901,8 +901,8 @@ fn session_view(s: &mgmt::SessionInfo) -> Value {
 /// Every session recorded for the tenant's keys.
 async fn list_tenant_sessions(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
@@ -928,8 +928,8 @@ fn now_ms() -> u64 {
 
 async fn revoke_session(
     State(st): St,
-    Path((tenant, key_id, session_id)): Path<(String, String, String)>,
     who: Auth,
+    Path((tenant, key_id, session_id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     blocking(&st, move |svc, db| {
@@ -961,8 +961,8 @@ async fn revoke_session(
 /// without a session id.
 async fn revoke_all_sessions(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let n = blocking(&st, move |svc, db| {
@@ -1021,8 +1021,8 @@ fn time_ms(field: &str, s: &Option<String>) -> Result<Option<i64>, ApiError> {
 
 async fn logs(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     q: Result<Query<LogParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -1076,8 +1076,8 @@ struct UsageParams {
 
 async fn usage(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     q: Result<Query<UsageParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -1178,8 +1178,8 @@ async fn all_audit(
 
 async fn tenant_audit(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     q: Result<Query<AuditParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -1196,8 +1196,8 @@ struct CreateToken {
 
 async fn create_token(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     JsonOrEmpty(body): JsonOrEmpty<CreateToken>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -1228,8 +1228,8 @@ async fn create_token(
 
 async fn list_tokens(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     who.operator()?;
@@ -1239,8 +1239,8 @@ async fn list_tokens(
 
 async fn revoke_token(
     State(st): St,
-    Path((tenant, token_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, token_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     who.operator()?;

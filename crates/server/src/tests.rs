@@ -961,3 +961,55 @@ async fn a_tenant_token_cannot_set_or_clear_a_keys_rate_limit_but_an_operator_ca
     .await;
     assert_eq!((s, v["rate_limit"].clone()), (200, Value::Null), "{v}");
 }
+
+/// Every path parameter of every route, percent-encoded as bytes that are
+/// not UTF-8: 400 in the JSON error shape naming the parameter, and 401
+/// (not 400) without a token, since authentication comes first.
+#[tokio::test]
+async fn a_path_parameter_that_is_not_utf8_gets_json_naming_it_and_401_without_a_token() {
+    let f = fixture();
+    let mut checked = 0;
+    for (method, path) in api_operations() {
+        let params: Vec<&str> = path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .collect();
+        for bad in &params {
+            let uri = params.iter().fold(path.to_owned(), |u, p| {
+                let v = if p == bad { "%FF" } else { "x" };
+                u.replace(&format!("{{{p}}}"), v)
+            });
+            let req = |token: Option<&str>| {
+                let mut b = HttpRequest::builder().method(method.clone()).uri(&uri);
+                if let Some(t) = token {
+                    b = b.header("authorization", format!("Bearer {t}"));
+                }
+                b.body(Body::empty()).unwrap()
+            };
+            for (token, want) in [(None, 401), (Some(f.operator.as_str()), 400)] {
+                let resp = f.app.clone().oneshot(req(token)).await.unwrap();
+                let status = resp.status().as_u16();
+                let ctype = resp.headers()[axum::http::header::CONTENT_TYPE]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                assert_eq!(status, want, "{method} {uri}: {v}");
+                assert_eq!(ctype, "application/json", "{method} {uri}");
+                assert!(v["message"].is_string(), "{method} {uri}: {v}");
+                if want == 400 {
+                    assert_eq!(
+                        (v["error"].as_str(), v["field"].as_str()),
+                        (Some("bad_path"), Some(*bad)),
+                        "{method} {uri}: {v}"
+                    );
+                } else {
+                    assert_eq!(v["error"], "invalid_token", "{method} {uri}: {v}");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} parameters checked");
+}

@@ -4,14 +4,13 @@
 //! key id answers 404), records the change in the audit trail and renders
 //! an askama template.
 
-use super::{render, PortalError, Session, COOKIE, SESSION_TTL_SECS};
+use super::{render, Form, Path, PortalError, Session, COOKIE, SESSION_TTL_SECS};
 use crate::error::ApiError;
 use crate::{now, AppState};
 use askama::Template;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
 use keygate_control::logs::{query_logs, LogQuery};
 use keygate_control::mgmt::{self, Purpose, Role};
 use keygate_control::service::{KeyPatch, NewKey};
