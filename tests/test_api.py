@@ -407,6 +407,19 @@ def test_a_tenant_cannot_lift_its_plans_limit_with_a_rate_limit_of_its_own(rig):
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", key).status == 200, timeout=10)
 
 
+def test_a_path_parameter_that_is_not_utf8_gets_the_json_error_shape_after_authentication(rig):
+    """Axum's own plain-text 400 never reaches a client: without a token the
+    answer is 401, with one a JSON 400 naming the parameter."""
+    srv, op = rig["server"], rig["op"]
+    for path, field in (("/api/v1/tenants/%FF/keys", "tenant"), ("/api/v1/tenants/acme/keys/%FF", "key_id"),
+                        ("/api/v1/tenants/acme/keys/k/sessions/%C3%28", "session_id"),
+                        ("/api/v1/plans/%FF", "plan")):
+        s, v = call(srv, "GET" if "sessions" not in path else "DELETE", path)
+        assert (s, v and v["error"]) == (401, "invalid_token"), (path, s, v)
+        s, v = call(srv, "GET" if "sessions" not in path else "DELETE", path, op)
+        assert (s, v and v["error"], v and v["field"]) == (400, "bad_path", field), (path, s, v)
+
+
 def test_every_documented_operation_is_routed(rig):
     srv, tok = rig["server"], rig["op"]
     doc = call(srv, "GET", "/api/v1/openapi.json")[1]

@@ -1013,3 +1013,28 @@ async fn a_path_parameter_that_is_not_utf8_gets_json_naming_it_and_401_without_a
     }
     assert!(checked >= 30, "only {checked} parameters checked");
 }
+
+#[tokio::test]
+async fn made_up_methods_do_not_grow_metrics() {
+    let f = fixture();
+    for i in 0..100 {
+        let (s, _) = call(&f.app, &format!("ZZ{i}"), "/healthz", None, None).await;
+        assert_eq!(s, 405);
+    }
+    let req = HttpRequest::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("keygate_api_requests_total{"))
+        .collect();
+    assert_eq!(series.len(), 1, "{text}");
+    assert!(
+        series[0].contains("method=\"other\"") && series[0].ends_with(" 100"),
+        "{text}"
+    );
+}
