@@ -263,7 +263,7 @@ impl Service {
             Some(a) => self.store.update_audited(&mut apply, &a.entry())?,
             None => self.store.update(&mut apply)?,
         };
-        out.ok_or_else(|| Error::Other("the change produced no result".into()))
+        out.ok_or_else(|| Error::Internal("the change produced no result".into()))
     }
 
     pub fn init_store(&self) -> Result<Snapshot> {

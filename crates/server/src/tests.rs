@@ -1038,3 +1038,46 @@ async fn made_up_methods_do_not_grow_metrics() {
         "{text}"
     );
 }
+
+/// A store that fails inside (here its connection lock is poisoned by a
+/// change that panicked) answers 500 with a generic message: nothing the
+/// caller could fix, and no internal text in the answer.
+#[tokio::test]
+async fn a_store_failing_inside_answers_500_without_its_internal_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.db");
+    let svc = Service::new(Box::new(SqliteStore::new(&path)));
+    svc.init_store().unwrap();
+    let mut db = Db::sqlite(&path).open().unwrap();
+    let op = mgmt::create_token(&mut db, Role::Operator, None, None, now())
+        .unwrap()
+        .token;
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = svc.store().update(&mut |_| panic!("a change that panics"));
+    }));
+    assert!(panicked.is_err());
+    let state = Arc::new(AppState::new(
+        svc,
+        db,
+        FailLimiter::new(3, Duration::from_secs(60)),
+    ));
+    let app = router(state);
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&op),
+        Some(r#"{"name":"k","scopes":["read"]}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (500, Some("internal_error")),
+        "{v}"
+    );
+    let text = v.to_string();
+    assert!(
+        !text.contains("poisoned") && !text.contains("k.db"),
+        "{text}"
+    );
+}
