@@ -879,8 +879,8 @@ async fn list_sessions(
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
-        svc.tenant_key(&tenant, &key_id)?;
-        let s = mgmt::list_sessions(db, &key_id)?;
+        let k = svc.tenant_key(&tenant, &key_id)?;
+        let s = mgmt::list_sessions(db, &key_id, k.created_at)?;
         Ok(json!({"sessions": s.iter().map(session_view).collect::<Vec<_>>()}))
     })
     .await?;
@@ -909,7 +909,7 @@ async fn list_tenant_sessions(
         let mut all = Vec::new();
         for k in svc.list_keys(Some(&tenant))? {
             all.extend(
-                mgmt::list_sessions(db, &k.record.key_id)?
+                mgmt::list_sessions(db, &k.record.key_id, k.created_at)?
                     .iter()
                     .map(session_view),
             );
@@ -966,8 +966,8 @@ async fn revoke_all_sessions(
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let n = blocking(&st, move |svc, db| {
-        svc.tenant_key(&tenant, &key_id)?;
-        let mut ids: Vec<String> = mgmt::list_sessions(db, &key_id)?
+        let k = svc.tenant_key(&tenant, &key_id)?;
+        let mut ids: Vec<String> = mgmt::list_sessions(db, &key_id, k.created_at)?
             .into_iter()
             .map(|s| s.session_id)
             .collect();

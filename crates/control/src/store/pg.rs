@@ -465,12 +465,10 @@ impl PgStore {
         for id in old.keys().filter(|id| !kept.iter().any(|k| k == *id)) {
             tx.execute("DELETE FROM keys WHERE key_id = $1", &[id])
                 .map_err(self.err())?;
-            // Revocations stay: they expire on their own.
-            tx.execute(
-                "DELETE FROM sessions WHERE key_id = $1 AND revoked_at IS NULL",
-                &[id],
-            )
-            .map_err(self.err())?;
+            // Its revocations too, as on SQLite (the service drops them
+            // from the snapshot with the key).
+            tx.execute("DELETE FROM sessions WHERE key_id = $1", &[id])
+                .map_err(self.err())?;
         }
         let upsert = tx
             .prepare(

@@ -372,12 +372,11 @@ impl SqliteStore {
         for id in before.keys().filter(|id| !after.contains_key(*id)) {
             tx.execute("DELETE FROM keys WHERE key_id = ?1", [id])
                 .map_err(&e)?;
-            // Revocations stay: they expire on their own.
-            tx.execute(
-                "DELETE FROM sessions WHERE key_id = ?1 AND revoked_at IS NULL",
-                [id],
-            )
-            .map_err(&e)?;
+            // Its revocations too (the service drops them from the
+            // snapshot with the key): a later key given the same id, maybe
+            // another tenant's, must not list them.
+            tx.execute("DELETE FROM sessions WHERE key_id = ?1", [id])
+                .map_err(&e)?;
         }
         // Deletions first: a new key may reuse a deleted key's hash.
         let mut upsert = tx
