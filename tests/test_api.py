@@ -382,27 +382,27 @@ def test_a_tenant_cannot_lift_its_plans_limit_with_a_rate_limit_of_its_own(rig):
     srv, envoy, op = rig["server"], rig["envoy"], rig["op"]
     s, v = call(srv, "POST", "/api/v1/plans", op, {"name": "p6-free", "limits": ["1/min"]})
     assert s == 201, v
-    s, v = call(srv, "PUT", "/api/v1/tenants/initech/limits", op, {"plan": "p6-free"})
+    s, v = call(srv, "PUT", "/api/v1/tenants/ratecap/limits", op, {"plan": "p6-free"})
     assert s == 200, v
-    tenant = token(rig["store"], "--tenant", "initech")
-    s, v = call(srv, "POST", "/api/v1/tenants/initech/keys", tenant,
+    tenant = token(rig["store"], "--tenant", "ratecap")
+    s, v = call(srv, "POST", "/api/v1/tenants/ratecap/keys", tenant,
                 {"name": "fast", "scopes": ["read"], "rate_limit": "1000000/1s"})
     assert (s, v["error"]) == (403, "forbidden") and v["message"].startswith("rate_limit:"), v
-    k = create_key(rig, "initech", tenant)
+    k = create_key(rig, "ratecap", tenant)
     key = [("x-api-key", k["api_key"])]
     # The key's first request passes once it is served; the minute is then spent.
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", key).status != 401, timeout=10)
     assert request(envoy.port, "GET", "/v1/items", key).status == 429
     for body in ({"rate_limit": "1000000/1s"}, {"rate_limit": None}):
-        s, v = call(srv, "PATCH", f"/api/v1/tenants/initech/keys/{k['key_id']}", tenant, body)
+        s, v = call(srv, "PATCH", f"/api/v1/tenants/ratecap/keys/{k['key_id']}", tenant, body)
         assert (s, v["error"]) == (403, "forbidden"), (body, v)
-    s, v = call(srv, "GET", f"/api/v1/tenants/initech/keys/{k['key_id']}", tenant)
+    s, v = call(srv, "GET", f"/api/v1/tenants/ratecap/keys/{k['key_id']}", tenant)
     assert s == 200 and v["rate_limit"] is None and v["plan"] is None, v
     # A push would have reached Envoy by now; still the plan's 1/min.
     time.sleep(1.5)
     assert [request(envoy.port, "GET", "/v1/items", key).status for _ in range(3)] == [429, 429, 429]
     # The operator still can: the key's own rule then replaces the plan's.
-    s, v = call(srv, "PATCH", f"/api/v1/tenants/initech/keys/{k['key_id']}", op, {"rate_limit": "100/min"})
+    s, v = call(srv, "PATCH", f"/api/v1/tenants/ratecap/keys/{k['key_id']}", op, {"rate_limit": "100/min"})
     assert (s, v["rate_limit"]) == (200, "100/60s"), v
     assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", key).status == 200, timeout=10)
 
