@@ -316,4 +316,3 @@ def test_the_cli_mints_a_link_that_works_once(rig):
                 "--base-url", f"http://127.0.0.1:{rig['server'].port}")
     session(v["url"])
     assert http(v["url"])[0] == 410
-
