@@ -460,14 +460,7 @@ pub async fn create_key(
     Form(f): Form<CreateForm>,
 ) -> Result<Response, PortalError> {
     s.check_csrf(&f.csrf)?;
-    let bad = |field: &str, message: String| FieldError {
-        field: field.into(),
-        message,
-    };
-    if f.name.trim().is_empty() {
-        let e = bad("name", "A name is required.".into());
-        return keys_page(&st, &s, StatusCode::UNPROCESSABLE_ENTITY, e, f).await;
-    }
+    // Refused whatever else the form holds: only operators set limits.
     if f.rate_limit
         .as_deref()
         .is_some_and(|r| !r.trim().is_empty())
@@ -476,6 +469,14 @@ pub async fn create_key(
             StatusCode::FORBIDDEN,
             "Rate limits are set by your operator (see Limits); a key made here meets your plan's limits.",
         ));
+    }
+    let bad = |field: &str, message: String| FieldError {
+        field: field.into(),
+        message,
+    };
+    if f.name.trim().is_empty() {
+        let e = bad("name", "A name is required.".into());
+        return keys_page(&st, &s, StatusCode::UNPROCESSABLE_ENTITY, e, f).await;
     }
     let new = NewKey {
         key_id: None,
