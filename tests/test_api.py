@@ -394,6 +394,51 @@ def test_revoking_a_session_through_the_api_refuses_its_tokens_in_envoy(rig):
     assert [r["object"] for r in recs if r["action"] == "session.revoke_all"] == [k["key_id"]]
 
 
+def test_a_tenant_cannot_lift_its_plans_limit_with_a_rate_limit_of_its_own(rig):
+    """A key's own rate limit replaces its plan's limits in the gateway: a
+    tenant token that could set one would pass the 1/min its operator chose.
+    It gets 403, and Envoy keeps refusing the second request of the minute."""
+    srv, envoy, op = rig["server"], rig["envoy"], rig["op"]
+    s, v = call(srv, "POST", "/api/v1/plans", op, {"name": "p6-free", "limits": ["1/min"]})
+    assert s == 201, v
+    s, v = call(srv, "PUT", "/api/v1/tenants/ratecap/limits", op, {"plan": "p6-free"})
+    assert s == 200, v
+    tenant = token(rig["store"], "--tenant", "ratecap")
+    s, v = call(srv, "POST", "/api/v1/tenants/ratecap/keys", tenant,
+                {"name": "fast", "scopes": ["read"], "rate_limit": "1000000/1s"})
+    assert (s, v["error"]) == (403, "forbidden") and v["message"].startswith("rate_limit:"), v
+    k = create_key(rig, "ratecap", tenant)
+    key = [("x-api-key", k["api_key"])]
+    # The key's first request passes once it is served; the minute is then spent.
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", key).status != 401, timeout=10)
+    assert request(envoy.port, "GET", "/v1/items", key).status == 429
+    for body in ({"rate_limit": "1000000/1s"}, {"rate_limit": None}):
+        s, v = call(srv, "PATCH", f"/api/v1/tenants/ratecap/keys/{k['key_id']}", tenant, body)
+        assert (s, v["error"]) == (403, "forbidden"), (body, v)
+    s, v = call(srv, "GET", f"/api/v1/tenants/ratecap/keys/{k['key_id']}", tenant)
+    assert s == 200 and v["rate_limit"] is None and v["plan"] is None, v
+    # A push would have reached Envoy by now; still the plan's 1/min.
+    time.sleep(1.5)
+    assert [request(envoy.port, "GET", "/v1/items", key).status for _ in range(3)] == [429, 429, 429]
+    # The operator still can: the key's own rule then replaces the plan's.
+    s, v = call(srv, "PATCH", f"/api/v1/tenants/ratecap/keys/{k['key_id']}", op, {"rate_limit": "100/min"})
+    assert (s, v["rate_limit"]) == (200, "100/60s"), v
+    assert wait_until(lambda: request(envoy.port, "GET", "/v1/items", key).status == 200, timeout=10)
+
+
+def test_a_path_parameter_that_is_not_utf8_gets_the_json_error_shape_after_authentication(rig):
+    """Axum's own plain-text 400 never reaches a client: without a token the
+    answer is 401, with one a JSON 400 naming the parameter."""
+    srv, op = rig["server"], rig["op"]
+    for path, field in (("/api/v1/tenants/%FF/keys", "tenant"), ("/api/v1/tenants/acme/keys/%FF", "key_id"),
+                        ("/api/v1/tenants/acme/keys/k/sessions/%C3%28", "session_id"),
+                        ("/api/v1/plans/%FF", "plan")):
+        s, v = call(srv, "GET" if "sessions" not in path else "DELETE", path)
+        assert (s, v and v["error"]) == (401, "invalid_token"), (path, s, v)
+        s, v = call(srv, "GET" if "sessions" not in path else "DELETE", path, op)
+        assert (s, v and v["error"], v and v["field"]) == (400, "bad_path", field), (path, s, v)
+
+
 def test_every_documented_operation_is_routed(rig):
     srv, tok = rig["server"], rig["op"]
     doc = call(srv, "GET", "/api/v1/openapi.json")[1]

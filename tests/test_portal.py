@@ -229,6 +229,38 @@ def test_a_used_link_is_refused(rig, browser):
     shot(browser, "portal-used-link")
 
 
+def test_the_portal_offers_no_rate_limit_and_refuses_a_posted_one(rig, browser):
+    """A key's own rate limit would replace the limits the operator set, so
+    the create form has no such field and a crafted post carrying one is
+    refused (403) without making a key."""
+    base = f"http://127.0.0.1:{rig['server'].port}"
+    drv = browser
+    drv.get(link(rig, "ratecap-portal"))
+    assert wait_until(lambda: drv.current_url.endswith("/portal/keys"), timeout=10)
+    drv.implicitly_wait(0)  # absence checks: nothing to wait for
+    assert not drv.find_elements(By.ID, "rate_limit")
+    assert not drv.find_elements(By.NAME, "rate_limit")
+    drv.implicitly_wait(10)
+    assert "set by your operator" in drv.find_element(By.ID, "limits-note").text
+    fill(drv, "name", "plain")
+    fill(drv, "scopes", "read")
+    follow(drv, By.CSS_SELECTOR, "form[action='/portal/keys'] button[type=submit]")
+    assert drv.find_element(By.ID, "api-key").text
+    follow(drv, By.LINK_TEXT, "Go to the key")
+    assert "Rate limit\ndefault" in text(drv) or "Rate limit default" in text(drv), text(drv)
+
+    cookie = session(link(rig, "ratecap-portal"))
+    _, _, page = http(f"{base}/portal/keys", cookie=cookie)
+    csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', page).group(1)
+    ct = [("Content-Type", "application/x-www-form-urlencoded")]
+    form = urllib.parse.urlencode({"csrf": csrf, "name": "fast", "scopes": "read",
+                                   "rate_limit": "1000000/1s"}).encode()
+    s, _, body = http(f"{base}/portal/keys", cookie=cookie, data=form, headers=ct)
+    assert s == 403 and "set by your operator" in body, body
+    s, v = call(rig["server"], "GET", "/api/v1/tenants/ratecap-portal/keys", rig["op"])
+    assert s == 200 and [(k["name"], k["rate_limit"]) for k in v["keys"]] == [("plain", None)], v
+
+
 def test_a_form_without_its_csrf_token_or_from_another_origin_is_refused(rig):
     base = f"http://127.0.0.1:{rig['server'].port}"
     cookie = session(link(rig, "acme"))

@@ -83,8 +83,17 @@ pub enum Error {
     #[error("no randomness from the operating system: {0}")]
     Random(String),
 
+    /// A refusal in words for the user (e.g. a secret to rotate that the
+    /// key does not have).
     #[error("{0}")]
     Other(String),
+
+    /// A failure inside keygate or its store (a poisoned lock, a record
+    /// that does not serialise, a store without the feature asked for):
+    /// nothing the caller did wrong. The API answers 500 with a generic
+    /// message and logs this text.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -115,6 +124,7 @@ impl Error {
             Error::TenantLimit { .. } => "tenant_limit",
             Error::Random(_) => "random",
             Error::Other(_) => "error",
+            Error::Internal(_) => "internal",
         }
     }
 }

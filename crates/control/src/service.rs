@@ -263,7 +263,7 @@ impl Service {
             Some(a) => self.store.update_audited(&mut apply, &a.entry())?,
             None => self.store.update(&mut apply)?,
         };
-        out.ok_or_else(|| Error::Other("the change produced no result".into()))
+        out.ok_or_else(|| Error::Internal("the change produced no result".into()))
     }
 
     pub fn init_store(&self) -> Result<Snapshot> {
@@ -619,7 +619,7 @@ impl Service {
                 .iter()
                 .position(|k| k.record.key_id == key_id && k.record.tenant == tenant)
                 .ok_or_else(|| Error::NoSuchKey(key_id.to_owned()))?;
-            Ok(snap.keys.remove(i))
+            Ok(remove_key(snap, i))
         })
     }
 
@@ -631,7 +631,7 @@ impl Service {
                 .iter()
                 .position(|k| k.record.key_id == key_id)
                 .ok_or_else(|| Error::NoSuchKey(key_id.to_owned()))?;
-            Ok(snap.keys.remove(i))
+            Ok(remove_key(snap, i))
         })
     }
 
@@ -727,6 +727,17 @@ impl Service {
             Ok(())
         })
     }
+}
+
+/// Removes the key at `i` with its session revocations: the key's tokens
+/// die with it (they are checked against the live credential), and a later
+/// key given the same id (`--id`), maybe another tenant's, must not inherit
+/// or list them.
+fn remove_key(snap: &mut Snapshot, i: usize) -> StoredKey {
+    let k = snap.keys.remove(i);
+    snap.revoked_sessions
+        .retain(|r| r.key_id != k.record.key_id);
+    k
 }
 
 /// `100/60s`, `100/min`, `5000/1h`, `10/sec`.

@@ -249,3 +249,8 @@ fn an_audit_record_commits_with_its_change_or_not_at_all() {
 fn migration_2_fences_portal_tokens_made_before_it() {
     run(common::migration_2_fences_portal_tokens_made_before_it);
 }
+
+#[test]
+fn a_deleted_keys_sessions_go_with_it_and_a_reused_id_lists_none() {
+    run(common::a_deleted_keys_sessions_go_with_it_and_a_reused_id_lists_none);
+}

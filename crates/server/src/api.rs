@@ -3,10 +3,10 @@
 //! the audit trail and answers JSON. Another tenant's objects answer 404.
 
 use crate::error::ApiError;
-use crate::extract::{Auth, Json, JsonOrEmpty};
+use crate::extract::{Auth, Json, JsonOrEmpty, Path};
 use crate::{now, AppState};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
@@ -357,8 +357,8 @@ struct PutTenant {
 
 async fn put_tenant(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     JsonOrEmpty(body): JsonOrEmpty<PutTenant>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -400,8 +400,8 @@ async fn put_tenant(
 
 async fn get_tenant(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
@@ -429,8 +429,8 @@ const MAX_PAGE: u32 = 500;
 
 async fn list_keys(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -497,6 +497,7 @@ struct CreateKey {
     scopes: Vec<String>,
     #[serde(default)]
     allowed_ips: Vec<String>,
+    /// Operator only: the key's own rate limit, e.g. `100/min`.
     rate_limit: Option<String>,
     environment: Option<String>,
     #[serde(default)]
@@ -517,14 +518,19 @@ struct CreateKey {
 
 async fn create_key(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     Json(body): Json<CreateKey>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     check_tenant_name(&tenant)?;
     if body.name.trim().is_empty() {
         return Err(ApiError::invalid("name", "is required"));
+    }
+    // A key's own rate limit replaces its plan's limits and the gateway's
+    // default, so it is a limit like `limits`: operators set it.
+    if body.rate_limit.is_some() {
+        crate::limits_api::operator_for(&who, "rate_limit")?;
     }
     let rate_limit = body
         .rate_limit
@@ -597,8 +603,8 @@ async fn create_key(
 
 async fn get_key(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
@@ -634,6 +640,7 @@ struct UpdateKey {
     name: Option<String>,
     scopes: Option<Vec<String>>,
     allowed_ips: Option<Vec<String>>,
+    /// Operator only; `null` removes the key's own rate limit.
     #[serde(default, deserialize_with = "present")]
     rate_limit: Option<Option<String>>,
     status: Option<StatusIn>,
@@ -655,8 +662,8 @@ struct UpdateKey {
 
 async fn update_key(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
     Json(body): Json<UpdateKey>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -678,6 +685,8 @@ async fn update_key(
         p.allowed_ips = Some(ips);
     }
     if let Some(r) = body.rate_limit {
+        // Also `null`: clearing the key's own rate limit changes its limits.
+        crate::limits_api::operator_for(&who, "rate_limit")?;
         changed.push("rate_limit");
         p.rate_limit = Some(
             r.as_deref()
@@ -736,8 +745,8 @@ async fn update_key(
 
 async fn delete_key(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     blocking(&st, move |svc, db| {
@@ -771,8 +780,8 @@ const MAX_GRACE: u64 = 30 * 86_400;
 
 async fn rotate_secret(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
     JsonOrEmpty(body): JsonOrEmpty<Rotate>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -820,8 +829,8 @@ struct Roll {
 /// owner, metadata, rate-limit state, logs, usage).
 async fn roll_key(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
     JsonOrEmpty(body): JsonOrEmpty<Roll>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -865,13 +874,13 @@ async fn roll_key(
 
 async fn list_sessions(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
-        svc.tenant_key(&tenant, &key_id)?;
-        let s = mgmt::list_sessions(db, &key_id)?;
+        let k = svc.tenant_key(&tenant, &key_id)?;
+        let s = mgmt::list_sessions(db, &key_id, k.created_at)?;
         Ok(json!({"sessions": s.iter().map(session_view).collect::<Vec<_>>()}))
     })
     .await?;
@@ -892,15 +901,15 @@ fn session_view(s: &mgmt::SessionInfo) -> Value {
 /// Every session recorded for the tenant's keys.
 async fn list_tenant_sessions(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
         let mut all = Vec::new();
         for k in svc.list_keys(Some(&tenant))? {
             all.extend(
-                mgmt::list_sessions(db, &k.record.key_id)?
+                mgmt::list_sessions(db, &k.record.key_id, k.created_at)?
                     .iter()
                     .map(session_view),
             );
@@ -919,8 +928,8 @@ fn now_ms() -> u64 {
 
 async fn revoke_session(
     State(st): St,
-    Path((tenant, key_id, session_id)): Path<(String, String, String)>,
     who: Auth,
+    Path((tenant, key_id, session_id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     blocking(&st, move |svc, db| {
@@ -952,13 +961,13 @@ async fn revoke_session(
 /// without a session id.
 async fn revoke_all_sessions(
     State(st): St,
-    Path((tenant, key_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let n = blocking(&st, move |svc, db| {
-        svc.tenant_key(&tenant, &key_id)?;
-        let mut ids: Vec<String> = mgmt::list_sessions(db, &key_id)?
+        let k = svc.tenant_key(&tenant, &key_id)?;
+        let mut ids: Vec<String> = mgmt::list_sessions(db, &key_id, k.created_at)?
             .into_iter()
             .map(|s| s.session_id)
             .collect();
@@ -1012,8 +1021,8 @@ fn time_ms(field: &str, s: &Option<String>) -> Result<Option<i64>, ApiError> {
 
 async fn logs(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     q: Result<Query<LogParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -1067,8 +1076,8 @@ struct UsageParams {
 
 async fn usage(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     q: Result<Query<UsageParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -1169,8 +1178,8 @@ async fn all_audit(
 
 async fn tenant_audit(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     q: Result<Query<AuditParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -1187,8 +1196,8 @@ struct CreateToken {
 
 async fn create_token(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     JsonOrEmpty(body): JsonOrEmpty<CreateToken>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
@@ -1219,8 +1228,8 @@ async fn create_token(
 
 async fn list_tokens(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     who.operator()?;
@@ -1230,8 +1239,8 @@ async fn list_tokens(
 
 async fn revoke_token(
     State(st): St,
-    Path((tenant, token_id)): Path<(String, String)>,
     who: Auth,
+    Path((tenant, token_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     who.operator()?;

@@ -120,6 +120,12 @@ impl From<Error> for ApiError {
             Error::Other(m) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m)
             }
+            // Our failure, not the caller's: its text (paths, library
+            // errors) goes to the server log only.
+            Error::Internal(m) => {
+                eprintln!("{}", json!({"level": "error", "message": m}));
+                ApiError::internal()
+            }
             other => {
                 eprintln!(
                     "{}",
@@ -151,5 +157,26 @@ impl From<DbError> for ApiError {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_internal_store_failure_is_a_500_with_a_generic_message() {
+        let text = "the store connection lock is poisoned at /var/lib/keygate/keygate.db";
+        let e = ApiError::from(Error::Internal(text.into()));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+        );
+        assert!(!e.message.contains("poisoned") && !e.message.contains("/var/lib"));
+        assert_eq!(e.field, None);
+        // A refusal meant for the user still says what is wrong.
+        let e = ApiError::from(Error::Other("key 'k' has no secret to rotate".into()));
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(e.message.contains("no secret to rotate"));
     }
 }

@@ -5,6 +5,7 @@
 use crate::error::ApiError;
 use crate::AppState;
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::{header, request::Parts, StatusCode};
 use keygate_control::mgmt::{self, Principal, Role};
@@ -105,6 +106,51 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 Err(ApiError::invalid(field, inner.to_string()))
             }
         }
+    }
+}
+
+/// Path parameters. Wraps axum's `Path` so a parameter that cannot be read
+/// (percent-encoding that is not UTF-8) answers 400 in the API's error
+/// shape naming the parameter, not axum's plain text. Handlers take
+/// [`Auth`] first, so a request without a token gets 401 before this runs.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| {
+                let (field, message) = path_problem(&e);
+                ApiError {
+                    field: Some(field.clone()),
+                    ..ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_path",
+                        format!("{field}: {message}"),
+                    )
+                }
+            })
+    }
+}
+
+/// The parameter a path rejection is about and what is wrong with it, in
+/// words of our own (axum's text names its internals).
+pub(crate) fn path_problem(e: &PathRejection) -> (String, &'static str) {
+    use axum::extract::path::ErrorKind;
+    let PathRejection::FailedToDeserializePathParams(e) = e else {
+        return ("path".into(), "cannot be read");
+    };
+    match e.kind() {
+        ErrorKind::InvalidUtf8InPathParam { key } => {
+            (key.clone(), "not valid UTF-8 once percent-decoded")
+        }
+        ErrorKind::ParseErrorAtKey { key, .. } | ErrorKind::DeserializeError { key, .. } => {
+            (key.clone(), "cannot be read")
+        }
+        _ => ("path".into(), "cannot be read"),
     }
 }
 

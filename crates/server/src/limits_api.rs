@@ -6,9 +6,9 @@
 
 use crate::api::{audit_record, audited_as, blocking, rfc3339};
 use crate::error::ApiError;
-use crate::extract::{Auth, Json};
+use crate::extract::{Auth, Json, Path};
 use crate::{now, AppState};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use keygate_control::service::{KeyLimits, KeyPatch, Service, TenantLimitsChange};
@@ -49,7 +49,8 @@ fn parse(field: &str, items: &[String]) -> Result<Vec<Limit>, ApiError> {
     parse_limits(field, items).map_err(|e| ApiError::invalid(e.field, e.message))
 }
 
-fn operator_for(who: &Auth, field: &str) -> Result<(), ApiError> {
+/// Refuses a tenant token that sets `field`, a limit: 403 naming the field.
+pub(crate) fn operator_for(who: &Auth, field: &str) -> Result<(), ApiError> {
     who.operator().map_err(|_| {
         ApiError::forbidden(&format!(
             "{field}: only an operator token sets limits and plans"
@@ -186,8 +187,8 @@ pub(crate) async fn create_plan(
 
 pub(crate) async fn get_plan(
     State(st): St,
-    Path(plan): Path<String>,
     who: Auth,
+    Path(plan): Path<String>,
 ) -> Result<Response, ApiError> {
     who.operator()?;
     let out = blocking(&st, move |svc, _| {
@@ -206,8 +207,8 @@ pub(crate) struct PlanLimits {
 
 pub(crate) async fn put_plan(
     State(st): St,
-    Path(plan): Path<String>,
     who: Auth,
+    Path(plan): Path<String>,
     Json(body): Json<PlanLimits>,
 ) -> Result<Response, ApiError> {
     who.operator()?;
@@ -225,8 +226,8 @@ pub(crate) async fn put_plan(
 
 pub(crate) async fn delete_plan(
     State(st): St,
-    Path(plan): Path<String>,
     who: Auth,
+    Path(plan): Path<String>,
 ) -> Result<Response, ApiError> {
     who.operator()?;
     blocking(&st, move |svc, db| {
@@ -248,8 +249,8 @@ pub(crate) async fn delete_plan(
 
 pub(crate) async fn get_tenant_limits(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, _| {
@@ -278,8 +279,8 @@ pub(crate) struct PutTenantLimits {
 
 pub(crate) async fn put_tenant_limits(
     State(st): St,
-    Path(tenant): Path<String>,
     who: Auth,
+    Path(tenant): Path<String>,
     Json(body): Json<PutTenantLimits>,
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;

@@ -171,7 +171,7 @@ async fn bad_input_names_the_field_and_unknown_fields_are_refused() {
         &f.app,
         "POST",
         "/api/v1/tenants/acme/keys",
-        Some(&f.acme),
+        Some(&f.operator),
         Some(r#"{"name":"k","scopes":["read"],"rate_limit":"lots"}"#),
     )
     .await;
@@ -215,7 +215,7 @@ async fn keys_never_show_secrets_after_creation_and_patch_changes_them() {
         &f.app,
         "PATCH",
         &format!("/api/v1/tenants/acme/keys/{id}"),
-        Some(&f.acme),
+        Some(&f.operator),
         Some(r#"{"status":"inactive","rate_limit":"100/min","name":"renamed"}"#),
     )
     .await;
@@ -877,4 +877,207 @@ async fn logs_show_the_owner_and_filter_by_it_within_the_tenant_and_refuse_a_bad
         .await;
         assert_eq!((s, e["field"].as_str()), (422, Some("owner")), "{bad}: {e}");
     }
+}
+
+/// A key's own rate limit replaces its plan's limits in the gateway, so a
+/// tenant that could set one would lift the limits its operator chose.
+#[tokio::test]
+async fn a_tenant_token_cannot_set_or_clear_a_keys_rate_limit_but_an_operator_can() {
+    let f = fixture();
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.acme),
+        Some(r#"{"name":"fast","scopes":["read"],"rate_limit":"1000000/1s"}"#),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(v["error"], "forbidden");
+    assert!(
+        v["message"].as_str().unwrap().starts_with("rate_limit: "),
+        "{v}"
+    );
+    let (_, list) = call(
+        &f.app,
+        "GET",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.operator),
+        None,
+    )
+    .await;
+    assert_eq!(list["keys"].as_array().unwrap().len(), 0, "{list}");
+
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&f.operator),
+        Some(r#"{"name":"k","scopes":["read"],"rate_limit":"5/min"}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, v["key"]["rate_limit"].as_str()),
+        (201, Some("5/60s")),
+        "{v}"
+    );
+    let id = v["key_id"].as_str().unwrap().to_owned();
+    let uri = format!("/api/v1/tenants/acme/keys/{id}");
+    for body in [
+        r#"{"rate_limit":"1000000/1s"}"#,
+        r#"{"rate_limit":null}"#,
+        r#"{"name":"renamed","rate_limit":"10/min"}"#,
+    ] {
+        let (s, v) = call(&f.app, "PATCH", &uri, Some(&f.acme), Some(body)).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (403, Some("forbidden")),
+            "{body}: {v}"
+        );
+    }
+    let (_, k) = call(&f.app, "GET", &uri, Some(&f.acme), None).await;
+    assert_eq!(
+        (k["rate_limit"].as_str(), k["name"].as_str()),
+        (Some("5/60s"), Some("k")),
+        "{k}"
+    );
+    // What the tenant may change still works without the field.
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.acme),
+        Some(r#"{"name":"mine"}"#),
+    )
+    .await;
+    assert_eq!((s, v["rate_limit"].as_str()), (200, Some("5/60s")), "{v}");
+    let (s, v) = call(
+        &f.app,
+        "PATCH",
+        &uri,
+        Some(&f.operator),
+        Some(r#"{"rate_limit":null}"#),
+    )
+    .await;
+    assert_eq!((s, v["rate_limit"].clone()), (200, Value::Null), "{v}");
+}
+
+/// Every path parameter of every route, percent-encoded as bytes that are
+/// not UTF-8: 400 in the JSON error shape naming the parameter, and 401
+/// (not 400) without a token, since authentication comes first.
+#[tokio::test]
+async fn a_path_parameter_that_is_not_utf8_gets_json_naming_it_and_401_without_a_token() {
+    let f = fixture();
+    let mut checked = 0;
+    for (method, path) in api_operations() {
+        let params: Vec<&str> = path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .collect();
+        for bad in &params {
+            let uri = params.iter().fold(path.to_owned(), |u, p| {
+                let v = if p == bad { "%FF" } else { "x" };
+                u.replace(&format!("{{{p}}}"), v)
+            });
+            let req = |token: Option<&str>| {
+                let mut b = HttpRequest::builder().method(method.clone()).uri(&uri);
+                if let Some(t) = token {
+                    b = b.header("authorization", format!("Bearer {t}"));
+                }
+                b.body(Body::empty()).unwrap()
+            };
+            for (token, want) in [(None, 401), (Some(f.operator.as_str()), 400)] {
+                let resp = f.app.clone().oneshot(req(token)).await.unwrap();
+                let status = resp.status().as_u16();
+                let ctype = resp.headers()[axum::http::header::CONTENT_TYPE]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                assert_eq!(status, want, "{method} {uri}: {v}");
+                assert_eq!(ctype, "application/json", "{method} {uri}");
+                assert!(v["message"].is_string(), "{method} {uri}: {v}");
+                if want == 400 {
+                    assert_eq!(
+                        (v["error"].as_str(), v["field"].as_str()),
+                        (Some("bad_path"), Some(*bad)),
+                        "{method} {uri}: {v}"
+                    );
+                } else {
+                    assert_eq!(v["error"], "invalid_token", "{method} {uri}: {v}");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} parameters checked");
+}
+
+#[tokio::test]
+async fn made_up_methods_do_not_grow_metrics() {
+    let f = fixture();
+    for i in 0..100 {
+        let (s, _) = call(&f.app, &format!("ZZ{i}"), "/healthz", None, None).await;
+        assert_eq!(s, 405);
+    }
+    let req = HttpRequest::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("keygate_api_requests_total{"))
+        .collect();
+    assert_eq!(series.len(), 1, "{text}");
+    assert!(
+        series[0].contains("method=\"other\"") && series[0].ends_with(" 100"),
+        "{text}"
+    );
+}
+
+/// A store that fails inside (here its connection lock is poisoned by a
+/// change that panicked) answers 500 with a generic message: nothing the
+/// caller could fix, and no internal text in the answer.
+#[tokio::test]
+async fn a_store_failing_inside_answers_500_without_its_internal_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.db");
+    let svc = Service::new(Box::new(SqliteStore::new(&path)));
+    svc.init_store().unwrap();
+    let mut db = Db::sqlite(&path).open().unwrap();
+    let op = mgmt::create_token(&mut db, Role::Operator, None, None, now())
+        .unwrap()
+        .token;
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = svc.store().update(&mut |_| panic!("a change that panics"));
+    }));
+    assert!(panicked.is_err());
+    let state = Arc::new(AppState::new(
+        svc,
+        db,
+        FailLimiter::new(3, Duration::from_secs(60)),
+    ));
+    let app = router(state);
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/api/v1/tenants/acme/keys",
+        Some(&op),
+        Some(r#"{"name":"k","scopes":["read"]}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (500, Some("internal_error")),
+        "{v}"
+    );
+    let text = v.to_string();
+    assert!(
+        !text.contains("poisoned") && !text.contains("k.db"),
+        "{text}"
+    );
 }

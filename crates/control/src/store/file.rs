@@ -187,7 +187,7 @@ impl FileStore {
 
     /// Writes a validated snapshot, then notes its bytes as validated.
     fn write(&self, snap: &Snapshot) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(snap).map_err(|e| Error::Other(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(snap).map_err(|e| Error::Internal(e.to_string()))?;
         let note = self.sibling(".checked");
         // Dropped first: a crash between the two writes leaves no note that
         // could vouch for the old bytes should they come back.
@@ -302,10 +302,10 @@ impl Store for FileStore {
                 let _ = wake.send(());
             }
         })
-        .map_err(|e| Error::Other(format!("cannot watch {}: {e}", dir.display())))?;
+        .map_err(|e| Error::Internal(format!("cannot watch {}: {e}", dir.display())))?;
         watcher
             .watch(&dir, notify::RecursiveMode::NonRecursive)
-            .map_err(|e| Error::Other(format!("cannot watch {}: {e}", dir.display())))?;
+            .map_err(|e| Error::Internal(format!("cannot watch {}: {e}", dir.display())))?;
         Ok(Box::new(watcher))
     }
 }

@@ -513,7 +513,7 @@ pub trait Store: Send {
     /// ([`Store::database`]) can; the others refuse and change nothing.
     fn update_audited(&self, change: Change<'_>, audit: &AuditEntry<'_>) -> Result<Snapshot> {
         let _ = (change, audit);
-        Err(Error::Other(format!(
+        Err(Error::Internal(format!(
             "the store at {} keeps no audit trail",
             self.describe()
         )))

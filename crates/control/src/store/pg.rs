@@ -323,7 +323,7 @@ impl PgStore {
                 continue;
             }
             let record =
-                serde_json::to_string(&k.record).map_err(|e| Error::Other(e.to_string()))?;
+                serde_json::to_string(&k.record).map_err(|e| Error::Internal(e.to_string()))?;
             tx.execute(
                 "INSERT INTO keygate_keys (key_id, key_hash, tenant, created_at, updated_at, record, name)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -336,7 +336,7 @@ impl PgStore {
                 .as_ref()
                 .map(serde_json::to_string)
                 .transpose()
-                .map_err(|e| Error::Other(e.to_string()))?;
+                .map_err(|e| Error::Internal(e.to_string()))?;
             tx.execute(
                 "UPDATE keygate_keys SET metadata = $2 WHERE key_id = $1",
                 &[id, &metadata],
@@ -360,7 +360,7 @@ impl PgStore {
                 plans: after.plans.clone(),
                 tenant_limits: after.tenant_limits.clone(),
             })
-            .map_err(|e| Error::Other(e.to_string()))?;
+            .map_err(|e| Error::Internal(e.to_string()))?;
             tx.execute(
                 "INSERT INTO keygate_limit_sets (id, body) VALUES (1, $1)
                  ON CONFLICT (id) DO UPDATE SET body = $1",
@@ -465,12 +465,10 @@ impl PgStore {
         for id in old.keys().filter(|id| !kept.iter().any(|k| k == *id)) {
             tx.execute("DELETE FROM keys WHERE key_id = $1", &[id])
                 .map_err(self.err())?;
-            // Revocations stay: they expire on their own.
-            tx.execute(
-                "DELETE FROM sessions WHERE key_id = $1 AND revoked_at IS NULL",
-                &[id],
-            )
-            .map_err(self.err())?;
+            // Its revocations too, as on SQLite (the service drops them
+            // from the snapshot with the key).
+            tx.execute("DELETE FROM sessions WHERE key_id = $1", &[id])
+                .map_err(self.err())?;
         }
         let upsert = tx
             .prepare(
@@ -499,8 +497,9 @@ impl PgStore {
         let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for k in changed {
             let r = &k.record;
-            let json =
-                |v: &Vec<String>| serde_json::to_string(v).map_err(|e| Error::Other(e.to_string()));
+            let json = |v: &Vec<String>| {
+                serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()))
+            };
             let kind = match r.kind {
                 keygate_core::credential::Kind::Default => "default",
                 keygate_core::credential::Kind::Scoped => "scoped",
@@ -742,7 +741,7 @@ impl Store for PgStore {
                     backoff = (backoff * 2).min(RECONNECT_MAX);
                 }
             })
-            .map_err(|e| Error::Other(format!("cannot start the LISTEN thread: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start the LISTEN thread: {e}")))?;
         // The thread ends by itself once the receiver is gone.
         Ok(Box::new(()))
     }

@@ -137,7 +137,7 @@ impl SqliteStore {
         let mut guard = self
             .conn
             .lock()
-            .map_err(|_| Error::Other("the store connection lock is poisoned".into()))?;
+            .map_err(|_| Error::Internal("the store connection lock is poisoned".into()))?;
         if guard.is_none() {
             if !create && !self.path.exists() {
                 return Err(Error::StoreMissing {
@@ -145,13 +145,13 @@ impl SqliteStore {
                 });
             }
             let Conn::Sqlite(c) = Db::sqlite(&self.path).open().map_err(self.db_err())? else {
-                return Err(Error::Other("not a SQLite connection".into()));
+                return Err(Error::Internal("not a SQLite connection".into()));
             };
             *guard = Some(c);
         }
         match guard.as_mut() {
             Some(c) => f(c),
-            None => Err(Error::Other("no store connection".into())),
+            None => Err(Error::Internal("no store connection".into())),
         }
     }
 
@@ -309,7 +309,7 @@ impl SqliteStore {
             // Its own read-only connection: the sync daemon asks from its
             // endpoint threads, when it pushes a full set.
             let shown = path.display().to_string();
-            let err = |e: rusqlite::Error| Error::Other(format!("quota usage in {shown}: {e}"));
+            let err = |e: rusqlite::Error| Error::Internal(format!("quota usage in {shown}: {e}"));
             let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .map_err(err)?;
             c.busy_timeout(std::time::Duration::from_secs(5))
@@ -372,12 +372,11 @@ impl SqliteStore {
         for id in before.keys().filter(|id| !after.contains_key(*id)) {
             tx.execute("DELETE FROM keys WHERE key_id = ?1", [id])
                 .map_err(&e)?;
-            // Revocations stay: they expire on their own.
-            tx.execute(
-                "DELETE FROM sessions WHERE key_id = ?1 AND revoked_at IS NULL",
-                [id],
-            )
-            .map_err(&e)?;
+            // Its revocations too (the service drops them from the
+            // snapshot with the key): a later key given the same id, maybe
+            // another tenant's, must not list them.
+            tx.execute("DELETE FROM sessions WHERE key_id = ?1", [id])
+                .map_err(&e)?;
         }
         // Deletions first: a new key may reuse a deleted key's hash.
         let mut upsert = tx
@@ -595,10 +594,10 @@ impl SqliteStore {
                 let _ = wake.send(());
             }
         })
-        .map_err(|e| Error::Other(format!("cannot watch {}: {e}", dir.display())))?;
+        .map_err(|e| Error::Internal(format!("cannot watch {}: {e}", dir.display())))?;
         watcher
             .watch(&dir, notify::RecursiveMode::NonRecursive)
-            .map_err(|e| Error::Other(format!("cannot watch {}: {e}", dir.display())))?;
+            .map_err(|e| Error::Internal(format!("cannot watch {}: {e}", dir.display())))?;
         Ok(watcher)
     }
 }
@@ -693,7 +692,7 @@ impl Store for SqliteStore {
         let fs_watch = self.watch_files(wake.clone())?;
         watchers()
             .lock()
-            .map_err(|_| Error::Other("the watcher registry is poisoned".into()))?
+            .map_err(|_| Error::Internal("the watcher registry is poisoned".into()))?
             .entry(path.clone())
             .or_default()
             .push((id, wake));

@@ -616,7 +616,7 @@ pub fn token_sessions_are_recorded_and_revived(db: &Db, dir: &Path) {
         )
     );
     let mut conn = db.open().unwrap();
-    let listed = keygate_control::mgmt::list_sessions(&mut conn, "k1").unwrap();
+    let listed = keygate_control::mgmt::list_sessions(&mut conn, "k1", 0).unwrap();
     let phone = listed.iter().find(|x| x.session_id == "phone");
     // (T0 is in the past: the listing hides it as expired by the clock.)
     assert!(phone.is_none_or(|p| p.revoked_at_ms.is_none()), "{phone:?}");
@@ -764,7 +764,7 @@ pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, d
         .unwrap();
     svc.revoke_session(&k.key_id, "never-seen", (t0 + 30) as u64)
         .unwrap();
-    let listed = mgmt::list_sessions(&mut conn, &k.key_id).unwrap();
+    let listed = mgmt::list_sessions(&mut conn, &k.key_id, 0).unwrap();
     let phone = listed.iter().find(|x| x.session_id == "phone").unwrap();
     assert_eq!(phone.revoked_at_ms, Some((t0 + 20) as u64));
     assert_eq!(phone.last_seen_at, Some((t0 + 10) as u64 / 1000));
@@ -783,7 +783,7 @@ pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, d
     ingester(db, &log).poll_once().unwrap();
     svc.revoke_session(&k.key_id, "another", (t0 + 7_000) as u64)
         .unwrap();
-    let phone = mgmt::list_sessions(&mut conn, &k.key_id)
+    let phone = mgmt::list_sessions(&mut conn, &k.key_id, 0)
         .unwrap()
         .into_iter()
         .find(|x| x.session_id == "phone")
@@ -1113,6 +1113,64 @@ pub fn migration_5_keeps_old_records_without_an_owner(db: &Db, dir: &Path) {
     );
 }
 
+/// Deleting a key deletes its session rows, revoked ones included, and a
+/// key later given the same id (here another tenant's) lists none of the
+/// old key's sessions, also one the ingester wrote after the deletion.
+pub fn a_deleted_keys_sessions_go_with_it_and_a_reused_id_lists_none(db: &Db, dir: &Path) {
+    use keygate_control::mgmt;
+    use keygate_control::service::{NewKey, Service};
+    // Now: the listing hides sessions expired by the clock.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let now_s = (now_ms / 1000) as u64;
+    let mut conn = db.open().unwrap();
+    let svc = Service::new(store_over(db));
+    svc.init_store().unwrap();
+    let new = |tenant: &str| NewKey {
+        key_id: Some("reused".into()),
+        name: "k".into(),
+        tenant: tenant.into(),
+        scopes: vec!["read".into()],
+        environment: "live".into(),
+        ..NewKey::default()
+    };
+    svc.create_key(new("acme"), now_s - 100).unwrap();
+    let log = dir.join("access.log");
+    let session = |id: &str, sid: &str, iat: i64| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(session_line(iat + 10, id, sid, iat, iat + 3_600_000).trim())
+                .unwrap();
+        v["key_id"] = "reused".into();
+        v.to_string() + "\n"
+    };
+    append(&log, &session("s1", "phone", now_ms - 60_000));
+    ingester(db, &log).poll_once().unwrap();
+    svc.revoke_session("reused", "laptop", (now_ms - 50_000) as u64)
+        .unwrap();
+    let listed: Vec<String> = mgmt::list_sessions(&mut conn, "reused", now_s - 100)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    assert_eq!(listed, vec!["phone", "laptop"]);
+
+    svc.delete_key("acme", "reused").unwrap();
+    assert_eq!(
+        int(db, "SELECT count(*) FROM sessions WHERE key_id = 'reused'"),
+        Some(0)
+    );
+    assert!(svc.snapshot().unwrap().revoked_sessions.is_empty());
+    // A request of the old key's session read from the log only now.
+    append(&log, &session("s2", "tablet", now_ms - 40_000));
+    ingester(db, &log).poll_once().unwrap();
+    svc.create_key(new("globex"), now_s).unwrap();
+    let theirs = svc.tenant_key("globex", "reused").unwrap();
+    let listed = mgmt::list_sessions(&mut conn, "reused", theirs.created_at).unwrap();
+    assert_eq!(listed, vec![], "the new key lists the old one's sessions");
+}
+
 pub const ALL: &[(&str, Scenario)] = &[
     ("partial_last_line", partial_last_line_waits_for_its_newline),
     ("malformed", malformed_lines_are_skipped_and_counted),
@@ -1153,5 +1211,9 @@ pub const ALL: &[(&str, Scenario)] = &[
     (
         "migration_5",
         migration_5_keeps_old_records_without_an_owner,
+    ),
+    (
+        "deleted_key_sessions",
+        a_deleted_keys_sessions_go_with_it_and_a_reused_id_lists_none,
     ),
 ];

@@ -26,7 +26,7 @@ use crate::error::ApiError;
 use crate::extract::{client_ip, Auth};
 use crate::{now, AppState};
 use askama::Template;
-use axum::extract::{FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -35,6 +35,7 @@ use axum::Router;
 use keygate_control::mgmt::{self, AuditEntry, Principal, Purpose, Role};
 use keygate_control::{Conn, DbError};
 use keygate_core::hash::{sha256, to_hex};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -352,6 +353,54 @@ impl FromRequestParts<Arc<AppState>> for Session {
     }
 }
 
+/// Path parameters of a page. Wraps axum's `Path` so a parameter that
+/// cannot be read (percent-encoding that is not UTF-8) shows an error page
+/// (400), not axum's plain text. Handlers take [`Session`] first, so a
+/// signed-out visitor is told to sign in before this runs.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = PortalError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, PortalError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| {
+                let (field, problem) = crate::extract::path_problem(&e);
+                PortalError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("This address is not valid: its {field} is {problem}."),
+                )
+            })
+    }
+}
+
+/// A form body. Wraps axum's `Form` so a body that cannot be read shows an
+/// error page with axum's status (400, 413, 415 or 422), not plain text.
+pub struct Form<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Form<T> {
+    type Rejection = PortalError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, PortalError> {
+        axum::Form::<T>::from_request(req, state)
+            .await
+            .map(|axum::Form(v)| Form(v))
+            .map_err(|e| {
+                let message = match e.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => format!(
+                        "This form is larger than {} bytes and was not sent.",
+                        crate::MAX_BODY
+                    ),
+                    _ => "This form could not be read. Go back, reload the page and try again."
+                        .to_owned(),
+                };
+                PortalError::new(e.status(), message)
+            })
+    }
+}
+
 /// A refusal shown as an HTML page.
 #[derive(Debug)]
 pub struct PortalError {
@@ -456,9 +505,9 @@ pub struct LinkRequest {
 /// Operator only: a one-time portal link for one tenant.
 pub async fn create_link(
     axum::extract::State(st): axum::extract::State<Arc<AppState>>,
-    axum::extract::Path(tenant): axum::extract::Path<String>,
-    headers: HeaderMap,
     who: Auth,
+    crate::extract::Path(tenant): crate::extract::Path<String>,
+    headers: HeaderMap,
     crate::extract::JsonOrEmpty(body): crate::extract::JsonOrEmpty<LinkRequest>,
 ) -> Result<Response, ApiError> {
     who.operator()?;

@@ -4,17 +4,16 @@
 //! key id answers 404), records the change in the audit trail and renders
 //! an askama template.
 
-use super::{render, PortalError, Session, COOKIE, SESSION_TTL_SECS};
+use super::{render, Form, Path, PortalError, Session, COOKIE, SESSION_TTL_SECS};
 use crate::error::ApiError;
 use crate::{now, AppState};
 use askama::Template;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
 use keygate_control::logs::{query_logs, LogQuery};
 use keygate_control::mgmt::{self, Purpose, Role};
-use keygate_control::service::{parse_rate, KeyPatch, NewKey};
+use keygate_control::service::{KeyPatch, NewKey};
 use keygate_control::store::StoredKey;
 use keygate_control::usage::{query_usage, Bucket, UsageQuery};
 use keygate_control::{Conn, Service};
@@ -378,8 +377,10 @@ pub struct CreateForm {
     scopes: String,
     #[serde(default)]
     allowed_ips: String,
+    /// Not offered: a key's own rate limit replaces its plan's limits, and
+    /// only operators set limits. Read to refuse a posted one.
     #[serde(default)]
-    rate_limit: String,
+    rate_limit: Option<String>,
     #[serde(default)]
     with_secret: Option<String>,
 }
@@ -459,6 +460,16 @@ pub async fn create_key(
     Form(f): Form<CreateForm>,
 ) -> Result<Response, PortalError> {
     s.check_csrf(&f.csrf)?;
+    // Refused whatever else the form holds: only operators set limits.
+    if f.rate_limit
+        .as_deref()
+        .is_some_and(|r| !r.trim().is_empty())
+    {
+        return Err(PortalError::new(
+            StatusCode::FORBIDDEN,
+            "Rate limits are set by your operator (see Limits); a key made here meets your plan's limits.",
+        ));
+    }
     let bad = |field: &str, message: String| FieldError {
         field: field.into(),
         message,
@@ -467,17 +478,6 @@ pub async fn create_key(
         let e = bad("name", "A name is required.".into());
         return keys_page(&st, &s, StatusCode::UNPROCESSABLE_ENTITY, e, f).await;
     }
-    let rate = if f.rate_limit.trim().is_empty() {
-        None
-    } else {
-        match parse_rate(f.rate_limit.trim()) {
-            Ok(r) => Some(r),
-            Err(m) => {
-                let e = bad("rate_limit", m);
-                return keys_page(&st, &s, StatusCode::UNPROCESSABLE_ENTITY, e, f).await;
-            }
-        }
-    };
     let new = NewKey {
         key_id: None,
         name: f.name.trim().to_owned(),
@@ -486,7 +486,7 @@ pub async fn create_key(
         kind: Kind::Scoped,
         scopes: list(&f.scopes),
         allowed_ips: list(&f.allowed_ips),
-        rate_limit: rate,
+        rate_limit: None,
         expires_at: None,
         with_secret: f.with_secret.is_some(),
         key_value: None,
@@ -626,7 +626,7 @@ async fn key_page(
             .into_iter()
             .find(|(id, _)| *id == key_id)
             .map(|(_, t)| t);
-        let sessions = mgmt::list_sessions(db, &key_id)?
+        let sessions = mgmt::list_sessions(db, &key_id, k.created_at)?
             .iter()
             .map(|x| SessionRow {
                 session_id: x.session_id.clone(),

@@ -479,3 +479,82 @@ async fn the_limits_page_shows_the_tenants_plan_shared_limits_and_each_keys_limi
     let (s, _, _) = send(&fx.app, "GET", "/portal/limits", None, None).await;
     assert_ne!(s, 200);
 }
+
+/// Only operators set limits: the create form offers no rate limit, and a
+/// crafted form that carries one is refused and makes no key.
+#[tokio::test]
+async fn the_create_form_has_no_rate_limit_and_a_posted_one_is_refused() {
+    let fx = fixture();
+    let (cookie, csrf) = sign_in(&fx, "acme").await;
+    let (_, _, page) = send(&fx.app, "GET", "/portal/keys", Some(&cookie), None).await;
+    assert!(!page.contains("name=\"rate_limit\""), "{page}");
+    assert!(page.contains("id=\"limits-note\""), "{page}");
+    let form = format!("csrf={csrf}&name=fast&scopes=read&rate_limit=1000000%2F1s");
+    let (s, _, page) = send(&fx.app, "POST", "/portal/keys", Some(&cookie), Some(&form)).await;
+    assert_eq!(s, 403, "{page}");
+    assert!(page.contains("set by your operator"), "{page}");
+    let keys = fx
+        .state
+        .svc
+        .lock()
+        .unwrap()
+        .list_keys(Some("acme"))
+        .unwrap();
+    assert!(keys.is_empty(), "a key was made");
+    // The same form without the field makes a key without a rate limit of its own.
+    let form = format!("csrf={csrf}&name=plain&scopes=read&rate_limit=");
+    let (s, _, page) = send(&fx.app, "POST", "/portal/keys", Some(&cookie), Some(&form)).await;
+    assert_eq!(s, 201, "{page}");
+    let keys = fx
+        .state
+        .svc
+        .lock()
+        .unwrap()
+        .list_keys(Some("acme"))
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].record.rate_limit, None);
+}
+
+/// Axum's own refusals (a path parameter that is not UTF-8, a body that is
+/// not a form) are shown as the portal's error page, after the sign-in check.
+#[tokio::test]
+async fn an_unreadable_path_or_form_shows_an_error_page_not_plain_text() {
+    let fx = fixture();
+    let (s, h, page) = send(&fx.app, "GET", "/portal/keys/%FF", None, None).await;
+    assert_eq!(s, 401, "{page}");
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
+    let (cookie, csrf) = sign_in(&fx, "acme").await;
+    for (method, uri) in [
+        ("GET", "/portal/keys/%FF"),
+        ("GET", "/portal/keys/%FF/delete"),
+        ("POST", "/portal/keys/k/sessions/%C3%28/revoke"),
+    ] {
+        let form = format!("csrf={csrf}");
+        let body = (method == "POST").then_some(form.as_str());
+        let (s, h, page) = send(&fx.app, method, uri, Some(&cookie), body).await;
+        assert_eq!(s, 400, "{uri}: {page}");
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with("text/html"),
+            "{uri}"
+        );
+        assert!(page.contains("This address is not valid"), "{uri}: {page}");
+        assert!(!page.contains("Invalid URL"), "{uri}: {page}");
+    }
+    let req = Request::builder()
+        .method("POST")
+        .uri("/portal/keys")
+        .header("host", "portal.test")
+        .header("cookie", &cookie)
+        .header("content-type", "text/plain")
+        .body(Body::from(format!("csrf={csrf}&name=x")))
+        .unwrap();
+    let resp = fx.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 415);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&bytes).contains("This form could not be read"));
+}
