@@ -702,9 +702,6 @@ def test_no_token_on_another_tenants_path_reads_or_changes_a_key_or_its_sessions
     assert request(envoy.port, "GET", "/v1/items", bearer).status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="audit p6 item 6 (a product bug, being fixed in crates/ on p6-api): a deleted "
-                   "key's revoked session rows stay in the store and sessions are listed by key id alone, so a key "
-                   "id reused in another tenant (`key create --id`) lists the old tenant's revoked sessions")
 def test_a_key_id_reused_in_another_tenant_lists_none_of_the_old_keys_sessions(rig):
     srv, op = rig["server"], rig["op"]
     old = create_key(rig, "reuse-old", op, name="old key")
