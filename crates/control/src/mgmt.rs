@@ -677,25 +677,19 @@ pub struct SessionInfo {
 /// session logged in again after its revocation (a newer token) is listed
 /// live: the revocation, still kept to refuse the older tokens, predates it.
 ///
-/// `key_created_at` is the key's creation (Unix seconds): sessions created
-/// before it belong to an earlier key with the same id (deleted, the id
-/// given again with `--id`, maybe to another tenant) whose rows the log
-/// ingester wrote after the deletion, and are left out.
-pub fn list_sessions(
-    conn: &mut Conn,
-    key_id: &str,
-    key_created_at: u64,
-) -> Result<Vec<SessionInfo>, DbError> {
+/// A key's rows go with it when it is deleted, and a key created with an
+/// id that has rows (the ingester read a deleted key's requests late) starts
+/// without them (`store::sqlite`, `store::pg`): the rows of a key id are the
+/// live key's own.
+pub fn list_sessions(conn: &mut Conn, key_id: &str) -> Result<Vec<SessionInfo>, DbError> {
     Ok(rows(
         conn,
         "SELECT key_id, session_id, created_at, expires_at, last_seen_at, \
          CASE WHEN revoked_at >= coalesce(issued_ms, created_at * 1000) THEN revoked_at END \
-         FROM sessions WHERE key_id = ? AND expires_at > ? AND created_at >= ? \
-         ORDER BY created_at, session_id",
+         FROM sessions WHERE key_id = ? AND expires_at > ? ORDER BY created_at, session_id",
         &[
             text(key_id),
             Param::Int(crate::db::now_ms().div_euclid(1000)),
-            Param::Int(i64::try_from(key_created_at).unwrap_or(i64::MAX)),
         ],
     )?
     .iter()

@@ -879,8 +879,9 @@ async fn list_sessions(
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let out = blocking(&st, move |svc, db| {
-        let k = svc.tenant_key(&tenant, &key_id)?;
-        let s = mgmt::list_sessions(db, &key_id, k.created_at)?;
+        // Another tenant's key is 404.
+        svc.tenant_key(&tenant, &key_id)?;
+        let s = mgmt::list_sessions(db, &key_id)?;
         Ok(json!({"sessions": s.iter().map(session_view).collect::<Vec<_>>()}))
     })
     .await?;
@@ -909,7 +910,7 @@ async fn list_tenant_sessions(
         let mut all = Vec::new();
         for k in svc.list_keys(Some(&tenant))? {
             all.extend(
-                mgmt::list_sessions(db, &k.record.key_id, k.created_at)?
+                mgmt::list_sessions(db, &k.record.key_id)?
                     .iter()
                     .map(session_view),
             );
@@ -966,8 +967,9 @@ async fn revoke_all_sessions(
 ) -> Result<Response, ApiError> {
     who.tenant(&tenant)?;
     let n = blocking(&st, move |svc, db| {
-        let k = svc.tenant_key(&tenant, &key_id)?;
-        let mut ids: Vec<String> = mgmt::list_sessions(db, &key_id, k.created_at)?
+        // Another tenant's key is 404.
+        svc.tenant_key(&tenant, &key_id)?;
+        let mut ids: Vec<String> = mgmt::list_sessions(db, &key_id)?
             .into_iter()
             .map(|s| s.session_id)
             .collect();

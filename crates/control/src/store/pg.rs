@@ -460,6 +460,17 @@ impl PgStore {
         if whole {
             tx.execute("DELETE FROM keys WHERE NOT (key_id = ANY($1))", &[&kept])
                 .map_err(self.err())?;
+            tx.execute(
+                "DELETE FROM sessions WHERE NOT (key_id = ANY($1))",
+                &[&kept],
+            )
+            .map_err(self.err())?;
+        }
+        // A new key starts without sessions: rows under its id are an
+        // earlier key's that the log ingester read after its deletion.
+        for id in kept.iter().filter(|id| !old.contains_key(id.as_str())) {
+            tx.execute("DELETE FROM sessions WHERE key_id = $1", &[id])
+                .map_err(self.err())?;
         }
         // Deletions first: a new key may reuse a deleted key's hash.
         for id in old.keys().filter(|id| !kept.iter().any(|k| k == *id)) {

@@ -378,6 +378,12 @@ impl SqliteStore {
             tx.execute("DELETE FROM sessions WHERE key_id = ?1", [id])
                 .map_err(&e)?;
         }
+        // A new key starts without sessions: rows under its id are an
+        // earlier key's that the log ingester read after its deletion.
+        for id in after.keys().filter(|id| !before.contains_key(*id)) {
+            tx.execute("DELETE FROM sessions WHERE key_id = ?1", [id])
+                .map_err(&e)?;
+        }
         // Deletions first: a new key may reuse a deleted key's hash.
         let mut upsert = tx
             .prepare_cached(

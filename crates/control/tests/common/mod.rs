@@ -616,7 +616,7 @@ pub fn token_sessions_are_recorded_and_revived(db: &Db, dir: &Path) {
         )
     );
     let mut conn = db.open().unwrap();
-    let listed = keygate_control::mgmt::list_sessions(&mut conn, "k1", 0).unwrap();
+    let listed = keygate_control::mgmt::list_sessions(&mut conn, "k1").unwrap();
     let phone = listed.iter().find(|x| x.session_id == "phone");
     // (T0 is in the past: the listing hides it as expired by the clock.)
     assert!(phone.is_none_or(|p| p.revoked_at_ms.is_none()), "{phone:?}");
@@ -764,7 +764,7 @@ pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, d
         .unwrap();
     svc.revoke_session(&k.key_id, "never-seen", (t0 + 30) as u64)
         .unwrap();
-    let listed = mgmt::list_sessions(&mut conn, &k.key_id, 0).unwrap();
+    let listed = mgmt::list_sessions(&mut conn, &k.key_id).unwrap();
     let phone = listed.iter().find(|x| x.session_id == "phone").unwrap();
     assert_eq!(phone.revoked_at_ms, Some((t0 + 20) as u64));
     assert_eq!(phone.last_seen_at, Some((t0 + 10) as u64 / 1000));
@@ -783,7 +783,7 @@ pub fn store_changes_reach_the_tables_logs_and_sessions_are_read_from(db: &Db, d
     ingester(db, &log).poll_once().unwrap();
     svc.revoke_session(&k.key_id, "another", (t0 + 7_000) as u64)
         .unwrap();
-    let phone = mgmt::list_sessions(&mut conn, &k.key_id, 0)
+    let phone = mgmt::list_sessions(&mut conn, &k.key_id)
         .unwrap()
         .into_iter()
         .find(|x| x.session_id == "phone")
@@ -1149,7 +1149,7 @@ pub fn a_deleted_keys_sessions_go_with_it_and_a_reused_id_lists_none(db: &Db, di
     ingester(db, &log).poll_once().unwrap();
     svc.revoke_session("reused", "laptop", (now_ms - 50_000) as u64)
         .unwrap();
-    let listed: Vec<String> = mgmt::list_sessions(&mut conn, "reused", now_s - 100)
+    let listed: Vec<String> = mgmt::list_sessions(&mut conn, "reused")
         .unwrap()
         .into_iter()
         .map(|s| s.session_id)
@@ -1166,9 +1166,18 @@ pub fn a_deleted_keys_sessions_go_with_it_and_a_reused_id_lists_none(db: &Db, di
     append(&log, &session("s2", "tablet", now_ms - 40_000));
     ingester(db, &log).poll_once().unwrap();
     svc.create_key(new("globex"), now_s).unwrap();
-    let theirs = svc.tenant_key("globex", "reused").unwrap();
-    let listed = mgmt::list_sessions(&mut conn, "reused", theirs.created_at).unwrap();
+    let listed = mgmt::list_sessions(&mut conn, "reused").unwrap();
     assert_eq!(listed, vec![], "the new key lists the old one's sessions");
+    // The new key's own login under the same session id is listed, live,
+    // whatever the old row's times were.
+    append(&log, &session("s3", "tablet", now_ms - 1_000));
+    ingester(db, &log).poll_once().unwrap();
+    let listed: Vec<(String, Option<u64>)> = mgmt::list_sessions(&mut conn, "reused")
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.session_id, s.revoked_at_ms))
+        .collect();
+    assert_eq!(listed, vec![("tablet".to_owned(), None)]);
 }
 
 pub const ALL: &[(&str, Scenario)] = &[

@@ -626,7 +626,7 @@ async fn key_page(
             .into_iter()
             .find(|(id, _)| *id == key_id)
             .map(|(_, t)| t);
-        let sessions = mgmt::list_sessions(db, &key_id, k.created_at)?
+        let sessions = mgmt::list_sessions(db, &key_id)?
             .iter()
             .map(|x| SessionRow {
                 session_id: x.session_id.clone(),
