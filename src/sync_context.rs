@@ -14,8 +14,8 @@ use keygate_core::shared_data::{
 };
 use keygate_core::sync::{
     check_config_ids, check_layout, decode_state, encode_state, plan, reported_state, stage,
-    visible_record, Plan, SyncError, SyncState, BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES,
-    PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    stage_limit, visible_record, LimitRecord, Plan, SyncError, SyncState, BINARY_VERSION_TEXT,
+    FORMAT_HEADER, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use log::{error, info, warn};
@@ -129,8 +129,15 @@ impl SyncContext {
                 SyncError::Conflict("the key-id index kept changing during the push".into())
             })?;
         }
+        // Plan and tenant limits are staged like the credentials: served
+        // from the commit below, together with the keys that name them.
+        // (An entry an older layout wrote is not read: a full push rewrites
+        // the set, and a tenant's counters then start from its seed.)
+        let current_layout = is_current_layout(layout.as_deref());
+        for r in &plan.limit_records {
+            stage_limit_entry(&state, &plan, r, current_layout)?;
+        }
         apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
-        crate::shared_store::apply_limit_records(&plan.limit_records).map_err(SyncError::Host)?;
         if let Some(commit) = &plan.commit {
             // Only if the claim still stands: a push that superseded this
             // one meanwhile keeps its own state.
@@ -212,6 +219,29 @@ fn stage_entry(
     }
     written
         .map_err(|_| SyncError::Conflict("a credential entry kept changing during the push".into()))
+}
+
+/// Stages a plan's or tenant's limits into its entry, with CAS: gate
+/// workers update a tenant's counters concurrently.
+fn stage_limit_entry(
+    held: &SyncState,
+    plan: &Plan,
+    record: &LimitRecord,
+    current_layout: bool,
+) -> Result<(), SyncError> {
+    let mut cell = SharedCounters::default();
+    let written = update(&mut cell, &record.key(), |old| {
+        let old = old.filter(|_| current_layout);
+        Step::Write(
+            stage_limit(old, held, plan.stamp, plan.generation, record),
+            (),
+        )
+    });
+    if let Some(e) = cell.error {
+        return Err(SyncError::Host(e.to_string()));
+    }
+    written
+        .map_err(|_| SyncError::Conflict(format!("{} kept changing during the push", record.key())))
 }
 
 /// Merges session revocations into each key's `rs:` entry, with CAS: gate

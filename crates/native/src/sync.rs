@@ -10,7 +10,7 @@ use crate::envoy::{log, Stream};
 use crate::state::{tables, Snapshot, Staged, TooBig};
 use keygate_core::shared_data::{revocations_key, CONFIG_IDS_KEY};
 use keygate_core::sync::{
-    check_config_ids, decode_record, plan, RevokedSession, SyncError, SyncState,
+    check_config_ids, decode_record, plan, stage_limit, RevokedSession, SyncError, SyncState,
     BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
@@ -60,7 +60,7 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 /// never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked, committed, lim) =
+    let (state, upserts, deletes, revoked, committed, seeds) =
         t.update(|current: &Snapshot, staged: &mut Staged| {
             let plan = plan(secret, body, signature, &current.state)?;
             check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
@@ -91,6 +91,15 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
             // entry is harmless, the gate checks the credential it leads to).
             for (key_id, hash) in &plan.key_ids {
                 staged.key_id(key_id, hash);
+            }
+            // Plan and tenant limits are staged in their entries under the
+            // push's stamp: served once the snapshot below carries its
+            // commit, in the same swap as the keys (a tenant's counters go
+            // on; the slot's lock orders this write with the gate's).
+            for r in &plan.limit_records {
+                t.modify(&r.key(), |held| {
+                    stage_limit(held, &current.state, plan.stamp, plan.generation, r)
+                });
             }
             let committed = plan.commit.map(|_| staged.bytes());
             // Quota usage a full push carries (counted from the request log):
@@ -131,7 +140,7 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 plan.deletes.len(),
                 plan.revoked_sessions,
                 committed,
-                (plan.limit_records, seeds),
+                seeds,
             );
             Ok((Some(next), out))
         })?;
@@ -149,7 +158,6 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
-    let (limit_records, seeds) = lim;
     for (key_id, seed) in &seeds {
         t.modify(
             &keygate_core::shared_data::counter_key(key_id),
@@ -158,11 +166,6 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 None => seed.clone(),
             },
         );
-    }
-    // Plans and tenant limits: a tenant's counters go on (the slot's lock
-    // orders this write with the gate's updates).
-    for r in &limit_records {
-        t.modify(&r.key(), |current| r.entry(current));
     }
     log(
         abi::LOG_INFO,
