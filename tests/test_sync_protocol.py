@@ -215,3 +215,45 @@ def test_sync_listener_refuses_to_load_without_a_secret(envoy_factory):
         assert "sync_secret: the sync role needs a secret" in e2.log()
     finally:
         e2.stop()
+
+
+def with_limits(p, *limits):
+    return {**p, "limit_records": [{"kind": kind, "name": name, "limits": list(ls)} for kind, name, ls in limits]}
+
+
+def statuses(envoy, key, n=3):
+    return [status_of(envoy, key) for _ in range(n)]
+
+
+def test_a_plan_change_is_served_only_once_its_push_commits(envoy):
+    key = [cred("k1", "key-1", scopes=["read"], plan="free")]
+    assert push(envoy, with_limits(full(1, 1, key), ("plan", "free", ["100/min"]))).status == 200
+    # Batch 0 of 2 tightens the plan to 1/min; its batch 1 is not sent yet.
+    r = push(envoy, with_limits(full(2, 2, key, batch=0, last=False), ("plan", "free", ["1/min"])))
+    assert r.status == 200, r.body
+    assert state(envoy)["pending"]["next_batch"] == 1
+    assert statuses(envoy, "key-1") == [200, 200, 200]
+    # A last batch Envoy refuses changes nothing either.
+    bad = full(2, 2, [cred("k2", "key-2", allowed_ips=["not-an-ip"])], batch=1, last=True)
+    assert push(envoy, bad).status == 400
+    assert statuses(envoy, "key-1") == [200, 200, 200]
+    assert state(envoy)["version"] == 1
+    # The good last batch commits the plan with the key.
+    assert push(envoy, full(2, 2, [], batch=1, last=True)).status == 200
+    assert state(envoy)["version"] == 2
+    assert statuses(envoy, "key-1")[-1] == 429
+
+
+def test_an_abandoned_push_emptying_a_plan_leaves_its_keys_limited(envoy):
+    key = [cred("k1", "key-1", scopes=["read"], plan="free")]
+    assert push(envoy, with_limits(full(1, 1, key), ("plan", "free", ["1/min"]))).status == 200
+    assert statuses(envoy, "key-1", 2) == [200, 429]
+    # An incremental push emptying the plan and a tenant's limits is never
+    # finished: both stay as committed.
+    half = {**incr(1, 1, 2), "last": False}
+    assert push(envoy, with_limits(half, ("plan", "free", []))).status == 200
+    assert state(envoy)["pending"]["version"] == 2
+    assert statuses(envoy, "key-1") == [429, 429, 429]
+    # A full push (what the sidecar sends after a conflict) empties it for real.
+    assert push(envoy, with_limits(full(2, 3, key), ("plan", "free", []))).status == 200
+    assert statuses(envoy, "key-1") == [200, 200, 200]

@@ -618,10 +618,10 @@ impl Endpoint {
                 ..r.clone()
             })
             .collect();
-        // Plan and tenant limit records first: the filter writes them as
-        // their batch arrives, so every plan a pushed key names exists
-        // before the push commits. Key hashes are unique in a valid store:
-        // each key is one upsert.
+        // Plan and tenant limit records first (the filter stages them like
+        // the keys and serves both from the commit, so the order is not
+        // needed for that any more; it keeps them in the first batch). Key
+        // hashes are unique in a valid store: each key is one upsert.
         let (encoded, spans, in_order) = match self.format {
             Format::Binary => {
                 let (bytes, spans) = encode_in_entry_order(&snap.keys, |k| {
