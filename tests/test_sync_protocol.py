@@ -80,7 +80,13 @@ def test_forged_malformed_replayed_and_oversized_pushes_are_refused(envoy):
         "forged": 401, "unsigned": 401, "malformed": 400, "stale": 409, "old-generation": 409,
         "bad-record": 400, "oversized": 413,
     }
-    assert "upserts[1].allowed_ips[0]" in refused["bad-record"].json()["error"]
+    assert "upserts[1].allowed_ips[0]" in refused["bad-record"].json()["message"]
+    # The project's error shape: a code and a message.
+    assert {k: r.json()["error"] for k, r in refused.items()} == {
+        "forged": "invalid_signature", "unsigned": "invalid_signature", "malformed": "invalid_request",
+        "stale": "conflict", "old-generation": "conflict", "bad-record": "invalid_request",
+        "oversized": "payload_too_large",
+    }
     assert state(envoy) == {"generation": 1, "version": 1, "stamp": 1}
     assert status_of(envoy, "key-1") == 200  # still the last good set
     assert status_of(envoy, "key-2") == 401  # nothing of the bad batch applied
@@ -189,8 +195,8 @@ def test_a_binary_push_applies_like_its_json_and_bad_ones_change_nothing(envoy):
         "forged": 401, "changed-after-signing": 401, "truncated": 400, "trailing": 400,
         "unknown-version": 400, "bad-record": 400,
     }
-    assert "format 2" in refused["unknown-version"].json()["error"]
-    assert "upserts[0].allowed_ips[0]" in refused["bad-record"].json()["error"]
+    assert "format 2" in refused["unknown-version"].json()["message"]
+    assert "upserts[0].allowed_ips[0]" in refused["bad-record"].json()["message"]
     assert state(envoy) == {"generation": 1, "version": 1, "stamp": 1}
     assert status_of(envoy, "key-1") == 200  # nothing of the refused pushes applied
     assert push(envoy, None, raw=update).status == 200
@@ -198,8 +204,29 @@ def test_a_binary_push_applies_like_its_json_and_bad_ones_change_nothing(envoy):
 
 
 def test_unknown_paths_and_methods_on_the_sync_listener_get_404(envoy):
-    assert request(envoy.sync_port, "GET", "/v1/items").status == 404
-    assert request(envoy.sync_port, "DELETE", STATE).status == 404
+    for method, path in (("GET", "/v1/items"), ("DELETE", STATE)):
+        r = request(envoy.sync_port, method, path)
+        assert r.status == 404
+        assert r.json() == {"error": "not_found", "message": "not found"}
+        assert r.header("content-type") == "application/json"
+
+
+def test_a_push_ending_with_trailers_is_decided_like_one_without(envoy):
+    good = json.dumps(full(1, 1, [cred("k1", "key-1", scopes=["read"])])).encode()
+
+    def h2_push(body, signature, trailers):
+        headers = [("content-type", "application/json"), ("x-keygate-signature", signature)]
+        return request(envoy.sync_port, "POST", PUSH, headers, body, proto="h2", trailers=trailers)
+
+    forged = [h2_push(good, "v1=" + "00" * 32, t) for t in (None, [("x-t", "1")])]
+    assert [r.status for r in forged] == [401, 401]
+    assert forged[0].json() == forged[1].json() == {"error": "invalid_signature",
+                                                    "message": "bad or missing signature"}
+    assert state(envoy)["version"] == 0
+    applied = h2_push(good, sign(good), [("x-t", "1")])
+    assert applied.status == 200, applied.body
+    assert applied.json() == {"generation": 1, "version": 1, "stamp": 1}
+    assert status_of(envoy, "key-1") == 200
 
 
 def test_sync_listener_refuses_to_load_without_a_secret(envoy_factory):

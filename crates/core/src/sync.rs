@@ -267,6 +267,74 @@ impl SyncError {
     }
 }
 
+impl SyncError {
+    /// The `error` code of its reply body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SyncError::BadSignature => "invalid_signature",
+            SyncError::Invalid(_) => "invalid_request",
+            SyncError::Conflict(_) => "conflict",
+            SyncError::TooLarge => "payload_too_large",
+            SyncError::Host(_) => "internal_error",
+        }
+    }
+}
+
+/// What the sync listener refuses, on either build, with the project's
+/// error body `{"error": <code>, "message": <text>}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerError {
+    /// A push refused as such.
+    Push(SyncError),
+    /// Another path or method: 404.
+    NotFound,
+    /// A push request that ends with its headers: 400.
+    NoBody,
+    /// The module has no sync secret to check pushes with: 503.
+    NotConfigured,
+}
+
+impl ListenerError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ListenerError::Push(e) => e.status(),
+            ListenerError::NotFound => 404,
+            ListenerError::NoBody => 400,
+            ListenerError::NotConfigured => 503,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ListenerError::Push(e) => e.code(),
+            ListenerError::NotFound => "not_found",
+            ListenerError::NoBody => "invalid_request",
+            ListenerError::NotConfigured => "unavailable",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ListenerError::Push(e) => e.message(),
+            ListenerError::NotFound => "not found".into(),
+            ListenerError::NoBody => "push without a body".into(),
+            ListenerError::NotConfigured => "sync is not configured".into(),
+        }
+    }
+
+    /// The reply body.
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({ "error": self.code(), "message": self.message() }))
+            .unwrap_or_default()
+    }
+}
+
+impl From<SyncError> for ListenerError {
+    fn from(e: SyncError) -> ListenerError {
+        ListenerError::Push(e)
+    }
+}
+
 /// The writes a valid push turns into, in the order to apply them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -2418,6 +2486,49 @@ mod tests {
         assert_eq!("00000000000000AB".parse::<StoreId>(), Ok(StoreId(0xab)));
         for bad in ["", "ab", "00000000000000zz", "+000000000000000"] {
             assert!(bad.parse::<StoreId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listener_refusals_have_the_projects_error_shape() {
+        let cases = [
+            (
+                ListenerError::Push(SyncError::BadSignature),
+                401,
+                "invalid_signature",
+            ),
+            (
+                ListenerError::Push(SyncError::Invalid("x".into())),
+                400,
+                "invalid_request",
+            ),
+            (
+                ListenerError::Push(SyncError::Conflict("x".into())),
+                409,
+                "conflict",
+            ),
+            (
+                ListenerError::Push(SyncError::TooLarge),
+                413,
+                "payload_too_large",
+            ),
+            (
+                ListenerError::Push(SyncError::Host("x".into())),
+                500,
+                "internal_error",
+            ),
+            (ListenerError::NotFound, 404, "not_found"),
+            (ListenerError::NoBody, 400, "invalid_request"),
+            (ListenerError::NotConfigured, 503, "unavailable"),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(e.status(), status);
+            let body: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"error": code, "message": e.message()}),
+                "{e:?}"
+            );
         }
     }
 

@@ -10,8 +10,9 @@ use crate::envoy::{log, Stream};
 use crate::state::{tables, Snapshot, Staged, TooBig};
 use keygate_core::shared_data::{revocations_key, CONFIG_IDS_KEY};
 use keygate_core::sync::{
-    check_config_ids, decode_record, plan, stage_limit, RevokedSession, SyncError, SyncState,
-    BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    check_config_ids, decode_record, plan, stage_limit, ListenerError, RevokedSession, SyncError,
+    SyncState, BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER,
+    STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use std::collections::BTreeMap;
@@ -29,15 +30,18 @@ pub struct SyncFilter {
 
 enum Body {
     State(SyncState),
-    Error(String),
+    Error(ListenerError),
 }
 
 fn render(body: &Body) -> Vec<u8> {
-    let value = match body {
-        Body::State(s) => serde_json::to_value(s).unwrap_or_default(),
-        Body::Error(m) => serde_json::json!({ "error": m }),
-    };
-    serde_json::to_vec(&value).unwrap_or_default()
+    match body {
+        Body::State(s) => serde_json::to_vec(s).unwrap_or_default(),
+        Body::Error(e) => e.body(),
+    }
+}
+
+fn refuse(stream: Stream, e: ListenerError) {
+    reply(stream, e.status(), &Body::Error(e));
 }
 
 fn reply(stream: Stream, status: u16, body: &Body) {
@@ -220,16 +224,16 @@ impl SyncFilter {
                     .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<usize>().ok())
                     .is_some_and(|n| n > MAX_PUSH_BYTES);
                 if too_long {
-                    reply(stream, 413, &Body::Error(SyncError::TooLarge.message()));
+                    refuse(stream, SyncError::TooLarge.into());
                 } else if end_of_stream {
-                    reply(stream, 400, &Body::Error("push without a body".into()));
+                    refuse(stream, ListenerError::NoBody);
                 } else {
                     // Held here until the whole body is in and answered.
                     self.receiving = true;
                     self.signature = stream.request_header(SIGNATURE_HEADER);
                 }
             }
-            _ => reply(stream, 404, &Body::Error("not found".into())),
+            _ => refuse(stream, ListenerError::NotFound),
         }
         abi::HEADERS_STOP_ITERATION
     }
@@ -240,7 +244,7 @@ impl SyncFilter {
         }
         if stream.request_body_size() > MAX_PUSH_BYTES {
             self.receiving = false;
-            reply(stream, 413, &Body::Error(SyncError::TooLarge.message()));
+            refuse(stream, SyncError::TooLarge.into());
             return abi::BODY_STOP_ITERATION_NO_BUFFER;
         }
         if !end_of_stream {
@@ -265,7 +269,7 @@ impl SyncFilter {
             .policy()
             .and_then(|p| p.sync_secret.as_ref().map(|s| s.0.clone()))
         else {
-            reply(stream, 503, &Body::Error("sync is not configured".into()));
+            refuse(stream, ListenerError::NotConfigured);
             return;
         };
         let body = stream.request_body();
@@ -280,7 +284,7 @@ impl SyncFilter {
                         e.message()
                     ),
                 );
-                reply(stream, e.status(), &Body::Error(e.message()));
+                refuse(stream, e.into());
             }
         }
     }
