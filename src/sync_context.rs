@@ -147,11 +147,10 @@ impl SyncContext {
         }
         // Plan and tenant limits are staged like the credentials: served
         // from the commit below, together with the keys that name them.
-        // (An entry an older layout wrote is not read: a full push rewrites
-        // the set, and a tenant's counters then start from its seed.)
-        let current_layout = is_current_layout(layout.as_deref());
+        // (An entry an older layout wrote is not read: a tenant's counters
+        // then start from its seed.)
         for r in &plan.limit_records {
-            stage_limit_entry(&state, &plan, r, current_layout)?;
+            stage_limit_entry(&state, &plan, r)?;
         }
         apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
         if let Some(commit) = &plan.commit {
@@ -239,15 +238,9 @@ fn stage_entry(
 
 /// Stages a plan's or tenant's limits into its entry, with CAS: gate
 /// workers update a tenant's counters concurrently.
-fn stage_limit_entry(
-    held: &SyncState,
-    plan: &Plan,
-    record: &LimitRecord,
-    current_layout: bool,
-) -> Result<(), SyncError> {
+fn stage_limit_entry(held: &SyncState, plan: &Plan, record: &LimitRecord) -> Result<(), SyncError> {
     let mut cell = SharedCounters::default();
     let written = update(&mut cell, &record.key(), |old| {
-        let old = old.filter(|_| current_layout);
         Step::Write(
             stage_limit(old, held, plan.stamp, plan.generation, record),
             (),

@@ -37,8 +37,9 @@ pub const LAYOUT_KEY: &str = "sync:layout";
 /// 3: credential entries in format 3 (no generation, varint numbers,
 /// scopes as bits, binary networks, the window's state in the trailer) in
 /// slots with varint headers (`crate::sync::encode_slots`).
-/// 4: plan and tenant-limit entries in such slots too, staged by a push
-/// and served from its commit (`crate::sync::stage_limit`).
+/// 4: plan and tenant-limit entries in such slots too, after a first byte
+/// `crate::sync::LIMIT_SLOTS`, staged by a push and served from its commit
+/// (`crate::sync::stage_limit`).
 pub const LAYOUT: u32 = 4;
 
 /// Whether the `sync:layout` entry names this build's [`LAYOUT`].

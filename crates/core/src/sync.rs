@@ -745,7 +745,24 @@ fn staged_from(s: &Slot<&[u8]>) -> Slot<Vec<u8>> {
 // stamp and generation beside the value served, so they are served from
 // its commit, together with its keys, and a push that never commits is
 // never served. A full set leaves out, by generation, a plan it does not
-// carry. Limit entries are few, so they may take the slot headers.
+// carry. Limit entries are few, so they may take the slot headers, and a
+// first byte [`LIMIT_SLOTS`] that no entry of the previous layout starts
+// with (its limit count, at most 5): such an entry is never served.
+
+/// The first byte of a plan or tenant entry in slots.
+pub const LIMIT_SLOTS: u8 = 0x80;
+
+/// The slots of a plan or tenant entry; None for one without them.
+fn limit_slots(entry: &[u8]) -> Option<&[u8]> {
+    entry.strip_prefix(&[LIMIT_SLOTS])
+}
+
+/// A plan or tenant entry of `slots`.
+pub fn encode_limit_slots(slots: &[Slot<Vec<u8>>]) -> Vec<u8> {
+    let mut out = vec![LIMIT_SLOTS];
+    out.extend(encode_slots(slots));
+    out
+}
 
 /// The entry of `record` after staging it into `current` (None: no entry)
 /// under `stamp` and `generation`, given the state `held` before the batch.
@@ -758,7 +775,10 @@ pub fn stage_limit(
     generation: u64,
     record: &LimitRecord,
 ) -> Vec<u8> {
-    let slots = current.and_then(decode_slots).unwrap_or_default();
+    let slots = current
+        .and_then(limit_slots)
+        .and_then(decode_slots)
+        .unwrap_or_default();
     let served = slots
         .iter()
         .filter(|s| s.committed(held))
@@ -773,7 +793,7 @@ pub fn stage_limit(
         Some(s) => vec![staged_from(s), staged],
         None => vec![staged],
     };
-    encode_slots(&out)
+    encode_limit_slots(&out)
 }
 
 /// A plan's or tenant's entry as the gate reads and counts it: over the
@@ -812,6 +832,7 @@ impl crate::shared_data::CounterCell for LimitCell<'_> {
         let (bytes, cas) = self.inner.load(key);
         let served = bytes
             .as_deref()
+            .and_then(limit_slots)
             .and_then(|b| visible_record(b, &self.state))
             .map(<[u8]>::to_vec);
         self.stale |= served.is_none() && bytes.as_deref().is_some_and(|b| !b.is_empty());
@@ -825,14 +846,21 @@ impl crate::shared_data::CounterCell for LimitCell<'_> {
         };
         // A staged tenant value keeps its own limits and takes the counters
         // of the periods it still limits.
-        let updated = rewrite_slots(&held, &self.state, |r, served| {
-            if served {
-                return Some(value.to_vec());
-            }
-            let (limits, _) = crate::limits::decode_tenant(Some(r))?;
-            Some(crate::limits::retarget_tenant(Some(value), &limits))
+        let updated = limit_slots(&held).and_then(|slots| {
+            rewrite_slots(slots, &self.state, |r, served| {
+                if served {
+                    return Some(value.to_vec());
+                }
+                let (limits, _) = crate::limits::decode_tenant(Some(r))?;
+                Some(crate::limits::retarget_tenant(Some(value), &limits))
+            })
         });
-        updated.is_some_and(|u| self.inner.store(key, &u, cas))
+        updated.is_some_and(|u| {
+            let mut entry = Vec::with_capacity(1 + u.len());
+            entry.push(LIMIT_SLOTS);
+            entry.extend_from_slice(&u);
+            self.inner.store(key, &entry, cas)
+        })
     }
 }
 
@@ -2623,7 +2651,9 @@ mod tests {
             "stamps are not reused"
         );
         assert_eq!(plan_read(&mut entries, &s3).as_deref(), Some("7/min"));
-        let slots = decode_slots(&entries.counters["pl:free"]).unwrap().len();
+        let slots = decode_slots(&entries.counters["pl:free"][1..])
+            .unwrap()
+            .len();
         assert_eq!(slots, 2, "the abandoned slot is gone: served and the new");
     }
 
@@ -2709,7 +2739,42 @@ mod tests {
             "two counted before the commit, one after"
         );
         assert_eq!(after.policies.len(), 1, "the day limit went with the push");
-        assert_eq!(decode_slots(&entries.counters["tl:acme"]).unwrap().len(), 1);
+        assert_eq!(
+            decode_slots(&entries.counters["tl:acme"][1..])
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_limit_entry_as_layout_3_wrote_it_is_never_served() {
+        use crate::limits::{encode_plan, retarget_tenant, Limit};
+        let state = SyncState {
+            generation: 1,
+            version: 1,
+            stamp: 1,
+            ..SyncState::default()
+        };
+        let mut served = vec![];
+        for count in (1..300u32).chain([1_000, 65_536, 1 << 24]) {
+            for unit in ["s", "min", "hour", "day", "month"] {
+                let l: Limit = format!("{count}/{unit}").parse().unwrap();
+                for legacy in [encode_plan(&[l]), retarget_tenant(None, &[l])] {
+                    let mut host = crate::testing::MemoryHost::default();
+                    host.counters.insert("pl:free".into(), legacy.clone());
+                    let mut cell = LimitCell::new(&mut host, state);
+                    let (value, _) = crate::shared_data::CounterCell::load(&mut cell, "pl:free");
+                    if value.is_some() {
+                        served.push((count, unit));
+                    }
+                    let r = limit(LimitKind::Plan, "free", &["9/min"]);
+                    let staged = stage_limit(Some(&legacy), &state, 2, 1, &r);
+                    assert_eq!(decode_slots(&staged[1..]).unwrap().len(), 1, "ignored");
+                }
+            }
+        }
+        assert_eq!(served, vec![], "old entries read as nothing (refused)");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::credential::{Credential, CredentialRecord, Kind, Status};
 use crate::hash::Digest;
 use crate::hash::{sha256, to_hex};
 use crate::shared_data::CounterCell;
-use crate::sync::{encode_slots, Slot, SyncState};
+use crate::sync::{encode_limit_slots, Slot, SyncState};
 use crate::token::VerifiedTokens;
 use crate::verdict::Host;
 use std::collections::HashMap;
@@ -92,7 +92,7 @@ impl Host for MemoryHost {
 /// A plan or tenant entry holding `value` committed under the default
 /// state (what a push of it leaves once it commits).
 pub fn committed_limit(value: Vec<u8>) -> Vec<u8> {
-    encode_slots(&[Slot {
+    encode_limit_slots(&[Slot {
         stamp: 0,
         generation: 0,
         record: Some(value),
