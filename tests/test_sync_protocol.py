@@ -271,16 +271,18 @@ def test_a_plan_change_is_served_only_once_its_push_commits(envoy):
     assert statuses(envoy, "key-1")[-1] == 429
 
 
-def test_an_abandoned_push_emptying_a_plan_leaves_its_keys_limited(envoy):
-    key = [cred("k1", "key-1", scopes=["read"], plan="free")]
-    assert push(envoy, with_limits(full(1, 1, key), ("plan", "free", ["1/min"]))).status == 200
-    assert statuses(envoy, "key-1", 2) == [200, 429]
-    # An incremental push emptying the plan and a tenant's limits is never
-    # finished: both stay as committed.
+def test_an_abandoned_push_emptying_a_plan_and_a_tenant_limit_leaves_their_keys_limited(envoy):
+    keys = [cred("k1", "key-1", scopes=["read"], plan="free"),
+            cred("k2", "key-2", tenant="globex", scopes=["read"], tenant_limits=True)]
+    limited = [("plan", "free", ["1/min"]), ("tenant", "globex", ["1/min"])]
+    emptied = [("plan", "free", []), ("tenant", "globex", [])]
+    assert push(envoy, with_limits(full(1, 1, keys), *limited)).status == 200
+    assert [statuses(envoy, k, 2) for k in ("key-1", "key-2")] == [[200, 429], [200, 429]]
+    # An incremental push emptying both is never finished: both stay as committed.
     half = {**incr(1, 1, 2), "last": False}
-    assert push(envoy, with_limits(half, ("plan", "free", []))).status == 200
+    assert push(envoy, with_limits(half, *emptied)).status == 200
     assert state(envoy)["pending"]["version"] == 2
-    assert statuses(envoy, "key-1") == [429, 429, 429]
-    # A full push (what the sidecar sends after a conflict) empties it for real.
-    assert push(envoy, with_limits(full(2, 3, key), ("plan", "free", []))).status == 200
-    assert statuses(envoy, "key-1") == [200, 200, 200]
+    assert [statuses(envoy, k) for k in ("key-1", "key-2")] == [[429] * 3, [429] * 3]
+    # A full push (what the sidecar sends after a conflict) empties them for real.
+    assert push(envoy, with_limits(full(2, 3, keys), *emptied)).status == 200
+    assert [statuses(envoy, k) for k in ("key-1", "key-2")] == [[200] * 3, [200] * 3]
