@@ -96,15 +96,6 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
             for (key_id, hash) in &plan.key_ids {
                 staged.key_id(key_id, hash);
             }
-            // Plan and tenant limits are staged in their entries under the
-            // push's stamp: served once the snapshot below carries its
-            // commit, in the same swap as the keys (a tenant's counters go
-            // on; the slot's lock orders this write with the gate's).
-            for r in &plan.limit_records {
-                t.modify(&r.key(), |held| {
-                    stage_limit(held, &current.state, plan.stamp, plan.generation, r)
-                });
-            }
             let committed = plan.commit.map(|_| staged.bytes());
             // Quota usage a full push carries (counted from the request log):
             // the counters a key starts from if this process holds none.
@@ -138,6 +129,18 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                     ..current.clone()
                 },
             };
+            // Plan and tenant limits are staged in their entries under the
+            // push's stamp: served once the snapshot returned here carries
+            // its commit, in the same swap as the keys (a tenant's counters
+            // go on; the slot's lock orders this write with the gate's).
+            // After every step that can refuse the batch: a refused batch
+            // stores no state, so its stamp is given again to the next push,
+            // which must find nothing of it.
+            for r in &plan.limit_records {
+                t.modify(&r.key(), |held| {
+                    stage_limit(held, &current.state, plan.stamp, plan.generation, r)
+                });
+            }
             let out = (
                 next.state,
                 plan.upserts.len(),
