@@ -492,8 +492,8 @@ fn limit(
     } else {
         let plan = match &cred.plan {
             None => None,
-            // A plan is written by sync before any key on it is served: one
-            // that cannot be read refuses the request.
+            // Sync serves a plan from the same commit as the first key on
+            // it, if not before: one that cannot be read refuses the request.
             Some(name) => Some(
                 with_limits(host, |cell| {
                     decode_plan(cell.load(&plan_key(name)).0.as_deref())
