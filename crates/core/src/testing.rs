@@ -34,6 +34,8 @@ pub struct MemoryHost {
     pub lookups: u32,
     /// The sync state plan and tenant entries are served under.
     pub state: SyncState,
+    /// The state held now, if a push committed since `state` was read.
+    pub fresh_state: Option<SyncState>,
 }
 
 impl CounterCell for MemoryHost {
@@ -81,8 +83,11 @@ impl Host for MemoryHost {
     fn counters(&mut self) -> &mut dyn CounterCell {
         self
     }
-    fn sync_state(&mut self, _fresh: bool) -> SyncState {
-        self.state
+    fn sync_state(&mut self, fresh: bool) -> SyncState {
+        match self.fresh_state {
+            Some(now) if fresh => now,
+            _ => self.state,
+        }
     }
     fn verified_tokens(&mut self) -> Option<&mut VerifiedTokens> {
         Some(&mut self.verified)

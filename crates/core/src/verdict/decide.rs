@@ -650,6 +650,40 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_entry_serving_nothing_under_the_lookups_state_is_read_again_under_the_current_one() {
+        use crate::limits::{encode_plan, plan_key};
+        use crate::sync::{encode_limit_slots, Slot, SyncState};
+        let p = policy(vec![], "");
+        let mut host = MemoryHost::default();
+        store_key(&mut host, "planned", |r| r.plan = Some("free".into()));
+        // Only the slot of the commit at stamp 2 is left in the entry; the
+        // decision's lookup read the state of stamp 1.
+        host.counters.insert(
+            plan_key("free"),
+            encode_limit_slots(&[Slot {
+                stamp: 2,
+                generation: 0,
+                record: Some(encode_plan(&["7/min".parse().unwrap()])),
+            }]),
+        );
+        host.state = SyncState {
+            stamp: 1,
+            ..SyncState::default()
+        };
+        assert_eq!(
+            denied(&get(&p, &mut host, "planned")).map(|(r, _)| r),
+            Some(Reason::Internal),
+            "no newer state to read: refused"
+        );
+        host.fresh_state = Some(SyncState {
+            stamp: 2,
+            ..SyncState::default()
+        });
+        let d = get(&p, &mut host, "planned");
+        assert_eq!(d.rate().map(|r| r.limit.requests), Some(7));
+    }
+
+    #[test]
     fn own_limits_win_over_the_plan_and_the_tenant_limit_counts_on_top() {
         use crate::limits::{encode_plan, plan_key, retarget_tenant, tenant_key};
         let p = policy(vec![], "");
