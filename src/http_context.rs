@@ -10,6 +10,7 @@ use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::RateStatus;
 use keygate_core::shared_data::CounterCell;
+use keygate_core::sync::SyncState;
 use keygate_core::token::{VerifiedTokens, MAX_LOGIN_BODY};
 use keygate_core::verdict::{
     decide, identity_spellings, is_login, login, rate_limit_headers, Decision, Headers, Host,
@@ -305,6 +306,24 @@ impl Host for EnvoyHost<'_> {
 
     fn counters(&mut self) -> &mut dyn CounterCell {
         &mut self.counters
+    }
+
+    fn sync_state(&mut self, fresh: bool) -> SyncState {
+        // The state the credential was looked up under: no second read.
+        if let Some(entry) = self.counters.entry.as_ref().filter(|_| !fresh) {
+            return entry.state();
+        }
+        let read = self.borrowed.as_deref_mut().map(|c| c.sync_state());
+        match read {
+            Some(Ok(state)) => state,
+            Some(Err(e)) => {
+                self.keep(e);
+                SyncState::default()
+            }
+            // The cache is borrowed already (a bug): plans read as missing,
+            // which refuses.
+            None => SyncState::default(),
+        }
     }
 
     fn verified_tokens(&mut self) -> Option<&mut VerifiedTokens> {

@@ -11,9 +11,7 @@ use keygate_core::shared_data::{
     counter_key, credential_key, credential_key_of_prefix, key_id_find, key_id_slot, update,
     CounterCell, Step, CONFIG_IDS_KEY, STATE_KEY,
 };
-use keygate_core::sync::{
-    decode_record, decode_state, visible_record, EntryCell, LimitRecord, SyncState,
-};
+use keygate_core::sync::{decode_record, decode_state, visible_record, EntryCell, SyncState};
 use keygate_core::token::VerifiedTokens;
 use keygate_core::{Credential, Policy};
 use std::collections::HashMap;
@@ -42,7 +40,9 @@ pub struct CredentialCache {
 }
 
 impl CredentialCache {
-    fn sync_state(&mut self) -> HostResult<SyncState> {
+    /// The sync state held now (one shared-data read; decoded again only
+    /// when its CAS token changed).
+    pub fn sync_state(&mut self) -> HostResult<SyncState> {
         let (bytes, Some(cas)) = host::shared_get(STATE_KEY)? else {
             return Ok(SyncState::default());
         };
@@ -135,6 +135,11 @@ pub struct EntryCounter {
 }
 
 impl EntryCounter {
+    /// The sync state its entry is served under.
+    pub fn state(&self) -> SyncState {
+        self.cell.state()
+    }
+
     fn load(&mut self) -> HostResult<(Option<Vec<u8>>, Option<u32>)> {
         self.cell.load(&mut host::shared_get)
     }
@@ -290,24 +295,6 @@ pub fn ensure_counter(key: &str) -> HostResult<()> {
     // An empty value may come back as no bytes; the CAS token tells presence.
     if let (_, None) = host::shared_get(key)? {
         host::shared_set(key, &[], None)?;
-    }
-    Ok(())
-}
-
-/// Writes a push's plan and tenant limits. A tenant entry holds counters
-/// the gate updates concurrently, so each write is a CAS update that keeps
-/// them (`LimitRecord::entry`); a plan entry is written the same way.
-pub fn apply_limit_records(records: &[LimitRecord]) -> Result<(), String> {
-    for r in records {
-        let mut cell = SharedCounters::default();
-        let written = update(&mut cell, &r.key(), |current| {
-            Step::Write(r.entry(current), ())
-        });
-        match (cell.error, written) {
-            (Some(e), _) => return Err(e.to_string()),
-            (None, Err(_)) => return Err(format!("{}: contention", r.key())),
-            (None, Ok(())) => {}
-        }
     }
     Ok(())
 }

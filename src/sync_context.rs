@@ -14,8 +14,8 @@ use keygate_core::shared_data::{
 };
 use keygate_core::sync::{
     check_config_ids, check_layout, decode_state, encode_state, plan, reported_state, stage,
-    visible_record, Plan, SyncError, SyncState, BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES,
-    PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    stage_limit, visible_record, LimitRecord, ListenerError, Plan, SyncError, SyncState,
+    BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use log::{error, info, warn};
@@ -53,11 +53,27 @@ impl SyncContext {
         }
     }
 
+    fn refuse(&self, e: ListenerError) {
+        self.reply(e.status(), &Body::Error(e));
+    }
+
     /// The sidecar learns of a host failure as a 500 and pushes again.
     fn fail(&self, e: HostError) -> Action {
         error!("{e}");
-        self.reply(500, &Body::Error(SyncError::Host(e.to_string()).message()));
+        self.refuse(SyncError::Host(e.to_string()).into());
         Action::Pause
+    }
+
+    /// Applies the whole push body and answers it.
+    fn finish(&mut self, body: &[u8]) {
+        self.receiving = false;
+        match self.apply(body) {
+            Ok(state) => self.reply(200, &Body::State(state)),
+            Err(e) => {
+                warn!("refused push ({}): {}", e.status(), e.message());
+                self.refuse(e.into());
+            }
+        }
     }
 
     fn held_state() -> HostResult<(SyncState, Option<u32>)> {
@@ -129,8 +145,14 @@ impl SyncContext {
                 SyncError::Conflict("the key-id index kept changing during the push".into())
             })?;
         }
+        // Plan and tenant limits are staged like the credentials: served
+        // from the commit below, together with the keys that name them.
+        // (An entry an older layout wrote is not read: a tenant's counters
+        // then start from its seed.)
+        for r in &plan.limit_records {
+            stage_limit_entry(&state, &plan, r)?;
+        }
         apply_revocations(&plan.revoked_sessions).map_err(host_error)?;
-        crate::shared_store::apply_limit_records(&plan.limit_records).map_err(SyncError::Host)?;
         if let Some(commit) = &plan.commit {
             // Only if the claim still stands: a push that superseded this
             // one meanwhile keeps its own state.
@@ -214,6 +236,23 @@ fn stage_entry(
         .map_err(|_| SyncError::Conflict("a credential entry kept changing during the push".into()))
 }
 
+/// Stages a plan's or tenant's limits into its entry, with CAS: gate
+/// workers update a tenant's counters concurrently.
+fn stage_limit_entry(held: &SyncState, plan: &Plan, record: &LimitRecord) -> Result<(), SyncError> {
+    let mut cell = SharedCounters::default();
+    let written = update(&mut cell, &record.key(), |old| {
+        Step::Write(
+            stage_limit(old, held, plan.stamp, plan.generation, record),
+            (),
+        )
+    });
+    if let Some(e) = cell.error {
+        return Err(SyncError::Host(e.to_string()));
+    }
+    written
+        .map_err(|_| SyncError::Conflict(format!("{} kept changing during the push", record.key())))
+}
+
 /// Merges session revocations into each key's `rs:` entry, with CAS: gate
 /// workers read these entries on every token use.
 fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) -> HostResult<()> {
@@ -245,20 +284,19 @@ fn apply_revocations(revoked: &[keygate_core::sync::RevokedSession]) -> HostResu
 
 /// Small JSON bodies of the sync API.
 mod serde_json_body {
-    use keygate_core::sync::SyncState;
+    use keygate_core::sync::{ListenerError, SyncState};
 
     pub enum Body {
         State(SyncState),
-        Error(String),
+        Error(ListenerError),
     }
 
     impl Body {
         pub fn render(&self) -> Vec<u8> {
-            let value = match self {
-                Body::State(s) => serde_json::to_value(s).unwrap_or_default(),
-                Body::Error(m) => serde_json::json!({ "error": m }),
-            };
-            serde_json::to_vec(&value).unwrap_or_default()
+            match self {
+                Body::State(s) => serde_json::to_vec(s).unwrap_or_default(),
+                Body::Error(e) => e.body(),
+            }
         }
     }
 }
@@ -298,9 +336,9 @@ impl HttpContext for SyncContext {
                     .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<usize>().ok())
                     .is_some_and(|n| n > MAX_PUSH_BYTES);
                 if too_long {
-                    self.reply(413, &Body::Error(SyncError::TooLarge.message()));
+                    self.refuse(SyncError::TooLarge.into());
                 } else if end_of_stream {
-                    self.reply(400, &Body::Error("push without a body".into()));
+                    self.refuse(ListenerError::NoBody);
                 } else {
                     // Pausing here would stop the body reaching this filter
                     // too (StopAllIteration); the buffer filter after keygate
@@ -310,7 +348,7 @@ impl HttpContext for SyncContext {
                     return Action::Continue;
                 }
             }
-            _ => self.reply(404, &Body::Error("not found".into())),
+            _ => self.refuse(ListenerError::NotFound),
         }
         Action::Pause
     }
@@ -321,24 +359,44 @@ impl HttpContext for SyncContext {
         }
         if body_size > MAX_PUSH_BYTES {
             self.receiving = false;
-            self.reply(413, &Body::Error(SyncError::TooLarge.message()));
+            self.refuse(SyncError::TooLarge.into());
             return Action::Pause;
         }
         if !end_of_stream {
-            // Let Envoy buffer until the whole body is here.
+            // Let Envoy buffer until the whole body is here (or trailers
+            // end it).
             return Action::Pause;
         }
-        self.receiving = false;
         let body = match host::request_body(body_size) {
             Ok(body) => body.unwrap_or_default(),
-            Err(e) => return self.fail(e),
-        };
-        match self.apply(&body) {
-            Ok(state) => self.reply(200, &Body::State(state)),
             Err(e) => {
-                warn!("refused push ({}): {}", e.status(), e.message());
-                self.reply(e.status(), &Body::Error(e.message()));
+                self.receiving = false;
+                return self.fail(e);
             }
+        };
+        self.finish(&body);
+        Action::Pause
+    }
+
+    /// Trailers end the body too: answer with what arrived, as the native
+    /// build does (the SDK's default would pass the push on to the router).
+    fn on_http_request_trailers(&mut self, _: usize) -> Action {
+        if !self.receiving {
+            return Action::Pause;
+        }
+        // One byte over the limit tells a body that is too large.
+        let body = match host::request_body(MAX_PUSH_BYTES + 1) {
+            Ok(body) => body.unwrap_or_default(),
+            Err(e) => {
+                self.receiving = false;
+                return self.fail(e);
+            }
+        };
+        if body.len() > MAX_PUSH_BYTES {
+            self.receiving = false;
+            self.refuse(SyncError::TooLarge.into());
+        } else {
+            self.finish(&body);
         }
         Action::Pause
     }

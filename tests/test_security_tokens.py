@@ -43,7 +43,8 @@ def payload(token):
 def test_sync_push_reusing_a_config_key_id_is_refused_naming_both(envoy, proto):
     r = push(envoy, full(1, 1, [cred("cfg-admin", "impostor-key", scopes=["read"])]))
     assert r.status == 400, r
-    message = r.json()["error"]
+    assert r.json()["error"] == "invalid_request"
+    message = r.json()["message"]
     assert "upserts[0].key_id" in message and "'cfg-admin'" in message and "credentials[0]" in message
     assert state(envoy) == {"generation": 0, "version": 0, "stamp": 0}, "nothing applied"
     assert login(envoy, {"api_key": "impostor-key"}, proto).status == 401

@@ -80,7 +80,13 @@ def test_forged_malformed_replayed_and_oversized_pushes_are_refused(envoy):
         "forged": 401, "unsigned": 401, "malformed": 400, "stale": 409, "old-generation": 409,
         "bad-record": 400, "oversized": 413,
     }
-    assert "upserts[1].allowed_ips[0]" in refused["bad-record"].json()["error"]
+    assert "upserts[1].allowed_ips[0]" in refused["bad-record"].json()["message"]
+    # The project's error shape: a code and a message.
+    assert {k: r.json()["error"] for k, r in refused.items()} == {
+        "forged": "invalid_signature", "unsigned": "invalid_signature", "malformed": "invalid_request",
+        "stale": "conflict", "old-generation": "conflict", "bad-record": "invalid_request",
+        "oversized": "payload_too_large",
+    }
     assert state(envoy) == {"generation": 1, "version": 1, "stamp": 1}
     assert status_of(envoy, "key-1") == 200  # still the last good set
     assert status_of(envoy, "key-2") == 401  # nothing of the bad batch applied
@@ -189,8 +195,8 @@ def test_a_binary_push_applies_like_its_json_and_bad_ones_change_nothing(envoy):
         "forged": 401, "changed-after-signing": 401, "truncated": 400, "trailing": 400,
         "unknown-version": 400, "bad-record": 400,
     }
-    assert "format 2" in refused["unknown-version"].json()["error"]
-    assert "upserts[0].allowed_ips[0]" in refused["bad-record"].json()["error"]
+    assert "format 2" in refused["unknown-version"].json()["message"]
+    assert "upserts[0].allowed_ips[0]" in refused["bad-record"].json()["message"]
     assert state(envoy) == {"generation": 1, "version": 1, "stamp": 1}
     assert status_of(envoy, "key-1") == 200  # nothing of the refused pushes applied
     assert push(envoy, None, raw=update).status == 200
@@ -198,8 +204,29 @@ def test_a_binary_push_applies_like_its_json_and_bad_ones_change_nothing(envoy):
 
 
 def test_unknown_paths_and_methods_on_the_sync_listener_get_404(envoy):
-    assert request(envoy.sync_port, "GET", "/v1/items").status == 404
-    assert request(envoy.sync_port, "DELETE", STATE).status == 404
+    for method, path in (("GET", "/v1/items"), ("DELETE", STATE)):
+        r = request(envoy.sync_port, method, path)
+        assert r.status == 404
+        assert r.json() == {"error": "not_found", "message": "not found"}
+        assert r.header("content-type") == "application/json"
+
+
+def test_a_push_ending_with_trailers_is_decided_like_one_without(envoy):
+    good = json.dumps(full(1, 1, [cred("k1", "key-1", scopes=["read"])])).encode()
+
+    def h2_push(body, signature, trailers):
+        headers = [("content-type", "application/json"), ("x-keygate-signature", signature)]
+        return request(envoy.sync_port, "POST", PUSH, headers, body, proto="h2", trailers=trailers)
+
+    forged = [h2_push(good, "v1=" + "00" * 32, t) for t in (None, [("x-t", "1")])]
+    assert [r.status for r in forged] == [401, 401]
+    assert forged[0].json() == forged[1].json() == {"error": "invalid_signature",
+                                                    "message": "bad or missing signature"}
+    assert state(envoy)["version"] == 0
+    applied = h2_push(good, sign(good), [("x-t", "1")])
+    assert applied.status == 200, applied.body
+    assert applied.json() == {"generation": 1, "version": 1, "stamp": 1}
+    assert status_of(envoy, "key-1") == 200
 
 
 def test_sync_listener_refuses_to_load_without_a_secret(envoy_factory):
@@ -215,3 +242,47 @@ def test_sync_listener_refuses_to_load_without_a_secret(envoy_factory):
         assert "sync_secret: the sync role needs a secret" in e2.log()
     finally:
         e2.stop()
+
+
+def with_limits(p, *limits):
+    return {**p, "limit_records": [{"kind": kind, "name": name, "limits": list(ls)} for kind, name, ls in limits]}
+
+
+def statuses(envoy, key, n=3):
+    return [status_of(envoy, key) for _ in range(n)]
+
+
+def test_a_plan_change_is_served_only_once_its_push_commits(envoy):
+    key = [cred("k1", "key-1", scopes=["read"], plan="free")]
+    assert push(envoy, with_limits(full(1, 1, key), ("plan", "free", ["100/min"]))).status == 200
+    # Batch 0 of 2 tightens the plan to 1/min; its batch 1 is not sent yet.
+    r = push(envoy, with_limits(full(2, 2, key, batch=0, last=False), ("plan", "free", ["1/min"])))
+    assert r.status == 200, r.body
+    assert state(envoy)["pending"]["next_batch"] == 1
+    assert statuses(envoy, "key-1") == [200, 200, 200]
+    # A last batch Envoy refuses changes nothing either.
+    bad = full(2, 2, [cred("k2", "key-2", allowed_ips=["not-an-ip"])], batch=1, last=True)
+    assert push(envoy, bad).status == 400
+    assert statuses(envoy, "key-1") == [200, 200, 200]
+    assert state(envoy)["version"] == 1
+    # The good last batch commits the plan with the key.
+    assert push(envoy, full(2, 2, [], batch=1, last=True)).status == 200
+    assert state(envoy)["version"] == 2
+    assert statuses(envoy, "key-1")[-1] == 429
+
+
+def test_an_abandoned_push_emptying_a_plan_and_a_tenant_limit_leaves_their_keys_limited(envoy):
+    keys = [cred("k1", "key-1", scopes=["read"], plan="free"),
+            cred("k2", "key-2", tenant="globex", scopes=["read"], tenant_limits=True)]
+    limited = [("plan", "free", ["1/min"]), ("tenant", "globex", ["1/min"])]
+    emptied = [("plan", "free", []), ("tenant", "globex", [])]
+    assert push(envoy, with_limits(full(1, 1, keys), *limited)).status == 200
+    assert [statuses(envoy, k, 2) for k in ("key-1", "key-2")] == [[200, 429], [200, 429]]
+    # An incremental push emptying both is never finished: both stay as committed.
+    half = {**incr(1, 1, 2), "last": False}
+    assert push(envoy, with_limits(half, *emptied)).status == 200
+    assert state(envoy)["pending"]["version"] == 2
+    assert [statuses(envoy, k) for k in ("key-1", "key-2")] == [[429] * 3, [429] * 3]
+    # A full push (what the sidecar sends after a conflict) empties them for real.
+    assert push(envoy, with_limits(full(2, 3, keys), *emptied)).status == 200
+    assert [statuses(envoy, k) for k in ("key-1", "key-2")] == [[200] * 3, [200] * 3]

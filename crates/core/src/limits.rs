@@ -23,7 +23,8 @@
 //! Exactness: a key's counters (one `u64` per limit it has used, tagged by
 //! period) form one value updated by one compare-and-swap, so every limit of
 //! a key admits a request or none does. The tenant's counters live in the
-//! tenant entry, written by sync before any key refers to it (Envoy creates a
+//! tenant entry, served by sync from the commit of the push that first has a
+//! key refer to it, if not before (Envoy creates a
 //! missing shared-data key whatever CAS token the write carries, see
 //! [`crate::entry`]) and updated by CAS after the key's. A request the
 //! tenant refuses is given back to the key ([`release_rules`]); if that
@@ -753,7 +754,7 @@ pub struct TenantEntryMissing;
 
 /// Takes one request from the tenant's shared budget (`tl:<tenant>`). A
 /// tenant without limits admits (None); a missing entry is an error (sync
-/// writes it before any key says its tenant is limited).
+/// serves it no later than any key that says its tenant is limited).
 pub fn acquire_tenant(
     cell: &mut dyn CounterCell,
     tenant: &str,

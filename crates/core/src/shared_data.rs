@@ -13,8 +13,8 @@
 //! | `rs:<key id>`        | session revocations `{session: revoked_at_ms}`    |
 //! | `kx:<4 hex>`         | one bucket of the key-id index of store credentials: per key id hashed into it, an 8-byte tag and the 15-byte hash prefix naming its `c:` entry, binary |
 //! | `cfg:ids`            | key ids plugin config defines `{id: "credentials[i]"}` |
-//! | `pl:<plan>`          | a plan's limits, binary (`crate::limits`), written by sync |
-//! | `tl:<tenant>`        | a tenant's limits and their counters, binary (`crate::limits`), written by sync |
+//! | `pl:<plan>`          | a plan's limits, binary (`crate::limits`), in slots staged by sync (`crate::sync::stage_limit`) |
+//! | `tl:<tenant>`        | a tenant's limits and their counters, binary (`crate::limits`), in slots staged by sync |
 
 use crate::hash::Digest;
 
@@ -37,7 +37,10 @@ pub const LAYOUT_KEY: &str = "sync:layout";
 /// 3: credential entries in format 3 (no generation, varint numbers,
 /// scopes as bits, binary networks, the window's state in the trailer) in
 /// slots with varint headers (`crate::sync::encode_slots`).
-pub const LAYOUT: u32 = 3;
+/// 4: plan and tenant-limit entries in such slots too, after a first byte
+/// `crate::sync::LIMIT_SLOTS`, staged by a push and served from its commit
+/// (`crate::sync::stage_limit`).
+pub const LAYOUT: u32 = 4;
 
 /// Whether the `sync:layout` entry names this build's [`LAYOUT`].
 pub fn is_current_layout(entry: Option<&[u8]>) -> bool {

@@ -8,7 +8,9 @@
 //! - `c:<key hash prefix>`: one entry per credential: up to two [`Slot`]s,
 //!   the committed value and one staged by the push in progress, each its
 //!   stamp and generation around a binary record that holds the key's
-//!   rate-limit state ([`crate::entry`], [`encode_slots`]).
+//!   rate-limit state ([`crate::entry`], [`encode_slots`]);
+//! - `pl:<plan>`, `tl:<tenant>`: a plan's limits, a tenant's limits and
+//!   counters, in slots the same way ([`stage_limit`], [`LimitCell`]).
 //!
 //! Every push, incremental or full, may span any number of batches and
 //! becomes visible all at once: its batches stage their writes under a new
@@ -24,9 +26,11 @@
 //! commits, an entry whose slot carries an older generation was left out of
 //! the set and is gone. A deleted entry's slot carries no record.
 //!
-//! Session revocations are the one exception to staging: they apply as soon
-//! as their batch arrives, because they only ever refuse more and the store
-//! already holds them.
+//! Plan and tenant limit records are staged the same way: a push that
+//! changes a plan and its keys switches both at its commit, and a push
+//! that never commits changes no limit. Session revocations are the one
+//! exception to staging: they apply as soon as their batch arrives,
+//! because they only ever refuse more and the store already holds them.
 //!
 //! A push travels as JSON or, what the sidecar sends to a filter that says
 //! it reads it ([`FORMAT_HEADER`]), in the binary form described at
@@ -161,9 +165,8 @@ pub struct Push {
     /// Full: replace a set that came from another store.
     #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub takeover: bool,
-    /// Plans and tenant limits to write. Like session revocations they apply
-    /// as their batch arrives, not at the commit: a push that creates a plan
-    /// and keys on it writes the plan before any key on it is served.
+    /// Plans and tenant limits to write, staged like credentials
+    /// ([`stage_limit`]): served from the push's commit, with its keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limit_records: Vec<LimitRecord>,
 }
@@ -202,7 +205,8 @@ impl LimitRecord {
         }
     }
 
-    /// Its entry, given the one held (a tenant's counters go on).
+    /// Its value in a slot of its entry ([`stage_limit`]), given the value
+    /// served (a tenant's counters go on).
     pub fn entry(&self, current: Option<&[u8]>) -> Vec<u8> {
         match self.kind {
             LimitKind::Plan => crate::limits::encode_plan(&self.limits),
@@ -263,6 +267,74 @@ impl SyncError {
     }
 }
 
+impl SyncError {
+    /// The `error` code of its reply body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SyncError::BadSignature => "invalid_signature",
+            SyncError::Invalid(_) => "invalid_request",
+            SyncError::Conflict(_) => "conflict",
+            SyncError::TooLarge => "payload_too_large",
+            SyncError::Host(_) => "internal_error",
+        }
+    }
+}
+
+/// What the sync listener refuses, on either build, with the project's
+/// error body `{"error": <code>, "message": <text>}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerError {
+    /// A push refused as such.
+    Push(SyncError),
+    /// Another path or method: 404.
+    NotFound,
+    /// A push request that ends with its headers: 400.
+    NoBody,
+    /// The module has no sync secret to check pushes with: 503.
+    NotConfigured,
+}
+
+impl ListenerError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ListenerError::Push(e) => e.status(),
+            ListenerError::NotFound => 404,
+            ListenerError::NoBody => 400,
+            ListenerError::NotConfigured => 503,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ListenerError::Push(e) => e.code(),
+            ListenerError::NotFound => "not_found",
+            ListenerError::NoBody => "invalid_request",
+            ListenerError::NotConfigured => "unavailable",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ListenerError::Push(e) => e.message(),
+            ListenerError::NotFound => "not found".into(),
+            ListenerError::NoBody => "push without a body".into(),
+            ListenerError::NotConfigured => "sync is not configured".into(),
+        }
+    }
+
+    /// The reply body.
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({ "error": self.code(), "message": self.message() }))
+            .unwrap_or_default()
+    }
+}
+
+impl From<SyncError> for ListenerError {
+    fn from(e: SyncError) -> ListenerError {
+        ListenerError::Push(e)
+    }
+}
+
 /// The writes a valid push turns into, in the order to apply them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -288,7 +360,7 @@ pub struct Plan {
     /// alias (among `upserts`), and the sync role carries the rate-limit
     /// state the old entry held over to the new one.
     pub rolled: Vec<(Digest, Digest)>,
-    /// Plan and tenant limits to write as the batch arrives.
+    /// Plan and tenant limits to stage ([`stage_limit`]).
     pub limit_records: Vec<LimitRecord>,
 }
 
@@ -417,6 +489,17 @@ pub fn update_visible_record(
     state: &SyncState,
     mut f: impl FnMut(&[u8]) -> Option<Vec<u8>>,
 ) -> Option<Vec<u8>> {
+    rewrite_slots(entry, state, |r, _| f(r))
+}
+
+/// [`update_visible_record`] with `f` told whether the record it rewrites
+/// is the served one (true) or a staged one (false).
+#[inline]
+fn rewrite_slots(
+    entry: &[u8],
+    state: &SyncState,
+    mut f: impl FnMut(&[u8], bool) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
     let slots = decode_slots(entry)?;
     let served = visible(&slots, state)?.as_ptr();
     let served_stamp = slots
@@ -429,8 +512,8 @@ pub fn update_visible_record(
             continue;
         }
         let record = match s.record {
-            Some(r) if r.as_ptr() == served => Some(f(r)?),
-            Some(r) if !s.committed(state) => Some(f(r).unwrap_or_else(|| r.to_vec())),
+            Some(r) if r.as_ptr() == served => Some(f(r, true)?),
+            Some(r) if !s.committed(state) => Some(f(r, false).unwrap_or_else(|| r.to_vec())),
             other => other.map(<[u8]>::to_vec),
         };
         out.push(Slot {
@@ -474,6 +557,12 @@ impl EntryCell {
             fresh: true,
             state,
         }
+    }
+
+    /// The sync state the entry is served under (the lookup's, or the one
+    /// read again after a commit).
+    pub fn state(&self) -> SyncState {
+        self.state
     }
 
     /// The counters of the served record (encoded as
@@ -645,6 +734,133 @@ fn staged_from(s: &Slot<&[u8]>) -> Slot<Vec<u8>> {
         stamp: s.stamp,
         generation: s.generation,
         record: s.record.map(<[u8]>::to_vec),
+    }
+}
+
+// ---- Plan and tenant limit entries ----
+//
+// A `pl:<plan>` or `tl:<tenant>` entry holds slots as a credential entry
+// does ([`encode_slots`]), around the plan's limits or the tenant's limits
+// and counters (`crate::limits`): a push stages its limit records under its
+// stamp and generation beside the value served, so they are served from
+// its commit, together with its keys, and a push that never commits is
+// never served. A full set leaves out, by generation, a plan it does not
+// carry. Limit entries are few, so they may take the slot headers, and a
+// first byte [`LIMIT_SLOTS`] that no entry of the previous layout starts
+// with (its limit count, at most 5): such an entry is never served.
+
+/// The first byte of a plan or tenant entry in slots.
+pub const LIMIT_SLOTS: u8 = 0x80;
+
+/// The slots of a plan or tenant entry; None for one without them.
+fn limit_slots(entry: &[u8]) -> Option<&[u8]> {
+    entry.strip_prefix(&[LIMIT_SLOTS])
+}
+
+/// A plan or tenant entry of `slots`.
+pub fn encode_limit_slots(slots: &[Slot<Vec<u8>>]) -> Vec<u8> {
+    let mut out = vec![LIMIT_SLOTS];
+    out.extend(encode_slots(slots));
+    out
+}
+
+/// The entry of `record` after staging it into `current` (None: no entry)
+/// under `stamp` and `generation`, given the state `held` before the batch.
+/// Keeps only the slot served now and adds the push's; a tenant's counters
+/// go on from the served value (`LimitRecord::entry`).
+pub fn stage_limit(
+    current: Option<&[u8]>,
+    held: &SyncState,
+    stamp: u64,
+    generation: u64,
+    record: &LimitRecord,
+) -> Vec<u8> {
+    let slots = current
+        .and_then(limit_slots)
+        .and_then(decode_slots)
+        .unwrap_or_default();
+    let served = slots
+        .iter()
+        .filter(|s| s.committed(held))
+        .max_by_key(|s| s.stamp)
+        .filter(|s| s.record.is_some() && is_visible(s.generation, held));
+    let staged = Slot {
+        stamp,
+        generation,
+        record: Some(record.entry(served.and_then(|s| s.record))),
+    };
+    let out = match served {
+        Some(s) => vec![staged_from(s), staged],
+        None => vec![staged],
+    };
+    encode_limit_slots(&out)
+}
+
+/// A plan's or tenant's entry as the gate reads and counts it: over the
+/// host's cell, `load` gives the value served under `state` (None when
+/// nothing is) and `store` writes it back into its slot, the staged slots'
+/// counters too (as [`update_visible_record`] does for a key: a request
+/// counted before a push commits stays counted after it).
+pub struct LimitCell<'a> {
+    inner: &'a mut dyn crate::shared_data::CounterCell,
+    state: SyncState,
+    /// The entry as last loaded.
+    held: Option<Vec<u8>>,
+    stale: bool,
+}
+
+impl<'a> LimitCell<'a> {
+    pub fn new(inner: &'a mut dyn crate::shared_data::CounterCell, state: SyncState) -> Self {
+        LimitCell {
+            inner,
+            state,
+            held: None,
+            stale: false,
+        }
+    }
+
+    /// An entry held a value but served none under `state`: the state may
+    /// be older than the entry's last commit (a push committed and the
+    /// next one staged since it was read), so the caller reads it again.
+    pub fn stale(&self) -> bool {
+        self.stale
+    }
+}
+
+impl crate::shared_data::CounterCell for LimitCell<'_> {
+    fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        let (bytes, cas) = self.inner.load(key);
+        let served = bytes
+            .as_deref()
+            .and_then(limit_slots)
+            .and_then(|b| visible_record(b, &self.state))
+            .map(<[u8]>::to_vec);
+        self.stale |= served.is_none() && bytes.as_deref().is_some_and(|b| !b.is_empty());
+        self.held = bytes;
+        (served, cas)
+    }
+
+    fn store(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        let Some(held) = self.held.take() else {
+            return false;
+        };
+        // A staged tenant value keeps its own limits and takes the counters
+        // of the periods it still limits.
+        let updated = limit_slots(&held).and_then(|slots| {
+            rewrite_slots(slots, &self.state, |r, served| {
+                if served {
+                    return Some(value.to_vec());
+                }
+                let (limits, _) = crate::limits::decode_tenant(Some(r))?;
+                Some(crate::limits::retarget_tenant(Some(value), &limits))
+            })
+        });
+        updated.is_some_and(|u| {
+            let mut entry = Vec::with_capacity(1 + u.len());
+            entry.push(LIMIT_SLOTS);
+            entry.extend_from_slice(&u);
+            self.inner.store(key, &entry, cas)
+        })
     }
 }
 
@@ -2299,5 +2515,294 @@ mod tests {
         for bad in ["", "ab", "00000000000000zz", "+000000000000000"] {
             assert!(bad.parse::<StoreId>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn listener_refusals_have_the_projects_error_shape() {
+        let cases = [
+            (
+                ListenerError::Push(SyncError::BadSignature),
+                401,
+                "invalid_signature",
+            ),
+            (
+                ListenerError::Push(SyncError::Invalid("x".into())),
+                400,
+                "invalid_request",
+            ),
+            (
+                ListenerError::Push(SyncError::Conflict("x".into())),
+                409,
+                "conflict",
+            ),
+            (
+                ListenerError::Push(SyncError::TooLarge),
+                413,
+                "payload_too_large",
+            ),
+            (
+                ListenerError::Push(SyncError::Host("x".into())),
+                500,
+                "internal_error",
+            ),
+            (ListenerError::NotFound, 404, "not_found"),
+            (ListenerError::NoBody, 400, "invalid_request"),
+            (ListenerError::NotConfigured, 503, "unavailable"),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(e.status(), status);
+            let body: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"error": code, "message": e.message()}),
+                "{e:?}"
+            );
+        }
+    }
+
+    // ---- Plan and tenant limit entries ----
+
+    fn limit(kind: LimitKind, name: &str, limits: &[&str]) -> LimitRecord {
+        LimitRecord {
+            kind,
+            name: name.into(),
+            limits: limits.iter().map(|l| l.parse().unwrap()).collect(),
+            quota_used: vec![],
+        }
+    }
+
+    /// Plans `p` on `held`, stages its limit records into `entries` as both
+    /// builds do, and returns the state it leaves.
+    fn push_limits(
+        entries: &mut crate::testing::MemoryHost,
+        held: &SyncState,
+        p: &Push,
+    ) -> SyncState {
+        let plan = run(p, held).unwrap();
+        for r in &plan.limit_records {
+            let current = entries.counters.get(&r.key()).cloned();
+            let staged = stage_limit(current.as_deref(), held, plan.stamp, plan.generation, r);
+            entries.counters.insert(r.key(), staged);
+        }
+        plan.result()
+    }
+
+    /// The plan's limits the gate reads under `state`, as text.
+    fn plan_read(entries: &mut crate::testing::MemoryHost, state: &SyncState) -> Option<String> {
+        let mut cell = LimitCell::new(entries, *state);
+        let (bytes, _) = crate::shared_data::CounterCell::load(&mut cell, "pl:free");
+        crate::limits::decode_plan(bytes.as_deref()).map(|l| {
+            l.iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    }
+
+    fn with_limits(p: Push, records: Vec<LimitRecord>, batch: u32, last: bool) -> Push {
+        Push {
+            limit_records: records,
+            batch,
+            last,
+            ..p
+        }
+    }
+
+    #[test]
+    fn a_plan_change_is_served_only_from_its_pushs_commit() {
+        let mut entries = crate::testing::MemoryHost::default();
+        let free = |l: &str| vec![limit(LimitKind::Plan, "free", &[l])];
+        let s1 = push_limits(
+            &mut entries,
+            &SyncState::default(),
+            &with_limits(push(Mode::Full, 1, 0, 1), free("100/min"), 0, true),
+        );
+        assert_eq!(plan_read(&mut entries, &s1).as_deref(), Some("100/min"));
+        // Batch 0 of 2 of an incremental push sets 1/min: staged, not served.
+        let b0 = with_limits(push(Mode::Incremental, 1, 1, 2), free("1/min"), 0, false);
+        let s2 = push_limits(&mut entries, &s1, &b0);
+        assert!(s2.pending.is_some());
+        assert_eq!(plan_read(&mut entries, &s2).as_deref(), Some("100/min"));
+        // Its last batch commits it, carrying no limit record itself.
+        let b1 = with_limits(push(Mode::Incremental, 1, 1, 2), vec![], 1, true);
+        let s3 = push_limits(&mut entries, &s2, &b1);
+        assert_eq!(s3.pending, None);
+        assert_eq!(plan_read(&mut entries, &s3).as_deref(), Some("1/min"));
+    }
+
+    #[test]
+    fn an_abandoned_push_changes_no_limit_and_its_successor_replaces_its_slot() {
+        let mut entries = crate::testing::MemoryHost::default();
+        let free = |l: &[&str]| vec![limit(LimitKind::Plan, "free", l)];
+        let s1 = push_limits(
+            &mut entries,
+            &SyncState::default(),
+            &with_limits(push(Mode::Full, 1, 0, 1), free(&["100/min"]), 0, true),
+        );
+        // A full push empties the plan in its batch 0 and never sends batch 1.
+        let abandoned = with_limits(push(Mode::Full, 2, 0, 2), free(&[]), 0, false);
+        let s2 = push_limits(&mut entries, &s1, &abandoned);
+        assert_eq!(plan_read(&mut entries, &s2).as_deref(), Some("100/min"));
+        // The next full push (a newer generation) takes over and commits.
+        let next = with_limits(push(Mode::Full, 3, 0, 3), free(&["7/min"]), 0, true);
+        let s3 = push_limits(&mut entries, &s2, &next);
+        assert!(
+            s3.stamp > s2.pending.unwrap().stamp,
+            "stamps are not reused"
+        );
+        assert_eq!(plan_read(&mut entries, &s3).as_deref(), Some("7/min"));
+        let slots = decode_slots(&entries.counters["pl:free"][1..])
+            .unwrap()
+            .len();
+        assert_eq!(slots, 2, "the abandoned slot is gone: served and the new");
+    }
+
+    #[test]
+    fn a_full_set_drops_the_plans_it_leaves_out_at_its_commit() {
+        let mut entries = crate::testing::MemoryHost::default();
+        let both = vec![
+            limit(LimitKind::Plan, "free", &["100/min"]),
+            limit(LimitKind::Tenant, "acme", &["10/min"]),
+        ];
+        let s1 = push_limits(
+            &mut entries,
+            &SyncState::default(),
+            &with_limits(push(Mode::Full, 1, 0, 1), both, 0, true),
+        );
+        let b0 = with_limits(push(Mode::Full, 2, 0, 2), vec![], 0, false);
+        let s2 = push_limits(&mut entries, &s1, &b0);
+        assert_eq!(plan_read(&mut entries, &s2).as_deref(), Some("100/min"));
+        let b1 = with_limits(
+            push(Mode::Full, 2, 0, 2),
+            vec![limit(LimitKind::Tenant, "acme", &["20/min"])],
+            1,
+            true,
+        );
+        let s3 = push_limits(&mut entries, &s2, &b1);
+        let mut cell = LimitCell::new(&mut entries, s3);
+        assert_eq!(
+            crate::shared_data::CounterCell::load(&mut cell, "pl:free").0,
+            None
+        );
+        assert!(
+            cell.stale(),
+            "an entry serving nothing asks for the state again"
+        );
+        let (tenant, _) = crate::shared_data::CounterCell::load(&mut cell, "tl:acme");
+        let (limits, _) = crate::limits::decode_tenant(tenant.as_deref()).unwrap();
+        assert_eq!(limits, vec!["20/min".parse().unwrap()]);
+        // An incremental push re-creates the plan under the new generation.
+        let again = with_limits(
+            push(Mode::Incremental, 2, 2, 3),
+            vec![limit(LimitKind::Plan, "free", &["5/min"])],
+            0,
+            true,
+        );
+        let s4 = push_limits(&mut entries, &s3, &again);
+        assert_eq!(plan_read(&mut entries, &s4).as_deref(), Some("5/min"));
+    }
+
+    #[test]
+    fn tenant_requests_counted_before_a_commit_stay_counted_after_it() {
+        use crate::limits::acquire_tenant;
+        const NOW: u64 = 1_700_000_000_000_000_000;
+        let mut entries = crate::testing::MemoryHost::default();
+        let acme = |l: &[&str]| vec![limit(LimitKind::Tenant, "acme", l)];
+        let s1 = push_limits(
+            &mut entries,
+            &SyncState::default(),
+            &with_limits(
+                push(Mode::Full, 1, 0, 1),
+                acme(&["5/min", "100/day"]),
+                0,
+                true,
+            ),
+        );
+        let take = |entries: &mut crate::testing::MemoryHost, s: &SyncState| {
+            acquire_tenant(&mut LimitCell::new(entries, *s), "acme", NOW)
+                .unwrap()
+                .unwrap()
+        };
+        assert!(take(&mut entries, &s1).allowed);
+        // A push dropping the day limit is staged with the count so far; a
+        // request meanwhile counts in both slots.
+        let b0 = with_limits(push(Mode::Incremental, 1, 1, 2), acme(&["5/min"]), 0, false);
+        let s2 = push_limits(&mut entries, &s1, &b0);
+        let during = take(&mut entries, &s2);
+        assert_eq!((during.limit.requests, during.remaining), (5, 3));
+        let b1 = with_limits(push(Mode::Incremental, 1, 1, 2), vec![], 1, true);
+        let s3 = push_limits(&mut entries, &s2, &b1);
+        let after = take(&mut entries, &s3);
+        assert_eq!(
+            (after.limit.requests, after.remaining),
+            (5, 2),
+            "two counted before the commit, one after"
+        );
+        assert_eq!(after.policies.len(), 1, "the day limit went with the push");
+        assert_eq!(
+            decode_slots(&entries.counters["tl:acme"][1..])
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_limit_entry_as_layout_3_wrote_it_is_never_served() {
+        use crate::limits::{encode_plan, retarget_tenant, Limit};
+        let state = SyncState {
+            generation: 1,
+            version: 1,
+            stamp: 1,
+            ..SyncState::default()
+        };
+        let mut served = vec![];
+        for count in (1..300u32).chain([1_000, 65_536, 1 << 24]) {
+            for unit in ["s", "min", "hour", "day", "month"] {
+                let l: Limit = format!("{count}/{unit}").parse().unwrap();
+                for legacy in [encode_plan(&[l]), retarget_tenant(None, &[l])] {
+                    let mut host = crate::testing::MemoryHost::default();
+                    host.counters.insert("pl:free".into(), legacy.clone());
+                    let mut cell = LimitCell::new(&mut host, state);
+                    let (value, _) = crate::shared_data::CounterCell::load(&mut cell, "pl:free");
+                    if value.is_some() {
+                        served.push((count, unit));
+                    }
+                    let r = limit(LimitKind::Plan, "free", &["9/min"]);
+                    let staged = stage_limit(Some(&legacy), &state, 2, 1, &r);
+                    assert_eq!(decode_slots(&staged[1..]).unwrap().len(), 1, "ignored");
+                }
+            }
+        }
+        assert_eq!(served, vec![], "old entries read as nothing (refused)");
+    }
+
+    #[test]
+    fn a_reader_whose_state_predates_a_commit_and_restage_is_told_to_read_it_again() {
+        let mut entries = crate::testing::MemoryHost::default();
+        let free = |l: &str| vec![limit(LimitKind::Plan, "free", &[l])];
+        let s1 = push_limits(
+            &mut entries,
+            &SyncState::default(),
+            &with_limits(push(Mode::Full, 1, 0, 1), free("1/min"), 0, true),
+        );
+        let s2 = push_limits(
+            &mut entries,
+            &s1,
+            &with_limits(push(Mode::Incremental, 1, 1, 2), free("2/min"), 0, true),
+        );
+        push_limits(
+            &mut entries,
+            &s2,
+            &with_limits(push(Mode::Incremental, 1, 2, 3), free("3/min"), 0, false),
+        );
+        // Only the slots of s2 and of the push in progress are left.
+        let mut cell = LimitCell::new(&mut entries, s1);
+        assert_eq!(
+            crate::shared_data::CounterCell::load(&mut cell, "pl:free").0,
+            None
+        );
+        assert!(cell.stale());
+        assert_eq!(plan_read(&mut entries, &s2).as_deref(), Some("2/min"));
     }
 }

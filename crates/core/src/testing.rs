@@ -6,6 +6,7 @@ use crate::credential::{Credential, CredentialRecord, Kind, Status};
 use crate::hash::Digest;
 use crate::hash::{sha256, to_hex};
 use crate::shared_data::CounterCell;
+use crate::sync::{encode_limit_slots, Slot, SyncState};
 use crate::token::VerifiedTokens;
 use crate::verdict::Host;
 use std::collections::HashMap;
@@ -31,6 +32,10 @@ pub struct MemoryHost {
     /// Credential lookups by hash the decision made (each a shared-data
     /// read in Envoy).
     pub lookups: u32,
+    /// The sync state plan and tenant entries are served under.
+    pub state: SyncState,
+    /// The state held now, if a push committed since `state` was read.
+    pub fresh_state: Option<SyncState>,
 }
 
 impl CounterCell for MemoryHost {
@@ -78,9 +83,25 @@ impl Host for MemoryHost {
     fn counters(&mut self) -> &mut dyn CounterCell {
         self
     }
+    fn sync_state(&mut self, fresh: bool) -> SyncState {
+        match self.fresh_state {
+            Some(now) if fresh => now,
+            _ => self.state,
+        }
+    }
     fn verified_tokens(&mut self) -> Option<&mut VerifiedTokens> {
         Some(&mut self.verified)
     }
+}
+
+/// A plan or tenant entry holding `value` committed under the default
+/// state (what a push of it leaves once it commits).
+pub fn committed_limit(value: Vec<u8>) -> Vec<u8> {
+    encode_limit_slots(&[Slot {
+        stamp: 0,
+        generation: 0,
+        record: Some(value),
+    }])
 }
 
 /// Unix time of the verdict tests, in nanoseconds.

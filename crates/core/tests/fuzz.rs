@@ -128,6 +128,26 @@ fn sync_seeds() -> Vec<Vec<u8>> {
     vec![full.into_bytes(), incr.into_bytes()]
 }
 
+/// Plan and tenant entries as sync stages them.
+fn limit_entry_seeds() -> Vec<Vec<u8>> {
+    use keygate_core::limits::{encode_plan, retarget_tenant, Limit};
+    use keygate_core::sync::{encode_limit_slots, Slot};
+    let limits: Vec<Limit> = vec!["3/min".parse().unwrap(), "100/day".parse().unwrap()];
+    let slot = |stamp, record| Slot {
+        stamp,
+        generation: 1,
+        record: Some(record),
+    };
+    vec![
+        encode_limit_slots(&[slot(2, encode_plan(&limits))]),
+        encode_limit_slots(&[
+            slot(1, retarget_tenant(None, &limits)),
+            slot(3, retarget_tenant(None, &limits[..1])),
+        ]),
+        encode_plan(&limits),
+    ]
+}
+
 fn policy() -> Policy {
     Policy::from_json(CONFIG.as_bytes()).expect("fuzz config is valid")
 }
@@ -240,6 +260,32 @@ proptest! {
             prop_assert!(p.stamp > held.stamp, "a push never stages under a committed stamp");
         }
         prop_assert!(plan(SYNC_SECRET, &v, Some(b"v1=00"), &held).is_err());
+    }
+
+    #[test]
+    fn plan_and_tenant_entries_never_panic_and_are_served_only_from_their_slots(
+        v in mutated(limit_entry_seeds())
+    ) {
+        use keygate_core::limits::{acquire_tenant, decode_plan};
+        use keygate_core::shared_data::CounterCell;
+        use keygate_core::sync::{stage_limit, LimitCell, LimitKind, LimitRecord, LIMIT_SLOTS};
+        let held = SyncState { generation: 1, version: 1, stamp: 2, pending: None, store_id: None };
+        let mut host = MemoryHost::default();
+        host.counters.insert("pl:p".into(), v.clone());
+        host.counters.insert("tl:t".into(), v.clone());
+        let mut cell = LimitCell::new(&mut host, held);
+        let served = cell.load("pl:p").0;
+        prop_assert!(served.is_none() || v.first() == Some(&LIMIT_SLOTS));
+        let _ = decode_plan(served.as_deref());
+        let _ = acquire_tenant(&mut cell, "t", 1_700_000_000_000_000_000);
+        let record = LimitRecord {
+            kind: LimitKind::Tenant,
+            name: "t".into(),
+            limits: vec!["5/min".parse().unwrap()],
+            quota_used: vec![],
+        };
+        let staged = stage_limit(Some(&v), &held, 3, 1, &record);
+        prop_assert_eq!(staged.first(), Some(&LIMIT_SLOTS));
     }
 
     #[test]

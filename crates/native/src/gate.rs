@@ -13,6 +13,7 @@ use keygate_core::denial::Reason;
 use keygate_core::hash::Digest;
 use keygate_core::rate_limit::{policy_name, RateStatus};
 use keygate_core::shared_data::CounterCell;
+use keygate_core::sync::SyncState;
 use keygate_core::token::{VerifiedTokens, MAX_LOGIN_BODY};
 use keygate_core::verdict::{
     identity_spellings, is_login, login, policy_header, rate_limit_headers, Headers, Login,
@@ -190,6 +191,10 @@ impl Host for NativeHost<'_> {
 
     fn counters(&mut self) -> &mut dyn CounterCell {
         &mut self.counters
+    }
+
+    fn sync_state(&mut self, _fresh: bool) -> SyncState {
+        crate::state::committed_state()
     }
 
     fn verified_tokens(&mut self) -> Option<&mut VerifiedTokens> {

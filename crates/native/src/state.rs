@@ -601,8 +601,11 @@ pub struct Tables {
     /// The push in progress (the sync role's, under the writer lock).
     staged: Mutex<Staged>,
     counters: ArcSwap<imbl::HashMap<String, SlotRef>>,
-    /// Serialises writers (sync pushes, new counter slots); readers never take it.
+    /// Serialises writers (sync pushes); readers never take it.
     writer: Mutex<()>,
+    /// Serialises new counter slots. Not `writer`: a push creates slots
+    /// (plan and tenant entries) while it holds that one.
+    new_slots: Mutex<()>,
     /// Snapshots replaced while a worker may still hold them (the sync
     /// role's, under the writer lock). Held here so a worker's guard is
     /// never the last reference: freeing a table (one `munmap` of up to
@@ -619,6 +622,7 @@ pub fn tables() -> &'static Tables {
         staged: Mutex::new(Staged::default()),
         counters: ArcSwap::from_pointee(imbl::HashMap::new()),
         writer: Mutex::new(()),
+        new_slots: Mutex::new(()),
         retired: Mutex::new(Vec::new()),
     })
 }
@@ -657,7 +661,7 @@ impl Tables {
         if let Some(slot) = self.counters.load().get(key) {
             return slot.clone();
         }
-        let _writer = self.writer.lock();
+        let _new_slots = self.new_slots.lock();
         let current = self.counters.load_full();
         if let Some(slot) = current.get(key) {
             return slot.clone();
@@ -671,7 +675,7 @@ impl Tables {
 
     /// Creates counter slots ahead of traffic (credentials from config or a push).
     pub fn ensure_counters<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
-        let _writer = self.writer.lock();
+        let _new_slots = self.new_slots.lock();
         let mut next = (*self.counters.load_full()).clone();
         for key in keys {
             if !next.contains_key(key) {
@@ -749,6 +753,13 @@ impl Counters {
         guard.cas = guard.cas.wrapping_add(1);
         true
     }
+}
+
+/// The sync state of the committed snapshot: which slots of plan and
+/// tenant entries are served (`keygate_core::sync::LimitCell`). Read when
+/// the entry is, so always the newest commit.
+pub fn committed_state() -> SyncState {
+    tables().snapshot.load().state
 }
 
 /// Most parsed credentials a worker keeps; past it the cache starts over.
@@ -1038,6 +1049,7 @@ mod tests {
             staged: Mutex::new(Staged::default()),
             counters: ArcSwap::from_pointee(imbl::HashMap::new()),
             writer: Mutex::new(()),
+            new_slots: Mutex::new(()),
             retired: Mutex::new(Vec::new()),
         }
     }

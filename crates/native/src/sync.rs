@@ -10,8 +10,9 @@ use crate::envoy::{log, Stream};
 use crate::state::{tables, Snapshot, Staged, TooBig};
 use keygate_core::shared_data::{revocations_key, CONFIG_IDS_KEY};
 use keygate_core::sync::{
-    check_config_ids, decode_record, plan, RevokedSession, SyncError, SyncState,
-    BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER, STATE_PATH,
+    check_config_ids, decode_record, plan, stage_limit, ListenerError, RevokedSession, SyncError,
+    SyncState, BINARY_VERSION_TEXT, FORMAT_HEADER, MAX_PUSH_BYTES, PUSH_PATH, SIGNATURE_HEADER,
+    STATE_PATH,
 };
 use keygate_core::token::merge_revocations;
 use std::collections::BTreeMap;
@@ -29,15 +30,18 @@ pub struct SyncFilter {
 
 enum Body {
     State(SyncState),
-    Error(String),
+    Error(ListenerError),
 }
 
 fn render(body: &Body) -> Vec<u8> {
-    let value = match body {
-        Body::State(s) => serde_json::to_value(s).unwrap_or_default(),
-        Body::Error(m) => serde_json::json!({ "error": m }),
-    };
-    serde_json::to_vec(&value).unwrap_or_default()
+    match body {
+        Body::State(s) => serde_json::to_vec(s).unwrap_or_default(),
+        Body::Error(e) => e.body(),
+    }
+}
+
+fn refuse(stream: Stream, e: ListenerError) {
+    reply(stream, e.status(), &Body::Error(e));
 }
 
 fn reply(stream: Stream, status: u16, body: &Body) {
@@ -60,7 +64,7 @@ fn reply(stream: Stream, status: u16, body: &Body) {
 /// never served.
 fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncState, SyncError> {
     let t = tables();
-    let (state, upserts, deletes, revoked, committed, lim) =
+    let (state, upserts, deletes, revoked, committed, seeds) =
         t.update(|current: &Snapshot, staged: &mut Staged| {
             let plan = plan(secret, body, signature, &current.state)?;
             check_config_ids(&plan, t.read(CONFIG_IDS_KEY).as_deref())?;
@@ -125,13 +129,25 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                     ..current.clone()
                 },
             };
+            // Plan and tenant limits are staged in their entries under the
+            // push's stamp: served once the snapshot returned here carries
+            // its commit, in the same swap as the keys (a tenant's counters
+            // go on; the slot's lock orders this write with the gate's).
+            // After every step that can refuse the batch: a refused batch
+            // stores no state, so its stamp is given again to the next push,
+            // which must find nothing of it.
+            for r in &plan.limit_records {
+                t.modify(&r.key(), |held| {
+                    stage_limit(held, &current.state, plan.stamp, plan.generation, r)
+                });
+            }
             let out = (
                 next.state,
                 plan.upserts.len(),
                 plan.deletes.len(),
                 plan.revoked_sessions,
                 committed,
-                (plan.limit_records, seeds),
+                seeds,
             );
             Ok((Some(next), out))
         })?;
@@ -149,7 +165,6 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
     // Rate counters of pushed keys are created at their first request (under
     // the writer lock, so never twice): unused keys cost no counter memory.
     apply_revocations(&revoked);
-    let (limit_records, seeds) = lim;
     for (key_id, seed) in &seeds {
         t.modify(
             &keygate_core::shared_data::counter_key(key_id),
@@ -158,11 +173,6 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
                 None => seed.clone(),
             },
         );
-    }
-    // Plans and tenant limits: a tenant's counters go on (the slot's lock
-    // orders this write with the gate's updates).
-    for r in &limit_records {
-        t.modify(&r.key(), |current| r.entry(current));
     }
     log(
         abi::LOG_INFO,
@@ -217,16 +227,16 @@ impl SyncFilter {
                     .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<usize>().ok())
                     .is_some_and(|n| n > MAX_PUSH_BYTES);
                 if too_long {
-                    reply(stream, 413, &Body::Error(SyncError::TooLarge.message()));
+                    refuse(stream, SyncError::TooLarge.into());
                 } else if end_of_stream {
-                    reply(stream, 400, &Body::Error("push without a body".into()));
+                    refuse(stream, ListenerError::NoBody);
                 } else {
                     // Held here until the whole body is in and answered.
                     self.receiving = true;
                     self.signature = stream.request_header(SIGNATURE_HEADER);
                 }
             }
-            _ => reply(stream, 404, &Body::Error("not found".into())),
+            _ => refuse(stream, ListenerError::NotFound),
         }
         abi::HEADERS_STOP_ITERATION
     }
@@ -237,7 +247,7 @@ impl SyncFilter {
         }
         if stream.request_body_size() > MAX_PUSH_BYTES {
             self.receiving = false;
-            reply(stream, 413, &Body::Error(SyncError::TooLarge.message()));
+            refuse(stream, SyncError::TooLarge.into());
             return abi::BODY_STOP_ITERATION_NO_BUFFER;
         }
         if !end_of_stream {
@@ -262,7 +272,7 @@ impl SyncFilter {
             .policy()
             .and_then(|p| p.sync_secret.as_ref().map(|s| s.0.clone()))
         else {
-            reply(stream, 503, &Body::Error("sync is not configured".into()));
+            refuse(stream, ListenerError::NotConfigured);
             return;
         };
         let body = stream.request_body();
@@ -277,7 +287,7 @@ impl SyncFilter {
                         e.message()
                     ),
                 );
-                reply(stream, e.status(), &Body::Error(e.message()));
+                refuse(stream, e.into());
             }
         }
     }

@@ -529,7 +529,7 @@ impl Endpoint {
             return Err(Error::Refused {
                 what,
                 status,
-                body: String::from_utf8_lossy(&body).trim().to_owned(),
+                body: refusal_text(&body),
             });
         }
         serde_json::from_slice(&body).map_err(|e| Error::BadReply {
@@ -618,10 +618,10 @@ impl Endpoint {
                 ..r.clone()
             })
             .collect();
-        // Plan and tenant limit records first: the filter writes them as
-        // their batch arrives, so every plan a pushed key names exists
-        // before the push commits. Key hashes are unique in a valid store:
-        // each key is one upsert.
+        // Plan and tenant limit records first (the filter stages them like
+        // the keys and serves both from the commit, so the order is not
+        // needed for that any more; it keeps them in the first batch). Key
+        // hashes are unique in a valid store: each key is one upsert.
         let (encoded, spans, in_order) = match self.format {
             Format::Binary => {
                 let (bytes, spans) = encode_in_entry_order(&snap.keys, |k| {
@@ -888,9 +888,40 @@ impl Endpoint {
     }
 }
 
+/// What a refusal says: the `message` of the filter's error body
+/// (`{"error": <code>, "message": <text>}`), or, from an older filter,
+/// its `error` text; anything else as it came.
+fn refusal_text(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Refusal {
+        error: Option<String>,
+        message: Option<String>,
+    }
+    match serde_json::from_slice::<Refusal>(body) {
+        Ok(Refusal {
+            message: Some(m), ..
+        }) => m,
+        Ok(Refusal { error: Some(e), .. }) => e,
+        _ => String::from_utf8_lossy(body).trim().to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_reported_by_its_message_from_any_filter_release() {
+        use keygate_core::sync::{ListenerError, SyncError};
+        let now = ListenerError::Push(SyncError::Invalid("upserts[1].tenant: bad".into())).body();
+        assert_eq!(refusal_text(&now), "invalid push: upserts[1].tenant: bad");
+        // Before the error bodies had a code, `error` held the text.
+        assert_eq!(
+            refusal_text(br#"{"error":"bad or missing signature"}"#),
+            "bad or missing signature"
+        );
+        assert_eq!(refusal_text(b" no json\n"), "no json");
+    }
 
     fn all_batches<'a>(items: impl Iterator<Item = Item<'a>>, format: Format) -> Vec<Push> {
         let mut items = items.peekable();

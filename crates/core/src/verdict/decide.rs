@@ -17,6 +17,7 @@ use crate::path::normalize;
 use crate::rate_limit::RateStatus;
 use crate::scope::{grants, Access};
 use crate::shared_data::{counter_key, revocations_key, CounterCell};
+use crate::sync::{LimitCell, SyncState};
 use crate::token::{self, Claims, TokenError, Tokens, VerifiedTokens};
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -34,6 +35,11 @@ pub trait Host {
     }
     /// Where rate-limit state lives, shared by every worker.
     fn counters(&mut self) -> &mut dyn CounterCell;
+    /// The sync state plan and tenant entries are read under (which of
+    /// their slots is served, `crate::sync::LimitCell`): the one the
+    /// credential lookup of this decision read if any, else (and when
+    /// `fresh`) the one held now.
+    fn sync_state(&mut self, fresh: bool) -> SyncState;
     /// Tokens already verified on this VM, if the host keeps them: the
     /// policy stays immutable, so the cache is the host's to own.
     fn verified_tokens(&mut self) -> Option<&mut VerifiedTokens> {
@@ -486,11 +492,13 @@ fn limit(
     } else {
         let plan = match &cred.plan {
             None => None,
-            // A plan is written by sync before any key on it is served: one
-            // that cannot be read refuses the request.
+            // Sync serves a plan from the same commit as the first key on
+            // it, if not before: one that cannot be read refuses the request.
             Some(name) => Some(
-                decode_plan(host.counters().load(&plan_key(name)).0.as_deref())
-                    .ok_or_else(|| unreadable_limits(cred))?,
+                with_limits(host, |cell| {
+                    decode_plan(cell.load(&plan_key(name)).0.as_deref())
+                })
+                .ok_or_else(|| unreadable_limits(cred))?,
             ),
         };
         match plan.filter(|limits| !limits.is_empty()) {
@@ -529,13 +537,13 @@ fn limit(
         // Refused by the key: the tenant's budget is not touched, but its
         // limits are listed too.
         if cred.tenant_limits {
-            let tenant = tenant_policies(host.counters(), &cred.tenant, now_ns);
+            let tenant = with_limits(host, |cell| tenant_policies(cell, &cred.tenant, now_ns));
             status.policies.extend(&tenant);
         }
         return Err(rate_limited(status, cred));
     }
     let tenant = if cred.tenant_limits {
-        acquire_tenant(host.counters(), &cred.tenant, now_ns)
+        with_limits(host, |cell| acquire_tenant(cell, &cred.tenant, now_ns))
             .map_err(|_| unreadable_limits(cred))?
     } else {
         None
@@ -568,6 +576,21 @@ fn rate_limited(status: RateStatus, cred: &Rc<Credential>) -> Outcome {
     }
 }
 
+/// `f` over the plan and tenant entries as served under the sync state
+/// (`crate::sync::LimitCell`); once more under the state held now if an
+/// entry served nothing under the one this decision read (a push committed
+/// since). `f` writes nothing to an entry that serves nothing.
+fn with_limits<T>(host: &mut dyn Host, mut f: impl FnMut(&mut dyn CounterCell) -> T) -> T {
+    let state = host.sync_state(false);
+    let mut cell = LimitCell::new(host.counters(), state);
+    let out = f(&mut cell);
+    if !cell.stale() {
+        return out;
+    }
+    let state = host.sync_state(true);
+    f(&mut LimitCell::new(host.counters(), state))
+}
+
 /// Fail closed: a plan or tenant entry that cannot be read refuses.
 fn unreadable_limits(cred: &Rc<Credential>) -> Outcome {
     deny(
@@ -582,7 +605,7 @@ mod tests {
     use super::*;
     use crate::credential::{Kind, Status};
     use crate::hash::to_hex;
-    use crate::testing::{denied, policy, rec, req, run, MemoryHost, NOW};
+    use crate::testing::{committed_limit, denied, policy, rec, req, run, MemoryHost, NOW};
 
     fn store_key(
         host: &mut MemoryHost,
@@ -611,16 +634,53 @@ mod tests {
             Some(Reason::Internal),
             "a plan that cannot be read refuses"
         );
-        host.counters
-            .insert(plan_key("free"), encode_plan(&["1/min".parse().unwrap()]));
+        host.counters.insert(
+            plan_key("free"),
+            committed_limit(encode_plan(&["1/min".parse().unwrap()])),
+        );
         let d = get(&p, &mut host, "planned");
         assert_eq!(d.rate().map(|r| (r.limit.requests, r.tag)), Some((1, 2)));
         let refused = get(&p, &mut host, "planned");
         assert_eq!(denied(&refused).map(|(r, _)| r), Some(Reason::RateLimited));
         // A plan without limits leaves the plugin's default.
-        host.counters.insert(plan_key("free"), encode_plan(&[]));
+        host.counters
+            .insert(plan_key("free"), committed_limit(encode_plan(&[])));
         let d = get(&p, &mut host, "planned");
         assert_eq!(d.rate().map(|r| (r.limit.requests, r.tag)), Some((100, 0)));
+    }
+
+    #[test]
+    fn a_plan_entry_serving_nothing_under_the_lookups_state_is_read_again_under_the_current_one() {
+        use crate::limits::{encode_plan, plan_key};
+        use crate::sync::{encode_limit_slots, Slot, SyncState};
+        let p = policy(vec![], "");
+        let mut host = MemoryHost::default();
+        store_key(&mut host, "planned", |r| r.plan = Some("free".into()));
+        // Only the slot of the commit at stamp 2 is left in the entry; the
+        // decision's lookup read the state of stamp 1.
+        host.counters.insert(
+            plan_key("free"),
+            encode_limit_slots(&[Slot {
+                stamp: 2,
+                generation: 0,
+                record: Some(encode_plan(&["7/min".parse().unwrap()])),
+            }]),
+        );
+        host.state = SyncState {
+            stamp: 1,
+            ..SyncState::default()
+        };
+        assert_eq!(
+            denied(&get(&p, &mut host, "planned")).map(|(r, _)| r),
+            Some(Reason::Internal),
+            "no newer state to read: refused"
+        );
+        host.fresh_state = Some(SyncState {
+            stamp: 2,
+            ..SyncState::default()
+        });
+        let d = get(&p, &mut host, "planned");
+        assert_eq!(d.rate().map(|r| r.limit.requests), Some(7));
     }
 
     #[test]
@@ -628,11 +688,13 @@ mod tests {
         use crate::limits::{encode_plan, plan_key, retarget_tenant, tenant_key};
         let p = policy(vec![], "");
         let mut host = MemoryHost::default();
-        host.counters
-            .insert(plan_key("free"), encode_plan(&["1/min".parse().unwrap()]));
+        host.counters.insert(
+            plan_key("free"),
+            committed_limit(encode_plan(&["1/min".parse().unwrap()])),
+        );
         host.counters.insert(
             tenant_key("acme"),
-            retarget_tenant(None, &["3/min".parse().unwrap()]),
+            committed_limit(retarget_tenant(None, &["3/min".parse().unwrap()])),
         );
         for key in ["a", "b"] {
             store_key(&mut host, key, |r| {
@@ -687,7 +749,7 @@ mod tests {
         let mut host = MemoryHost::default();
         host.counters.insert(
             tenant_key("acme"),
-            retarget_tenant(None, &["3/min".parse().unwrap()]),
+            committed_limit(retarget_tenant(None, &["3/min".parse().unwrap()])),
         );
         store_key(&mut host, "a", |r| {
             r.limits = vec!["1/min".parse().unwrap()];
