@@ -747,7 +747,10 @@ fn staged_from(s: &Slot<&[u8]>) -> Slot<Vec<u8>> {
 // never served. A full set leaves out, by generation, a plan it does not
 // carry. Limit entries are few, so they may take the slot headers, and a
 // first byte [`LIMIT_SLOTS`] that no entry of the previous layout starts
-// with (its limit count, at most 5): such an entry is never served.
+// with (its limit count, at most 5). An entry of the previous layout (a
+// wasm module upgraded in a running Envoy keeps shared data) is served and
+// counted as it is, as the committed value, until a push stages over it:
+// the module's first full push does, and hides it by generation.
 
 /// The first byte of a plan or tenant entry in slots.
 pub const LIMIT_SLOTS: u8 = 0x80;
@@ -755,6 +758,14 @@ pub const LIMIT_SLOTS: u8 = 0x80;
 /// The slots of a plan or tenant entry; None for one without them.
 fn limit_slots(entry: &[u8]) -> Option<&[u8]> {
     entry.strip_prefix(&[LIMIT_SLOTS])
+}
+
+/// An entry of the previous layout: the value itself, served as committed.
+fn legacy_limit(entry: &[u8]) -> Option<&[u8]> {
+    match entry.first() {
+        Some(&b) if b != LIMIT_SLOTS => Some(entry),
+        _ => None,
+    }
 }
 
 /// A plan or tenant entry of `slots`.
@@ -775,10 +786,19 @@ pub fn stage_limit(
     generation: u64,
     record: &LimitRecord,
 ) -> Vec<u8> {
-    let slots = current
-        .and_then(limit_slots)
-        .and_then(decode_slots)
-        .unwrap_or_default();
+    let legacy = current.and_then(legacy_limit);
+    let slots = match legacy {
+        // Served as the value committed under `held`, beside the push's.
+        Some(value) => vec![Slot {
+            stamp: held.stamp,
+            generation: held.generation,
+            record: Some(value),
+        }],
+        None => current
+            .and_then(limit_slots)
+            .and_then(decode_slots)
+            .unwrap_or_default(),
+    };
     let served = slots
         .iter()
         .filter(|s| s.committed(held))
@@ -830,11 +850,12 @@ impl<'a> LimitCell<'a> {
 impl crate::shared_data::CounterCell for LimitCell<'_> {
     fn load(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
         let (bytes, cas) = self.inner.load(key);
-        let served = bytes
-            .as_deref()
-            .and_then(limit_slots)
-            .and_then(|b| visible_record(b, &self.state))
-            .map(<[u8]>::to_vec);
+        let served = bytes.as_deref().and_then(|b| match legacy_limit(b) {
+            Some(value) => Some(value.to_vec()),
+            None => limit_slots(b)
+                .and_then(|b| visible_record(b, &self.state))
+                .map(<[u8]>::to_vec),
+        });
         self.stale |= served.is_none() && bytes.as_deref().is_some_and(|b| !b.is_empty());
         self.held = bytes;
         (served, cas)
@@ -844,6 +865,11 @@ impl crate::shared_data::CounterCell for LimitCell<'_> {
         let Some(held) = self.held.take() else {
             return false;
         };
+        if legacy_limit(&held).is_some() {
+            // Counted in place, as the previous layout did, until a push
+            // stages over it.
+            return self.inner.store(key, value, cas);
+        }
         // A staged tenant value keeps its own limits and takes the counters
         // of the periods it still limits.
         let updated = limit_slots(&held).and_then(|slots| {
@@ -2748,33 +2774,48 @@ mod tests {
     }
 
     #[test]
-    fn a_limit_entry_as_layout_3_wrote_it_is_never_served() {
+    fn a_limit_entry_as_layout_3_wrote_it_is_served_until_a_push_stages_over_it() {
         use crate::limits::{encode_plan, retarget_tenant, Limit};
+        use crate::shared_data::CounterCell;
         let state = SyncState {
             generation: 1,
             version: 1,
             stamp: 1,
             ..SyncState::default()
         };
-        let mut served = vec![];
+        let committed = SyncState { stamp: 2, ..state };
+        let next_full = SyncState {
+            generation: 2,
+            stamp: 3,
+            ..state
+        };
         for count in (1..300u32).chain([1_000, 65_536, 1 << 24]) {
             for unit in ["s", "min", "hour", "day", "month"] {
                 let l: Limit = format!("{count}/{unit}").parse().unwrap();
                 for legacy in [encode_plan(&[l]), retarget_tenant(None, &[l])] {
+                    assert_ne!(legacy.first(), Some(&LIMIT_SLOTS), "{count}/{unit}");
+                    // Served as it is, and counted in place.
                     let mut host = crate::testing::MemoryHost::default();
-                    host.counters.insert("pl:free".into(), legacy.clone());
+                    host.counters.insert("tl:acme".into(), legacy.clone());
                     let mut cell = LimitCell::new(&mut host, state);
-                    let (value, _) = crate::shared_data::CounterCell::load(&mut cell, "pl:free");
-                    if value.is_some() {
-                        served.push((count, unit));
-                    }
+                    let (value, cas) = cell.load("tl:acme");
+                    assert_eq!(value.as_deref(), Some(&legacy[..]), "{count}/{unit}");
+                    assert!(!cell.stale());
+                    assert!(cell.store("tl:acme", b"\x01counted", cas));
+                    assert_eq!(host.counters["tl:acme"], b"\x01counted");
+                    // A push stages beside it: still served until the commit.
                     let r = limit(LimitKind::Plan, "free", &["9/min"]);
                     let staged = stage_limit(Some(&legacy), &state, 2, 1, &r);
-                    assert_eq!(decode_slots(&staged[1..]).unwrap().len(), 1, "ignored");
+                    let slots = decode_slots(&staged[1..]).unwrap();
+                    assert_eq!(slots.len(), 2, "{count}/{unit}");
+                    assert_eq!(visible_record(&staged[1..], &state), Some(&legacy[..]));
+                    let pushed = r.entry(Some(&legacy));
+                    assert_eq!(visible_record(&staged[1..], &committed), Some(&pushed[..]));
+                    // A later full set that left the plan out hides both.
+                    assert_eq!(visible_record(&staged[1..], &next_full), None);
                 }
             }
         }
-        assert_eq!(served, vec![], "old entries read as nothing (refused)");
     }
 
     #[test]

@@ -163,7 +163,8 @@ fn apply(secret: &[u8], body: &[u8], signature: Option<&[u8]>) -> Result<SyncSta
         );
     }
     // Rate counters of pushed keys are created at their first request (under
-    // the writer lock, so never twice): unused keys cost no counter memory.
+    // the tables' `new_slots` lock, so never twice): unused keys cost no
+    // counter memory.
     apply_revocations(&revoked);
     for (key_id, seed) in &seeds {
         t.modify(
