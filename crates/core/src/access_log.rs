@@ -105,7 +105,7 @@ impl AccessRecord {
             }
         };
         AccessRecord {
-            scope_required: d.required_scope.clone(),
+            scope_required: d.required_scope.as_deref().map(str::to_owned),
             ..record
         }
         .with_session(d.session.as_ref())

@@ -16,7 +16,7 @@ use crate::limits::{
 use crate::path::normalize;
 use crate::rate_limit::RateStatus;
 use crate::scope::{grants, Access};
-use crate::shared_data::{counter_key, revocations_key, CounterCell};
+use crate::shared_data::{revocations_key, with_counter_key, CounterCell};
 use crate::token::{self, Claims, TokenError, Tokens, VerifiedTokens};
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -27,6 +27,11 @@ pub trait Host {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>>;
     /// The peer address as Envoy reports it (`ip:port`); asked only when needed.
     fn peer_address(&mut self) -> Option<String>;
+    /// [`Host::peer_address`], borrowed where the host can hand out its own
+    /// copy (the native build: Envoy's): no allocation per request.
+    fn peer_address_ref(&mut self) -> Option<Cow<'_, str>> {
+        self.peer_address().map(Cow::Owned)
+    }
     /// A credential from the dynamic source by key id (the token path: a
     /// token names its key by id, not by hash).
     fn lookup_key_id(&mut self, _key_id: &str) -> Option<Rc<Credential>> {
@@ -59,7 +64,7 @@ pub enum Outcome {
 pub struct Decision {
     pub outcome: Outcome,
     /// The scope the route required, for the access log.
-    pub required_scope: Option<String>,
+    pub required_scope: Option<Rc<str>>,
     /// The session of the issued token an allowed request presented, for
     /// the access log (the management plane lists sessions from it).
     pub session: Option<TokenSession>,
@@ -164,7 +169,8 @@ pub fn decide(
 ) -> Decision {
     let method = headers.get_ref(":method").unwrap_or_default();
     let method = std::str::from_utf8(&method).unwrap_or("");
-    let path = match normalize(&headers.get_ref(":path").unwrap_or_default()) {
+    let raw_path = headers.get_ref(":path").unwrap_or_default();
+    let path = match normalize(&raw_path) {
         Ok(p) => p,
         Err(_) => {
             return Decision {
@@ -433,14 +439,17 @@ pub(super) fn check_credential(
     if !cred.allowed_ips.is_empty() {
         // Each fact is a host call on the request path: the peer address
         // only when no hops are trusted, X-Forwarded-For only when some are.
-        let peer = (policy.trusted_xff_hops == 0)
-            .then(|| host.peer_address())
-            .flatten();
-        let xff = (policy.trusted_xff_hops > 0)
-            .then(|| headers.get("x-forwarded-for"))
-            .flatten();
-        let ip = client_ip(peer.as_deref(), xff.as_deref(), policy.trusted_xff_hops);
-        if !is_allowed(&cred.allowed_ips, ip) {
+        let allowed = {
+            let peer = (policy.trusted_xff_hops == 0)
+                .then(|| host.peer_address_ref())
+                .flatten();
+            let xff = (policy.trusted_xff_hops > 0)
+                .then(|| headers.get("x-forwarded-for"))
+                .flatten();
+            let ip = client_ip(peer.as_deref(), xff.as_deref(), policy.trusted_xff_hops);
+            is_allowed(&cred.allowed_ips, ip)
+        };
+        if !allowed {
             return deny(
                 Reason::IpNotAllowed,
                 "Requests from this IP address are not allowed for this API key",
@@ -518,12 +527,9 @@ fn limit(
         }
     };
     let key = (!key_rules.is_empty()).then(|| {
-        acquire_rules(
-            host.counters(),
-            &counter_key(&cred.key_id),
-            key_rules,
-            now_ns,
-        )
+        with_counter_key(&cred.key_id, |key| {
+            acquire_rules(host.counters(), key, key_rules, now_ns)
+        })
     });
     if let Some(mut status) = key.filter(|s| !s.allowed) {
         // Refused by the key: the tenant's budget is not touched, but its
@@ -544,12 +550,9 @@ fn limit(
         Some(status) if !status.allowed => {
             // The tenant refused what the key admitted: the key gets it back.
             if key.is_some() {
-                release_rules(
-                    host.counters(),
-                    &counter_key(&cred.key_id),
-                    key_rules,
-                    now_ns,
-                );
+                with_counter_key(&cred.key_id, |key| {
+                    release_rules(host.counters(), key, key_rules, now_ns)
+                });
             }
             Err(rate_limited(status, cred))
         }
