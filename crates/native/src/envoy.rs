@@ -231,8 +231,10 @@ impl Stream {
         }
     }
 
-    /// `source.address` (`ip:port`), as the connection manager computed it.
-    pub fn source_address(&self) -> Option<String> {
+    /// `source.address` (`ip:port`), as the connection manager computed it:
+    /// a view of the stream's remote address, which lives as long as the
+    /// stream (the borrow of `self` keeps it to the current hook).
+    pub fn source_address(&self) -> Option<&str> {
         let mut out = EnvoyBuffer {
             ptr: std::ptr::null(),
             length: 0,
@@ -248,9 +250,14 @@ impl Stream {
         if !ok {
             return None;
         }
-        // SAFETY: Envoy just filled `out`.
-        let bytes = unsafe { copy_out(out) }?;
-        String::from_utf8(bytes).ok()
+        if out.ptr.is_null() {
+            return None;
+        }
+        // SAFETY: Envoy just filled `out` with the address's own string
+        // (`asStringView` of the stream's remote address), alive while the
+        // stream is; read only during the hook that asked.
+        let bytes = unsafe { std::slice::from_raw_parts(out.ptr.cast::<u8>(), out.length) };
+        std::str::from_utf8(bytes).ok()
     }
 
     /// Filter state for the access log (`%FILTER_STATE(<key>:PLAIN)%`).

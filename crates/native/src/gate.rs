@@ -109,7 +109,11 @@ impl HeaderViews {
 /// exact name, which `identity_spellings` leaves out). Envoy hands names in
 /// lowercase with `-`, so this usually skips every header in one scan.
 fn may_respell(name: &[u8]) -> bool {
-    name.iter().any(|&b| b == b'_' || b.is_ascii_uppercase())
+    // No early exit: the answer is almost always "no" after every byte, and
+    // without the branch per byte the loop is vectorised.
+    name.iter().fold(false, |found, &b| {
+        found | (b == b'_') | b.is_ascii_uppercase()
+    })
 }
 
 /// A slice of Envoy's memory; a null pointer is an empty slice.
@@ -185,7 +189,13 @@ impl Host for NativeHost<'_> {
     }
 
     fn peer_address(&mut self) -> Option<String> {
-        profile::within(Step::PeerAddress, || self.stream.source_address())
+        self.peer_address_ref().map(Cow::into_owned)
+    }
+
+    /// Envoy's own string, no copy: it belongs to the connection's address,
+    /// which outlives this hook (and `self`).
+    fn peer_address_ref(&mut self) -> Option<Cow<'_, str>> {
+        profile::within(Step::PeerAddress, || self.stream.source_address()).map(Cow::Borrowed)
     }
 
     fn counters(&mut self) -> &mut dyn CounterCell {
