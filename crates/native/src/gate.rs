@@ -40,6 +40,10 @@ pub struct Gate {
 /// header edits know which headers the client actually sent.
 struct HeaderViews<'b> {
     views: &'b [crate::abi::EnvoyHttpHeader],
+    /// One bit per name present ([`name_bit`]): most names a request is
+    /// asked about (identity headers, `authorization`) are absent, and a
+    /// clear bit says so without a scan.
+    names: u64,
     /// X-Forwarded-For only counts with `trusted_xff_hops` > 0 (the core
     /// then takes the client address from it, else from Envoy).
     xff_trusted: bool,
@@ -50,9 +54,21 @@ impl<'b> HeaderViews<'b> {
     /// The result must be dropped before any request header is changed and
     /// before the hook returns (its views point into Envoy's header map).
     unsafe fn fetch(stream: Stream, policy: &Policy, buf: &'b mut ViewBuf) -> HeaderViews<'b> {
+        HeaderViews::new(
+            stream.request_header_views(buf),
+            policy.trusted_xff_hops > 0,
+        )
+    }
+
+    fn new(views: &'b [crate::abi::EnvoyHttpHeader], xff_trusted: bool) -> HeaderViews<'b> {
+        let names = views.iter().fold(0, |bits, h| {
+            // SAFETY: views Envoy just filled, valid as `views` is (see `fetch`).
+            bits | name_bit(unsafe { view(h.key_ptr, h.key_length) })
+        });
         HeaderViews {
-            views: stream.request_header_views(buf),
-            xff_trusted: policy.trusted_xff_hops > 0,
+            views,
+            names,
+            xff_trusted,
         }
     }
 
@@ -61,15 +77,14 @@ impl<'b> HeaderViews<'b> {
     /// # Safety
     /// As [`HeaderViews::fetch`], for response headers.
     unsafe fn fetch_response(stream: Stream, buf: &'b mut ViewBuf) -> HeaderViews<'b> {
-        HeaderViews {
-            views: stream.response_header_views(buf),
-            xff_trusted: false,
-        }
+        HeaderViews::new(stream.response_header_views(buf), false)
     }
 
     /// Values of `name` (Envoy keeps names lowercase, as the core asks).
     fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.views.iter().filter_map(move |h| {
+        let maybe_present = self.names & name_bit(name.as_bytes()) != 0;
+        let views = if maybe_present { self.views } else { &[] };
+        views.iter().filter_map(move |h| {
             // SAFETY: views are valid while `self` lives (see `fetch`).
             let key = unsafe { view(h.key_ptr, h.key_length) };
             // SAFETY: as above.
@@ -102,6 +117,16 @@ impl<'b> HeaderViews<'b> {
             .map(str::to_owned)
             .collect()
     }
+}
+
+/// A name's bit in [`HeaderViews::names`]: from its length and two of its
+/// bytes, so equal names always share it (different ones may too).
+fn name_bit(name: &[u8]) -> u64 {
+    let last = name.last().copied().unwrap_or_default();
+    let middle = name.get(name.len() / 2).copied().unwrap_or_default();
+    let mixed =
+        (name.len() as u64).wrapping_mul(0x9e37_79b9) ^ u64::from(last) ^ (u64::from(middle) << 2);
+    1 << (mixed & 63)
 }
 
 /// Whether `name` could be another spelling of an identity header: only a
@@ -174,6 +199,9 @@ impl Headers for HeaderViews<'_> {
     /// A single value (the usual case) as a view, no copy.
     fn get_ref(&self, name: &str) -> Option<Cow<'_, [u8]>> {
         if name == "x-forwarded-for" && !self.xff_trusted {
+            return None;
+        }
+        if self.names & name_bit(name.as_bytes()) == 0 {
             return None;
         }
         let mut first: Option<&[u8]> = None;
@@ -816,11 +844,8 @@ mod tests {
                 value_length: v.len(),
             })
             .collect();
-        HeaderViews {
-            // A few views per test, kept for the test's run.
-            views: Vec::leak(list),
-            xff_trusted,
-        }
+        // A few views per test, kept for the test's run.
+        HeaderViews::new(Vec::leak(list), xff_trusted)
     }
 
     #[test]
@@ -850,6 +875,56 @@ mod tests {
             trusted.get_ref("x-forwarded-for").as_deref(),
             Some(&b"10.0.0.1"[..])
         );
+    }
+
+    #[test]
+    fn the_name_bits_never_hide_a_header_that_was_sent() {
+        let names: Vec<&'static str> = [
+            ":authority",
+            ":path",
+            ":method",
+            ":scheme",
+            "x-api-key",
+            "authorization",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-request-id",
+            "user-agent",
+            "accept",
+            "x-keygate-tenant",
+            "x-keygate-environment",
+            "x-keygate-key-id",
+            "x-keygate-scopes",
+            "x-keygate-owner",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+            "ratelimit-policy",
+            "ratelimit",
+            "content-type",
+            "content-length",
+            "date",
+            "server",
+            "",
+            "a",
+            "x_keygate_tenant",
+        ]
+        .into_iter()
+        .chain((0..40).map(|i| &*String::leak(format!("x-custom-{i}"))))
+        .collect();
+        let all: Vec<(&'static str, &'static str)> = names.iter().map(|n| (*n, "v")).collect();
+        for sent in names.chunks(3).chain([&names[..]]) {
+            let pairs: Vec<_> = all
+                .iter()
+                .filter(|(n, _)| sent.contains(n))
+                .copied()
+                .collect();
+            let h = views(&pairs, true);
+            for name in &names {
+                assert_eq!(Headers::has(&h, name), sent.contains(name), "{name}");
+                assert_eq!(h.get_ref(name).is_some(), sent.contains(name), "{name}");
+            }
+        }
     }
 
     #[test]
