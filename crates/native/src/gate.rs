@@ -80,6 +80,11 @@ impl<'b> HeaderViews<'b> {
         HeaderViews::new(stream.response_header_views(buf), false)
     }
 
+    /// Where the views stop being read: they point into Envoy's header map,
+    /// which the next header change may move (nothing to free: a marker
+    /// the borrow checker enforces, as no read can follow it).
+    fn end(self) {}
+
     /// Values of `name` (Envoy keeps names lowercase, as the core asks).
     fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         let maybe_present = self.names & name_bit(name.as_bytes()) != 0;
@@ -564,7 +569,7 @@ impl Gate {
                 .collect();
             // No client-sent identity, in any spelling, stays on a login.
             let spellings = headers.identity_spellings(&policy);
-            drop(headers);
+            headers.end();
             for name in spellings
                 .iter()
                 .map(String::as_str)
@@ -611,7 +616,7 @@ impl Gate {
             Outcome::Denied { .. } => Vec::new(),
             _ => headers.identity_spellings(&policy),
         };
-        drop(headers);
+        headers.end();
         timer.lap(Step::EditPlan);
         let remove_sent = remove_sent.iter().chain(std::iter::repeat(&true));
         let remove = edits
