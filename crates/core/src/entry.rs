@@ -58,7 +58,7 @@
 
 use crate::credential::{Credential, CredentialRecord, Kind, Status, MAX_ALLOWED_IPS};
 use crate::hash::Digest;
-use crate::limits::Counters;
+use crate::limits::{CounterList, Counters};
 use crate::rate_limit::RateLimit;
 use crate::shared_data::NAME_HASH_BYTES;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -589,7 +589,7 @@ pub fn record_bytes(bytes: &[u8]) -> Option<&[u8]> {
 /// trailer's others. None for a deleted or foreign entry.
 pub fn counters(bytes: &[u8]) -> Option<Counters> {
     let t = trailer(bytes)?;
-    let mut c: Vec<(u8, u64)> = t.window.map(|w| (0, w)).into_iter().collect();
+    let mut c: CounterList = t.window.map(|w| (0, w)).into_iter().collect();
     if !t.others.is_empty() {
         c.extend(
             Counters::decode(Some(t.others))
@@ -617,6 +617,7 @@ pub fn with_counters(bytes: &[u8], counters: &Counters) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::hash::sha256;
+    use smallvec::smallvec;
 
     fn record(extra: impl FnOnce(&mut CredentialRecord)) -> CredentialRecord {
         let mut r = crate::testing::record("bench-key-1", "t199999");
@@ -917,22 +918,22 @@ mod tests {
         let c = cred(|r| r.limits = vec!["10/s".parse().unwrap(), "100/day".parse().unwrap()]);
         let bytes = encode(&c);
         assert_eq!(counters(&bytes), Some(Counters::default()));
-        let used = Counters(vec![(0, 7), (1, 99), (4, 5)]);
+        let used = Counters(smallvec![(0, 7), (1, 99), (4, 5)]);
         let written = with_counters(&bytes, &used).unwrap();
         assert_eq!(written.len(), bytes.len() + 8 + 18);
         assert_eq!(counters(&written), Some(used));
         assert_eq!(record_bytes(&written), record_bytes(&bytes));
         assert_eq!(decode(&written, &c.key_hash), Some(c.clone()));
         // Counters without the window's state keep the one held.
-        let others = Counters(vec![(1, 100)]);
+        let others = Counters(smallvec![(1, 100)]);
         let kept = with_counters(&written, &others).unwrap();
-        assert_eq!(counters(&kept), Some(Counters(vec![(0, 7), (1, 100)])));
+        assert_eq!(counters(&kept), Some(Counters(smallvec![(0, 7), (1, 100)])));
         // The single window used: eight bytes more, no tag.
         let plain = encode(&cred(|_| {}));
-        let once = with_counters(&plain, &Counters(vec![(0, 9)])).unwrap();
+        let once = with_counters(&plain, &Counters(smallvec![(0, 9)])).unwrap();
         assert_eq!(once.len(), plain.len() + 8);
         assert_eq!(tat(&once), Some(Some(9)));
-        assert_eq!(counters(&once), Some(Counters(vec![(0, 9)])));
+        assert_eq!(counters(&once), Some(Counters(smallvec![(0, 9)])));
     }
 
     #[test]

@@ -37,6 +37,7 @@ use crate::rate_limit::{
 };
 use crate::shared_data::{update, CounterCell, Step};
 use serde::{Deserialize, Serialize};
+use smallvec::{smallvec, SmallVec};
 
 /// Most limits in one set: one per period.
 pub const MAX_LIMITS: usize = 5;
@@ -412,7 +413,11 @@ fn step(rule: &Rule, state: Option<u64>, now_ns: u64) -> (RateStatus, u64) {
 /// the single window of old (tag 0), as config credentials' `r:` entries
 /// and entries written before several limits existed hold it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Counters(pub Vec<(u8, u64)>);
+pub struct Counters(pub CounterList);
+
+/// A key has a few counters (its windows, quotas, credits): held inline, so
+/// reading and updating them allocates nothing per request.
+pub type CounterList = SmallVec<[(u8, u64); 4]>;
 
 impl Counters {
     pub fn decode(bytes: Option<&[u8]>) -> Counters {
@@ -421,7 +426,11 @@ impl Counters {
         };
         if let Ok(tat) = <[u8; 8]>::try_from(bytes) {
             let tat = u64::from_le_bytes(tat);
-            return Counters(if tat == 0 { vec![] } else { vec![(0, tat)] });
+            return Counters(if tat == 0 {
+                smallvec![]
+            } else {
+                smallvec![(0, tat)]
+            });
         }
         if bytes.len() % 9 != 0 {
             return Counters::default();
@@ -953,10 +962,10 @@ mod tests {
 
     #[test]
     fn counters_of_one_legacy_window_keep_the_old_eight_bytes() {
-        let c = Counters(vec![(0, 42)]);
+        let c = Counters(smallvec![(0, 42)]);
         assert_eq!(c.encode(), 42u64.to_le_bytes().to_vec());
         assert_eq!(Counters::decode(Some(&c.encode())), c);
-        let many = Counters(vec![(0, 1), (2, 3)]);
+        let many = Counters(smallvec![(0, 1), (2, 3)]);
         assert_eq!(many.encode().len(), 18);
         assert_eq!(Counters::decode(Some(&many.encode())), many);
         assert_eq!(Counters::decode(Some(b"xyz")), Counters::default());

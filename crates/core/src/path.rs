@@ -10,6 +10,8 @@
 //! many servers strip (`/admin;x/users` is `/admin/users` to Tomcat or
 //! Spring) while the rules would see another segment.
 
+use std::borrow::Cow;
+
 /// Why a path was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PathError {
@@ -20,13 +22,18 @@ pub enum PathError {
 
 const MAX_PATH: usize = 8192;
 
-pub fn normalize(raw: &[u8]) -> Result<String, PathError> {
+/// The normalized path; an already-normal one (the usual request) is
+/// borrowed from `raw`, with no copy.
+pub fn normalize(raw: &[u8]) -> Result<Cow<'_, str>, PathError> {
     normalize_with(raw, is_normal)
 }
 
 /// [`normalize`], with the test for paths that need no work passed in (the
 /// tests check the shortcut against the full work).
-fn normalize_with(raw: &[u8], already_normal: fn(&[u8]) -> bool) -> Result<String, PathError> {
+fn normalize_with(
+    raw: &[u8],
+    already_normal: fn(&[u8]) -> bool,
+) -> Result<Cow<'_, str>, PathError> {
     let raw = raw
         .split(|&b| b == b'?' || b == b'#')
         .next()
@@ -36,9 +43,9 @@ fn normalize_with(raw: &[u8], already_normal: fn(&[u8]) -> bool) -> Result<Strin
     }
     if already_normal(raw) {
         // The usual request path: nothing to decode or resolve, so the
-        // result is the path itself (one copy instead of three buffers).
+        // result is the path itself, borrowed (no buffer at all).
         if let Ok(path) = std::str::from_utf8(raw) {
-            return Ok(path.to_owned());
+            return Ok(Cow::Borrowed(path));
         }
     }
     let mut decoded = Vec::with_capacity(raw.len());
@@ -84,8 +91,9 @@ fn normalize_with(raw: &[u8], already_normal: fn(&[u8]) -> bool) -> Result<Strin
     }
     // Non-UTF-8 bytes are kept visible but harmless for matching; a UTF-8
     // path (the usual one) keeps its buffer instead of being copied.
-    Ok(String::from_utf8(out)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    Ok(Cow::Owned(String::from_utf8(out).unwrap_or_else(|e| {
+        String::from_utf8_lossy(e.as_bytes()).into_owned()
+    })))
 }
 
 /// Whether `raw` (absolute, query cut) is already what [`normalize`]
@@ -114,7 +122,7 @@ mod tests {
     use super::*;
 
     /// [`normalize`] without its shortcut for paths already normal.
-    fn slow(raw: &str) -> Result<String, PathError> {
+    fn slow(raw: &str) -> Result<Cow<'_, str>, PathError> {
         normalize_with(raw.as_bytes(), |_| false)
     }
 
@@ -143,7 +151,7 @@ mod tests {
     }
 
     fn n(p: &str) -> Result<String, PathError> {
-        normalize(p.as_bytes())
+        normalize(p.as_bytes()).map(Cow::into_owned)
     }
 
     #[test]

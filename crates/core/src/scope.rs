@@ -6,6 +6,7 @@ use crate::error::ConfigError;
 use crate::credential::{Credential, Kind};
 pub use crate::names::check_scope_name;
 use serde::Deserialize;
+use std::rc::Rc;
 
 /// A route rule as written in plugin configuration.
 #[derive(Deserialize, Clone, Debug, Default)]
@@ -52,7 +53,8 @@ pub enum Access {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequiredScope {
-    pub name: String,
+    /// Shared with each decision that names it (no copy per request).
+    pub name: Rc<str>,
     /// The scope itself and every scope that implies it.
     pub satisfied_by: Vec<String>,
 }
@@ -97,7 +99,7 @@ fn required(name: &str, hierarchy: &[String]) -> RequiredScope {
         None => vec![name.to_owned()],
     };
     RequiredScope {
-        name: name.to_owned(),
+        name: Rc::from(name),
         satisfied_by,
     }
 }
@@ -226,7 +228,7 @@ impl Routes {
             .map(|r| &r.access)
             .chain(std::iter::once(&self.default))
             .filter_map(|a| match a {
-                Access::Scope(s) => Some(s.name.as_str()),
+                Access::Scope(s) => Some(&*s.name),
                 _ => None,
             })
     }
@@ -280,7 +282,7 @@ mod tests {
 
     fn scope_of(a: &Access) -> Option<&str> {
         match a {
-            Access::Scope(s) => Some(&s.name),
+            Access::Scope(s) => Some(&*s.name),
             _ => None,
         }
     }

@@ -92,6 +92,24 @@ pub fn counter_key(key_id: &str) -> String {
     key
 }
 
+/// [`counter_key`] handed to `f` from a stack buffer: no allocation for a
+/// key id up to 62 bytes (the usual one; a longer one gets a `String`).
+/// Runs on every rate-limited request.
+pub fn with_counter_key<R>(key_id: &str, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf = [0u8; 64];
+    let len = 2 + key_id.len();
+    if let Some(key) = buf.get_mut(..len) {
+        let (prefix, id) = key.split_at_mut(2);
+        prefix.copy_from_slice(b"r:");
+        id.copy_from_slice(key_id.as_bytes());
+        // ASCII prefix + a whole `str`: always UTF-8.
+        if let Ok(key) = std::str::from_utf8(key) {
+            return f(key);
+        }
+    }
+    f(&counter_key(key_id))
+}
+
 /// Tokens issued for a key, by session.
 pub fn sessions_key(key_id: &str) -> String {
     format!("tok:{key_id}")
@@ -251,6 +269,25 @@ mod tests {
             credential_key(&h)
         );
         assert_eq!(name_prefix(&h).len(), NAME_HASH_BYTES);
+    }
+
+    #[test]
+    fn the_stack_built_counter_key_is_the_stored_name_at_every_length() {
+        for id in [
+            String::new(),
+            "k-1".to_owned(),
+            "é-ü".to_owned(),
+            "x".repeat(61),
+            "x".repeat(62),
+            "x".repeat(63),
+            "ü".repeat(40),
+        ] {
+            assert_eq!(
+                with_counter_key(&id, str::to_owned),
+                counter_key(&id),
+                "{id}"
+            );
+        }
     }
 
     #[test]

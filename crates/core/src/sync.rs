@@ -1609,7 +1609,7 @@ mod tests {
             1,
             "an Envoy that just started gets the log's count"
         );
-        let live = Counters(vec![(4, seeded.0[0].1 + 3)]);
+        let live = Counters(smallvec::smallvec![(4, seeded.0[0].1 + 3)]);
         let e = update_visible_record(&entries[&h], &s1, |rec| {
             crate::entry::with_counters(rec, &live)
         })
@@ -1649,7 +1649,7 @@ mod tests {
         apply(&mut entries, &SyncState::default(), &p1);
         let s1 = p1.result();
         let h = crate::hash::sha256(b"k1");
-        let used = crate::limits::Counters(vec![(1, 5), (4, 6)]);
+        let used = crate::limits::Counters(smallvec::smallvec![(1, 5), (4, 6)]);
         let e = update_visible_record(&entries[&h], &s1, |rec| {
             crate::entry::with_counters(rec, &used)
         })

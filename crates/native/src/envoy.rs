@@ -22,13 +22,12 @@ unsafe fn copy_out(buf: EnvoyBuffer) -> Option<Vec<u8>> {
     Some(std::slice::from_raw_parts(buf.ptr.cast::<u8>(), buf.length).to_vec())
 }
 
-/// Header views of one map: on the stack for a usual request (no
-/// allocation per hook), on the heap past [`INLINE_VIEWS`] headers.
-// The inline variant is meant to be large: it lives in one hook's frame.
-#[allow(clippy::large_enum_variant)]
-pub enum HeaderViewList {
-    Inline([EnvoyHttpHeader; INLINE_VIEWS], usize),
-    Heap(Vec<EnvoyHttpHeader>),
+/// Room for the header views of one map, made in the hook's frame and
+/// filled in place (never moved: it is half a KiB): on the stack for a
+/// usual request, on the heap past [`INLINE_VIEWS`] headers.
+pub struct ViewBuf {
+    inline: [EnvoyHttpHeader; INLINE_VIEWS],
+    heap: Vec<EnvoyHttpHeader>,
 }
 
 pub const INLINE_VIEWS: usize = 16;
@@ -40,11 +39,11 @@ const NO_HEADER: EnvoyHttpHeader = EnvoyHttpHeader {
     value_length: 0,
 };
 
-impl HeaderViewList {
-    pub fn as_slice(&self) -> &[EnvoyHttpHeader] {
-        match self {
-            HeaderViewList::Inline(views, n) => views.get(..*n).unwrap_or(&[]),
-            HeaderViewList::Heap(views) => views,
+impl ViewBuf {
+    pub fn new() -> ViewBuf {
+        ViewBuf {
+            inline: [NO_HEADER; INLINE_VIEWS],
+            heap: Vec::new(),
         }
     }
 }
@@ -129,34 +128,37 @@ impl Stream {
     /// The views are valid until the current hook returns or a request
     /// header is changed, whichever comes first; the caller reads them only
     /// before either.
-    pub unsafe fn request_header_views(&self) -> HeaderViewList {
-        self.header_views(abi::REQUEST_HEADER)
+    pub unsafe fn request_header_views<'b>(&self, buf: &'b mut ViewBuf) -> &'b [EnvoyHttpHeader] {
+        self.header_views(abi::REQUEST_HEADER, buf)
     }
 
     /// [`Stream::request_header_views`] for the response headers.
     ///
     /// # Safety
     /// As there, for response headers.
-    pub unsafe fn response_header_views(&self) -> HeaderViewList {
-        self.header_views(abi::RESPONSE_HEADER)
+    pub unsafe fn response_header_views<'b>(&self, buf: &'b mut ViewBuf) -> &'b [EnvoyHttpHeader] {
+        self.header_views(abi::RESPONSE_HEADER, buf)
     }
 
-    unsafe fn header_views(&self, kind: abi::HeaderType) -> HeaderViewList {
+    unsafe fn header_views<'b>(
+        &self,
+        kind: abi::HeaderType,
+        buf: &'b mut ViewBuf,
+    ) -> &'b [EnvoyHttpHeader] {
         let n = abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, kind);
-        let mut list = if n <= INLINE_VIEWS {
-            HeaderViewList::Inline([NO_HEADER; INLINE_VIEWS], n)
+        let out: &mut [EnvoyHttpHeader] = if n <= INLINE_VIEWS {
+            &mut buf.inline
         } else {
-            HeaderViewList::Heap(vec![NO_HEADER; n])
-        };
-        let out = match &mut list {
-            HeaderViewList::Inline(views, _) => views.as_mut_ptr(),
-            HeaderViewList::Heap(views) => views.as_mut_ptr(),
+            buf.heap.resize(n, NO_HEADER);
+            &mut buf.heap
         };
         // `out` has room for the `n` headers Envoy just counted.
-        if n == 0 || !abi::envoy_dynamic_module_callback_http_get_headers(self.0, kind, out) {
-            return HeaderViewList::Inline([NO_HEADER; INLINE_VIEWS], 0);
+        if n == 0
+            || !abi::envoy_dynamic_module_callback_http_get_headers(self.0, kind, out.as_mut_ptr())
+        {
+            return &[];
         }
-        list
+        out.get(..n).unwrap_or_default()
     }
 
     /// Adds a request header known to be absent: cheaper than `set`, which
@@ -231,8 +233,10 @@ impl Stream {
         }
     }
 
-    /// `source.address` (`ip:port`), as the connection manager computed it.
-    pub fn source_address(&self) -> Option<String> {
+    /// `source.address` (`ip:port`), as the connection manager computed it:
+    /// a view of the stream's remote address, which lives as long as the
+    /// stream (the borrow of `self` keeps it to the current hook).
+    pub fn source_address(&self) -> Option<&str> {
         let mut out = EnvoyBuffer {
             ptr: std::ptr::null(),
             length: 0,
@@ -248,9 +252,14 @@ impl Stream {
         if !ok {
             return None;
         }
-        // SAFETY: Envoy just filled `out`.
-        let bytes = unsafe { copy_out(out) }?;
-        String::from_utf8(bytes).ok()
+        if out.ptr.is_null() {
+            return None;
+        }
+        // SAFETY: Envoy just filled `out` with the address's own string
+        // (`asStringView` of the stream's remote address), alive while the
+        // stream is; read only during the hook that asked.
+        let bytes = unsafe { std::slice::from_raw_parts(out.ptr.cast::<u8>(), out.length) };
+        std::str::from_utf8(bytes).ok()
     }
 
     /// Filter state for the access log (`%FILTER_STATE(<key>:PLAIN)%`).

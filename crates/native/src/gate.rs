@@ -4,7 +4,7 @@
 
 use crate::abi;
 use crate::config::FilterConfig;
-use crate::envoy::{log, HeaderViewList, Stream};
+use crate::envoy::{log, Stream, ViewBuf};
 use crate::profile::{self, Step};
 use crate::state::{lookup, Counters};
 use keygate_core::access_log::{decision_fields, AccessRecord};
@@ -39,21 +39,37 @@ pub struct Gate {
 /// The request headers of one hook, fetched from Envoy in a single call
 /// (views, no copies): the decision's reads then cost no host call, and the
 /// header edits know which headers the client actually sent.
-struct HeaderViews {
-    views: HeaderViewList,
+struct HeaderViews<'b> {
+    views: &'b [crate::abi::EnvoyHttpHeader],
+    /// One bit per name present ([`name_bit`]): most names a request is
+    /// asked about (identity headers, `authorization`) are absent, and a
+    /// clear bit says so without a scan.
+    names: u64,
     /// X-Forwarded-For only counts with `trusted_xff_hops` > 0 (the core
     /// then takes the client address from it, else from Envoy).
     xff_trusted: bool,
 }
 
-impl HeaderViews {
+impl<'b> HeaderViews<'b> {
     /// # Safety
     /// The result must be dropped before any request header is changed and
     /// before the hook returns (its views point into Envoy's header map).
-    unsafe fn fetch(stream: Stream, policy: &Policy) -> HeaderViews {
+    unsafe fn fetch(stream: Stream, policy: &Policy, buf: &'b mut ViewBuf) -> HeaderViews<'b> {
+        HeaderViews::new(
+            stream.request_header_views(buf),
+            policy.trusted_xff_hops > 0,
+        )
+    }
+
+    fn new(views: &'b [crate::abi::EnvoyHttpHeader], xff_trusted: bool) -> HeaderViews<'b> {
+        let names = views.iter().fold(0, |bits, h| {
+            // SAFETY: views Envoy just filled, valid as `views` is (see `fetch`).
+            bits | name_bit(unsafe { view(h.key_ptr, h.key_length) })
+        });
         HeaderViews {
-            views: stream.request_header_views(),
-            xff_trusted: policy.trusted_xff_hops > 0,
+            views,
+            names,
+            xff_trusted,
         }
     }
 
@@ -61,16 +77,20 @@ impl HeaderViews {
     ///
     /// # Safety
     /// As [`HeaderViews::fetch`], for response headers.
-    unsafe fn fetch_response(stream: Stream) -> HeaderViews {
-        HeaderViews {
-            views: stream.response_header_views(),
-            xff_trusted: false,
-        }
+    unsafe fn fetch_response(stream: Stream, buf: &'b mut ViewBuf) -> HeaderViews<'b> {
+        HeaderViews::new(stream.response_header_views(buf), false)
     }
+
+    /// Where the views stop being read: they point into Envoy's header map,
+    /// which the next header change may move (nothing to free: a marker
+    /// the borrow checker enforces, as no read can follow it).
+    fn end(self) {}
 
     /// Values of `name` (Envoy keeps names lowercase, as the core asks).
     fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.views.as_slice().iter().filter_map(move |h| {
+        let maybe_present = self.names & name_bit(name.as_bytes()) != 0;
+        let views = if maybe_present { self.views } else { &[] };
+        views.iter().filter_map(move |h| {
             // SAFETY: views are valid while `self` lives (see `fetch`).
             let key = unsafe { view(h.key_ptr, h.key_length) };
             // SAFETY: as above.
@@ -89,7 +109,7 @@ impl HeaderViews {
         // candidate, and without one the core (which lists the identity
         // names first) is not asked at all.
         let names = || {
-            self.views.as_slice().iter().filter_map(|h| {
+            self.views.iter().filter_map(|h| {
                 // SAFETY: views are valid while `self` lives (see `fetch`).
                 let key = unsafe { view(h.key_ptr, h.key_length) };
                 may_respell(key).then(|| std::str::from_utf8(key).unwrap_or_default())
@@ -105,12 +125,55 @@ impl HeaderViews {
     }
 }
 
+/// A name's bit in [`HeaderViews::names`]: from its length and two of its
+/// bytes, so equal names always share it (different ones may too).
+fn name_bit(name: &[u8]) -> u64 {
+    let last = name.last().copied().unwrap_or_default();
+    let middle = name.get(name.len() / 2).copied().unwrap_or_default();
+    let mixed =
+        (name.len() as u64).wrapping_mul(0x9e37_79b9) ^ u64::from(last) ^ (u64::from(middle) << 2);
+    1 << (mixed & 63)
+}
+
 /// Whether `name` could be another spelling of an identity header: only a
 /// name with a `_` or an uppercase letter can (without either, a match is the
 /// exact name, which `identity_spellings` leaves out). Envoy hands names in
 /// lowercase with `-`, so this usually skips every header in one scan.
 fn may_respell(name: &[u8]) -> bool {
-    name.iter().any(|&b| b == b'_' || b.is_ascii_uppercase())
+    // Eight bytes at a time (every request scans every header name, and the
+    // answer is almost always "no"); the tail byte by byte.
+    let mut words = name.chunks_exact(8);
+    let any_word = words
+        .by_ref()
+        .filter_map(|w| <[u8; 8]>::try_from(w).ok())
+        .any(|w| respell_bytes_in(u64::from_le_bytes(w)));
+    any_word
+        || words
+            .remainder()
+            .iter()
+            .any(|&b| b == b'_' || b.is_ascii_uppercase())
+}
+
+/// Whether any byte of `w` is `_` or `A`..=`Z` (bit-parallel, exact: see
+/// `the_word_scan_finds_every_respell_byte`).
+fn respell_bytes_in(w: u64) -> bool {
+    const ONES: u64 = u64::MAX / 255; // 0x0101…
+    const HIGH: u64 = ONES * 0x80;
+    const LOW7: u64 = ONES * 0x7f;
+    // Each byte's low 7 bits: adding up to 0x7f to them never carries into
+    // the next byte, and sets the byte's high bit exactly when the sum
+    // reaches 0x80.
+    let low = w & LOW7;
+    // Bytes with the high bit set (non-ASCII) are neither.
+    let ascii = !w & HIGH;
+    // '_' (0x5f): its low bits xor 0x5f are zero, so adding 0x7f leaves the
+    // high bit clear.
+    let underscore = !((low ^ (ONES * 0x5f)) + LOW7) & ascii;
+    // 'A'..='Z': low bits at least 0x41 and below 0x5b.
+    let at_least_a = (low + ONES * (0x80 - 0x41)) & HIGH;
+    let above_z = (low + ONES * (0x80 - 0x5b)) & HIGH;
+    let upper = at_least_a & !above_z & ascii;
+    (underscore | upper) != 0
 }
 
 /// A slice of Envoy's memory; a null pointer is an empty slice.
@@ -124,7 +187,7 @@ unsafe fn view<'a>(ptr: *const std::ffi::c_char, len: usize) -> &'a [u8] {
     std::slice::from_raw_parts(ptr.cast::<u8>(), len)
 }
 
-impl Headers for HeaderViews {
+impl Headers for HeaderViews<'_> {
     /// Repeated values joined with ',', as Envoy joins inline headers.
     fn get(&self, name: &str) -> Option<Vec<u8>> {
         if name == "x-forwarded-for" && !self.xff_trusted {
@@ -144,8 +207,11 @@ impl Headers for HeaderViews {
         if name == "x-forwarded-for" && !self.xff_trusted {
             return None;
         }
+        if self.names & name_bit(name.as_bytes()) == 0 {
+            return None;
+        }
         let mut first: Option<&[u8]> = None;
-        for h in self.views.as_slice() {
+        for h in self.views {
             // SAFETY: views are valid while `self` lives (see `fetch`).
             if unsafe { view(h.key_ptr, h.key_length) } == name.as_bytes() {
                 if first.is_some() {
@@ -186,7 +252,13 @@ impl Host for NativeHost<'_> {
     }
 
     fn peer_address(&mut self) -> Option<String> {
-        profile::within(Step::PeerAddress, || self.stream.source_address())
+        self.peer_address_ref().map(Cow::into_owned)
+    }
+
+    /// Envoy's own string, no copy: it belongs to the connection's address,
+    /// which outlives this hook (and `self`).
+    fn peer_address_ref(&mut self) -> Option<Cow<'_, str>> {
+        profile::within(Step::PeerAddress, || self.stream.source_address()).map(Cow::Borrowed)
     }
 
     fn counters(&mut self) -> &mut dyn CounterCell {
@@ -490,7 +562,8 @@ impl Gate {
         self.now_ns = now_ns();
         timer.lap(Step::Policy);
         // SAFETY: dropped below before the first header change.
-        let headers = unsafe { HeaderViews::fetch(stream, &policy) };
+        let mut buf = ViewBuf::new();
+        let headers = unsafe { HeaderViews::fetch(stream, &policy, &mut buf) };
         timer.lap(Step::Headers);
         if is_login(&policy, &headers) {
             // The client address may come from X-Forwarded-For: keep it for
@@ -501,7 +574,7 @@ impl Gate {
                 .collect();
             // No client-sent identity, in any spelling, stays on a login.
             let spellings = headers.identity_spellings(&policy);
-            drop(headers);
+            headers.end();
             for name in spellings
                 .iter()
                 .map(String::as_str)
@@ -548,7 +621,7 @@ impl Gate {
             Outcome::Denied { .. } => Vec::new(),
             _ => headers.identity_spellings(&policy),
         };
-        drop(headers);
+        headers.end();
         timer.lap(Step::EditPlan);
         let remove_sent = remove_sent.iter().chain(std::iter::repeat(&true));
         let remove = edits
@@ -642,7 +715,8 @@ impl Gate {
             // Which of RATE_HEADER_NAMES the upstream sent, one bit each.
             let sent: u8 = {
                 // SAFETY: dropped before the first response header change.
-                let present = unsafe { HeaderViews::fetch_response(stream) };
+                let mut buf = ViewBuf::new();
+                let present = unsafe { HeaderViews::fetch_response(stream, &mut buf) };
                 RATE_HEADER_NAMES
                     .iter()
                     .enumerate()
@@ -770,8 +844,8 @@ mod tests {
     }
 
     /// Views over Rust strings, as Envoy's `get_headers` hands them.
-    fn views(headers: &[(&'static str, &'static str)], xff_trusted: bool) -> HeaderViews {
-        let list = headers
+    fn views(headers: &[(&'static str, &'static str)], xff_trusted: bool) -> HeaderViews<'static> {
+        let list: Vec<_> = headers
             .iter()
             .map(|(k, v)| crate::abi::EnvoyHttpHeader {
                 key_ptr: k.as_ptr().cast(),
@@ -780,10 +854,8 @@ mod tests {
                 value_length: v.len(),
             })
             .collect();
-        HeaderViews {
-            views: crate::envoy::HeaderViewList::Heap(list),
-            xff_trusted,
-        }
+        // A few views per test, kept for the test's run.
+        HeaderViews::new(Vec::leak(list), xff_trusted)
     }
 
     #[test]
@@ -813,6 +885,74 @@ mod tests {
             trusted.get_ref("x-forwarded-for").as_deref(),
             Some(&b"10.0.0.1"[..])
         );
+    }
+
+    #[test]
+    fn the_name_bits_never_hide_a_header_that_was_sent() {
+        let names: Vec<&'static str> = [
+            ":authority",
+            ":path",
+            ":method",
+            ":scheme",
+            "x-api-key",
+            "authorization",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-request-id",
+            "user-agent",
+            "accept",
+            "x-keygate-tenant",
+            "x-keygate-environment",
+            "x-keygate-key-id",
+            "x-keygate-scopes",
+            "x-keygate-owner",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+            "ratelimit-policy",
+            "ratelimit",
+            "content-type",
+            "content-length",
+            "date",
+            "server",
+            "",
+            "a",
+            "x_keygate_tenant",
+        ]
+        .into_iter()
+        .chain((0..40).map(|i| &*String::leak(format!("x-custom-{i}"))))
+        .collect();
+        let all: Vec<(&'static str, &'static str)> = names.iter().map(|n| (*n, "v")).collect();
+        for sent in names.chunks(3).chain([&names[..]]) {
+            let pairs: Vec<_> = all
+                .iter()
+                .filter(|(n, _)| sent.contains(n))
+                .copied()
+                .collect();
+            let h = views(&pairs, true);
+            for name in &names {
+                assert_eq!(Headers::has(&h, name), sent.contains(name), "{name}");
+                assert_eq!(h.get_ref(name).is_some(), sent.contains(name), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_word_scan_finds_every_respell_byte() {
+        let simple = |n: &[u8]| n.iter().any(|&b| b == b'_' || b.is_ascii_uppercase());
+        // Every byte value at every position of names across the 8-byte
+        // boundary, in a lowercase name and next to other bytes.
+        for len in 1..=17 {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    for fill in [b'a', b'-', 0x7f, 0xff, b'Z' + 1, b'A' - 1] {
+                        let mut name = vec![fill; len];
+                        name[at] = b;
+                        assert_eq!(may_respell(&name), simple(&name), "{name:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

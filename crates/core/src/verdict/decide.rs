@@ -16,7 +16,7 @@ use crate::limits::{
 use crate::path::normalize;
 use crate::rate_limit::RateStatus;
 use crate::scope::{grants, Access};
-use crate::shared_data::{counter_key, revocations_key, CounterCell};
+use crate::shared_data::{revocations_key, with_counter_key, CounterCell};
 use crate::sync::{LimitCell, SyncState};
 use crate::token::{self, Claims, TokenError, Tokens, VerifiedTokens};
 use std::borrow::Cow;
@@ -28,6 +28,11 @@ pub trait Host {
     fn lookup(&mut self, key_hash: &Digest) -> Option<Rc<Credential>>;
     /// The peer address as Envoy reports it (`ip:port`); asked only when needed.
     fn peer_address(&mut self) -> Option<String>;
+    /// [`Host::peer_address`], borrowed where the host can hand out its own
+    /// copy (the native build: Envoy's): no allocation per request.
+    fn peer_address_ref(&mut self) -> Option<Cow<'_, str>> {
+        self.peer_address().map(Cow::Owned)
+    }
     /// A credential from the dynamic source by key id (the token path: a
     /// token names its key by id, not by hash).
     fn lookup_key_id(&mut self, _key_id: &str) -> Option<Rc<Credential>> {
@@ -65,7 +70,7 @@ pub enum Outcome {
 pub struct Decision {
     pub outcome: Outcome,
     /// The scope the route required, for the access log.
-    pub required_scope: Option<String>,
+    pub required_scope: Option<Rc<str>>,
     /// The session of the issued token an allowed request presented, for
     /// the access log (the management plane lists sessions from it).
     pub session: Option<TokenSession>,
@@ -170,7 +175,8 @@ pub fn decide(
 ) -> Decision {
     let method = headers.get_ref(":method").unwrap_or_default();
     let method = std::str::from_utf8(&method).unwrap_or("");
-    let path = match normalize(&headers.get_ref(":path").unwrap_or_default()) {
+    let raw_path = headers.get_ref(":path").unwrap_or_default();
+    let path = match normalize(&raw_path) {
         Ok(p) => p,
         Err(_) => {
             return Decision {
@@ -439,14 +445,17 @@ pub(super) fn check_credential(
     if !cred.allowed_ips.is_empty() {
         // Each fact is a host call on the request path: the peer address
         // only when no hops are trusted, X-Forwarded-For only when some are.
-        let peer = (policy.trusted_xff_hops == 0)
-            .then(|| host.peer_address())
-            .flatten();
-        let xff = (policy.trusted_xff_hops > 0)
-            .then(|| headers.get("x-forwarded-for"))
-            .flatten();
-        let ip = client_ip(peer.as_deref(), xff.as_deref(), policy.trusted_xff_hops);
-        if !is_allowed(&cred.allowed_ips, ip) {
+        let allowed = {
+            let peer = (policy.trusted_xff_hops == 0)
+                .then(|| host.peer_address_ref())
+                .flatten();
+            let xff = (policy.trusted_xff_hops > 0)
+                .then(|| headers.get("x-forwarded-for"))
+                .flatten();
+            let ip = client_ip(peer.as_deref(), xff.as_deref(), policy.trusted_xff_hops);
+            is_allowed(&cred.allowed_ips, ip)
+        };
+        if !allowed {
             return deny(
                 Reason::IpNotAllowed,
                 "Requests from this IP address are not allowed for this API key",
@@ -526,12 +535,9 @@ fn limit(
         }
     };
     let key = (!key_rules.is_empty()).then(|| {
-        acquire_rules(
-            host.counters(),
-            &counter_key(&cred.key_id),
-            key_rules,
-            now_ns,
-        )
+        with_counter_key(&cred.key_id, |key| {
+            acquire_rules(host.counters(), key, key_rules, now_ns)
+        })
     });
     if let Some(mut status) = key.filter(|s| !s.allowed) {
         // Refused by the key: the tenant's budget is not touched, but its
@@ -552,12 +558,9 @@ fn limit(
         Some(status) if !status.allowed => {
             // The tenant refused what the key admitted: the key gets it back.
             if key.is_some() {
-                release_rules(
-                    host.counters(),
-                    &counter_key(&cred.key_id),
-                    key_rules,
-                    now_ns,
-                );
+                with_counter_key(&cred.key_id, |key| {
+                    release_rules(host.counters(), key, key_rules, now_ns)
+                });
             }
             Err(rate_limited(status, cred))
         }
@@ -783,7 +786,7 @@ mod tests {
         assert!(matches!(d.outcome, Outcome::Allowed { .. }), "{d:?}");
         let edits = d.upstream_headers(&p, &h);
         // A key without owner: a client-sent owner header goes too.
-        assert_eq!(edits.remove, vec!["x-api-key", "x-keygate-owner"]);
+        assert_eq!(edits.remove.to_vec(), vec!["x-api-key", "x-keygate-owner"]);
         assert!(edits.set.contains(&("x-keygate-tenant", "acme")));
         assert!(edits.set.contains(&("x-keygate-key-id", "k1")));
     }
@@ -958,7 +961,7 @@ mod tests {
         let h = req("GET", "/health", &[("x-keygate-tenant", "evil")]);
         let d = run(&p, &h, &mut MemoryHost::default());
         assert!(matches!(d.outcome, Outcome::Public));
-        assert_eq!(d.upstream_headers(&p, &h).remove, p.headers.all().to_vec());
+        assert_eq!(d.upstream_headers(&p, &h).remove.to_vec(), p.headers.all());
     }
 
     #[test]
@@ -972,7 +975,10 @@ mod tests {
         let d = run(&p, &h, &mut MemoryHost::default());
         assert!(matches!(d.outcome, Outcome::Denied { .. }));
         let edits = d.upstream_headers(&p, &h);
-        assert_eq!((edits.remove, edits.set), (p.headers.all(), vec![]));
+        assert_eq!(
+            (edits.remove.to_vec(), edits.set.to_vec()),
+            (p.headers.all(), vec![])
+        );
     }
 
     #[test]

@@ -21,8 +21,9 @@ pub fn is_login(policy: &Policy, headers: &dyn Headers) -> bool {
     let Some(tokens) = &policy.tokens else {
         return false;
     };
-    headers.get(":method").as_deref() == Some(b"POST")
-        && normalize(&headers.get(":path").unwrap_or_default())
+    // Runs on every request of a config with tokens: borrowed reads.
+    headers.get_ref(":method").as_deref() == Some(b"POST")
+        && normalize(&headers.get_ref(":path").unwrap_or_default())
             .is_ok_and(|p| p == tokens.login_path)
 }
 

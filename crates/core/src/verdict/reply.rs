@@ -5,12 +5,14 @@ use super::decide::{Decision, Headers, Outcome};
 use crate::config::{Policy, RateLimitHeaders, LOGGED_IDENTITY};
 use crate::credential::Kind;
 use crate::rate_limit::{policy_name, Policies, RateStatus};
+use smallvec::{smallvec, SmallVec};
 
 /// Header edits on the request before it goes upstream.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct UpstreamHeaders<'a> {
-    pub remove: Vec<&'a str>,
-    pub set: Vec<(&'a str, &'a str)>,
+    /// Inline for the usual edits of an allowed request (no allocation).
+    pub remove: SmallVec<[&'a str; 8]>,
+    pub set: SmallVec<[(&'a str, &'a str); 8]>,
 }
 
 impl Decision {
@@ -28,7 +30,7 @@ impl Decision {
         let mut edits = UpstreamHeaders::default();
         match &self.outcome {
             // The filter removes only those the client sent.
-            Outcome::Public | Outcome::Denied { .. } => edits.remove = policy.headers.all(),
+            Outcome::Public | Outcome::Denied { .. } => edits.remove = policy.headers.all().into(),
             Outcome::Allowed { credential: c, .. } => {
                 edits.remove = ["authorization", policy.api_key_header.as_str()]
                     .into_iter()
@@ -40,7 +42,7 @@ impl Decision {
                     Kind::Default => policy.full_access_scopes.as_str(),
                     Kind::Scoped => c.scopes_header.as_str(),
                 };
-                edits.set = vec![
+                edits.set = smallvec![
                     (h.tenant.as_str(), c.tenant.as_str()),
                     (h.environment.as_str(), c.environment.as_str()),
                     (h.key_id.as_str(), c.key_id.as_str()),
