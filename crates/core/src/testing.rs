@@ -36,6 +36,9 @@ pub struct MemoryHost {
     pub state: SyncState,
     /// The state held now, if a push committed since `state` was read.
     pub fresh_state: Option<SyncState>,
+    /// States fresh reads return first, one each (pushes committing while
+    /// the decision reads again), before `fresh_state`.
+    pub later_states: Vec<SyncState>,
 }
 
 impl CounterCell for MemoryHost {
@@ -84,6 +87,9 @@ impl Host for MemoryHost {
         self
     }
     fn sync_state(&mut self, fresh: bool) -> SyncState {
+        if fresh && !self.later_states.is_empty() {
+            return self.later_states.remove(0);
+        }
         match self.fresh_state {
             Some(now) if fresh => now,
             _ => self.state,

@@ -234,8 +234,9 @@ impl Stream {
     }
 
     /// `source.address` (`ip:port`), as the connection manager computed it:
-    /// a view of the stream's remote address, which lives as long as the
-    /// stream (the borrow of `self` keeps it to the current hook).
+    /// a view of the stream's remote address, valid during the current hook
+    /// only (Envoy may replace the address between hooks; the borrow of
+    /// `self` keeps it to the hook).
     pub fn source_address(&self) -> Option<&str> {
         let mut out = EnvoyBuffer {
             ptr: std::ptr::null(),

@@ -255,8 +255,8 @@ impl Host for NativeHost<'_> {
         self.peer_address_ref().map(Cow::into_owned)
     }
 
-    /// Envoy's own string, no copy: it belongs to the connection's address,
-    /// which outlives this hook (and `self`).
+    /// Envoy's own string, no copy: a view of the stream's remote address,
+    /// valid during this hook (the borrow of `self` keeps it there).
     fn peer_address_ref(&mut self) -> Option<Cow<'_, str>> {
         profile::within(Step::PeerAddress, || self.stream.source_address()).map(Cow::Borrowed)
     }

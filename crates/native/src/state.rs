@@ -755,9 +755,14 @@ impl Counters {
     }
 
     fn store_slot(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        // Another key's slot is released before this one is locked: at
+        // most one slot is held at a time.
         let mut guard = match self.held.take() {
             Some(guard) if &*guard.key == key => guard,
-            _ => tables().lock_slot(key),
+            other => {
+                drop(other);
+                tables().lock_slot(key)
+            }
         };
         if cas.is_some_and(|c| c != guard.cas) {
             return false;

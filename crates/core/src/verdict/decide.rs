@@ -584,15 +584,28 @@ fn rate_limited(status: RateStatus, cred: &Rc<Credential>) -> Outcome {
 /// entry served nothing under the one this decision read (a push committed
 /// since). `f` writes nothing to an entry that serves nothing.
 fn with_limits<T>(host: &mut dyn Host, mut f: impl FnMut(&mut dyn CounterCell) -> T) -> T {
-    let state = host.sync_state(false);
-    let mut cell = LimitCell::new(host.counters(), state);
-    let out = f(&mut cell);
-    if !cell.stale() {
-        return out;
+    let mut state = host.sync_state(false);
+    let mut out;
+    // A stale read wrote nothing, so it can be made again; each retry needs
+    // a newer commit than the last, so a few cover any real interleaving.
+    let mut tries = 0;
+    loop {
+        let mut cell = LimitCell::new(host.counters(), state);
+        out = f(&mut cell);
+        tries += 1;
+        if !cell.stale() || tries == LIMIT_READS {
+            return out;
+        }
+        let fresh = host.sync_state(true);
+        if fresh == state {
+            return out;
+        }
+        state = fresh;
     }
-    let state = host.sync_state(true);
-    f(&mut LimitCell::new(host.counters(), state))
 }
+
+/// Most reads of a plan or tenant entry in one request (see [`with_limits`]).
+const LIMIT_READS: u32 = 4;
 
 /// Fail closed: a plan or tenant entry that cannot be read refuses.
 fn unreadable_limits(cred: &Rc<Credential>) -> Outcome {
@@ -684,6 +697,39 @@ mod tests {
         });
         let d = get(&p, &mut host, "planned");
         assert_eq!(d.rate().map(|r| r.limit.requests), Some(7));
+    }
+
+    #[test]
+    fn a_plan_entry_restaged_by_commits_during_the_request_is_read_until_one_serves_it() {
+        use crate::limits::{encode_plan, plan_key};
+        use crate::sync::{encode_limit_slots, Slot, SyncState};
+        let p = policy(vec![], "");
+        let mut host = MemoryHost::default();
+        store_key(&mut host, "planned", |r| r.plan = Some("free".into()));
+        host.counters.insert(
+            plan_key("free"),
+            encode_limit_slots(&[Slot {
+                stamp: 3,
+                generation: 0,
+                record: Some(encode_plan(&["7/min".parse().unwrap()])),
+            }]),
+        );
+        let at = |stamp| SyncState {
+            stamp,
+            ..SyncState::default()
+        };
+        host.state = at(1);
+        // A commit at 2 (whose slot a commit at 3 already replaced), then 3.
+        host.later_states = vec![at(2), at(3)];
+        let d = get(&p, &mut host, "planned");
+        assert_eq!(d.rate().map(|r| r.limit.requests), Some(7), "{d:?}");
+        // Reads stop when the state no longer moves: refused, not a loop.
+        host.state = at(1);
+        host.later_states = vec![at(2), at(2)];
+        assert_eq!(
+            denied(&get(&p, &mut host, "planned")).map(|(r, _)| r),
+            Some(Reason::Internal)
+        );
     }
 
     #[test]
