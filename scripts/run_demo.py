@@ -70,21 +70,22 @@ def prepare_store():
 
 
 def missing_demo_keys():
-    """Demo keys the store does not hold as active (revoked, or another store)."""
+    """Demo keys the store no longer holds (revoked, or another store)."""
     missing = []
     for key_id in DEMO_KEYS:
-        proc = subprocess.run([str(KEYGATE), "--store", str(STORE), "key", "show", key_id],
-                              capture_output=True, text=True, timeout=30)
-        if proc.returncode != 0:
+        try:
+            cli("key", "show", key_id)
+        except RuntimeError:
             missing.append(key_id)
     return missing
 
 
 def write_private(path, text):
-    """A secret file only this user can read."""
+    """A secret file only this user can read (also one left by an earlier run)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(path, 0o600)
 
 
 def fresh_api_token():
@@ -96,10 +97,7 @@ def fresh_api_token():
                        capture_output=True, timeout=30)
     out = cli("--json", "token", "create", "--operator", "--db", str(DB))
     tok = json.loads(out)
-    fd = os.open(API_TOKEN, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(tok["token"] + "\n")
-    os.chmod(API_TOKEN, 0o600)
+    write_private(API_TOKEN, tok["token"] + "\n")
     id_file.write_text(tok["token_id"] + "\n")
     return tok["token"]
 
