@@ -665,67 +665,58 @@ mod tests {
         assert_eq!(d.rate().map(|r| (r.limit.requests, r.tag)), Some((100, 0)));
     }
 
-    #[test]
-    fn a_plan_entry_serving_nothing_under_the_lookups_state_is_read_again_under_the_current_one() {
+    /// A host whose key `planned` is on plan `free`, whose entry holds only
+    /// the slot a commit at `stamp` left (7/min); the decision's lookup read
+    /// the state of stamp 1.
+    fn plan_restaged_at(stamp: u64) -> MemoryHost {
         use crate::limits::{encode_plan, plan_key};
-        use crate::sync::{encode_limit_slots, Slot, SyncState};
-        let p = policy(vec![], "");
+        use crate::sync::{encode_limit_slots, Slot};
         let mut host = MemoryHost::default();
         store_key(&mut host, "planned", |r| r.plan = Some("free".into()));
-        // Only the slot of the commit at stamp 2 is left in the entry; the
-        // decision's lookup read the state of stamp 1.
         host.counters.insert(
             plan_key("free"),
             encode_limit_slots(&[Slot {
-                stamp: 2,
+                stamp,
                 generation: 0,
                 record: Some(encode_plan(&["7/min".parse().unwrap()])),
             }]),
         );
-        host.state = SyncState {
-            stamp: 1,
-            ..SyncState::default()
-        };
+        host.state = state_at(1);
+        host
+    }
+
+    fn state_at(stamp: u64) -> crate::sync::SyncState {
+        crate::sync::SyncState {
+            stamp,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_plan_entry_serving_nothing_under_the_lookups_state_is_read_again_under_the_current_one() {
+        let p = policy(vec![], "");
+        let mut host = plan_restaged_at(2);
         assert_eq!(
             denied(&get(&p, &mut host, "planned")).map(|(r, _)| r),
             Some(Reason::Internal),
             "no newer state to read: refused"
         );
-        host.fresh_state = Some(SyncState {
-            stamp: 2,
-            ..SyncState::default()
-        });
+        host.fresh_state = Some(state_at(2));
         let d = get(&p, &mut host, "planned");
         assert_eq!(d.rate().map(|r| r.limit.requests), Some(7));
     }
 
     #[test]
     fn a_plan_entry_restaged_by_commits_during_the_request_is_read_until_one_serves_it() {
-        use crate::limits::{encode_plan, plan_key};
-        use crate::sync::{encode_limit_slots, Slot, SyncState};
         let p = policy(vec![], "");
-        let mut host = MemoryHost::default();
-        store_key(&mut host, "planned", |r| r.plan = Some("free".into()));
-        host.counters.insert(
-            plan_key("free"),
-            encode_limit_slots(&[Slot {
-                stamp: 3,
-                generation: 0,
-                record: Some(encode_plan(&["7/min".parse().unwrap()])),
-            }]),
-        );
-        let at = |stamp| SyncState {
-            stamp,
-            ..SyncState::default()
-        };
-        host.state = at(1);
+        let mut host = plan_restaged_at(3);
         // A commit at 2 (whose slot a commit at 3 already replaced), then 3.
-        host.later_states = vec![at(2), at(3)];
+        host.later_states = vec![state_at(2), state_at(3)];
         let d = get(&p, &mut host, "planned");
         assert_eq!(d.rate().map(|r| r.limit.requests), Some(7), "{d:?}");
         // Reads stop when the state no longer moves: refused, not a loop.
-        host.state = at(1);
-        host.later_states = vec![at(2), at(2)];
+        host.state = state_at(1);
+        host.later_states = vec![state_at(2), state_at(2)];
         assert_eq!(
             denied(&get(&p, &mut host, "planned")).map(|(r, _)| r),
             Some(Reason::Internal)
